@@ -1,0 +1,169 @@
+//! proto ⇄ domain conversions. Parsing refuses anything invalid with INVALID_ARGUMENT.
+
+use std::collections::BTreeSet;
+
+use prost_types::Timestamp;
+
+use super::DEFAULT_PAGE_SIZE;
+use crate::domain::{
+    parse_ttl, CredentialRequest, Intent, Lease, LeaseFilter, LeaseId, LeaseState, ProfileName,
+    RevokeSelector, Scope,
+};
+use crate::error::BrokerError;
+use crate::issuer::Credential;
+use crate::proto::v1 as pb;
+use crate::store::Receipt;
+
+/// Most scopes one request may name.
+pub const MAX_SCOPES: usize = 32;
+
+fn invalid(m: impl Into<String>) -> BrokerError {
+    BrokerError::InvalidArgument(m.into())
+}
+
+/// Parses an `IssueCredentialRequest`.
+pub fn parse_issue_request(
+    r: &pb::IssueCredentialRequest,
+) -> Result<CredentialRequest, BrokerError> {
+    let profile = ProfileName::parse(&r.profile)?;
+    if r.scopes.len() > MAX_SCOPES {
+        return Err(invalid(format!("at most {MAX_SCOPES} scopes per request")));
+    }
+    let scopes = r
+        .scopes
+        .iter()
+        .map(|s| Scope::parse(s))
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    let ttl = r.ttl.map(|d| parse_ttl(d.seconds, d.nanos)).transpose()?;
+    let intent = match &r.intent {
+        None => None,
+        Some(i) if i.action.is_empty() && i.target.is_empty() => None,
+        Some(i) => Some(Intent::parse(&i.action, &i.target)?),
+    };
+    Ok(CredentialRequest {
+        profile,
+        scopes,
+        ttl,
+        intent,
+    })
+}
+
+/// Parses a revocation selector.
+pub fn parse_selector(
+    s: Option<&pb::revoke_request::Selector>,
+) -> Result<RevokeSelector, BrokerError> {
+    match s {
+        None => Err(invalid("a selector (lease_id or spiffe_id) is required")),
+        Some(pb::revoke_request::Selector::LeaseId(id)) => {
+            Ok(RevokeSelector::Lease(LeaseId::parse(id)?))
+        }
+        Some(pb::revoke_request::Selector::SpiffeId(id)) => {
+            let parsed = spiffe::SpiffeId::new(id)
+                .map_err(|e| invalid(format!("invalid spiffe_id: {e}")))?;
+            if parsed.path().is_empty() {
+                return Err(invalid("spiffe_id must name a workload (it needs a path)"));
+            }
+            Ok(RevokeSelector::SpiffeId(parsed.to_string()))
+        }
+    }
+}
+
+/// Parses a lease listing request.
+pub fn parse_list_filter(r: &pb::ListLeasesRequest) -> Result<LeaseFilter, BrokerError> {
+    let spiffe_id = if r.spiffe_id.is_empty() {
+        None
+    } else {
+        Some(
+            spiffe::SpiffeId::new(&r.spiffe_id)
+                .map_err(|e| invalid(format!("invalid spiffe_id: {e}")))?
+                .to_string(),
+        )
+    };
+    let state =
+        match pb::LeaseState::try_from(r.state).map_err(|_| invalid("unknown lease state"))? {
+            pb::LeaseState::Unspecified => None,
+            pb::LeaseState::Active => Some(LeaseState::Active),
+            pb::LeaseState::Released => Some(LeaseState::Released),
+            pb::LeaseState::Revoked => Some(LeaseState::Revoked),
+            pb::LeaseState::Expired => Some(LeaseState::Expired),
+        };
+    if r.page_size > 1000 {
+        return Err(invalid("page_size must be at most 1000"));
+    }
+    let before = if r.page_token.is_empty() {
+        None
+    } else {
+        let (at, id) = r
+            .page_token
+            .split_once(':')
+            .ok_or_else(|| invalid("malformed page_token"))?;
+        let at: i64 = at.parse().map_err(|_| invalid("malformed page_token"))?;
+        Some((at, LeaseId::parse(id)?.to_string()))
+    };
+    Ok(LeaseFilter {
+        spiffe_id,
+        state,
+        limit: if r.page_size == 0 {
+            DEFAULT_PAGE_SIZE
+        } else {
+            r.page_size
+        },
+        before,
+    })
+}
+
+fn ts(secs: i64) -> Option<Timestamp> {
+    Some(Timestamp {
+        seconds: secs,
+        nanos: 0,
+    })
+}
+
+/// A lease as the API shows it.
+pub fn lease_to_pb(l: &Lease) -> pb::Lease {
+    pb::Lease {
+        id: l.id.to_string(),
+        profile: l.profile.to_string(),
+        spiffe_id: l.spiffe_id.clone(),
+        scopes: l.scopes.iter().map(|s| s.to_string()).collect(),
+        audience: l.audience.clone(),
+        state: match l.state {
+            LeaseState::Active => pb::LeaseState::Active,
+            LeaseState::Released => pb::LeaseState::Released,
+            LeaseState::Revoked => pb::LeaseState::Revoked,
+            LeaseState::Expired => pb::LeaseState::Expired,
+        } as i32,
+        issued_at: ts(l.issued_at),
+        expires_at: ts(l.expires_at),
+        max_expires_at: ts(l.max_expires_at),
+        credential_sha256: l.credential_sha256.clone(),
+        renewals: l.renewals,
+        ended_at: l.ended_at.and_then(ts),
+        end_reason: l.end_reason.clone().unwrap_or_default(),
+        intent: l.intent.as_ref().map(|i| pb::Intent {
+            action: i.action.clone(),
+            target: i.target.clone(),
+        }),
+    }
+}
+
+/// A credential as the API carries it.
+pub fn credential_to_pb(c: &Credential) -> pb::Credential {
+    match c {
+        Credential::Jwt { token, key_id } => pb::Credential {
+            kind: Some(pb::credential::Kind::Token(pb::SignedToken {
+                jwt: token.expose().to_owned(),
+                key_id: key_id.clone(),
+                token_type: "Bearer".into(),
+            })),
+        },
+    }
+}
+
+/// A ledger receipt.
+pub fn receipt_to_pb(r: &Receipt) -> pb::AuditReceipt {
+    pb::AuditReceipt {
+        sequence: r.sequence,
+        entry_hash: r.entry_hash.clone(),
+    }
+}

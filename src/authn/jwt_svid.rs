@@ -1,0 +1,105 @@
+//! JWT-SVID validation by the SPIFFE JWT-SVID specification.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use spiffe::SpiffeId;
+
+use super::{workload_id, AuthMethod, AuthnError, TrustSource};
+use crate::clock::unix_seconds;
+use crate::jose::{self, Alg};
+
+/// Only these header parameters may appear; `jku`, `x5u`, `jwk`, `crit` and anything
+/// else is refused (no key or processing instructions from the attacker).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    alg: String,
+    kid: Option<String>,
+    typ: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    aud: Audience,
+    exp: i64,
+    nbf: Option<i64>,
+    iat: Option<i64>,
+}
+
+/// The validated claims of a JWT-SVID (all of them, as JSON).
+pub type JwtSvidClaims = serde_json::Map<String, serde_json::Value>;
+
+/// Validates a compact JWT-SVID for `audience` and returns its SPIFFE ID and claims.
+///
+/// Checks: size; header has only `alg`, `kid`, `typ`; `alg` in the RS/ES/PS allow-list;
+/// `typ` absent, `JWT` or `JOSE`; `kid` names a key of the JWT bundle of the `sub`'s own
+/// trust domain and the key type matches `alg`; signature; `aud` contains `audience`;
+/// `exp` (required) and `nbf` with `skew` tolerance.
+pub fn validate_jwt_svid(
+    token: &str,
+    trust: &dyn TrustSource,
+    audience: &str,
+    now: SystemTime,
+    skew: Duration,
+) -> Result<(SpiffeId, JwtSvidClaims), AuthnError> {
+    let fail = |r: String| AuthnError::new(r).via(AuthMethod::JwtSvid);
+    let parts = jose::split(token).map_err(|e| fail(format!("malformed JWT-SVID: {e}")))?;
+    let header: Header = serde_json::from_slice(&parts.header)
+        .map_err(|e| fail(format!("JWT-SVID header refused: {e}")))?;
+    let alg = Alg::parse(&header.alg).map_err(|e| fail(e.0))?;
+    if let Some(typ) = header.typ.as_deref() {
+        if typ != "JWT" && typ != "JOSE" {
+            return Err(fail("JWT-SVID typ must be JWT or JOSE".into()));
+        }
+    }
+    let kid = header
+        .kid
+        .ok_or_else(|| fail("JWT-SVID header has no kid".into()))?;
+    let claims: Claims = serde_json::from_slice(&parts.payload)
+        .map_err(|e| fail(format!("JWT-SVID claims refused: {e}")))?;
+    let id = workload_id(&claims.sub).map_err(|e| e.via(AuthMethod::JwtSvid))?;
+    let fail = |r: String| fail(r).claimed(id.to_string());
+
+    let key = trust
+        .jwt_authority(id.trust_domain_name(), &kid)
+        .ok_or_else(|| fail("kid is not in the JWT bundle of the SVID's trust domain".into()))?;
+    jose::verify(alg, &key, parts.signing_input, &parts.signature)
+        .map_err(|e| fail(format!("JWT-SVID signature refused: {e}")))?;
+
+    let auds = match &claims.aud {
+        Audience::One(a) => std::slice::from_ref(a),
+        Audience::Many(v) => v.as_slice(),
+    };
+    if !auds.iter().any(|a| a == audience) {
+        return Err(fail(
+            "JWT-SVID audience does not include this broker".into(),
+        ));
+    }
+    let t = unix_seconds(now);
+    let skew = skew.as_secs() as i64;
+    if claims.exp <= t - skew {
+        return Err(fail("JWT-SVID has expired".into()));
+    }
+    if let Some(nbf) = claims.nbf {
+        if nbf > t + skew {
+            return Err(fail("JWT-SVID is not yet valid".into()));
+        }
+    }
+    if let Some(iat) = claims.iat {
+        if iat > t + skew {
+            return Err(fail("JWT-SVID was issued in the future".into()));
+        }
+    }
+    let all: JwtSvidClaims = serde_json::from_slice(&parts.payload)
+        .map_err(|e| fail(format!("JWT-SVID claims refused: {e}")))?;
+    Ok((id, all))
+}

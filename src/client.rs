@@ -1,0 +1,264 @@
+//! Reaching a broker: SPIFFE mTLS (or a JWT-SVID bearer over server-authenticated TLS)
+//! to a gRPC channel. The CLI, the examples and the tests use this.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use spiffe::{SpiffeId, X509Source};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::authn::{validate_x509_svid, StaticTrust, SvidRole, TrustSource, WorkloadTrust};
+
+/// Why a client could not connect.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientError(pub String);
+
+/// Where the client's SVID and trust bundle come from.
+#[derive(Clone)]
+pub enum ClientIdentity {
+    /// The SPIFFE Workload API (rotation followed).
+    Workload(X509Source),
+    /// Fixed files: chain (leaf first), PKCS#8 key, and the trust bundle.
+    Files {
+        /// Certificate chain.
+        chain: Vec<CertificateDer<'static>>,
+        /// PKCS#8 DER key.
+        key: Arc<Vec<u8>>,
+        /// Trust bundle of the broker's trust domain.
+        bundle: Vec<CertificateDer<'static>>,
+    },
+    /// No client certificate (the caller authenticates with a JWT-SVID bearer token);
+    /// the broker is still verified against the bundle.
+    Anonymous {
+        /// Trust bundle of the broker's trust domain.
+        bundle: Vec<CertificateDer<'static>>,
+    },
+}
+
+impl ClientIdentity {
+    /// Loads `--svid-cert`, `--svid-key` and `--bundle` PEM files.
+    pub fn from_files(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        bundle: &std::path::Path,
+    ) -> Result<Self, ClientError> {
+        use rustls::pki_types::pem::PemObject;
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClientError(format!("{}: {e}", p.display())))
+        };
+        let chain = CertificateDer::pem_slice_iter(&read(cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError(format!("{}: {e:?}", cert.display())))?;
+        let key_der = PrivatePkcs8KeyDer::from_pem_slice(&read(key)?)
+            .map_err(|e| ClientError(format!("{}: not a PKCS#8 PEM key: {e:?}", key.display())))?;
+        let bundle_certs = CertificateDer::pem_slice_iter(&read(bundle)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError(format!("{}: {e:?}", bundle.display())))?;
+        if chain.is_empty() || bundle_certs.is_empty() {
+            return Err(ClientError(
+                "certificate or bundle file holds no certificate".into(),
+            ));
+        }
+        Ok(ClientIdentity::Files {
+            chain,
+            key: Arc::new(key_der.secret_pkcs8_der().to_vec()),
+            bundle: bundle_certs,
+        })
+    }
+
+    fn trust(&self, broker: &SpiffeId) -> Arc<dyn TrustSource> {
+        match self {
+            ClientIdentity::Workload(src) => Arc::new(WorkloadTrust::new(src.clone(), None)),
+            ClientIdentity::Files { bundle, .. } | ClientIdentity::Anonymous { bundle } => {
+                Arc::new(
+                    StaticTrust::default().with_x509(broker.trust_domain_name(), bundle.clone()),
+                )
+            }
+        }
+    }
+}
+
+/// Verifies the broker's X.509-SVID: chain to the bundle, and exactly the expected ID.
+#[derive(Debug)]
+struct BrokerVerifier {
+    trust: Arc<dyn TrustSource>,
+    expected: SpiffeId,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl std::fmt::Debug for dyn TrustSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TrustSource")
+    }
+}
+
+impl ServerCertVerifier for BrokerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut chain = vec![end_entity.clone()];
+        chain.extend(intermediates.iter().cloned());
+        let id = validate_x509_svid(
+            &chain,
+            self.trust.as_ref(),
+            SystemTime::now(),
+            SvidRole::Server,
+        )
+        .map_err(|e| rustls::Error::General(format!("broker SVID refused: {e}")))?;
+        if id != self.expected {
+            return Err(rustls::Error::General(format!(
+                "broker presented {id}, expected {}",
+                self.expected
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Presents the current SVID (re-read from the Workload API on every handshake).
+#[derive(Debug)]
+struct SvidResolver(Resolver);
+
+enum Resolver {
+    Workload(X509Source),
+    Fixed(Arc<CertifiedKey>),
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    pkcs8: &[u8],
+) -> Result<Arc<CertifiedKey>, ClientError> {
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec()));
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| ClientError(format!("unusable SVID key: {e}")))?;
+    Ok(Arc::new(CertifiedKey::new(chain, signer)))
+}
+
+impl ResolvesClientCert for SvidResolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        match &self.0 {
+            Resolver::Fixed(k) => Some(k.clone()),
+            Resolver::Workload(src) => {
+                let svid = src.svid().ok()?;
+                let chain = svid
+                    .cert_chain()
+                    .iter()
+                    .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+                    .collect();
+                certified(chain, svid.private_key().as_bytes()).ok()
+            }
+        }
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The rustls client config for reaching broker `broker_id` as `identity`.
+pub fn tls_config(
+    identity: &ClientIdentity,
+    broker_id: &SpiffeId,
+) -> Result<rustls::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(BrokerVerifier {
+        trust: identity.trust(broker_id),
+        expected: broker_id.clone(),
+        algs: provider.signature_verification_algorithms,
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match identity {
+        ClientIdentity::Workload(src) => builder
+            .with_client_cert_resolver(Arc::new(SvidResolver(Resolver::Workload(src.clone())))),
+        ClientIdentity::Files { chain, key, .. } => builder.with_client_cert_resolver(Arc::new(
+            SvidResolver(Resolver::Fixed(certified(chain.clone(), key)?)),
+        )),
+        ClientIdentity::Anonymous { .. } => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Opens a gRPC channel to the broker at `addr` (`host:port`).
+pub async fn connect(
+    addr: &str,
+    broker_id: &str,
+    identity: &ClientIdentity,
+) -> Result<Channel, ClientError> {
+    let broker_id = SpiffeId::new(broker_id).map_err(|e| ClientError(format!("broker id: {e}")))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(identity, &broker_id)?));
+    let target = addr.to_owned();
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| ClientError(format!("bad broker address {addr:?}: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(10));
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let connector = connector.clone();
+            let target = target.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&target).await?;
+                tcp.set_nodelay(true)?;
+                // The name is not checked (the verifier checks the SPIFFE ID instead).
+                let name = ServerName::try_from("spiffe-broker.invalid")
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| ClientError(format!("cannot connect to the broker at {addr}: {e}")))
+}
+
+/// An `X509Source` from a Workload API endpoint (`unix:///path`), or from
+/// `SPIFFE_ENDPOINT_SOCKET` when `endpoint` is `None`.
+pub async fn workload_source(endpoint: Option<&str>) -> Result<X509Source, ClientError> {
+    let builder = X509Source::builder();
+    let builder = match endpoint {
+        Some(e) => builder.endpoint(e),
+        None => builder,
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(15), builder.build())
+        .await
+        .map_err(|_| ClientError("timed out fetching an SVID from the Workload API".into()))?
+        .map_err(|e| ClientError(format!("cannot fetch an SVID from the Workload API: {e}")))
+}

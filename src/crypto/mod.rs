@@ -1,0 +1,284 @@
+//! The `Signer` seam and the broker's token-signing key ring.
+//!
+//! Keys live in `STATE_DIR/keys/` as PKCS#8 DER with mode 0600: `current.p8` signs,
+//! `previous.p8` (if any) is still published in the JWKS so tokens signed before a
+//! rotation keep verifying until they expire. Key bytes read from disk are zeroized
+//! after ring has parsed them; nothing here ever logs key material.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+use zeroize::Zeroizing;
+
+use crate::jose::{b64, Jwk, JwkSet};
+
+/// Why signing or key handling failed.
+#[derive(Debug, thiserror::Error)]
+#[error("signer: {0}")]
+pub struct SignError(pub String);
+
+/// Something that signs with one key.
+///
+/// Contract: `sign` returns a signature that verifies with `public_jwk()` under
+/// `algorithm()`; the private key never leaves the implementation.
+pub trait Signer: Send + Sync + 'static {
+    /// The `kid` published in the JWKS.
+    fn key_id(&self) -> &str;
+    /// The JWS `alg`.
+    fn algorithm(&self) -> &'static str;
+    /// Signs `message`.
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError>;
+    /// The public half, as a JWK carrying `kid`, `alg` and `use`.
+    fn public_jwk(&self) -> Jwk;
+}
+
+/// An ES256 (ECDSA P-256, SHA-256) key held by ring.
+pub struct EcdsaP256Signer {
+    key: EcdsaKeyPair,
+    rng: SystemRandom,
+    jwk: Jwk,
+}
+
+impl std::fmt::Debug for EcdsaP256Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EcdsaP256Signer")
+            .field("kid", &self.jwk.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// RFC 7638 thumbprint of an EC public key, used as its `kid`.
+fn ec_thumbprint(crv: &str, x: &str, y: &str) -> String {
+    let canonical = format!(r#"{{"crv":"{crv}","kty":"EC","x":"{x}","y":"{y}"}}"#);
+    b64(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()).as_ref())
+}
+
+impl EcdsaP256Signer {
+    /// Generates a fresh key; returns the signer and its PKCS#8 encoding.
+    pub fn generate() -> Result<(Self, Zeroizing<Vec<u8>>), SignError> {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|_| SignError("key generation failed".into()))?;
+        let bytes = Zeroizing::new(pkcs8.as_ref().to_vec());
+        Ok((Self::from_pkcs8(&bytes)?, bytes))
+    }
+
+    /// Loads a key from PKCS#8 DER.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, SignError> {
+        let rng = SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)
+            .map_err(|_| SignError("not a P-256 PKCS#8 key".into()))?;
+        let public = key.public_key().as_ref();
+        // Uncompressed point: 0x04 || x || y.
+        if public.len() != 65 {
+            return Err(SignError("unexpected public key encoding".into()));
+        }
+        let (x, y) = (b64(&public[1..33]), b64(&public[33..65]));
+        let kid = ec_thumbprint("P-256", &x, &y);
+        let jwk = Jwk {
+            kty: "EC".into(),
+            kid: Some(kid),
+            use_: Some("sig".into()),
+            alg: Some("ES256".into()),
+            crv: Some("P-256".into()),
+            x: Some(x),
+            y: Some(y),
+            n: None,
+            e: None,
+        };
+        Ok(Self { key, rng, jwk })
+    }
+}
+
+impl Signer for EcdsaP256Signer {
+    fn key_id(&self) -> &str {
+        self.jwk.kid.as_deref().unwrap_or_default()
+    }
+    fn algorithm(&self) -> &'static str {
+        "ES256"
+    }
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+        self.key
+            .sign(&self.rng, message)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| SignError("ECDSA signing failed".into()))
+    }
+    fn public_jwk(&self) -> Jwk {
+        self.jwk.clone()
+    }
+}
+
+/// The current signing key and the previous one (published for overlap).
+#[derive(Clone)]
+pub struct KeyRing {
+    current: Arc<dyn Signer>,
+    previous: Option<Arc<dyn Signer>>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("current", &self.current.key_id())
+            .field(
+                "previous",
+                &self.previous.as_ref().map(|p| p.key_id().to_owned()),
+            )
+            .finish()
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SignError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| SignError(format!("cannot write {}: {e}", tmp.display())))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| SignError(format!("cannot write {}: {e}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(|e| SignError(format!("cannot write {}: {e}", path.display())))
+}
+
+fn read_key(path: &Path) -> Result<Option<EcdsaP256Signer>, SignError> {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let bytes = Zeroizing::new(bytes);
+            let mode = fs::metadata(path)
+                .map_err(|e| SignError(format!("{}: {e}", path.display())))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(SignError(format!(
+                    "{} is readable by others (mode {:o}); chmod 600 it",
+                    path.display(),
+                    mode & 0o777
+                )));
+            }
+            EcdsaP256Signer::from_pkcs8(&bytes)
+                .map(Some)
+                .map_err(|e| SignError(format!("{}: {}", path.display(), e.0)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SignError(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+impl KeyRing {
+    /// A ring from explicit signers (tests, KMS-backed signers).
+    pub fn new(current: Arc<dyn Signer>, previous: Option<Arc<dyn Signer>>) -> Self {
+        Self { current, previous }
+    }
+
+    /// Loads `dir/current.p8` (and `dir/previous.p8`), generating the current key on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Self, SignError> {
+        fs::create_dir_all(dir)
+            .map_err(|e| SignError(format!("cannot create {}: {e}", dir.display())))?;
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        let current_path = dir.join("current.p8");
+        let current = match read_key(&current_path)? {
+            Some(k) => k,
+            None => {
+                let (k, bytes) = EcdsaP256Signer::generate()?;
+                write_private(&current_path, &bytes)?;
+                tracing::info!(kid = k.key_id(), "generated token signing key");
+                k
+            }
+        };
+        let previous = read_key(&dir.join("previous.p8"))?;
+        Ok(Self {
+            current: Arc::new(current),
+            previous: previous.map(|p| Arc::new(p) as Arc<dyn Signer>),
+        })
+    }
+
+    /// Rotates the keys on disk: current becomes previous, a new current is generated.
+    /// A running broker picks the new key up at its next start.
+    pub fn rotate(dir: &Path) -> Result<Self, SignError> {
+        let current_path = dir.join("current.p8");
+        if current_path.exists() {
+            fs::rename(&current_path, dir.join("previous.p8"))
+                .map_err(|e| SignError(format!("cannot rotate: {e}")))?;
+        }
+        Self::load_or_create(dir)
+    }
+
+    /// The key that signs new tokens.
+    pub fn current(&self) -> &Arc<dyn Signer> {
+        &self.current
+    }
+
+    /// The published key set: current first, then previous.
+    pub fn jwks(&self) -> JwkSet {
+        let mut keys = vec![self.current.public_jwk()];
+        if let Some(p) = &self.previous {
+            keys.push(p.public_jwk());
+        }
+        JwkSet { keys }
+    }
+
+    /// The public key for `kid`, if published.
+    pub fn find(&self, kid: &str) -> Option<Jwk> {
+        self.jwks()
+            .keys
+            .into_iter()
+            .find(|k| k.kid.as_deref() == Some(kid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jose::{verify, Alg};
+
+    #[test]
+    fn keys_persist_with_0600_and_rotate_with_overlap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ring1 = KeyRing::load_or_create(dir.path()).expect("create");
+        let kid1 = ring1.current().key_id().to_owned();
+        let mode = fs::metadata(dir.path().join("current.p8"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = KeyRing::load_or_create(dir.path()).expect("load");
+        assert_eq!(again.current().key_id(), kid1);
+        let rotated = KeyRing::rotate(dir.path()).expect("rotate");
+        let kids: Vec<_> = rotated
+            .jwks()
+            .keys
+            .iter()
+            .filter_map(|k| k.kid.clone())
+            .collect();
+        assert_eq!(kids.len(), 2);
+        assert_ne!(kids[0], kid1);
+        assert_eq!(kids[1], kid1);
+    }
+
+    #[test]
+    fn signatures_verify_with_the_published_jwk() {
+        let (s, _) = EcdsaP256Signer::generate().expect("gen");
+        let sig = s.sign(b"hello").expect("sign");
+        verify(Alg::Es256, &s.public_jwk(), b"hello", &sig).expect("verifies");
+        assert!(verify(Alg::Es256, &s.public_jwk(), b"hellO", &sig).is_err());
+    }
+
+    #[test]
+    fn refuses_world_readable_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        KeyRing::load_or_create(dir.path()).expect("create");
+        fs::set_permissions(
+            dir.path().join("current.p8"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        assert!(KeyRing::load_or_create(dir.path()).is_err());
+    }
+}

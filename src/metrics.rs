@@ -1,0 +1,139 @@
+//! Prometheus metrics. Counters count; nothing here ever carries a credential or a
+//! secret (labels are profile names, RPC names and fixed reason categories).
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// All of the broker's metrics.
+pub struct Metrics {
+    registry: Registry,
+    issued: Family<Labels, Counter>,
+    denied: Family<Labels, Counter>,
+    /// Failed authentication attempts.
+    pub authn_failures: Counter,
+    rpc_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    commit_seconds: Histogram,
+    batch_size: Histogram,
+    /// Batches that failed to commit.
+    pub ledger_failures: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("spiffe_broker");
+        let issued = Family::<Labels, Counter>::default();
+        let denied = Family::<Labels, Counter>::default();
+        let authn_failures = Counter::default();
+        let rpc_seconds =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let commit_seconds = latency_histogram();
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        let ledger_failures = Counter::default();
+        registry.register(
+            "credentials_issued",
+            "Credentials issued (including renewals)",
+            issued.clone(),
+        );
+        registry.register(
+            "requests_denied",
+            "Requests refused by policy or lease state",
+            denied.clone(),
+        );
+        registry.register(
+            "authn_failures",
+            "Requests that failed SPIFFE authentication",
+            authn_failures.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "RPC latency by method",
+            rpc_seconds.clone(),
+        );
+        registry.register(
+            "ledger_commit_duration_seconds",
+            "Time for one durable ledger commit (one fsync)",
+            commit_seconds.clone(),
+        );
+        registry.register(
+            "ledger_commit_batch_size",
+            "Operations sharing one ledger commit",
+            batch_size.clone(),
+        );
+        registry.register(
+            "ledger_commit_failures",
+            "Ledger batches that failed to commit",
+            ledger_failures.clone(),
+        );
+        Self {
+            registry,
+            issued,
+            denied,
+            authn_failures,
+            rpc_seconds,
+            commit_seconds,
+            batch_size,
+            ledger_failures,
+        }
+    }
+
+    /// Counts an issued credential.
+    pub fn issued(&self, profile: &str, kind: &str) {
+        self.issued
+            .get_or_create(&vec![
+                ("profile".into(), profile.into()),
+                ("op".into(), kind.into()),
+            ])
+            .inc();
+    }
+
+    /// Counts a denial by category.
+    pub fn denied(&self, category: &str) {
+        self.denied
+            .get_or_create(&vec![("reason".into(), category.into())])
+            .inc();
+    }
+
+    /// Records an RPC's latency.
+    pub fn observe_rpc(&self, method: &str, d: Duration) {
+        self.rpc_seconds
+            .get_or_create(&vec![("method".into(), method.into())])
+            .observe(d.as_secs_f64());
+    }
+
+    /// Records one ledger commit.
+    pub fn observe_commit(&self, d: Duration, batch: usize) {
+        self.commit_seconds.observe(d.as_secs_f64());
+        self.batch_size.observe(batch as f64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

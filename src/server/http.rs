@@ -1,0 +1,76 @@
+//! The plain HTTP listener: OIDC discovery, JWKS, health and metrics. Serves only
+//! public data.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::crypto::KeyRing;
+use crate::metrics::Metrics;
+
+/// Path of the JWKS.
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct HttpState {
+    /// Token signing keys (public halves only are served).
+    pub keys: KeyRing,
+    /// `iss` of minted tokens.
+    pub issuer_url: String,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Whether the broker can serve (own SVID present, ledger open).
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// The router.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route(JWKS_PATH, get(jwks))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn discovery(State(s): State<HttpState>) -> impl IntoResponse {
+    Json(serde_json::json!({
+        "issuer": s.issuer_url,
+        "jwks_uri": format!("{}{JWKS_PATH}", s.issuer_url),
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "scope", "cnf", "intent", "profile"],
+    }))
+}
+
+async fn jwks(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "public, max-age=60")],
+        Json(s.keys.jwks()),
+    )
+}
+
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    if (s.ready)() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}

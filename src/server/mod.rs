@@ -1,0 +1,210 @@
+//! Listeners and lifecycle: assembles the broker from a config and the broker's own
+//! Workload API identity, then serves gRPC (mTLS) and HTTP until shutdown.
+
+pub mod http;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spiffe::{JwtSource, X509Source};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{AdminService, CredentialBrokerService};
+use crate::authn::{SpiffeAuthenticator, WorkloadTrust};
+use crate::broker::Broker;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::crypto::KeyRing;
+use crate::issuer::JwtIssuer;
+use crate::metrics::Metrics;
+use crate::policy::StaticPolicy;
+use crate::proto::v1::admin_server::AdminServer;
+use crate::proto::v1::credential_broker_server::CredentialBrokerServer;
+use crate::store::SqliteStore;
+
+/// Why the broker could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ServeError(pub String);
+
+/// Largest gRPC message accepted (requests are small; this bounds memory per call).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// A broker ready to serve.
+pub struct BrokerParts {
+    /// The request path.
+    pub broker: Arc<Broker>,
+    /// TLS config with the broker's rotating SVID.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// HTTP listener state.
+    pub http: http::HttpState,
+    /// How often the reaper runs.
+    pub reaper_interval: Duration,
+    /// The broker's own SPIFFE ID.
+    pub spiffe_id: String,
+    /// Kept alive for the lifetime of the server (rotation watchers).
+    _sources: (X509Source, JwtSource),
+}
+
+/// How long start-up waits for the Workload API to hand the broker its SVID.
+const WORKLOAD_API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Builds the broker from its config: its own SVID and bundles from the Workload API,
+/// the signing keys and ledger from the state dir.
+pub async fn assemble(config: &Config, clock: Arc<dyn Clock>) -> Result<BrokerParts, ServeError> {
+    let endpoint = match &config.workload_api_socket {
+        Some(e) => e.clone(),
+        None => std::env::var("SPIFFE_ENDPOINT_SOCKET").map_err(|_| {
+            ServeError(
+                "no Workload API: set workload_api_socket in the config or SPIFFE_ENDPOINT_SOCKET"
+                    .into(),
+            )
+        })?,
+    };
+    let x509 = tokio::time::timeout(
+        WORKLOAD_API_TIMEOUT,
+        X509Source::builder().endpoint(&endpoint).build(),
+    )
+    .await
+    .map_err(|_| {
+        ServeError(format!(
+            "timed out fetching the broker's X.509-SVID from {endpoint}"
+        ))
+    })?
+    .map_err(|e| {
+        ServeError(format!(
+            "cannot fetch the broker's X.509-SVID from {endpoint}: {e}"
+        ))
+    })?;
+    let jwt = tokio::time::timeout(
+        WORKLOAD_API_TIMEOUT,
+        JwtSource::builder().endpoint(&endpoint).build(),
+    )
+    .await
+    .map_err(|_| ServeError(format!("timed out fetching JWT bundles from {endpoint}")))?
+    .map_err(|e| ServeError(format!("cannot fetch JWT bundles from {endpoint}: {e}")))?;
+    let spiffe_id = x509
+        .svid()
+        .map_err(|e| ServeError(format!("no SVID for the broker: {e}")))?
+        .spiffe_id()
+        .to_string();
+
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|e| ServeError(format!("cannot create {}: {e}", config.state_dir.display())))?;
+    let metrics = Arc::new(Metrics::new());
+    let keys =
+        KeyRing::load_or_create(&config.keys_dir()).map_err(|e| ServeError(e.to_string()))?;
+    let store =
+        SqliteStore::open(&config.ledger_path(), &config.ledger, metrics.clone()).map_err(|e| {
+            ServeError(format!(
+                "cannot open the ledger {}: {e}",
+                config.ledger_path().display()
+            ))
+        })?;
+    let trust = Arc::new(WorkloadTrust::new(x509.clone(), Some(jwt.clone())));
+    let authn = SpiffeAuthenticator::new(
+        trust,
+        clock.clone(),
+        spiffe_id.clone(),
+        config.jwt_clock_skew,
+    );
+    let issuer = JwtIssuer::new(keys.clone(), config.issuer_url.clone());
+    let broker = Arc::new(Broker::new(
+        Arc::new(authn),
+        Arc::new(StaticPolicy::from_config(config)),
+        vec![Arc::new(issuer)],
+        Arc::new(store),
+        clock,
+        metrics.clone(),
+    ));
+    let tls = tls::server_config(x509.clone()).map_err(ServeError)?;
+    let ready_source = x509.clone();
+    Ok(BrokerParts {
+        broker,
+        tls,
+        http: http::HttpState {
+            keys,
+            issuer_url: config.issuer_url.clone(),
+            metrics,
+            ready: Arc::new(move || ready_source.svid().is_ok()),
+        },
+        reaper_interval: config.reaper_interval,
+        spiffe_id,
+        _sources: (x509, jwt),
+    })
+}
+
+/// Serves gRPC on `grpc` and HTTP on `http` until `shutdown` resolves, then drains
+/// in-flight requests. Bind port 0 in tests and read the listeners' addresses.
+pub async fn run(
+    parts: BrokerParts,
+    grpc: TcpListener,
+    http_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CredentialBrokerServer<CredentialBrokerService>>()
+        .await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+
+    let broker = parts.broker.clone();
+    let reaper = {
+        let broker = broker.clone();
+        let mut rx = stop_rx.clone();
+        let every = parts.reaper_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        match broker.reap_expired().await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(expired = n, "marked leases expired"),
+                            Err(e) => tracing::warn!(error = %e, "reaper could not commit; will retry"),
+                        }
+                    }
+                    _ = rx.changed() => return,
+                }
+            }
+        })
+    };
+
+    let grpc_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(
+            CredentialBrokerServer::new(CredentialBrokerService::new(broker.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AdminServer::new(AdminService::new(broker.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            tls::incoming(grpc, parts.tls.clone()),
+            stopped(stop_rx.clone()),
+        );
+    let http_server = axum::serve(http_listener, http::router(parts.http.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+
+    let (g, h) = tokio::join!(grpc_server, http_server);
+    let _ = reaper.await;
+    drop(parts);
+    g.map_err(|e| ServeError(format!("gRPC server: {e}")))?;
+    h.map_err(|e| ServeError(format!("HTTP server: {e}")))?;
+    Ok(())
+}

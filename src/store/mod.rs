@@ -1,0 +1,160 @@
+//! The `Store` seam: leases and the audit ledger, behind one trait.
+//!
+//! Every state change is one [`LedgerOp`]: the lease change and its audit entry commit
+//! together or not at all. State-transition guards (only an active, unexpired lease of
+//! the same holder can be renewed or released) are checked inside the same transaction,
+//! so a revoked lease can never come back, whatever the interleaving.
+
+pub mod sqlite;
+
+use futures::future::BoxFuture;
+
+use crate::audit::{AuditEvent, StoredEntry};
+use crate::domain::{Lease, LeaseFilter, LeaseId, RevokeSelector};
+
+pub use sqlite::SqliteStore;
+
+/// Why the store could not do its job. Either way, nothing was issued.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Could not commit durably in time (disk full, read-only, locked, gone).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data violates an invariant.
+    #[error("store corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// One atomic ledger change.
+#[derive(Debug, Clone)]
+pub enum LedgerOp {
+    /// Record a new lease and its issuance.
+    Issue {
+        /// The lease.
+        lease: Lease,
+        /// Its audit entry.
+        event: AuditEvent,
+    },
+    /// Extend an active lease held by `holder`, with a fresh credential fingerprint.
+    Renew {
+        /// Which lease.
+        lease_id: LeaseId,
+        /// Must be its holder.
+        holder: String,
+        /// Now (Unix seconds): the lease must not have expired.
+        now: i64,
+        /// New expiry (already capped at the lease's max).
+        expires_at: i64,
+        /// Fingerprint of the new credential.
+        credential_sha256: String,
+        /// Audit entry (written with a refusal reason instead if the guard fails).
+        event: AuditEvent,
+    },
+    /// The holder gives an active lease back.
+    Release {
+        /// Which lease.
+        lease_id: LeaseId,
+        /// Must be its holder.
+        holder: String,
+        /// Now (Unix seconds).
+        now: i64,
+        /// Audit entry.
+        event: AuditEvent,
+    },
+    /// Revoke every active lease the selector covers.
+    Revoke {
+        /// Which leases.
+        selector: RevokeSelector,
+        /// Why.
+        reason: String,
+        /// Now (Unix seconds).
+        now: i64,
+        /// Audit entry (the affected leases are filled in).
+        event: AuditEvent,
+    },
+    /// Mark up to `limit` active leases whose expiry has passed as expired.
+    Expire {
+        /// Now (Unix seconds).
+        now: i64,
+        /// Batch bound.
+        limit: u32,
+        /// Audit entry (written only if something expired).
+        event: AuditEvent,
+    },
+    /// Only an audit entry (denials, failed authentication).
+    Record {
+        /// The entry.
+        event: AuditEvent,
+    },
+}
+
+/// Why a guarded transition did not happen. The refusal itself is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such lease.
+    NotFound,
+    /// The lease belongs to someone else.
+    NotHolder,
+    /// The lease already ended (revoked, released, expired).
+    Ended(crate::domain::LeaseState),
+    /// The lease's expiry has passed.
+    Expired,
+    /// Nothing matched the selector.
+    NothingMatched,
+}
+
+impl Refusal {
+    /// Text recorded in the ledger.
+    pub fn describe(&self) -> String {
+        match self {
+            Refusal::NotFound => "lease not found".into(),
+            Refusal::NotHolder => "lease held by another identity".into(),
+            Refusal::Ended(s) => format!("lease is {}", s.as_str()),
+            Refusal::Expired => "lease has expired".into(),
+            Refusal::NothingMatched => "no active lease matched".into(),
+        }
+    }
+}
+
+/// Where an entry landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// 1-based sequence number.
+    pub sequence: u64,
+    /// Hex hash of the entry.
+    pub entry_hash: String,
+}
+
+/// The result of a committed op.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The audit entry written (absent only for an `Expire` that found nothing).
+    pub receipt: Option<Receipt>,
+    /// The lease after the op (issue, renew, release, single-lease revoke).
+    pub lease: Option<Lease>,
+    /// Leases changed (revoke, expire).
+    pub affected: Vec<String>,
+    /// Set when a guard refused the transition (the refusal is what was recorded).
+    pub refused: Option<Refusal>,
+}
+
+/// The store seam.
+///
+/// Contract: `apply` returns `Ok` only after the op and its audit entry are durable
+/// (fsync'd); it returns `Unavailable` within the configured commit timeout otherwise,
+/// having applied nothing visible. Audit entries form one gap-free hash chain.
+/// Implementations pass the shared conformance suite in `tests/store_conformance.rs`.
+pub trait Store: Send + Sync + 'static {
+    /// Applies one op durably.
+    fn apply(&self, op: LedgerOp) -> BoxFuture<'_, Result<Applied, StoreError>>;
+    /// One lease.
+    fn lease(&self, id: &LeaseId) -> BoxFuture<'_, Result<Option<Lease>, StoreError>>;
+    /// Leases, newest first.
+    fn leases(&self, filter: LeaseFilter) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>>;
+    /// Audit entries with `seq > after`, in order, at most `limit`.
+    fn audit_entries(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>>;
+}
