@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::server::{self, ServeError};
@@ -68,6 +69,8 @@ pub struct DevEnv {
     pub ca: Arc<DevCa>,
     /// The dev Workload API.
     pub workload_api: DevWorkloadApi,
+    /// The broker core (tests drive the reaper through it).
+    pub broker: Arc<Broker>,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), ServeError>>,
 }
@@ -142,6 +145,7 @@ pub async fn start(opts: DevOptions) -> Result<DevEnv, ServeError> {
     let config = Config::from_toml(&text).map_err(|e| ServeError(e.to_string()))?;
 
     let parts = server::assemble(&config, opts.clock.clone()).await?;
+    let broker = parts.broker.clone();
     let (stop, mut stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::run(parts, grpc, http, async move {
         let _ = stop_rx.wait_for(|v| *v).await;
@@ -153,6 +157,7 @@ pub async fn start(opts: DevOptions) -> Result<DevEnv, ServeError> {
         config,
         ca,
         workload_api,
+        broker,
         stop,
         server,
     })

@@ -1,0 +1,555 @@
+//! End to end over real sockets: a real client over SPIFFE mTLS against a running
+//! broker; tokens verified against the JWKS found through OIDC discovery.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use spiffe_broker::proto::v1 as pb;
+use spiffe_broker::store::sqlite::{SqliteStore, VerifyError};
+use tonic::Code;
+
+fn kinds(h: &Harness) -> Vec<String> {
+    h.audit_bodies()
+        .iter()
+        .map(|b| {
+            format!(
+                "{}:{}",
+                b["kind"].as_str().unwrap_or(""),
+                b["decision"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn issue_verify_renew_release() {
+    let h = start().await;
+    let mut c = h.broker_as(DEPLOY_AGENT).await;
+    let resp = c
+        .issue_credential(gpu_request(600))
+        .await
+        .expect("issued")
+        .into_inner();
+    let lease = resp.lease.clone().expect("lease");
+    let token = token_of(&resp.credential);
+    let jwks = h.jwks().await;
+    let claims = verify_jwt(&token, &jwks);
+    assert_eq!(claims["iss"], format!("http://{}", h.env.http_addr));
+    assert_eq!(claims["sub"], DEPLOY_AGENT);
+    assert_eq!(claims["aud"], "gpu-scheduler");
+    assert_eq!(claims["scope"], "job:submit");
+    assert_eq!(claims["jti"], lease.id);
+    assert_eq!(
+        claims["exp"].as_i64().expect("exp") - claims["iat"].as_i64().expect("iat"),
+        600
+    );
+    assert_eq!(claims["intent"]["action"], "submit-training");
+    assert_eq!(claims["intent"]["target"], "queue/a100");
+    assert!(
+        claims["cnf"]["x5t#S256"]
+            .as_str()
+            .is_some_and(|s| s.len() == 43),
+        "{claims}"
+    );
+    assert_eq!(lease.state, pb::LeaseState::Active as i32);
+    let receipt = resp.receipt.expect("receipt");
+    assert!(receipt.sequence >= 1);
+    // The ledger records the fingerprint, never the token.
+    let raw = std::fs::read(h.ledger_path()).expect("ledger");
+    assert!(!String::from_utf8_lossy(&raw).contains(&token));
+    let issue_entry = h
+        .audit_bodies()
+        .into_iter()
+        .find(|b| b["kind"] == "issue")
+        .expect("issue entry");
+    assert_eq!(issue_entry["credential_sha256"], lease.credential_sha256);
+    assert_eq!(issue_entry["caller"], DEPLOY_AGENT);
+    assert_eq!(issue_entry["auth_method"], "x509-svid");
+    assert!(issue_entry["rule"]
+        .as_str()
+        .is_some_and(|r| r.contains("gpu-scheduler-submit")));
+
+    // Renew: later expiry, fresh token, same lease id.
+    h.clock.advance(Duration::from_secs(120));
+    let renewed = c
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: lease.id.clone(),
+            ttl: Some(prost_types::Duration {
+                seconds: 900,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("renewed")
+        .into_inner();
+    let new_token = token_of(&renewed.credential);
+    assert_ne!(new_token, token);
+    let new_claims = verify_jwt(&new_token, &jwks);
+    assert_eq!(new_claims["jti"], lease.id);
+    assert!(new_claims["exp"].as_i64() > claims["exp"].as_i64());
+    let renewed_lease = renewed.lease.expect("lease");
+    assert_eq!(renewed_lease.renewals, 1);
+
+    // Renewal never passes max_expires_at (issued_at + max_ttl of 1h).
+    h.clock.advance(Duration::from_secs(10 * 60));
+    let capped = c
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: lease.id.clone(),
+            ttl: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("renewed")
+        .into_inner()
+        .lease
+        .expect("lease");
+    assert_eq!(capped.expires_at, lease.max_expires_at);
+
+    // Someone else cannot renew or release it.
+    let mut other = h.broker_as(PROVISIONER).await;
+    let err = other
+        .release_lease(pb::ReleaseLeaseRequest {
+            lease_id: lease.id.clone(),
+        })
+        .await
+        .expect_err("not the holder");
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Release, then it cannot be renewed.
+    let released = c
+        .release_lease(pb::ReleaseLeaseRequest {
+            lease_id: lease.id.clone(),
+        })
+        .await
+        .expect("released")
+        .into_inner();
+    assert_eq!(
+        released.lease.expect("lease").state,
+        pb::LeaseState::Released as i32
+    );
+    let err = c
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: lease.id.clone(),
+            ttl: None,
+        })
+        .await
+        .expect_err("released lease cannot renew");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let report = SqliteStore::verify_file(&h.ledger_path()).expect("ledger verifies");
+    assert!(report.entries >= 5);
+    let k = kinds(&h);
+    assert!(k.contains(&"issue:allow".to_string()));
+    assert!(k.contains(&"renew:allow".to_string()));
+    assert!(k.contains(&"release:allow".to_string()));
+}
+
+#[tokio::test]
+async fn revoke_by_lease_and_by_spiffe_id() {
+    let h = start().await;
+    let mut prov = h.broker_as(PROVISIONER).await;
+    let mut agent = h.broker_as(DEPLOY_AGENT).await;
+    let a = prov
+        .issue_credential(gpu_request(600))
+        .await
+        .expect("a")
+        .into_inner()
+        .lease
+        .expect("lease");
+    let b = prov
+        .issue_credential(gpu_request(600))
+        .await
+        .expect("b")
+        .into_inner()
+        .lease
+        .expect("lease");
+    let c = agent
+        .issue_credential(gpu_request(600))
+        .await
+        .expect("c")
+        .into_inner()
+        .lease
+        .expect("lease");
+
+    // Only platform admins revoke.
+    let mut alice = h.admin_as(ALICE).await;
+    let err = alice
+        .revoke(pb::RevokeRequest {
+            selector: Some(pb::revoke_request::Selector::LeaseId(a.id.clone())),
+            reason: "x".into(),
+        })
+        .await
+        .expect_err("alice is not an admin");
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let mut root = h.admin_as(ROOT).await;
+    let r = root
+        .revoke(pb::RevokeRequest {
+            selector: Some(pb::revoke_request::Selector::LeaseId(a.id.clone())),
+            reason: "compromised runner".into(),
+        })
+        .await
+        .expect("revoked")
+        .into_inner();
+    assert_eq!(r.revoked_lease_ids, vec![a.id.clone()]);
+    let err = prov
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: a.id.clone(),
+            ttl: None,
+        })
+        .await
+        .expect_err("revoked lease never comes back");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let r = root
+        .revoke(pb::RevokeRequest {
+            selector: Some(pb::revoke_request::Selector::SpiffeId(PROVISIONER.into())),
+            reason: "decommissioned".into(),
+        })
+        .await
+        .expect("revoked")
+        .into_inner();
+    assert_eq!(
+        r.revoked_lease_ids,
+        vec![b.id.clone()],
+        "a was already revoked"
+    );
+
+    let leases = root
+        .list_leases(pb::ListLeasesRequest::default())
+        .await
+        .expect("listed")
+        .into_inner()
+        .leases;
+    let state_of = |id: &str| {
+        leases
+            .iter()
+            .find(|l| l.id == id)
+            .map(|l| l.state)
+            .expect("listed")
+    };
+    assert_eq!(state_of(&a.id), pb::LeaseState::Revoked as i32);
+    assert_eq!(state_of(&b.id), pb::LeaseState::Revoked as i32);
+    assert_eq!(state_of(&c.id), pb::LeaseState::Active as i32);
+
+    // Revoking an unknown lease is NOT_FOUND; a missing reason is refused.
+    let err = root
+        .revoke(pb::RevokeRequest {
+            selector: Some(pb::revoke_request::Selector::LeaseId("0".repeat(32))),
+            reason: "x".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = root
+        .revoke(pb::RevokeRequest {
+            selector: Some(pb::revoke_request::Selector::LeaseId(c.id.clone())),
+            reason: String::new(),
+        })
+        .await
+        .expect_err("reason required");
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let revokes: Vec<_> = h
+        .audit_bodies()
+        .into_iter()
+        .filter(|b| b["kind"] == "revoke")
+        .collect();
+    assert_eq!(revokes.len(), 3);
+    assert_eq!(revokes[0]["caller"], ROOT);
+    assert_eq!(revokes[1]["affected_leases"], serde_json::json!([b.id]));
+    SqliteStore::verify_file(&h.ledger_path()).expect("ledger verifies");
+}
+
+#[tokio::test]
+async fn expired_leases_cannot_renew_and_are_reaped() {
+    let h = start().await;
+    let mut c = h.broker_as(DEPLOY_AGENT).await;
+    let lease = c
+        .issue_credential(gpu_request(60))
+        .await
+        .expect("issued")
+        .into_inner()
+        .lease
+        .expect("lease");
+    h.clock.advance(Duration::from_secs(61));
+    let err = c
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: lease.id.clone(),
+            ttl: None,
+        })
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("expired"), "{}", err.message());
+
+    assert_eq!(h.env.broker.reap_expired().await.expect("reaped"), 1);
+    assert_eq!(h.env.broker.reap_expired().await.expect("reaped"), 0);
+    let mut root = h.admin_as(ROOT).await;
+    let leases = root
+        .list_leases(pb::ListLeasesRequest {
+            state: pb::LeaseState::Expired as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("listed")
+        .into_inner()
+        .leases;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].id, lease.id);
+    let expire = h
+        .audit_bodies()
+        .into_iter()
+        .find(|b| b["kind"] == "expire")
+        .expect("expire entry");
+    assert_eq!(expire["affected_leases"], serde_json::json!([lease.id]));
+}
+
+#[tokio::test]
+async fn over_asks_and_strangers_are_refused_with_the_reason() {
+    let h = start().await;
+    let mut agent = h.broker_as(DEPLOY_AGENT).await;
+    let cases: Vec<(pb::IssueCredentialRequest, Code, &str)> = vec![
+        (
+            pb::IssueCredentialRequest {
+                scopes: vec!["job:submit".into(), "cluster:admin".into()],
+                ..gpu_request(600)
+            },
+            Code::PermissionDenied,
+            "cluster:admin",
+        ),
+        (gpu_request(2 * 3600), Code::InvalidArgument, "max_ttl"),
+        (
+            pb::IssueCredentialRequest {
+                profile: "no-such-profile".into(),
+                ..gpu_request(600)
+            },
+            Code::InvalidArgument,
+            "unknown profile",
+        ),
+        (
+            pb::IssueCredentialRequest {
+                intent: None,
+                ..gpu_request(600)
+            },
+            Code::InvalidArgument,
+            "intent",
+        ),
+        (
+            pb::IssueCredentialRequest {
+                profile: "dataset-read".into(),
+                scopes: vec![],
+                intent: None,
+                ttl: None,
+            },
+            Code::PermissionDenied,
+            "may not request",
+        ),
+        (
+            pb::IssueCredentialRequest {
+                scopes: vec!["bad scope".into()],
+                ..gpu_request(600)
+            },
+            Code::InvalidArgument,
+            "invalid scope",
+        ),
+        (gpu_request(0), Code::InvalidArgument, "ttl"),
+    ];
+    let n = cases.len();
+    for (req, code, needle) in cases {
+        let err = agent.issue_credential(req).await.expect_err("refused");
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(
+            err.message().contains(needle),
+            "{:?} should mention {needle}",
+            err.message()
+        );
+    }
+    assert_eq!(h.lease_count(), 0, "nothing issued");
+    let denies = h
+        .audit_bodies()
+        .into_iter()
+        .filter(|b| b["kind"] == "deny")
+        .count();
+    assert_eq!(denies, n, "every refusal is recorded");
+}
+
+#[tokio::test]
+async fn ledger_that_cannot_commit_fails_closed_within_a_bound() {
+    let h = start().await;
+    let mut c = h.broker_as(DEPLOY_AGENT).await;
+    c.issue_credential(gpu_request(600))
+        .await
+        .expect("works before the fault");
+    let before = h.lease_count();
+
+    // Another process holds the write lock: the writer's BEGIN IMMEDIATE times out.
+    let locker = rusqlite::Connection::open(h.ledger_path()).expect("open");
+    locker.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+    let started = Instant::now();
+    let err = c
+        .issue_credential(gpu_request(600))
+        .await
+        .expect_err("fails closed");
+    let waited = started.elapsed();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(waited < Duration::from_secs(10), "bounded: took {waited:?}");
+    locker.execute_batch("ROLLBACK").expect("unlock");
+    drop(locker);
+
+    assert_eq!(h.lease_count(), before, "no lease from the failed attempt");
+    c.issue_credential(gpu_request(600))
+        .await
+        .expect("recovers by itself");
+    SqliteStore::verify_file(&h.ledger_path()).expect("chain intact after the fault");
+}
+
+fn tamper(path: &std::path::Path, sql: &str) -> VerifyError {
+    let conn = rusqlite::Connection::open(path).expect("open copy");
+    conn.execute_batch(
+        "DROP TRIGGER IF EXISTS audit_log_no_update; DROP TRIGGER IF EXISTS audit_log_no_delete;",
+    )
+    .expect("drop triggers");
+    conn.execute_batch(sql).expect("tamper");
+    drop(conn);
+    SqliteStore::verify_file(path).expect_err("tampering detected")
+}
+
+#[tokio::test]
+async fn hash_chain_detects_changed_deleted_and_reordered_rows() {
+    let h = start().await;
+    let mut c = h.broker_as(DEPLOY_AGENT).await;
+    for _ in 0..4 {
+        c.issue_credential(gpu_request(600)).await.expect("issued");
+    }
+    let report = SqliteStore::verify_file(&h.ledger_path()).expect("verifies");
+    assert_eq!(report.entries, 4);
+    // The broker refuses to rewrite history itself.
+    let conn = rusqlite::Connection::open(h.ledger_path()).expect("open");
+    assert!(conn
+        .execute("DELETE FROM audit_log WHERE seq = 1", [])
+        .is_err());
+    drop(conn);
+
+    let copy = |name: &str| {
+        let p = h.dir.path().join(name);
+        let conn = rusqlite::Connection::open(h.ledger_path()).expect("open");
+        conn.execute("VACUUM INTO ?1", [p.display().to_string()])
+            .expect("snapshot");
+        p
+    };
+    let bad = |e: VerifyError| match e {
+        VerifyError::Chain(c) => c.seq,
+        other => panic!("{other}"),
+    };
+    let changed = copy("changed.db");
+    let e = tamper(
+        &changed,
+        "UPDATE audit_log SET body = replace(body, 'job:submit', 'job:cancel') WHERE seq = 2",
+    );
+    assert_eq!(bad(e), 2);
+    let deleted = copy("deleted.db");
+    assert_eq!(
+        bad(tamper(&deleted, "DELETE FROM audit_log WHERE seq = 3")),
+        3
+    );
+    let reordered = copy("reordered.db");
+    let e = tamper(
+        &reordered,
+        "UPDATE audit_log SET seq = -1 WHERE seq = 2; UPDATE audit_log SET seq = 2 WHERE seq = 3; UPDATE audit_log SET seq = 3 WHERE seq = -1;",
+    );
+    assert_eq!(bad(e), 2);
+}
+
+#[tokio::test]
+async fn broker_svid_rotation_keeps_clients_working() {
+    let h = start().await;
+    let identity = h.identity(DEPLOY_AGENT).await;
+    let ch = h.channel_as(&identity).await;
+    let mut c = pb::credential_broker_client::CredentialBrokerClient::new(ch);
+    c.issue_credential(gpu_request(600))
+        .await
+        .expect("before rotation");
+
+    let served = || async {
+        let cfg = spiffe_broker::client::tls_config(
+            &identity,
+            &spiffe::SpiffeId::new(spiffe_broker::dev::BROKER_ID).expect("id"),
+        )
+        .expect("tls config");
+        let tcp = tokio::net::TcpStream::connect(h.env.grpc_addr)
+            .await
+            .expect("tcp");
+        let name = rustls::pki_types::ServerName::try_from("spiffe-broker.invalid").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .expect("handshake verifies the broker SVID");
+        tls.get_ref().1.peer_certificates().expect("certs")[0]
+            .as_ref()
+            .to_vec()
+    };
+    let first = served().await;
+    h.env.workload_api.rotate_now();
+    // Wait (bounded) for the broker's X509Source to receive the pushed SVID.
+    let mut rotated = None;
+    for _ in 0..100 {
+        let now = served().await;
+        if now != first {
+            rotated = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        rotated.is_some(),
+        "the broker serves its rotated SVID without a restart"
+    );
+    // The existing connection and new ones both keep working.
+    c.issue_credential(gpu_request(600))
+        .await
+        .expect("old connection after rotation");
+    let mut fresh = h.broker_as(DEPLOY_AGENT).await;
+    fresh
+        .issue_credential(gpu_request(600))
+        .await
+        .expect("new connection after rotation");
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let h = start().await;
+    assert_eq!(h.http_get("/healthz").await.0, 200);
+    assert_eq!(h.http_get("/readyz").await.0, 200);
+    let identity = h.identity(DEPLOY_AGENT).await;
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(h.channel_as(&identity).await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "spiffe_broker.v1.CredentialBroker".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let mut c = h.broker_as(DEPLOY_AGENT).await;
+    let token = token_of(
+        &c.issue_credential(gpu_request(600))
+            .await
+            .expect("issued")
+            .into_inner()
+            .credential,
+    );
+    let (_, m) = h.http_get("/metrics").await;
+    assert!(m.contains("spiffe_broker_credentials_issued_total{profile=\"gpu-scheduler-submit\",op=\"issue\"} 1"), "{m}");
+    assert!(m.contains("spiffe_broker_ledger_commit_duration_seconds_count"));
+    assert!(!m.contains(&token), "metrics never carry a credential");
+}
