@@ -74,9 +74,12 @@ pub struct AuditEvent {
     pub time_ms: i64,
     /// What happened.
     pub kind: EventKind,
-    /// Who asked (SPIFFE ID; for failed authentication, the claimed ID if readable).
+    /// Who asked: an authenticated SPIFFE ID.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
+    /// For failed authentication only: the identity the caller claimed (unverified).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claimed_id: Option<String>,
     /// `x509-svid` or `jwt-svid`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_method: Option<String>,
@@ -121,6 +124,7 @@ impl AuditEvent {
             time_ms,
             kind,
             caller: None,
+            claimed_id: None,
             auth_method: None,
             cert_sha256: None,
             request: None,

@@ -150,7 +150,7 @@ impl Broker {
                     method,
                 } = &err;
                 let mut e = self.event(EventKind::AuthnFailure, "deny", None);
-                e.caller = claimed.clone();
+                e.claimed_id = claimed.clone();
                 e.auth_method = method.map(|m| m.as_str().to_owned());
                 e.reason = Some(reason.clone());
                 e.request = Some(record(rpc));
