@@ -1,8 +1,8 @@
 //! Reaching a broker: SPIFFE mTLS (or a JWT-SVID bearer over server-authenticated TLS)
 //! to a gRPC channel. The CLI, the examples and the tests use this.
 
+use crate::clock::Clock as _;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
@@ -113,7 +113,7 @@ impl ServerCertVerifier for BrokerVerifier {
         let id = validate_x509_svid(
             &chain,
             self.trust.as_ref(),
-            SystemTime::now(),
+            crate::clock::SystemClock.now(),
             SvidRole::Server,
         )
         .map_err(|e| rustls::Error::General(format!("broker SVID refused: {e}")))?;

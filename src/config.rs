@@ -402,6 +402,15 @@ allow = ["spiffe://example.org/ci/deploy-agent", "spiffe://example.org/gpu/*"]
     }
 
     #[test]
+    fn shipped_configs_parse() {
+        Config::from_toml(include_str!("../deploy/config.example.toml")).expect("example config");
+        let addr = "127.0.0.1:1".parse().expect("addr");
+        let demo = crate::dev::demo_config(std::path::Path::new("/tmp/x"), addr, addr);
+        let c = Config::from_toml(&demo).expect("demo config");
+        assert_eq!(c.profiles.len(), 3);
+    }
+
+    #[test]
     fn refuses_bad_fields_with_their_name() {
         let bad = GOOD.replace("max_ttl = \"1h\"", "max_ttl = \"1x\"");
         let e = Config::from_toml(&bad).expect_err("bad ttl");

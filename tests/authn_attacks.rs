@@ -7,7 +7,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::Harness;
 use rcgen::{
@@ -18,6 +18,7 @@ use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 use spiffe::SpiffeId;
 use spiffe_broker::client::ClientIdentity;
+use spiffe_broker::clock::Clock as _;
 use spiffe_broker::crypto::{EcdsaP256Signer, Signer};
 use spiffe_broker::dev::BROKER_ID;
 use spiffe_broker::error::UNAUTHENTICATED_MESSAGE;
@@ -117,7 +118,7 @@ fn p256() -> KeyPair {
 
 /// A well-formed leaf for `uri` valid now, then `mutate`d to break one property.
 fn leaf_params(uri: &str, mutate: impl FnOnce(&mut CertificateParams)) -> CertificateParams {
-    let now = SystemTime::now();
+    let now = spiffe_broker::clock::SystemClock.now();
     let mut p = svid_params(uri, now - secs(60), now + secs(3600)).expect("svid params");
     mutate(&mut p);
     p
@@ -140,7 +141,7 @@ fn foreign_ca() -> (Issuer<'static, KeyPair>, CertificateDer<'static>) {
     p.subject_alt_names = vec![SanType::URI(
         "spiffe://example.org".try_into().expect("ia5"),
     )];
-    let now = SystemTime::now();
+    let now = spiffe_broker::clock::SystemClock.now();
     p.not_before = (now - secs(3600)).into();
     p.not_after = (now + secs(86_400)).into();
     let key = p256();
@@ -173,7 +174,7 @@ fn dev_signed(
 }
 
 fn x509_corpus(h: &Harness) -> Vec<X509Case> {
-    let now = SystemTime::now();
+    let now = spiffe_broker::clock::SystemClock.now();
     let agent = common::DEPLOY_AGENT;
     let mut cases = vec![
         dev_signed(
@@ -369,7 +370,7 @@ async fn x509_svid_corpus_is_refused_and_good_leaf_is_accepted() {
 // ---------------------------------------------------------------------------------------
 
 fn unix_now() -> i64 {
-    spiffe_broker::clock::unix_seconds(SystemTime::now())
+    spiffe_broker::clock::unix_seconds(spiffe_broker::clock::SystemClock.now())
 }
 
 /// The dev CA's JWT-SVID signing key, read from the state dir, so forged tokens differ

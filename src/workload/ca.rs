@@ -19,7 +19,7 @@ use serde::Serialize;
 use spiffe::SpiffeId;
 use zeroize::Zeroizing;
 
-use crate::clock::unix_seconds;
+use crate::clock::{unix_seconds, Clock as _};
 use crate::crypto::{EcdsaP256Signer, Signer};
 use crate::jose::{self, b64, JwkSet};
 
@@ -139,7 +139,7 @@ impl DevCa {
         } else {
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
             let mut p = params.clone();
-            let now = SystemTime::now();
+            let now = crate::clock::SystemClock.now();
             p.not_before = odt(now - Duration::from_secs(3600))?;
             p.not_after = odt(now + Duration::from_secs(10 * 365 * 86_400))?;
             let cert = p.self_signed(&key).map_err(ca_err)?;
@@ -202,7 +202,7 @@ impl DevCa {
 
     /// Mints an X.509-SVID for `id` valid for `ttl`.
     pub fn mint_x509_svid(&self, id: &SpiffeId, ttl: Duration) -> Result<MintedSvid, CaError> {
-        let now = SystemTime::now();
+        let now = crate::clock::SystemClock.now();
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
         let not_after = now + ttl;
         let params = svid_params(&id.to_string(), now - Duration::from_secs(30), not_after)?;
@@ -236,7 +236,7 @@ impl DevCa {
             exp: i64,
             iat: i64,
         }
-        let now = unix_seconds(SystemTime::now());
+        let now = unix_seconds(crate::clock::SystemClock.now());
         let input = jose::signing_input(
             &Header {
                 alg: "ES256",

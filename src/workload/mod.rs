@@ -3,6 +3,7 @@
 //! `FetchJWTBundles`, `ValidateJWTSVID`) over Unix sockets, one socket per identity,
 //! backed by the dev CA. Production uses SPIRE's agent socket instead.
 
+mod authority;
 pub mod ca;
 mod service;
 
@@ -15,6 +16,7 @@ use spiffe::SpiffeId;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt as _;
 
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 pub use ca::DevCa;
@@ -57,9 +59,13 @@ impl DevWorkloadApi {
             tokio::spawn(async move {
                 let res = tonic::transport::Server::builder()
                     .add_service(SpiffeWorkloadApiServer::new(svc))
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                        let _ = stop_rx.wait_for(|v| *v).await;
-                    })
+                    .serve_with_incoming_shutdown(
+                        UnixListenerStream::new(listener)
+                            .map(|conn| conn.map(authority::AuthorityFix::new)),
+                        async move {
+                            let _ = stop_rx.wait_for(|v| *v).await;
+                        },
+                    )
                     .await;
                 if let Err(e) = res {
                     tracing::error!(error = %e, "dev Workload API socket stopped");

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+use crate::clock::Clock as _;
 
 use futures::Stream;
 use spiffe::SpiffeId;
@@ -226,7 +228,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for IdentityService {
             &r.svid,
             &trust,
             &r.audience,
-            SystemTime::now(),
+            crate::clock::SystemClock.now(),
             Duration::ZERO,
         )
         .map_err(|e| Status::invalid_argument(e.reason))?;
