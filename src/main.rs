@@ -15,6 +15,14 @@ use spiffe_broker::config::Config;
 use spiffe_broker::proto::v1 as pb;
 use spiffe_broker::{dev, server};
 
+/// Prints a line to stdout; a closed pipe (`| head`) is not an error worth a panic.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "spiffe-broker",
@@ -335,7 +343,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     f.write_all(svid.key_pem.as_bytes()).map_err(fail)?;
                 }
                 std::fs::write(out.join("bundle.pem"), ca.ca_pem()).map_err(fail)?;
-                println!(
+                out!(
                     "{}",
                     json!({"spiffe_id": id.to_string(), "out": out, "expires_at": rfc3339(spiffe_broker::clock::unix_seconds(svid.not_after))})
                 );
@@ -355,21 +363,21 @@ async fn run(cli: Cli) -> Result<(), String> {
                 };
                 let env = dev::start(opts).await.map_err(fail)?;
                 let dir = std::fs::canonicalize(&env.state_dir).unwrap_or(env.state_dir.clone());
-                println!("spiffe-broker dev");
-                println!("  state dir:     {}", dir.display());
-                println!(
+                out!("spiffe-broker dev");
+                out!("  state dir:     {}", dir.display());
+                out!(
                     "  gRPC (mTLS):   {}   broker id {}",
                     env.grpc_addr,
                     dev::BROKER_ID
                 );
-                println!(
+                out!(
                     "  HTTP:          http://{}   (discovery: /.well-known/openid-configuration)",
                     env.http_addr
                 );
-                println!("  trust bundle:  {}", dir.join("bundle.pem").display());
-                println!("  workloads:");
+                out!("  trust bundle:  {}", dir.join("bundle.pem").display());
+                out!("  workloads:");
                 for id in dev::DEMO_IDS {
-                    println!(
+                    out!(
                         "    {id:<42} unix://{}",
                         dir.join("workloads")
                             .join(spiffe_broker::workload::socket_name(
@@ -378,11 +386,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                             .display()
                     );
                 }
-                println!(
+                out!(
                     "  try: SPIFFE_ENDPOINT_SOCKET=unix://{}/workloads/deploy-agent.sock spiffe-broker request --profile gpu-scheduler-submit --scope job:submit --ttl 10m --intent-action submit-training --intent-target queue/a100",
                     dir.display()
                 );
-                println!("ready");
+                out!("ready");
                 shutdown_signal().await;
                 env.shutdown().await.map_err(fail)
             }
@@ -403,7 +411,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_msg)?
                 .into_inner();
-            println!("{}", issued_json(resp.credential, resp.lease, resp.receipt));
+            out!("{}", issued_json(resp.credential, resp.lease, resp.receipt));
             Ok(())
         }
         Command::Renew { lease, ttl, conn } => {
@@ -416,7 +424,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_msg)?
                 .into_inner();
-            println!("{}", issued_json(resp.credential, resp.lease, resp.receipt));
+            out!("{}", issued_json(resp.credential, resp.lease, resp.receipt));
             Ok(())
         }
         Command::Release { lease, conn } => {
@@ -426,7 +434,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_msg)?
                 .into_inner();
-            println!("{}", issued_json(None, resp.lease, resp.receipt));
+            out!("{}", issued_json(None, resp.lease, resp.receipt));
             Ok(())
         }
         Command::Revoke {
@@ -449,7 +457,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_msg)?
                 .into_inner();
-            println!(
+            out!(
                 "{}",
                 json!({"revoked": resp.revoked_lease_ids, "receipt": resp.receipt.map(|r| json!({"sequence": r.sequence, "entry_hash": r.entry_hash}))})
             );
@@ -481,7 +489,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status_msg)?
                 .into_inner();
             for l in &resp.leases {
-                println!("{}", lease_json(l));
+                out!("{}", lease_json(l));
             }
             Ok(())
         }
@@ -494,7 +502,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             let report =
                 spiffe_broker::store::sqlite::SqliteStore::verify_file(&path).map_err(fail)?;
-            println!(
+            out!(
                 "{}",
                 json!({"ok": true, "ledger": report.path, "entries": report.entries, "head_hash": report.head_hash})
             );
@@ -505,7 +513,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         } => {
             let ring =
                 spiffe_broker::crypto::KeyRing::rotate(&state_dir.join("keys")).map_err(fail)?;
-            println!("{}", serde_json::to_string(&ring.jwks()).map_err(fail)?);
+            out!("{}", serde_json::to_string(&ring.jwks()).map_err(fail)?);
             Ok(())
         }
     }

@@ -1,0 +1,332 @@
+//! The `spiffe-broker` binary as a user runs it: `dev`, `request`, `leases`, `revoke`,
+//! `dev mint-svid`, `audit verify`, and `serve --config` against a Workload API.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_spiffe-broker");
+
+struct Running {
+    child: Child,
+    grpc: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `spiffe-broker dev` on port 0 and waits (bounded) for `ready`.
+fn start_dev(state: &Path) -> Running {
+    let mut child = Command::new(BIN)
+        .args(["dev", "--state-dir"])
+        .arg(state)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut grpc = None;
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("dev prints ready");
+        if let Some(rest) = line.trim().strip_prefix("gRPC (mTLS):") {
+            grpc = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line == "ready" {
+            break;
+        }
+    }
+    Running {
+        child,
+        grpc: grpc.expect("gRPC address printed"),
+    }
+}
+
+fn cli(args: &[&str], socket: Option<&Path>) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("SPIFFE_ENDPOINT_SOCKET");
+    if let Some(s) = socket {
+        cmd.env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", s.display()));
+    }
+    cmd.output().expect("run cli")
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON on stdout")
+}
+
+fn one_error_line(o: &Output, needle: &str) {
+    assert!(!o.status.success(), "should fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<_> = err.lines().filter(|l| !l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 1, "one clear line: {err}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "{err}"
+    );
+}
+
+#[test]
+fn dev_request_revoke_leases_and_audit_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("sb");
+    let dev = start_dev(&state);
+    let agent = state.join("workloads/deploy-agent.sock");
+    let root = state.join("workloads/root.sock");
+    let b = ["--broker", dev.grpc.as_str()];
+
+    let issued = json(&cli(
+        &[
+            &[
+                "request",
+                "--profile",
+                "gpu-scheduler-submit",
+                "--scope",
+                "job:submit",
+                "--ttl",
+                "10m",
+            ][..],
+            &[
+                "--intent-action",
+                "submit-training",
+                "--intent-target",
+                "queue/a100",
+            ],
+            &b,
+        ]
+        .concat(),
+        Some(&agent),
+    ));
+    let lease = issued["lease_id"].as_str().expect("lease id").to_owned();
+    assert!(issued["token"]
+        .as_str()
+        .is_some_and(|t| t.split('.').count() == 3));
+    assert_eq!(issued["scopes"], serde_json::json!(["job:submit"]));
+    assert_eq!(issued["spiffe_id"], "spiffe://example.org/ci/deploy-agent");
+
+    one_error_line(
+        &cli(
+            &[
+                &[
+                    "request",
+                    "--profile",
+                    "gpu-scheduler-submit",
+                    "--scope",
+                    "cluster:admin",
+                ][..],
+                &[
+                    "--intent-action",
+                    "submit-training",
+                    "--intent-target",
+                    "queue/a100",
+                ],
+                &b,
+            ]
+            .concat(),
+            Some(&agent),
+        ),
+        "PermissionDenied",
+    );
+    one_error_line(
+        &cli(
+            &[
+                &[
+                    "request",
+                    "--profile",
+                    "gpu-scheduler-submit",
+                    "--ttl",
+                    "10x",
+                ][..],
+                &b,
+            ]
+            .concat(),
+            Some(&agent),
+        ),
+        "--ttl",
+    );
+    one_error_line(
+        &cli(&[&["leases"][..], &b].concat(), Some(&agent)),
+        "not a platform admin",
+    );
+
+    let listed = cli(
+        &[&["leases", "--state", "active"][..], &b].concat(),
+        Some(&root),
+    );
+    assert!(listed.status.success());
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&lease));
+    let revoked = json(&cli(
+        &[
+            &["revoke", "--lease", lease.as_str(), "--reason", "test"][..],
+            &b,
+        ]
+        .concat(),
+        Some(&root),
+    ));
+    assert_eq!(revoked["revoked"], serde_json::json!([lease]));
+
+    // A test SVID from files instead of the Workload API.
+    let files = dir.path().join("runtime");
+    let minted = cli(
+        &[
+            "dev",
+            "mint-svid",
+            "spiffe://example.org/ml/model-runtime",
+            "--out",
+            files.to_str().expect("utf8"),
+            "--state-dir",
+            state.to_str().expect("utf8"),
+        ],
+        None,
+    );
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let f = |n: &str| files.join(n).display().to_string();
+    let data = json(&cli(
+        &[
+            &["request", "--profile", "dataset-read"][..],
+            &[
+                "--svid-cert",
+                &f("svid.pem"),
+                "--svid-key",
+                &f("svid.key"),
+                "--bundle",
+                &f("bundle.pem"),
+            ],
+            &b,
+        ]
+        .concat(),
+        None,
+    ));
+    assert_eq!(data["scopes"], serde_json::json!(["dataset:read"]));
+
+    // Graceful stop on SIGTERM, then the ledger verifies offline.
+    let pid = dev.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let mut dev = dev;
+    let status = dev.child.wait().expect("wait");
+    assert!(status.success(), "dev exits cleanly on SIGTERM: {status:?}");
+    let report = json(&cli(
+        &[
+            "audit",
+            "verify",
+            "--state-dir",
+            state.to_str().expect("utf8"),
+        ],
+        None,
+    ));
+    assert_eq!(report["ok"], true);
+    assert!(report["entries"].as_u64().expect("entries") >= 5);
+}
+
+#[tokio::test]
+async fn serve_with_a_config_file_gets_its_identity_from_the_workload_api() {
+    // The in-process dev environment provides the Workload API (as SPIRE would).
+    let h = common::start().await;
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+    };
+    let (grpc, http) = (free(), free());
+    let state = h.dir.path().join("served");
+    let config = h.dir.path().join("serve.toml");
+    let own_socket = format!(
+        "unix://{}",
+        state.join("workloads").join("spiffe-broker.sock").display()
+    );
+    let dev_socket = format!(
+        "unix://{}",
+        h.env.socket(spiffe_broker::dev::BROKER_ID).display()
+    );
+    let text =
+        spiffe_broker::dev::demo_config(&state, grpc, http).replace(&own_socket, &dev_socket);
+    assert!(text.contains(&dev_socket));
+    std::fs::write(&config, text).expect("config");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(Ok(mut s)) =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(http)).await
+        {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = s
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf).await;
+            if buf.starts_with("HTTP/1.1 200") {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "serve becomes ready");
+    let agent = h.env.socket(common::DEPLOY_AGENT);
+    let grpc_addr = grpc.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        cli(
+            &[
+                "request",
+                "--profile",
+                "gpu-scheduler-submit",
+                "--scope",
+                "job:read",
+                "--intent-action",
+                "a",
+                "--intent-target",
+                "b",
+                "--broker",
+                &grpc_addr,
+            ],
+            Some(&agent),
+        )
+    })
+    .await
+    .expect("join");
+    let v = json(&out);
+    assert_eq!(v["scopes"], serde_json::json!(["job:read"]));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().expect("wait").success());
+    assert!(state.join("ledger.db").exists());
+}
