@@ -37,7 +37,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             intent: Some(Intent {
                 action: "submit-training".into(),
                 target: "queue/a100".into(),
+                ..Default::default()
             }),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -42,7 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         http_addr: "127.0.0.1:0".parse()?,
         svid_ttl: Duration::from_secs(3600),
         clock: Arc::new(SystemClock),
-        config_overrides: String::new(),
+        config: None,
     })
     .await?;
     let socket = env.socket("spiffe://example.org/ci/deploy-agent");
@@ -70,7 +70,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         intent: Some(pb::Intent {
                             action: "submit-training".into(),
                             target: "queue/a100".into(),
+                            ..Default::default()
                         }),
+                        ..Default::default()
                     })
                     .await;
                 match r {

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::Intent;
+use crate::domain::{Intent, Review};
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +28,12 @@ pub enum EventKind {
     Deny,
     /// A caller failed authentication.
     AuthnFailure,
+    /// An access request was opened (policy requires approval).
+    AccessRequest,
+    /// An approver reviewed an access request.
+    Review,
+    /// The policy set was reloaded (or a reload was refused).
+    PolicyReload,
     /// Something the broker itself did (start-up).
     System,
 }
@@ -43,6 +49,9 @@ impl EventKind {
             EventKind::Expire => "expire",
             EventKind::Deny => "deny",
             EventKind::AuthnFailure => "authn_failure",
+            EventKind::AccessRequest => "access_request",
+            EventKind::Review => "review",
+            EventKind::PolicyReload => "policy_reload",
             EventKind::System => "system",
         }
     }
@@ -115,6 +124,18 @@ pub struct AuditEvent {
     /// Leases changed by a bulk operation (revoke, expire).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub affected_leases: Vec<String>,
+    /// The access request concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_request_id: Option<String>,
+    /// Every approval that counted toward this grant, with its reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<Review>,
+    /// Issued under break-glass (self-approved, reviewed afterwards).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub break_glass: bool,
+    /// Access requests changed by a bulk operation (expiry).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affected_requests: Vec<String>,
 }
 
 impl AuditEvent {
@@ -137,6 +158,10 @@ impl AuditEvent {
             credential_sha256: None,
             expires_at: None,
             affected_leases: Vec::new(),
+            access_request_id: None,
+            approvals: Vec::new(),
+            break_glass: false,
+            affected_requests: Vec::new(),
         }
     }
 

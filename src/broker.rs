@@ -1,22 +1,30 @@
-//! The request path, wired: authn → policy → issuer → ledger. Transport-agnostic: the
-//! gRPC adapters in `api` call these methods with parsed domain values.
+//! The request path, wired: authn → policy → (approval) → issuer → ledger.
+//! Transport-agnostic: the gRPC adapters in `api` call these methods with parsed values.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use spiffe::SpiffeId;
+use tokio::sync::broadcast;
 
 use crate::audit::{AuditEvent, EventKind, RequestRecord};
 use crate::authn::{Authenticator, AuthnError, TransportFacts, VerifiedCaller};
 use crate::clock::{unix_millis, Clock};
 use crate::config::Profile;
-use crate::domain::{CredentialRequest, Lease, LeaseFilter, LeaseId, LeaseState, RevokeSelector};
+use crate::domain::{
+    AccessFilter, AccessRequest, AccessState, CredentialRequest, Lease, LeaseFilter, LeaseId, LeaseState,
+    RequestSpec, RevokeSelector, Verdict,
+};
 use crate::error::BrokerError;
 use crate::issuer::{Credential, Issuer, LeaseTerms};
 use crate::metrics::Metrics;
-use crate::policy::{AdminAction, Decision, Denial, DenialKind, Grant, Policy, RequestContext};
-use crate::store::{Applied, LedgerOp, Receipt, Refusal, Store};
+use crate::notify::{Notification, Notifier};
+use crate::policy::{AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Policy, RequestContext};
+use crate::store::{Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store};
 
 /// A credential handed out, with its lease and ledger receipt.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Issued {
     /// The credential (secret).
     pub credential: Credential,
@@ -24,6 +32,26 @@ pub struct Issued {
     pub lease: Lease,
     /// Where it was recorded.
     pub receipt: Receipt,
+    /// The access request it was issued on (approved or break-glass).
+    pub access_request: Option<AccessRequest>,
+}
+
+/// What `IssueCredential` produced.
+#[derive(Debug, Clone)]
+pub enum IssueOutcome {
+    /// The credential.
+    Issued(Box<Issued>),
+    /// Policy requires approval: an access request is pending.
+    Pending(Box<AccessRequest>, ApprovalNeed),
+}
+
+/// How to issue: plain, break-glass, or redeeming an approved access request.
+#[derive(Debug, Clone, Default)]
+pub struct IssueOptions {
+    /// Invoke break-glass (self-approval with a justification).
+    pub break_glass: bool,
+    /// Redeem this approved access request.
+    pub access_request_id: Option<String>,
 }
 
 /// Result of a revocation.
@@ -35,18 +63,76 @@ pub struct Revoked {
     pub receipt: Option<Receipt>,
 }
 
-/// The broker core.
-pub struct Broker {
-    authn: Arc<dyn Authenticator>,
-    policy: Arc<dyn Policy>,
-    issuers: Vec<Arc<dyn Issuer>>,
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-    metrics: Arc<Metrics>,
+/// A dry-run decision.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// `allow`, `deny` or `require_approval`.
+    pub decision: &'static str,
+    /// Determining policy ids.
+    pub policies: Vec<String>,
+    /// Why (for denials).
+    pub reason: Option<String>,
+    /// What in the request exceeds a ceiling.
+    pub violations: Vec<String>,
+    /// What approvals are still missing.
+    pub missing: Option<ApprovalNeed>,
+    /// The grant that would be issued (scopes, TTL).
+    pub grant: Option<(Vec<String>, Duration)>,
+    /// Hash of the policy set in force.
+    pub policy_hash: String,
 }
+
+/// One row of the non-human identity inventory.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InventoryEntry {
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// Registered in the config.
+    pub registered: bool,
+    /// Owner ("" if unknown).
+    pub owner: String,
+    /// Environment.
+    pub environment: String,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Approver groups it belongs to.
+    pub approver_groups: Vec<String>,
+    /// Who may request, approve and revoke what, and through which policy.
+    pub paths: Vec<AccessPath>,
+    /// Active leases now.
+    pub active_leases: u64,
+    /// Issuances and renewals.
+    pub issued: u64,
+    /// Refusals.
+    pub denied: u64,
+    /// Last request (Unix ms).
+    pub last_seen_ms: Option<i64>,
+    /// Last issuance (Unix ms).
+    pub last_issued_ms: Option<i64>,
+    /// Why this identity needs attention (no owner, unregistered caller).
+    pub flags: Vec<String>,
+}
+
+/// Access request listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestListing {
+    /// Pending requests the caller may review.
+    Pending,
+    /// Pending requests the caller may review and has not reviewed (never its own).
+    ToReview,
+    /// The caller's own requests.
+    Mine,
+    /// Break-glass issuances awaiting post-review that the caller may review.
+    AwaitingPostReview,
+}
+
+/// Loads a fresh policy (the config and `.cedar` files) for a reload.
+pub type PolicyLoader = Box<dyn Fn() -> Result<Arc<dyn Policy>, String> + Send + Sync>;
 
 /// Most leases one reaper commit marks expired.
 const REAP_BATCH: u32 = 500;
+/// How long a redeemed credential stays retrievable by a retry of the same redemption.
+const REDEEM_CACHE_MAX: usize = 4096;
 
 fn record(rpc: &str) -> RequestRecord {
     RequestRecord {
@@ -70,21 +156,68 @@ fn request_record(rpc: &str, req: &CredentialRequest) -> RequestRecord {
 
 fn denial_error(d: &Denial) -> BrokerError {
     match d.kind {
-        DenialKind::NotPermitted => BrokerError::PermissionDenied(d.reason.clone()),
-        DenialKind::OverAsk | DenialKind::UnknownProfile => {
-            BrokerError::InvalidArgument(d.reason.clone())
-        }
+        DenialKind::NotPermitted | DenialKind::Unregistered => BrokerError::PermissionDenied(d.reason.clone()),
+        DenialKind::OverAsk | DenialKind::UnknownProfile => BrokerError::InvalidArgument(d.reason.clone()),
     }
 }
 
 fn refusal_error(r: &Refusal) -> BrokerError {
     match r {
-        // Someone else's lease is reported as absent: lease ids are not an oracle.
+        // Someone else's lease or request is reported as absent: ids are not an oracle.
         Refusal::NotFound | Refusal::NotHolder => BrokerError::NotFound("lease not found".into()),
-        Refusal::Ended(_) | Refusal::Expired | Refusal::NothingMatched => {
-            BrokerError::FailedPrecondition(r.describe())
+        Refusal::RequestNotFound => BrokerError::NotFound("access request not found".into()),
+        Refusal::QuotaExceeded(_) => BrokerError::ResourceExhausted(r.describe()),
+        Refusal::SelfReview | Refusal::DigestMismatch => BrokerError::PermissionDenied(r.describe()),
+        Refusal::Ended(_)
+        | Refusal::Expired
+        | Refusal::NothingMatched
+        | Refusal::AlreadyReviewed
+        | Refusal::RequestEnded(_)
+        | Refusal::RequestExpired => BrokerError::FailedPrecondition(r.describe()),
+    }
+}
+
+/// A token bucket per (identity, profile): `requests_per_minute`, burst of the same size.
+#[derive(Default)]
+struct RateLimiter {
+    buckets: Mutex<HashMap<(String, String), (f64, i64)>>,
+}
+
+impl RateLimiter {
+    /// Takes one token; `false` if the bucket is empty.
+    fn take(&self, who: &str, profile: &str, per_minute: u32, now_ms: i64) -> bool {
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() > 100_000 {
+            // Bounded memory: forget idle buckets (they refill to full anyway).
+            b.retain(|_, (_, at)| now_ms - *at < 60_000);
+        }
+        let cap = f64::from(per_minute);
+        let (tokens, at) = b.entry((who.to_owned(), profile.to_owned())).or_insert((cap, now_ms));
+        let refill = (now_ms - *at).max(0) as f64 * cap / 60_000.0;
+        *tokens = (*tokens + refill).min(cap);
+        *at = now_ms;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
+}
+
+/// The broker core.
+pub struct Broker {
+    authn: Arc<dyn Authenticator>,
+    policy: RwLock<Arc<dyn Policy>>,
+    loader: Option<PolicyLoader>,
+    issuers: Vec<Arc<dyn Issuer>>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    notifier: Notifier,
+    limiter: RateLimiter,
+    redeemed: Mutex<HashMap<String, (String, Issued)>>,
+    changes: broadcast::Sender<String>,
 }
 
 impl Broker {
@@ -99,12 +232,29 @@ impl Broker {
     ) -> Self {
         Self {
             authn,
-            policy,
+            policy: RwLock::new(policy),
+            loader: None,
             issuers,
             store,
             clock,
             metrics,
+            notifier: Notifier::noop(),
+            limiter: RateLimiter::default(),
+            redeemed: Mutex::new(HashMap::new()),
+            changes: broadcast::channel(1024).0,
         }
+    }
+
+    /// Sets how policy reloads read the policy.
+    pub fn with_loader(mut self, loader: PolicyLoader) -> Self {
+        self.loader = Some(loader);
+        self
+    }
+
+    /// Sets the approval notifier.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Self {
+        self.notifier = notifier;
+        self
     }
 
     /// The metrics registry.
@@ -112,12 +262,17 @@ impl Broker {
         &self.metrics
     }
 
-    fn event(
-        &self,
-        kind: EventKind,
-        decision: &str,
-        caller: Option<&VerifiedCaller>,
-    ) -> AuditEvent {
+    /// The policy in force (a snapshot: a reload swaps it atomically).
+    pub fn policy(&self) -> Arc<dyn Policy> {
+        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Access request ids as they change on this replica.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    fn event(&self, kind: EventKind, decision: &str, caller: Option<&VerifiedCaller>) -> AuditEvent {
         let mut e = AuditEvent::new(unix_millis(self.clock.now()), kind, decision);
         if let Some(c) = caller {
             e.caller = Some(c.spiffe_id().to_string());
@@ -135,20 +290,12 @@ impl Broker {
     }
 
     /// Authenticates a request; failures are counted and recorded.
-    pub async fn authenticate(
-        &self,
-        facts: TransportFacts<'_>,
-        rpc: &str,
-    ) -> Result<VerifiedCaller, BrokerError> {
+    pub async fn authenticate(&self, facts: TransportFacts<'_>, rpc: &str) -> Result<VerifiedCaller, BrokerError> {
         match self.authn.authenticate(&facts) {
             Ok(c) => Ok(c),
             Err(err) => {
                 self.metrics.authn_failures.inc();
-                let AuthnError {
-                    reason,
-                    claimed,
-                    method,
-                } = &err;
+                let AuthnError { reason, claimed, method } = &err;
                 let mut e = self.event(EventKind::AuthnFailure, "deny", None);
                 e.claimed_id = claimed.clone();
                 e.auth_method = method.map(|m| m.as_str().to_owned());
@@ -161,12 +308,7 @@ impl Broker {
     }
 
     /// Records a request that an authenticated caller sent malformed, and returns the error.
-    pub async fn reject(
-        &self,
-        caller: &VerifiedCaller,
-        rpc: &str,
-        err: BrokerError,
-    ) -> BrokerError {
+    pub async fn reject(&self, caller: &VerifiedCaller, rpc: &str, err: BrokerError) -> BrokerError {
         self.metrics.denied("invalid_request");
         let mut e = self.event(EventKind::Deny, "deny", Some(caller));
         e.reason = Some(err.to_string());
@@ -175,17 +317,22 @@ impl Broker {
         err
     }
 
-    async fn deny(&self, caller: &VerifiedCaller, rec: RequestRecord, d: &Denial) -> BrokerError {
+    async fn deny(&self, caller: &VerifiedCaller, rec: RequestRecord, d: &Denial, policy_hash: &str) -> BrokerError {
         self.metrics.denied(match d.kind {
             DenialKind::NotPermitted => "not_permitted",
             DenialKind::OverAsk => "over_ask",
             DenialKind::UnknownProfile => "unknown_profile",
+            DenialKind::Unregistered => "unregistered_caller",
         });
         let mut e = self.event(EventKind::Deny, "deny", Some(caller));
         e.request = Some(rec);
-        e.reason = Some(d.reason.clone());
+        e.reason = Some(if d.kind == DenialKind::Unregistered {
+            format!("unregistered caller: {}", d.reason)
+        } else {
+            d.reason.clone()
+        });
         e.rule = d.rule.clone();
-        e.policy_hash = Some(self.policy.hash().to_owned());
+        e.policy_hash = Some(policy_hash.to_owned());
         self.record_best_effort(e).await;
         denial_error(d)
     }
@@ -203,21 +350,24 @@ impl Broker {
             .map_err(|e| BrokerError::Internal(e.to_string()))
     }
 
-    /// Issues a credential: policy, mint, one durable commit, then the answer.
-    pub async fn issue(
+    fn context(&self, caller: &VerifiedCaller, break_glass: bool, approvals: Vec<String>) -> RequestContext {
+        RequestContext {
+            now: self.clock.unix_seconds(),
+            auth_method: caller.method(),
+            break_glass,
+            approvals,
+        }
+    }
+
+    /// Mints a credential for `grant` and builds its lease and audit entry.
+    fn prepare(
         &self,
         caller: &VerifiedCaller,
-        req: CredentialRequest,
-    ) -> Result<Issued, BrokerError> {
+        req: &CredentialRequest,
+        grant: &Grant,
+        rpc: &str,
+    ) -> Result<(Credential, Lease, AuditEvent), BrokerError> {
         let now = self.clock.unix_seconds();
-        let grant = match self.policy.decide(caller, &req, &RequestContext { now }) {
-            Decision::Allow(g) => g,
-            Decision::Deny(d) => {
-                return Err(self
-                    .deny(caller, request_record("IssueCredential", &req), &d)
-                    .await)
-            }
-        };
         let terms = LeaseTerms {
             lease_id: LeaseId::generate()?,
             subject: caller.spiffe_id().to_string(),
@@ -225,7 +375,12 @@ impl Broker {
             expires_at: now + grant.ttl.as_secs() as i64,
             cnf_x5t_s256: caller.cert_sha256().copied(),
         };
-        let credential = self.mint(&grant, &terms)?;
+        let credential = self.mint(grant, &terms)?;
+        let max = if grant.break_glass {
+            grant.profile.break_glass_max_ttl.unwrap_or(grant.profile.max_ttl)
+        } else {
+            grant.profile.max_ttl
+        };
         let lease = Lease {
             id: terms.lease_id.clone(),
             profile: grant.profile.name.clone(),
@@ -235,7 +390,7 @@ impl Broker {
             state: LeaseState::Active,
             issued_at: now,
             expires_at: terms.expires_at,
-            max_expires_at: now + grant.profile.max_ttl.as_secs() as i64,
+            max_expires_at: now + max.as_secs() as i64,
             credential_sha256: credential.sha256_hex(),
             renewals: 0,
             ended_at: None,
@@ -243,46 +398,392 @@ impl Broker {
             intent: grant.intent.clone(),
         };
         let mut e = self.event(EventKind::Issue, "allow", Some(caller));
-        e.request = Some(request_record("IssueCredential", &req));
+        e.request = Some(request_record(rpc, req));
         e.rule = Some(grant.rule.clone());
         e.policy_hash = Some(grant.policy_hash.clone());
         e.granted_scopes = grant.scopes.iter().map(|s| s.to_string()).collect();
         e.lease_id = Some(lease.id.to_string());
         e.credential_sha256 = Some(lease.credential_sha256.clone());
         e.expires_at = Some(lease.expires_at);
-        let applied = self
-            .store
-            .apply(LedgerOp::Issue { lease, event: e })
-            .await?;
+        e.break_glass = grant.break_glass;
+        Ok((credential, lease, e))
+    }
+
+    fn settle_issue(&self, applied: Applied, credential: Credential, profile: &str, op: &str) -> Result<Issued, BrokerError> {
+        if let Some(r) = &applied.refused {
+            self.metrics.denied(match r {
+                Refusal::QuotaExceeded(_) => "quota",
+                _ => "access_request_state",
+            });
+            return Err(refusal_error(r));
+        }
         let (Some(lease), Some(receipt)) = (applied.lease, applied.receipt) else {
-            return Err(BrokerError::Internal(
-                "issue commit returned no lease".into(),
-            ));
+            return Err(BrokerError::Internal("issue commit returned no lease".into()));
         };
-        self.metrics.issued(grant.profile.name.as_str(), "issue");
+        self.metrics.issued(profile, op);
         Ok(Issued {
             credential,
             lease,
             receipt,
+            access_request: applied.access_request,
         })
+    }
+
+    /// Issues a credential: policy (rate, ceiling, Cedar), then either a pending access
+    /// request, or mint + one durable commit + the answer.
+    pub async fn issue(&self, caller: &VerifiedCaller, req: CredentialRequest, opts: IssueOptions) -> Result<IssueOutcome, BrokerError> {
+        let policy = self.policy();
+        if let Some(profile) = policy.profile(req.profile.as_str()) {
+            let who = caller.spiffe_id().to_string();
+            if !self
+                .limiter
+                .take(&who, profile.name.as_str(), profile.requests_per_minute, unix_millis(self.clock.now()))
+            {
+                self.metrics.denied("rate_limited");
+                let msg = format!(
+                    "rate limit: at most {} requests per minute per identity on profile {:?}",
+                    profile.requests_per_minute,
+                    profile.name.as_str()
+                );
+                let mut e = self.event(EventKind::Deny, "deny", Some(caller));
+                e.request = Some(request_record("IssueCredential", &req));
+                e.reason = Some(msg.clone());
+                self.record_best_effort(e).await;
+                return Err(BrokerError::ResourceExhausted(msg));
+            }
+        }
+        if let Some(id) = opts.access_request_id.clone() {
+            return self.redeem(caller, req, &id, policy).await.map(|i| IssueOutcome::Issued(Box::new(i)));
+        }
+        let ctx = self.context(caller, opts.break_glass, Vec::new());
+        match policy.decide(caller.spiffe_id(), &req, &ctx) {
+            Decision::Deny(d) => Err(self.deny(caller, request_record("IssueCredential", &req), &d, policy.hash()).await),
+            Decision::RequireApproval(grant, need) => self.open_request(caller, &req, &grant, need).await,
+            Decision::Allow(grant) => {
+                let (credential, lease, mut e) = self.prepare(caller, &req, &grant, "IssueCredential")?;
+                let break_glass = if grant.break_glass {
+                    let now = self.clock.unix_seconds();
+                    let spec = RequestSpec::of(&req);
+                    let ar = AccessRequest {
+                        id: LeaseId::generate()?.to_string(),
+                        requester: caller.spiffe_id().to_string(),
+                        profile: req.profile.clone(),
+                        digest: spec.digest(req.profile.as_str()),
+                        request: spec,
+                        group: "break-glass".into(),
+                        threshold: 0,
+                        state: AccessState::Issued,
+                        created_at: now,
+                        expires_at: lease.expires_at,
+                        deny_ends: true,
+                        break_glass: true,
+                        post_review: Some("pending".into()),
+                        lease_id: Some(lease.id.to_string()),
+                        reviews: Vec::new(),
+                    };
+                    e.access_request_id = Some(ar.id.clone());
+                    e.reason = req.intent.as_ref().and_then(|i| i.justification.clone());
+                    Some(ar)
+                } else {
+                    None
+                };
+                let max_active = Some(grant.profile.max_active_leases);
+                let applied = self
+                    .store
+                    .apply(LedgerOp::Issue {
+                        lease,
+                        event: e,
+                        max_active,
+                        break_glass,
+                    })
+                    .await?;
+                let issued = self.settle_issue(applied, credential, grant.profile.name.as_str(), "issue")?;
+                if let Some(ar) = &issued.access_request {
+                    self.metrics.break_glass.inc();
+                    tracing::warn!(
+                        requester = %ar.requester,
+                        profile = %ar.profile,
+                        access_request = %ar.id,
+                        lease = %issued.lease.id,
+                        "BREAK-GLASS issuance: self-approved, awaiting post-review"
+                    );
+                    self.notify_request(ar, "access_request.break_glass", &self.reviewers(&policy, ar.profile.as_str(), None), None);
+                }
+                Ok(IssueOutcome::Issued(Box::new(issued)))
+            }
+        }
+    }
+
+    /// Identities that may review `profile` (optionally only members of `group`).
+    fn reviewers(&self, policy: &Arc<dyn Policy>, profile: &str, group: Option<&str>) -> Vec<String> {
+        let members = group.map(|g| policy.group_members(g));
+        policy
+            .identities()
+            .iter()
+            .filter(|i| policy.authorize_review(&i.spiffe_id, profile).is_ok())
+            .map(|i| i.spiffe_id.to_string())
+            .filter(|id| members.as_ref().is_none_or(|m| m.contains(id)))
+            .collect()
+    }
+
+    fn notify_request(&self, ar: &AccessRequest, event: &str, approvers: &[String], reason: Option<String>) {
+        let _ = self.changes.send(ar.id.clone());
+        self.notifier.notify(Notification {
+            event: event.to_owned(),
+            access_request_id: ar.id.clone(),
+            profile: ar.profile.to_string(),
+            requester: ar.requester.clone(),
+            state: ar.state.as_str().to_owned(),
+            approvers_notified: approvers.to_vec(),
+            break_glass: ar.break_glass,
+            time_ms: unix_millis(self.clock.now()),
+            reason,
+        });
+    }
+
+    async fn open_request(&self, caller: &VerifiedCaller, req: &CredentialRequest, grant: &Grant, need: ApprovalNeed) -> Result<IssueOutcome, BrokerError> {
+        let now = self.clock.unix_seconds();
+        let spec = RequestSpec::of(req);
+        let ar = AccessRequest {
+            id: LeaseId::generate()?.to_string(),
+            requester: caller.spiffe_id().to_string(),
+            profile: req.profile.clone(),
+            digest: spec.digest(req.profile.as_str()),
+            request: spec,
+            group: need.group.clone(),
+            threshold: need.threshold,
+            state: AccessState::Pending,
+            created_at: now,
+            expires_at: now + grant.profile.approval_ttl.as_secs() as i64,
+            deny_ends: grant.profile.deny_ends,
+            break_glass: false,
+            post_review: None,
+            lease_id: None,
+            reviews: Vec::new(),
+        };
+        let mut e = self.event(EventKind::AccessRequest, "require_approval", Some(caller));
+        e.request = Some(request_record("IssueCredential", req));
+        e.rule = Some(need.rule.clone());
+        e.policy_hash = Some(need.policy_hash.clone());
+        e.access_request_id = Some(ar.id.clone());
+        e.reason = Some(format!("needs {} approval(s) from {}", need.threshold, need.group));
+        let applied = self.store.apply(LedgerOp::OpenAccessRequest { request: ar, event: e }).await?;
+        let ar = applied
+            .access_request
+            .ok_or_else(|| BrokerError::Internal("open request commit returned nothing".into()))?;
+        self.metrics.denied("approval_required");
+        self.notify_request(&ar, "access_request.pending", &need.eligible, None);
+        Ok(IssueOutcome::Pending(Box::new(ar), need))
+    }
+
+    async fn redeem(&self, caller: &VerifiedCaller, req: CredentialRequest, id: &str, policy: Arc<dyn Policy>) -> Result<Issued, BrokerError> {
+        let digest = RequestSpec::of(&req).digest(req.profile.as_str());
+        // A retry of a redemption that already succeeded (same requester, same exact
+        // request) gets the same credential; anything else goes through the checks below.
+        if let Some((d, done)) = self.redeemed.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            if *d == digest && done.lease.spiffe_id == caller.spiffe_id().to_string() {
+                return Ok(done.clone());
+            }
+        }
+        let Some(ar) = self.store.access_request(id).await?.filter(|a| a.requester == caller.spiffe_id().to_string()) else {
+            return Err(refusal_error(&Refusal::RequestNotFound));
+        };
+        if digest != ar.digest {
+            let mut e = self.event(EventKind::Deny, "deny", Some(caller));
+            e.request = Some(request_record("IssueCredential", &req));
+            e.access_request_id = Some(ar.id.clone());
+            e.reason = Some(Refusal::DigestMismatch.describe());
+            self.record_best_effort(e).await;
+            self.metrics.denied("approval_mismatch");
+            return Err(refusal_error(&Refusal::DigestMismatch));
+        }
+        if ar.state == AccessState::Issued {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "access request already issued as lease {}",
+                ar.lease_id.clone().unwrap_or_default()
+            )));
+        }
+        if ar.state != AccessState::Approved {
+            return Err(refusal_error(&Refusal::RequestEnded(ar.state)));
+        }
+        // Policy is re-checked at redemption with the approvals collected.
+        let ctx = self.context(caller, false, ar.approvers());
+        let grant = match policy.decide(caller.spiffe_id(), &req, &ctx) {
+            Decision::Allow(g) => g,
+            Decision::Deny(d) => return Err(self.deny(caller, request_record("IssueCredential", &req), &d, policy.hash()).await),
+            Decision::RequireApproval(_, need) => {
+                let d = Denial {
+                    kind: DenialKind::NotPermitted,
+                    reason: format!("approvals no longer satisfy policy: need {} from {}", need.threshold, need.group),
+                    rule: Some(need.rule),
+                    violations: Vec::new(),
+                };
+                return Err(self.deny(caller, request_record("IssueCredential", &req), &d, policy.hash()).await);
+            }
+        };
+        let (credential, lease, mut e) = self.prepare(caller, &req, &grant, "IssueCredential")?;
+        e.access_request_id = Some(ar.id.clone());
+        e.approvals = ar.reviews.iter().filter(|r| r.verdict == Verdict::Approve && !r.post_review).cloned().collect();
+        let applied = self
+            .store
+            .apply(LedgerOp::Redeem {
+                id: ar.id.clone(),
+                requester: ar.requester.clone(),
+                digest,
+                lease,
+                now: self.clock.unix_seconds(),
+                event: e,
+            })
+            .await?;
+        let issued = self.settle_issue(applied, credential, grant.profile.name.as_str(), "redeem")?;
+        let _ = self.changes.send(ar.id.clone());
+        let mut cache = self.redeemed.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.clock.unix_seconds();
+        cache.retain(|_, (_, i)| i.lease.expires_at > now);
+        if cache.len() < REDEEM_CACHE_MAX {
+            cache.insert(ar.id.clone(), (ar.digest.clone(), issued.clone()));
+        }
+        Ok(issued)
+    }
+
+    /// An approver's review of an access request (or the post-review of a break-glass one).
+    pub async fn review(&self, caller: &VerifiedCaller, id: &str, verdict: Verdict, reason: String) -> Result<AccessRequest, BrokerError> {
+        let policy = self.policy();
+        let mut rec = record("ReviewAccessRequest");
+        if reason.trim().is_empty() || reason.len() > 512 {
+            return Err(self
+                .reject(caller, "ReviewAccessRequest", BrokerError::InvalidArgument("a reason of 1..=512 characters is required".into()))
+                .await);
+        }
+        let Some(ar) = self.store.access_request(id).await? else {
+            return Err(refusal_error(&Refusal::RequestNotFound));
+        };
+        rec.profile = Some(ar.profile.to_string());
+        let allowed = policy.authorize_review(caller.spiffe_id(), ar.profile.as_str()).and_then(|rule| {
+            if ar.break_glass || policy.group_members(&ar.group).contains(&caller.spiffe_id().to_string()) {
+                Ok(rule)
+            } else {
+                Err(Denial {
+                    kind: DenialKind::NotPermitted,
+                    reason: format!("{} is not in approver group {:?}", caller.spiffe_id(), ar.group),
+                    rule: None,
+                    violations: Vec::new(),
+                })
+            }
+        });
+        let rule = match allowed {
+            Ok(r) => r,
+            Err(d) => return Err(self.deny(caller, rec, &d, policy.hash()).await),
+        };
+        let mut e = self.event(EventKind::Review, verdict.as_str(), Some(caller));
+        e.request = Some(rec);
+        e.rule = Some(rule);
+        e.reason = Some(reason.clone());
+        e.access_request_id = Some(ar.id.clone());
+        e.lease_id = ar.lease_id.clone();
+        e.policy_hash = Some(policy.hash().to_owned());
+        let applied = self
+            .store
+            .apply(LedgerOp::Review {
+                id: ar.id.clone(),
+                reviewer: caller.spiffe_id().to_string(),
+                verdict,
+                reason: reason.clone(),
+                now: self.clock.unix_seconds(),
+                event: e,
+            })
+            .await?;
+        if let Some(r) = &applied.refused {
+            self.metrics.denied("review_refused");
+            return Err(refusal_error(r));
+        }
+        let ar = applied
+            .access_request
+            .ok_or_else(|| BrokerError::Internal("review commit returned nothing".into()))?;
+        let event = match (ar.break_glass, ar.state) {
+            (true, _) => "access_request.post_reviewed",
+            (false, AccessState::Approved) => "access_request.approved",
+            (false, AccessState::Denied) => "access_request.denied",
+            _ => "access_request.reviewed",
+        };
+        self.notify_request(&ar, event, &[], Some(reason));
+        Ok(ar)
+    }
+
+    /// One access request, for its requester, its reviewers and operators.
+    pub async fn access_request(&self, caller: &VerifiedCaller, id: &str) -> Result<AccessRequest, BrokerError> {
+        let policy = self.policy();
+        let ar = self
+            .store
+            .access_request(id)
+            .await?
+            .ok_or_else(|| refusal_error(&Refusal::RequestNotFound))?;
+        let me = caller.spiffe_id();
+        let visible = ar.requester == me.to_string()
+            || policy.authorize_review(me, ar.profile.as_str()).is_ok()
+            || policy.authorize_admin(me, AdminAction::ListLeases).is_ok();
+        if visible {
+            Ok(ar)
+        } else {
+            Err(refusal_error(&Refusal::RequestNotFound))
+        }
+    }
+
+    /// Access requests, by listing kind.
+    pub async fn access_requests(&self, caller: &VerifiedCaller, listing: RequestListing, limit: u32) -> Result<Vec<AccessRequest>, BrokerError> {
+        let policy = self.policy();
+        let me = caller.spiffe_id().to_string();
+        if listing == RequestListing::Mine {
+            return Ok(self
+                .store
+                .access_requests(AccessFilter {
+                    requester: Some(me),
+                    limit,
+                    ..Default::default()
+                })
+                .await?);
+        }
+        let reviewable: Vec<String> = policy
+            .profiles()
+            .iter()
+            .filter(|p| policy.authorize_review(caller.spiffe_id(), p.name.as_str()).is_ok())
+            .map(|p| p.name.to_string())
+            .collect();
+        let filter = AccessFilter {
+            state: (listing != RequestListing::AwaitingPostReview).then_some(AccessState::Pending),
+            profiles: Some(reviewable),
+            awaiting_post_review: listing == RequestListing::AwaitingPostReview,
+            requester: None,
+            limit,
+        };
+        let mut rows = self.store.access_requests(filter).await?;
+        if listing == RequestListing::ToReview {
+            rows.retain(|r| {
+                r.requester != me
+                    && policy.group_members(&r.group).contains(&me)
+                    && !r.reviews.iter().any(|v| v.reviewer == me)
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Dry run: what policy would decide for the caller's request, and why.
+    pub fn explain(&self, caller: &VerifiedCaller, req: &CredentialRequest, break_glass: bool) -> Explanation {
+        let policy = self.policy();
+        let ctx = self.context(caller, break_glass, Vec::new());
+        explain_with(policy.as_ref(), caller.spiffe_id(), req, &ctx)
     }
 
     /// Renews a lease held by the caller: policy is re-checked, a fresh credential is
     /// minted with the same lease id, never beyond the lease's max expiry.
-    pub async fn renew(
-        &self,
-        caller: &VerifiedCaller,
-        id: LeaseId,
-        ttl: Option<Duration>,
-    ) -> Result<Issued, BrokerError> {
+    pub async fn renew(&self, caller: &VerifiedCaller, id: LeaseId, ttl: Option<Duration>) -> Result<Issued, BrokerError> {
+        let policy = self.policy();
         let now = self.clock.unix_seconds();
         let lease = match self.store.lease(&id).await? {
             Some(l) if l.spiffe_id == caller.spiffe_id().to_string() => l,
             _ => {
-                let mut rec = record("RenewLease");
-                rec.profile = None;
                 let mut e = self.event(EventKind::Deny, "deny", Some(caller));
-                e.request = Some(rec);
+                e.request = Some(record("RenewLease"));
                 e.lease_id = Some(id.to_string());
                 e.reason = Some(Refusal::NotFound.describe());
                 self.record_best_effort(e).await;
@@ -290,6 +791,11 @@ impl Broker {
                 return Err(refusal_error(&Refusal::NotFound));
             }
         };
+        // Renewal re-runs policy on the original grant. Leases issued on an approval
+        // or under break-glass are not renewable: a new request goes through approval again.
+        let renewable = policy
+            .profile(lease.profile.as_str())
+            .is_some_and(|p| p.scope_template.is_none());
         let req = CredentialRequest {
             profile: lease.profile.clone(),
             scopes: lease.scopes.iter().cloned().collect(),
@@ -301,9 +807,19 @@ impl Broker {
             r.profile = Some(lease.profile.to_string());
             r
         };
-        let grant = match self.policy.decide(caller, &req, &RequestContext { now }) {
-            Decision::Allow(g) => g,
-            Decision::Deny(d) => return Err(self.deny(caller, rec(), &d).await),
+        let ctx = self.context(caller, false, Vec::new());
+        let grant = match (renewable, policy.decide(caller.spiffe_id(), &req, &ctx)) {
+            (true, Decision::Allow(g)) => g,
+            (_, Decision::Deny(d)) => return Err(self.deny(caller, rec(), &d, policy.hash()).await),
+            _ => {
+                let d = Denial {
+                    kind: DenialKind::NotPermitted,
+                    reason: "this lease needs approval to be issued again; it cannot be renewed".into(),
+                    rule: None,
+                    violations: Vec::new(),
+                };
+                return Err(self.deny(caller, rec(), &d, policy.hash()).await);
+            }
         };
         let mut e = self.event(EventKind::Renew, "allow", Some(caller));
         e.request = Some(rec());
@@ -345,12 +861,13 @@ impl Broker {
                 event: e,
             })
             .await?;
-        let lease = self.settled(applied)?;
+        let (lease, receipt) = self.settled(applied)?;
         self.metrics.issued(grant.profile.name.as_str(), "renew");
         Ok(Issued {
             credential,
-            lease: lease.0,
-            receipt: lease.1,
+            lease,
+            receipt,
+            access_request: None,
         })
     }
 
@@ -366,11 +883,7 @@ impl Broker {
     }
 
     /// Gives a lease back early.
-    pub async fn release(
-        &self,
-        caller: &VerifiedCaller,
-        id: LeaseId,
-    ) -> Result<(Lease, Receipt), BrokerError> {
+    pub async fn release(&self, caller: &VerifiedCaller, id: LeaseId) -> Result<(Lease, Receipt), BrokerError> {
         let now = self.clock.unix_seconds();
         let mut e = self.event(EventKind::Release, "allow", Some(caller));
         e.request = Some(record("ReleaseLease"));
@@ -387,35 +900,20 @@ impl Broker {
         self.settled(applied)
     }
 
-    async fn admin(
-        &self,
-        caller: &VerifiedCaller,
-        action: AdminAction,
-        rpc: &str,
-    ) -> Result<String, BrokerError> {
-        match self.policy.authorize_admin(caller, action) {
+    async fn admin(&self, caller: &VerifiedCaller, action: AdminAction, rpc: &str) -> Result<String, BrokerError> {
+        let policy = self.policy();
+        match policy.authorize_admin(caller.spiffe_id(), action) {
             Ok(rule) => Ok(rule),
-            Err(d) => Err(self.deny(caller, record(rpc), &d).await),
+            Err(d) => Err(self.deny(caller, record(rpc), &d, policy.hash()).await),
         }
     }
 
-    /// Revokes every active lease the selector covers (admin only).
-    pub async fn revoke(
-        &self,
-        caller: &VerifiedCaller,
-        selector: RevokeSelector,
-        reason: String,
-    ) -> Result<Revoked, BrokerError> {
+    /// Revokes every active lease the selector covers (platform admin only).
+    pub async fn revoke(&self, caller: &VerifiedCaller, selector: RevokeSelector, reason: String) -> Result<Revoked, BrokerError> {
         let rule = self.admin(caller, AdminAction::Revoke, "Revoke").await?;
         if reason.trim().is_empty() || reason.len() > 512 {
             return Err(self
-                .reject(
-                    caller,
-                    "Revoke",
-                    BrokerError::InvalidArgument(
-                        "a reason of 1..=512 characters is required".into(),
-                    ),
-                )
+                .reject(caller, "Revoke", BrokerError::InvalidArgument("a reason of 1..=512 characters is required".into()))
                 .await);
         }
         let mut e = self.event(EventKind::Revoke, "allow", Some(caller));
@@ -443,18 +941,64 @@ impl Broker {
         })
     }
 
-    /// Lists leases (admin only).
-    pub async fn list_leases(
-        &self,
-        caller: &VerifiedCaller,
-        filter: LeaseFilter,
-    ) -> Result<Vec<Lease>, BrokerError> {
-        self.admin(caller, AdminAction::ListLeases, "ListLeases")
-            .await?;
+    /// Lists leases (platform admin only).
+    pub async fn list_leases(&self, caller: &VerifiedCaller, filter: LeaseFilter) -> Result<Vec<Lease>, BrokerError> {
+        self.admin(caller, AdminAction::ListLeases, "ListLeases").await?;
         Ok(self.store.leases(filter).await?)
     }
 
-    /// Marks every lease whose expiry has passed as expired, in bounded batches.
+    /// The non-human identity inventory (platform admin only).
+    pub async fn inventory(&self, caller: &VerifiedCaller) -> Result<Vec<InventoryEntry>, BrokerError> {
+        self.admin(caller, AdminAction::ListIdentities, "ListIdentities").await?;
+        let policy = self.policy();
+        let stats: HashMap<String, IdentityStats> = self
+            .store
+            .identity_stats()
+            .await?
+            .into_iter()
+            .map(|s| (s.spiffe_id.clone(), s))
+            .collect();
+        Ok(inventory_rows(policy.as_ref(), &stats))
+    }
+
+    /// Reloads the policy set; a bad policy is refused and the old one stays in force.
+    /// `who` is the caller's SPIFFE ID or `signal:SIGHUP`.
+    pub async fn reload_policy(&self, caller: Option<&VerifiedCaller>) -> Result<String, BrokerError> {
+        if let Some(c) = caller {
+            self.admin(c, AdminAction::ReloadPolicy, "ReloadPolicy").await?;
+        }
+        let Some(loader) = &self.loader else {
+            return Err(BrokerError::FailedPrecondition("this broker has no policy source to reload from".into()));
+        };
+        let old = self.policy().hash().to_owned();
+        let mut e = self.event(EventKind::PolicyReload, "allow", caller);
+        if caller.is_none() {
+            e.caller = Some("signal:SIGHUP".into());
+        }
+        e.request = Some(record("ReloadPolicy"));
+        match loader() {
+            Ok(new) => {
+                let hash = new.hash().to_owned();
+                e.policy_hash = Some(hash.clone());
+                e.reason = Some(format!("replaced policy {old}"));
+                // Record first: a reload nobody can see in the ledger did not happen.
+                self.store.apply(LedgerOp::Record { event: e }).await?;
+                *self.policy.write().unwrap_or_else(|p| p.into_inner()) = new;
+                tracing::info!(old = %old, new = %hash, "policy reloaded");
+                Ok(hash)
+            }
+            Err(err) => {
+                e.decision = "deny".into();
+                e.policy_hash = Some(old.clone());
+                e.reason = Some(format!("reload refused, policy {old} stays in force: {err}"));
+                self.record_best_effort(e).await;
+                tracing::warn!(error = %err, "policy reload refused; the old policy stays in force");
+                Err(BrokerError::InvalidArgument(format!("policy refused: {err}")))
+            }
+        }
+    }
+
+    /// Marks every lease and access request whose expiry has passed, in bounded batches.
     /// Returns how many were marked.
     pub async fn reap_expired(&self) -> Result<usize, BrokerError> {
         let mut total = 0;
@@ -475,5 +1019,90 @@ impl Broker {
                 return Ok(total);
             }
         }
+    }
+}
+
+/// The inventory from a policy and traffic statistics.
+pub fn inventory_rows(policy: &dyn Policy, stats: &HashMap<String, IdentityStats>) -> Vec<InventoryEntry> {
+    let mut rows = Vec::new();
+    for i in policy.identities() {
+        let id = i.spiffe_id.to_string();
+        let s = stats.get(&id);
+        let groups = policy.groups_of(&i.spiffe_id);
+        let mut flags = Vec::new();
+        if i.owner.trim().is_empty() {
+            flags.push("no owner".into());
+        }
+        rows.push(InventoryEntry {
+            spiffe_id: id,
+            registered: true,
+            owner: i.owner.clone(),
+            environment: i.environment.clone(),
+            roles: i.roles.clone(),
+            approver_groups: groups,
+            paths: policy.paths(&i.spiffe_id),
+            active_leases: s.map_or(0, |s| s.active_leases),
+            issued: s.map_or(0, |s| s.issued),
+            denied: s.map_or(0, |s| s.denied),
+            last_seen_ms: s.map(|s| s.last_seen_ms),
+            last_issued_ms: s.and_then(|s| s.last_issued_ms),
+            flags,
+        });
+    }
+    for (id, s) in stats {
+        if policy.identities().iter().any(|i| &i.spiffe_id.to_string() == id) {
+            continue;
+        }
+        rows.push(InventoryEntry {
+            spiffe_id: id.clone(),
+            registered: false,
+            owner: String::new(),
+            environment: String::new(),
+            roles: Vec::new(),
+            approver_groups: Vec::new(),
+            paths: Vec::new(),
+            active_leases: s.active_leases,
+            issued: s.issued,
+            denied: s.denied,
+            last_seen_ms: Some(s.last_seen_ms),
+            last_issued_ms: s.last_issued_ms,
+            flags: vec!["unregistered caller".into(), "no owner".into()],
+        });
+    }
+    rows.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+    rows
+}
+
+/// Explains a decision for any SPIFFE ID (the offline `policy explain` uses this too).
+pub fn explain_with(policy: &dyn Policy, id: &SpiffeId, req: &CredentialRequest, ctx: &RequestContext) -> Explanation {
+    let hash = policy.hash().to_owned();
+    match policy.decide(id, req, ctx) {
+        Decision::Allow(g) => Explanation {
+            decision: "allow",
+            policies: g.rule.split(',').map(str::to_owned).collect(),
+            reason: None,
+            violations: Vec::new(),
+            missing: None,
+            grant: Some((g.scopes.iter().map(|s| s.to_string()).collect(), g.ttl)),
+            policy_hash: hash,
+        },
+        Decision::Deny(d) => Explanation {
+            decision: "deny",
+            policies: d.rule.iter().flat_map(|r| r.split(',')).map(str::to_owned).collect(),
+            reason: Some(d.reason),
+            violations: d.violations,
+            missing: None,
+            grant: None,
+            policy_hash: hash,
+        },
+        Decision::RequireApproval(g, need) => Explanation {
+            decision: "require_approval",
+            policies: vec![need.rule.clone()],
+            reason: Some(format!("needs {} approval(s) from {}", need.threshold, need.group)),
+            violations: Vec::new(),
+            grant: Some((g.scopes.iter().map(|s| s.to_string()).collect(), g.ttl)),
+            missing: Some(need),
+            policy_hash: hash,
+        },
     }
 }

@@ -30,65 +30,6 @@ pub enum CredentialKind {
     Jwt,
 }
 
-/// Who may request a profile (request-time policy replaces this in a later version).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AllowRule {
-    /// Exactly this SPIFFE ID.
-    Exact(SpiffeId),
-    /// Any SPIFFE ID under this path prefix (written `spiffe://td/path/*`).
-    Prefix {
-        /// The trust domain.
-        trust_domain: String,
-        /// The path prefix, ending in `/`.
-        path_prefix: String,
-    },
-}
-
-impl AllowRule {
-    fn parse(s: &str) -> Result<Self, ConfigError> {
-        if let Some(base) = s.strip_suffix("/*") {
-            let id =
-                SpiffeId::new(base).map_err(|e| ConfigError(format!("allow entry {s:?}: {e}")))?;
-            return Ok(AllowRule::Prefix {
-                trust_domain: id.trust_domain_name().to_owned(),
-                path_prefix: format!("{}/", id.path()),
-            });
-        }
-        let id = SpiffeId::new(s).map_err(|e| ConfigError(format!("allow entry {s:?}: {e}")))?;
-        if id.path().is_empty() {
-            return err(format!(
-                "allow entry {s:?}: a workload SPIFFE ID needs a path"
-            ));
-        }
-        Ok(AllowRule::Exact(id))
-    }
-
-    /// Whether the rule covers this ID.
-    pub fn matches(&self, id: &SpiffeId) -> bool {
-        match self {
-            AllowRule::Exact(e) => e == id,
-            AllowRule::Prefix {
-                trust_domain,
-                path_prefix,
-            } => {
-                id.trust_domain_name() == trust_domain
-                    && id.path().starts_with(path_prefix.as_str())
-            }
-        }
-    }
-
-    /// The rule as written in the config, used as the deciding rule id.
-    pub fn text(&self) -> String {
-        match self {
-            AllowRule::Exact(e) => e.to_string(),
-            AllowRule::Prefix {
-                trust_domain,
-                path_prefix,
-            } => format!("spiffe://{trust_domain}{path_prefix}*"),
-        }
-    }
-}
-
 /// A credential profile: what can be asked for, by whom, and the ceiling.
 #[derive(Debug, Clone)]
 pub struct Profile {
@@ -108,8 +49,50 @@ pub struct Profile {
     pub default_ttl: Duration,
     /// Whether a stated intent is mandatory.
     pub require_intent: bool,
-    /// Who may request it.
-    pub allow: Vec<AllowRule>,
+    /// When set, each granted scope is rendered through this template, with `{scope}` and
+    /// `{target}` (the intent target) filled in, e.g. `repository:{target}:{scope}`.
+    pub scope_template: Option<String>,
+    /// How long an access request waits for its approvals.
+    pub approval_ttl: Duration,
+    /// Whether one deny ends an access request (otherwise it only counts against).
+    pub deny_ends: bool,
+    /// Break-glass TTL cap; `None` means the profile has no break-glass.
+    pub break_glass_max_ttl: Option<Duration>,
+    /// Most active leases one identity may hold on this profile.
+    pub max_active_leases: u32,
+    /// Most requests per minute one identity may make for this profile.
+    pub requests_per_minute: u32,
+}
+
+/// A registered non-human identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Its SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Who answers for it (empty: flagged in the inventory).
+    pub owner: String,
+    /// Deployment environment, e.g. `prod`.
+    pub environment: String,
+    /// Roles it holds.
+    pub roles: Vec<String>,
+}
+
+/// A named group of approvers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApproverGroup {
+    /// Group name (the Cedar `ApproverGroup` id).
+    pub name: String,
+    /// Members' SPIFFE IDs.
+    pub members: Vec<SpiffeId>,
+}
+
+/// Where the Cedar schema and policies live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyFiles {
+    /// The `.cedarschema` file.
+    pub schema: PathBuf,
+    /// The `.cedar` policy files.
+    pub files: Vec<PathBuf>,
 }
 
 /// Ledger tuning.
@@ -121,6 +104,15 @@ pub struct LedgerConfig {
     pub busy_timeout: Duration,
     /// Most operations sharing one commit (one fsync).
     pub max_batch: usize,
+}
+
+/// Where approval notifications go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationConfig {
+    /// `http://host:port/path` receiving signed JSON POSTs.
+    pub webhook_url: String,
+    /// File holding the HMAC key (its bytes, trimmed).
+    pub hmac_key_file: PathBuf,
 }
 
 /// The whole configuration.
@@ -137,8 +129,14 @@ pub struct Config {
     /// Workload API endpoint for the broker's own SVID (`unix:///path`); `None` reads
     /// `SPIFFE_ENDPOINT_SOCKET`.
     pub workload_api_socket: Option<String>,
-    /// SPIFFE IDs allowed to call the Admin service.
-    pub admins: Vec<SpiffeId>,
+    /// Cedar schema and policy files.
+    pub policy: PolicyFiles,
+    /// Registered identities (the inventory's source and Cedar's entities).
+    pub identities: Vec<Identity>,
+    /// Approver groups.
+    pub approver_groups: Vec<ApproverGroup>,
+    /// Webhook for approval notifications.
+    pub notifications: Option<NotificationConfig>,
     /// Tolerated clock skew when checking JWT-SVID `exp`/`nbf`.
     pub jwt_clock_skew: Duration,
     /// How often expired leases are marked.
@@ -157,14 +155,60 @@ struct RawConfig {
     http_addr: String,
     state_dir: PathBuf,
     workload_api_socket: Option<String>,
+    policy: RawPolicy,
     #[serde(default)]
-    admins: Vec<String>,
+    identities: Vec<RawIdentity>,
+    #[serde(default)]
+    approver_groups: Vec<RawGroup>,
+    notifications: Option<RawNotifications>,
+    #[serde(default)]
+    quotas: RawQuotas,
     jwt_clock_skew: Option<String>,
     reaper_interval: Option<String>,
     #[serde(default)]
     ledger: RawLedger,
     #[serde(default)]
     profiles: Vec<RawProfile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    schema: PathBuf,
+    files: Vec<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    spiffe_id: String,
+    #[serde(default)]
+    owner: String,
+    #[serde(default)]
+    environment: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: String,
+    members: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotifications {
+    webhook_url: String,
+    hmac_key_file: PathBuf,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuotas {
+    max_active_leases: Option<u32>,
+    requests_per_minute: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -188,7 +232,23 @@ struct RawProfile {
     default_ttl: Option<String>,
     #[serde(default)]
     require_intent: bool,
-    allow: Vec<String>,
+    scope_template: Option<String>,
+    approval_ttl: Option<String>,
+    deny_ends: Option<bool>,
+    break_glass_max_ttl: Option<String>,
+    max_active_leases: Option<u32>,
+    requests_per_minute: Option<u32>,
+}
+
+/// Default quota: active leases per identity and profile.
+pub const DEFAULT_MAX_ACTIVE_LEASES: u32 = 100;
+/// Default quota: requests per minute per identity and profile.
+pub const DEFAULT_REQUESTS_PER_MINUTE: u32 = 600;
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn duration(field: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -211,15 +271,16 @@ impl Config {
         {
             return err("issuer_url: must be an http(s) URL without a trailing slash");
         }
-        let admins = raw
-            .admins
-            .iter()
-            .map(|a| SpiffeId::new(a).map_err(|e| ConfigError(format!("admins: {a:?}: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
+        let identities = Self::identities(raw.identities)?;
+        let approver_groups = Self::groups(raw.approver_groups)?;
+        let quotas = (
+            raw.quotas.max_active_leases.unwrap_or(DEFAULT_MAX_ACTIVE_LEASES),
+            raw.quotas.requests_per_minute.unwrap_or(DEFAULT_REQUESTS_PER_MINUTE),
+        );
         let mut profiles = Vec::new();
         let mut names = BTreeSet::new();
         for p in raw.profiles {
-            let profile = Self::profile(p)?;
+            let profile = Self::profile(p, quotas)?;
             if !names.insert(profile.name.clone()) {
                 return err(format!(
                     "profiles: {:?} is defined twice",
@@ -238,7 +299,16 @@ impl Config {
             http_addr: addr("http_addr", &raw.http_addr)?,
             state_dir: raw.state_dir,
             workload_api_socket: raw.workload_api_socket,
-            admins,
+            policy: PolicyFiles {
+                schema: raw.policy.schema,
+                files: raw.policy.files,
+            },
+            identities,
+            approver_groups,
+            notifications: raw.notifications.map(|n| NotificationConfig {
+                webhook_url: n.webhook_url,
+                hmac_key_file: n.hmac_key_file,
+            }),
             jwt_clock_skew: duration(
                 "jwt_clock_skew",
                 raw.jwt_clock_skew.as_deref(),
@@ -266,7 +336,51 @@ impl Config {
         })
     }
 
-    fn profile(p: RawProfile) -> Result<Profile, ConfigError> {
+    fn identities(raw: Vec<RawIdentity>) -> Result<Vec<Identity>, ConfigError> {
+        let mut seen = BTreeSet::new();
+        raw.into_iter()
+            .map(|i| {
+                let id = SpiffeId::new(&i.spiffe_id)
+                    .map_err(|e| ConfigError(format!("identities: {:?}: {e}", i.spiffe_id)))?;
+                if id.path().is_empty() {
+                    return err(format!("identities: {:?} needs a path", i.spiffe_id));
+                }
+                if !seen.insert(id.to_string()) {
+                    return err(format!("identities: {id} is listed twice"));
+                }
+                for r in &i.roles {
+                    if !valid_name(r) {
+                        return err(format!("identities: {id}: invalid role name {r:?}"));
+                    }
+                }
+                Ok(Identity {
+                    spiffe_id: id,
+                    owner: i.owner,
+                    environment: i.environment,
+                    roles: i.roles,
+                })
+            })
+            .collect()
+    }
+
+    fn groups(raw: Vec<RawGroup>) -> Result<Vec<ApproverGroup>, ConfigError> {
+        let mut seen = BTreeSet::new();
+        raw.into_iter()
+            .map(|g| {
+                if !valid_name(&g.name) || !seen.insert(g.name.clone()) {
+                    return err(format!("approver_groups: invalid or duplicate name {:?}", g.name));
+                }
+                let members = g
+                    .members
+                    .iter()
+                    .map(|m| SpiffeId::new(m).map_err(|e| ConfigError(format!("approver_groups.{}: {m:?}: {e}", g.name))))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(ApproverGroup { name: g.name, members })
+            })
+            .collect()
+    }
+
+    fn profile(p: RawProfile, quotas: (u32, u32)) -> Result<Profile, ConfigError> {
         let name =
             ProfileName::parse(&p.name).map_err(|e| ConfigError(format!("profiles: {e}")))?;
         let ctx = |e: crate::error::BrokerError| ConfigError(format!("profile {}: {e}", p.name));
@@ -317,12 +431,26 @@ impl Config {
                 p.name
             ));
         }
-        let allow = p
-            .allow
-            .iter()
-            .map(|a| AllowRule::parse(a))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError(format!("profile {}: {}", p.name, e.0)))?;
+        if let Some(t) = &p.scope_template {
+            if !t.contains("{scope}") {
+                return err(format!("profile {}: scope_template must contain {{scope}}", p.name));
+            }
+        }
+        let approval_ttl = duration(
+            &format!("profile {}: approval_ttl", p.name),
+            p.approval_ttl.as_deref(),
+            Duration::from_secs(3600),
+        )?;
+        let break_glass_max_ttl = p
+            .break_glass_max_ttl
+            .as_deref()
+            .map(|v| duration(&format!("profile {}: break_glass_max_ttl", p.name), Some(v), Duration::ZERO))
+            .transpose()?;
+        if let Some(bg) = break_glass_max_ttl {
+            if bg.is_zero() || bg > max_ttl {
+                return err(format!("profile {}: break_glass_max_ttl must be between 1s and max_ttl", p.name));
+            }
+        }
         Ok(Profile {
             name,
             kind: p.kind,
@@ -332,15 +460,33 @@ impl Config {
             max_ttl,
             default_ttl,
             require_intent: p.require_intent,
-            allow,
+            scope_template: p.scope_template,
+            approval_ttl,
+            deny_ends: p.deny_ends.unwrap_or(true),
+            break_glass_max_ttl,
+            max_active_leases: p.max_active_leases.unwrap_or(quotas.0),
+            requests_per_minute: p.requests_per_minute.unwrap_or(quotas.1),
         })
     }
 
-    /// Reads and parses a config file.
+    /// Reads and parses a config file; relative policy paths are resolved against the
+    /// file's directory.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-        Self::from_toml(&text)
+        let mut c = Self::from_toml(&text)?;
+        let base = path.parent().unwrap_or(std::path::Path::new("."));
+        c.policy.schema = base.join(&c.policy.schema);
+        c.policy.files = c.policy.files.iter().map(|f| base.join(f)).collect();
+        if let Some(n) = &mut c.notifications {
+            n.hmac_key_file = base.join(&n.hmac_key_file);
+        }
+        Ok(c)
+    }
+
+    /// A registered identity.
+    pub fn identity(&self, id: &SpiffeId) -> Option<&Identity> {
+        self.identities.iter().find(|i| &i.spiffe_id == id)
     }
 
     /// The SQLite ledger file.
@@ -363,7 +509,17 @@ issuer_url = "http://127.0.0.1:8081"
 grpc_addr = "127.0.0.1:8443"
 http_addr = "127.0.0.1:8081"
 state_dir = "/tmp/x"
-admins = ["spiffe://example.org/ops/root"]
+[policy]
+schema = "policy/schema.cedarschema"
+files = ["policy/demo.cedar"]
+[[identities]]
+spiffe_id = "spiffe://example.org/ci/deploy-agent"
+owner = "ml-platform"
+environment = "prod"
+roles = ["deployer"]
+[[approver_groups]]
+name = "registry-approvers"
+members = ["spiffe://example.org/ops/alice"]
 [[profiles]]
 name = "p"
 kind = "jwt"
@@ -371,34 +527,17 @@ audience = "a"
 scopes = ["s:1", "s:2"]
 max_ttl = "1h"
 default_ttl = "10m"
-allow = ["spiffe://example.org/ci/deploy-agent", "spiffe://example.org/gpu/*"]
 "#;
 
     #[test]
-    fn parses_and_matches_prefixes() {
+    fn parses_with_defaults() {
         let c = Config::from_toml(GOOD).expect("config");
         let p = &c.profiles[0];
-        let id = |s: &str| SpiffeId::new(s).expect("id");
-        assert!(p
-            .allow
-            .iter()
-            .any(|r| r.matches(&id("spiffe://example.org/gpu/provisioner"))));
-        assert!(!p
-            .allow
-            .iter()
-            .any(|r| r.matches(&id("spiffe://example.org/gpux/provisioner"))));
-        assert!(!p
-            .allow
-            .iter()
-            .any(|r| r.matches(&id("spiffe://other.org/gpu/provisioner"))));
-        assert!(p
-            .allow
-            .iter()
-            .any(|r| r.matches(&id("spiffe://example.org/ci/deploy-agent"))));
-        assert!(!p
-            .allow
-            .iter()
-            .any(|r| r.matches(&id("spiffe://example.org/ci/deploy-agent/x"))));
+        assert_eq!(p.approval_ttl, Duration::from_secs(3600));
+        assert!(p.deny_ends);
+        assert_eq!(p.max_active_leases, DEFAULT_MAX_ACTIVE_LEASES);
+        assert_eq!(c.identities[0].roles, vec!["deployer".to_string()]);
+        assert_eq!(c.approver_groups[0].members.len(), 1);
     }
 
     #[test]
@@ -420,6 +559,8 @@ allow = ["spiffe://example.org/ci/deploy-agent", "spiffe://example.org/gpu/*"]
         let bad = format!("{GOOD}\nunknown_field = 1\n");
         assert!(Config::from_toml(&bad).is_err());
         let bad = GOOD.replace("\"s:1\", \"s:2\"", "\"has space\"");
+        assert!(Config::from_toml(&bad).is_err());
+        let bad = GOOD.replace("roles = [\"deployer\"]", "roles = [\"Bad Role\"]");
         assert!(Config::from_toml(&bad).is_err());
     }
 }

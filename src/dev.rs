@@ -39,6 +39,9 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8081";
 /// The demo config; `@STATE_DIR@`, `@GRPC@`, `@HTTP@` and `@SOCKET@` are filled in.
 pub const DEMO_CONFIG: &str = include_str!("../deploy/demo-config.toml");
 
+/// A transformation of the rendered demo config text.
+pub type ConfigEdit = Box<dyn FnOnce(String) -> String + Send>;
+
 /// Options of a dev environment.
 pub struct DevOptions {
     /// State directory.
@@ -51,8 +54,8 @@ pub struct DevOptions {
     pub svid_ttl: Duration,
     /// The broker's clock.
     pub clock: Arc<dyn Clock>,
-    /// Extra TOML appended to the demo config (tests tune ledger settings this way).
-    pub config_overrides: String,
+    /// Edits the rendered demo config before use (tests add identities, groups, quotas).
+    pub config: Option<ConfigEdit>,
 }
 
 /// A running dev environment.
@@ -91,6 +94,25 @@ impl DevEnv {
             .await
             .map_err(|e| ServeError(format!("server task: {e}")))?
     }
+}
+
+/// The demo Cedar schema.
+pub const DEMO_SCHEMA: &str = include_str!("../policy/schema.cedarschema");
+/// The demo Cedar policies.
+pub const DEMO_POLICY: &str = include_str!("../policy/demo.cedar");
+
+/// Writes the demo schema and policy into `STATE_DIR/policy/` unless already there
+/// (an operator's edits survive restarts; `spiffe-broker policy check` validates them).
+pub fn write_demo_policy(dir: &Path) -> Result<(), ServeError> {
+    let p = dir.join("policy");
+    std::fs::create_dir_all(&p).map_err(|e| ServeError(format!("cannot create {}: {e}", p.display())))?;
+    for (name, text) in [("schema.cedarschema", DEMO_SCHEMA), ("demo.cedar", DEMO_POLICY)] {
+        let f = p.join(name);
+        if !f.exists() {
+            std::fs::write(&f, text).map_err(|e| ServeError(format!("cannot write {}: {e}", f.display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// Renders the demo config for a state dir and addresses.
@@ -136,15 +158,17 @@ pub async fn start(opts: DevOptions) -> Result<DevEnv, ServeError> {
         .map_err(|e| ServeError(format!("cannot listen on {}: {e}", opts.http_addr)))?;
     let grpc_addr = grpc.local_addr().map_err(|e| ServeError(e.to_string()))?;
     let http_addr = http.local_addr().map_err(|e| ServeError(e.to_string()))?;
-    let text = format!(
-        "{}\n{}",
-        demo_config(dir, grpc_addr, http_addr),
-        opts.config_overrides
-    );
-    std::fs::write(dir.join("config.toml"), &text).map_err(|e| ServeError(e.to_string()))?;
+    write_demo_policy(dir)?;
+    let demo = demo_config(dir, grpc_addr, http_addr);
+    let text = match opts.config {
+        Some(edit) => edit(demo),
+        None => demo,
+    };
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, &text).map_err(|e| ServeError(e.to_string()))?;
     let config = Config::from_toml(&text).map_err(|e| ServeError(e.to_string()))?;
 
-    let parts = server::assemble(&config, opts.clock.clone()).await?;
+    let parts = server::assemble(&config, Some(&config_path), opts.clock.clone()).await?;
     let broker = parts.broker.clone();
     let (stop, mut stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::run(parts, grpc, http, async move {

@@ -99,7 +99,39 @@ pub struct Intent {
     pub action: String,
     /// What it acts on, e.g. `queue/a100`.
     pub target: String,
+    /// Digest of the artifact concerned, e.g. `sha256:…` (64 to 128 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_digest: Option<String>,
+    /// Change ticket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    /// Why (mandatory for break-glass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<String>,
+    /// Who this is done for, nearest first (an AI agent's delegation chain).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_behalf_of: Vec<String>,
 }
+
+fn opt(field: &str, v: &str, max: usize, spaces: bool) -> Result<Option<String>, BrokerError> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let ok = v.len() <= max
+        && v.bytes().all(|b| (0x21..=0x7e).contains(&b) || (spaces && b == b' '))
+        && !v.starts_with(' ')
+        && !v.ends_with(' ');
+    if !ok {
+        return Err(BrokerError::InvalidArgument(format!(
+            "invalid intent {field} {:?}: expected at most {max} printable ASCII characters",
+            truncate(v)
+        )));
+    }
+    Ok(Some(v.to_owned()))
+}
+
+/// Most entries in an `on_behalf_of` chain.
+pub const MAX_DELEGATION_CHAIN: usize = 8;
 
 impl Intent {
     /// Parses both fields: printable ASCII (spaces allowed inside), bounded length.
@@ -126,7 +158,47 @@ impl Intent {
         Ok(Self {
             action: action.to_owned(),
             target: target.to_owned(),
+            artifact_digest: None,
+            ticket: None,
+            justification: None,
+            on_behalf_of: Vec::new(),
         })
+    }
+
+    /// Adds the optional details (empty strings mean absent).
+    pub fn with_details(
+        mut self,
+        artifact_digest: &str,
+        ticket: &str,
+        justification: &str,
+        on_behalf_of: &[String],
+    ) -> Result<Self, BrokerError> {
+        if let Some(d) = opt("artifact_digest", artifact_digest, 200, false)? {
+            let valid = d.split_once(':').is_some_and(|(alg, hex)| {
+                matches!(alg, "sha256" | "sha384" | "sha512")
+                    && (64..=128).contains(&hex.len())
+                    && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            });
+            if !valid {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "invalid intent artifact_digest {:?}: expected sha256:<hex>",
+                    truncate(&d)
+                )));
+            }
+            self.artifact_digest = Some(d);
+        }
+        self.ticket = opt("ticket", ticket, 64, false)?;
+        self.justification = opt("justification", justification, 512, true)?;
+        if on_behalf_of.len() > MAX_DELEGATION_CHAIN {
+            return Err(BrokerError::InvalidArgument(format!(
+                "intent on_behalf_of: at most {MAX_DELEGATION_CHAIN} entries"
+            )));
+        }
+        self.on_behalf_of = on_behalf_of
+            .iter()
+            .map(|o| opt("on_behalf_of", o, 256, false)?.ok_or_else(|| BrokerError::InvalidArgument("intent on_behalf_of: empty entry".into())))
+            .collect::<Result<_, _>>()?;
+        Ok(self)
     }
 }
 
@@ -225,6 +297,186 @@ pub struct Lease {
     pub end_reason: Option<String>,
     /// The intent stated at issuance.
     pub intent: Option<Intent>,
+}
+
+/// Where an access request is. `Pending` → `Approved` | `Denied` | `Expired`;
+/// `Approved` → `Issued` | `Expired`. Every state but `Pending` and `Approved` is final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessState {
+    /// Waiting for approvals.
+    Pending,
+    /// Enough approvals; the requester may redeem it once.
+    Approved,
+    /// An approver denied it.
+    Denied,
+    /// Nobody decided (or redeemed) in time.
+    Expired,
+    /// The credential was issued.
+    Issued,
+}
+
+impl AccessState {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessState::Pending => "pending",
+            AccessState::Approved => "approved",
+            AccessState::Denied => "denied",
+            AccessState::Expired => "expired",
+            AccessState::Issued => "issued",
+        }
+    }
+    /// Parses a stored name.
+    pub fn from_db(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => AccessState::Pending,
+            "approved" => AccessState::Approved,
+            "denied" => AccessState::Denied,
+            "expired" => AccessState::Expired,
+            "issued" => AccessState::Issued,
+            _ => return None,
+        })
+    }
+    /// No further transition can happen.
+    pub fn is_final(self) -> bool {
+        !matches!(self, AccessState::Pending | AccessState::Approved)
+    }
+}
+
+/// An approver's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Approve.
+    Approve,
+    /// Deny.
+    Deny,
+}
+
+impl Verdict {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Approve => "approve",
+            Verdict::Deny => "deny",
+        }
+    }
+}
+
+/// One review of an access request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Review {
+    /// The approver's SPIFFE ID.
+    pub reviewer: String,
+    /// Approve or deny.
+    pub verdict: Verdict,
+    /// Why (required).
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// A review after the fact of a break-glass issuance.
+    pub post_review: bool,
+}
+
+/// The exact request an approval is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestSpec {
+    /// Requested scopes (sorted).
+    pub scopes: Vec<String>,
+    /// Requested TTL in seconds, if named.
+    pub ttl_secs: Option<u64>,
+    /// Stated intent.
+    pub intent: Option<Intent>,
+}
+
+impl RequestSpec {
+    /// From a parsed request.
+    pub fn of(r: &CredentialRequest) -> Self {
+        Self {
+            scopes: r.scopes.iter().map(|s| s.to_string()).collect(),
+            ttl_secs: r.ttl.map(|t| t.as_secs()),
+            intent: r.intent.clone(),
+        }
+    }
+    /// Canonical JSON.
+    pub fn canonical(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+    /// Hex SHA-256 of profile + canonical JSON: what an approval binds to.
+    pub fn digest(&self, profile: &str) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(profile.as_bytes());
+        ctx.update(b"\0");
+        ctx.update(self.canonical().as_bytes());
+        hex::encode(ctx.finish().as_ref())
+    }
+}
+
+/// A request for a credential that policy says needs approval (or a break-glass
+/// issuance awaiting its post-review).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRequest {
+    /// 32 hex characters.
+    pub id: String,
+    /// Who asked.
+    pub requester: String,
+    /// Which profile.
+    pub profile: ProfileName,
+    /// Exactly what was asked.
+    pub request: RequestSpec,
+    /// Digest of `profile` + `request`.
+    pub digest: String,
+    /// Approver group.
+    pub group: String,
+    /// Approvals needed.
+    pub threshold: u32,
+    /// Lifecycle state.
+    pub state: AccessState,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; pending or approved requests expire then.
+    pub expires_at: i64,
+    /// Whether one deny ends it.
+    pub deny_ends: bool,
+    /// Issued under break-glass.
+    pub break_glass: bool,
+    /// Post-review state of a break-glass issuance.
+    pub post_review: Option<String>,
+    /// The lease issued on it.
+    pub lease_id: Option<String>,
+    /// Reviews so far.
+    pub reviews: Vec<Review>,
+}
+
+impl AccessRequest {
+    /// Distinct approvers that approved (before any post-review).
+    pub fn approvers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .reviews
+            .iter()
+            .filter(|r| r.verdict == Verdict::Approve && !r.post_review)
+            .map(|r| r.reviewer.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// Filter for listing access requests.
+#[derive(Debug, Clone, Default)]
+pub struct AccessFilter {
+    /// Only this state.
+    pub state: Option<AccessState>,
+    /// Only these profiles (an approver's reviewable profiles); `None` = all.
+    pub profiles: Option<Vec<String>>,
+    /// Only break-glass issuances awaiting post-review.
+    pub awaiting_post_review: bool,
+    /// Only requests by this requester.
+    pub requester: Option<String>,
+    /// Page size.
+    pub limit: u32,
 }
 
 /// Which leases a revocation covers.

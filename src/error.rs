@@ -28,6 +28,9 @@ pub enum BrokerError {
     /// The lease is not in a state that allows the operation.
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// A quota or rate limit was reached (the message names it).
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
     /// The ledger could not durably record the operation.
     #[error("ledger unavailable: {0}")]
     Unavailable(String),
@@ -71,6 +74,10 @@ pub fn to_status(err: BrokerError) -> Status {
         BrokerError::FailedPrecondition(m) => {
             tracing::warn!(reason = %m, "failed precondition");
             Status::new(Code::FailedPrecondition, m)
+        }
+        BrokerError::ResourceExhausted(m) => {
+            tracing::warn!(reason = %m, "limit reached");
+            Status::new(Code::ResourceExhausted, m)
         }
         BrokerError::Unavailable(cause) => {
             tracing::error!(error = %cause, "ledger unavailable; nothing issued");

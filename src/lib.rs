@@ -32,6 +32,7 @@ pub mod error;
 pub mod issuer;
 pub mod jose;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod server;
 pub mod store;

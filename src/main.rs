@@ -97,6 +97,44 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Approve an access request (approvers).
+    Approve {
+        /// Access request id.
+        id: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Deny an access request (approvers).
+    Deny {
+        /// Access request id.
+        id: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List access requests; prints JSON lines.
+    Requests {
+        /// pending, to-review, mine, post-review.
+        #[arg(long, default_value = "to-review")]
+        filter: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// The non-human identity inventory (platform admin); prints JSON lines.
+    Inventory {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Audit ledger tools.
     Audit {
         #[command(subcommand)]
@@ -106,6 +144,36 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate the config and its Cedar policies against the schema; exits non-zero
+    /// with the error location.
+    Check {
+        /// The broker config (its [policy] section names the schema and policy files).
+        #[arg(long, default_value = "spiffe-broker-dev/config.toml")]
+        config: PathBuf,
+    },
+    /// Dry run: what policy would decide, and why. With --config, offline for any
+    /// --spiffe-id; otherwise asks the broker as the caller (ExplainDecision).
+    Explain {
+        /// Evaluate offline against this config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The requester to evaluate for (offline mode).
+        #[arg(long, requires = "config")]
+        spiffe_id: Option<String>,
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Ask the broker to reload its policy (platform admin).
+    Reload {
+        #[command(flatten)]
+        conn: ConnArgs,
     },
 }
 
@@ -187,8 +255,9 @@ struct ConnArgs {
     bundle: Option<PathBuf>,
 }
 
+/// What is asked for (shared by `request` and `policy explain`).
 #[derive(Args)]
-struct RequestArgs {
+struct SpecArgs {
     /// Profile name.
     #[arg(long)]
     profile: String,
@@ -204,6 +273,57 @@ struct RequestArgs {
     /// What you will do it to, e.g. queue/a100.
     #[arg(long, requires = "intent_action")]
     intent_target: Option<String>,
+    /// Digest of the artifact concerned, e.g. sha256:….
+    #[arg(long, requires = "intent_action")]
+    artifact_digest: Option<String>,
+    /// Change ticket.
+    #[arg(long, requires = "intent_action")]
+    ticket: Option<String>,
+    /// Why (mandatory for --break-glass).
+    #[arg(long, requires = "intent_action")]
+    justification: Option<String>,
+    /// On whose behalf (repeat for a delegation chain, nearest first).
+    #[arg(long = "on-behalf-of", requires = "intent_action")]
+    on_behalf_of: Vec<String>,
+    /// Break-glass: self-approve with --justification; capped TTL; reviewed afterwards.
+    #[arg(long)]
+    break_glass: bool,
+}
+
+impl SpecArgs {
+    fn to_pb(&self) -> Result<pb::IssueCredentialRequest, String> {
+        let intent = match (&self.intent_action, &self.intent_target) {
+            (Some(action), Some(target)) => Some(pb::Intent {
+                action: action.clone(),
+                target: target.clone(),
+                artifact_digest: self.artifact_digest.clone().unwrap_or_default(),
+                ticket: self.ticket.clone().unwrap_or_default(),
+                justification: self.justification.clone().unwrap_or_default(),
+                on_behalf_of: self.on_behalf_of.clone(),
+            }),
+            _ => None,
+        };
+        Ok(pb::IssueCredentialRequest {
+            profile: self.profile.clone(),
+            scopes: self.scopes.clone(),
+            ttl: duration_pb(&self.ttl)?,
+            intent,
+            break_glass: self.break_glass,
+            access_request_id: String::new(),
+        })
+    }
+}
+
+#[derive(Args)]
+struct RequestArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// If approval is required, wait until the request is decided, then print the credential.
+    #[arg(long)]
+    wait: bool,
+    /// Redeem this approved access request (send the same request as approved).
+    #[arg(long)]
+    access_request: Option<String>,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -254,14 +374,144 @@ fn lease_json(l: &pb::Lease) -> serde_json::Value {
         "credential_sha256": l.credential_sha256,
         "ended_at": t(&l.ended_at),
         "end_reason": if l.end_reason.is_empty() { None } else { Some(&l.end_reason) },
-        "intent": l.intent.as_ref().map(|i| json!({"action": i.action, "target": i.target})),
+        "intent": l.intent.as_ref().map(intent_json),
     })
+}
+
+fn state_name(state: i32) -> String {
+    pb::AccessRequestState::try_from(state)
+        .map(|s| s.as_str_name().trim_start_matches("ACCESS_REQUEST_STATE_").to_lowercase())
+        .unwrap_or_default()
+}
+
+fn access_request_json(r: &pb::AccessRequest) -> serde_json::Value {
+    let t = |ts: &Option<prost_types::Timestamp>| ts.as_ref().map(|t| rfc3339(t.seconds));
+    json!({
+        "id": r.id,
+        "state": state_name(r.state),
+        "requester": r.requester,
+        "profile": r.profile,
+        "scopes": r.scopes,
+        "intent": r.intent.as_ref().map(intent_json),
+        "approver_group": r.approver_group,
+        "threshold": r.threshold,
+        "approvals": r.approvals,
+        "created_at": t(&r.created_at),
+        "expires_at": t(&r.expires_at),
+        "break_glass": r.break_glass,
+        "post_review": if r.post_review.is_empty() { None } else { Some(&r.post_review) },
+        "lease_id": if r.lease_id.is_empty() { None } else { Some(&r.lease_id) },
+        "reviews": r.reviews.iter().map(|v| json!({
+            "reviewer": v.reviewer, "approve": v.approve, "reason": v.reason, "post_review": v.post_review,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn intent_json(i: &pb::Intent) -> serde_json::Value {
+    let mut v = json!({"action": i.action, "target": i.target});
+    for (k, val) in [("artifact_digest", &i.artifact_digest), ("ticket", &i.ticket), ("justification", &i.justification)] {
+        if !val.is_empty() {
+            v[k] = json!(val);
+        }
+    }
+    if !i.on_behalf_of.is_empty() {
+        v["on_behalf_of"] = json!(i.on_behalf_of);
+    }
+    v
+}
+
+async fn review(conn: &ConnArgs, id: String, approve: bool, reason: String) -> Result<(), String> {
+    let ch = channel(conn).await?;
+    let resp = pb::approvals_client::ApprovalsClient::new(ch)
+        .review_access_request(pb::ReviewAccessRequestRequest { id, approve, reason })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    let r = resp.access_request.ok_or("no access request in the response")?;
+    out!("{}", access_request_json(&r));
+    Ok(())
+}
+
+fn explanation_json(e: &pb::ExplainDecisionResponse) -> serde_json::Value {
+    json!({
+        "decision": e.decision,
+        "determining_policies": e.determining_policies,
+        "reason": if e.reason.is_empty() { None } else { Some(&e.reason) },
+        "violations": e.violations,
+        "missing_approvals": (e.decision == "require_approval").then(|| json!({
+            "group": e.approver_group,
+            "required": e.approvals_required,
+            "present": e.approvals_present,
+            "eligible": e.eligible_approvers,
+        })),
+        "granted_scopes": e.granted_scopes,
+        "granted_ttl": e.granted_ttl.as_ref().map(|d| spiffe_broker::clock::format_duration(Duration::from_secs(d.seconds.max(0) as u64))),
+        "policy_hash": e.policy_hash,
+    })
+}
+
+async fn policy_command(command: PolicyCommand) -> Result<(), String> {
+    match command {
+        PolicyCommand::Check { config } => {
+            let c = Config::load(&config).map_err(fail)?;
+            let p = spiffe_broker::policy::CedarPolicy::load(&c).map_err(|e| format!("policy refused:\n{e}"))?;
+            use spiffe_broker::policy::Policy as _;
+            out!(
+                "{}",
+                json!({"ok": true, "config": config, "schema": c.policy.schema, "files": c.policy.files, "policy_hash": p.hash()})
+            );
+            Ok(())
+        }
+        PolicyCommand::Explain {
+            config: Some(config),
+            spiffe_id,
+            spec,
+            ..
+        } => {
+            let c = Config::load(&config).map_err(fail)?;
+            let p = spiffe_broker::policy::CedarPolicy::load(&c).map_err(|e| format!("policy refused:\n{e}"))?;
+            let id = spiffe_id.ok_or("--spiffe-id is required with --config")?;
+            let id = spiffe::SpiffeId::new(&id).map_err(|e| format!("--spiffe-id: {e}"))?;
+            let req = spiffe_broker::api::parse_issue_request(&spec.to_pb()?).map_err(fail)?;
+            use spiffe_broker::clock::Clock as _;
+            let ctx = spiffe_broker::policy::RequestContext {
+                now: SystemClock.unix_seconds(),
+                auth_method: spiffe_broker::authn::AuthMethod::X509Svid,
+                break_glass: spec.break_glass,
+                approvals: Vec::new(),
+            };
+            let e = spiffe_broker::broker::explain_with(&p, &id, &req, &ctx);
+            out!("{}", explanation_json(&spiffe_broker::api::explanation_to_pb(&e)));
+            Ok(())
+        }
+        PolicyCommand::Explain { config: None, spec, conn, .. } => {
+            let ch = channel(&conn).await?;
+            let resp = pb::credential_broker_client::CredentialBrokerClient::new(ch)
+                .explain_decision(pb::ExplainDecisionRequest { request: Some(spec.to_pb()?) })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            out!("{}", explanation_json(&resp));
+            Ok(())
+        }
+        PolicyCommand::Reload { conn } => {
+            let ch = channel(&conn).await?;
+            let resp = pb::admin_client::AdminClient::new(ch)
+                .reload_policy(pb::ReloadPolicyRequest {})
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            out!("{}", json!({"ok": true, "policy_hash": resp.policy_hash}));
+            Ok(())
+        }
+    }
 }
 
 fn issued_json(
     c: Option<pb::Credential>,
     l: Option<pb::Lease>,
     r: Option<pb::AuditReceipt>,
+    ar: Option<pb::AccessRequest>,
 ) -> serde_json::Value {
     let mut out = l.as_ref().map(lease_json).unwrap_or_else(|| json!({}));
     if let Some(pb::credential::Kind::Token(t)) = c.and_then(|c| c.kind) {
@@ -275,7 +525,25 @@ fn issued_json(
     if let Some(r) = r {
         out["receipt"] = json!({"sequence": r.sequence, "entry_hash": r.entry_hash});
     }
+    if let Some(ar) = ar {
+        out["access_request"] = access_request_json(&ar);
+    }
     out
+}
+
+/// SIGHUP reloads the policy; a bad policy is refused and the old one stays in force.
+fn reload_on_sighup(broker: Arc<spiffe_broker::broker::Broker>) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match broker.reload_policy(None).await {
+                Ok(hash) => tracing::info!(policy_hash = %hash, "SIGHUP: policy reloaded"),
+                Err(e) => tracing::warn!(error = %e, "SIGHUP: policy reload refused"),
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {
@@ -296,11 +564,12 @@ async fn shutdown_signal() {
 
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Serve { config } => {
-            let config = Config::load(&config).map_err(fail)?;
-            let parts = server::assemble(&config, Arc::new(SystemClock))
+        Command::Serve { config: path } => {
+            let config = Config::load(&path).map_err(fail)?;
+            let parts = server::assemble(&config, Some(&path), Arc::new(SystemClock))
                 .await
                 .map_err(fail)?;
+            reload_on_sighup(parts.broker.clone());
             let grpc = tokio::net::TcpListener::bind(config.grpc_addr)
                 .await
                 .map_err(|e| format!("cannot listen on {}: {e}", config.grpc_addr))?;
@@ -359,9 +628,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                     svid_ttl: parse_duration(&args.svid_ttl)
                         .map_err(|e| format!("--svid-ttl: {e}"))?,
                     clock: Arc::new(SystemClock),
-                    config_overrides: String::new(),
+                    config: None,
                 };
                 let env = dev::start(opts).await.map_err(fail)?;
+                reload_on_sighup(env.broker.clone());
                 let dir = std::fs::canonicalize(&env.state_dir).unwrap_or(env.state_dir.clone());
                 out!("spiffe-broker dev");
                 out!("  state dir:     {}", dir.display());
@@ -396,24 +666,107 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         },
         Command::Request(a) => {
+            let mut req = a.spec.to_pb()?;
+            req.access_request_id = a.access_request.clone().unwrap_or_default();
             let ch = channel(&a.conn).await?;
-            let intent = match (a.intent_action, a.intent_target) {
-                (Some(action), Some(target)) => Some(pb::Intent { action, target }),
-                _ => None,
+            let mut client = pb::credential_broker_client::CredentialBrokerClient::new(ch);
+            let resp = client.issue_credential(req.clone()).await.map_err(status_msg)?.into_inner();
+            let Some(pending) = resp.access_request.clone().filter(|_| resp.credential.is_none()) else {
+                out!("{}", issued_json(resp.credential, resp.lease, resp.receipt, resp.access_request));
+                return Ok(());
             };
-            let resp = pb::credential_broker_client::CredentialBrokerClient::new(ch)
-                .issue_credential(pb::IssueCredentialRequest {
-                    profile: a.profile,
-                    scopes: a.scopes,
-                    ttl: duration_pb(&a.ttl)?,
-                    intent,
+            if !a.wait {
+                out!("{}", json!({"status": "pending", "access_request": access_request_json(&pending)}));
+                return Ok(());
+            }
+            eprintln!(
+                "waiting for {} approval(s) from {} on access request {} …",
+                pending.threshold, pending.approver_group, pending.id
+            );
+            let mut stream = client
+                .watch_access_request(pb::GetAccessRequestRequest { id: pending.id.clone() })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            let mut last = pending;
+            while let Some(next) = stream.message().await.map_err(status_msg)? {
+                last = next;
+                if last.state != pb::AccessRequestState::Pending as i32 {
+                    break;
+                }
+            }
+            if last.state != pb::AccessRequestState::Approved as i32 {
+                return Err(format!(
+                    "access request {} ended {}",
+                    last.id,
+                    state_name(last.state)
+                ));
+            }
+            req.access_request_id = last.id.clone();
+            let resp = client.issue_credential(req).await.map_err(status_msg)?.into_inner();
+            out!("{}", issued_json(resp.credential, resp.lease, resp.receipt, resp.access_request));
+            Ok(())
+        }
+        Command::Approve { id, reason, conn } => review(&conn, id, true, reason).await,
+        Command::Deny { id, reason, conn } => review(&conn, id, false, reason).await,
+        Command::Requests { filter, conn } => {
+            use pb::list_access_requests_request::Filter;
+            let filter = match filter.as_str() {
+                "pending" => Filter::Pending,
+                "to-review" => Filter::ToReview,
+                "mine" => Filter::Mine,
+                "post-review" => Filter::AwaitingPostReview,
+                other => return Err(format!("--filter: unknown filter {other:?} (pending, to-review, mine, post-review)")),
+            };
+            let ch = channel(&conn).await?;
+            let resp = pb::approvals_client::ApprovalsClient::new(ch)
+                .list_access_requests(pb::ListAccessRequestsRequest {
+                    filter: filter as i32,
+                    page_size: 0,
                 })
                 .await
                 .map_err(status_msg)?
                 .into_inner();
-            out!("{}", issued_json(resp.credential, resp.lease, resp.receipt));
+            for r in &resp.access_requests {
+                out!("{}", access_request_json(r));
+            }
             Ok(())
         }
+        Command::Inventory { conn } => {
+            let ch = channel(&conn).await?;
+            let resp = pb::admin_client::AdminClient::new(ch)
+                .list_identities(pb::ListIdentitiesRequest {})
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            for i in &resp.identities {
+                let t = |ts: &Option<prost_types::Timestamp>| ts.as_ref().map(|t| rfc3339(t.seconds));
+                out!(
+                    "{}",
+                    json!({
+                        "spiffe_id": i.spiffe_id,
+                        "registered": i.registered,
+                        "owner": i.owner,
+                        "environment": i.environment,
+                        "roles": i.roles,
+                        "approver_groups": i.approver_groups,
+                        "may": i.paths.iter().map(|p| json!({
+                            "action": p.action, "resource": p.resource, "policy": p.policy,
+                            "conditional": p.conditional,
+                            "approvals": (p.approvals > 0).then(|| json!({"group": p.approval_group, "count": p.approvals})),
+                        })).collect::<Vec<_>>(),
+                        "active_leases": i.active_leases,
+                        "issued": i.issued,
+                        "denied": i.denied,
+                        "last_seen": t(&i.last_seen),
+                        "last_issued": t(&i.last_issued),
+                        "flags": i.flags,
+                    })
+                );
+            }
+            Ok(())
+        }
+        Command::Policy { command } => policy_command(command).await,
         Command::Renew { lease, ttl, conn } => {
             let ch = channel(&conn).await?;
             let resp = pb::credential_broker_client::CredentialBrokerClient::new(ch)
@@ -424,7 +777,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_msg)?
                 .into_inner();
-            out!("{}", issued_json(resp.credential, resp.lease, resp.receipt));
+            out!("{}", issued_json(resp.credential, resp.lease, resp.receipt, None));
             Ok(())
         }
         Command::Release { lease, conn } => {
@@ -434,7 +787,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_msg)?
                 .into_inner();
-            out!("{}", issued_json(None, resp.lease, resp.receipt));
+            out!("{}", issued_json(None, resp.lease, resp.receipt, None));
             Ok(())
         }
         Command::Revoke {

@@ -23,6 +23,8 @@ pub struct Metrics {
     batch_size: Histogram,
     /// Batches that failed to commit.
     pub ledger_failures: Counter,
+    /// Break-glass issuances (each one is also loud in the log and the ledger).
+    pub break_glass: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -53,6 +55,8 @@ impl Metrics {
         let commit_seconds = latency_histogram();
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let ledger_failures = Counter::default();
+        let break_glass = Counter::default();
+        registry.register("break_glass_issuances", "Credentials issued under break-glass, awaiting post-review", break_glass.clone());
         registry.register(
             "credentials_issued",
             "Credentials issued (including renewals)",
@@ -97,6 +101,7 @@ impl Metrics {
             commit_seconds,
             batch_size,
             ledger_failures,
+            break_glass,
         }
     }
 

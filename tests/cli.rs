@@ -274,6 +274,7 @@ async fn serve_with_a_config_file_gets_its_identity_from_the_workload_api() {
         spiffe_broker::dev::demo_config(&state, grpc, http).replace(&own_socket, &dev_socket);
     assert!(text.contains(&dev_socket));
     std::fs::write(&config, text).expect("config");
+    spiffe_broker::dev::write_demo_policy(&state).expect("policy files");
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
@@ -313,7 +314,7 @@ async fn serve_with_a_config_file_gets_its_identity_from_the_workload_api() {
                 "--intent-action",
                 "a",
                 "--intent-target",
-                "b",
+                "queue/b",
                 "--broker",
                 &grpc_addr,
             ],

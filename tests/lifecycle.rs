@@ -67,9 +67,8 @@ async fn issue_verify_renew_release() {
     assert_eq!(issue_entry["credential_sha256"], lease.credential_sha256);
     assert_eq!(issue_entry["caller"], DEPLOY_AGENT);
     assert_eq!(issue_entry["auth_method"], "x509-svid");
-    assert!(issue_entry["rule"]
-        .as_str()
-        .is_some_and(|r| r.contains("gpu-scheduler-submit")));
+    assert_eq!(issue_entry["rule"], "gpu-provisioning/submit", "the determining Cedar policy");
+    assert_eq!(issue_entry["policy_hash"].as_str().map(str::len), Some(64));
 
     // Renew: later expiry, fresh token, same lease id.
     h.clock.advance(Duration::from_secs(120));
@@ -342,9 +341,7 @@ async fn over_asks_and_strangers_are_refused_with_the_reason() {
         (
             pb::IssueCredentialRequest {
                 profile: "dataset-read".into(),
-                scopes: vec![],
-                intent: None,
-                ttl: None,
+                ..Default::default()
             },
             Code::PermissionDenied,
             "may not request",

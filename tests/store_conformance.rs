@@ -45,6 +45,8 @@ async fn issue(store: &dyn Store, l: Lease) -> Lease {
         .apply(LedgerOp::Issue {
             lease: l,
             event: ev(EventKind::Issue, Some(&id)),
+            max_active: None,
+            break_glass: None,
         })
         .await
         .expect("issue commits")
@@ -234,6 +236,8 @@ async fn conformance(store: Arc<dyn Store>) {
             st.apply(LedgerOp::Issue {
                 lease: l,
                 event: ev(EventKind::Issue, Some(&id)),
+            max_active: None,
+            break_glass: None,
             })
             .await
             .expect("commit")
@@ -286,6 +290,8 @@ async fn sqlite_store_conforms() {
         .apply(LedgerOp::Issue {
             lease: l,
             event: ev(EventKind::Issue, Some(&id)),
+            max_active: None,
+            break_glass: None,
         })
         .await
         .expect("commit after restart");

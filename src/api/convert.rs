@@ -5,9 +5,10 @@ use std::collections::BTreeSet;
 use prost_types::Timestamp;
 
 use super::DEFAULT_PAGE_SIZE;
+use crate::broker::{Explanation, InventoryEntry};
 use crate::domain::{
-    parse_ttl, CredentialRequest, Intent, Lease, LeaseFilter, LeaseId, LeaseState, ProfileName,
-    RevokeSelector, Scope,
+    parse_ttl, AccessRequest, AccessState, CredentialRequest, Intent, Lease, LeaseFilter, LeaseId, LeaseState,
+    ProfileName, RevokeSelector, Scope, Verdict,
 };
 use crate::error::BrokerError;
 use crate::issuer::Credential;
@@ -38,7 +39,12 @@ pub fn parse_issue_request(
     let intent = match &r.intent {
         None => None,
         Some(i) if i.action.is_empty() && i.target.is_empty() => None,
-        Some(i) => Some(Intent::parse(&i.action, &i.target)?),
+        Some(i) => Some(Intent::parse(&i.action, &i.target)?.with_details(
+            &i.artifact_digest,
+            &i.ticket,
+            &i.justification,
+            &i.on_behalf_of,
+        )?),
     };
     Ok(CredentialRequest {
         profile,
@@ -140,10 +146,116 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
         renewals: l.renewals,
         ended_at: l.ended_at.and_then(ts),
         end_reason: l.end_reason.clone().unwrap_or_default(),
-        intent: l.intent.as_ref().map(|i| pb::Intent {
-            action: i.action.clone(),
-            target: i.target.clone(),
+        intent: l.intent.as_ref().map(intent_to_pb),
+    }
+}
+
+/// An intent as the API shows it.
+pub fn intent_to_pb(i: &Intent) -> pb::Intent {
+    pb::Intent {
+        action: i.action.clone(),
+        target: i.target.clone(),
+        artifact_digest: i.artifact_digest.clone().unwrap_or_default(),
+        ticket: i.ticket.clone().unwrap_or_default(),
+        justification: i.justification.clone().unwrap_or_default(),
+        on_behalf_of: i.on_behalf_of.clone(),
+    }
+}
+
+/// An access request as the API shows it.
+pub fn access_request_to_pb(a: &AccessRequest) -> pb::AccessRequest {
+    pb::AccessRequest {
+        id: a.id.clone(),
+        requester: a.requester.clone(),
+        profile: a.profile.to_string(),
+        scopes: a.request.scopes.clone(),
+        ttl: a.request.ttl_secs.map(|s| prost_types::Duration {
+            seconds: s as i64,
+            nanos: 0,
         }),
+        intent: a.request.intent.as_ref().map(intent_to_pb),
+        request_digest: a.digest.clone(),
+        approver_group: a.group.clone(),
+        threshold: a.threshold,
+        approvals: a.approvers().len() as u32,
+        state: match a.state {
+            AccessState::Pending => pb::AccessRequestState::Pending,
+            AccessState::Approved => pb::AccessRequestState::Approved,
+            AccessState::Denied => pb::AccessRequestState::Denied,
+            AccessState::Expired => pb::AccessRequestState::Expired,
+            AccessState::Issued => pb::AccessRequestState::Issued,
+        } as i32,
+        created_at: ts(a.created_at),
+        expires_at: ts(a.expires_at),
+        break_glass: a.break_glass,
+        post_review: a.post_review.clone().unwrap_or_default(),
+        lease_id: a.lease_id.clone().unwrap_or_default(),
+        reviews: a
+            .reviews
+            .iter()
+            .map(|r| pb::Review {
+                reviewer: r.reviewer.clone(),
+                approve: r.verdict == Verdict::Approve,
+                reason: r.reason.clone(),
+                at: ts(r.at),
+                post_review: r.post_review,
+            })
+            .collect(),
+    }
+}
+
+/// A dry-run decision as the API shows it.
+pub fn explanation_to_pb(e: &Explanation) -> pb::ExplainDecisionResponse {
+    let (scopes, ttl) = e.grant.clone().unwrap_or_default();
+    pb::ExplainDecisionResponse {
+        decision: e.decision.to_owned(),
+        determining_policies: e.policies.clone(),
+        reason: e.reason.clone().unwrap_or_default(),
+        violations: e.violations.clone(),
+        approver_group: e.missing.as_ref().map(|m| m.group.clone()).unwrap_or_default(),
+        approvals_required: e.missing.as_ref().map_or(0, |m| m.threshold),
+        approvals_present: e.missing.as_ref().map_or(0, |m| m.have),
+        eligible_approvers: e.missing.as_ref().map(|m| m.eligible.clone()).unwrap_or_default(),
+        granted_scopes: scopes,
+        granted_ttl: e.grant.as_ref().map(|_| prost_types::Duration {
+            seconds: ttl.as_secs() as i64,
+            nanos: 0,
+        }),
+        policy_hash: e.policy_hash.clone(),
+    }
+}
+
+/// An inventory row as the API shows it.
+pub fn identity_to_pb(i: &InventoryEntry) -> pb::Identity {
+    let ms = |v: Option<i64>| v.map(|ms| Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    });
+    pb::Identity {
+        spiffe_id: i.spiffe_id.clone(),
+        registered: i.registered,
+        owner: i.owner.clone(),
+        environment: i.environment.clone(),
+        roles: i.roles.clone(),
+        approver_groups: i.approver_groups.clone(),
+        paths: i
+            .paths
+            .iter()
+            .map(|p| pb::AccessPath {
+                action: p.action.clone(),
+                resource: p.resource.clone(),
+                policy: p.policy.clone(),
+                conditional: p.conditional,
+                approval_group: p.approvals.as_ref().map(|a| a.0.clone()).unwrap_or_default(),
+                approvals: p.approvals.as_ref().map_or(0, |a| a.1),
+            })
+            .collect(),
+        active_leases: i.active_leases,
+        issued: i.issued,
+        denied: i.denied,
+        last_seen: ms(i.last_seen_ms),
+        last_issued: ms(i.last_issued_ms),
+        flags: i.flags.clone(),
     }
 }
 

@@ -9,13 +9,14 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::authn::TransportFacts;
-use crate::broker::Broker;
+use crate::broker::{Broker, IssueOptions, IssueOutcome, RequestListing};
+use crate::domain::Verdict;
 use crate::domain::LeaseId;
 use crate::error::{to_status, BrokerError};
 use crate::proto::v1 as pb;
 use crate::server::tls::PeerInfo;
 
-pub use convert::{lease_to_pb, parse_issue_request};
+pub use convert::{access_request_to_pb, explanation_to_pb, lease_to_pb, parse_issue_request};
 
 /// Pulls the authentication facts out of a request.
 fn facts<T>(req: &Request<T>) -> TransportFacts<'_> {
@@ -41,6 +42,19 @@ pub struct CredentialBrokerService {
 #[derive(Clone)]
 pub struct AdminService {
     broker: Arc<Broker>,
+}
+
+/// `spiffe_broker.v1.Approvals`.
+#[derive(Clone)]
+pub struct ApprovalsService {
+    broker: Arc<Broker>,
+}
+
+impl ApprovalsService {
+    /// Serves `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
 }
 
 impl CredentialBrokerService {
@@ -92,15 +106,44 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
         let b = &self.broker;
         rpc(b, "IssueCredential", async {
             let caller = b.authenticate(facts(&request), "IssueCredential").await?;
-            let req = match parse_issue_request(request.get_ref()) {
-                Ok(r) => r,
+            let r = request.get_ref();
+            let parsed = parse_issue_request(r).and_then(|req| {
+                let id = if r.access_request_id.is_empty() {
+                    None
+                } else {
+                    Some(LeaseId::parse(&r.access_request_id)?.to_string())
+                };
+                Ok((req, id))
+            });
+            let (req, access_request_id) = match parsed {
+                Ok(v) => v,
                 Err(e) => return Err(b.reject(&caller, "IssueCredential", e).await),
             };
-            let (credential, lease, receipt) = issued_to_pb(b.issue(&caller, req).await?);
-            Ok(pb::IssueCredentialResponse {
-                credential,
-                lease,
-                receipt,
+            let opts = IssueOptions {
+                break_glass: r.break_glass,
+                access_request_id,
+            };
+            Ok(match b.issue(&caller, req, opts).await? {
+                IssueOutcome::Issued(i) => {
+                    let access_request = i.access_request.as_ref().map(access_request_to_pb);
+                    let (credential, lease, receipt) = issued_to_pb(*i);
+                    pb::IssueCredentialResponse {
+                        credential,
+                        lease,
+                        receipt,
+                        access_request,
+                    }
+                }
+                IssueOutcome::Pending(ar, need) => {
+                    let mut pending = access_request_to_pb(&ar);
+                    pending.approvals = need.have;
+                    pb::IssueCredentialResponse {
+                        credential: None,
+                        lease: None,
+                        receipt: None,
+                        access_request: Some(pending),
+                    }
+                }
             })
         })
         .await
@@ -154,10 +197,180 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
         })
         .await
     }
+
+    type WatchAccessRequestStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::AccessRequest, Status>> + Send>>;
+
+    async fn get_access_request(
+        &self,
+        request: Request<pb::GetAccessRequestRequest>,
+    ) -> Result<Response<pb::AccessRequest>, Status> {
+        let b = &self.broker;
+        rpc(b, "GetAccessRequest", async {
+            let caller = b.authenticate(facts(&request), "GetAccessRequest").await?;
+            let id = match LeaseId::parse(&request.get_ref().id) {
+                Ok(id) => id,
+                Err(e) => return Err(b.reject(&caller, "GetAccessRequest", e).await),
+            };
+            Ok(access_request_to_pb(&b.access_request(&caller, id.as_str()).await?))
+        })
+        .await
+    }
+
+    async fn watch_access_request(
+        &self,
+        request: Request<pb::GetAccessRequestRequest>,
+    ) -> Result<Response<Self::WatchAccessRequestStream>, Status> {
+        let b = self.broker.clone();
+        let caller = b.authenticate(facts(&request), "WatchAccessRequest").await.map_err(to_status)?;
+        let id = match LeaseId::parse(&request.get_ref().id) {
+            Ok(id) => id.to_string(),
+            Err(e) => return Err(to_status(b.reject(&caller, "WatchAccessRequest", e).await)),
+        };
+        let first = b.access_request(&caller, &id).await.map_err(to_status)?;
+        let mut changes = b.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(access_request_to_pb(&last))).await.is_err() {
+                return;
+            }
+            // Changes on this replica arrive at once; the periodic re-read covers
+            // other replicas and missed notifications.
+            let mut tick = tokio::time::interval(WATCH_POLL);
+            while !last.state.is_final() {
+                tokio::select! {
+                    _ = changes.recv() => {}
+                    _ = tick.tick() => {}
+                    _ = tx.closed() => return,
+                }
+                match b.access_request(&caller, &id).await {
+                    Ok(now) if now != last => {
+                        last = now;
+                        if tx.send(Ok(access_request_to_pb(&last))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn explain_decision(
+        &self,
+        request: Request<pb::ExplainDecisionRequest>,
+    ) -> Result<Response<pb::ExplainDecisionResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "ExplainDecision", async {
+            let caller = b.authenticate(facts(&request), "ExplainDecision").await?;
+            let inner = request.get_ref().request.clone().unwrap_or_default();
+            let req = match parse_issue_request(&inner) {
+                Ok(r) => r,
+                Err(e) => return Err(b.reject(&caller, "ExplainDecision", e).await),
+            };
+            Ok(convert::explanation_to_pb(&b.explain(&caller, &req, inner.break_glass)))
+        })
+        .await
+    }
+}
+
+/// How often a watch re-reads its access request when nothing was announced.
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[tonic::async_trait]
+impl pb::approvals_server::Approvals for ApprovalsService {
+    async fn list_access_requests(
+        &self,
+        request: Request<pb::ListAccessRequestsRequest>,
+    ) -> Result<Response<pb::ListAccessRequestsResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "ListAccessRequests", async {
+            let caller = b.authenticate(facts(&request), "ListAccessRequests").await?;
+            let r = request.get_ref();
+            use pb::list_access_requests_request::Filter;
+            let listing = match Filter::try_from(r.filter) {
+                Ok(Filter::Unspecified | Filter::Pending) => RequestListing::Pending,
+                Ok(Filter::ToReview) => RequestListing::ToReview,
+                Ok(Filter::Mine) => RequestListing::Mine,
+                Ok(Filter::AwaitingPostReview) => RequestListing::AwaitingPostReview,
+                Err(_) => {
+                    return Err(b
+                        .reject(&caller, "ListAccessRequests", BrokerError::InvalidArgument("unknown filter".into()))
+                        .await)
+                }
+            };
+            if r.page_size > 1000 {
+                return Err(b
+                    .reject(&caller, "ListAccessRequests", BrokerError::InvalidArgument("page_size must be at most 1000".into()))
+                    .await);
+            }
+            let limit = if r.page_size == 0 { DEFAULT_PAGE_SIZE } else { r.page_size };
+            let rows = b.access_requests(&caller, listing, limit).await?;
+            Ok(pb::ListAccessRequestsResponse {
+                access_requests: rows.iter().map(access_request_to_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn review_access_request(
+        &self,
+        request: Request<pb::ReviewAccessRequestRequest>,
+    ) -> Result<Response<pb::ReviewAccessRequestResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "ReviewAccessRequest", async {
+            let caller = b.authenticate(facts(&request), "ReviewAccessRequest").await?;
+            let r = request.get_ref();
+            let id = match LeaseId::parse(&r.id) {
+                Ok(id) => id,
+                Err(e) => return Err(b.reject(&caller, "ReviewAccessRequest", e).await),
+            };
+            let verdict = if r.approve { Verdict::Approve } else { Verdict::Deny };
+            let ar = b.review(&caller, id.as_str(), verdict, r.reason.clone()).await?;
+            Ok(pb::ReviewAccessRequestResponse {
+                access_request: Some(access_request_to_pb(&ar)),
+            })
+        })
+        .await
+    }
 }
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn list_identities(
+        &self,
+        request: Request<pb::ListIdentitiesRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "ListIdentities", async {
+            let caller = b.authenticate(facts(&request), "ListIdentities").await?;
+            let rows = b.inventory(&caller).await?;
+            Ok(pb::ListIdentitiesResponse {
+                identities: rows.iter().map(convert::identity_to_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn reload_policy(
+        &self,
+        request: Request<pb::ReloadPolicyRequest>,
+    ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "ReloadPolicy", async {
+            let caller = b.authenticate(facts(&request), "ReloadPolicy").await?;
+            let policy_hash = b.reload_policy(Some(&caller)).await?;
+            Ok(pb::ReloadPolicyResponse { policy_hash })
+        })
+        .await
+    }
+
     async fn revoke(
         &self,
         request: Request<pb::RevokeRequest>,

@@ -1,25 +1,35 @@
 //! The `Policy` seam: a pure function of (caller, request, context) → [`Decision`].
 //!
-//! This version decides from the profiles' static allow-lists and ceilings. The seam is
-//! what request-time policy engines plug into; the rest of the broker only sees
-//! decisions, deciding rule ids and the policy hash.
+//! Request-time policy is Cedar (`cedar.rs`): entities (workloads with owner, environment,
+//! roles and approver groups; profiles; the broker) come from the config, policies from
+//! `.cedar` files validated against `policy/schema.cedarschema`. The profile ceiling
+//! (scopes, TTL, intent) is checked here in Rust before Cedar sees the request, so no
+//! policy can widen a grant beyond it.
 
-use std::collections::BTreeSet;
+mod cedar;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use spiffe::SpiffeId;
 
-use crate::authn::VerifiedCaller;
-use crate::clock::format_duration;
-use crate::config::{Config, Profile};
+use crate::authn::AuthMethod;
+use crate::config::{Identity, Profile};
 use crate::domain::{CredentialRequest, Intent, Scope};
+
+pub use cedar::{CedarPolicy, PolicyError};
 
 /// Facts about the request that are not the request itself.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     /// Request time (Unix seconds).
     pub now: i64,
+    /// How the caller authenticated.
+    pub auth_method: AuthMethod,
+    /// The caller invokes break-glass (self-approval with a justification).
+    pub break_glass: bool,
+    /// SPIFFE IDs that approved this exact request so far.
+    pub approvals: Vec<String>,
 }
 
 /// What policy granted: exactly the request, within the profile's ceiling.
@@ -27,15 +37,36 @@ pub struct RequestContext {
 pub struct Grant {
     /// The profile.
     pub profile: Arc<Profile>,
-    /// Granted scopes (the request's, or the profile default when it named none).
+    /// Granted scopes (rendered through the profile's scope template, if any).
     pub scopes: Vec<Scope>,
     /// Granted TTL.
     pub ttl: Duration,
     /// The stated intent, carried into the credential.
     pub intent: Option<Intent>,
-    /// The rule that allowed it (recorded as the approver for now).
+    /// The determining policy ids.
     pub rule: String,
-    /// Hash of the policy in force.
+    /// Hash of the policy set in force.
+    pub policy_hash: String,
+    /// Approvers whose approvals counted (distinct, never the requester).
+    pub approvers: Vec<String>,
+    /// Granted under break-glass.
+    pub break_glass: bool,
+}
+
+/// What an access request still needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalNeed {
+    /// The approver group.
+    pub group: String,
+    /// Approvals required.
+    pub threshold: u32,
+    /// Valid approvals collected so far.
+    pub have: u32,
+    /// Members who may approve (the requester excluded).
+    pub eligible: Vec<String>,
+    /// The determining policy.
+    pub rule: String,
+    /// Hash of the policy set in force.
     pub policy_hash: String,
 }
 
@@ -48,6 +79,8 @@ pub enum DenialKind {
     OverAsk,
     /// No such profile.
     UnknownProfile,
+    /// The caller's SPIFFE ID is not in the inventory.
+    Unregistered,
 }
 
 /// A refusal with its reason and deciding rule.
@@ -57,8 +90,10 @@ pub struct Denial {
     pub kind: DenialKind,
     /// Human-readable reason naming what was refused.
     pub reason: String,
-    /// Deciding rule, if a specific one refused.
+    /// Deciding rule(s), if specific ones refused.
     pub rule: Option<String>,
+    /// Every part of the request beyond the ceiling (for `ExplainDecision`).
+    pub violations: Vec<String>,
 }
 
 /// The outcome of a policy evaluation.
@@ -68,195 +103,63 @@ pub enum Decision {
     Allow(Grant),
     /// Refuse.
     Deny(Denial),
+    /// Policy permits it once enough approvers have approved.
+    RequireApproval(Grant, ApprovalNeed),
 }
 
-/// Operator actions guarded by the admin role.
+/// Operator actions guarded by policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminAction {
-    /// `Admin.Revoke`.
+    /// `Admin.Revoke` (Cedar action `revoke`).
     Revoke,
-    /// `Admin.ListLeases`.
+    /// `Admin.ListLeases` (Cedar action `administer`).
     ListLeases,
+    /// `Admin.ListIdentities` (`administer`).
+    ListIdentities,
+    /// `Admin.ReloadPolicy` (`administer`).
+    ReloadPolicy,
+}
+
+/// A way an identity can act, read off the policies' scopes (conditions not evaluated).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AccessPath {
+    /// `issue`, `review`, `revoke` or `administer`.
+    pub action: String,
+    /// The profile (or `broker`, or `*`).
+    pub resource: String,
+    /// The permit policy granting it.
+    pub policy: String,
+    /// The policy has `when`/`unless` conditions.
+    pub conditional: bool,
+    /// Approvals it requires: (group, count).
+    pub approvals: Option<(String, u32)>,
 }
 
 /// The policy seam.
 ///
 /// Contract: pure and deterministic (no I/O, no clock reads: time comes in the
-/// context); deny by default; a grant never exceeds the request or the profile ceiling.
+/// context); deny by default, and an unregistered caller is always denied; a grant never
+/// exceeds the request or the profile ceiling; the requester never counts as its own
+/// approver.
 pub trait Policy: Send + Sync + 'static {
     /// Decides a credential request.
-    fn decide(
-        &self,
-        caller: &VerifiedCaller,
-        request: &CredentialRequest,
-        ctx: &RequestContext,
-    ) -> Decision;
-    /// Decides whether a caller may perform an admin action; `Ok` carries the rule id.
-    fn authorize_admin(
-        &self,
-        caller: &VerifiedCaller,
-        action: AdminAction,
-    ) -> Result<String, Denial>;
-    /// A profile by name (for renewals, which re-check the ceiling).
+    fn decide(&self, caller: &SpiffeId, request: &CredentialRequest, ctx: &RequestContext) -> Decision;
+    /// Whether a caller may perform an operator action; `Ok` carries the rule id.
+    fn authorize_admin(&self, caller: &SpiffeId, action: AdminAction) -> Result<String, Denial>;
+    /// Whether `reviewer` may review requests for `profile`; `Ok` carries the rule id.
+    fn authorize_review(&self, reviewer: &SpiffeId, profile: &str) -> Result<String, Denial>;
+    /// A profile by name.
     fn profile(&self, name: &str) -> Option<Arc<Profile>>;
-    /// Hash identifying the policy in force.
+    /// All profiles.
+    fn profiles(&self) -> Vec<Arc<Profile>>;
+    /// The registered identities.
+    fn identities(&self) -> &[Identity];
+    /// Members of an approver group.
+    fn group_members(&self, group: &str) -> Vec<String>;
+    /// The approver groups an identity belongs to.
+    fn groups_of(&self, id: &SpiffeId) -> Vec<String>;
+    /// Every permit path of an identity (who may request, approve and revoke what).
+    fn paths(&self, id: &SpiffeId) -> Vec<AccessPath>;
+    /// Hash identifying the policy set in force (schema, policies, entities).
     fn hash(&self) -> &str;
-}
-
-/// Policy from the config's profile allow-lists and the admin list.
-#[derive(Debug)]
-pub struct StaticPolicy {
-    profiles: Vec<Arc<Profile>>,
-    admins: Vec<SpiffeId>,
-    hash: String,
-}
-
-impl StaticPolicy {
-    /// Compiles the policy from the config.
-    pub fn from_config(config: &Config) -> Self {
-        let canonical = serde_json::json!({
-            "admins": config.admins.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "profiles": config.profiles.iter().map(|p| serde_json::json!({
-                "name": p.name.as_str(),
-                "kind": format!("{:?}", p.kind),
-                "audience": p.audience,
-                "scopes": p.scopes,
-                "default_scopes": p.default_scopes,
-                "max_ttl": p.max_ttl.as_secs(),
-                "default_ttl": p.default_ttl.as_secs(),
-                "require_intent": p.require_intent,
-                "allow": p.allow.iter().map(|r| r.text()).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        });
-        let digest = ring::digest::digest(&ring::digest::SHA256, canonical.to_string().as_bytes());
-        Self {
-            profiles: config.profiles.iter().cloned().map(Arc::new).collect(),
-            admins: config.admins.clone(),
-            hash: hex::encode(digest.as_ref()),
-        }
-    }
-}
-
-fn deny(kind: DenialKind, reason: String, rule: Option<String>) -> Decision {
-    Decision::Deny(Denial { kind, reason, rule })
-}
-
-impl Policy for StaticPolicy {
-    fn decide(
-        &self,
-        caller: &VerifiedCaller,
-        request: &CredentialRequest,
-        _ctx: &RequestContext,
-    ) -> Decision {
-        let Some(profile) = self.profile(request.profile.as_str()) else {
-            return deny(
-                DenialKind::UnknownProfile,
-                format!("unknown profile {:?}", request.profile.as_str()),
-                None,
-            );
-        };
-        let rule_base = format!("profile:{}", profile.name);
-        let Some(rule) = profile.allow.iter().find(|r| r.matches(caller.spiffe_id())) else {
-            return deny(
-                DenialKind::NotPermitted,
-                format!(
-                    "{} may not request profile {:?}",
-                    caller.spiffe_id(),
-                    profile.name.as_str()
-                ),
-                Some(format!("{rule_base}/allow")),
-            );
-        };
-        if profile.require_intent && request.intent.is_none() {
-            return deny(
-                DenialKind::OverAsk,
-                format!(
-                    "profile {:?} requires a stated intent (action and target)",
-                    profile.name.as_str()
-                ),
-                Some(format!("{rule_base}/require_intent")),
-            );
-        }
-        let scopes: BTreeSet<Scope> = if request.scopes.is_empty() {
-            if profile.default_scopes.is_empty() {
-                return deny(
-                    DenialKind::OverAsk,
-                    format!(
-                        "profile {:?} has no default scopes; name at least one",
-                        profile.name.as_str()
-                    ),
-                    Some(format!("{rule_base}/scopes")),
-                );
-            }
-            profile.default_scopes.clone()
-        } else {
-            request.scopes.clone()
-        };
-        let beyond: Vec<&str> = scopes
-            .difference(&profile.scopes)
-            .map(|s| s.as_str())
-            .collect();
-        if !beyond.is_empty() {
-            return deny(
-                DenialKind::NotPermitted,
-                format!(
-                    "scope {} exceeds the ceiling of profile {:?}",
-                    beyond.join(", "),
-                    profile.name.as_str()
-                ),
-                Some(format!("{rule_base}/scopes")),
-            );
-        }
-        let ttl = request.ttl.unwrap_or(profile.default_ttl);
-        if ttl > profile.max_ttl {
-            return deny(
-                DenialKind::OverAsk,
-                format!(
-                    "ttl {} exceeds the max_ttl {} of profile {:?}",
-                    format_duration(ttl),
-                    format_duration(profile.max_ttl),
-                    profile.name.as_str()
-                ),
-                Some(format!("{rule_base}/max_ttl")),
-            );
-        }
-        Decision::Allow(Grant {
-            scopes: scopes.into_iter().collect(),
-            ttl,
-            intent: request.intent.clone(),
-            rule: format!("{rule_base}/allow:{}", rule.text()),
-            policy_hash: self.hash.clone(),
-            profile,
-        })
-    }
-
-    fn authorize_admin(
-        &self,
-        caller: &VerifiedCaller,
-        action: AdminAction,
-    ) -> Result<String, Denial> {
-        if self.admins.iter().any(|a| a == caller.spiffe_id()) {
-            Ok(format!("admins:{}", caller.spiffe_id()))
-        } else {
-            Err(Denial {
-                kind: DenialKind::NotPermitted,
-                reason: format!(
-                    "{} is not a platform admin ({action:?} refused)",
-                    caller.spiffe_id()
-                ),
-                rule: Some("admins".into()),
-            })
-        }
-    }
-
-    fn profile(&self, name: &str) -> Option<Arc<Profile>> {
-        self.profiles
-            .iter()
-            .find(|p| p.name.as_str() == name)
-            .cloned()
-    }
-
-    fn hash(&self) -> &str {
-        &self.hash
-    }
 }

@@ -12,7 +12,7 @@ use spiffe::{JwtSource, X509Source};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{AdminService, CredentialBrokerService};
+use crate::api::{AdminService, ApprovalsService, CredentialBrokerService};
 use crate::authn::{SpiffeAuthenticator, WorkloadTrust};
 use crate::broker::Broker;
 use crate::clock::Clock;
@@ -20,8 +20,10 @@ use crate::config::Config;
 use crate::crypto::KeyRing;
 use crate::issuer::JwtIssuer;
 use crate::metrics::Metrics;
-use crate::policy::StaticPolicy;
+use crate::notify::{Notifier, WebhookConfig};
+use crate::policy::{CedarPolicy, Policy};
 use crate::proto::v1::admin_server::AdminServer;
+use crate::proto::v1::approvals_server::ApprovalsServer;
 use crate::proto::v1::credential_broker_server::CredentialBrokerServer;
 use crate::store::SqliteStore;
 
@@ -54,7 +56,12 @@ const WORKLOAD_API_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Builds the broker from its config: its own SVID and bundles from the Workload API,
 /// the signing keys and ledger from the state dir.
-pub async fn assemble(config: &Config, clock: Arc<dyn Clock>) -> Result<BrokerParts, ServeError> {
+/// `config_path`, when given, is re-read on policy reloads (`Admin.ReloadPolicy`, SIGHUP).
+pub async fn assemble(
+    config: &Config,
+    config_path: Option<&std::path::Path>,
+    clock: Arc<dyn Clock>,
+) -> Result<BrokerParts, ServeError> {
     let endpoint = match &config.workload_api_socket {
         Some(e) => e.clone(),
         None => std::env::var("SPIFFE_ENDPOINT_SOCKET").map_err(|_| {
@@ -112,14 +119,41 @@ pub async fn assemble(config: &Config, clock: Arc<dyn Clock>) -> Result<BrokerPa
         config.jwt_clock_skew,
     );
     let issuer = JwtIssuer::new(keys.clone(), config.issuer_url.clone());
-    let broker = Arc::new(Broker::new(
+    let policy = CedarPolicy::load(config).map_err(|e| ServeError(format!("policy refused:\n{e}")))?;
+    let notifier = match &config.notifications {
+        None => Notifier::noop(),
+        Some(n) => {
+            let key = std::fs::read(&n.hmac_key_file)
+                .map_err(|e| ServeError(format!("cannot read {}: {e}", n.hmac_key_file.display())))?;
+            let key: Vec<u8> = String::from_utf8_lossy(&key).trim().as_bytes().to_vec();
+            Notifier::spawn(Some(WebhookConfig {
+                url: n.webhook_url.clone(),
+                hmac_key: key,
+                timeout: Duration::from_secs(5),
+            }))
+            .map_err(|e| ServeError(format!("notifications: {e}")))?
+        }
+    };
+    let loader = config_path.map(|path| {
+        let path = path.to_owned();
+        Box::new(move || -> Result<Arc<dyn Policy>, String> {
+            let c = Config::load(&path).map_err(|e| e.to_string())?;
+            Ok(Arc::new(CedarPolicy::load(&c).map_err(|e| e.to_string())?) as Arc<dyn Policy>)
+        }) as crate::broker::PolicyLoader
+    });
+    let mut broker = Broker::new(
         Arc::new(authn),
-        Arc::new(StaticPolicy::from_config(config)),
+        Arc::new(policy),
         vec![Arc::new(issuer)],
         Arc::new(store),
         clock,
         metrics.clone(),
-    ));
+    )
+    .with_notifier(notifier);
+    if let Some(l) = loader {
+        broker = broker.with_loader(l);
+    }
+    let broker = Arc::new(broker);
     let tls = tls::server_config(x509.clone()).map_err(ServeError)?;
     let ready_source = x509.clone();
     Ok(BrokerParts {
@@ -159,6 +193,7 @@ pub async fn run(
         .set_serving::<CredentialBrokerServer<CredentialBrokerService>>()
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    health.set_serving::<ApprovalsServer<ApprovalsService>>().await;
 
     let broker = parts.broker.clone();
     let reaper = {
@@ -192,6 +227,10 @@ pub async fn run(
         )
         .add_service(
             AdminServer::new(AdminService::new(broker.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ApprovalsServer::new(ApprovalsService::new(broker.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(

@@ -10,7 +10,7 @@ pub mod sqlite;
 use futures::future::BoxFuture;
 
 use crate::audit::{AuditEvent, StoredEntry};
-use crate::domain::{Lease, LeaseFilter, LeaseId, RevokeSelector};
+use crate::domain::{AccessFilter, AccessRequest, AccessState, Lease, LeaseFilter, LeaseId, RevokeSelector, Verdict};
 
 pub use sqlite::SqliteStore;
 
@@ -33,6 +33,48 @@ pub enum LedgerOp {
         /// The lease.
         lease: Lease,
         /// Its audit entry.
+        event: AuditEvent,
+        /// Refuse if the holder already has this many active leases on the profile.
+        max_active: Option<u32>,
+        /// A break-glass issuance's access request (state `issued`, post-review pending).
+        break_glass: Option<AccessRequest>,
+    },
+    /// Open an access request that awaits approvals.
+    OpenAccessRequest {
+        /// The request (state `pending`).
+        request: AccessRequest,
+        /// Its audit entry.
+        event: AuditEvent,
+    },
+    /// An approver's review: counts toward the threshold, or denies; for a break-glass
+    /// issuance, the post-review.
+    Review {
+        /// Which access request.
+        id: String,
+        /// The approver (never the requester).
+        reviewer: String,
+        /// Approve or deny.
+        verdict: Verdict,
+        /// Why.
+        reason: String,
+        /// Now (Unix seconds).
+        now: i64,
+        /// Audit entry.
+        event: AuditEvent,
+    },
+    /// Issue the credential of an approved access request, exactly once.
+    Redeem {
+        /// Which access request.
+        id: String,
+        /// Must be its requester.
+        requester: String,
+        /// Must equal the approved request's digest.
+        digest: String,
+        /// The lease to record.
+        lease: Lease,
+        /// Now (Unix seconds).
+        now: i64,
+        /// Audit entry.
         event: AuditEvent,
     },
     /// Extend an active lease held by `holder`, with a fresh credential fingerprint.
@@ -101,6 +143,20 @@ pub enum Refusal {
     Expired,
     /// Nothing matched the selector.
     NothingMatched,
+    /// The holder already has the maximum of active leases on this profile.
+    QuotaExceeded(u32),
+    /// No such access request (or not the caller's).
+    RequestNotFound,
+    /// The requester tried to review its own request.
+    SelfReview,
+    /// This approver already reviewed this request.
+    AlreadyReviewed,
+    /// The request is no longer open.
+    RequestEnded(AccessState),
+    /// The request expired.
+    RequestExpired,
+    /// The redeemed request differs from the approved one.
+    DigestMismatch,
 }
 
 impl Refusal {
@@ -112,6 +168,13 @@ impl Refusal {
             Refusal::Ended(s) => format!("lease is {}", s.as_str()),
             Refusal::Expired => "lease has expired".into(),
             Refusal::NothingMatched => "no active lease matched".into(),
+            Refusal::QuotaExceeded(n) => format!("quota exceeded: at most {n} active leases per identity on this profile"),
+            Refusal::RequestNotFound => "access request not found".into(),
+            Refusal::SelfReview => "the requester cannot review its own request".into(),
+            Refusal::AlreadyReviewed => "this approver already reviewed the request".into(),
+            Refusal::RequestEnded(s) => format!("access request is {}", s.as_str()),
+            Refusal::RequestExpired => "access request has expired".into(),
+            Refusal::DigestMismatch => "the approval was for a different request".into(),
         }
     }
 }
@@ -136,6 +199,40 @@ pub struct Applied {
     pub affected: Vec<String>,
     /// Set when a guard refused the transition (the refusal is what was recorded).
     pub refused: Option<Refusal>,
+    /// The access request after the op.
+    pub access_request: Option<AccessRequest>,
+}
+
+impl Applied {
+    /// A result carrying only an audit receipt.
+    pub fn recorded(receipt: Option<Receipt>) -> Self {
+        Self {
+            receipt,
+            lease: None,
+            affected: Vec::new(),
+            refused: None,
+            access_request: None,
+        }
+    }
+}
+
+/// What the inventory knows of one identity from traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityStats {
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// First request (Unix ms).
+    pub first_seen_ms: i64,
+    /// Last request (Unix ms).
+    pub last_seen_ms: i64,
+    /// Last issuance (Unix ms).
+    pub last_issued_ms: Option<i64>,
+    /// Issuances and renewals.
+    pub issued: u64,
+    /// Refusals.
+    pub denied: u64,
+    /// Currently active leases.
+    pub active_leases: u64,
 }
 
 /// The store seam.
@@ -157,4 +254,10 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>>;
+    /// One access request with its reviews.
+    fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>>;
+    /// Access requests, newest first.
+    fn access_requests(&self, filter: AccessFilter) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>>;
+    /// Traffic statistics of every identity seen.
+    fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>>;
 }

@@ -14,17 +14,21 @@ use futures::future::BoxFuture;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Applied, LedgerOp, Receipt, Refusal, Store, StoreError};
+use super::{Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store, StoreError};
 use crate::audit::{entry_hash, AuditEvent, ChainError, ChainVerifier, StoredEntry};
 use crate::config::LedgerConfig;
+use crate::audit::EventKind;
 use crate::domain::{
-    Intent, Lease, LeaseFilter, LeaseId, LeaseState, ProfileName, RevokeSelector, Scope,
+    AccessFilter, AccessRequest, AccessState, Intent, Lease, LeaseFilter, LeaseId, LeaseState, ProfileName,
+    RequestSpec, Review, RevokeSelector, Scope, Verdict,
 };
 use crate::metrics::Metrics;
 
 /// Numbered migrations; `schema_migrations` records which ran.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "ledger", include_str!("migrations/0001_ledger.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "ledger", include_str!("migrations/0001_ledger.sql")),
+    (2, "approvals_inventory", include_str!("migrations/0002_approvals_inventory.sql")),
+];
 
 struct Job {
     op: LedgerOp,
@@ -292,12 +296,9 @@ fn refuse(
     event.credential_sha256 = None;
     event.expires_at = None;
     let receipt = append(conn, head, &event)?;
-    Ok(Applied {
-        receipt: Some(receipt),
-        lease: None,
-        affected: Vec::new(),
-        refused: Some(refusal),
-    })
+    let mut a = Applied::recorded(Some(receipt));
+    a.refused = Some(refusal);
+    Ok(a)
 }
 
 fn guard(lease: Option<Lease>, holder: &str, now: i64) -> Result<Lease, Refusal> {
@@ -314,35 +315,292 @@ fn guard(lease: Option<Lease>, holder: &str, now: i64) -> Result<Lease, Refusal>
     Ok(lease)
 }
 
-fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Result<Applied> {
-    match op {
-        LedgerOp::Issue { lease, event } => {
-            conn.prepare_cached(&format!(
-                "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
-            ))?
-            .execute(params![
-                lease.id.as_str(),
-                lease.profile.as_str(),
-                lease.spiffe_id,
-                serde_json::to_string(&lease.scopes).unwrap_or_default(),
-                lease.audience,
-                lease.state.as_str(),
-                lease.issued_at,
-                lease.expires_at,
-                lease.max_expires_at,
-                lease.credential_sha256,
-                lease.renewals,
-                lease.ended_at,
-                lease.end_reason,
-                lease.intent.as_ref().map(|i| serde_json::to_string(i).unwrap_or_default()),
-            ])?;
-            let receipt = append(conn, head, &event)?;
-            Ok(Applied {
-                receipt: Some(receipt),
-                lease: Some(lease),
-                affected: Vec::new(),
-                refused: None,
+fn insert_lease(conn: &Connection, lease: &Lease) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+    ))?
+    .execute(params![
+        lease.id.as_str(),
+        lease.profile.as_str(),
+        lease.spiffe_id,
+        serde_json::to_string(&lease.scopes).unwrap_or_default(),
+        lease.audience,
+        lease.state.as_str(),
+        lease.issued_at,
+        lease.expires_at,
+        lease.max_expires_at,
+        lease.credential_sha256,
+        lease.renewals,
+        lease.ended_at,
+        lease.end_reason,
+        lease.intent.as_ref().map(|i| serde_json::to_string(i).unwrap_or_default()),
+    ])?;
+    Ok(())
+}
+
+fn insert_access_request(conn: &Connection, r: &AccessRequest) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO access_requests (id, requester, profile, request, request_digest, approver_group, threshold,
+             state, created_at, expires_at, deny_ends, break_glass, post_review, lease_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?
+    .execute(params![
+        r.id,
+        r.requester,
+        r.profile.as_str(),
+        r.request.canonical(),
+        r.digest,
+        r.group,
+        r.threshold,
+        r.state.as_str(),
+        r.created_at,
+        r.expires_at,
+        r.deny_ends,
+        r.break_glass,
+        r.post_review,
+        r.lease_id,
+    ])?;
+    Ok(())
+}
+
+const REQUEST_COLUMNS: &str = "id, requester, profile, request, request_digest, approver_group, threshold, state, \
+     created_at, expires_at, deny_ends, break_glass, post_review, lease_id";
+
+fn request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccessRequest> {
+    let bad = |i: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.to_owned().into())
+    };
+    let profile: String = r.get(2)?;
+    let request: String = r.get(3)?;
+    let state: String = r.get(7)?;
+    Ok(AccessRequest {
+        id: r.get(0)?,
+        requester: r.get(1)?,
+        profile: ProfileName::parse(&profile).map_err(|_| bad(2, "profile"))?,
+        request: serde_json::from_str::<RequestSpec>(&request).map_err(|_| bad(3, "request"))?,
+        digest: r.get(4)?,
+        group: r.get(5)?,
+        threshold: r.get(6)?,
+        state: AccessState::from_db(&state).ok_or_else(|| bad(7, "state"))?,
+        created_at: r.get(8)?,
+        expires_at: r.get(9)?,
+        deny_ends: r.get(10)?,
+        break_glass: r.get(11)?,
+        post_review: r.get(12)?,
+        lease_id: r.get(13)?,
+        reviews: Vec::new(),
+    })
+}
+
+fn with_reviews(conn: &Connection, mut r: AccessRequest) -> rusqlite::Result<AccessRequest> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT reviewer, verdict, reason, at, post_review FROM access_reviews WHERE request_id = ?1 ORDER BY at, reviewer",
+    )?;
+    r.reviews = stmt
+        .query_map([&r.id], |row| {
+            let verdict: String = row.get(1)?;
+            Ok(Review {
+                reviewer: row.get(0)?,
+                verdict: if verdict == "approve" { Verdict::Approve } else { Verdict::Deny },
+                reason: row.get(2)?,
+                at: row.get(3)?,
+                post_review: row.get(4)?,
             })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(r)
+}
+
+fn select_request(conn: &Connection, id: &str) -> rusqlite::Result<Option<AccessRequest>> {
+    let r = conn
+        .query_row(
+            &format!("SELECT {REQUEST_COLUMNS} FROM access_requests WHERE id = ?1"),
+            [id],
+            request_from_row,
+        )
+        .optional()?;
+    r.map(|r| with_reviews(conn, r)).transpose()
+}
+
+/// Counts traffic per identity, inside the same transaction as the entry.
+fn note_identity(conn: &Connection, event: &AuditEvent) -> rusqlite::Result<()> {
+    let Some(caller) = &event.caller else {
+        return Ok(());
+    };
+    let issued = matches!(event.kind, EventKind::Issue | EventKind::Renew) && event.decision == "allow";
+    let denied = event.decision == "deny";
+    conn.prepare_cached(
+        "INSERT INTO identities_seen (spiffe_id, first_seen, last_seen, last_issued, issued, denied)
+         VALUES (?1, ?2, ?2, CASE WHEN ?3 THEN ?2 END, ?3, ?4)
+         ON CONFLICT (spiffe_id) DO UPDATE SET
+             last_seen = max(last_seen, excluded.last_seen),
+             last_issued = CASE WHEN ?3 THEN ?2 ELSE last_issued END,
+             issued = issued + ?3,
+             denied = denied + ?4",
+    )?
+    .execute(params![caller, event.time_ms, issued as i64, denied as i64])?;
+    Ok(())
+}
+
+fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Result<Applied> {
+    let event = match &op {
+        LedgerOp::Issue { event, .. }
+        | LedgerOp::OpenAccessRequest { event, .. }
+        | LedgerOp::Review { event, .. }
+        | LedgerOp::Redeem { event, .. }
+        | LedgerOp::Renew { event, .. }
+        | LedgerOp::Release { event, .. }
+        | LedgerOp::Revoke { event, .. }
+        | LedgerOp::Record { event } => Some(event.clone()),
+        LedgerOp::Expire { .. } => None,
+    };
+    let applied = apply_guarded(conn, head, op)?;
+    if let Some(mut e) = event {
+        if applied.refused.is_some() {
+            e.decision = "deny".into();
+        }
+        note_identity(conn, &e)?;
+    }
+    Ok(applied)
+}
+
+fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Result<Applied> {
+    match op {
+        LedgerOp::Issue {
+            lease,
+            event,
+            max_active,
+            break_glass,
+        } => {
+            if let Some(max) = max_active {
+                let active: i64 = conn
+                    .prepare_cached(
+                        "SELECT count(*) FROM leases WHERE spiffe_id = ?1 AND profile = ?2 AND state = 'active' AND expires_at > ?3",
+                    )?
+                    .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at], |r| r.get(0))?;
+                if active >= i64::from(max) {
+                    return refuse(conn, head, event, Refusal::QuotaExceeded(max));
+                }
+            }
+            insert_lease(conn, &lease)?;
+            if let Some(r) = &break_glass {
+                insert_access_request(conn, r)?;
+            }
+            let receipt = append(conn, head, &event)?;
+            let mut a = Applied::recorded(Some(receipt));
+            a.lease = Some(lease);
+            a.access_request = break_glass;
+            Ok(a)
+        }
+        LedgerOp::OpenAccessRequest { request, event } => {
+            insert_access_request(conn, &request)?;
+            let receipt = append(conn, head, &event)?;
+            let mut a = Applied::recorded(Some(receipt));
+            a.access_request = Some(request);
+            Ok(a)
+        }
+        LedgerOp::Review {
+            id,
+            reviewer,
+            verdict,
+            reason,
+            now,
+            event,
+        } => {
+            let Some(req) = select_request(conn, &id)? else {
+                return refuse(conn, head, event, Refusal::RequestNotFound);
+            };
+            if req.requester == reviewer {
+                return refuse(conn, head, event, Refusal::SelfReview);
+            }
+            let post = req.break_glass;
+            if post {
+                if req.post_review.as_deref() != Some("pending") {
+                    return refuse(conn, head, event, Refusal::RequestEnded(req.state));
+                }
+            } else {
+                if req.state != AccessState::Pending {
+                    return refuse(conn, head, event, Refusal::RequestEnded(req.state));
+                }
+                if req.expires_at <= now {
+                    conn.execute(
+                        "UPDATE access_requests SET state = 'expired', decided_at = ?2 WHERE id = ?1",
+                        params![id, now],
+                    )?;
+                    return refuse(conn, head, event, Refusal::RequestExpired);
+                }
+                if req.reviews.iter().any(|r| r.reviewer == reviewer && !r.post_review) {
+                    return refuse(conn, head, event, Refusal::AlreadyReviewed);
+                }
+            }
+            conn.execute(
+                "INSERT INTO access_reviews (request_id, reviewer, verdict, reason, at, post_review) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, reviewer, verdict.as_str(), reason, now, post],
+            )?;
+            if post {
+                conn.execute(
+                    "UPDATE access_requests SET post_review = ?2 WHERE id = ?1",
+                    params![id, if verdict == Verdict::Approve { "approved" } else { "denied" }],
+                )?;
+            } else {
+                let req = select_request(conn, &id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+                let approvals = req.approvers().len() as u32;
+                // One deny ends it unless the profile says otherwise; then denies are
+                // only on record and the request waits for approvals or expiry.
+                let next = if verdict == Verdict::Deny && req.deny_ends {
+                    Some("denied")
+                } else if approvals >= req.threshold {
+                    Some("approved")
+                } else {
+                    None
+                };
+                if let Some(state) = next {
+                    conn.execute(
+                        "UPDATE access_requests SET state = ?2, decided_at = ?3 WHERE id = ?1",
+                        params![id, state, now],
+                    )?;
+                }
+            }
+            let receipt = append(conn, head, &event)?;
+            let mut a = Applied::recorded(Some(receipt));
+            a.access_request = select_request(conn, &id)?;
+            Ok(a)
+        }
+        LedgerOp::Redeem {
+            id,
+            requester,
+            digest,
+            lease,
+            now,
+            event,
+        } => {
+            let req = match select_request(conn, &id)? {
+                Some(r) if r.requester == requester => r,
+                _ => return refuse(conn, head, event, Refusal::RequestNotFound),
+            };
+            if req.digest != digest {
+                return refuse(conn, head, event, Refusal::DigestMismatch);
+            }
+            if req.state != AccessState::Approved {
+                return refuse(conn, head, event, Refusal::RequestEnded(req.state));
+            }
+            if req.expires_at <= now {
+                conn.execute(
+                    "UPDATE access_requests SET state = 'expired', decided_at = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
+                return refuse(conn, head, event, Refusal::RequestExpired);
+            }
+            insert_lease(conn, &lease)?;
+            conn.execute(
+                "UPDATE access_requests SET state = 'issued', lease_id = ?2 WHERE id = ?1 AND state = 'approved'",
+                params![id, lease.id.as_str()],
+            )?;
+            let receipt = append(conn, head, &event)?;
+            let mut a = Applied::recorded(Some(receipt));
+            a.lease = Some(lease);
+            a.access_request = select_request(conn, &id)?;
+            Ok(a)
         }
         LedgerOp::Renew {
             lease_id,
@@ -361,12 +619,9 @@ fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Resul
                     params![lease_id.as_str(), expires_at, credential_sha256],
                 )?;
                 let receipt = append(conn, head, &event)?;
-                Ok(Applied {
-                    receipt: Some(receipt),
-                    lease: select_lease(conn, lease_id.as_str())?,
-                    affected: Vec::new(),
-                    refused: None,
-                })
+                let mut a = Applied::recorded(Some(receipt));
+                a.lease = select_lease(conn, lease_id.as_str())?;
+                Ok(a)
             }
         },
         LedgerOp::Release {
@@ -383,12 +638,10 @@ fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Resul
                     params![lease_id.as_str(), now],
                 )?;
                 let receipt = append(conn, head, &event)?;
-                Ok(Applied {
-                    receipt: Some(receipt),
-                    lease: select_lease(conn, lease_id.as_str())?,
-                    affected: vec![lease_id.to_string()],
-                    refused: None,
-                })
+                let mut a = Applied::recorded(Some(receipt));
+                a.lease = select_lease(conn, lease_id.as_str())?;
+                a.affected = vec![lease_id.to_string()];
+                Ok(a)
             }
         },
         LedgerOp::Revoke {
@@ -398,14 +651,13 @@ fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Resul
             mut event,
         } => {
             let end_reason = format!("revoked: {reason}");
-            let ids: Vec<String> = match &selector {
+            let mut ids: Vec<String> = match &selector {
                 RevokeSelector::Lease(id) => {
                     let mut stmt = conn.prepare_cached(
                         "UPDATE leases SET state = 'revoked', ended_at = ?2, end_reason = ?3
                          WHERE id = ?1 AND state = 'active' RETURNING id",
                     )?;
-                    let rows =
-                        stmt.query_map(params![id.as_str(), now, end_reason], |r| r.get(0))?;
+                    let rows = stmt.query_map(params![id.as_str(), now, end_reason], |r| r.get(0))?;
                     rows.collect::<rusqlite::Result<_>>()?
                 }
                 RevokeSelector::SpiffeId(sid) => {
@@ -417,7 +669,6 @@ fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Resul
                     rows.collect::<rusqlite::Result<_>>()?
                 }
             };
-            let mut ids = ids;
             ids.sort();
             event.affected_leases = ids.clone();
             if ids.is_empty() {
@@ -431,30 +682,20 @@ fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Resul
                 // An empty revocation is still an operator action worth recording.
                 event.reason = Some(format!("{reason} ({})", refusal.describe()));
                 let receipt = append(conn, head, &event)?;
-                return Ok(Applied {
-                    receipt: Some(receipt),
-                    lease: None,
-                    affected: ids,
-                    refused: Some(refusal),
-                });
+                let mut a = Applied::recorded(Some(receipt));
+                a.refused = Some(refusal);
+                return Ok(a);
             }
             let receipt = append(conn, head, &event)?;
-            let lease = match &selector {
+            let mut a = Applied::recorded(Some(receipt));
+            a.lease = match &selector {
                 RevokeSelector::Lease(id) => select_lease(conn, id.as_str())?,
                 RevokeSelector::SpiffeId(_) => None,
             };
-            Ok(Applied {
-                receipt: Some(receipt),
-                lease,
-                affected: ids,
-                refused: None,
-            })
+            a.affected = ids;
+            Ok(a)
         }
-        LedgerOp::Expire {
-            now,
-            limit,
-            mut event,
-        } => {
+        LedgerOp::Expire { now, limit, mut event } => {
             let mut stmt = conn.prepare_cached(
                 "UPDATE leases SET state = 'expired', ended_at = expires_at, end_reason = 'ttl elapsed'
                  WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND expires_at <= ?1
@@ -465,31 +706,30 @@ fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Resul
                 .query_map(params![now, limit], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             ids.sort();
-            if ids.is_empty() {
-                return Ok(Applied {
-                    receipt: None,
-                    lease: None,
-                    affected: ids,
-                    refused: None,
-                });
+            let mut stmt = conn.prepare_cached(
+                "UPDATE access_requests SET state = 'expired', decided_at = ?1
+                 WHERE id IN (SELECT id FROM access_requests WHERE state IN ('pending', 'approved') AND expires_at <= ?1
+                              ORDER BY expires_at LIMIT ?2)
+                 RETURNING id",
+            )?;
+            let mut requests: Vec<String> = stmt
+                .query_map(params![now, limit], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            requests.sort();
+            if ids.is_empty() && requests.is_empty() {
+                return Ok(Applied::recorded(None));
             }
             event.affected_leases = ids.clone();
+            event.affected_requests = requests.clone();
             let receipt = append(conn, head, &event)?;
-            Ok(Applied {
-                receipt: Some(receipt),
-                lease: None,
-                affected: ids,
-                refused: None,
-            })
+            let mut a = Applied::recorded(Some(receipt));
+            ids.extend(requests);
+            a.affected = ids;
+            Ok(a)
         }
         LedgerOp::Record { event } => {
             let receipt = append(conn, head, &event)?;
-            Ok(Applied {
-                receipt: Some(receipt),
-                lease: None,
-                affected: Vec::new(),
-                refused: None,
-            })
+            Ok(Applied::recorded(Some(receipt)))
         }
     }
 }
@@ -610,6 +850,60 @@ impl Store for SqliteStore {
                 ],
                 lease_from_row,
             )?;
+            rows.collect()
+        }))
+    }
+
+    fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>> {
+        let id = id.to_owned();
+        Box::pin(self.read(move |c| select_request(c, &id)))
+    }
+
+    fn access_requests(&self, filter: AccessFilter) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>> {
+        Box::pin(self.read(move |c| {
+            let profiles = filter.profiles.as_ref().map(|p| serde_json::to_string(p).unwrap_or_default());
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {REQUEST_COLUMNS} FROM access_requests
+                 WHERE (?1 IS NULL OR state = ?1)
+                   AND (?2 IS NULL OR profile IN (SELECT value FROM json_each(?2)))
+                   AND (?3 = 0 OR post_review = 'pending')
+                   AND (?4 IS NULL OR requester = ?4)
+                 ORDER BY created_at DESC, id DESC LIMIT ?5"
+            ))?;
+            let rows: Vec<AccessRequest> = stmt
+                .query_map(
+                    params![
+                        filter.state.map(|s| s.as_str()),
+                        profiles,
+                        filter.awaiting_post_review as i64,
+                        filter.requester,
+                        filter.limit.clamp(1, 1000)
+                    ],
+                    request_from_row,
+                )?
+                .collect::<rusqlite::Result<_>>()?;
+            rows.into_iter().map(|r| with_reviews(c, r)).collect()
+        }))
+    }
+
+    fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>> {
+        Box::pin(self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT s.spiffe_id, s.first_seen, s.last_seen, s.last_issued, s.issued, s.denied,
+                        (SELECT count(*) FROM leases l WHERE l.spiffe_id = s.spiffe_id AND l.state = 'active')
+                 FROM identities_seen s ORDER BY s.spiffe_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(IdentityStats {
+                    spiffe_id: r.get(0)?,
+                    first_seen_ms: r.get(1)?,
+                    last_seen_ms: r.get(2)?,
+                    last_issued_ms: r.get(3)?,
+                    issued: r.get::<_, i64>(4)? as u64,
+                    denied: r.get::<_, i64>(5)? as u64,
+                    active_leases: r.get::<_, i64>(6)? as u64,
+                })
+            })?;
             rows.collect()
         }))
     }

@@ -26,11 +26,11 @@ pub struct Harness {
 }
 
 pub async fn start() -> Harness {
-    start_with("").await
+    start_with(None).await
 }
 
-/// Starts a dev environment; `overrides` is TOML appended to the demo config.
-pub async fn start_with(overrides: &str) -> Harness {
+/// Starts a dev environment; `edit` rewrites the rendered demo config.
+pub async fn start_with(edit: Option<spiffe_broker::dev::ConfigEdit>) -> Harness {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new());
@@ -40,7 +40,7 @@ pub async fn start_with(overrides: &str) -> Harness {
         http_addr: "127.0.0.1:0".parse().expect("addr"),
         svid_ttl: Duration::from_secs(3600),
         clock: clock.clone(),
-        config_overrides: overrides.to_owned(),
+        config: edit,
     })
     .await
     .expect("dev environment starts");
@@ -181,6 +181,8 @@ pub fn gpu_request(ttl_secs: i64) -> pb::IssueCredentialRequest {
         intent: Some(pb::Intent {
             action: "submit-training".into(),
             target: "queue/a100".into(),
+            ..Default::default()
         }),
+        ..Default::default()
     }
 }

@@ -1,0 +1,595 @@
+//! Cedar-backed [`Policy`]: compiled once at load (schema-validated), evaluated per
+//! request with no I/O.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request,
+    RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use serde_json::json;
+use spiffe::SpiffeId;
+
+use super::{AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Policy, RequestContext};
+use crate::clock::format_duration;
+use crate::config::{ApproverGroup, Config, Identity, Profile};
+use crate::domain::{CredentialRequest, Scope};
+
+/// A policy that failed to load, with the location of the problem.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyError(pub String);
+
+const NS: &str = "SpiffeBroker";
+
+/// Renders a Cedar diagnostic as `file:line:col: message (help)` lines.
+fn locate(diag: &dyn miette::Diagnostic, file: &str, text: &str) -> String {
+    let mut out = String::new();
+    let msg = diag.to_string();
+    let labels: Vec<_> = diag.labels().map(|l| l.collect()).unwrap_or_default();
+    if labels.is_empty() {
+        out.push_str(&format!("{file}: {msg}"));
+    }
+    for l in labels {
+        let offset = l.offset().min(text.len());
+        let before = &text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map(|s| s.chars().count()).unwrap_or(0) + 1;
+        let label = l.label().map(|s| format!(" [{s}]")).unwrap_or_default();
+        out.push_str(&format!("{file}:{line}:{col}: {msg}{label}"));
+    }
+    if let Some(help) = diag.help() {
+        out.push_str(&format!(" (help: {help})"));
+    }
+    for related in diag.related().into_iter().flatten() {
+        out.push_str(&format!("\n{}", locate(related, file, text)));
+    }
+    out
+}
+
+fn uid(kind: &str, id: &str) -> Result<EntityUid, PolicyError> {
+    let t = EntityTypeName::from_str(&format!("{NS}::{kind}")).map_err(|e| PolicyError(e.to_string()))?;
+    Ok(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
+}
+
+fn s(v: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(v.to_owned())
+}
+
+/// The compiled policy set and entities.
+pub struct CedarPolicy {
+    schema: Schema,
+    policies: PolicySet,
+    entities: Entities,
+    profiles: Vec<Arc<Profile>>,
+    identities: Vec<Identity>,
+    groups: Vec<ApproverGroup>,
+    hash: String,
+    authorizer: Authorizer,
+}
+
+impl std::fmt::Debug for CedarPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CedarPolicy").field("hash", &self.hash).finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path) -> Result<String, PolicyError> {
+    std::fs::read_to_string(path).map_err(|e| PolicyError(format!("cannot read {}: {e}", path.display())))
+}
+
+impl CedarPolicy {
+    /// Loads the schema and policy files named by the config, validates every policy
+    /// against the schema (strict mode), and builds the entities from the config.
+    pub fn load(config: &Config) -> Result<Self, PolicyError> {
+        let schema_path = &config.policy.schema;
+        let schema_text = read(schema_path)?;
+        let (schema, _warnings) = Schema::from_cedarschema_str(&schema_text)
+            .map_err(|e| PolicyError(locate(&e, &schema_path.display().to_string(), &schema_text)))?;
+
+        let mut policies = PolicySet::new();
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        hasher.update(schema_text.as_bytes());
+        let mut sources: BTreeMap<String, (String, String)> = BTreeMap::new();
+        for path in &config.policy.files {
+            let file = path.display().to_string();
+            let text = read(path)?;
+            let parsed = PolicySet::from_str(&text).map_err(|e| PolicyError(locate(&e, &file, &text)))?;
+            for (n, p) in parsed.policies().enumerate() {
+                let id = p
+                    .annotation("id")
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("{}#{n}", path.file_name().and_then(|f| f.to_str()).unwrap_or("policy")));
+                if p.annotation("approval_group").is_some() != p.annotation("approvals").is_some() {
+                    return Err(PolicyError(format!(
+                        "{file}: policy {id:?} needs both @approval_group and @approvals, or neither"
+                    )));
+                }
+                if let Some(n) = p.annotation("approvals") {
+                    if n.parse::<u32>().map_or(true, |n| n == 0 || n > 16) {
+                        return Err(PolicyError(format!("{file}: policy {id:?}: @approvals must be 1..=16")));
+                    }
+                }
+                if let Some(g) = p.annotation("approval_group") {
+                    if !config.approver_groups.iter().any(|x| x.name == g) {
+                        return Err(PolicyError(format!("{file}: policy {id:?}: unknown approver group {g:?}")));
+                    }
+                }
+                sources.insert(id.clone(), (file.clone(), text.clone()));
+                policies
+                    .add(p.new_id(PolicyId::new(&id)))
+                    .map_err(|e| PolicyError(format!("{file}: policy {id:?}: {e}")))?;
+            }
+            hasher.update(file.as_bytes());
+            hasher.update(text.as_bytes());
+        }
+        let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        if !validation.validation_passed() {
+            let errors: Vec<String> = validation
+                .validation_errors()
+                .map(|e| {
+                    let (file, text) = sources.get(e.policy_id().to_string().as_str()).cloned().unwrap_or_default();
+                    locate(e, &file, &text)
+                })
+                .collect();
+            return Err(PolicyError(errors.join("\n")));
+        }
+
+        let entities = Self::entities(config, &schema)?;
+        let canonical = json!({
+            "identities": config.identities.iter().map(|i| json!([i.spiffe_id.to_string(), i.owner, i.environment, i.roles])).collect::<Vec<_>>(),
+            "groups": config.approver_groups.iter().map(|g| json!([g.name, g.members.iter().map(|m| m.to_string()).collect::<Vec<_>>()])).collect::<Vec<_>>(),
+            "profiles": config.profiles.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>(),
+        });
+        hasher.update(canonical.to_string().as_bytes());
+        Ok(Self {
+            schema,
+            policies,
+            entities,
+            profiles: config.profiles.iter().cloned().map(Arc::new).collect(),
+            identities: config.identities.clone(),
+            groups: config.approver_groups.clone(),
+            hash: hex::encode(hasher.finish().as_ref()),
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    fn entities(config: &Config, schema: &Schema) -> Result<Entities, PolicyError> {
+        let err = |e: &dyn std::fmt::Display| PolicyError(format!("building policy entities from the config: {e}"));
+        let mut list = Vec::new();
+        let mut roles: BTreeSet<String> = BTreeSet::new();
+        for i in &config.identities {
+            let mut parents = HashSet::new();
+            for r in &i.roles {
+                roles.insert(r.clone());
+                parents.insert(uid("Role", r)?);
+            }
+            for g in config.approver_groups.iter().filter(|g| g.members.contains(&i.spiffe_id)) {
+                parents.insert(uid("ApproverGroup", &g.name)?);
+            }
+            let attrs = HashMap::from([
+                ("owner".to_owned(), s(&i.owner)),
+                ("environment".to_owned(), s(&i.environment)),
+            ]);
+            list.push(Entity::new(uid("Workload", &i.spiffe_id.to_string())?, attrs, parents).map_err(|e| err(&e))?);
+        }
+        for g in &config.approver_groups {
+            for m in &g.members {
+                if config.identity(m).is_none() {
+                    return Err(PolicyError(format!(
+                        "approver group {:?}: member {m} is not in [[identities]]",
+                        g.name
+                    )));
+                }
+            }
+            list.push(Entity::new_no_attrs(uid("ApproverGroup", &g.name)?, HashSet::new()));
+        }
+        for r in roles {
+            list.push(Entity::new_no_attrs(uid("Role", &r)?, HashSet::new()));
+        }
+        for p in &config.profiles {
+            let attrs = HashMap::from([
+                ("audience".to_owned(), s(&p.audience)),
+                ("max_ttl_secs".to_owned(), RestrictedExpression::new_long(p.max_ttl.as_secs() as i64)),
+                ("break_glass_allowed".to_owned(), RestrictedExpression::new_bool(p.break_glass_max_ttl.is_some())),
+            ]);
+            list.push(Entity::new(uid("Profile", p.name.as_str())?, attrs, HashSet::new()).map_err(|e| err(&e))?);
+        }
+        list.push(Entity::new_no_attrs(uid("Broker", "broker")?, HashSet::new()));
+        Entities::from_entities(list, Some(schema)).map_err(|e| err(&e))
+    }
+
+    fn action(name: &str) -> Result<EntityUid, PolicyError> {
+        uid("Action", name)
+    }
+
+    /// Evaluates one Cedar request; returns (allowed, determining policy ids).
+    fn evaluate(&self, principal: &SpiffeId, action: &str, resource: EntityUid, context: serde_json::Value) -> Result<(bool, Vec<PolicyId>), PolicyError> {
+        let action = Self::action(action)?;
+        let context = Context::from_json_value(context, Some((&self.schema, &action)))
+            .map_err(|e| PolicyError(format!("policy context: {e}")))?;
+        let request = Request::new(
+            uid("Workload", &principal.to_string())?,
+            action,
+            resource,
+            context,
+            Some(&self.schema),
+        )
+        .map_err(|e| PolicyError(format!("policy request: {e}")))?;
+        let response = self.authorizer.is_authorized(&request, &self.policies, &self.entities);
+        for e in response.diagnostics().errors() {
+            tracing::warn!(error = %e, "a policy errored during evaluation and was skipped");
+        }
+        let ids = response.diagnostics().reason().cloned().collect();
+        Ok((response.decision() == cedar_policy::Decision::Allow, ids))
+    }
+
+    fn registered(&self, id: &SpiffeId) -> Option<&Identity> {
+        self.identities.iter().find(|i| &i.spiffe_id == id)
+    }
+
+    fn unregistered(id: &SpiffeId) -> Denial {
+        Denial {
+            kind: DenialKind::Unregistered,
+            reason: format!("{id} is not a registered identity"),
+            rule: Some("inventory".into()),
+            violations: Vec::new(),
+        }
+    }
+
+    fn internal(e: PolicyError) -> Denial {
+        tracing::error!(error = %e, "policy evaluation failed; denying");
+        Denial {
+            kind: DenialKind::NotPermitted,
+            reason: "policy evaluation failed".into(),
+            rule: None,
+            violations: Vec::new(),
+        }
+    }
+
+    /// The profile ceiling: every way the request exceeds it.
+    fn ceiling(profile: &Profile, request: &CredentialRequest, ctx: &RequestContext) -> (Vec<String>, bool, BTreeSet<Scope>, std::time::Duration) {
+        let name = profile.name.as_str();
+        let mut v = Vec::new();
+        let mut permission = false;
+        if profile.require_intent && request.intent.is_none() {
+            v.push(format!("profile {name:?} requires a stated intent (action and target)"));
+        }
+        let scopes = if request.scopes.is_empty() {
+            if profile.default_scopes.is_empty() {
+                v.push(format!("profile {name:?} has no default scopes; name at least one"));
+            }
+            profile.default_scopes.clone()
+        } else {
+            request.scopes.clone()
+        };
+        let beyond: Vec<&str> = scopes.difference(&profile.scopes).map(|s| s.as_str()).collect();
+        if !beyond.is_empty() {
+            permission = true;
+            v.push(format!("scope {} exceeds the ceiling of profile {name:?}", beyond.join(", ")));
+        }
+        let mut max = profile.max_ttl;
+        let mut default = profile.default_ttl;
+        if ctx.break_glass {
+            match profile.break_glass_max_ttl {
+                None => v.push(format!("profile {name:?} does not allow break-glass")),
+                Some(bg) => {
+                    max = bg;
+                    default = default.min(bg);
+                }
+            }
+            if request.intent.as_ref().and_then(|i| i.justification.as_ref()).is_none() {
+                v.push("break-glass requires an intent justification".into());
+            }
+        }
+        let ttl = request.ttl.unwrap_or(default);
+        if ttl > max {
+            v.push(format!(
+                "ttl {} exceeds the {} {} of profile {name:?}",
+                format_duration(ttl),
+                if ctx.break_glass { "break_glass_max_ttl" } else { "max_ttl" },
+                format_duration(max),
+            ));
+        }
+        if profile.scope_template.as_deref().is_some_and(|t| t.contains("{target}")) && request.intent.is_none() {
+            v.push(format!("profile {name:?} derives scopes from the intent target; state an intent"));
+        }
+        (v, permission, scopes, ttl)
+    }
+
+    fn render_scopes(profile: &Profile, scopes: &BTreeSet<Scope>, request: &CredentialRequest) -> Result<Vec<Scope>, String> {
+        let Some(t) = &profile.scope_template else {
+            return Ok(scopes.iter().cloned().collect());
+        };
+        let target = request.intent.as_ref().map(|i| i.target.as_str()).unwrap_or_default();
+        scopes
+            .iter()
+            .map(|s| {
+                let rendered = t.replace("{scope}", s.as_str()).replace("{target}", target);
+                Scope::parse(&rendered).map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+}
+
+impl Policy for CedarPolicy {
+    fn decide(&self, caller: &SpiffeId, request: &CredentialRequest, ctx: &RequestContext) -> Decision {
+        let Some(profile) = self.profile(request.profile.as_str()) else {
+            return Decision::Deny(Denial {
+                kind: DenialKind::UnknownProfile,
+                reason: format!("unknown profile {:?}", request.profile.as_str()),
+                rule: None,
+                violations: Vec::new(),
+            });
+        };
+        if self.registered(caller).is_none() {
+            return Decision::Deny(Self::unregistered(caller));
+        }
+        let (violations, permission, scopes, ttl) = Self::ceiling(&profile, request, ctx);
+        if !violations.is_empty() {
+            return Decision::Deny(Denial {
+                kind: if permission { DenialKind::NotPermitted } else { DenialKind::OverAsk },
+                reason: violations.join("; "),
+                rule: Some(format!("profile:{}/ceiling", profile.name)),
+                violations,
+            });
+        }
+        let rendered = match Self::render_scopes(&profile, &scopes, request) {
+            Ok(r) => r,
+            Err(e) => {
+                return Decision::Deny(Denial {
+                    kind: DenialKind::OverAsk,
+                    reason: format!("intent target cannot form a scope: {e}"),
+                    rule: Some(format!("profile:{}/scope_template", profile.name)),
+                    violations: vec![e],
+                })
+            }
+        };
+        let approvers: BTreeSet<&String> = ctx.approvals.iter().collect();
+        let intent = request.intent.as_ref().map(|i| {
+            let mut o = json!({"action": i.action, "target": i.target, "on_behalf_of": i.on_behalf_of});
+            if let Some(d) = &i.artifact_digest {
+                o["artifact_digest"] = json!(d);
+            }
+            if let Some(t) = &i.ticket {
+                o["ticket"] = json!(t);
+            }
+            if let Some(j) = &i.justification {
+                o["justification"] = json!(j);
+            }
+            o
+        });
+        let mut context = json!({
+            "scopes": scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "ttl_secs": ttl.as_secs() as i64,
+            "auth_method": ctx.auth_method.as_str(),
+            "now": ctx.now,
+            "hour_utc": ctx.now.rem_euclid(86_400) / 3600,
+            "break_glass": ctx.break_glass,
+            "approval_count": 0,
+            "approvers": [],
+        });
+        if let Some(i) = intent {
+            context["intent"] = i;
+        }
+        let resource = match uid("Profile", profile.name.as_str()) {
+            Ok(r) => r,
+            Err(e) => return Decision::Deny(Self::internal(e)),
+        };
+        let mut grant = Grant {
+            profile: profile.clone(),
+            scopes: rendered,
+            ttl,
+            intent: request.intent.clone(),
+            rule: String::new(),
+            policy_hash: self.hash.clone(),
+            approvers: Vec::new(),
+            break_glass: ctx.break_glass,
+        };
+        // Valid approvals: distinct, never the requester, and each approver may review.
+        let valid: Vec<String> = approvers
+            .iter()
+            .filter(|a| a.as_str() != caller.to_string())
+            .filter(|a| {
+                SpiffeId::new(a.as_str())
+                    .ok()
+                    .is_some_and(|id| self.authorize_review(&id, profile.name.as_str()).is_ok())
+            })
+            .map(|a| a.to_string())
+            .collect();
+        context["approval_count"] = json!(valid.len());
+        context["approvers"] = json!(valid);
+        let (allowed, ids) = match self.evaluate(caller, "issue", resource, context) {
+            Ok(v) => v,
+            Err(e) => return Decision::Deny(Self::internal(e)),
+        };
+        let id_list = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        if !allowed {
+            let reason = if ids.is_empty() {
+                format!("{caller} may not request profile {:?} (no policy permits it)", profile.name.as_str())
+            } else {
+                format!("forbidden by policy {id_list}")
+            };
+            return Decision::Deny(Denial {
+                kind: DenialKind::NotPermitted,
+                reason,
+                rule: (!ids.is_empty()).then_some(id_list),
+                violations: Vec::new(),
+            });
+        }
+        // A permit without approval annotations decides on its own.
+        let mut needs: Vec<(String, String, u32)> = Vec::new();
+        for id in &ids {
+            let group = self.policies.annotation(id, "approval_group");
+            let n = self.policies.annotation(id, "approvals").and_then(|n| n.parse::<u32>().ok());
+            match (group, n) {
+                (Some(g), Some(n)) => needs.push((id.to_string(), g.to_owned(), n)),
+                _ => {
+                    grant.rule = id.to_string();
+                    return Decision::Allow(grant);
+                }
+            }
+        }
+        needs.sort_by_key(|(id, _, n)| (*n, id.clone()));
+        let Some((rule, group, threshold)) = needs.into_iter().next() else {
+            return Decision::Deny(Self::internal(PolicyError("allow without a determining policy".into())));
+        };
+        grant.rule = rule.clone();
+        let members = self.group_members(&group);
+        let counted: Vec<String> = valid.into_iter().filter(|a| members.contains(a)).collect();
+        if ctx.break_glass {
+            return Decision::Deny(Denial {
+                kind: DenialKind::NotPermitted,
+                reason: format!("no policy permits break-glass for profile {:?}", profile.name.as_str()),
+                rule: Some(rule),
+                violations: Vec::new(),
+            });
+        }
+        if counted.len() as u32 >= threshold {
+            grant.approvers = counted;
+            return Decision::Allow(grant);
+        }
+        let need = ApprovalNeed {
+            group,
+            threshold,
+            have: counted.len() as u32,
+            eligible: members.into_iter().filter(|m| m != &caller.to_string()).collect(),
+            rule,
+            policy_hash: self.hash.clone(),
+        };
+        Decision::RequireApproval(grant, need)
+    }
+
+    fn authorize_admin(&self, caller: &SpiffeId, action: AdminAction) -> Result<String, Denial> {
+        if self.registered(caller).is_none() {
+            return Err(Self::unregistered(caller));
+        }
+        let name = match action {
+            AdminAction::Revoke => "revoke",
+            AdminAction::ListLeases | AdminAction::ListIdentities | AdminAction::ReloadPolicy => "administer",
+        };
+        let resource = uid("Broker", "broker").map_err(Self::internal)?;
+        let (allowed, ids) = self.evaluate(caller, name, resource, json!({})).map_err(Self::internal)?;
+        if allowed {
+            Ok(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","))
+        } else {
+            Err(Denial {
+                kind: DenialKind::NotPermitted,
+                reason: format!("{caller} is not a platform admin ({action:?} refused)"),
+                rule: (!ids.is_empty()).then(|| ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+                violations: Vec::new(),
+            })
+        }
+    }
+
+    fn authorize_review(&self, reviewer: &SpiffeId, profile: &str) -> Result<String, Denial> {
+        if self.registered(reviewer).is_none() {
+            return Err(Self::unregistered(reviewer));
+        }
+        let resource = uid("Profile", profile).map_err(Self::internal)?;
+        let (allowed, ids) = self.evaluate(reviewer, "review", resource, json!({})).map_err(Self::internal)?;
+        if allowed {
+            Ok(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","))
+        } else {
+            Err(Denial {
+                kind: DenialKind::NotPermitted,
+                reason: format!("{reviewer} may not review requests for profile {profile:?}"),
+                rule: None,
+                violations: Vec::new(),
+            })
+        }
+    }
+
+    fn profile(&self, name: &str) -> Option<Arc<Profile>> {
+        self.profiles.iter().find(|p| p.name.as_str() == name).cloned()
+    }
+
+    fn profiles(&self) -> Vec<Arc<Profile>> {
+        self.profiles.clone()
+    }
+
+    fn identities(&self) -> &[Identity] {
+        &self.identities
+    }
+
+    fn group_members(&self, group: &str) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter(|g| g.name == group)
+            .flat_map(|g| g.members.iter().map(|m| m.to_string()))
+            .collect()
+    }
+
+    fn groups_of(&self, id: &SpiffeId) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter(|g| g.members.contains(id))
+            .map(|g| g.name.clone())
+            .collect()
+    }
+
+    fn paths(&self, id: &SpiffeId) -> Vec<AccessPath> {
+        use cedar_policy::{ActionConstraint, Effect, PrincipalConstraint, ResourceConstraint};
+        let Some(identity) = self.registered(id) else {
+            return Vec::new();
+        };
+        let Ok(me) = uid("Workload", &id.to_string()) else {
+            return Vec::new();
+        };
+        let mut mine = vec![me.clone()];
+        mine.extend(identity.roles.iter().filter_map(|r| uid("Role", r).ok()));
+        mine.extend(
+            self.groups
+                .iter()
+                .filter(|g| g.members.contains(id))
+                .filter_map(|g| uid("ApproverGroup", &g.name).ok()),
+        );
+        let workload_type = EntityTypeName::from_str(&format!("{NS}::Workload")).ok();
+        let mut out = Vec::new();
+        for p in self.policies.policies().filter(|p| p.effect() == Effect::Permit) {
+            let applies = match p.principal_constraint() {
+                PrincipalConstraint::Any => true,
+                PrincipalConstraint::Eq(u) => u == me,
+                PrincipalConstraint::In(u) => mine.contains(&u),
+                PrincipalConstraint::Is(t) => Some(&t) == workload_type.as_ref(),
+                PrincipalConstraint::IsIn(t, u) => Some(&t) == workload_type.as_ref() && mine.contains(&u),
+            };
+            if !applies {
+                continue;
+            }
+            let actions: Vec<String> = match p.action_constraint() {
+                ActionConstraint::Any => vec!["issue".into(), "review".into(), "revoke".into(), "administer".into()],
+                ActionConstraint::Eq(a) => vec![a.id().unescaped().to_owned()],
+                ActionConstraint::In(v) => v.iter().map(|a| a.id().unescaped().to_owned()).collect(),
+            };
+            let resource = match p.resource_constraint() {
+                ResourceConstraint::Eq(u) | ResourceConstraint::In(u) | ResourceConstraint::IsIn(_, u) => {
+                    u.id().unescaped().to_owned()
+                }
+                ResourceConstraint::Any | ResourceConstraint::Is(_) => "*".to_owned(),
+            };
+            let approvals = match (p.annotation("approval_group"), p.annotation("approvals")) {
+                (Some(g), Some(n)) => n.parse().ok().map(|n| (g.to_owned(), n)),
+                _ => None,
+            };
+            for action in actions {
+                out.push(AccessPath {
+                    action,
+                    resource: resource.clone(),
+                    policy: p.id().to_string(),
+                    conditional: p.has_non_scope_constraint(),
+                    approvals: approvals.clone(),
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.action, &a.resource, &a.policy).cmp(&(&b.action, &b.resource, &b.policy)));
+        out
+    }
+
+    fn hash(&self) -> &str {
+        &self.hash
+    }
+}
