@@ -13,14 +13,17 @@ use crate::authn::{Authenticator, AuthnError, TransportFacts, VerifiedCaller};
 use crate::clock::{unix_millis, Clock};
 use crate::config::Profile;
 use crate::domain::{
-    AccessFilter, AccessRequest, AccessState, CredentialRequest, Lease, LeaseFilter, LeaseId, LeaseState,
-    RequestSpec, RevokeSelector, Verdict,
+    AccessFilter, AccessRequest, AccessState, CredentialRequest, Lease, LeaseFilter, LeaseId,
+    LeaseState, RequestSpec, RevokeSelector, Verdict,
 };
 use crate::error::BrokerError;
 use crate::issuer::{Credential, Issuer, LeaseTerms};
 use crate::metrics::Metrics;
 use crate::notify::{Notification, Notifier};
-use crate::policy::{AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Policy, RequestContext};
+use crate::policy::{
+    AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Policy,
+    RequestContext,
+};
 use crate::store::{Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store};
 
 /// A credential handed out, with its lease and ledger receipt.
@@ -156,8 +159,12 @@ fn request_record(rpc: &str, req: &CredentialRequest) -> RequestRecord {
 
 fn denial_error(d: &Denial) -> BrokerError {
     match d.kind {
-        DenialKind::NotPermitted | DenialKind::Unregistered => BrokerError::PermissionDenied(d.reason.clone()),
-        DenialKind::OverAsk | DenialKind::UnknownProfile => BrokerError::InvalidArgument(d.reason.clone()),
+        DenialKind::NotPermitted | DenialKind::Unregistered => {
+            BrokerError::PermissionDenied(d.reason.clone())
+        }
+        DenialKind::OverAsk | DenialKind::UnknownProfile => {
+            BrokerError::InvalidArgument(d.reason.clone())
+        }
     }
 }
 
@@ -167,7 +174,9 @@ fn refusal_error(r: &Refusal) -> BrokerError {
         Refusal::NotFound | Refusal::NotHolder => BrokerError::NotFound("lease not found".into()),
         Refusal::RequestNotFound => BrokerError::NotFound("access request not found".into()),
         Refusal::QuotaExceeded(_) => BrokerError::ResourceExhausted(r.describe()),
-        Refusal::SelfReview | Refusal::DigestMismatch => BrokerError::PermissionDenied(r.describe()),
+        Refusal::SelfReview | Refusal::DigestMismatch => {
+            BrokerError::PermissionDenied(r.describe())
+        }
         Refusal::Ended(_)
         | Refusal::Expired
         | Refusal::NothingMatched
@@ -192,7 +201,9 @@ impl RateLimiter {
             b.retain(|_, (_, at)| now_ms - *at < 60_000);
         }
         let cap = f64::from(per_minute);
-        let (tokens, at) = b.entry((who.to_owned(), profile.to_owned())).or_insert((cap, now_ms));
+        let (tokens, at) = b
+            .entry((who.to_owned(), profile.to_owned()))
+            .or_insert((cap, now_ms));
         let refill = (now_ms - *at).max(0) as f64 * cap / 60_000.0;
         *tokens = (*tokens + refill).min(cap);
         *at = now_ms;
@@ -264,7 +275,10 @@ impl Broker {
 
     /// The policy in force (a snapshot: a reload swaps it atomically).
     pub fn policy(&self) -> Arc<dyn Policy> {
-        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Access request ids as they change on this replica.
@@ -272,7 +286,12 @@ impl Broker {
         self.changes.subscribe()
     }
 
-    fn event(&self, kind: EventKind, decision: &str, caller: Option<&VerifiedCaller>) -> AuditEvent {
+    fn event(
+        &self,
+        kind: EventKind,
+        decision: &str,
+        caller: Option<&VerifiedCaller>,
+    ) -> AuditEvent {
         let mut e = AuditEvent::new(unix_millis(self.clock.now()), kind, decision);
         if let Some(c) = caller {
             e.caller = Some(c.spiffe_id().to_string());
@@ -290,12 +309,20 @@ impl Broker {
     }
 
     /// Authenticates a request; failures are counted and recorded.
-    pub async fn authenticate(&self, facts: TransportFacts<'_>, rpc: &str) -> Result<VerifiedCaller, BrokerError> {
+    pub async fn authenticate(
+        &self,
+        facts: TransportFacts<'_>,
+        rpc: &str,
+    ) -> Result<VerifiedCaller, BrokerError> {
         match self.authn.authenticate(&facts) {
             Ok(c) => Ok(c),
             Err(err) => {
                 self.metrics.authn_failures.inc();
-                let AuthnError { reason, claimed, method } = &err;
+                let AuthnError {
+                    reason,
+                    claimed,
+                    method,
+                } = &err;
                 let mut e = self.event(EventKind::AuthnFailure, "deny", None);
                 e.claimed_id = claimed.clone();
                 e.auth_method = method.map(|m| m.as_str().to_owned());
@@ -308,7 +335,12 @@ impl Broker {
     }
 
     /// Records a request that an authenticated caller sent malformed, and returns the error.
-    pub async fn reject(&self, caller: &VerifiedCaller, rpc: &str, err: BrokerError) -> BrokerError {
+    pub async fn reject(
+        &self,
+        caller: &VerifiedCaller,
+        rpc: &str,
+        err: BrokerError,
+    ) -> BrokerError {
         self.metrics.denied("invalid_request");
         let mut e = self.event(EventKind::Deny, "deny", Some(caller));
         e.reason = Some(err.to_string());
@@ -317,7 +349,13 @@ impl Broker {
         err
     }
 
-    async fn deny(&self, caller: &VerifiedCaller, rec: RequestRecord, d: &Denial, policy_hash: &str) -> BrokerError {
+    async fn deny(
+        &self,
+        caller: &VerifiedCaller,
+        rec: RequestRecord,
+        d: &Denial,
+        policy_hash: &str,
+    ) -> BrokerError {
         self.metrics.denied(match d.kind {
             DenialKind::NotPermitted => "not_permitted",
             DenialKind::OverAsk => "over_ask",
@@ -350,7 +388,12 @@ impl Broker {
             .map_err(|e| BrokerError::Internal(e.to_string()))
     }
 
-    fn context(&self, caller: &VerifiedCaller, break_glass: bool, approvals: Vec<String>) -> RequestContext {
+    fn context(
+        &self,
+        caller: &VerifiedCaller,
+        break_glass: bool,
+        approvals: Vec<String>,
+    ) -> RequestContext {
         RequestContext {
             now: self.clock.unix_seconds(),
             auth_method: caller.method(),
@@ -377,7 +420,10 @@ impl Broker {
         };
         let credential = self.mint(grant, &terms)?;
         let max = if grant.break_glass {
-            grant.profile.break_glass_max_ttl.unwrap_or(grant.profile.max_ttl)
+            grant
+                .profile
+                .break_glass_max_ttl
+                .unwrap_or(grant.profile.max_ttl)
         } else {
             grant.profile.max_ttl
         };
@@ -409,7 +455,13 @@ impl Broker {
         Ok((credential, lease, e))
     }
 
-    fn settle_issue(&self, applied: Applied, credential: Credential, profile: &str, op: &str) -> Result<Issued, BrokerError> {
+    fn settle_issue(
+        &self,
+        applied: Applied,
+        credential: Credential,
+        profile: &str,
+        op: &str,
+    ) -> Result<Issued, BrokerError> {
         if let Some(r) = &applied.refused {
             self.metrics.denied(match r {
                 Refusal::QuotaExceeded(_) => "quota",
@@ -418,7 +470,9 @@ impl Broker {
             return Err(refusal_error(r));
         }
         let (Some(lease), Some(receipt)) = (applied.lease, applied.receipt) else {
-            return Err(BrokerError::Internal("issue commit returned no lease".into()));
+            return Err(BrokerError::Internal(
+                "issue commit returned no lease".into(),
+            ));
         };
         self.metrics.issued(profile, op);
         Ok(Issued {
@@ -431,14 +485,21 @@ impl Broker {
 
     /// Issues a credential: policy (rate, ceiling, Cedar), then either a pending access
     /// request, or mint + one durable commit + the answer.
-    pub async fn issue(&self, caller: &VerifiedCaller, req: CredentialRequest, opts: IssueOptions) -> Result<IssueOutcome, BrokerError> {
+    pub async fn issue(
+        &self,
+        caller: &VerifiedCaller,
+        req: CredentialRequest,
+        opts: IssueOptions,
+    ) -> Result<IssueOutcome, BrokerError> {
         let policy = self.policy();
         if let Some(profile) = policy.profile(req.profile.as_str()) {
             let who = caller.spiffe_id().to_string();
-            if !self
-                .limiter
-                .take(&who, profile.name.as_str(), profile.requests_per_minute, unix_millis(self.clock.now()))
-            {
+            if !self.limiter.take(
+                &who,
+                profile.name.as_str(),
+                profile.requests_per_minute,
+                unix_millis(self.clock.now()),
+            ) {
                 self.metrics.denied("rate_limited");
                 let msg = format!(
                     "rate limit: at most {} requests per minute per identity on profile {:?}",
@@ -453,14 +514,27 @@ impl Broker {
             }
         }
         if let Some(id) = opts.access_request_id.clone() {
-            return self.redeem(caller, req, &id, policy).await.map(|i| IssueOutcome::Issued(Box::new(i)));
+            return self
+                .redeem(caller, req, &id, policy)
+                .await
+                .map(|i| IssueOutcome::Issued(Box::new(i)));
         }
         let ctx = self.context(caller, opts.break_glass, Vec::new());
         match policy.decide(caller.spiffe_id(), &req, &ctx) {
-            Decision::Deny(d) => Err(self.deny(caller, request_record("IssueCredential", &req), &d, policy.hash()).await),
-            Decision::RequireApproval(grant, need) => self.open_request(caller, &req, &grant, need).await,
+            Decision::Deny(d) => Err(self
+                .deny(
+                    caller,
+                    request_record("IssueCredential", &req),
+                    &d,
+                    policy.hash(),
+                )
+                .await),
+            Decision::RequireApproval(grant, need) => {
+                self.open_request(caller, &req, &grant, need).await
+            }
             Decision::Allow(grant) => {
-                let (credential, lease, mut e) = self.prepare(caller, &req, &grant, "IssueCredential")?;
+                let (credential, lease, mut e) =
+                    self.prepare(caller, &req, &grant, "IssueCredential")?;
                 let break_glass = if grant.break_glass {
                     let now = self.clock.unix_seconds();
                     let spec = RequestSpec::of(&req);
@@ -497,7 +571,8 @@ impl Broker {
                         break_glass,
                     })
                     .await?;
-                let issued = self.settle_issue(applied, credential, grant.profile.name.as_str(), "issue")?;
+                let issued =
+                    self.settle_issue(applied, credential, grant.profile.name.as_str(), "issue")?;
                 if let Some(ar) = &issued.access_request {
                     self.metrics.break_glass.inc();
                     tracing::warn!(
@@ -507,7 +582,12 @@ impl Broker {
                         lease = %issued.lease.id,
                         "BREAK-GLASS issuance: self-approved, awaiting post-review"
                     );
-                    self.notify_request(ar, "access_request.break_glass", &self.reviewers(&policy, ar.profile.as_str(), None), None);
+                    self.notify_request(
+                        ar,
+                        "access_request.break_glass",
+                        &self.reviewers(&policy, ar.profile.as_str(), None),
+                        None,
+                    );
                 }
                 Ok(IssueOutcome::Issued(Box::new(issued)))
             }
@@ -515,7 +595,12 @@ impl Broker {
     }
 
     /// Identities that may review `profile` (optionally only members of `group`).
-    fn reviewers(&self, policy: &Arc<dyn Policy>, profile: &str, group: Option<&str>) -> Vec<String> {
+    fn reviewers(
+        &self,
+        policy: &Arc<dyn Policy>,
+        profile: &str,
+        group: Option<&str>,
+    ) -> Vec<String> {
         let members = group.map(|g| policy.group_members(g));
         policy
             .identities()
@@ -526,7 +611,13 @@ impl Broker {
             .collect()
     }
 
-    fn notify_request(&self, ar: &AccessRequest, event: &str, approvers: &[String], reason: Option<String>) {
+    fn notify_request(
+        &self,
+        ar: &AccessRequest,
+        event: &str,
+        approvers: &[String],
+        reason: Option<String>,
+    ) {
         let _ = self.changes.send(ar.id.clone());
         self.notifier.notify(Notification {
             event: event.to_owned(),
@@ -541,7 +632,13 @@ impl Broker {
         });
     }
 
-    async fn open_request(&self, caller: &VerifiedCaller, req: &CredentialRequest, grant: &Grant, need: ApprovalNeed) -> Result<IssueOutcome, BrokerError> {
+    async fn open_request(
+        &self,
+        caller: &VerifiedCaller,
+        req: &CredentialRequest,
+        grant: &Grant,
+        need: ApprovalNeed,
+    ) -> Result<IssueOutcome, BrokerError> {
         let now = self.clock.unix_seconds();
         let spec = RequestSpec::of(req);
         let ar = AccessRequest {
@@ -566,8 +663,17 @@ impl Broker {
         e.rule = Some(need.rule.clone());
         e.policy_hash = Some(need.policy_hash.clone());
         e.access_request_id = Some(ar.id.clone());
-        e.reason = Some(format!("needs {} approval(s) from {}", need.threshold, need.group));
-        let applied = self.store.apply(LedgerOp::OpenAccessRequest { request: ar, event: e }).await?;
+        e.reason = Some(format!(
+            "needs {} approval(s) from {}",
+            need.threshold, need.group
+        ));
+        let applied = self
+            .store
+            .apply(LedgerOp::OpenAccessRequest {
+                request: ar,
+                event: e,
+            })
+            .await?;
         let ar = applied
             .access_request
             .ok_or_else(|| BrokerError::Internal("open request commit returned nothing".into()))?;
@@ -576,16 +682,32 @@ impl Broker {
         Ok(IssueOutcome::Pending(Box::new(ar), need))
     }
 
-    async fn redeem(&self, caller: &VerifiedCaller, req: CredentialRequest, id: &str, policy: Arc<dyn Policy>) -> Result<Issued, BrokerError> {
+    async fn redeem(
+        &self,
+        caller: &VerifiedCaller,
+        req: CredentialRequest,
+        id: &str,
+        policy: Arc<dyn Policy>,
+    ) -> Result<Issued, BrokerError> {
         let digest = RequestSpec::of(&req).digest(req.profile.as_str());
         // A retry of a redemption that already succeeded (same requester, same exact
         // request) gets the same credential; anything else goes through the checks below.
-        if let Some((d, done)) = self.redeemed.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some((d, done)) = self
+            .redeemed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
             if *d == digest && done.lease.spiffe_id == caller.spiffe_id().to_string() {
                 return Ok(done.clone());
             }
         }
-        let Some(ar) = self.store.access_request(id).await?.filter(|a| a.requester == caller.spiffe_id().to_string()) else {
+        let Some(ar) = self
+            .store
+            .access_request(id)
+            .await?
+            .filter(|a| a.requester == caller.spiffe_id().to_string())
+        else {
             return Err(refusal_error(&Refusal::RequestNotFound));
         };
         if digest != ar.digest {
@@ -610,20 +732,44 @@ impl Broker {
         let ctx = self.context(caller, false, ar.approvers());
         let grant = match policy.decide(caller.spiffe_id(), &req, &ctx) {
             Decision::Allow(g) => g,
-            Decision::Deny(d) => return Err(self.deny(caller, request_record("IssueCredential", &req), &d, policy.hash()).await),
+            Decision::Deny(d) => {
+                return Err(self
+                    .deny(
+                        caller,
+                        request_record("IssueCredential", &req),
+                        &d,
+                        policy.hash(),
+                    )
+                    .await)
+            }
             Decision::RequireApproval(_, need) => {
                 let d = Denial {
                     kind: DenialKind::NotPermitted,
-                    reason: format!("approvals no longer satisfy policy: need {} from {}", need.threshold, need.group),
+                    reason: format!(
+                        "approvals no longer satisfy policy: need {} from {}",
+                        need.threshold, need.group
+                    ),
                     rule: Some(need.rule),
                     violations: Vec::new(),
                 };
-                return Err(self.deny(caller, request_record("IssueCredential", &req), &d, policy.hash()).await);
+                return Err(self
+                    .deny(
+                        caller,
+                        request_record("IssueCredential", &req),
+                        &d,
+                        policy.hash(),
+                    )
+                    .await);
             }
         };
         let (credential, lease, mut e) = self.prepare(caller, &req, &grant, "IssueCredential")?;
         e.access_request_id = Some(ar.id.clone());
-        e.approvals = ar.reviews.iter().filter(|r| r.verdict == Verdict::Approve && !r.post_review).cloned().collect();
+        e.approvals = ar
+            .reviews
+            .iter()
+            .filter(|r| r.verdict == Verdict::Approve && !r.post_review)
+            .cloned()
+            .collect();
         let applied = self
             .store
             .apply(LedgerOp::Redeem {
@@ -635,7 +781,8 @@ impl Broker {
                 event: e,
             })
             .await?;
-        let issued = self.settle_issue(applied, credential, grant.profile.name.as_str(), "redeem")?;
+        let issued =
+            self.settle_issue(applied, credential, grant.profile.name.as_str(), "redeem")?;
         let _ = self.changes.send(ar.id.clone());
         let mut cache = self.redeemed.lock().unwrap_or_else(|p| p.into_inner());
         let now = self.clock.unix_seconds();
@@ -647,30 +794,52 @@ impl Broker {
     }
 
     /// An approver's review of an access request (or the post-review of a break-glass one).
-    pub async fn review(&self, caller: &VerifiedCaller, id: &str, verdict: Verdict, reason: String) -> Result<AccessRequest, BrokerError> {
+    pub async fn review(
+        &self,
+        caller: &VerifiedCaller,
+        id: &str,
+        verdict: Verdict,
+        reason: String,
+    ) -> Result<AccessRequest, BrokerError> {
         let policy = self.policy();
         let mut rec = record("ReviewAccessRequest");
         if reason.trim().is_empty() || reason.len() > 512 {
             return Err(self
-                .reject(caller, "ReviewAccessRequest", BrokerError::InvalidArgument("a reason of 1..=512 characters is required".into()))
+                .reject(
+                    caller,
+                    "ReviewAccessRequest",
+                    BrokerError::InvalidArgument(
+                        "a reason of 1..=512 characters is required".into(),
+                    ),
+                )
                 .await);
         }
         let Some(ar) = self.store.access_request(id).await? else {
             return Err(refusal_error(&Refusal::RequestNotFound));
         };
         rec.profile = Some(ar.profile.to_string());
-        let allowed = policy.authorize_review(caller.spiffe_id(), ar.profile.as_str()).and_then(|rule| {
-            if ar.break_glass || policy.group_members(&ar.group).contains(&caller.spiffe_id().to_string()) {
-                Ok(rule)
-            } else {
-                Err(Denial {
-                    kind: DenialKind::NotPermitted,
-                    reason: format!("{} is not in approver group {:?}", caller.spiffe_id(), ar.group),
-                    rule: None,
-                    violations: Vec::new(),
-                })
-            }
-        });
+        let allowed = policy
+            .authorize_review(caller.spiffe_id(), ar.profile.as_str())
+            .and_then(|rule| {
+                if ar.break_glass
+                    || policy
+                        .group_members(&ar.group)
+                        .contains(&caller.spiffe_id().to_string())
+                {
+                    Ok(rule)
+                } else {
+                    Err(Denial {
+                        kind: DenialKind::NotPermitted,
+                        reason: format!(
+                            "{} is not in approver group {:?}",
+                            caller.spiffe_id(),
+                            ar.group
+                        ),
+                        rule: None,
+                        violations: Vec::new(),
+                    })
+                }
+            });
         let rule = match allowed {
             Ok(r) => r,
             Err(d) => return Err(self.deny(caller, rec, &d, policy.hash()).await),
@@ -711,7 +880,11 @@ impl Broker {
     }
 
     /// One access request, for its requester, its reviewers and operators.
-    pub async fn access_request(&self, caller: &VerifiedCaller, id: &str) -> Result<AccessRequest, BrokerError> {
+    pub async fn access_request(
+        &self,
+        caller: &VerifiedCaller,
+        id: &str,
+    ) -> Result<AccessRequest, BrokerError> {
         let policy = self.policy();
         let ar = self
             .store
@@ -730,7 +903,12 @@ impl Broker {
     }
 
     /// Access requests, by listing kind.
-    pub async fn access_requests(&self, caller: &VerifiedCaller, listing: RequestListing, limit: u32) -> Result<Vec<AccessRequest>, BrokerError> {
+    pub async fn access_requests(
+        &self,
+        caller: &VerifiedCaller,
+        listing: RequestListing,
+        limit: u32,
+    ) -> Result<Vec<AccessRequest>, BrokerError> {
         let policy = self.policy();
         let me = caller.spiffe_id().to_string();
         if listing == RequestListing::Mine {
@@ -746,7 +924,11 @@ impl Broker {
         let reviewable: Vec<String> = policy
             .profiles()
             .iter()
-            .filter(|p| policy.authorize_review(caller.spiffe_id(), p.name.as_str()).is_ok())
+            .filter(|p| {
+                policy
+                    .authorize_review(caller.spiffe_id(), p.name.as_str())
+                    .is_ok()
+            })
             .map(|p| p.name.to_string())
             .collect();
         let filter = AccessFilter {
@@ -768,7 +950,12 @@ impl Broker {
     }
 
     /// Dry run: what policy would decide for the caller's request, and why.
-    pub fn explain(&self, caller: &VerifiedCaller, req: &CredentialRequest, break_glass: bool) -> Explanation {
+    pub fn explain(
+        &self,
+        caller: &VerifiedCaller,
+        req: &CredentialRequest,
+        break_glass: bool,
+    ) -> Explanation {
         let policy = self.policy();
         let ctx = self.context(caller, break_glass, Vec::new());
         explain_with(policy.as_ref(), caller.spiffe_id(), req, &ctx)
@@ -776,7 +963,12 @@ impl Broker {
 
     /// Renews a lease held by the caller: policy is re-checked, a fresh credential is
     /// minted with the same lease id, never beyond the lease's max expiry.
-    pub async fn renew(&self, caller: &VerifiedCaller, id: LeaseId, ttl: Option<Duration>) -> Result<Issued, BrokerError> {
+    pub async fn renew(
+        &self,
+        caller: &VerifiedCaller,
+        id: LeaseId,
+        ttl: Option<Duration>,
+    ) -> Result<Issued, BrokerError> {
         let policy = self.policy();
         let now = self.clock.unix_seconds();
         let lease = match self.store.lease(&id).await? {
@@ -810,11 +1002,14 @@ impl Broker {
         let ctx = self.context(caller, false, Vec::new());
         let grant = match (renewable, policy.decide(caller.spiffe_id(), &req, &ctx)) {
             (true, Decision::Allow(g)) => g,
-            (_, Decision::Deny(d)) => return Err(self.deny(caller, rec(), &d, policy.hash()).await),
+            (_, Decision::Deny(d)) => {
+                return Err(self.deny(caller, rec(), &d, policy.hash()).await)
+            }
             _ => {
                 let d = Denial {
                     kind: DenialKind::NotPermitted,
-                    reason: "this lease needs approval to be issued again; it cannot be renewed".into(),
+                    reason: "this lease needs approval to be issued again; it cannot be renewed"
+                        .into(),
                     rule: None,
                     violations: Vec::new(),
                 };
@@ -883,7 +1078,11 @@ impl Broker {
     }
 
     /// Gives a lease back early.
-    pub async fn release(&self, caller: &VerifiedCaller, id: LeaseId) -> Result<(Lease, Receipt), BrokerError> {
+    pub async fn release(
+        &self,
+        caller: &VerifiedCaller,
+        id: LeaseId,
+    ) -> Result<(Lease, Receipt), BrokerError> {
         let now = self.clock.unix_seconds();
         let mut e = self.event(EventKind::Release, "allow", Some(caller));
         e.request = Some(record("ReleaseLease"));
@@ -900,7 +1099,12 @@ impl Broker {
         self.settled(applied)
     }
 
-    async fn admin(&self, caller: &VerifiedCaller, action: AdminAction, rpc: &str) -> Result<String, BrokerError> {
+    async fn admin(
+        &self,
+        caller: &VerifiedCaller,
+        action: AdminAction,
+        rpc: &str,
+    ) -> Result<String, BrokerError> {
         let policy = self.policy();
         match policy.authorize_admin(caller.spiffe_id(), action) {
             Ok(rule) => Ok(rule),
@@ -909,11 +1113,22 @@ impl Broker {
     }
 
     /// Revokes every active lease the selector covers (platform admin only).
-    pub async fn revoke(&self, caller: &VerifiedCaller, selector: RevokeSelector, reason: String) -> Result<Revoked, BrokerError> {
+    pub async fn revoke(
+        &self,
+        caller: &VerifiedCaller,
+        selector: RevokeSelector,
+        reason: String,
+    ) -> Result<Revoked, BrokerError> {
         let rule = self.admin(caller, AdminAction::Revoke, "Revoke").await?;
         if reason.trim().is_empty() || reason.len() > 512 {
             return Err(self
-                .reject(caller, "Revoke", BrokerError::InvalidArgument("a reason of 1..=512 characters is required".into()))
+                .reject(
+                    caller,
+                    "Revoke",
+                    BrokerError::InvalidArgument(
+                        "a reason of 1..=512 characters is required".into(),
+                    ),
+                )
                 .await);
         }
         let mut e = self.event(EventKind::Revoke, "allow", Some(caller));
@@ -942,14 +1157,23 @@ impl Broker {
     }
 
     /// Lists leases (platform admin only).
-    pub async fn list_leases(&self, caller: &VerifiedCaller, filter: LeaseFilter) -> Result<Vec<Lease>, BrokerError> {
-        self.admin(caller, AdminAction::ListLeases, "ListLeases").await?;
+    pub async fn list_leases(
+        &self,
+        caller: &VerifiedCaller,
+        filter: LeaseFilter,
+    ) -> Result<Vec<Lease>, BrokerError> {
+        self.admin(caller, AdminAction::ListLeases, "ListLeases")
+            .await?;
         Ok(self.store.leases(filter).await?)
     }
 
     /// The non-human identity inventory (platform admin only).
-    pub async fn inventory(&self, caller: &VerifiedCaller) -> Result<Vec<InventoryEntry>, BrokerError> {
-        self.admin(caller, AdminAction::ListIdentities, "ListIdentities").await?;
+    pub async fn inventory(
+        &self,
+        caller: &VerifiedCaller,
+    ) -> Result<Vec<InventoryEntry>, BrokerError> {
+        self.admin(caller, AdminAction::ListIdentities, "ListIdentities")
+            .await?;
         let policy = self.policy();
         let stats: HashMap<String, IdentityStats> = self
             .store
@@ -963,12 +1187,18 @@ impl Broker {
 
     /// Reloads the policy set; a bad policy is refused and the old one stays in force.
     /// `who` is the caller's SPIFFE ID or `signal:SIGHUP`.
-    pub async fn reload_policy(&self, caller: Option<&VerifiedCaller>) -> Result<String, BrokerError> {
+    pub async fn reload_policy(
+        &self,
+        caller: Option<&VerifiedCaller>,
+    ) -> Result<String, BrokerError> {
         if let Some(c) = caller {
-            self.admin(c, AdminAction::ReloadPolicy, "ReloadPolicy").await?;
+            self.admin(c, AdminAction::ReloadPolicy, "ReloadPolicy")
+                .await?;
         }
         let Some(loader) = &self.loader else {
-            return Err(BrokerError::FailedPrecondition("this broker has no policy source to reload from".into()));
+            return Err(BrokerError::FailedPrecondition(
+                "this broker has no policy source to reload from".into(),
+            ));
         };
         let old = self.policy().hash().to_owned();
         let mut e = self.event(EventKind::PolicyReload, "allow", caller);
@@ -990,10 +1220,14 @@ impl Broker {
             Err(err) => {
                 e.decision = "deny".into();
                 e.policy_hash = Some(old.clone());
-                e.reason = Some(format!("reload refused, policy {old} stays in force: {err}"));
+                e.reason = Some(format!(
+                    "reload refused, policy {old} stays in force: {err}"
+                ));
                 self.record_best_effort(e).await;
                 tracing::warn!(error = %err, "policy reload refused; the old policy stays in force");
-                Err(BrokerError::InvalidArgument(format!("policy refused: {err}")))
+                Err(BrokerError::InvalidArgument(format!(
+                    "policy refused: {err}"
+                )))
             }
         }
     }
@@ -1023,7 +1257,10 @@ impl Broker {
 }
 
 /// The inventory from a policy and traffic statistics.
-pub fn inventory_rows(policy: &dyn Policy, stats: &HashMap<String, IdentityStats>) -> Vec<InventoryEntry> {
+pub fn inventory_rows(
+    policy: &dyn Policy,
+    stats: &HashMap<String, IdentityStats>,
+) -> Vec<InventoryEntry> {
     let mut rows = Vec::new();
     for i in policy.identities() {
         let id = i.spiffe_id.to_string();
@@ -1050,7 +1287,11 @@ pub fn inventory_rows(policy: &dyn Policy, stats: &HashMap<String, IdentityStats
         });
     }
     for (id, s) in stats {
-        if policy.identities().iter().any(|i| &i.spiffe_id.to_string() == id) {
+        if policy
+            .identities()
+            .iter()
+            .any(|i| &i.spiffe_id.to_string() == id)
+        {
             continue;
         }
         rows.push(InventoryEntry {
@@ -1074,7 +1315,12 @@ pub fn inventory_rows(policy: &dyn Policy, stats: &HashMap<String, IdentityStats
 }
 
 /// Explains a decision for any SPIFFE ID (the offline `policy explain` uses this too).
-pub fn explain_with(policy: &dyn Policy, id: &SpiffeId, req: &CredentialRequest, ctx: &RequestContext) -> Explanation {
+pub fn explain_with(
+    policy: &dyn Policy,
+    id: &SpiffeId,
+    req: &CredentialRequest,
+    ctx: &RequestContext,
+) -> Explanation {
     let hash = policy.hash().to_owned();
     match policy.decide(id, req, ctx) {
         Decision::Allow(g) => Explanation {
@@ -1088,7 +1334,12 @@ pub fn explain_with(policy: &dyn Policy, id: &SpiffeId, req: &CredentialRequest,
         },
         Decision::Deny(d) => Explanation {
             decision: "deny",
-            policies: d.rule.iter().flat_map(|r| r.split(',')).map(str::to_owned).collect(),
+            policies: d
+                .rule
+                .iter()
+                .flat_map(|r| r.split(','))
+                .map(str::to_owned)
+                .collect(),
             reason: Some(d.reason),
             violations: d.violations,
             missing: None,
@@ -1098,7 +1349,10 @@ pub fn explain_with(policy: &dyn Policy, id: &SpiffeId, req: &CredentialRequest,
         Decision::RequireApproval(g, need) => Explanation {
             decision: "require_approval",
             policies: vec![need.rule.clone()],
-            reason: Some(format!("needs {} approval(s) from {}", need.threshold, need.group)),
+            reason: Some(format!(
+                "needs {} approval(s) from {}",
+                need.threshold, need.group
+            )),
             violations: Vec::new(),
             grant: Some((g.scopes.iter().map(|s| s.to_string()).collect(), g.ttl)),
             missing: Some(need),

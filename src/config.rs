@@ -248,7 +248,8 @@ pub const DEFAULT_REQUESTS_PER_MINUTE: u32 = 600;
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn duration(field: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -274,8 +275,12 @@ impl Config {
         let identities = Self::identities(raw.identities)?;
         let approver_groups = Self::groups(raw.approver_groups)?;
         let quotas = (
-            raw.quotas.max_active_leases.unwrap_or(DEFAULT_MAX_ACTIVE_LEASES),
-            raw.quotas.requests_per_minute.unwrap_or(DEFAULT_REQUESTS_PER_MINUTE),
+            raw.quotas
+                .max_active_leases
+                .unwrap_or(DEFAULT_MAX_ACTIVE_LEASES),
+            raw.quotas
+                .requests_per_minute
+                .unwrap_or(DEFAULT_REQUESTS_PER_MINUTE),
         );
         let mut profiles = Vec::new();
         let mut names = BTreeSet::new();
@@ -368,14 +373,24 @@ impl Config {
         raw.into_iter()
             .map(|g| {
                 if !valid_name(&g.name) || !seen.insert(g.name.clone()) {
-                    return err(format!("approver_groups: invalid or duplicate name {:?}", g.name));
+                    return err(format!(
+                        "approver_groups: invalid or duplicate name {:?}",
+                        g.name
+                    ));
                 }
                 let members = g
                     .members
                     .iter()
-                    .map(|m| SpiffeId::new(m).map_err(|e| ConfigError(format!("approver_groups.{}: {m:?}: {e}", g.name))))
+                    .map(|m| {
+                        SpiffeId::new(m).map_err(|e| {
+                            ConfigError(format!("approver_groups.{}: {m:?}: {e}", g.name))
+                        })
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(ApproverGroup { name: g.name, members })
+                Ok(ApproverGroup {
+                    name: g.name,
+                    members,
+                })
             })
             .collect()
     }
@@ -433,7 +448,10 @@ impl Config {
         }
         if let Some(t) = &p.scope_template {
             if !t.contains("{scope}") {
-                return err(format!("profile {}: scope_template must contain {{scope}}", p.name));
+                return err(format!(
+                    "profile {}: scope_template must contain {{scope}}",
+                    p.name
+                ));
             }
         }
         let approval_ttl = duration(
@@ -444,11 +462,20 @@ impl Config {
         let break_glass_max_ttl = p
             .break_glass_max_ttl
             .as_deref()
-            .map(|v| duration(&format!("profile {}: break_glass_max_ttl", p.name), Some(v), Duration::ZERO))
+            .map(|v| {
+                duration(
+                    &format!("profile {}: break_glass_max_ttl", p.name),
+                    Some(v),
+                    Duration::ZERO,
+                )
+            })
             .transpose()?;
         if let Some(bg) = break_glass_max_ttl {
             if bg.is_zero() || bg > max_ttl {
-                return err(format!("profile {}: break_glass_max_ttl must be between 1s and max_ttl", p.name));
+                return err(format!(
+                    "profile {}: break_glass_max_ttl must be between 1s and max_ttl",
+                    p.name
+                ));
             }
         }
         Ok(Profile {

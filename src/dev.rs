@@ -105,11 +105,16 @@ pub const DEMO_POLICY: &str = include_str!("../policy/demo.cedar");
 /// (an operator's edits survive restarts; `spiffe-broker policy check` validates them).
 pub fn write_demo_policy(dir: &Path) -> Result<(), ServeError> {
     let p = dir.join("policy");
-    std::fs::create_dir_all(&p).map_err(|e| ServeError(format!("cannot create {}: {e}", p.display())))?;
-    for (name, text) in [("schema.cedarschema", DEMO_SCHEMA), ("demo.cedar", DEMO_POLICY)] {
+    std::fs::create_dir_all(&p)
+        .map_err(|e| ServeError(format!("cannot create {}: {e}", p.display())))?;
+    for (name, text) in [
+        ("schema.cedarschema", DEMO_SCHEMA),
+        ("demo.cedar", DEMO_POLICY),
+    ] {
         let f = p.join(name);
         if !f.exists() {
-            std::fs::write(&f, text).map_err(|e| ServeError(format!("cannot write {}: {e}", f.display())))?;
+            std::fs::write(&f, text)
+                .map_err(|e| ServeError(format!("cannot write {}: {e}", f.display())))?;
         }
     }
     Ok(())

@@ -118,7 +118,8 @@ fn opt(field: &str, v: &str, max: usize, spaces: bool) -> Result<Option<String>,
         return Ok(None);
     }
     let ok = v.len() <= max
-        && v.bytes().all(|b| (0x21..=0x7e).contains(&b) || (spaces && b == b' '))
+        && v.bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) || (spaces && b == b' '))
         && !v.starts_with(' ')
         && !v.ends_with(' ');
     if !ok {
@@ -177,7 +178,9 @@ impl Intent {
             let valid = d.split_once(':').is_some_and(|(alg, hex)| {
                 matches!(alg, "sha256" | "sha384" | "sha512")
                     && (64..=128).contains(&hex.len())
-                    && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                    && hex
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             });
             if !valid {
                 return Err(BrokerError::InvalidArgument(format!(
@@ -196,7 +199,11 @@ impl Intent {
         }
         self.on_behalf_of = on_behalf_of
             .iter()
-            .map(|o| opt("on_behalf_of", o, 256, false)?.ok_or_else(|| BrokerError::InvalidArgument("intent on_behalf_of: empty entry".into())))
+            .map(|o| {
+                opt("on_behalf_of", o, 256, false)?.ok_or_else(|| {
+                    BrokerError::InvalidArgument("intent on_behalf_of: empty entry".into())
+                })
+            })
             .collect::<Result<_, _>>()?;
         Ok(self)
     }

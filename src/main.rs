@@ -148,6 +148,7 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum PolicyCommand {
     /// Validate the config and its Cedar policies against the schema; exits non-zero
     /// with the error location.
@@ -380,7 +381,11 @@ fn lease_json(l: &pb::Lease) -> serde_json::Value {
 
 fn state_name(state: i32) -> String {
     pb::AccessRequestState::try_from(state)
-        .map(|s| s.as_str_name().trim_start_matches("ACCESS_REQUEST_STATE_").to_lowercase())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("ACCESS_REQUEST_STATE_")
+                .to_lowercase()
+        })
         .unwrap_or_default()
 }
 
@@ -409,7 +414,11 @@ fn access_request_json(r: &pb::AccessRequest) -> serde_json::Value {
 
 fn intent_json(i: &pb::Intent) -> serde_json::Value {
     let mut v = json!({"action": i.action, "target": i.target});
-    for (k, val) in [("artifact_digest", &i.artifact_digest), ("ticket", &i.ticket), ("justification", &i.justification)] {
+    for (k, val) in [
+        ("artifact_digest", &i.artifact_digest),
+        ("ticket", &i.ticket),
+        ("justification", &i.justification),
+    ] {
         if !val.is_empty() {
             v[k] = json!(val);
         }
@@ -423,11 +432,17 @@ fn intent_json(i: &pb::Intent) -> serde_json::Value {
 async fn review(conn: &ConnArgs, id: String, approve: bool, reason: String) -> Result<(), String> {
     let ch = channel(conn).await?;
     let resp = pb::approvals_client::ApprovalsClient::new(ch)
-        .review_access_request(pb::ReviewAccessRequestRequest { id, approve, reason })
+        .review_access_request(pb::ReviewAccessRequestRequest {
+            id,
+            approve,
+            reason,
+        })
         .await
         .map_err(status_msg)?
         .into_inner();
-    let r = resp.access_request.ok_or("no access request in the response")?;
+    let r = resp
+        .access_request
+        .ok_or("no access request in the response")?;
     out!("{}", access_request_json(&r));
     Ok(())
 }
@@ -454,7 +469,8 @@ async fn policy_command(command: PolicyCommand) -> Result<(), String> {
     match command {
         PolicyCommand::Check { config } => {
             let c = Config::load(&config).map_err(fail)?;
-            let p = spiffe_broker::policy::CedarPolicy::load(&c).map_err(|e| format!("policy refused:\n{e}"))?;
+            let p = spiffe_broker::policy::CedarPolicy::load(&c)
+                .map_err(|e| format!("policy refused:\n{e}"))?;
             use spiffe_broker::policy::Policy as _;
             out!(
                 "{}",
@@ -469,7 +485,8 @@ async fn policy_command(command: PolicyCommand) -> Result<(), String> {
             ..
         } => {
             let c = Config::load(&config).map_err(fail)?;
-            let p = spiffe_broker::policy::CedarPolicy::load(&c).map_err(|e| format!("policy refused:\n{e}"))?;
+            let p = spiffe_broker::policy::CedarPolicy::load(&c)
+                .map_err(|e| format!("policy refused:\n{e}"))?;
             let id = spiffe_id.ok_or("--spiffe-id is required with --config")?;
             let id = spiffe::SpiffeId::new(&id).map_err(|e| format!("--spiffe-id: {e}"))?;
             let req = spiffe_broker::api::parse_issue_request(&spec.to_pb()?).map_err(fail)?;
@@ -481,13 +498,23 @@ async fn policy_command(command: PolicyCommand) -> Result<(), String> {
                 approvals: Vec::new(),
             };
             let e = spiffe_broker::broker::explain_with(&p, &id, &req, &ctx);
-            out!("{}", explanation_json(&spiffe_broker::api::explanation_to_pb(&e)));
+            out!(
+                "{}",
+                explanation_json(&spiffe_broker::api::explanation_to_pb(&e))
+            );
             Ok(())
         }
-        PolicyCommand::Explain { config: None, spec, conn, .. } => {
+        PolicyCommand::Explain {
+            config: None,
+            spec,
+            conn,
+            ..
+        } => {
             let ch = channel(&conn).await?;
             let resp = pb::credential_broker_client::CredentialBrokerClient::new(ch)
-                .explain_decision(pb::ExplainDecisionRequest { request: Some(spec.to_pb()?) })
+                .explain_decision(pb::ExplainDecisionRequest {
+                    request: Some(spec.to_pb()?),
+                })
                 .await
                 .map_err(status_msg)?
                 .into_inner();
@@ -534,7 +561,8 @@ fn issued_json(
 /// SIGHUP reloads the policy; a bad policy is refused and the old one stays in force.
 fn reload_on_sighup(broker: Arc<spiffe_broker::broker::Broker>) {
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
             return;
         };
         while hup.recv().await.is_some() {
@@ -670,13 +698,32 @@ async fn run(cli: Cli) -> Result<(), String> {
             req.access_request_id = a.access_request.clone().unwrap_or_default();
             let ch = channel(&a.conn).await?;
             let mut client = pb::credential_broker_client::CredentialBrokerClient::new(ch);
-            let resp = client.issue_credential(req.clone()).await.map_err(status_msg)?.into_inner();
-            let Some(pending) = resp.access_request.clone().filter(|_| resp.credential.is_none()) else {
-                out!("{}", issued_json(resp.credential, resp.lease, resp.receipt, resp.access_request));
+            let resp = client
+                .issue_credential(req.clone())
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            let Some(pending) = resp
+                .access_request
+                .clone()
+                .filter(|_| resp.credential.is_none())
+            else {
+                out!(
+                    "{}",
+                    issued_json(
+                        resp.credential,
+                        resp.lease,
+                        resp.receipt,
+                        resp.access_request
+                    )
+                );
                 return Ok(());
             };
             if !a.wait {
-                out!("{}", json!({"status": "pending", "access_request": access_request_json(&pending)}));
+                out!(
+                    "{}",
+                    json!({"status": "pending", "access_request": access_request_json(&pending)})
+                );
                 return Ok(());
             }
             eprintln!(
@@ -684,7 +731,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 pending.threshold, pending.approver_group, pending.id
             );
             let mut stream = client
-                .watch_access_request(pb::GetAccessRequestRequest { id: pending.id.clone() })
+                .watch_access_request(pb::GetAccessRequestRequest {
+                    id: pending.id.clone(),
+                })
                 .await
                 .map_err(status_msg)?
                 .into_inner();
@@ -703,8 +752,20 @@ async fn run(cli: Cli) -> Result<(), String> {
                 ));
             }
             req.access_request_id = last.id.clone();
-            let resp = client.issue_credential(req).await.map_err(status_msg)?.into_inner();
-            out!("{}", issued_json(resp.credential, resp.lease, resp.receipt, resp.access_request));
+            let resp = client
+                .issue_credential(req)
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            out!(
+                "{}",
+                issued_json(
+                    resp.credential,
+                    resp.lease,
+                    resp.receipt,
+                    resp.access_request
+                )
+            );
             Ok(())
         }
         Command::Approve { id, reason, conn } => review(&conn, id, true, reason).await,
@@ -716,7 +777,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 "to-review" => Filter::ToReview,
                 "mine" => Filter::Mine,
                 "post-review" => Filter::AwaitingPostReview,
-                other => return Err(format!("--filter: unknown filter {other:?} (pending, to-review, mine, post-review)")),
+                other => return Err(format!(
+                    "--filter: unknown filter {other:?} (pending, to-review, mine, post-review)"
+                )),
             };
             let ch = channel(&conn).await?;
             let resp = pb::approvals_client::ApprovalsClient::new(ch)
@@ -740,7 +803,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status_msg)?
                 .into_inner();
             for i in &resp.identities {
-                let t = |ts: &Option<prost_types::Timestamp>| ts.as_ref().map(|t| rfc3339(t.seconds));
+                let t =
+                    |ts: &Option<prost_types::Timestamp>| ts.as_ref().map(|t| rfc3339(t.seconds));
                 out!(
                     "{}",
                     json!({
@@ -777,7 +841,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_msg)?
                 .into_inner();
-            out!("{}", issued_json(resp.credential, resp.lease, resp.receipt, None));
+            out!(
+                "{}",
+                issued_json(resp.credential, resp.lease, resp.receipt, None)
+            );
             Ok(())
         }
         Command::Release { lease, conn } => {

@@ -56,7 +56,11 @@ impl Metrics {
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let ledger_failures = Counter::default();
         let break_glass = Counter::default();
-        registry.register("break_glass_issuances", "Credentials issued under break-glass, awaiting post-review", break_glass.clone());
+        registry.register(
+            "break_glass_issuances",
+            "Credentials issued under break-glass, awaiting post-review",
+            break_glass.clone(),
+        );
         registry.register(
             "credentials_issued",
             "Credentials issued (including renewals)",

@@ -67,7 +67,10 @@ async fn issue_verify_renew_release() {
     assert_eq!(issue_entry["credential_sha256"], lease.credential_sha256);
     assert_eq!(issue_entry["caller"], DEPLOY_AGENT);
     assert_eq!(issue_entry["auth_method"], "x509-svid");
-    assert_eq!(issue_entry["rule"], "gpu-provisioning/submit", "the determining Cedar policy");
+    assert_eq!(
+        issue_entry["rule"], "gpu-provisioning/submit",
+        "the determining Cedar policy"
+    );
     assert_eq!(issue_entry["policy_hash"].as_str().map(str::len), Some(64));
 
     // Renew: later expiry, fresh token, same lease id.

@@ -236,8 +236,8 @@ async fn conformance(store: Arc<dyn Store>) {
             st.apply(LedgerOp::Issue {
                 lease: l,
                 event: ev(EventKind::Issue, Some(&id)),
-            max_active: None,
-            break_glass: None,
+                max_active: None,
+                break_glass: None,
             })
             .await
             .expect("commit")

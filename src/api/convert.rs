@@ -7,8 +7,8 @@ use prost_types::Timestamp;
 use super::DEFAULT_PAGE_SIZE;
 use crate::broker::{Explanation, InventoryEntry};
 use crate::domain::{
-    parse_ttl, AccessRequest, AccessState, CredentialRequest, Intent, Lease, LeaseFilter, LeaseId, LeaseState,
-    ProfileName, RevokeSelector, Scope, Verdict,
+    parse_ttl, AccessRequest, AccessState, CredentialRequest, Intent, Lease, LeaseFilter, LeaseId,
+    LeaseState, ProfileName, RevokeSelector, Scope, Verdict,
 };
 use crate::error::BrokerError;
 use crate::issuer::Credential;
@@ -212,10 +212,18 @@ pub fn explanation_to_pb(e: &Explanation) -> pb::ExplainDecisionResponse {
         determining_policies: e.policies.clone(),
         reason: e.reason.clone().unwrap_or_default(),
         violations: e.violations.clone(),
-        approver_group: e.missing.as_ref().map(|m| m.group.clone()).unwrap_or_default(),
+        approver_group: e
+            .missing
+            .as_ref()
+            .map(|m| m.group.clone())
+            .unwrap_or_default(),
         approvals_required: e.missing.as_ref().map_or(0, |m| m.threshold),
         approvals_present: e.missing.as_ref().map_or(0, |m| m.have),
-        eligible_approvers: e.missing.as_ref().map(|m| m.eligible.clone()).unwrap_or_default(),
+        eligible_approvers: e
+            .missing
+            .as_ref()
+            .map(|m| m.eligible.clone())
+            .unwrap_or_default(),
         granted_scopes: scopes,
         granted_ttl: e.grant.as_ref().map(|_| prost_types::Duration {
             seconds: ttl.as_secs() as i64,
@@ -227,10 +235,12 @@ pub fn explanation_to_pb(e: &Explanation) -> pb::ExplainDecisionResponse {
 
 /// An inventory row as the API shows it.
 pub fn identity_to_pb(i: &InventoryEntry) -> pb::Identity {
-    let ms = |v: Option<i64>| v.map(|ms| Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    });
+    let ms = |v: Option<i64>| {
+        v.map(|ms| Timestamp {
+            seconds: ms.div_euclid(1000),
+            nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+        })
+    };
     pb::Identity {
         spiffe_id: i.spiffe_id.clone(),
         registered: i.registered,
@@ -246,7 +256,11 @@ pub fn identity_to_pb(i: &InventoryEntry) -> pb::Identity {
                 resource: p.resource.clone(),
                 policy: p.policy.clone(),
                 conditional: p.conditional,
-                approval_group: p.approvals.as_ref().map(|a| a.0.clone()).unwrap_or_default(),
+                approval_group: p
+                    .approvals
+                    .as_ref()
+                    .map(|a| a.0.clone())
+                    .unwrap_or_default(),
                 approvals: p.approvals.as_ref().map_or(0, |a| a.1),
             })
             .collect(),

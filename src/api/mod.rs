@@ -10,8 +10,8 @@ use tonic::{Request, Response, Status};
 
 use crate::authn::TransportFacts;
 use crate::broker::{Broker, IssueOptions, IssueOutcome, RequestListing};
-use crate::domain::Verdict;
 use crate::domain::LeaseId;
+use crate::domain::Verdict;
 use crate::error::{to_status, BrokerError};
 use crate::proto::v1 as pb;
 use crate::server::tls::PeerInfo;
@@ -212,7 +212,9 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
                 Ok(id) => id,
                 Err(e) => return Err(b.reject(&caller, "GetAccessRequest", e).await),
             };
-            Ok(access_request_to_pb(&b.access_request(&caller, id.as_str()).await?))
+            Ok(access_request_to_pb(
+                &b.access_request(&caller, id.as_str()).await?,
+            ))
         })
         .await
     }
@@ -222,7 +224,10 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
         request: Request<pb::GetAccessRequestRequest>,
     ) -> Result<Response<Self::WatchAccessRequestStream>, Status> {
         let b = self.broker.clone();
-        let caller = b.authenticate(facts(&request), "WatchAccessRequest").await.map_err(to_status)?;
+        let caller = b
+            .authenticate(facts(&request), "WatchAccessRequest")
+            .await
+            .map_err(to_status)?;
         let id = match LeaseId::parse(&request.get_ref().id) {
             Ok(id) => id.to_string(),
             Err(e) => return Err(to_status(b.reject(&caller, "WatchAccessRequest", e).await)),
@@ -259,7 +264,9 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn explain_decision(
@@ -274,7 +281,11 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
                 Ok(r) => r,
                 Err(e) => return Err(b.reject(&caller, "ExplainDecision", e).await),
             };
-            Ok(convert::explanation_to_pb(&b.explain(&caller, &req, inner.break_glass)))
+            Ok(convert::explanation_to_pb(&b.explain(
+                &caller,
+                &req,
+                inner.break_glass,
+            )))
         })
         .await
     }
@@ -291,7 +302,9 @@ impl pb::approvals_server::Approvals for ApprovalsService {
     ) -> Result<Response<pb::ListAccessRequestsResponse>, Status> {
         let b = &self.broker;
         rpc(b, "ListAccessRequests", async {
-            let caller = b.authenticate(facts(&request), "ListAccessRequests").await?;
+            let caller = b
+                .authenticate(facts(&request), "ListAccessRequests")
+                .await?;
             let r = request.get_ref();
             use pb::list_access_requests_request::Filter;
             let listing = match Filter::try_from(r.filter) {
@@ -301,16 +314,28 @@ impl pb::approvals_server::Approvals for ApprovalsService {
                 Ok(Filter::AwaitingPostReview) => RequestListing::AwaitingPostReview,
                 Err(_) => {
                     return Err(b
-                        .reject(&caller, "ListAccessRequests", BrokerError::InvalidArgument("unknown filter".into()))
+                        .reject(
+                            &caller,
+                            "ListAccessRequests",
+                            BrokerError::InvalidArgument("unknown filter".into()),
+                        )
                         .await)
                 }
             };
             if r.page_size > 1000 {
                 return Err(b
-                    .reject(&caller, "ListAccessRequests", BrokerError::InvalidArgument("page_size must be at most 1000".into()))
+                    .reject(
+                        &caller,
+                        "ListAccessRequests",
+                        BrokerError::InvalidArgument("page_size must be at most 1000".into()),
+                    )
                     .await);
             }
-            let limit = if r.page_size == 0 { DEFAULT_PAGE_SIZE } else { r.page_size };
+            let limit = if r.page_size == 0 {
+                DEFAULT_PAGE_SIZE
+            } else {
+                r.page_size
+            };
             let rows = b.access_requests(&caller, listing, limit).await?;
             Ok(pb::ListAccessRequestsResponse {
                 access_requests: rows.iter().map(access_request_to_pb).collect(),
@@ -325,14 +350,22 @@ impl pb::approvals_server::Approvals for ApprovalsService {
     ) -> Result<Response<pb::ReviewAccessRequestResponse>, Status> {
         let b = &self.broker;
         rpc(b, "ReviewAccessRequest", async {
-            let caller = b.authenticate(facts(&request), "ReviewAccessRequest").await?;
+            let caller = b
+                .authenticate(facts(&request), "ReviewAccessRequest")
+                .await?;
             let r = request.get_ref();
             let id = match LeaseId::parse(&r.id) {
                 Ok(id) => id,
                 Err(e) => return Err(b.reject(&caller, "ReviewAccessRequest", e).await),
             };
-            let verdict = if r.approve { Verdict::Approve } else { Verdict::Deny };
-            let ar = b.review(&caller, id.as_str(), verdict, r.reason.clone()).await?;
+            let verdict = if r.approve {
+                Verdict::Approve
+            } else {
+                Verdict::Deny
+            };
+            let ar = b
+                .review(&caller, id.as_str(), verdict, r.reason.clone())
+                .await?;
             Ok(pb::ReviewAccessRequestResponse {
                 access_request: Some(access_request_to_pb(&ar)),
             })

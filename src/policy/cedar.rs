@@ -7,13 +7,16 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use cedar_policy::{
-    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request,
-    RestrictedExpression, Schema, ValidationMode, Validator,
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use serde_json::json;
 use spiffe::SpiffeId;
 
-use super::{AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Policy, RequestContext};
+use super::{
+    AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Policy,
+    RequestContext,
+};
 use crate::clock::format_duration;
 use crate::config::{ApproverGroup, Config, Identity, Profile};
 use crate::domain::{CredentialRequest, Scope};
@@ -37,7 +40,12 @@ fn locate(diag: &dyn miette::Diagnostic, file: &str, text: &str) -> String {
         let offset = l.offset().min(text.len());
         let before = &text[..offset];
         let line = before.matches('\n').count() + 1;
-        let col = before.rsplit('\n').next().map(|s| s.chars().count()).unwrap_or(0) + 1;
+        let col = before
+            .rsplit('\n')
+            .next()
+            .map(|s| s.chars().count())
+            .unwrap_or(0)
+            + 1;
         let label = l.label().map(|s| format!(" [{s}]")).unwrap_or_default();
         out.push_str(&format!("{file}:{line}:{col}: {msg}{label}"));
     }
@@ -51,7 +59,8 @@ fn locate(diag: &dyn miette::Diagnostic, file: &str, text: &str) -> String {
 }
 
 fn uid(kind: &str, id: &str) -> Result<EntityUid, PolicyError> {
-    let t = EntityTypeName::from_str(&format!("{NS}::{kind}")).map_err(|e| PolicyError(e.to_string()))?;
+    let t = EntityTypeName::from_str(&format!("{NS}::{kind}"))
+        .map_err(|e| PolicyError(e.to_string()))?;
     Ok(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
 }
 
@@ -73,12 +82,15 @@ pub struct CedarPolicy {
 
 impl std::fmt::Debug for CedarPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CedarPolicy").field("hash", &self.hash).finish_non_exhaustive()
+        f.debug_struct("CedarPolicy")
+            .field("hash", &self.hash)
+            .finish_non_exhaustive()
     }
 }
 
 fn read(path: &Path) -> Result<String, PolicyError> {
-    std::fs::read_to_string(path).map_err(|e| PolicyError(format!("cannot read {}: {e}", path.display())))
+    std::fs::read_to_string(path)
+        .map_err(|e| PolicyError(format!("cannot read {}: {e}", path.display())))
 }
 
 impl CedarPolicy {
@@ -87,8 +99,9 @@ impl CedarPolicy {
     pub fn load(config: &Config) -> Result<Self, PolicyError> {
         let schema_path = &config.policy.schema;
         let schema_text = read(schema_path)?;
-        let (schema, _warnings) = Schema::from_cedarschema_str(&schema_text)
-            .map_err(|e| PolicyError(locate(&e, &schema_path.display().to_string(), &schema_text)))?;
+        let (schema, _warnings) = Schema::from_cedarschema_str(&schema_text).map_err(|e| {
+            PolicyError(locate(&e, &schema_path.display().to_string(), &schema_text))
+        })?;
 
         let mut policies = PolicySet::new();
         let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
@@ -97,12 +110,17 @@ impl CedarPolicy {
         for path in &config.policy.files {
             let file = path.display().to_string();
             let text = read(path)?;
-            let parsed = PolicySet::from_str(&text).map_err(|e| PolicyError(locate(&e, &file, &text)))?;
+            let parsed =
+                PolicySet::from_str(&text).map_err(|e| PolicyError(locate(&e, &file, &text)))?;
             for (n, p) in parsed.policies().enumerate() {
-                let id = p
-                    .annotation("id")
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| format!("{}#{n}", path.file_name().and_then(|f| f.to_str()).unwrap_or("policy")));
+                let id = p.annotation("id").map(str::to_owned).unwrap_or_else(|| {
+                    format!(
+                        "{}#{n}",
+                        path.file_name()
+                            .and_then(|f| f.to_str())
+                            .unwrap_or("policy")
+                    )
+                });
                 if p.annotation("approval_group").is_some() != p.annotation("approvals").is_some() {
                     return Err(PolicyError(format!(
                         "{file}: policy {id:?} needs both @approval_group and @approvals, or neither"
@@ -110,12 +128,16 @@ impl CedarPolicy {
                 }
                 if let Some(n) = p.annotation("approvals") {
                     if n.parse::<u32>().map_or(true, |n| n == 0 || n > 16) {
-                        return Err(PolicyError(format!("{file}: policy {id:?}: @approvals must be 1..=16")));
+                        return Err(PolicyError(format!(
+                            "{file}: policy {id:?}: @approvals must be 1..=16"
+                        )));
                     }
                 }
                 if let Some(g) = p.annotation("approval_group") {
                     if !config.approver_groups.iter().any(|x| x.name == g) {
-                        return Err(PolicyError(format!("{file}: policy {id:?}: unknown approver group {g:?}")));
+                        return Err(PolicyError(format!(
+                            "{file}: policy {id:?}: unknown approver group {g:?}"
+                        )));
                     }
                 }
                 sources.insert(id.clone(), (file.clone(), text.clone()));
@@ -131,7 +153,10 @@ impl CedarPolicy {
             let errors: Vec<String> = validation
                 .validation_errors()
                 .map(|e| {
-                    let (file, text) = sources.get(e.policy_id().to_string().as_str()).cloned().unwrap_or_default();
+                    let (file, text) = sources
+                        .get(e.policy_id().to_string().as_str())
+                        .cloned()
+                        .unwrap_or_default();
                     locate(e, &file, &text)
                 })
                 .collect();
@@ -158,7 +183,9 @@ impl CedarPolicy {
     }
 
     fn entities(config: &Config, schema: &Schema) -> Result<Entities, PolicyError> {
-        let err = |e: &dyn std::fmt::Display| PolicyError(format!("building policy entities from the config: {e}"));
+        let err = |e: &dyn std::fmt::Display| {
+            PolicyError(format!("building policy entities from the config: {e}"))
+        };
         let mut list = Vec::new();
         let mut roles: BTreeSet<String> = BTreeSet::new();
         for i in &config.identities {
@@ -167,14 +194,21 @@ impl CedarPolicy {
                 roles.insert(r.clone());
                 parents.insert(uid("Role", r)?);
             }
-            for g in config.approver_groups.iter().filter(|g| g.members.contains(&i.spiffe_id)) {
+            for g in config
+                .approver_groups
+                .iter()
+                .filter(|g| g.members.contains(&i.spiffe_id))
+            {
                 parents.insert(uid("ApproverGroup", &g.name)?);
             }
             let attrs = HashMap::from([
                 ("owner".to_owned(), s(&i.owner)),
                 ("environment".to_owned(), s(&i.environment)),
             ]);
-            list.push(Entity::new(uid("Workload", &i.spiffe_id.to_string())?, attrs, parents).map_err(|e| err(&e))?);
+            list.push(
+                Entity::new(uid("Workload", &i.spiffe_id.to_string())?, attrs, parents)
+                    .map_err(|e| err(&e))?,
+            );
         }
         for g in &config.approver_groups {
             for m in &g.members {
@@ -185,7 +219,10 @@ impl CedarPolicy {
                     )));
                 }
             }
-            list.push(Entity::new_no_attrs(uid("ApproverGroup", &g.name)?, HashSet::new()));
+            list.push(Entity::new_no_attrs(
+                uid("ApproverGroup", &g.name)?,
+                HashSet::new(),
+            ));
         }
         for r in roles {
             list.push(Entity::new_no_attrs(uid("Role", &r)?, HashSet::new()));
@@ -193,12 +230,24 @@ impl CedarPolicy {
         for p in &config.profiles {
             let attrs = HashMap::from([
                 ("audience".to_owned(), s(&p.audience)),
-                ("max_ttl_secs".to_owned(), RestrictedExpression::new_long(p.max_ttl.as_secs() as i64)),
-                ("break_glass_allowed".to_owned(), RestrictedExpression::new_bool(p.break_glass_max_ttl.is_some())),
+                (
+                    "max_ttl_secs".to_owned(),
+                    RestrictedExpression::new_long(p.max_ttl.as_secs() as i64),
+                ),
+                (
+                    "break_glass_allowed".to_owned(),
+                    RestrictedExpression::new_bool(p.break_glass_max_ttl.is_some()),
+                ),
             ]);
-            list.push(Entity::new(uid("Profile", p.name.as_str())?, attrs, HashSet::new()).map_err(|e| err(&e))?);
+            list.push(
+                Entity::new(uid("Profile", p.name.as_str())?, attrs, HashSet::new())
+                    .map_err(|e| err(&e))?,
+            );
         }
-        list.push(Entity::new_no_attrs(uid("Broker", "broker")?, HashSet::new()));
+        list.push(Entity::new_no_attrs(
+            uid("Broker", "broker")?,
+            HashSet::new(),
+        ));
         Entities::from_entities(list, Some(schema)).map_err(|e| err(&e))
     }
 
@@ -207,7 +256,13 @@ impl CedarPolicy {
     }
 
     /// Evaluates one Cedar request; returns (allowed, determining policy ids).
-    fn evaluate(&self, principal: &SpiffeId, action: &str, resource: EntityUid, context: serde_json::Value) -> Result<(bool, Vec<PolicyId>), PolicyError> {
+    fn evaluate(
+        &self,
+        principal: &SpiffeId,
+        action: &str,
+        resource: EntityUid,
+        context: serde_json::Value,
+    ) -> Result<(bool, Vec<PolicyId>), PolicyError> {
         let action = Self::action(action)?;
         let context = Context::from_json_value(context, Some((&self.schema, &action)))
             .map_err(|e| PolicyError(format!("policy context: {e}")))?;
@@ -219,7 +274,9 @@ impl CedarPolicy {
             Some(&self.schema),
         )
         .map_err(|e| PolicyError(format!("policy request: {e}")))?;
-        let response = self.authorizer.is_authorized(&request, &self.policies, &self.entities);
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &self.entities);
         for e in response.diagnostics().errors() {
             tracing::warn!(error = %e, "a policy errored during evaluation and was skipped");
         }
@@ -251,25 +308,39 @@ impl CedarPolicy {
     }
 
     /// The profile ceiling: every way the request exceeds it.
-    fn ceiling(profile: &Profile, request: &CredentialRequest, ctx: &RequestContext) -> (Vec<String>, bool, BTreeSet<Scope>, std::time::Duration) {
+    fn ceiling(
+        profile: &Profile,
+        request: &CredentialRequest,
+        ctx: &RequestContext,
+    ) -> (Vec<String>, bool, BTreeSet<Scope>, std::time::Duration) {
         let name = profile.name.as_str();
         let mut v = Vec::new();
         let mut permission = false;
         if profile.require_intent && request.intent.is_none() {
-            v.push(format!("profile {name:?} requires a stated intent (action and target)"));
+            v.push(format!(
+                "profile {name:?} requires a stated intent (action and target)"
+            ));
         }
         let scopes = if request.scopes.is_empty() {
             if profile.default_scopes.is_empty() {
-                v.push(format!("profile {name:?} has no default scopes; name at least one"));
+                v.push(format!(
+                    "profile {name:?} has no default scopes; name at least one"
+                ));
             }
             profile.default_scopes.clone()
         } else {
             request.scopes.clone()
         };
-        let beyond: Vec<&str> = scopes.difference(&profile.scopes).map(|s| s.as_str()).collect();
+        let beyond: Vec<&str> = scopes
+            .difference(&profile.scopes)
+            .map(|s| s.as_str())
+            .collect();
         if !beyond.is_empty() {
             permission = true;
-            v.push(format!("scope {} exceeds the ceiling of profile {name:?}", beyond.join(", ")));
+            v.push(format!(
+                "scope {} exceeds the ceiling of profile {name:?}",
+                beyond.join(", ")
+            ));
         }
         let mut max = profile.max_ttl;
         let mut default = profile.default_ttl;
@@ -281,7 +352,12 @@ impl CedarPolicy {
                     default = default.min(bg);
                 }
             }
-            if request.intent.as_ref().and_then(|i| i.justification.as_ref()).is_none() {
+            if request
+                .intent
+                .as_ref()
+                .and_then(|i| i.justification.as_ref())
+                .is_none()
+            {
                 v.push("break-glass requires an intent justification".into());
             }
         }
@@ -290,21 +366,40 @@ impl CedarPolicy {
             v.push(format!(
                 "ttl {} exceeds the {} {} of profile {name:?}",
                 format_duration(ttl),
-                if ctx.break_glass { "break_glass_max_ttl" } else { "max_ttl" },
+                if ctx.break_glass {
+                    "break_glass_max_ttl"
+                } else {
+                    "max_ttl"
+                },
                 format_duration(max),
             ));
         }
-        if profile.scope_template.as_deref().is_some_and(|t| t.contains("{target}")) && request.intent.is_none() {
-            v.push(format!("profile {name:?} derives scopes from the intent target; state an intent"));
+        if profile
+            .scope_template
+            .as_deref()
+            .is_some_and(|t| t.contains("{target}"))
+            && request.intent.is_none()
+        {
+            v.push(format!(
+                "profile {name:?} derives scopes from the intent target; state an intent"
+            ));
         }
         (v, permission, scopes, ttl)
     }
 
-    fn render_scopes(profile: &Profile, scopes: &BTreeSet<Scope>, request: &CredentialRequest) -> Result<Vec<Scope>, String> {
+    fn render_scopes(
+        profile: &Profile,
+        scopes: &BTreeSet<Scope>,
+        request: &CredentialRequest,
+    ) -> Result<Vec<Scope>, String> {
         let Some(t) = &profile.scope_template else {
             return Ok(scopes.iter().cloned().collect());
         };
-        let target = request.intent.as_ref().map(|i| i.target.as_str()).unwrap_or_default();
+        let target = request
+            .intent
+            .as_ref()
+            .map(|i| i.target.as_str())
+            .unwrap_or_default();
         scopes
             .iter()
             .map(|s| {
@@ -316,7 +411,12 @@ impl CedarPolicy {
 }
 
 impl Policy for CedarPolicy {
-    fn decide(&self, caller: &SpiffeId, request: &CredentialRequest, ctx: &RequestContext) -> Decision {
+    fn decide(
+        &self,
+        caller: &SpiffeId,
+        request: &CredentialRequest,
+        ctx: &RequestContext,
+    ) -> Decision {
         let Some(profile) = self.profile(request.profile.as_str()) else {
             return Decision::Deny(Denial {
                 kind: DenialKind::UnknownProfile,
@@ -331,7 +431,11 @@ impl Policy for CedarPolicy {
         let (violations, permission, scopes, ttl) = Self::ceiling(&profile, request, ctx);
         if !violations.is_empty() {
             return Decision::Deny(Denial {
-                kind: if permission { DenialKind::NotPermitted } else { DenialKind::OverAsk },
+                kind: if permission {
+                    DenialKind::NotPermitted
+                } else {
+                    DenialKind::OverAsk
+                },
                 reason: violations.join("; "),
                 rule: Some(format!("profile:{}/ceiling", profile.name)),
                 violations,
@@ -350,7 +454,8 @@ impl Policy for CedarPolicy {
         };
         let approvers: BTreeSet<&String> = ctx.approvals.iter().collect();
         let intent = request.intent.as_ref().map(|i| {
-            let mut o = json!({"action": i.action, "target": i.target, "on_behalf_of": i.on_behalf_of});
+            let mut o =
+                json!({"action": i.action, "target": i.target, "on_behalf_of": i.on_behalf_of});
             if let Some(d) = &i.artifact_digest {
                 o["artifact_digest"] = json!(d);
             }
@@ -406,10 +511,17 @@ impl Policy for CedarPolicy {
             Ok(v) => v,
             Err(e) => return Decision::Deny(Self::internal(e)),
         };
-        let id_list = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        let id_list = ids
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         if !allowed {
             let reason = if ids.is_empty() {
-                format!("{caller} may not request profile {:?} (no policy permits it)", profile.name.as_str())
+                format!(
+                    "{caller} may not request profile {:?} (no policy permits it)",
+                    profile.name.as_str()
+                )
             } else {
                 format!("forbidden by policy {id_list}")
             };
@@ -424,7 +536,10 @@ impl Policy for CedarPolicy {
         let mut needs: Vec<(String, String, u32)> = Vec::new();
         for id in &ids {
             let group = self.policies.annotation(id, "approval_group");
-            let n = self.policies.annotation(id, "approvals").and_then(|n| n.parse::<u32>().ok());
+            let n = self
+                .policies
+                .annotation(id, "approvals")
+                .and_then(|n| n.parse::<u32>().ok());
             match (group, n) {
                 (Some(g), Some(n)) => needs.push((id.to_string(), g.to_owned(), n)),
                 _ => {
@@ -435,7 +550,9 @@ impl Policy for CedarPolicy {
         }
         needs.sort_by_key(|(id, _, n)| (*n, id.clone()));
         let Some((rule, group, threshold)) = needs.into_iter().next() else {
-            return Decision::Deny(Self::internal(PolicyError("allow without a determining policy".into())));
+            return Decision::Deny(Self::internal(PolicyError(
+                "allow without a determining policy".into(),
+            )));
         };
         grant.rule = rule.clone();
         let members = self.group_members(&group);
@@ -443,7 +560,10 @@ impl Policy for CedarPolicy {
         if ctx.break_glass {
             return Decision::Deny(Denial {
                 kind: DenialKind::NotPermitted,
-                reason: format!("no policy permits break-glass for profile {:?}", profile.name.as_str()),
+                reason: format!(
+                    "no policy permits break-glass for profile {:?}",
+                    profile.name.as_str()
+                ),
                 rule: Some(rule),
                 violations: Vec::new(),
             });
@@ -456,7 +576,10 @@ impl Policy for CedarPolicy {
             group,
             threshold,
             have: counted.len() as u32,
-            eligible: members.into_iter().filter(|m| m != &caller.to_string()).collect(),
+            eligible: members
+                .into_iter()
+                .filter(|m| m != &caller.to_string())
+                .collect(),
             rule,
             policy_hash: self.hash.clone(),
         };
@@ -469,17 +592,30 @@ impl Policy for CedarPolicy {
         }
         let name = match action {
             AdminAction::Revoke => "revoke",
-            AdminAction::ListLeases | AdminAction::ListIdentities | AdminAction::ReloadPolicy => "administer",
+            AdminAction::ListLeases | AdminAction::ListIdentities | AdminAction::ReloadPolicy => {
+                "administer"
+            }
         };
         let resource = uid("Broker", "broker").map_err(Self::internal)?;
-        let (allowed, ids) = self.evaluate(caller, name, resource, json!({})).map_err(Self::internal)?;
+        let (allowed, ids) = self
+            .evaluate(caller, name, resource, json!({}))
+            .map_err(Self::internal)?;
         if allowed {
-            Ok(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","))
+            Ok(ids
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(","))
         } else {
             Err(Denial {
                 kind: DenialKind::NotPermitted,
                 reason: format!("{caller} is not a platform admin ({action:?} refused)"),
-                rule: (!ids.is_empty()).then(|| ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+                rule: (!ids.is_empty()).then(|| {
+                    ids.iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }),
                 violations: Vec::new(),
             })
         }
@@ -490,9 +626,15 @@ impl Policy for CedarPolicy {
             return Err(Self::unregistered(reviewer));
         }
         let resource = uid("Profile", profile).map_err(Self::internal)?;
-        let (allowed, ids) = self.evaluate(reviewer, "review", resource, json!({})).map_err(Self::internal)?;
+        let (allowed, ids) = self
+            .evaluate(reviewer, "review", resource, json!({}))
+            .map_err(Self::internal)?;
         if allowed {
-            Ok(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","))
+            Ok(ids
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(","))
         } else {
             Err(Denial {
                 kind: DenialKind::NotPermitted,
@@ -504,7 +646,10 @@ impl Policy for CedarPolicy {
     }
 
     fn profile(&self, name: &str) -> Option<Arc<Profile>> {
-        self.profiles.iter().find(|p| p.name.as_str() == name).cloned()
+        self.profiles
+            .iter()
+            .find(|p| p.name.as_str() == name)
+            .cloned()
     }
 
     fn profiles(&self) -> Vec<Arc<Profile>> {
@@ -549,26 +694,39 @@ impl Policy for CedarPolicy {
         );
         let workload_type = EntityTypeName::from_str(&format!("{NS}::Workload")).ok();
         let mut out = Vec::new();
-        for p in self.policies.policies().filter(|p| p.effect() == Effect::Permit) {
+        for p in self
+            .policies
+            .policies()
+            .filter(|p| p.effect() == Effect::Permit)
+        {
             let applies = match p.principal_constraint() {
                 PrincipalConstraint::Any => true,
                 PrincipalConstraint::Eq(u) => u == me,
                 PrincipalConstraint::In(u) => mine.contains(&u),
                 PrincipalConstraint::Is(t) => Some(&t) == workload_type.as_ref(),
-                PrincipalConstraint::IsIn(t, u) => Some(&t) == workload_type.as_ref() && mine.contains(&u),
+                PrincipalConstraint::IsIn(t, u) => {
+                    Some(&t) == workload_type.as_ref() && mine.contains(&u)
+                }
             };
             if !applies {
                 continue;
             }
             let actions: Vec<String> = match p.action_constraint() {
-                ActionConstraint::Any => vec!["issue".into(), "review".into(), "revoke".into(), "administer".into()],
+                ActionConstraint::Any => vec![
+                    "issue".into(),
+                    "review".into(),
+                    "revoke".into(),
+                    "administer".into(),
+                ],
                 ActionConstraint::Eq(a) => vec![a.id().unescaped().to_owned()],
-                ActionConstraint::In(v) => v.iter().map(|a| a.id().unescaped().to_owned()).collect(),
+                ActionConstraint::In(v) => {
+                    v.iter().map(|a| a.id().unescaped().to_owned()).collect()
+                }
             };
             let resource = match p.resource_constraint() {
-                ResourceConstraint::Eq(u) | ResourceConstraint::In(u) | ResourceConstraint::IsIn(_, u) => {
-                    u.id().unescaped().to_owned()
-                }
+                ResourceConstraint::Eq(u)
+                | ResourceConstraint::In(u)
+                | ResourceConstraint::IsIn(_, u) => u.id().unescaped().to_owned(),
                 ResourceConstraint::Any | ResourceConstraint::Is(_) => "*".to_owned(),
             };
             let approvals = match (p.annotation("approval_group"), p.annotation("approvals")) {
@@ -585,7 +743,9 @@ impl Policy for CedarPolicy {
                 });
             }
         }
-        out.sort_by(|a, b| (&a.action, &a.resource, &a.policy).cmp(&(&b.action, &b.resource, &b.policy)));
+        out.sort_by(|a, b| {
+            (&a.action, &a.resource, &a.policy).cmp(&(&b.action, &b.resource, &b.policy))
+        });
         out
     }
 

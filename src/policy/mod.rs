@@ -143,7 +143,12 @@ pub struct AccessPath {
 /// approver.
 pub trait Policy: Send + Sync + 'static {
     /// Decides a credential request.
-    fn decide(&self, caller: &SpiffeId, request: &CredentialRequest, ctx: &RequestContext) -> Decision;
+    fn decide(
+        &self,
+        caller: &SpiffeId,
+        request: &CredentialRequest,
+        ctx: &RequestContext,
+    ) -> Decision;
     /// Whether a caller may perform an operator action; `Ok` carries the rule id.
     fn authorize_admin(&self, caller: &SpiffeId, action: AdminAction) -> Result<String, Denial>;
     /// Whether `reviewer` may review requests for `profile`; `Ok` carries the rule id.

@@ -119,12 +119,14 @@ pub async fn assemble(
         config.jwt_clock_skew,
     );
     let issuer = JwtIssuer::new(keys.clone(), config.issuer_url.clone());
-    let policy = CedarPolicy::load(config).map_err(|e| ServeError(format!("policy refused:\n{e}")))?;
+    let policy =
+        CedarPolicy::load(config).map_err(|e| ServeError(format!("policy refused:\n{e}")))?;
     let notifier = match &config.notifications {
         None => Notifier::noop(),
         Some(n) => {
-            let key = std::fs::read(&n.hmac_key_file)
-                .map_err(|e| ServeError(format!("cannot read {}: {e}", n.hmac_key_file.display())))?;
+            let key = std::fs::read(&n.hmac_key_file).map_err(|e| {
+                ServeError(format!("cannot read {}: {e}", n.hmac_key_file.display()))
+            })?;
             let key: Vec<u8> = String::from_utf8_lossy(&key).trim().as_bytes().to_vec();
             Notifier::spawn(Some(WebhookConfig {
                 url: n.webhook_url.clone(),
@@ -193,7 +195,9 @@ pub async fn run(
         .set_serving::<CredentialBrokerServer<CredentialBrokerService>>()
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
-    health.set_serving::<ApprovalsServer<ApprovalsService>>().await;
+    health
+        .set_serving::<ApprovalsServer<ApprovalsService>>()
+        .await;
 
     let broker = parts.broker.clone();
     let reaper = {

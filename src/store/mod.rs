@@ -10,7 +10,9 @@ pub mod sqlite;
 use futures::future::BoxFuture;
 
 use crate::audit::{AuditEvent, StoredEntry};
-use crate::domain::{AccessFilter, AccessRequest, AccessState, Lease, LeaseFilter, LeaseId, RevokeSelector, Verdict};
+use crate::domain::{
+    AccessFilter, AccessRequest, AccessState, Lease, LeaseFilter, LeaseId, RevokeSelector, Verdict,
+};
 
 pub use sqlite::SqliteStore;
 
@@ -27,6 +29,8 @@ pub enum StoreError {
 
 /// One atomic ledger change.
 #[derive(Debug, Clone)]
+// Ops are built once and moved through the writer's queue; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum LedgerOp {
     /// Record a new lease and its issuance.
     Issue {
@@ -168,7 +172,9 @@ impl Refusal {
             Refusal::Ended(s) => format!("lease is {}", s.as_str()),
             Refusal::Expired => "lease has expired".into(),
             Refusal::NothingMatched => "no active lease matched".into(),
-            Refusal::QuotaExceeded(n) => format!("quota exceeded: at most {n} active leases per identity on this profile"),
+            Refusal::QuotaExceeded(n) => {
+                format!("quota exceeded: at most {n} active leases per identity on this profile")
+            }
             Refusal::RequestNotFound => "access request not found".into(),
             Refusal::SelfReview => "the requester cannot review its own request".into(),
             Refusal::AlreadyReviewed => "this approver already reviewed the request".into(),
@@ -257,7 +263,10 @@ pub trait Store: Send + Sync + 'static {
     /// One access request with its reviews.
     fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>>;
     /// Access requests, newest first.
-    fn access_requests(&self, filter: AccessFilter) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>>;
+    fn access_requests(
+        &self,
+        filter: AccessFilter,
+    ) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>>;
     /// Traffic statistics of every identity seen.
     fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>>;
 }

@@ -15,19 +15,23 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store, StoreError};
+use crate::audit::EventKind;
 use crate::audit::{entry_hash, AuditEvent, ChainError, ChainVerifier, StoredEntry};
 use crate::config::LedgerConfig;
-use crate::audit::EventKind;
 use crate::domain::{
-    AccessFilter, AccessRequest, AccessState, Intent, Lease, LeaseFilter, LeaseId, LeaseState, ProfileName,
-    RequestSpec, Review, RevokeSelector, Scope, Verdict,
+    AccessFilter, AccessRequest, AccessState, Intent, Lease, LeaseFilter, LeaseId, LeaseState,
+    ProfileName, RequestSpec, Review, RevokeSelector, Scope, Verdict,
 };
 use crate::metrics::Metrics;
 
 /// Numbered migrations; `schema_migrations` records which ran.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "ledger", include_str!("migrations/0001_ledger.sql")),
-    (2, "approvals_inventory", include_str!("migrations/0002_approvals_inventory.sql")),
+    (
+        2,
+        "approvals_inventory",
+        include_str!("migrations/0002_approvals_inventory.sql"),
+    ),
 ];
 
 struct Job {
@@ -363,12 +367,17 @@ fn insert_access_request(conn: &Connection, r: &AccessRequest) -> rusqlite::Resu
     Ok(())
 }
 
-const REQUEST_COLUMNS: &str = "id, requester, profile, request, request_digest, approver_group, threshold, state, \
+const REQUEST_COLUMNS: &str =
+    "id, requester, profile, request, request_digest, approver_group, threshold, state, \
      created_at, expires_at, deny_ends, break_glass, post_review, lease_id";
 
 fn request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccessRequest> {
     let bad = |i: usize, what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.to_owned().into())
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            what.to_owned().into(),
+        )
     };
     let profile: String = r.get(2)?;
     let request: String = r.get(3)?;
@@ -401,7 +410,11 @@ fn with_reviews(conn: &Connection, mut r: AccessRequest) -> rusqlite::Result<Acc
             let verdict: String = row.get(1)?;
             Ok(Review {
                 reviewer: row.get(0)?,
-                verdict: if verdict == "approve" { Verdict::Approve } else { Verdict::Deny },
+                verdict: if verdict == "approve" {
+                    Verdict::Approve
+                } else {
+                    Verdict::Deny
+                },
                 reason: row.get(2)?,
                 at: row.get(3)?,
                 post_review: row.get(4)?,
@@ -427,7 +440,8 @@ fn note_identity(conn: &Connection, event: &AuditEvent) -> rusqlite::Result<()> 
     let Some(caller) = &event.caller else {
         return Ok(());
     };
-    let issued = matches!(event.kind, EventKind::Issue | EventKind::Renew) && event.decision == "allow";
+    let issued =
+        matches!(event.kind, EventKind::Issue | EventKind::Renew) && event.decision == "allow";
     let denied = event.decision == "deny";
     conn.prepare_cached(
         "INSERT INTO identities_seen (spiffe_id, first_seen, last_seen, last_issued, issued, denied)
@@ -529,7 +543,11 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                     )?;
                     return refuse(conn, head, event, Refusal::RequestExpired);
                 }
-                if req.reviews.iter().any(|r| r.reviewer == reviewer && !r.post_review) {
+                if req
+                    .reviews
+                    .iter()
+                    .any(|r| r.reviewer == reviewer && !r.post_review)
+                {
                     return refuse(conn, head, event, Refusal::AlreadyReviewed);
                 }
             }
@@ -540,7 +558,14 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             if post {
                 conn.execute(
                     "UPDATE access_requests SET post_review = ?2 WHERE id = ?1",
-                    params![id, if verdict == Verdict::Approve { "approved" } else { "denied" }],
+                    params![
+                        id,
+                        if verdict == Verdict::Approve {
+                            "approved"
+                        } else {
+                            "denied"
+                        }
+                    ],
                 )?;
             } else {
                 let req = select_request(conn, &id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
@@ -657,7 +682,8 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                         "UPDATE leases SET state = 'revoked', ended_at = ?2, end_reason = ?3
                          WHERE id = ?1 AND state = 'active' RETURNING id",
                     )?;
-                    let rows = stmt.query_map(params![id.as_str(), now, end_reason], |r| r.get(0))?;
+                    let rows =
+                        stmt.query_map(params![id.as_str(), now, end_reason], |r| r.get(0))?;
                     rows.collect::<rusqlite::Result<_>>()?
                 }
                 RevokeSelector::SpiffeId(sid) => {
@@ -695,7 +721,11 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             a.affected = ids;
             Ok(a)
         }
-        LedgerOp::Expire { now, limit, mut event } => {
+        LedgerOp::Expire {
+            now,
+            limit,
+            mut event,
+        } => {
             let mut stmt = conn.prepare_cached(
                 "UPDATE leases SET state = 'expired', ended_at = expires_at, end_reason = 'ttl elapsed'
                  WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND expires_at <= ?1
@@ -859,9 +889,15 @@ impl Store for SqliteStore {
         Box::pin(self.read(move |c| select_request(c, &id)))
     }
 
-    fn access_requests(&self, filter: AccessFilter) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>> {
+    fn access_requests(
+        &self,
+        filter: AccessFilter,
+    ) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>> {
         Box::pin(self.read(move |c| {
-            let profiles = filter.profiles.as_ref().map(|p| serde_json::to_string(p).unwrap_or_default());
+            let profiles = filter
+                .profiles
+                .as_ref()
+                .map(|p| serde_json::to_string(p).unwrap_or_default());
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {REQUEST_COLUMNS} FROM access_requests
                  WHERE (?1 IS NULL OR state = ?1)
