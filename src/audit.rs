@@ -322,3 +322,150 @@ mod tests {
         assert_eq!(verify(&swapped).map_err(|e| e.seq), Err(2));
     }
 }
+
+/// Why the verifiable log does not verify: the first bad entry or checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogError {
+    /// An entry breaks the hash chain or its encoding.
+    #[error("{0}")]
+    Chain(ChainError),
+    /// An entry's stored Merkle leaf is not the hash of its body.
+    #[error("audit entry {seq}: Merkle leaf does not match the entry (entry or tree changed)")]
+    Leaf {
+        /// The entry.
+        seq: u64,
+    },
+    /// A signed checkpoint disagrees with the entries, is forged, or covers entries
+    /// that are gone.
+    #[error("checkpoint at tree size {size}: {reason}")]
+    Checkpoint {
+        /// Its tree size.
+        size: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl LogError {
+    /// The first entry the error names, if it names one.
+    pub fn first_bad_entry(&self) -> Option<u64> {
+        match self {
+            LogError::Chain(c) => Some(c.seq),
+            LogError::Leaf { seq } => Some(*seq),
+            LogError::Checkpoint { .. } => None,
+        }
+    }
+}
+
+/// What a successful verification established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogReport {
+    /// Entries verified.
+    pub entries: u64,
+    /// Hash-chain head.
+    pub head_hash: String,
+    /// Merkle root over all entries (hex).
+    pub root: String,
+    /// Signed checkpoints verified against the entries.
+    pub checkpoints: usize,
+    /// The largest verified checkpoint's tree size.
+    pub latest_checkpoint: Option<u64>,
+}
+
+/// Verifies a log from scratch: entry encoding, hash chain, Merkle tree, and every
+/// signed checkpoint (signature, and root against the entries it covers). Checkpoints
+/// are consistent with each other because all of them are recomputed from one sequence
+/// of entries; a removed tail shows as a checkpoint larger than the log.
+pub struct LogVerifier {
+    chain: ChainVerifier,
+    tree: crate::merkle::Frontier,
+    pending: std::collections::VecDeque<crate::checkpoint::Checkpoint>,
+    verified: usize,
+    latest: Option<u64>,
+}
+
+impl LogVerifier {
+    /// Checks every checkpoint note's signature with `vkey` up front.
+    pub fn new(
+        notes: &[(u64, String)],
+        vkey: &crate::checkpoint::VerifierKey,
+    ) -> Result<Self, LogError> {
+        let mut cps = Vec::new();
+        for (size, note) in notes {
+            let cp = vkey.verify(note).map_err(|e| LogError::Checkpoint {
+                size: *size,
+                reason: e.0,
+            })?;
+            if cp.size != *size {
+                return Err(LogError::Checkpoint {
+                    size: *size,
+                    reason: format!("the signed note says size {}", cp.size),
+                });
+            }
+            cps.push(cp);
+        }
+        cps.sort_by_key(|c| c.size);
+        Ok(Self {
+            chain: ChainVerifier::default(),
+            tree: crate::merkle::Frontier::default(),
+            pending: cps.into(),
+            verified: 0,
+            latest: None,
+        })
+    }
+
+    /// Checks the next entry; `stored_leaf` is the leaf hash the store or export claims.
+    pub fn push(&mut self, e: &StoredEntry, stored_leaf: Option<&[u8]>) -> Result<(), LogError> {
+        self.chain.push(e).map_err(LogError::Chain)?;
+        let leaf = crate::merkle::leaf_hash(e.body.as_bytes());
+        if stored_leaf.is_some_and(|s| s != leaf) {
+            return Err(LogError::Leaf { seq: e.seq });
+        }
+        let prev = self.latest.unwrap_or(0);
+        self.tree.append(leaf);
+        while let Some(cp) = self.pending.front() {
+            if cp.size != self.tree.size() {
+                break;
+            }
+            if cp.root != self.tree.root() {
+                return Err(LogError::Checkpoint {
+                    size: cp.size,
+                    reason: format!(
+                        "root differs from the entries: an entry in {}..={} was changed, removed or reordered",
+                        prev + 1,
+                        cp.size
+                    ),
+                });
+            }
+            self.verified += 1;
+            self.latest = Some(cp.size);
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Ends the walk.
+    pub fn finish(self) -> Result<LogReport, LogError> {
+        if let Some(cp) = self.pending.front() {
+            return Err(LogError::Checkpoint {
+                size: cp.size,
+                reason: format!(
+                    "entries {}..={} are missing: the log was truncated after a checkpoint covered them",
+                    self.tree.size() + 1,
+                    cp.size
+                ),
+            });
+        }
+        let root = hex::encode(self.tree.root());
+        let checkpoints = self.verified;
+        let latest = self.latest;
+        let (entries, head) = self.chain.finish();
+        Ok(LogReport {
+            entries,
+            head_hash: hex::encode(head),
+            root,
+            checkpoints,
+            latest_checkpoint: latest,
+        })
+    }
+}

@@ -10,6 +10,7 @@ use tokio::sync::broadcast;
 
 use crate::audit::{AuditEvent, EventKind, RequestRecord};
 use crate::authn::{Authenticator, AuthnError, TransportFacts, VerifiedCaller};
+use crate::checkpoint::LogSigner;
 use crate::clock::{unix_millis, Clock};
 use crate::config::Profile;
 use crate::domain::{
@@ -24,7 +25,7 @@ use crate::policy::{
     AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Policy,
     RequestContext,
 };
-use crate::store::{Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store};
+use crate::store::{Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store, StoredCheckpoint};
 
 /// A credential handed out, with its lease and ledger receipt.
 #[derive(Debug, Clone)]
@@ -228,6 +229,7 @@ pub struct Broker {
     notifier: Notifier,
     limiter: RateLimiter,
     redeemed: Mutex<HashMap<String, (String, Issued)>>,
+    log_signer: Option<Arc<LogSigner>>,
     changes: broadcast::Sender<String>,
 }
 
@@ -252,6 +254,7 @@ impl Broker {
             notifier: Notifier::noop(),
             limiter: RateLimiter::default(),
             redeemed: Mutex::new(HashMap::new()),
+            log_signer: None,
             changes: broadcast::channel(1024).0,
         }
     }
@@ -260,6 +263,37 @@ impl Broker {
     pub fn with_loader(mut self, loader: PolicyLoader) -> Self {
         self.loader = Some(loader);
         self
+    }
+
+    /// Sets the key that signs audit log checkpoints.
+    pub fn with_log_signer(mut self, signer: Arc<LogSigner>) -> Self {
+        self.log_signer = Some(signer);
+        self
+    }
+
+    /// Signs a checkpoint of the audit log if it grew since the last one; returns it.
+    pub async fn checkpoint(&self) -> Result<Option<StoredCheckpoint>, BrokerError> {
+        let Some(signer) = self.log_signer.clone() else {
+            return Ok(None);
+        };
+        let applied = self
+            .store
+            .apply(LedgerOp::Checkpoint {
+                signer,
+                time_ms: unix_millis(self.clock.now()),
+            })
+            .await?;
+        Ok(applied.checkpoint)
+    }
+
+    /// The store (read paths of the verifiable log).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The log's verifier key, if the broker signs checkpoints.
+    pub fn log_vkey(&self) -> Option<String> {
+        self.log_signer.as_ref().map(|s| s.vkey())
     }
 
     /// Sets the approval notifier.
@@ -356,6 +390,18 @@ impl Broker {
         d: &Denial,
         policy_hash: &str,
     ) -> BrokerError {
+        self.deny_about(caller, rec, d, policy_hash, None).await
+    }
+
+    /// A denial recorded against a specific access request.
+    async fn deny_about(
+        &self,
+        caller: &VerifiedCaller,
+        rec: RequestRecord,
+        d: &Denial,
+        policy_hash: &str,
+        access_request: Option<&AccessRequest>,
+    ) -> BrokerError {
         self.metrics.denied(match d.kind {
             DenialKind::NotPermitted => "not_permitted",
             DenialKind::OverAsk => "over_ask",
@@ -371,6 +417,10 @@ impl Broker {
         });
         e.rule = d.rule.clone();
         e.policy_hash = Some(policy_hash.to_owned());
+        if let Some(ar) = access_request {
+            e.access_request_id = Some(ar.id.clone());
+            e.lease_id = ar.lease_id.clone();
+        }
         self.record_best_effort(e).await;
         denial_error(d)
     }
@@ -691,41 +741,63 @@ impl Broker {
     ) -> Result<Issued, BrokerError> {
         let digest = RequestSpec::of(&req).digest(req.profile.as_str());
         // A retry of a redemption that already succeeded (same requester, same exact
-        // request) gets the same credential; anything else goes through the checks below.
-        if let Some((d, done)) = self
+        // request) gets the same credential while its lease is still active; anything
+        // else goes through the checks below.
+        let cached = self
             .redeemed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-        {
-            if *d == digest && done.lease.spiffe_id == caller.spiffe_id().to_string() {
-                return Ok(done.clone());
+            .filter(|(d, done)| {
+                *d == digest && done.lease.spiffe_id == caller.spiffe_id().to_string()
+            })
+            .map(|(_, done)| done.clone());
+        if let Some(done) = cached {
+            let now = self.clock.unix_seconds();
+            match self.store.lease(&done.lease.id).await? {
+                Some(l) if l.state == LeaseState::Active && l.expires_at > now => return Ok(done),
+                _ => {
+                    self.redeemed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(id);
+                }
             }
         }
+        let refuse = |refusal: Refusal, ar_id: Option<String>| {
+            let mut e = self.event(EventKind::Deny, "deny", Some(caller));
+            e.request = Some(request_record("IssueCredential", &req));
+            e.access_request_id = ar_id;
+            e.reason = Some(refusal.describe());
+            e
+        };
         let Some(ar) = self
             .store
             .access_request(id)
             .await?
             .filter(|a| a.requester == caller.spiffe_id().to_string())
         else {
+            self.record_best_effort(refuse(Refusal::RequestNotFound, Some(id.to_owned())))
+                .await;
+            self.metrics.denied("access_request_state");
             return Err(refusal_error(&Refusal::RequestNotFound));
         };
         if digest != ar.digest {
-            let mut e = self.event(EventKind::Deny, "deny", Some(caller));
-            e.request = Some(request_record("IssueCredential", &req));
-            e.access_request_id = Some(ar.id.clone());
-            e.reason = Some(Refusal::DigestMismatch.describe());
-            self.record_best_effort(e).await;
+            self.record_best_effort(refuse(Refusal::DigestMismatch, Some(ar.id.clone())))
+                .await;
             self.metrics.denied("approval_mismatch");
             return Err(refusal_error(&Refusal::DigestMismatch));
         }
-        if ar.state == AccessState::Issued {
-            return Err(BrokerError::FailedPrecondition(format!(
-                "access request already issued as lease {}",
-                ar.lease_id.clone().unwrap_or_default()
-            )));
-        }
         if ar.state != AccessState::Approved {
+            self.record_best_effort(refuse(Refusal::RequestEnded(ar.state), Some(ar.id.clone())))
+                .await;
+            self.metrics.denied("access_request_state");
+            if ar.state == AccessState::Issued {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "access request already issued as lease {}",
+                    ar.lease_id.clone().unwrap_or_default()
+                )));
+            }
             return Err(refusal_error(&Refusal::RequestEnded(ar.state)));
         }
         // Policy is re-checked at redemption with the approvals collected.
@@ -842,7 +914,11 @@ impl Broker {
             });
         let rule = match allowed {
             Ok(r) => r,
-            Err(d) => return Err(self.deny(caller, rec, &d, policy.hash()).await),
+            Err(d) => {
+                return Err(self
+                    .deny_about(caller, rec, &d, policy.hash(), Some(&ar))
+                    .await)
+            }
         };
         let mut e = self.event(EventKind::Review, verdict.as_str(), Some(caller));
         e.request = Some(rec);

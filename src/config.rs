@@ -141,6 +141,10 @@ pub struct Config {
     pub jwt_clock_skew: Duration,
     /// How often expired leases are marked.
     pub reaper_interval: Duration,
+    /// How often a signed checkpoint of the audit log is published (if it grew).
+    pub checkpoint_interval: Duration,
+    /// The audit log's origin line and key name (default `<trust domain>/spiffe-broker/audit`).
+    pub log_origin: Option<String>,
     /// Ledger tuning.
     pub ledger: LedgerConfig,
     /// Credential profiles.
@@ -165,6 +169,8 @@ struct RawConfig {
     quotas: RawQuotas,
     jwt_clock_skew: Option<String>,
     reaper_interval: Option<String>,
+    checkpoint_interval: Option<String>,
+    log_origin: Option<String>,
     #[serde(default)]
     ledger: RawLedger,
     #[serde(default)]
@@ -324,6 +330,12 @@ impl Config {
                 raw.reaper_interval.as_deref(),
                 Duration::from_secs(30),
             )?,
+            checkpoint_interval: duration(
+                "checkpoint_interval",
+                raw.checkpoint_interval.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            log_origin: raw.log_origin,
             ledger: LedgerConfig {
                 commit_timeout: duration(
                     "ledger.commit_timeout",

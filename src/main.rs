@@ -777,9 +777,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                 "to-review" => Filter::ToReview,
                 "mine" => Filter::Mine,
                 "post-review" => Filter::AwaitingPostReview,
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "--filter: unknown filter {other:?} (pending, to-review, mine, post-review)"
-                )),
+                ))
+                }
             };
             let ch = channel(&conn).await?;
             let resp = pb::approvals_client::ApprovalsClient::new(ch)
@@ -922,9 +924,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             let report =
                 spiffe_broker::store::sqlite::SqliteStore::verify_file(&path).map_err(fail)?;
+            let report_all = report.report.clone();
             out!(
                 "{}",
-                json!({"ok": true, "ledger": report.path, "entries": report.entries, "head_hash": report.head_hash})
+                json!({"ok": true, "ledger": report.path, "entries": report.entries, "head_hash": report.head_hash, "root": report_all.root, "checkpoints_verified": report_all.checkpoints, "latest_checkpoint": report_all.latest_checkpoint})
             );
             Ok(())
         }

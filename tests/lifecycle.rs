@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use spiffe_broker::checkpoint::VerifierKey;
 use spiffe_broker::proto::v1 as pb;
 use spiffe_broker::store::sqlite::{SqliteStore, VerifyError};
 use tonic::Code;
@@ -408,7 +409,7 @@ async fn ledger_that_cannot_commit_fails_closed_within_a_bound() {
     SqliteStore::verify_file(&h.ledger_path()).expect("chain intact after the fault");
 }
 
-fn tamper(path: &std::path::Path, sql: &str) -> VerifyError {
+fn tamper(path: &std::path::Path, vkey: &VerifierKey, sql: &str) -> VerifyError {
     let conn = rusqlite::Connection::open(path).expect("open copy");
     conn.execute_batch(
         "DROP TRIGGER IF EXISTS audit_log_no_update; DROP TRIGGER IF EXISTS audit_log_no_delete;",
@@ -416,18 +417,27 @@ fn tamper(path: &std::path::Path, sql: &str) -> VerifyError {
     .expect("drop triggers");
     conn.execute_batch(sql).expect("tamper");
     drop(conn);
-    SqliteStore::verify_file(path).expect_err("tampering detected")
+    SqliteStore::verify_file_with(path, vkey).expect_err("tampering detected")
 }
 
 #[tokio::test]
-async fn hash_chain_detects_changed_deleted_and_reordered_rows() {
+async fn ledger_tampering_is_detected_and_named() {
     let h = start().await;
     let mut c = h.broker_as(DEPLOY_AGENT).await;
     for _ in 0..4 {
         c.issue_credential(gpu_request(600)).await.expect("issued");
     }
+    let cp = h
+        .env
+        .broker
+        .checkpoint()
+        .await
+        .expect("checkpoint")
+        .expect("signed");
+    assert_eq!(cp.size, 4);
     let report = SqliteStore::verify_file(&h.ledger_path()).expect("verifies");
     assert_eq!(report.entries, 4);
+    assert_eq!(report.report.checkpoints, 1);
     // The broker refuses to rewrite history itself.
     let conn = rusqlite::Connection::open(h.ledger_path()).expect("open");
     assert!(conn
@@ -435,6 +445,8 @@ async fn hash_chain_detects_changed_deleted_and_reordered_rows() {
         .is_err());
     drop(conn);
 
+    let vkey_text = std::fs::read_to_string(h.env.state_dir.join("keys/log.vkey")).expect("vkey");
+    let vkey = VerifierKey::parse(&vkey_text).expect("parse vkey");
     let copy = |name: &str| {
         let p = h.dir.path().join(name);
         let conn = rusqlite::Connection::open(h.ledger_path()).expect("open");
@@ -443,26 +455,43 @@ async fn hash_chain_detects_changed_deleted_and_reordered_rows() {
         p
     };
     let bad = |e: VerifyError| match e {
-        VerifyError::Chain(c) => c.seq,
+        VerifyError::Log(l) => l.first_bad_entry().expect("names the entry"),
         other => panic!("{other}"),
     };
-    let changed = copy("changed.db");
     let e = tamper(
-        &changed,
+        &copy("changed.db"),
+        &vkey,
         "UPDATE audit_log SET body = replace(body, 'job:submit', 'job:cancel') WHERE seq = 2",
     );
     assert_eq!(bad(e), 2);
-    let deleted = copy("deleted.db");
     assert_eq!(
-        bad(tamper(&deleted, "DELETE FROM audit_log WHERE seq = 3")),
+        bad(tamper(
+            &copy("deleted.db"),
+            &vkey,
+            "DELETE FROM audit_log WHERE seq = 3"
+        )),
         3
     );
-    let reordered = copy("reordered.db");
     let e = tamper(
-        &reordered,
+        &copy("reordered.db"),
+        &vkey,
         "UPDATE audit_log SET seq = -1 WHERE seq = 2; UPDATE audit_log SET seq = 2 WHERE seq = 3; UPDATE audit_log SET seq = 3 WHERE seq = -1;",
     );
     assert_eq!(bad(e), 2);
+    // A truncated tail keeps the chain intact; the signed checkpoint catches it.
+    let e = tamper(
+        &copy("truncated.db"),
+        &vkey,
+        "DELETE FROM audit_log WHERE seq = 4",
+    );
+    assert!(e.to_string().contains("entries 4..=4 are missing"), "{e}");
+    // A replaced checkpoint signature is refused.
+    let e = tamper(
+        &copy("forged.db"),
+        &vkey,
+        "UPDATE checkpoints SET note = replace(note, substr(note, -20, 10), 'AAAAAAAAAA')",
+    );
+    assert!(e.to_string().contains("checkpoint at tree size 4"), "{e}");
 }
 
 #[tokio::test]

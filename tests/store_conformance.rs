@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spiffe_broker::audit::{AuditEvent, ChainVerifier, EventKind};
+use spiffe_broker::checkpoint::LogSigner;
 use spiffe_broker::config::LedgerConfig;
 use spiffe_broker::domain::{
     Lease, LeaseFilter, LeaseId, LeaseState, ProfileName, RevokeSelector, Scope,
 };
+use spiffe_broker::merkle::verify_consistency;
 use spiffe_broker::metrics::Metrics;
 use spiffe_broker::store::{LedgerOp, Refusal, SqliteStore, Store};
 
@@ -266,9 +268,10 @@ async fn sqlite_store_conforms() {
         busy_timeout: Duration::from_secs(2),
         max_batch: 256,
     };
-    let store =
-        SqliteStore::open(&dir.path().join("ledger.db"), &cfg, metrics.clone()).expect("open");
-    conformance(Arc::new(store)).await;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("ledger.db"), &cfg, metrics.clone()).expect("open"),
+    );
+    conformance(store.clone()).await;
     // Group commit happened: fewer commits than operations.
     let text = metrics.render();
     let count = |name: &str| -> f64 {
@@ -281,6 +284,21 @@ async fn sqlite_store_conforms() {
     let commits = count("spiffe_broker_ledger_commit_batch_size_count");
     let ops = count("spiffe_broker_ledger_commit_batch_size_sum");
     assert!(commits < ops, "ops {ops} shared {commits} commits");
+
+    // A checkpoint before the restart, one after: the tree continues across restarts.
+    let signer = Arc::new(
+        LogSigner::load_or_create(&dir.path().join("keys"), "test/audit").expect("log key"),
+    );
+    let before = store
+        .apply(LedgerOp::Checkpoint {
+            signer: signer.clone(),
+            time_ms: 1,
+        })
+        .await
+        .expect("checkpoint")
+        .checkpoint
+        .expect("signed");
+    drop(store);
 
     // Reopening resumes the same chain (restart keeps the ledger consistent).
     let store = SqliteStore::open(&dir.path().join("ledger.db"), &cfg, metrics).expect("reopen");
@@ -295,6 +313,21 @@ async fn sqlite_store_conforms() {
         })
         .await
         .expect("commit after restart");
-    SqliteStore::verify_file(&dir.path().join("ledger.db"))
-        .expect("chain continues across restarts");
+    let after = store
+        .apply(LedgerOp::Checkpoint { signer, time_ms: 2 })
+        .await
+        .expect("checkpoint")
+        .checkpoint
+        .expect("signed");
+    assert_eq!(after.size, before.size + 1);
+    let proof = store
+        .consistency_proof(before.size, after.size)
+        .await
+        .expect("read")
+        .expect("in range");
+    verify_consistency(before.size, after.size, &before.root, &after.root, &proof)
+        .expect("consistent");
+    let report = SqliteStore::verify_file(&dir.path().join("ledger.db"))
+        .expect("chain and tree continue across restarts");
+    assert_eq!(report.report.checkpoints, 2);
 }

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::api::{AdminService, ApprovalsService, CredentialBrokerService};
 use crate::authn::{SpiffeAuthenticator, WorkloadTrust};
 use crate::broker::Broker;
+use crate::checkpoint::LogSigner;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::crypto::KeyRing;
@@ -45,6 +46,8 @@ pub struct BrokerParts {
     pub http: http::HttpState,
     /// How often the reaper runs.
     pub reaper_interval: Duration,
+    /// How often a checkpoint is signed (when the log grew).
+    pub checkpoint_interval: Duration,
     /// The broker's own SPIFFE ID.
     pub spiffe_id: String,
     /// Kept alive for the lifetime of the server (rotation watchers).
@@ -143,6 +146,17 @@ pub async fn assemble(
             Ok(Arc::new(CedarPolicy::load(&c).map_err(|e| e.to_string())?) as Arc<dyn Policy>)
         }) as crate::broker::PolicyLoader
     });
+    let trust_domain = spiffe::SpiffeId::new(&spiffe_id)
+        .map(|id| id.trust_domain_name().to_owned())
+        .map_err(|e| ServeError(e.to_string()))?;
+    let origin = config
+        .log_origin
+        .clone()
+        .unwrap_or_else(|| format!("{trust_domain}/spiffe-broker/audit"));
+    let log_signer = Arc::new(
+        LogSigner::load_or_create(&config.keys_dir(), &origin)
+            .map_err(|e| ServeError(format!("log key: {e}")))?,
+    );
     let mut broker = Broker::new(
         Arc::new(authn),
         Arc::new(policy),
@@ -151,7 +165,8 @@ pub async fn assemble(
         clock,
         metrics.clone(),
     )
-    .with_notifier(notifier);
+    .with_notifier(notifier)
+    .with_log_signer(log_signer.clone());
     if let Some(l) = loader {
         broker = broker.with_loader(l);
     }
@@ -168,6 +183,7 @@ pub async fn assemble(
             ready: Arc::new(move || ready_source.svid().is_ok()),
         },
         reaper_interval: config.reaper_interval,
+        checkpoint_interval: config.checkpoint_interval,
         spiffe_id,
         _sources: (x509, jwt),
     })
@@ -222,6 +238,31 @@ pub async fn run(
         })
     };
 
+    let checkpointer = {
+        let broker = broker.clone();
+        let mut rx = stop_rx.clone();
+        let every = parts.checkpoint_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = rx.changed() => {
+                        // One last checkpoint so everything served is covered.
+                        if let Err(e) = broker.checkpoint().await {
+                            tracing::warn!(error = %e, "final checkpoint failed");
+                        }
+                        return;
+                    }
+                }
+                if let Err(e) = broker.checkpoint().await {
+                    tracing::warn!(error = %e, "checkpoint failed; will retry");
+                }
+            }
+        })
+    };
+
     let grpc_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
@@ -246,6 +287,7 @@ pub async fn run(
 
     let (g, h) = tokio::join!(grpc_server, http_server);
     let _ = reaper.await;
+    let _ = checkpointer.await;
     drop(parts);
     g.map_err(|e| ServeError(format!("gRPC server: {e}")))?;
     h.map_err(|e| ServeError(format!("HTTP server: {e}")))?;

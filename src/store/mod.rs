@@ -7,7 +7,12 @@
 
 pub mod sqlite;
 
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
+
+use crate::checkpoint::LogSigner;
+use crate::merkle::Hash as MerkleHash;
 
 use crate::audit::{AuditEvent, StoredEntry};
 use crate::domain::{
@@ -127,6 +132,14 @@ pub enum LedgerOp {
         /// Audit entry (written only if something expired).
         event: AuditEvent,
     },
+    /// Sign and store a checkpoint of the tree as it is after everything committed
+    /// before this op (nothing happens if the tree did not grow since the last one).
+    Checkpoint {
+        /// The log key.
+        signer: Arc<LogSigner>,
+        /// Now (Unix ms).
+        time_ms: i64,
+    },
     /// Only an audit entry (denials, failed authentication).
     Record {
         /// The entry.
@@ -190,8 +203,12 @@ impl Refusal {
 pub struct Receipt {
     /// 1-based sequence number.
     pub sequence: u64,
-    /// Hex hash of the entry.
+    /// Hex hash of the entry (the hash chain).
     pub entry_hash: String,
+    /// Index of the entry's leaf in the Merkle tree (`sequence - 1`).
+    pub leaf_index: u64,
+    /// Hex Merkle leaf hash, `SHA-256(0x00 || body)`.
+    pub leaf_hash: String,
 }
 
 /// The result of a committed op.
@@ -207,6 +224,21 @@ pub struct Applied {
     pub refused: Option<Refusal>,
     /// The access request after the op.
     pub access_request: Option<AccessRequest>,
+    /// The checkpoint a `Checkpoint` op signed.
+    pub checkpoint: Option<StoredCheckpoint>,
+}
+
+/// A signed checkpoint as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    /// Tree size.
+    pub size: u64,
+    /// Root hash.
+    pub root: MerkleHash,
+    /// When it was signed (Unix ms).
+    pub time_ms: i64,
+    /// The signed note.
+    pub note: String,
 }
 
 impl Applied {
@@ -218,6 +250,7 @@ impl Applied {
             affected: Vec::new(),
             refused: None,
             access_request: None,
+            checkpoint: None,
         }
     }
 }
@@ -269,4 +302,28 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>>;
     /// Traffic statistics of every identity seen.
     fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>>;
+    /// The checkpoint of a tree size, or the latest one.
+    fn checkpoint(
+        &self,
+        size: Option<u64>,
+    ) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, StoreError>>;
+    /// Every checkpoint, oldest first.
+    fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<StoredCheckpoint>, StoreError>>;
+    /// Inclusion proof of leaf `index` in the tree of `size` (`None` if out of range).
+    fn inclusion_proof(
+        &self,
+        index: u64,
+        size: u64,
+    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>>;
+    /// Consistency proof between two tree sizes (`None` if out of range).
+    fn consistency_proof(
+        &self,
+        old: u64,
+        new: u64,
+    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>>;
+    /// The entries that name a lease (issuance first).
+    fn entries_for_lease(
+        &self,
+        lease_id: &str,
+    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>>;
 }

@@ -14,14 +14,18 @@ use futures::future::BoxFuture;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store, StoreError};
+use super::{
+    Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store, StoreError, StoredCheckpoint,
+};
 use crate::audit::EventKind;
-use crate::audit::{entry_hash, AuditEvent, ChainError, ChainVerifier, StoredEntry};
+use crate::audit::{entry_hash, AuditEvent, LogError, LogReport, LogVerifier, StoredEntry};
+use crate::checkpoint::VerifierKey;
 use crate::config::LedgerConfig;
 use crate::domain::{
     AccessFilter, AccessRequest, AccessState, Intent, Lease, LeaseFilter, LeaseId, LeaseState,
     ProfileName, RequestSpec, Review, RevokeSelector, Scope, Verdict,
 };
+use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
 use crate::metrics::Metrics;
 
 /// Numbered migrations; `schema_migrations` records which ran.
@@ -32,6 +36,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "approvals_inventory",
         include_str!("migrations/0002_approvals_inventory.sql"),
     ),
+    (3, "merkle", include_str!("migrations/0003_merkle.sql")),
 ];
 
 struct Job {
@@ -84,14 +89,60 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// The chain head the writer appends to.
-#[derive(Clone, Copy)]
+/// The chain head and Merkle frontier the writer appends to.
+#[derive(Clone)]
 struct Head {
     seq: u64,
     hash: [u8; 32],
+    tree: Frontier,
 }
 
+/// Complete subtree hashes read from `merkle_nodes`.
+struct SqlNodes<'a>(&'a Connection);
+
+impl NodeSource for SqlNodes<'_> {
+    type Error = rusqlite::Error;
+    fn node(&self, level: u32, index: u64) -> rusqlite::Result<MerkleHash> {
+        let h: Vec<u8> = self
+            .0
+            .prepare_cached("SELECT hash FROM merkle_nodes WHERE level = ?1 AND idx = ?2")?
+            .query_row(params![level, index as i64], |r| r.get(0))?;
+        h.try_into().map_err(|_| {
+            rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Blob,
+                "merkle node is not 32 bytes".into(),
+            )
+        })
+    }
+}
+
+fn insert_nodes(conn: &Connection, nodes: &[(u32, u64, MerkleHash)]) -> rusqlite::Result<()> {
+    let mut stmt =
+        conn.prepare_cached("INSERT INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
+    for (level, idx, hash) in nodes {
+        stmt.execute(params![level, *idx as i64, hash.as_slice()])?;
+    }
+    Ok(())
+}
+
+/// Loads the chain head and the tree frontier, first hashing any entries that have no
+/// leaf yet (a ledger created before the Merkle tree existed).
 fn load_head(conn: &Connection) -> rusqlite::Result<Head> {
+    let leaves: i64 = conn.query_row(
+        "SELECT count(*) FROM merkle_nodes WHERE level = 0",
+        [],
+        |r| r.get(0),
+    )?;
+    let mut tree = Frontier::load(&SqlNodes(conn), leaves as u64)?;
+    {
+        let mut stmt = conn.prepare("SELECT body FROM audit_log WHERE seq > ?1 ORDER BY seq")?;
+        let bodies = stmt.query_map([leaves], |r| r.get::<_, String>(0))?;
+        for body in bodies {
+            let nodes = tree.append(leaf_hash(body?.as_bytes()));
+            insert_nodes(conn, &nodes)?;
+        }
+    }
     let row: Option<(i64, Vec<u8>)> = conn
         .query_row(
             "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
@@ -99,22 +150,11 @@ fn load_head(conn: &Connection) -> rusqlite::Result<Head> {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    Ok(match row {
-        None => Head {
-            seq: 0,
-            hash: [0; 32],
-        },
-        Some((seq, h)) => {
-            let mut hash = [0u8; 32];
-            if h.len() == 32 {
-                hash.copy_from_slice(&h);
-            }
-            Head {
-                seq: seq as u64,
-                hash,
-            }
-        }
-    })
+    let (seq, hash) = match row {
+        None => (0, [0; 32]),
+        Some((seq, h)) => (seq as u64, h.try_into().unwrap_or([0; 32])),
+    };
+    Ok(Head { seq, hash, tree })
 }
 
 impl SqliteStore {
@@ -126,7 +166,14 @@ impl SqliteStore {
     ) -> Result<Self, StoreError> {
         let mut writer = open(path, cfg.busy_timeout).map_err(unavailable)?;
         migrate(&mut writer).map_err(|e| unavailable(format!("migration failed: {e}")))?;
-        let head = load_head(&writer).map_err(unavailable)?;
+        let head = {
+            let tx = writer
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let head = load_head(&tx).map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            head
+        };
         let reader = open(path, cfg.busy_timeout).map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(cfg.max_batch * 16);
         let max_batch = cfg.max_batch;
@@ -157,28 +204,62 @@ impl SqliteStore {
         }
     }
 
-    /// Verifies the whole audit chain of a ledger file, read-only, without a broker.
+    /// [`Self::verify_file_with`] with the log key the broker wrote next to the ledger
+    /// (`keys/log.vkey`). An auditor should pin the key instead.
     pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
+        let vkey_path = path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("keys")
+            .join("log.vkey");
+        let text = std::fs::read_to_string(&vkey_path)
+            .map_err(|e| VerifyError::Open(format!("{}: {e}", vkey_path.display())))?;
+        let vkey = VerifierKey::parse(&text)
+            .map_err(|e| VerifyError::Open(format!("{}: {e}", vkey_path.display())))?;
+        Self::verify_file_with(path, &vkey)
+    }
+
+    /// Verifies a ledger file offline and read-only: every entry's encoding and hash
+    /// chain, the Merkle tree, and every signed checkpoint against `vkey`.
+    pub fn verify_file_with(path: &Path, vkey: &VerifierKey) -> Result<VerifyReport, VerifyError> {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| VerifyError::Open(format!("{}: {e}", path.display())))?;
+        let open = |e: rusqlite::Error| VerifyError::Open(e.to_string());
+        let notes: Vec<(u64, String)> = {
+            let mut stmt = conn
+                .prepare("SELECT size, note FROM checkpoints ORDER BY size")
+                .map_err(open)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+                })
+                .map_err(open)?;
+            rows.collect::<Result<_, _>>().map_err(open)?
+        };
+        let mut v = LogVerifier::new(&notes, vkey).map_err(VerifyError::Log)?;
         let mut stmt = conn
             .prepare(
-                "SELECT seq, kind, lease_id, body, prev_hash, hash FROM audit_log ORDER BY seq",
+                "SELECT a.seq, a.kind, a.lease_id, a.body, a.prev_hash, a.hash, m.hash
+                 FROM audit_log a LEFT JOIN merkle_nodes m ON m.level = 0 AND m.idx = a.seq - 1
+                 ORDER BY a.seq",
             )
-            .map_err(|e| VerifyError::Open(e.to_string()))?;
+            .map_err(open)?;
         let rows = stmt
-            .query_map([], entry_from_row)
-            .map_err(|e| VerifyError::Open(e.to_string()))?;
-        let mut v = ChainVerifier::default();
+            .query_map([], |r| {
+                Ok((entry_from_row(r)?, r.get::<_, Option<Vec<u8>>>(6)?))
+            })
+            .map_err(open)?;
         for row in rows {
-            let e = row.map_err(|e| VerifyError::Open(e.to_string()))?;
-            v.push(&e).map_err(VerifyError::Chain)?;
+            let (e, leaf) = row.map_err(open)?;
+            v.push(&e, Some(leaf.as_deref().unwrap_or_default()))
+                .map_err(VerifyError::Log)?;
         }
-        let (entries, head) = v.finish();
+        let report = v.finish().map_err(VerifyError::Log)?;
         Ok(VerifyReport {
             path: path.to_owned(),
-            entries,
-            head_hash: hex::encode(head),
+            entries: report.entries,
+            head_hash: report.head_hash.clone(),
+            report,
         })
     }
 }
@@ -190,8 +271,10 @@ pub struct VerifyReport {
     pub path: PathBuf,
     /// Entries verified.
     pub entries: u64,
-    /// Hash of the last entry.
+    /// Hash-chain head.
     pub head_hash: String,
+    /// Everything that was established.
+    pub report: LogReport,
 }
 
 /// Why offline verification failed.
@@ -200,9 +283,9 @@ pub enum VerifyError {
     /// The file could not be read.
     #[error("cannot read ledger: {0}")]
     Open(String),
-    /// The chain is broken.
+    /// The log is inconsistent; names the first bad entry or checkpoint.
     #[error("{0}")]
-    Chain(ChainError),
+    Log(LogError),
 }
 
 fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
@@ -281,10 +364,16 @@ fn append(conn: &Connection, head: &mut Head, event: &AuditEvent) -> rusqlite::R
         head.hash.as_slice(),
         hash.as_slice()
     ])?;
-    *head = Head { seq, hash };
+    let leaf = leaf_hash(body.as_bytes());
+    let nodes = head.tree.append(leaf);
+    insert_nodes(conn, &nodes)?;
+    head.seq = seq;
+    head.hash = hash;
     Ok(Receipt {
         sequence: seq,
         entry_hash: hex::encode(hash),
+        leaf_index: seq - 1,
+        leaf_hash: hex::encode(leaf),
     })
 }
 
@@ -466,7 +555,7 @@ fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Resul
         | LedgerOp::Release { event, .. }
         | LedgerOp::Revoke { event, .. }
         | LedgerOp::Record { event } => Some(event.clone()),
-        LedgerOp::Expire { .. } => None,
+        LedgerOp::Expire { .. } | LedgerOp::Checkpoint { .. } => None,
     };
     let applied = apply_guarded(conn, head, op)?;
     if let Some(mut e) = event {
@@ -761,7 +850,54 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             let receipt = append(conn, head, &event)?;
             Ok(Applied::recorded(Some(receipt)))
         }
+        LedgerOp::Checkpoint { signer, time_ms } => {
+            let size = head.tree.size();
+            let last: Option<i64> =
+                conn.query_row("SELECT max(size) FROM checkpoints", [], |r| r.get(0))?;
+            if size == 0 || last == Some(size as i64) {
+                return Ok(Applied::recorded(None));
+            }
+            let root = head.tree.root();
+            let note = signer.sign(size, &root);
+            conn.execute(
+                "INSERT INTO checkpoints (size, root, time_ms, note) VALUES (?1, ?2, ?3, ?4)",
+                params![size as i64, root.as_slice(), time_ms, note],
+            )?;
+            let mut a = Applied::recorded(None);
+            a.checkpoint = Some(StoredCheckpoint {
+                size,
+                root,
+                time_ms,
+                note,
+            });
+            Ok(a)
+        }
     }
+}
+
+fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
+    let root: Vec<u8> = r.get(1)?;
+    Ok(StoredCheckpoint {
+        size: r.get::<_, i64>(0)? as u64,
+        root: root.try_into().map_err(|_| {
+            rusqlite::Error::FromSqlConversionFailure(
+                1,
+                rusqlite::types::Type::Blob,
+                "root is not 32 bytes".into(),
+            )
+        })?,
+        time_ms: r.get(2)?,
+        note: r.get(3)?,
+    })
+}
+
+fn tree_size(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT count(*) FROM merkle_nodes WHERE level = 0",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
 }
 
 fn writer_loop(
@@ -813,10 +949,10 @@ fn commit_batch(
     batch: &mut [Job],
 ) -> rusqlite::Result<Vec<Result<Applied, StoreError>>> {
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut tentative = *head;
+    let mut tentative = head.clone();
     let mut results = Vec::with_capacity(batch.len());
     for job in batch.iter() {
-        let before = tentative;
+        let before = tentative.clone();
         let sp = tx.savepoint()?;
         match apply_op(&sp, &mut tentative, job.op.clone()) {
             Ok(applied) => {
@@ -919,6 +1055,66 @@ impl Store for SqliteStore {
                 )?
                 .collect::<rusqlite::Result<_>>()?;
             rows.into_iter().map(|r| with_reviews(c, r)).collect()
+        }))
+    }
+
+    fn checkpoint(
+        &self,
+        size: Option<u64>,
+    ) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, StoreError>> {
+        Box::pin(self.read(move |c| {
+            let sql = "SELECT size, root, time_ms, note FROM checkpoints WHERE (?1 IS NULL OR size = ?1) ORDER BY size DESC LIMIT 1";
+            c.query_row(sql, params![size.map(|s| s as i64)], checkpoint_from_row).optional()
+        }))
+    }
+
+    fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<StoredCheckpoint>, StoreError>> {
+        Box::pin(self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT size, root, time_ms, note FROM checkpoints ORDER BY size",
+            )?;
+            let rows = stmt.query_map([], checkpoint_from_row)?;
+            rows.collect()
+        }))
+    }
+
+    fn inclusion_proof(
+        &self,
+        index: u64,
+        size: u64,
+    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
+        Box::pin(self.read(move |c| {
+            if index >= size || size > tree_size(c)? {
+                return Ok(None);
+            }
+            crate::merkle::inclusion_proof(&SqlNodes(c), index, size).map(Some)
+        }))
+    }
+
+    fn consistency_proof(
+        &self,
+        old: u64,
+        new: u64,
+    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
+        Box::pin(self.read(move |c| {
+            if old > new || new > tree_size(c)? {
+                return Ok(None);
+            }
+            crate::merkle::consistency_proof(&SqlNodes(c), old, new).map(Some)
+        }))
+    }
+
+    fn entries_for_lease(
+        &self,
+        lease_id: &str,
+    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
+        let id = lease_id.to_owned();
+        Box::pin(self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, kind, lease_id, body, prev_hash, hash FROM audit_log WHERE lease_id = ?1 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map([id], entry_from_row)?;
+            rows.collect()
         }))
     }
 
