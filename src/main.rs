@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use spiffe_broker::checkpoint::VerifierKey;
 use spiffe_broker::client::{self, ClientIdentity};
 use spiffe_broker::clock::{parse_duration, rfc3339, SystemClock};
 use spiffe_broker::config::Config;
@@ -180,11 +181,45 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Verify the whole hash-chained ledger offline.
+    /// Verify the whole log offline: entry encoding, hash chain, Merkle tree, every
+    /// signed checkpoint; names the first bad entry.
     Verify {
         /// The broker's state dir (reads STATE_DIR/ledger.db).
+        #[arg(long, default_value = "spiffe-broker-dev", conflicts_with = "export")]
+        state_dir: PathBuf,
+        /// Verify an export directory instead (from `audit export`).
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// The log's verifier key, pinned out of band (a file, or the key itself).
+        /// Default: STATE_DIR/keys/log.vkey, or the export's log.vkey.
+        #[arg(long)]
+        log_key: Option<String>,
+    },
+    /// Export the log (JSON Lines entries, signed checkpoints, the log key and a sample
+    /// inclusion proof) for a SIEM or an auditor.
+    Export {
+        /// The broker's state dir.
         #[arg(long, default_value = "spiffe-broker-dev")]
         state_dir: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Fetch the inclusion proof of a lease's issuance (or an entry) and verify it
+    /// locally against the signed checkpoint.
+    Proof {
+        /// A lease id (a token's jti).
+        #[arg(
+            long,
+            conflicts_with = "sequence",
+            required_unless_present = "sequence"
+        )]
+        lease: Option<String>,
+        /// An entry's sequence number.
+        #[arg(long)]
+        sequence: Option<u64>,
+        #[command(flatten)]
+        conn: ConnArgs,
     },
 }
 
@@ -463,6 +498,146 @@ fn explanation_json(e: &pb::ExplainDecisionResponse) -> serde_json::Value {
         "granted_ttl": e.granted_ttl.as_ref().map(|d| spiffe_broker::clock::format_duration(Duration::from_secs(d.seconds.max(0) as u64))),
         "policy_hash": e.policy_hash,
     })
+}
+
+fn load_vkey(
+    arg: &Option<String>,
+    default: &std::path::Path,
+) -> Result<Option<VerifierKey>, String> {
+    let text = match arg {
+        Some(a) if std::path::Path::new(a).exists() => std::fs::read_to_string(a).map_err(fail)?,
+        Some(a) => a.clone(),
+        None if default.exists() => std::fs::read_to_string(default).map_err(fail)?,
+        None => return Ok(None),
+    };
+    VerifierKey::parse(&text)
+        .map(Some)
+        .map_err(|e| format!("log key: {e}"))
+}
+
+async fn audit_command(command: AuditCommand) -> Result<(), String> {
+    match command {
+        AuditCommand::Verify {
+            export: Some(dir),
+            log_key,
+            ..
+        } => {
+            let vkey = load_vkey(&log_key, &dir.join("log.vkey"))?;
+            let r =
+                spiffe_broker::store::export::verify_export(&dir, vkey.as_ref()).map_err(fail)?;
+            out!(
+                "{}",
+                json!({"ok": true, "export": dir, "entries": r.entries, "head_hash": r.head_hash, "root": r.root, "checkpoints_verified": r.checkpoints, "latest_checkpoint": r.latest_checkpoint})
+            );
+            Ok(())
+        }
+        AuditCommand::Verify {
+            state_dir, log_key, ..
+        } => {
+            let path = state_dir.join("ledger.db");
+            if !path.exists() {
+                return Err(format!("no ledger at {}", path.display()));
+            }
+            let vkey = load_vkey(&log_key, &state_dir.join("keys").join("log.vkey"))?
+                .ok_or("no log key: pass --log-key (the broker writes STATE_DIR/keys/log.vkey)")?;
+            let v = spiffe_broker::store::sqlite::SqliteStore::verify_file_with(&path, &vkey)
+                .map_err(fail)?;
+            out!(
+                "{}",
+                json!({"ok": true, "ledger": v.path, "entries": v.entries, "head_hash": v.head_hash, "root": v.report.root, "checkpoints_verified": v.report.checkpoints, "latest_checkpoint": v.report.latest_checkpoint})
+            );
+            Ok(())
+        }
+        AuditCommand::Export { state_dir, out } => {
+            let vkey = std::fs::read_to_string(state_dir.join("keys").join("log.vkey"))
+                .map_err(|e| format!("{}: {e}", state_dir.join("keys/log.vkey").display()))?;
+            let s = spiffe_broker::store::export::export(&state_dir.join("ledger.db"), &vkey, &out)
+                .map_err(fail)?;
+            out!(
+                "{}",
+                json!({"ok": true, "out": s.dir, "entries": s.entries, "checkpoints": s.checkpoints})
+            );
+            Ok(())
+        }
+        AuditCommand::Proof {
+            lease,
+            sequence,
+            conn,
+        } => {
+            use pb::get_inclusion_proof_request::Entry;
+            let entry = match (lease, sequence) {
+                (Some(l), _) => Entry::LeaseId(l),
+                (None, Some(n)) => Entry::Sequence(n),
+                (None, None) => return Err("one of --lease or --sequence is required".into()),
+            };
+            let ch = channel(&conn).await?;
+            let mut admin = pb::admin_client::AdminClient::new(ch);
+            let p = admin
+                .get_inclusion_proof(pb::GetInclusionProofRequest {
+                    entry: Some(entry),
+                    tree_size: 0,
+                })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            // Verify locally: the note's signature with the log key, then the path.
+            let key = http_log_key(&conn).await;
+            let cp_ok = key.as_ref().map(|k| {
+                k.verify(&p.checkpoint)
+                    .map(|c| c.size == p.tree_size && hex::encode(c.root) == p.root_hash)
+            });
+            let hash = |h: &str| -> Result<[u8; 32], String> {
+                hex::decode(h)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| "bad hash in proof".to_string())
+            };
+            let path = p
+                .proof
+                .iter()
+                .map(|h| hash(h))
+                .collect::<Result<Vec<_>, _>>()?;
+            let leaf = spiffe_broker::merkle::leaf_hash(p.entry.as_bytes());
+            let included = hex::encode(leaf) == p.leaf_hash
+                && spiffe_broker::merkle::verify_inclusion(
+                    &leaf,
+                    p.leaf_index,
+                    p.tree_size,
+                    &path,
+                    &hash(&p.root_hash)?,
+                )
+                .is_ok();
+            out!(
+                "{}",
+                json!({
+                    "included": included,
+                    "checkpoint_signature_ok": cp_ok.as_ref().map(|r| matches!(r, Ok(true))),
+                    "sequence": p.sequence,
+                    "leaf_index": p.leaf_index,
+                    "tree_size": p.tree_size,
+                    "root_hash": p.root_hash,
+                    "entry": serde_json::from_str::<serde_json::Value>(&p.entry).unwrap_or_default(),
+                    "checkpoint": p.checkpoint,
+                })
+            );
+            if included {
+                Ok(())
+            } else {
+                Err("the inclusion proof does not verify".into())
+            }
+        }
+    }
+}
+
+/// The log key from the broker's GetCheckpoint (an auditor should pin it instead).
+async fn http_log_key(conn: &ConnArgs) -> Option<VerifierKey> {
+    let ch = channel(conn).await.ok()?;
+    let cp = pb::admin_client::AdminClient::new(ch)
+        .get_checkpoint(pb::GetCheckpointRequest::default())
+        .await
+        .ok()?
+        .into_inner();
+    VerifierKey::parse(&cp.log_key).ok()
 }
 
 async fn policy_command(command: PolicyCommand) -> Result<(), String> {
@@ -915,22 +1090,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Audit {
-            command: AuditCommand::Verify { state_dir },
-        } => {
-            let path = state_dir.join("ledger.db");
-            if !path.exists() {
-                return Err(format!("no ledger at {}", path.display()));
-            }
-            let report =
-                spiffe_broker::store::sqlite::SqliteStore::verify_file(&path).map_err(fail)?;
-            let report_all = report.report.clone();
-            out!(
-                "{}",
-                json!({"ok": true, "ledger": report.path, "entries": report.entries, "head_hash": report.head_hash, "root": report_all.root, "checkpoints_verified": report_all.checkpoints, "latest_checkpoint": report_all.latest_checkpoint})
-            );
-            Ok(())
-        }
+        Command::Audit { command } => audit_command(command).await,
         Command::Keys {
             command: KeysCommand::Rotate { state_dir },
         } => {

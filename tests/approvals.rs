@@ -861,8 +861,7 @@ async fn break_glass_issues_at_once_capped_loud_and_post_reviewed() {
         300
     );
     assert!(
-        lease.max_expires_at.expect("max").seconds
-            - lease.issued_at.expect("issued").seconds
+        lease.max_expires_at.expect("max").seconds - lease.issued_at.expect("issued").seconds
             <= 300,
         "break-glass leases never extend past the cap"
     );

@@ -291,5 +291,7 @@ pub fn receipt_to_pb(r: &Receipt) -> pb::AuditReceipt {
     pb::AuditReceipt {
         sequence: r.sequence,
         entry_hash: r.entry_hash.clone(),
+        leaf_index: r.leaf_index,
+        leaf_hash: r.leaf_hash.clone(),
     }
 }

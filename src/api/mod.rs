@@ -9,7 +9,7 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::authn::TransportFacts;
-use crate::broker::{Broker, IssueOptions, IssueOutcome, RequestListing};
+use crate::broker::{Broker, EntrySelector, IssueOptions, IssueOutcome, RequestListing};
 use crate::domain::LeaseId;
 use crate::domain::Verdict;
 use crate::error::{to_status, BrokerError};
@@ -376,6 +376,94 @@ impl pb::approvals_server::Approvals for ApprovalsService {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn get_checkpoint(
+        &self,
+        request: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "GetCheckpoint", async {
+            let caller = b.authenticate(facts(&request), "GetCheckpoint").await?;
+            let r = request.get_ref();
+            let size = (r.tree_size > 0).then_some(r.tree_size);
+            let from = (r.consistency_from > 0).then_some(r.consistency_from);
+            let (cp, proof) = b.log_checkpoint(&caller, size, from).await?;
+            Ok(pb::GetCheckpointResponse {
+                note: cp.note,
+                tree_size: cp.size,
+                root_hash: hex::encode(cp.root),
+                consistency_proof: proof.iter().map(hex::encode).collect(),
+                log_key: b.log_vkey().unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<pb::GetInclusionProofRequest>,
+    ) -> Result<Response<pb::GetInclusionProofResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "GetInclusionProof", async {
+            let caller = b.authenticate(facts(&request), "GetInclusionProof").await?;
+            let r = request.get_ref();
+            use pb::get_inclusion_proof_request::Entry;
+            let selector = match &r.entry {
+                Some(Entry::Sequence(n)) if *n > 0 => Ok(EntrySelector::Sequence(*n)),
+                Some(Entry::LeaseId(id)) => LeaseId::parse(id).map(EntrySelector::Lease),
+                _ => Err(BrokerError::InvalidArgument(
+                    "a sequence (> 0) or a lease_id is required".into(),
+                )),
+            };
+            let selector = match selector {
+                Ok(s) => s,
+                Err(e) => return Err(b.reject(&caller, "GetInclusionProof", e).await),
+            };
+            let p = b
+                .inclusion_proof(&caller, selector, (r.tree_size > 0).then_some(r.tree_size))
+                .await?;
+            Ok(pb::GetInclusionProofResponse {
+                sequence: p.sequence,
+                leaf_index: p.leaf_index,
+                leaf_hash: hex::encode(p.leaf_hash),
+                entry: p.entry,
+                tree_size: p.checkpoint.size,
+                root_hash: hex::encode(p.checkpoint.root),
+                proof: p.proof.iter().map(hex::encode).collect(),
+                checkpoint: p.checkpoint.note,
+            })
+        })
+        .await
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "ListAuditEvents", async {
+            let caller = b.authenticate(facts(&request), "ListAuditEvents").await?;
+            let r = request.get_ref();
+            let limit = if r.page_size == 0 {
+                DEFAULT_PAGE_SIZE
+            } else {
+                r.page_size
+            };
+            let entries = b.audit_events(&caller, r.after_sequence, limit).await?;
+            Ok(pb::ListAuditEventsResponse {
+                entries: entries
+                    .into_iter()
+                    .map(|e| pb::AuditEntry {
+                        sequence: e.seq,
+                        body: e.body,
+                        prev_hash: hex::encode(e.prev_hash),
+                        entry_hash: hex::encode(e.hash),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
     async fn list_identities(
         &self,
         request: Request<pb::ListIdentitiesRequest>,

@@ -417,6 +417,9 @@ impl Policy for CedarPolicy {
         request: &CredentialRequest,
         ctx: &RequestContext,
     ) -> Decision {
+        if self.registered(caller).is_none() {
+            return Decision::Deny(Self::unregistered(caller));
+        }
         let Some(profile) = self.profile(request.profile.as_str()) else {
             return Decision::Deny(Denial {
                 kind: DenialKind::UnknownProfile,
@@ -425,9 +428,6 @@ impl Policy for CedarPolicy {
                 violations: Vec::new(),
             });
         };
-        if self.registered(caller).is_none() {
-            return Decision::Deny(Self::unregistered(caller));
-        }
         let (violations, permission, scopes, ttl) = Self::ceiling(&profile, request, ctx);
         if !violations.is_empty() {
             return Decision::Deny(Denial {
@@ -592,9 +592,10 @@ impl Policy for CedarPolicy {
         }
         let name = match action {
             AdminAction::Revoke => "revoke",
-            AdminAction::ListLeases | AdminAction::ListIdentities | AdminAction::ReloadPolicy => {
-                "administer"
-            }
+            AdminAction::ListLeases
+            | AdminAction::ListIdentities
+            | AdminAction::ReloadPolicy
+            | AdminAction::ReadLog => "administer",
         };
         let resource = uid("Broker", "broker").map_err(Self::internal)?;
         let (allowed, ids) = self

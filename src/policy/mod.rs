@@ -118,6 +118,8 @@ pub enum AdminAction {
     ListIdentities,
     /// `Admin.ReloadPolicy` (`administer`).
     ReloadPolicy,
+    /// Reading the audit log: checkpoints, proofs, events (`administer`).
+    ReadLog,
 }
 
 /// A way an identity can act, read off the policies' scopes (conditions not evaluated).

@@ -26,6 +26,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Whether the broker can serve (own SVID present, ledger open).
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The broker (for the audit log's public checkpoint).
+    pub broker: Arc<crate::broker::Broker>,
 }
 
 /// The router.
@@ -36,6 +38,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/log/checkpoint", get(checkpoint))
+        .route("/log/vkey", get(vkey))
         .with_state(state)
 }
 
@@ -55,6 +59,30 @@ async fn jwks(State(s): State<HttpState>) -> impl IntoResponse {
         [(header::CACHE_CONTROL, "public, max-age=60")],
         Json(s.keys.jwks()),
     )
+}
+
+/// The latest signed checkpoint (public: it reveals only the tree size and root).
+async fn checkpoint(State(s): State<HttpState>) -> axum::response::Response {
+    match s.broker.store().checkpoint(None).await {
+        Ok(Some(cp)) => (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            cp.note,
+        )
+            .into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no checkpoint yet\n").into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the latest checkpoint");
+            (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable\n").into_response()
+        }
+    }
+}
+
+/// The log's verifier key.
+async fn vkey(State(s): State<HttpState>) -> axum::response::Response {
+    match s.broker.log_vkey() {
+        Some(k) => format!("{k}\n").into_response(),
+        None => (StatusCode::NOT_FOUND, "no log key\n").into_response(),
+    }
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {

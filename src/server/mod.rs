@@ -174,13 +174,14 @@ pub async fn assemble(
     let tls = tls::server_config(x509.clone()).map_err(ServeError)?;
     let ready_source = x509.clone();
     Ok(BrokerParts {
-        broker,
+        broker: broker.clone(),
         tls,
         http: http::HttpState {
             keys,
             issuer_url: config.issuer_url.clone(),
             metrics,
             ready: Arc::new(move || ready_source.svid().is_ok()),
+            broker: broker.clone(),
         },
         reaper_interval: config.reaper_interval,
         checkpoint_interval: config.checkpoint_interval,

@@ -5,6 +5,7 @@
 //! the same holder can be renewed or released) are checked inside the same transaction,
 //! so a revoked lease can never come back, whatever the interleaving.
 
+pub mod export;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -79,6 +80,8 @@ pub enum LedgerOp {
         requester: String,
         /// Must equal the approved request's digest.
         digest: String,
+        /// Refuse if the requester already has this many active leases on the profile.
+        max_active: Option<u32>,
         /// The lease to record.
         lease: Lease,
         /// Now (Unix seconds).

@@ -545,6 +545,19 @@ fn note_identity(conn: &Connection, event: &AuditEvent) -> rusqlite::Result<()> 
     Ok(())
 }
 
+/// Whether the lease's holder already has `max` active leases on its profile.
+fn over_quota(conn: &Connection, lease: &Lease, max: Option<u32>) -> rusqlite::Result<bool> {
+    let Some(max) = max else {
+        return Ok(false);
+    };
+    let active: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM leases WHERE spiffe_id = ?1 AND profile = ?2 AND state = 'active' AND expires_at > ?3",
+        )?
+        .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at], |r| r.get(0))?;
+    Ok(active >= i64::from(max))
+}
+
 fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Result<Applied> {
     let event = match &op {
         LedgerOp::Issue { event, .. }
@@ -575,15 +588,16 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             max_active,
             break_glass,
         } => {
-            if let Some(max) = max_active {
-                let active: i64 = conn
-                    .prepare_cached(
-                        "SELECT count(*) FROM leases WHERE spiffe_id = ?1 AND profile = ?2 AND state = 'active' AND expires_at > ?3",
-                    )?
-                    .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at], |r| r.get(0))?;
-                if active >= i64::from(max) {
-                    return refuse(conn, head, event, Refusal::QuotaExceeded(max));
-                }
+            if over_quota(conn, &lease, max_active)? {
+                let mut e = event;
+                e.lease_id = None;
+                e.granted_scopes.clear();
+                return refuse(
+                    conn,
+                    head,
+                    e,
+                    Refusal::QuotaExceeded(max_active.unwrap_or_default()),
+                );
             }
             insert_lease(conn, &lease)?;
             if let Some(r) = &break_glass {
@@ -684,6 +698,7 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             id,
             requester,
             digest,
+            max_active,
             lease,
             now,
             event,
@@ -704,6 +719,17 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                     params![id, now],
                 )?;
                 return refuse(conn, head, event, Refusal::RequestExpired);
+            }
+            if over_quota(conn, &lease, max_active)? {
+                let mut e = event;
+                e.lease_id = None;
+                e.granted_scopes.clear();
+                return refuse(
+                    conn,
+                    head,
+                    e,
+                    Refusal::QuotaExceeded(max_active.unwrap_or_default()),
+                );
             }
             insert_lease(conn, &lease)?;
             conn.execute(

@@ -1,0 +1,274 @@
+//! Exporting the verifiable log for a SIEM or an external auditor, and verifying an
+//! export offline. The export is plain files anyone can read without this code:
+//!
+//! - `entries.jsonl`: one entry per line: `seq`, `kind`, `lease_id`, `body` (the canonical
+//!   JSON that is hashed), `prev_hash`, `hash` (the chain), `leaf_hash` (the Merkle leaf);
+//! - `checkpoints.jsonl`: `size`, `root`, `time_ms`, `note` (C2SP signed note);
+//! - `log.vkey`: the log's verifier key;
+//! - `proof.json`: an inclusion proof of one entry against the latest checkpoint.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{LogError, LogReport, LogVerifier, StoredEntry};
+use crate::checkpoint::VerifierKey;
+use crate::merkle::{self, Hash, NodeSource};
+
+/// One exported entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportEntry {
+    /// Sequence (1-based).
+    pub seq: u64,
+    /// Entry kind.
+    pub kind: String,
+    /// Lease concerned.
+    pub lease_id: Option<String>,
+    /// Canonical JSON body.
+    pub body: String,
+    /// Hex chain hash of the predecessor.
+    pub prev_hash: String,
+    /// Hex chain hash.
+    pub hash: String,
+    /// Hex Merkle leaf hash.
+    pub leaf_hash: String,
+}
+
+/// One exported checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportCheckpoint {
+    /// Tree size.
+    pub size: u64,
+    /// Hex root.
+    pub root: String,
+    /// When signed (Unix ms).
+    pub time_ms: i64,
+    /// The signed note.
+    pub note: String,
+}
+
+/// An exported inclusion proof.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportProof {
+    /// The entry's sequence.
+    pub sequence: u64,
+    /// Its leaf index (`sequence - 1`).
+    pub leaf_index: u64,
+    /// Hex leaf hash.
+    pub leaf_hash: String,
+    /// Tree size proven against.
+    pub tree_size: u64,
+    /// Hex root of that size.
+    pub root: String,
+    /// Hex audit path.
+    pub proof: Vec<String>,
+    /// The signed checkpoint of that size.
+    pub checkpoint: String,
+}
+
+/// Why an export or its verification failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// Reading or writing files or the database.
+    #[error("{0}")]
+    Io(String),
+    /// The log does not verify.
+    #[error("{0}")]
+    Log(LogError),
+}
+
+fn io(e: impl std::fmt::Display) -> ExportError {
+    ExportError::Io(e.to_string())
+}
+
+struct Nodes<'a>(&'a Connection);
+
+impl NodeSource for Nodes<'_> {
+    type Error = rusqlite::Error;
+    fn node(&self, level: u32, index: u64) -> rusqlite::Result<Hash> {
+        let h: Vec<u8> = self.0.query_row(
+            "SELECT hash FROM merkle_nodes WHERE level = ?1 AND idx = ?2",
+            rusqlite::params![level, index as i64],
+            |r| r.get(0),
+        )?;
+        h.try_into().map_err(|_| {
+            rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Blob,
+                "bad node".into(),
+            )
+        })
+    }
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct ExportSummary {
+    /// Output directory.
+    pub dir: PathBuf,
+    /// Entries written.
+    pub entries: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+}
+
+/// Exports the ledger at `db` (read-only) into `out`; `vkey` is the log's verifier key.
+pub fn export(db: &Path, vkey: &str, out: &Path) -> Result<ExportSummary, ExportError> {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(io)?;
+    std::fs::create_dir_all(out).map_err(io)?;
+    let mut entries = 0;
+    {
+        let mut w = BufWriter::new(std::fs::File::create(out.join("entries.jsonl")).map_err(io)?);
+        let mut stmt = conn
+            .prepare(
+                "SELECT a.seq, a.kind, a.lease_id, a.body, a.prev_hash, a.hash, m.hash
+                 FROM audit_log a LEFT JOIN merkle_nodes m ON m.level = 0 AND m.idx = a.seq - 1 ORDER BY a.seq",
+            )
+            .map_err(io)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ExportEntry {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    kind: r.get(1)?,
+                    lease_id: r.get(2)?,
+                    body: r.get(3)?,
+                    prev_hash: hex::encode(r.get::<_, Vec<u8>>(4)?),
+                    hash: hex::encode(r.get::<_, Vec<u8>>(5)?),
+                    leaf_hash: hex::encode(r.get::<_, Option<Vec<u8>>>(6)?.unwrap_or_default()),
+                })
+            })
+            .map_err(io)?;
+        for e in rows {
+            serde_json::to_writer(&mut w, &e.map_err(io)?).map_err(io)?;
+            w.write_all(b"\n").map_err(io)?;
+            entries += 1;
+        }
+        w.flush().map_err(io)?;
+    }
+    let mut checkpoints = Vec::new();
+    {
+        let mut stmt = conn
+            .prepare("SELECT size, root, time_ms, note FROM checkpoints ORDER BY size")
+            .map_err(io)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ExportCheckpoint {
+                    size: r.get::<_, i64>(0)? as u64,
+                    root: hex::encode(r.get::<_, Vec<u8>>(1)?),
+                    time_ms: r.get(2)?,
+                    note: r.get(3)?,
+                })
+            })
+            .map_err(io)?;
+        let mut w =
+            BufWriter::new(std::fs::File::create(out.join("checkpoints.jsonl")).map_err(io)?);
+        for c in rows {
+            let c = c.map_err(io)?;
+            serde_json::to_writer(&mut w, &c).map_err(io)?;
+            w.write_all(b"\n").map_err(io)?;
+            checkpoints.push(c);
+        }
+        w.flush().map_err(io)?;
+    }
+    std::fs::write(out.join("log.vkey"), format!("{}\n", vkey.trim())).map_err(io)?;
+    if let Some(last) = checkpoints.last() {
+        let seq = last.size.div_ceil(2);
+        let proof = merkle::inclusion_proof(&Nodes(&conn), seq - 1, last.size).map_err(io)?;
+        let leaf: Vec<u8> = conn
+            .query_row(
+                "SELECT hash FROM merkle_nodes WHERE level = 0 AND idx = ?1",
+                [seq as i64 - 1],
+                |r| r.get(0),
+            )
+            .map_err(io)?;
+        let p = ExportProof {
+            sequence: seq,
+            leaf_index: seq - 1,
+            leaf_hash: hex::encode(leaf),
+            tree_size: last.size,
+            root: last.root.clone(),
+            proof: proof.iter().map(hex::encode).collect(),
+            checkpoint: last.note.clone(),
+        };
+        std::fs::write(
+            out.join("proof.json"),
+            serde_json::to_vec_pretty(&p).map_err(io)?,
+        )
+        .map_err(io)?;
+    }
+    Ok(ExportSummary {
+        dir: out.to_owned(),
+        entries,
+        checkpoints: checkpoints.len() as u64,
+    })
+}
+
+fn unhex(field: &str, seq: u64, v: &str) -> Result<Vec<u8>, ExportError> {
+    hex::decode(v).map_err(|_| ExportError::Io(format!("entry {seq}: {field} is not hex")))
+}
+
+/// Verifies an export from scratch with `vkey` (which an auditor pins; `None` reads the
+/// export's own `log.vkey`). Names the first bad entry or checkpoint.
+pub fn verify_export(dir: &Path, vkey: Option<&VerifierKey>) -> Result<LogReport, ExportError> {
+    let own;
+    let vkey = match vkey {
+        Some(k) => k,
+        None => {
+            let text = std::fs::read_to_string(dir.join("log.vkey")).map_err(io)?;
+            own = VerifierKey::parse(&text).map_err(io)?;
+            &own
+        }
+    };
+    let mut notes = Vec::new();
+    let cp_file = std::fs::File::open(dir.join("checkpoints.jsonl")).map_err(io)?;
+    for line in std::io::BufReader::new(cp_file).lines() {
+        let line = line.map_err(io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let c: ExportCheckpoint =
+            serde_json::from_str(&line).map_err(|e| io(format!("checkpoints.jsonl: {e}")))?;
+        notes.push((c.size, c.note));
+    }
+    let mut v = LogVerifier::new(&notes, vkey).map_err(ExportError::Log)?;
+    let file = std::fs::File::open(dir.join("entries.jsonl")).map_err(io)?;
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io)?;
+        let e: ExportEntry = serde_json::from_str(&line)
+            .map_err(|err| io(format!("entries.jsonl line {}: {err}", n + 1)))?;
+        let stored = StoredEntry {
+            seq: e.seq,
+            kind: e.kind.clone(),
+            lease_id: e.lease_id.clone(),
+            body: e.body.clone(),
+            prev_hash: unhex("prev_hash", e.seq, &e.prev_hash)?,
+            hash: unhex("hash", e.seq, &e.hash)?,
+        };
+        let leaf = unhex("leaf_hash", e.seq, &e.leaf_hash)?;
+        v.push(&stored, Some(&leaf)).map_err(ExportError::Log)?;
+    }
+    let report = v.finish().map_err(ExportError::Log)?;
+    if let Ok(text) = std::fs::read_to_string(dir.join("proof.json")) {
+        let p: ExportProof =
+            serde_json::from_str(&text).map_err(|e| io(format!("proof.json: {e}")))?;
+        let cp = vkey
+            .verify(&p.checkpoint)
+            .map_err(|e| io(format!("proof.json checkpoint: {e}")))?;
+        let leaf: Hash = unhex("leaf_hash", p.sequence, &p.leaf_hash)?
+            .try_into()
+            .map_err(|_| io("proof.json: leaf hash is not 32 bytes"))?;
+        let path = p
+            .proof
+            .iter()
+            .map(|h| {
+                unhex("proof", p.sequence, h)
+                    .and_then(|b| b.try_into().map_err(|_| io("proof hash length")))
+            })
+            .collect::<Result<Vec<Hash>, _>>()?;
+        merkle::verify_inclusion(&leaf, p.leaf_index, cp.size, &path, &cp.root)
+            .map_err(|e| io(format!("proof.json: {e}")))?;
+    }
+    Ok(report)
+}
