@@ -34,6 +34,8 @@ pub enum EventKind {
     Review,
     /// The policy set was reloaded (or a reload was refused).
     PolicyReload,
+    /// An operator set or removed a lock.
+    Lock,
     /// Something the broker itself did (start-up).
     System,
 }
@@ -52,6 +54,7 @@ impl EventKind {
             EventKind::AccessRequest => "access_request",
             EventKind::Review => "review",
             EventKind::PolicyReload => "policy_reload",
+            EventKind::Lock => "lock",
             EventKind::System => "system",
         }
     }

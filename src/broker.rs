@@ -15,7 +15,7 @@ use crate::clock::{unix_millis, Clock};
 use crate::config::Profile;
 use crate::domain::{
     AccessFilter, AccessRequest, AccessState, CredentialRequest, Lease, LeaseFilter, LeaseId,
-    LeaseState, RequestSpec, RevokeSelector, Verdict,
+    LeaseState, Lock, RequestSpec, RevocationEvent, RevokeSelector, Verdict,
 };
 use crate::error::BrokerError;
 use crate::issuer::{Credential, Issuer, LeaseTerms};
@@ -201,9 +201,10 @@ fn refusal_error(r: &Refusal) -> BrokerError {
         Refusal::NotFound | Refusal::NotHolder => BrokerError::NotFound("lease not found".into()),
         Refusal::RequestNotFound => BrokerError::NotFound("access request not found".into()),
         Refusal::QuotaExceeded(_) => BrokerError::ResourceExhausted(r.describe()),
-        Refusal::SelfReview | Refusal::DigestMismatch => {
-            BrokerError::PermissionDenied(r.describe())
-        }
+        Refusal::SelfReview
+        | Refusal::DigestMismatch
+        | Refusal::Locked(_)
+        | Refusal::RevokedBefore => BrokerError::PermissionDenied(r.describe()),
         Refusal::Ended(_)
         | Refusal::Expired
         | Refusal::NothingMatched
@@ -256,6 +257,8 @@ pub struct Broker {
     limiter: RateLimiter,
     redeemed: Mutex<HashMap<String, (String, Issued)>>,
     log_signer: Option<Arc<LogSigner>>,
+    feed_signer: Option<Arc<LogSigner>>,
+    revocations: broadcast::Sender<()>,
     changes: broadcast::Sender<String>,
 }
 
@@ -281,6 +284,8 @@ impl Broker {
             limiter: RateLimiter::default(),
             redeemed: Mutex::new(HashMap::new()),
             log_signer: None,
+            feed_signer: None,
+            revocations: broadcast::channel(64).0,
             changes: broadcast::channel(1024).0,
         }
     }
@@ -289,6 +294,17 @@ impl Broker {
     pub fn with_loader(mut self, loader: PolicyLoader) -> Self {
         self.loader = Some(loader);
         self
+    }
+
+    /// Sets the key that signs revocation feed heads.
+    pub fn with_feed_signer(mut self, signer: Arc<LogSigner>) -> Self {
+        self.feed_signer = Some(signer);
+        self
+    }
+
+    /// The revocation feed's verifier key.
+    pub fn feed_vkey(&self) -> Option<String> {
+        self.feed_signer.as_ref().map(|s| s.vkey())
     }
 
     /// Sets the key that signs audit log checkpoints.
@@ -1346,15 +1362,20 @@ impl Broker {
         }
     }
 
-    /// Revokes every active lease the selector covers (platform admin only).
+    /// Revokes every active lease the selector covers (platform admin only), optionally
+    /// only those issued before a cut-off. Identity, prefix and profile revocations also
+    /// bar any covered issuance still in flight. `dry_run` reports without changing or
+    /// recording anything.
     pub async fn revoke(
         &self,
         caller: &VerifiedCaller,
         selector: RevokeSelector,
+        issued_before: Option<i64>,
         reason: String,
+        dry_run: bool,
     ) -> Result<Revoked, BrokerError> {
         let rule = self.admin(caller, AdminAction::Revoke, "Revoke").await?;
-        if reason.trim().is_empty() || reason.len() > 512 {
+        if !dry_run && (reason.trim().is_empty() || reason.len() > 512) {
             return Err(self
                 .reject(
                     caller,
@@ -1365,10 +1386,24 @@ impl Broker {
                 )
                 .await);
         }
+        if selector == RevokeSelector::All && issued_before.is_none() {
+            return Err(self
+                .reject(
+                    caller,
+                    "Revoke",
+                    BrokerError::InvalidArgument(
+                        "revoking everything needs an issued_before cut-off".into(),
+                    ),
+                )
+                .await);
+        }
         let mut e = self.event(EventKind::Revoke, "allow", Some(caller));
         e.request = Some(record("Revoke"));
         e.rule = Some(rule);
-        e.reason = Some(reason.clone());
+        e.reason = Some(match issued_before {
+            Some(t) => format!("{reason} (issued before {})", crate::clock::rfc3339(t)),
+            None => reason.clone(),
+        });
         if let RevokeSelector::Lease(id) = &selector {
             e.lease_id = Some(id.to_string());
         }
@@ -1376,18 +1411,128 @@ impl Broker {
             .store
             .apply(LedgerOp::Revoke {
                 selector,
+                issued_before,
                 reason,
                 now: self.clock.unix_seconds(),
+                dry_run,
                 event: e,
             })
             .await?;
         if applied.refused == Some(Refusal::NotFound) {
             return Err(BrokerError::NotFound("lease not found".into()));
         }
+        if !dry_run {
+            let _ = self.revocations.send(());
+        }
         Ok(Revoked {
             lease_ids: applied.affected,
             receipt: applied.receipt,
         })
+    }
+
+    /// Sets an operator lock: no issuance for the identity, prefix or profile until `until`.
+    pub async fn lock(
+        &self,
+        caller: &VerifiedCaller,
+        kind: &str,
+        value: String,
+        until: i64,
+        reason: String,
+    ) -> Result<Lock, BrokerError> {
+        let rule = self
+            .admin(caller, AdminAction::Revoke, "CreateLock")
+            .await?;
+        let now = self.clock.unix_seconds();
+        let invalid = |m: &str| BrokerError::InvalidArgument(m.to_owned());
+        let problem = if !matches!(kind, "spiffe_id" | "prefix" | "profile") {
+            Some(invalid("lock kind must be spiffe_id, prefix or profile"))
+        } else if until <= now {
+            Some(invalid("a lock must end in the future"))
+        } else if reason.trim().is_empty() || reason.len() > 512 {
+            Some(invalid("a reason of 1..=512 characters is required"))
+        } else if value.is_empty() || value.len() > 2048 {
+            Some(invalid("a lock needs a value"))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            return Err(self.reject(caller, "CreateLock", p).await);
+        }
+        let lock = Lock {
+            id: LeaseId::generate()?.to_string(),
+            kind: kind.to_owned(),
+            value,
+            until,
+            reason,
+            created_by: caller.spiffe_id().to_string(),
+            created_at: now,
+        };
+        let mut e = self.event(EventKind::Lock, "allow", Some(caller));
+        e.request = Some(record("CreateLock"));
+        e.rule = Some(rule);
+        e.reason = Some(format!(
+            "lock {} {}={} until {}: {}",
+            lock.id,
+            lock.kind,
+            lock.value,
+            crate::clock::rfc3339(lock.until),
+            lock.reason
+        ));
+        self.store
+            .apply(LedgerOp::Lock {
+                lock: lock.clone(),
+                event: e,
+            })
+            .await?;
+        Ok(lock)
+    }
+
+    /// Removes an operator lock.
+    pub async fn unlock(
+        &self,
+        caller: &VerifiedCaller,
+        id: String,
+        reason: String,
+    ) -> Result<(), BrokerError> {
+        let rule = self
+            .admin(caller, AdminAction::Revoke, "DeleteLock")
+            .await?;
+        let mut e = self.event(EventKind::Lock, "allow", Some(caller));
+        e.request = Some(record("DeleteLock"));
+        e.rule = Some(rule);
+        e.reason = Some(format!("unlock {id}: {reason}"));
+        let applied = self.store.apply(LedgerOp::Unlock { id, event: e }).await?;
+        if applied.refused.is_some() {
+            return Err(BrokerError::NotFound("lock not found".into()));
+        }
+        Ok(())
+    }
+
+    /// Locks in force.
+    pub async fn locks(&self, caller: &VerifiedCaller) -> Result<Vec<Lock>, BrokerError> {
+        self.admin(caller, AdminAction::ListLeases, "ListLocks")
+            .await?;
+        Ok(self.store.locks(self.clock.unix_seconds()).await?)
+    }
+
+    /// Revocation feed events after `after` (any authenticated caller: relying parties).
+    pub async fn revocation_events(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<RevocationEvent>, BrokerError> {
+        Ok(self.store.revocations(after, limit).await?)
+    }
+
+    /// Wakes up revocation feed watchers on this replica.
+    pub fn subscribe_revocations(&self) -> broadcast::Receiver<()> {
+        self.revocations.subscribe()
+    }
+
+    /// A signed head of the revocation feed as of `events`: a signed note over
+    /// (last sequence, last chain hash) under the feed key.
+    pub fn sign_feed_head(&self, seq: u64, chain_hash: &[u8; 32]) -> Option<String> {
+        self.feed_signer.as_ref().map(|s| s.sign(seq, chain_hash))
     }
 
     /// Lists leases (platform admin only).

@@ -91,13 +91,20 @@ impl std::fmt::Debug for LogSigner {
 impl LogSigner {
     /// Loads `dir/log-ed25519.p8` or generates it (mode 0600), and writes `dir/log.vkey`.
     pub fn load_or_create(dir: &Path, name: &str) -> Result<Self, NoteError> {
+        Self::load_or_create_as(dir, "log", name)
+    }
+
+    /// Loads `dir/{stem}-ed25519.p8` or generates it (mode 0600), and writes `dir/{stem}.vkey`.
+    /// Each signed stream (audit checkpoints, revocation feed heads) has its own key and
+    /// name, so a note of one can never pass for the other.
+    pub fn load_or_create_as(dir: &Path, stem: &str, name: &str) -> Result<Self, NoteError> {
         use std::io::Write as _;
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         if !valid_name(name) {
             return err(format!("invalid log name {name:?}"));
         }
         std::fs::create_dir_all(dir).map_err(|e| NoteError(format!("{}: {e}", dir.display())))?;
-        let path = dir.join("log-ed25519.p8");
+        let path = dir.join(format!("{stem}-ed25519.p8"));
         let pkcs8 = match std::fs::read(&path) {
             Ok(b) => {
                 let mode = std::fs::metadata(&path)
@@ -136,8 +143,11 @@ impl LogSigner {
             key,
             hash,
         };
-        std::fs::write(dir.join("log.vkey"), format!("{}\n", signer.vkey()))
-            .map_err(|e| NoteError(format!("cannot write log.vkey: {e}")))?;
+        std::fs::write(
+            dir.join(format!("{stem}.vkey")),
+            format!("{}\n", signer.vkey()),
+        )
+        .map_err(|e| NoteError(format!("cannot write log.vkey: {e}")))?;
         Ok(signer)
     }
 

@@ -494,6 +494,99 @@ pub enum RevokeSelector {
     Lease(LeaseId),
     /// Every active lease of one SPIFFE ID.
     SpiffeId(String),
+    /// Every active lease of the SPIFFE IDs under a path prefix (ending in `/`).
+    Prefix(String),
+    /// Every active lease of a profile.
+    Profile(ProfileName),
+    /// Every active lease issued on an access request this approver approved.
+    Approver(String),
+    /// The lease issued on one access request.
+    AccessRequest(String),
+    /// Every active lease (only together with an issued-before cut-off).
+    All,
+}
+
+impl RevokeSelector {
+    /// The revocation rule this selector leaves behind: identity, prefix and profile
+    /// revocations also bar issuing covered credentials requested before the revocation.
+    pub fn rule(&self) -> Option<(&'static str, String)> {
+        match self {
+            RevokeSelector::SpiffeId(id) => Some(("spiffe_id", id.clone())),
+            RevokeSelector::Prefix(p) => Some(("prefix", p.clone())),
+            RevokeSelector::Profile(p) => Some(("profile", p.to_string())),
+            RevokeSelector::All => Some(("all", String::new())),
+            RevokeSelector::Lease(_)
+            | RevokeSelector::Approver(_)
+            | RevokeSelector::AccessRequest(_) => None,
+        }
+    }
+}
+
+/// What an operator lock applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    /// Lock id (32 hex).
+    pub id: String,
+    /// `spiffe_id`, `prefix` or `profile`.
+    pub kind: String,
+    /// The SPIFFE ID, path prefix or profile name.
+    pub value: String,
+    /// No issuance until then (Unix seconds).
+    pub until: i64,
+    /// Why.
+    pub reason: String,
+    /// Who set it.
+    pub created_by: String,
+    /// When (Unix seconds).
+    pub created_at: i64,
+}
+
+/// One event of the revocation feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationEvent {
+    /// Position in the feed (1-based, gap-free).
+    pub seq: u64,
+    /// The revoked lease (the token's `jti`).
+    pub lease_id: String,
+    /// Its holder.
+    pub spiffe_id: String,
+    /// Its profile.
+    pub profile: String,
+    /// When the credential would have expired anyway: consumers may forget it then.
+    pub expires_at: i64,
+    /// When it was revoked.
+    pub revoked_at: i64,
+    /// Why.
+    pub reason: String,
+    /// Hex `SHA-256(previous chain hash ‖ canonical event)`.
+    pub chain_hash: String,
+}
+
+impl RevocationEvent {
+    /// The canonical encoding hashed into the feed chain (everything but the chain hash).
+    pub fn canonical(&self) -> String {
+        serde_json::json!({
+            "seq": self.seq,
+            "lease_id": self.lease_id,
+            "spiffe_id": self.spiffe_id,
+            "profile": self.profile,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+            "reason": self.reason,
+        })
+        .to_string()
+    }
+
+    /// The chain hash of this event after `prev`.
+    pub fn chain(&self, prev: &[u8; 32]) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"spiffe-broker/revocations/v1\0");
+        ctx.update(prev);
+        ctx.update(self.canonical().as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
 }
 
 /// Filter for listing leases.

@@ -67,20 +67,11 @@ enum Command {
         conn: ConnArgs,
     },
     /// Revoke leases (platform admin).
-    Revoke {
-        /// One lease.
-        #[arg(
-            long,
-            conflicts_with = "spiffe_id",
-            required_unless_present = "spiffe_id"
-        )]
-        lease: Option<String>,
-        /// Every active lease of this SPIFFE ID.
-        #[arg(long)]
-        spiffe_id: Option<String>,
-        /// Why (recorded in the ledger).
-        #[arg(long, default_value = "revoked by operator")]
-        reason: String,
+    Revoke(RevokeArgs),
+    /// Operator locks: no issuance for an identity, prefix or profile until a time.
+    Locks {
+        #[command(subcommand)]
+        command: Option<LockCommand>,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -289,6 +280,113 @@ struct ConnArgs {
     /// Trust bundle (PEM).
     #[arg(long, requires = "svid_cert")]
     bundle: Option<PathBuf>,
+}
+
+/// Which leases to revoke: exactly one selector, optionally with a cut-off.
+#[derive(Args)]
+struct RevokeArgs {
+    /// One lease.
+    #[arg(long, group = "selector")]
+    lease: Option<String>,
+    /// Every active lease of this SPIFFE ID.
+    #[arg(long, group = "selector")]
+    spiffe_id: Option<String>,
+    /// Every active lease under this SPIFFE ID prefix, e.g. spiffe://example.org/ci/.
+    #[arg(long, group = "selector")]
+    prefix: Option<String>,
+    /// Every active lease of this profile.
+    #[arg(long, group = "selector")]
+    profile: Option<String>,
+    /// Everything this approver approved.
+    #[arg(long, group = "selector")]
+    approver: Option<String>,
+    /// The lease issued on this access request.
+    #[arg(long, group = "selector")]
+    access_request: Option<String>,
+    /// Every active lease (needs --issued-before).
+    #[arg(long, group = "selector", requires = "issued_before")]
+    all: bool,
+    /// Only leases issued before this instant (RFC 3339, e.g. 2026-11-26T12:00:00Z, or Unix seconds).
+    #[arg(long)]
+    issued_before: Option<String>,
+    /// Show what would be revoked; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Why (recorded in the ledger).
+    #[arg(long, default_value = "revoked by operator")]
+    reason: String,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Subcommand)]
+enum LockCommand {
+    /// List locks in force (the default).
+    List,
+    /// Lock issuance for a spiffe_id, prefix or profile.
+    Add {
+        /// spiffe_id, prefix or profile.
+        #[arg(long)]
+        kind: String,
+        /// The SPIFFE ID, prefix or profile name.
+        #[arg(long)]
+        value: String,
+        /// How long, e.g. 2h.
+        #[arg(long = "for")]
+        for_: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Remove a lock.
+    Remove {
+        /// Lock id.
+        id: String,
+        /// Why.
+        #[arg(long, default_value = "lifted by operator")]
+        reason: String,
+    },
+}
+
+/// Parses RFC 3339 (UTC, `Z`) or Unix seconds.
+fn parse_instant(s: &str, flag: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let bad = || format!("{flag}: {s:?} is not RFC 3339 (YYYY-MM-DDTHH:MM:SSZ) or Unix seconds");
+    let b = s.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| s[r].parse::<i64>().map_err(|_| bad());
+    let (y, m, d, hh, mm, ss) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
+    // Days from civil (Howard Hinnant), the inverse of clock::rfc3339.
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let t = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    if rfc3339(t) != s {
+        return Err(bad());
+    }
+    Ok(t)
 }
 
 /// What is asked for (shared by `request` and `policy explain`).
@@ -1034,30 +1132,108 @@ async fn run(cli: Cli) -> Result<(), String> {
             out!("{}", issued_json(None, resp.lease, resp.receipt, None));
             Ok(())
         }
-        Command::Revoke {
-            lease,
-            spiffe_id,
-            reason,
-            conn,
-        } => {
-            let selector = match (lease, spiffe_id) {
-                (Some(l), _) => pb::revoke_request::Selector::LeaseId(l),
-                (None, Some(s)) => pb::revoke_request::Selector::SpiffeId(s),
-                (None, None) => return Err("one of --lease or --spiffe-id is required".into()),
+        Command::Revoke(a) => {
+            use pb::revoke_request::Selector;
+            let selector = if let Some(l) = a.lease {
+                Selector::LeaseId(l)
+            } else if let Some(s) = a.spiffe_id {
+                Selector::SpiffeId(s)
+            } else if let Some(p) = a.prefix {
+                Selector::SpiffeIdPrefix(p)
+            } else if let Some(p) = a.profile {
+                Selector::Profile(p)
+            } else if let Some(ap) = a.approver {
+                Selector::Approver(ap)
+            } else if let Some(r) = a.access_request {
+                Selector::AccessRequestId(r)
+            } else if a.all {
+                Selector::All(true)
+            } else {
+                return Err("a selector is required (see --help)".into());
             };
-            let ch = channel(&conn).await?;
+            let issued_before = a
+                .issued_before
+                .as_deref()
+                .map(|t| parse_instant(t, "--issued-before"))
+                .transpose()?;
+            let ch = channel(&a.conn).await?;
             let resp = pb::admin_client::AdminClient::new(ch)
                 .revoke(pb::RevokeRequest {
                     selector: Some(selector),
-                    reason,
+                    issued_before: issued_before
+                        .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+                    dry_run: a.dry_run,
+                    reason: a.reason,
                 })
                 .await
                 .map_err(status_msg)?
                 .into_inner();
             out!(
                 "{}",
-                json!({"revoked": resp.revoked_lease_ids, "receipt": resp.receipt.map(|r| json!({"sequence": r.sequence, "entry_hash": r.entry_hash}))})
+                json!({
+                    "dry_run": resp.dry_run,
+                    (if resp.dry_run { "would_revoke" } else { "revoked" }): resp.revoked_lease_ids,
+                    "receipt": resp.receipt.map(|r| json!({"sequence": r.sequence, "entry_hash": r.entry_hash})),
+                })
             );
+            Ok(())
+        }
+        Command::Locks { command, conn } => {
+            let ch = channel(&conn).await?;
+            let mut admin = pb::admin_client::AdminClient::new(ch);
+            let lock_json = |l: &pb::Lock| {
+                json!({
+                    "id": l.id, "kind": l.kind, "value": l.value,
+                    "until": l.until.map(|t| rfc3339(t.seconds)), "reason": l.reason,
+                    "created_by": l.created_by, "created_at": l.created_at.map(|t| rfc3339(t.seconds)),
+                })
+            };
+            match command {
+                None | Some(LockCommand::List) => {
+                    let resp = admin
+                        .list_locks(pb::ListLocksRequest {})
+                        .await
+                        .map_err(status_msg)?
+                        .into_inner();
+                    for l in &resp.locks {
+                        out!("{}", lock_json(l));
+                    }
+                }
+                Some(LockCommand::Add {
+                    kind,
+                    value,
+                    for_,
+                    reason,
+                }) => {
+                    use spiffe_broker::clock::Clock as _;
+                    let d = parse_duration(&for_).map_err(|e| format!("--for: {e}"))?;
+                    let until = SystemClock.unix_seconds() + d.as_secs() as i64;
+                    let l = admin
+                        .create_lock(pb::CreateLockRequest {
+                            kind,
+                            value,
+                            until: Some(prost_types::Timestamp {
+                                seconds: until,
+                                nanos: 0,
+                            }),
+                            reason,
+                        })
+                        .await
+                        .map_err(status_msg)?
+                        .into_inner();
+                    out!("{}", lock_json(&l));
+                }
+                Some(LockCommand::Remove { id, reason }) => {
+                    admin
+                        .delete_lock(pb::DeleteLockRequest {
+                            id: id.clone(),
+                            reason,
+                        })
+                        .await
+                        .map_err(status_msg)?;
+                    out!("{}", json!({"removed": id}));
+                }
+            }
             Ok(())
         }
         Command::Leases {

@@ -1243,6 +1243,7 @@ async fn redemption_retry_does_not_report_a_revoked_lease_as_active() {
         .revoke(pb::RevokeRequest {
             selector: Some(pb::revoke_request::Selector::LeaseId(lease.id.clone())),
             reason: "wrong artifact pushed".into(),
+            ..Default::default()
         })
         .await
         .expect("revoked");

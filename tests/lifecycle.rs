@@ -184,6 +184,7 @@ async fn revoke_by_lease_and_by_spiffe_id() {
         .revoke(pb::RevokeRequest {
             selector: Some(pb::revoke_request::Selector::LeaseId(a.id.clone())),
             reason: "x".into(),
+            ..Default::default()
         })
         .await
         .expect_err("alice is not an admin");
@@ -194,6 +195,7 @@ async fn revoke_by_lease_and_by_spiffe_id() {
         .revoke(pb::RevokeRequest {
             selector: Some(pb::revoke_request::Selector::LeaseId(a.id.clone())),
             reason: "compromised runner".into(),
+            ..Default::default()
         })
         .await
         .expect("revoked")
@@ -212,6 +214,7 @@ async fn revoke_by_lease_and_by_spiffe_id() {
         .revoke(pb::RevokeRequest {
             selector: Some(pb::revoke_request::Selector::SpiffeId(PROVISIONER.into())),
             reason: "decommissioned".into(),
+            ..Default::default()
         })
         .await
         .expect("revoked")
@@ -244,6 +247,7 @@ async fn revoke_by_lease_and_by_spiffe_id() {
         .revoke(pb::RevokeRequest {
             selector: Some(pb::revoke_request::Selector::LeaseId("0".repeat(32))),
             reason: "x".into(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown");
@@ -252,6 +256,7 @@ async fn revoke_by_lease_and_by_spiffe_id() {
         .revoke(pb::RevokeRequest {
             selector: Some(pb::revoke_request::Selector::LeaseId(c.id.clone())),
             reason: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("reason required");

@@ -1787,6 +1787,7 @@ async fn inventory_after_a_mixed_run() {
     root.revoke(pb::RevokeRequest {
         selector: Some(pb::revoke_request::Selector::LeaseId(leases[1].clone())),
         reason: "rotation".into(),
+        ..Default::default()
     })
     .await
     .expect("revoke");

@@ -125,8 +125,10 @@ async fn conformance(store: Arc<dyn Store>) {
     let d = issue(s, lease("spiffe://example.org/gpu/provisioner", now, 600)).await;
     let revoke = |sel: RevokeSelector| LedgerOp::Revoke {
         selector: sel,
+        issued_before: None,
         reason: "test".into(),
         now: now + 20,
+        dry_run: false,
         event: ev(EventKind::Revoke, None),
     };
     let r = s

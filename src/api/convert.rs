@@ -8,7 +8,7 @@ use super::DEFAULT_PAGE_SIZE;
 use crate::broker::{Explanation, InventoryEntry};
 use crate::domain::{
     parse_ttl, AccessRequest, AccessState, CredentialRequest, Intent, Lease, LeaseFilter, LeaseId,
-    LeaseState, ProfileName, RevokeSelector, Scope, Verdict,
+    LeaseState, Lock, ProfileName, RevocationEvent, RevokeSelector, Scope, Verdict,
 };
 use crate::error::BrokerError;
 use crate::issuer::Credential;
@@ -58,19 +58,60 @@ pub fn parse_issue_request(
 pub fn parse_selector(
     s: Option<&pb::revoke_request::Selector>,
 ) -> Result<RevokeSelector, BrokerError> {
+    use pb::revoke_request::Selector;
+    let workload = |id: &str, field: &str| -> Result<String, BrokerError> {
+        let parsed =
+            spiffe::SpiffeId::new(id).map_err(|e| invalid(format!("invalid {field}: {e}")))?;
+        if parsed.path().is_empty() {
+            return Err(invalid(format!(
+                "{field} must name a workload (it needs a path)"
+            )));
+        }
+        Ok(parsed.to_string())
+    };
     match s {
-        None => Err(invalid("a selector (lease_id or spiffe_id) is required")),
-        Some(pb::revoke_request::Selector::LeaseId(id)) => {
-            Ok(RevokeSelector::Lease(LeaseId::parse(id)?))
+        None => Err(invalid(
+            "a selector is required: lease_id, spiffe_id, spiffe_id_prefix, profile, approver, access_request_id or all",
+        )),
+        Some(Selector::LeaseId(id)) => Ok(RevokeSelector::Lease(LeaseId::parse(id)?)),
+        Some(Selector::SpiffeId(id)) => Ok(RevokeSelector::SpiffeId(workload(id, "spiffe_id")?)),
+        Some(Selector::SpiffeIdPrefix(p)) => {
+            let base = p.trim_end_matches('/');
+            let parsed = spiffe::SpiffeId::new(base).map_err(|e| invalid(format!("invalid spiffe_id_prefix: {e}")))?;
+            Ok(RevokeSelector::Prefix(format!("{parsed}/")))
         }
-        Some(pb::revoke_request::Selector::SpiffeId(id)) => {
-            let parsed = spiffe::SpiffeId::new(id)
-                .map_err(|e| invalid(format!("invalid spiffe_id: {e}")))?;
-            if parsed.path().is_empty() {
-                return Err(invalid("spiffe_id must name a workload (it needs a path)"));
-            }
-            Ok(RevokeSelector::SpiffeId(parsed.to_string()))
-        }
+        Some(Selector::Profile(p)) => Ok(RevokeSelector::Profile(ProfileName::parse(p)?)),
+        Some(Selector::Approver(a)) => Ok(RevokeSelector::Approver(workload(a, "approver")?)),
+        Some(Selector::AccessRequestId(id)) => Ok(RevokeSelector::AccessRequest(LeaseId::parse(id)?.to_string())),
+        Some(Selector::All(true)) => Ok(RevokeSelector::All),
+        Some(Selector::All(false)) => Err(invalid("all must be true when used")),
+    }
+}
+
+/// A lock as the API shows it.
+pub fn lock_to_pb(l: &Lock) -> pb::Lock {
+    pb::Lock {
+        id: l.id.clone(),
+        kind: l.kind.clone(),
+        value: l.value.clone(),
+        until: ts(l.until),
+        reason: l.reason.clone(),
+        created_by: l.created_by.clone(),
+        created_at: ts(l.created_at),
+    }
+}
+
+/// A revocation event as the feed carries it.
+pub fn revocation_to_pb(e: &RevocationEvent) -> pb::RevocationEvent {
+    pb::RevocationEvent {
+        seq: e.seq,
+        lease_id: e.lease_id.clone(),
+        spiffe_id: e.spiffe_id.clone(),
+        profile: e.profile.clone(),
+        expires_at: ts(e.expires_at),
+        revoked_at: ts(e.revoked_at),
+        reason: e.reason.clone(),
+        chain_hash: e.chain_hash.clone(),
     }
 }
 

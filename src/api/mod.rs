@@ -44,6 +44,104 @@ pub struct AdminService {
     broker: Arc<Broker>,
 }
 
+/// `spiffe_broker.v1.RelyingParty`.
+#[derive(Clone)]
+pub struct RelyingPartyService {
+    broker: Arc<Broker>,
+}
+
+impl RelyingPartyService {
+    /// Serves `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
+
+/// Most events sent between two signed heads.
+const FEED_BATCH: u32 = 1000;
+
+#[tonic::async_trait]
+impl pb::relying_party_server::RelyingParty for RelyingPartyService {
+    type WatchRevocationsStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::RevocationFeedMessage, Status>> + Send>,
+    >;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let b = self.broker.clone();
+        b.authenticate(facts(&request), "WatchRevocations")
+            .await
+            .map_err(to_status)?;
+        let mut since = request.get_ref().since;
+        let mut wake = b.subscribe_revocations();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            use pb::revocation_feed_message::Item;
+            let mut tick = tokio::time::interval(WATCH_POLL);
+            let mut first = true;
+            loop {
+                let events = match b.revocation_events(since, FEED_BATCH).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        return;
+                    }
+                };
+                let sent = !events.is_empty();
+                for e in &events {
+                    since = e.seq;
+                    if tx
+                        .send(Ok(pb::RevocationFeedMessage {
+                            item: Some(Item::Event(convert::revocation_to_pb(e))),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                // A signed head after each batch (and once at the start, even when empty).
+                if sent || first {
+                    let hash = events
+                        .last()
+                        .and_then(|e| hex::decode(&e.chain_hash).ok())
+                        .and_then(|h| <[u8; 32]>::try_from(h).ok());
+                    let head = match hash {
+                        Some(h) => b.sign_feed_head(since, &h),
+                        None if since == 0 => b.sign_feed_head(0, &[0; 32]),
+                        None => None,
+                    };
+                    if let Some(note) = head {
+                        if tx
+                            .send(Ok(pb::RevocationFeedMessage {
+                                item: Some(Item::SignedHead(note)),
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    first = false;
+                }
+                if events.len() as u32 == FEED_BATCH {
+                    continue;
+                }
+                tokio::select! {
+                    _ = wake.recv() => {}
+                    _ = tick.tick() => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
 /// `spiffe_broker.v1.Approvals`.
 #[derive(Clone)]
 pub struct ApprovalsService {
@@ -376,6 +474,56 @@ impl pb::approvals_server::Approvals for ApprovalsService {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn create_lock(
+        &self,
+        request: Request<pb::CreateLockRequest>,
+    ) -> Result<Response<pb::Lock>, Status> {
+        let b = &self.broker;
+        rpc(b, "CreateLock", async {
+            let caller = b.authenticate(facts(&request), "CreateLock").await?;
+            let r = request.get_ref();
+            let until = r.until.map(|t| t.seconds).unwrap_or_default();
+            let lock = b
+                .lock(&caller, &r.kind, r.value.clone(), until, r.reason.clone())
+                .await?;
+            Ok(convert::lock_to_pb(&lock))
+        })
+        .await
+    }
+
+    async fn list_locks(
+        &self,
+        request: Request<pb::ListLocksRequest>,
+    ) -> Result<Response<pb::ListLocksResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "ListLocks", async {
+            let caller = b.authenticate(facts(&request), "ListLocks").await?;
+            let locks = b.locks(&caller).await?;
+            Ok(pb::ListLocksResponse {
+                locks: locks.iter().map(convert::lock_to_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn delete_lock(
+        &self,
+        request: Request<pb::DeleteLockRequest>,
+    ) -> Result<Response<pb::DeleteLockResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "DeleteLock", async {
+            let caller = b.authenticate(facts(&request), "DeleteLock").await?;
+            let r = request.get_ref();
+            let id = match LeaseId::parse(&r.id) {
+                Ok(id) => id,
+                Err(e) => return Err(b.reject(&caller, "DeleteLock", e).await),
+            };
+            b.unlock(&caller, id.to_string(), r.reason.clone()).await?;
+            Ok(pb::DeleteLockResponse {})
+        })
+        .await
+    }
+
     async fn get_checkpoint(
         &self,
         request: Request<pb::GetCheckpointRequest>,
@@ -504,10 +652,20 @@ impl pb::admin_server::Admin for AdminService {
                 Ok(s) => s,
                 Err(e) => return Err(b.reject(&caller, "Revoke", e).await),
             };
-            let revoked = b.revoke(&caller, selector, r.reason.clone()).await?;
+            let issued_before = r.issued_before.map(|t| t.seconds);
+            let revoked = b
+                .revoke(
+                    &caller,
+                    selector,
+                    issued_before,
+                    r.reason.clone(),
+                    r.dry_run,
+                )
+                .await?;
             Ok(pb::RevokeResponse {
                 revoked_lease_ids: revoked.lease_ids,
                 receipt: revoked.receipt.as_ref().map(convert::receipt_to_pb),
+                dry_run: r.dry_run,
             })
         })
         .await

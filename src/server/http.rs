@@ -40,6 +40,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/log/checkpoint", get(checkpoint))
         .route("/log/vkey", get(vkey))
+        .route("/revocations", get(revocations))
         .with_state(state)
 }
 
@@ -72,6 +73,47 @@ async fn checkpoint(State(s): State<HttpState>) -> axum::response::Response {
         Ok(None) => (StatusCode::NOT_FOUND, "no checkpoint yet\n").into_response(),
         Err(e) => {
             tracing::error!(error = %e, "cannot read the latest checkpoint");
+            (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable\n").into_response()
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: u64,
+    limit: Option<u32>,
+}
+
+/// The revocation feed over HTTP: events after `since` and a signed head over the last
+/// one (the same feed as `RelyingParty.WatchRevocations`).
+async fn revocations(
+    State(s): State<HttpState>,
+    axum::extract::Query(q): axum::extract::Query<Since>,
+) -> axum::response::Response {
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    match s.broker.revocation_events(q.since, limit).await {
+        Ok(events) => {
+            let head = events
+                .last()
+                .and_then(|e| {
+                    Some((
+                        e.seq,
+                        <[u8; 32]>::try_from(hex::decode(&e.chain_hash).ok()?).ok()?,
+                    ))
+                })
+                .and_then(|(seq, h)| s.broker.sign_feed_head(seq, &h));
+            Json(serde_json::json!({
+                "since": q.since,
+                "events": events,
+                "signed_head": head,
+                "feed_key": s.broker.feed_vkey(),
+                "more": events.len() as u32 == limit,
+            }))
+            .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the revocation feed");
             (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable\n").into_response()
         }
     }

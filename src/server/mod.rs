@@ -12,7 +12,7 @@ use spiffe::{JwtSource, X509Source};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{AdminService, ApprovalsService, CredentialBrokerService};
+use crate::api::{AdminService, ApprovalsService, CredentialBrokerService, RelyingPartyService};
 use crate::authn::{SpiffeAuthenticator, WorkloadTrust};
 use crate::broker::Broker;
 use crate::checkpoint::LogSigner;
@@ -26,6 +26,7 @@ use crate::policy::{CedarPolicy, Policy};
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::approvals_server::ApprovalsServer;
 use crate::proto::v1::credential_broker_server::CredentialBrokerServer;
+use crate::proto::v1::relying_party_server::RelyingPartyServer;
 use crate::store::SqliteStore;
 
 /// Why the broker could not start or keep serving.
@@ -166,7 +167,15 @@ pub async fn assemble(
         metrics.clone(),
     )
     .with_notifier(notifier)
-    .with_log_signer(log_signer.clone());
+    .with_log_signer(log_signer.clone())
+    .with_feed_signer(Arc::new(
+        LogSigner::load_or_create_as(
+            &config.keys_dir(),
+            "revocations",
+            &format!("{trust_domain}/spiffe-broker/revocations"),
+        )
+        .map_err(|e| ServeError(format!("revocation feed key: {e}")))?,
+    ));
     if let Some(l) = loader {
         broker = broker.with_loader(l);
     }
@@ -214,6 +223,9 @@ pub async fn run(
     health.set_serving::<AdminServer<AdminService>>().await;
     health
         .set_serving::<ApprovalsServer<ApprovalsService>>()
+        .await;
+    health
+        .set_serving::<RelyingPartyServer<RelyingPartyService>>()
         .await;
 
     let broker = parts.broker.clone();
@@ -277,6 +289,10 @@ pub async fn run(
         )
         .add_service(
             ApprovalsServer::new(ApprovalsService::new(broker.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            RelyingPartyServer::new(RelyingPartyService::new(broker.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(

@@ -17,7 +17,8 @@ use crate::merkle::Hash as MerkleHash;
 
 use crate::audit::{AuditEvent, StoredEntry};
 use crate::domain::{
-    AccessFilter, AccessRequest, AccessState, Lease, LeaseFilter, LeaseId, RevokeSelector, Verdict,
+    AccessFilter, AccessRequest, AccessState, Lease, LeaseFilter, LeaseId, Lock, RevocationEvent,
+    RevokeSelector, Verdict,
 };
 
 pub use sqlite::SqliteStore;
@@ -119,11 +120,29 @@ pub enum LedgerOp {
     Revoke {
         /// Which leases.
         selector: RevokeSelector,
+        /// Only leases issued strictly before this (Unix seconds).
+        issued_before: Option<i64>,
         /// Why.
         reason: String,
         /// Now (Unix seconds).
         now: i64,
+        /// Only report what would be revoked; change and record nothing.
+        dry_run: bool,
         /// Audit entry (the affected leases are filled in).
+        event: AuditEvent,
+    },
+    /// Set an operator lock.
+    Lock {
+        /// The lock.
+        lock: Lock,
+        /// Audit entry.
+        event: AuditEvent,
+    },
+    /// Remove an operator lock.
+    Unlock {
+        /// Lock id.
+        id: String,
+        /// Audit entry.
         event: AuditEvent,
     },
     /// Mark up to `limit` active leases whose expiry has passed as expired.
@@ -177,6 +196,10 @@ pub enum Refusal {
     RequestExpired,
     /// The redeemed request differs from the approved one.
     DigestMismatch,
+    /// An operator lock bars issuance (the lock's reason and end).
+    Locked(String),
+    /// A revocation acknowledged before this issuance covers it.
+    RevokedBefore,
 }
 
 impl Refusal {
@@ -197,6 +220,8 @@ impl Refusal {
             Refusal::RequestEnded(s) => format!("access request is {}", s.as_str()),
             Refusal::RequestExpired => "access request has expired".into(),
             Refusal::DigestMismatch => "the approval was for a different request".into(),
+            Refusal::Locked(why) => format!("issuance is locked: {why}"),
+            Refusal::RevokedBefore => "a revocation covers this identity or profile".into(),
         }
     }
 }
@@ -324,6 +349,14 @@ pub trait Store: Send + Sync + 'static {
         old: u64,
         new: u64,
     ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>>;
+    /// Operator locks in force at `now`.
+    fn locks(&self, now: i64) -> BoxFuture<'_, Result<Vec<Lock>, StoreError>>;
+    /// Revocation feed events with `seq > after`, in order, at most `limit`.
+    fn revocations(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>>;
     /// The entries that name a lease (issuance first).
     fn entries_for_lease(
         &self,

@@ -23,7 +23,7 @@ use crate::checkpoint::VerifierKey;
 use crate::config::LedgerConfig;
 use crate::domain::{
     AccessFilter, AccessRequest, AccessState, Intent, Lease, LeaseFilter, LeaseId, LeaseState,
-    ProfileName, RequestSpec, Review, RevokeSelector, Scope, Verdict,
+    Lock, ProfileName, RequestSpec, Review, RevocationEvent, RevokeSelector, Scope, Verdict,
 };
 use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
 use crate::metrics::Metrics;
@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("migrations/0002_approvals_inventory.sql"),
     ),
     (3, "merkle", include_str!("migrations/0003_merkle.sql")),
+    (4, "revocation", include_str!("migrations/0004_revocation.sql")),
 ];
 
 struct Job {
@@ -558,6 +559,91 @@ fn over_quota(conn: &Connection, lease: &Lease, max: Option<u32>) -> rusqlite::R
     Ok(active >= i64::from(max))
 }
 
+/// Most lease ids listed in one revocation's audit entry; larger revocations record the
+/// count and a digest of every id (the feed has each one).
+const MAX_LISTED: usize = 1000;
+
+/// A revoked lease: id, holder, profile, expiry.
+type RevokedRow = (String, String, String, i64);
+
+fn append_revocation_events(
+    conn: &Connection,
+    rows: &[RevokedRow],
+    now: i64,
+    reason: &str,
+) -> rusqlite::Result<()> {
+    let (mut seq, mut prev): (i64, [u8; 32]) = conn
+        .query_row(
+            "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, Vec<u8>>(1)?.try_into().unwrap_or([0; 32]),
+                ))
+            },
+        )
+        .optional()?
+        .unwrap_or((0, [0; 32]));
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO revocation_events (seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let mut sorted: Vec<&RevokedRow> = rows.iter().collect();
+    sorted.sort();
+    for (lease_id, spiffe_id, profile, expires_at) in sorted {
+        seq += 1;
+        let ev = RevocationEvent {
+            seq: seq as u64,
+            lease_id: lease_id.clone(),
+            spiffe_id: spiffe_id.clone(),
+            profile: profile.clone(),
+            expires_at: *expires_at,
+            revoked_at: now,
+            reason: reason.to_owned(),
+            chain_hash: String::new(),
+        };
+        prev = ev.chain(&prev);
+        stmt.execute(params![
+            seq,
+            lease_id,
+            spiffe_id,
+            profile,
+            expires_at,
+            now,
+            reason,
+            prev.as_slice()
+        ])?;
+    }
+    Ok(())
+}
+
+/// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
+fn barred(conn: &Connection, lease: &Lease) -> rusqlite::Result<Option<Refusal>> {
+    let matches = "((kind = 'spiffe_id' AND value = ?1) OR (kind = 'prefix' AND substr(?1, 1, length(value)) = value)
+                    OR (kind = 'profile' AND value = ?2)";
+    let lock: Option<(String, i64)> = conn
+        .prepare_cached(&format!(
+            "SELECT reason, until FROM locks WHERE until > ?3 AND {matches}) ORDER BY until DESC LIMIT 1"
+        ))?
+        .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    if let Some((reason, until)) = lock {
+        return Ok(Some(Refusal::Locked(format!(
+            "{reason} (until {})",
+            crate::clock::rfc3339(until)
+        ))));
+    }
+    let revoked: bool = conn
+        .prepare_cached(&format!(
+            "SELECT EXISTS (SELECT 1 FROM revocation_rules WHERE cutoff >= ?3 AND ({matches} OR kind = 'all')))"
+        ))?
+        .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at], |r| r.get(0))?;
+    Ok(revoked.then_some(Refusal::RevokedBefore))
+}
+
 fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Result<Applied> {
     let event = match &op {
         LedgerOp::Issue { event, .. }
@@ -567,6 +653,8 @@ fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Resul
         | LedgerOp::Renew { event, .. }
         | LedgerOp::Release { event, .. }
         | LedgerOp::Revoke { event, .. }
+        | LedgerOp::Lock { event, .. }
+        | LedgerOp::Unlock { event, .. }
         | LedgerOp::Record { event } => Some(event.clone()),
         LedgerOp::Expire { .. } | LedgerOp::Checkpoint { .. } => None,
     };
@@ -588,6 +676,12 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             max_active,
             break_glass,
         } => {
+            if let Some(refusal) = barred(conn, &lease)? {
+                let mut e = event;
+                e.lease_id = None;
+                e.granted_scopes.clear();
+                return refuse(conn, head, e, refusal);
+            }
             if over_quota(conn, &lease, max_active)? {
                 let mut e = event;
                 e.lease_id = None;
@@ -720,6 +814,12 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                 )?;
                 return refuse(conn, head, event, Refusal::RequestExpired);
             }
+            if let Some(refusal) = barred(conn, &lease)? {
+                let mut e = event;
+                e.lease_id = None;
+                e.granted_scopes.clear();
+                return refuse(conn, head, e, refusal);
+            }
             if over_quota(conn, &lease, max_active)? {
                 let mut e = event;
                 e.lease_id = None;
@@ -786,39 +886,86 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
         },
         LedgerOp::Revoke {
             selector,
+            issued_before,
             reason,
             now,
+            dry_run,
             mut event,
         } => {
-            let end_reason = format!("revoked: {reason}");
-            let mut ids: Vec<String> = match &selector {
-                RevokeSelector::Lease(id) => {
-                    let mut stmt = conn.prepare_cached(
-                        "UPDATE leases SET state = 'revoked', ended_at = ?2, end_reason = ?3
-                         WHERE id = ?1 AND state = 'active' RETURNING id",
-                    )?;
-                    let rows =
-                        stmt.query_map(params![id.as_str(), now, end_reason], |r| r.get(0))?;
-                    rows.collect::<rusqlite::Result<_>>()?
+            // One predicate for preview and revocation: what the selector covers.
+            let (filter, value): (&str, String) = match &selector {
+                RevokeSelector::Lease(id) => ("id = ?1", id.to_string()),
+                RevokeSelector::SpiffeId(sid) => ("spiffe_id = ?1", sid.clone()),
+                RevokeSelector::Prefix(p) => ("substr(spiffe_id, 1, length(?1)) = ?1", p.clone()),
+                RevokeSelector::Profile(p) => ("profile = ?1", p.to_string()),
+                RevokeSelector::Approver(a) => (
+                    "id IN (SELECT r.lease_id FROM access_requests r JOIN access_reviews v ON v.request_id = r.id
+                            WHERE v.reviewer = ?1 AND v.verdict = 'approve' AND v.post_review = 0
+                              AND r.lease_id IS NOT NULL)",
+                    a.clone(),
+                ),
+                RevokeSelector::AccessRequest(r) => {
+                    ("id = (SELECT lease_id FROM access_requests WHERE id = ?1)", r.clone())
                 }
-                RevokeSelector::SpiffeId(sid) => {
-                    let mut stmt = conn.prepare_cached(
-                        "UPDATE leases SET state = 'revoked', ended_at = ?2, end_reason = ?3
-                         WHERE spiffe_id = ?1 AND state = 'active' RETURNING id",
-                    )?;
-                    let rows = stmt.query_map(params![sid, now, end_reason], |r| r.get(0))?;
-                    rows.collect::<rusqlite::Result<_>>()?
-                }
+                RevokeSelector::All => ("?1 = ?1", String::new()),
             };
+            let cut = "(?2 IS NULL OR issued_at < ?2)";
+            let rows: Vec<RevokedRow> = if dry_run {
+                let mut stmt = conn.prepare(&format!(
+                    "SELECT id, spiffe_id, profile, expires_at FROM leases WHERE state = 'active' AND {filter} AND {cut}"
+                ))?;
+                let rows = stmt.query_map(params![value, issued_before], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            } else {
+                let mut stmt = conn.prepare(&format!(
+                    "UPDATE leases SET state = 'revoked', ended_at = ?3, end_reason = ?4
+                     WHERE state = 'active' AND {filter} AND {cut}
+                     RETURNING id, spiffe_id, profile, expires_at"
+                ))?;
+                let end_reason = format!("revoked: {reason}");
+                let rows = stmt.query_map(params![value, issued_before, now, end_reason], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let mut ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
             ids.sort();
-            event.affected_leases = ids.clone();
+            if dry_run {
+                let mut a = Applied::recorded(None);
+                a.affected = ids;
+                return Ok(a);
+            }
+            // Identity, prefix and profile revocations also bar in-flight issuance.
+            if let Some((kind, v)) = selector.rule() {
+                let cutoff = issued_before.map_or(now, |c| c.min(now));
+                conn.execute(
+                    "INSERT INTO revocation_rules (kind, value, cutoff, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![kind, v, cutoff, now],
+                )?;
+            }
+            append_revocation_events(conn, &rows, now, &reason)?;
+            event.affected_leases = ids.iter().take(MAX_LISTED).cloned().collect();
+            if ids.len() > MAX_LISTED {
+                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                for id in &ids {
+                    ctx.update(id.as_bytes());
+                    ctx.update(b"\n");
+                }
+                event.reason = Some(format!(
+                    "{reason} ({} leases; the first {MAX_LISTED} listed; SHA-256 of all sorted ids: {})",
+                    ids.len(),
+                    hex::encode(ctx.finish().as_ref())
+                ));
+            }
             if ids.is_empty() {
                 let refusal = match &selector {
                     RevokeSelector::Lease(id) => match select_lease(conn, id.as_str())? {
                         None => Refusal::NotFound,
                         Some(l) => Refusal::Ended(l.state),
                     },
-                    RevokeSelector::SpiffeId(_) => Refusal::NothingMatched,
+                    _ => Refusal::NothingMatched,
                 };
                 // An empty revocation is still an operator action worth recording.
                 event.reason = Some(format!("{reason} ({})", refusal.describe()));
@@ -829,12 +976,27 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             }
             let receipt = append(conn, head, &event)?;
             let mut a = Applied::recorded(Some(receipt));
-            a.lease = match &selector {
-                RevokeSelector::Lease(id) => select_lease(conn, id.as_str())?,
-                RevokeSelector::SpiffeId(_) => None,
-            };
+            if let RevokeSelector::Lease(id) = &selector {
+                a.lease = select_lease(conn, id.as_str())?;
+            }
             a.affected = ids;
             Ok(a)
+        }
+        LedgerOp::Lock { lock, event } => {
+            conn.execute(
+                "INSERT INTO locks (id, kind, value, until, reason, created_by, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![lock.id, lock.kind, lock.value, lock.until, lock.reason, lock.created_by, lock.created_at],
+            )?;
+            let receipt = append(conn, head, &event)?;
+            Ok(Applied::recorded(Some(receipt)))
+        }
+        LedgerOp::Unlock { id, event } => {
+            let n = conn.execute("DELETE FROM locks WHERE id = ?1", [&id])?;
+            if n == 0 {
+                return refuse(conn, head, event, Refusal::NothingMatched);
+            }
+            let receipt = append(conn, head, &event)?;
+            Ok(Applied::recorded(Some(receipt)))
         }
         LedgerOp::Expire {
             now,
@@ -1127,6 +1289,52 @@ impl Store for SqliteStore {
                 return Ok(None);
             }
             crate::merkle::consistency_proof(&SqlNodes(c), old, new).map(Some)
+        }))
+    }
+
+    fn locks(&self, now: i64) -> BoxFuture<'_, Result<Vec<Lock>, StoreError>> {
+        Box::pin(self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, kind, value, until, reason, created_by, created_at FROM locks WHERE until > ?1 ORDER BY created_at",
+            )?;
+            let rows = stmt.query_map([now], |r| {
+                Ok(Lock {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    value: r.get(2)?,
+                    until: r.get(3)?,
+                    reason: r.get(4)?,
+                    created_by: r.get(5)?,
+                    created_at: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        }))
+    }
+
+    fn revocations(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>> {
+        Box::pin(self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash
+                 FROM revocation_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after as i64, limit.clamp(1, 10_000)], |r| {
+                Ok(RevocationEvent {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    lease_id: r.get(1)?,
+                    spiffe_id: r.get(2)?,
+                    profile: r.get(3)?,
+                    expires_at: r.get(4)?,
+                    revoked_at: r.get(5)?,
+                    reason: r.get(6)?,
+                    chain_hash: hex::encode(r.get::<_, Vec<u8>>(7)?),
+                })
+            })?;
+            rows.collect()
         }))
     }
 
