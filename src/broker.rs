@@ -313,7 +313,8 @@ impl Broker {
         self
     }
 
-    /// Signs a checkpoint of the audit log if it grew since the last one; returns it.
+    /// Signs a checkpoint of the audit log if it grew since the last one; returns the
+    /// latest checkpoint (new or not), or `None` for an empty log.
     pub async fn checkpoint(&self) -> Result<Option<StoredCheckpoint>, BrokerError> {
         let Some(signer) = self.log_signer.clone() else {
             return Ok(None);

@@ -226,7 +226,12 @@ impl VerifierKey {
 
     /// Verifies a signed checkpoint note and returns its content.
     pub fn verify(&self, note: &str) -> Result<Checkpoint, NoteError> {
-        let Some((body, sigs)) = note.split_once("\n\n") else {
+        // c2sp.org/signed-note: no control characters but newline, a final newline; the
+        // text ends at the last blank line.
+        if note.chars().any(|c| c.is_control() && c != '\n') || !note.ends_with('\n') {
+            return err("note has control characters or no final newline");
+        }
+        let Some((body, sigs)) = note[..note.len() - 1].rsplit_once("\n\n") else {
             return err("note has no signature block");
         };
         let body = format!("{body}\n");
@@ -244,8 +249,12 @@ impl VerifierKey {
             let blob = STANDARD
                 .decode(sig)
                 .map_err(|_| NoteError("signature is not base64".into()))?;
-            if blob.len() != 4 + 64 || blob[..4] != self.hash {
+            if blob.len() < 4 || blob[..4] != self.hash {
                 continue;
+            }
+            // Our key's id: the signature must verify; a malformed one rejects the note.
+            if blob.len() != 4 + 64 {
+                return err("malformed signature by the log key");
             }
             UnparsedPublicKey::new(&ED25519, &self.public)
                 .verify(body.as_bytes(), &blob[4..])
@@ -261,6 +270,12 @@ impl VerifierKey {
         };
         if *origin != self.name {
             return err(format!("checkpoint origin {origin:?} is not {}", self.name));
+        }
+        let canonical = !size.is_empty()
+            && size.bytes().all(|b| b.is_ascii_digit())
+            && (*size == "0" || !size.starts_with('0'));
+        if !canonical {
+            return err("checkpoint size is not a canonical decimal");
         }
         let size: u64 = size
             .parse()

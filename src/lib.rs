@@ -36,6 +36,7 @@ pub mod merkle;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod relying_party;
 pub mod server;
 pub mod store;
 pub mod workload;

@@ -230,9 +230,23 @@ pub fn verify_export(dir: &Path, vkey: Option<&VerifierKey>) -> Result<LogReport
         }
         let c: ExportCheckpoint =
             serde_json::from_str(&line).map_err(|e| io(format!("checkpoints.jsonl: {e}")))?;
+        // The plain root field must be the signed one (a SIEM may read only the field).
+        let signed = vkey.verify(&c.note).map_err(|e| {
+            ExportError::Log(LogError::Checkpoint {
+                size: c.size,
+                reason: e.0,
+            })
+        })?;
+        if hex::encode(signed.root) != c.root {
+            return Err(ExportError::Log(LogError::Checkpoint {
+                size: c.size,
+                reason: "the root field differs from the signed note".into(),
+            }));
+        }
         notes.push((c.size, c.note));
     }
     let mut v = LogVerifier::new(&notes, vkey).map_err(ExportError::Log)?;
+    let mut leaves: Vec<Hash> = Vec::new();
     let file = std::fs::File::open(dir.join("entries.jsonl")).map_err(io)?;
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.map_err(io)?;
@@ -248,6 +262,7 @@ pub fn verify_export(dir: &Path, vkey: Option<&VerifierKey>) -> Result<LogReport
         };
         let leaf = unhex("leaf_hash", e.seq, &e.leaf_hash)?;
         v.push(&stored, Some(&leaf)).map_err(ExportError::Log)?;
+        leaves.push(merkle::leaf_hash(e.body.as_bytes()));
     }
     let report = v.finish().map_err(ExportError::Log)?;
     if let Ok(text) = std::fs::read_to_string(dir.join("proof.json")) {
@@ -267,6 +282,20 @@ pub fn verify_export(dir: &Path, vkey: Option<&VerifierKey>) -> Result<LogReport
                     .and_then(|b| b.try_into().map_err(|_| io("proof hash length")))
             })
             .collect::<Result<Vec<Hash>, _>>()?;
+        // Every plain field must agree with the signed checkpoint and the entries.
+        let entry_leaf = p
+            .sequence
+            .checked_sub(1)
+            .and_then(|i| leaves.get(i as usize));
+        if p.leaf_index + 1 != p.sequence
+            || entry_leaf != Some(&leaf)
+            || p.tree_size != cp.size
+            || p.root != hex::encode(cp.root)
+        {
+            return Err(io(
+                "proof.json disagrees with the entries or its signed checkpoint",
+            ));
+        }
         merkle::verify_inclusion(&leaf, p.leaf_index, cp.size, &path, &cp.root)
             .map_err(|e| io(format!("proof.json: {e}")))?;
     }

@@ -37,7 +37,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("migrations/0002_approvals_inventory.sql"),
     ),
     (3, "merkle", include_str!("migrations/0003_merkle.sql")),
-    (4, "revocation", include_str!("migrations/0004_revocation.sql")),
+    (
+        4,
+        "revocation",
+        include_str!("migrations/0004_revocation.sql"),
+    ),
 ];
 
 struct Job {
@@ -228,14 +232,36 @@ impl SqliteStore {
         let open = |e: rusqlite::Error| VerifyError::Open(e.to_string());
         let notes: Vec<(u64, String)> = {
             let mut stmt = conn
-                .prepare("SELECT size, note FROM checkpoints ORDER BY size")
+                .prepare("SELECT size, note, root FROM checkpoints ORDER BY size")
                 .map_err(open)?;
             let rows = stmt
                 .query_map([], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
                 })
                 .map_err(open)?;
-            rows.collect::<Result<_, _>>().map_err(open)?
+            let rows: Vec<(u64, String, Vec<u8>)> = rows.collect::<Result<_, _>>().map_err(open)?;
+            // The root column is what GetCheckpoint serves: it must be the signed one.
+            for (size, note, root) in &rows {
+                let signed = vkey.verify(note).map_err(|e| {
+                    VerifyError::Log(LogError::Checkpoint {
+                        size: *size,
+                        reason: e.0,
+                    })
+                })?;
+                if signed.root.as_slice() != root.as_slice() {
+                    return Err(VerifyError::Log(LogError::Checkpoint {
+                        size: *size,
+                        reason: "stored root differs from the signed note".into(),
+                    }));
+                }
+            }
+            rows.into_iter()
+                .map(|(size, note, _)| (size, note))
+                .collect()
         };
         let mut v = LogVerifier::new(&notes, vkey).map_err(VerifyError::Log)?;
         let mut stmt = conn
@@ -1042,8 +1068,20 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             let size = head.tree.size();
             let last: Option<i64> =
                 conn.query_row("SELECT max(size) FROM checkpoints", [], |r| r.get(0))?;
-            if size == 0 || last == Some(size as i64) {
+            if size == 0 {
                 return Ok(Applied::recorded(None));
+            }
+            if last == Some(size as i64) {
+                // Already signed at this size (maybe by a concurrent request): that one.
+                let mut a = Applied::recorded(None);
+                a.checkpoint = conn
+                    .query_row(
+                        "SELECT size, root, time_ms, note FROM checkpoints WHERE size = ?1",
+                        [size as i64],
+                        checkpoint_from_row,
+                    )
+                    .optional()?;
+                return Ok(a);
             }
             let root = head.tree.root();
             let note = signer.sign(size, &root);

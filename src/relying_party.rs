@@ -1,0 +1,353 @@
+//! What a relying party (a GPU scheduler, a registry, a data service) needs to accept
+//! broker tokens safely, offline: verify the token against the broker's JWKS (following
+//! key rotation), check issuer, audience, expiry and the `cnf` binding to the presented
+//! client certificate, and follow the signed revocation feed — failing closed when it has
+//! not heard from the broker for longer than a staleness bound.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use spiffe_broker::relying_party::{RelyingParty, RpConfig};
+//! let rp = RelyingParty::new(RpConfig::new("http://127.0.0.1:8081", "gpu-scheduler", "feed-key…")?);
+//! rp.refresh_keys().await?;
+//! rp.sync_revocations().await?;
+//! let claims = rp.verify(&token_from_request(), None)?;
+//! # Ok(()) }
+//! # fn token_from_request() -> String { String::new() }
+//! ```
+//!
+//! Only `http://` issuer URLs are fetched by this module's small HTTP client; behind TLS,
+//! fetch the same documents with your own client and call [`RelyingParty::set_keys`] and
+//! [`RelyingParty::apply_feed`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::checkpoint::VerifierKey;
+use crate::clock::{Clock, SystemClock};
+use crate::domain::RevocationEvent;
+use crate::issuer::JwtClaims;
+use crate::jose::{self, b64, Alg, Jwk, JwkSet};
+
+/// Why a token (or the feed) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RpError {
+    /// Not a well-formed broker token.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// Signed with a key not (yet) in the JWKS; refresh the keys and retry once.
+    #[error("unknown signing key {0}")]
+    UnknownKey(String),
+    /// Bad signature, issuer, audience or times.
+    #[error("token refused: {0}")]
+    Invalid(String),
+    /// The token is bound to another client certificate (or needs one).
+    #[error("token is bound to a different client certificate")]
+    CnfMismatch,
+    /// The broker revoked it.
+    #[error("token was revoked")]
+    Revoked,
+    /// The revocation feed is older than the staleness bound: fail closed.
+    #[error("revocation feed is stale (last sync {0}s ago): refusing all tokens")]
+    Stale(i64),
+    /// Fetching or verifying broker documents failed.
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+/// Relying-party settings.
+pub struct RpConfig {
+    /// The broker's issuer URL (tokens' `iss`).
+    pub issuer_url: String,
+    /// This relying party's audience.
+    pub audience: String,
+    /// The revocation feed's verifier key, pinned out of band.
+    pub feed_key: VerifierKey,
+    /// Refuse every token when the feed was not synced for this long.
+    pub max_staleness: Duration,
+    /// Clock tolerance on `exp`/`nbf`.
+    pub leeway: Duration,
+    /// Time source (tests use a manual clock).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl RpConfig {
+    /// Defaults: 60 s staleness bound, 30 s leeway, the system clock.
+    pub fn new(issuer_url: &str, audience: &str, feed_key: &str) -> Result<Self, RpError> {
+        Ok(Self {
+            issuer_url: issuer_url.trim_end_matches('/').to_owned(),
+            audience: audience.to_owned(),
+            feed_key: VerifierKey::parse(feed_key)
+                .map_err(|e| RpError::Broker(format!("feed key: {e}")))?,
+            max_staleness: Duration::from_secs(60),
+            leeway: Duration::from_secs(30),
+            clock: Arc::new(SystemClock),
+        })
+    }
+}
+
+struct State {
+    keys: HashMap<String, Jwk>,
+    /// Revoked lease ids (the tokens' `jti`) and when they expire anyway.
+    revoked: HashMap<String, i64>,
+    /// Feed position: last sequence and chain hash.
+    seq: u64,
+    chain: [u8; 32],
+    last_sync: Option<i64>,
+}
+
+/// A relying party's view of one broker.
+pub struct RelyingParty {
+    cfg: RpConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Deserialize)]
+struct FeedPage {
+    events: Vec<RevocationEvent>,
+    signed_head: Option<String>,
+    #[serde(default)]
+    more: bool,
+}
+
+impl RelyingParty {
+    /// A relying party with no keys and no feed yet (everything is refused until both).
+    pub fn new(cfg: RpConfig) -> Self {
+        Self {
+            cfg,
+            state: Mutex::new(State {
+                keys: HashMap::new(),
+                revoked: HashMap::new(),
+                seq: 0,
+                chain: [0; 32],
+                last_sync: None,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the signing keys (a fresh JWKS).
+    pub fn set_keys(&self, jwks: JwkSet) {
+        let keys = jwks
+            .keys
+            .into_iter()
+            .filter_map(|k| k.kid.clone().map(|kid| (kid, k)))
+            .collect();
+        self.state().keys = keys;
+    }
+
+    /// Fetches the JWKS through OIDC discovery.
+    pub async fn refresh_keys(&self) -> Result<(), RpError> {
+        let disc: serde_json::Value = serde_json::from_slice(
+            &http_get(&format!(
+                "{}/.well-known/openid-configuration",
+                self.cfg.issuer_url
+            ))
+            .await?,
+        )
+        .map_err(|e| RpError::Broker(format!("discovery: {e}")))?;
+        if disc["issuer"].as_str() != Some(self.cfg.issuer_url.as_str()) {
+            return Err(RpError::Broker("discovery names a different issuer".into()));
+        }
+        let uri = disc["jwks_uri"]
+            .as_str()
+            .ok_or_else(|| RpError::Broker("discovery has no jwks_uri".into()))?;
+        let jwks: JwkSet = serde_json::from_slice(&http_get(uri).await?)
+            .map_err(|e| RpError::Broker(format!("JWKS: {e}")))?;
+        self.set_keys(jwks);
+        Ok(())
+    }
+
+    /// Fetches and applies every new revocation event; returns how many were applied.
+    pub async fn sync_revocations(&self) -> Result<usize, RpError> {
+        let mut applied = 0;
+        loop {
+            let since = self.state().seq;
+            let body = http_get(&format!(
+                "{}/revocations?since={since}",
+                self.cfg.issuer_url
+            ))
+            .await?;
+            let page: FeedPage = serde_json::from_slice(&body)
+                .map_err(|e| RpError::Broker(format!("revocation feed: {e}")))?;
+            applied += self.apply_feed(&page.events, page.signed_head.as_deref())?;
+            if !page.more {
+                return Ok(applied);
+            }
+        }
+    }
+
+    /// Applies a page of feed events after checking that they continue our chain exactly
+    /// (no gap, no duplicate, no rewrite) and that the broker's signed head covers them.
+    /// A forged or inconsistent page changes nothing and leaves the feed stale.
+    pub fn apply_feed(
+        &self,
+        events: &[RevocationEvent],
+        signed_head: Option<&str>,
+    ) -> Result<usize, RpError> {
+        let now = self.cfg.clock.unix_seconds();
+        let mut st = self.state();
+        let (mut seq, mut chain) = (st.seq, st.chain);
+        for e in events {
+            if e.seq != seq + 1 {
+                return Err(RpError::Broker(format!(
+                    "feed gap or duplicate: expected {}, got {}",
+                    seq + 1,
+                    e.seq
+                )));
+            }
+            let next = e.chain(&chain);
+            if hex::encode(next) != e.chain_hash {
+                return Err(RpError::Broker(format!(
+                    "feed event {} does not chain",
+                    e.seq
+                )));
+            }
+            seq = e.seq;
+            chain = next;
+        }
+        if !events.is_empty() {
+            let note = signed_head
+                .ok_or_else(|| RpError::Broker("feed page without a signed head".into()))?;
+            let head = self
+                .cfg
+                .feed_key
+                .verify(note)
+                .map_err(|e| RpError::Broker(format!("feed head: {e}")))?;
+            if head.size != seq || head.root != chain {
+                return Err(RpError::Broker(
+                    "signed feed head does not match the events".into(),
+                ));
+            }
+        }
+        for e in events {
+            st.revoked.insert(e.lease_id.clone(), e.expires_at);
+        }
+        // Forget revocations of tokens that have expired anyway.
+        st.revoked.retain(|_, exp| *exp + 3600 > now);
+        st.seq = seq;
+        st.chain = chain;
+        st.last_sync = Some(now);
+        Ok(events.len())
+    }
+
+    /// Verifies a broker token offline; `peer_cert_der` is the client certificate the
+    /// token was presented with (required when the token carries a `cnf` binding).
+    pub fn verify(&self, token: &str, peer_cert_der: Option<&[u8]>) -> Result<JwtClaims, RpError> {
+        let now = self.cfg.clock.unix_seconds();
+        let st = self.state();
+        match st.last_sync {
+            None => return Err(RpError::Stale(i64::MAX)),
+            Some(t) if now - t > self.cfg.max_staleness.as_secs() as i64 => {
+                return Err(RpError::Stale(now - t))
+            }
+            _ => {}
+        }
+        let parts = jose::split(token).map_err(|e| RpError::Malformed(e.0))?;
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Header {
+            alg: String,
+            kid: String,
+            #[allow(dead_code)]
+            typ: Option<String>,
+        }
+        let header: Header = serde_json::from_slice(&parts.header)
+            .map_err(|e| RpError::Malformed(format!("header: {e}")))?;
+        if header.alg != "ES256" {
+            return Err(RpError::Invalid(format!("unexpected alg {}", header.alg)));
+        }
+        let key = st
+            .keys
+            .get(&header.kid)
+            .ok_or_else(|| RpError::UnknownKey(header.kid.clone()))?;
+        jose::verify(Alg::Es256, key, parts.signing_input, &parts.signature)
+            .map_err(|_| RpError::Invalid("bad signature".into()))?;
+        let claims: JwtClaims = serde_json::from_slice(&parts.payload)
+            .map_err(|e| RpError::Malformed(format!("claims: {e}")))?;
+        if claims.iss != self.cfg.issuer_url {
+            return Err(RpError::Invalid("wrong issuer".into()));
+        }
+        if claims.aud != self.cfg.audience {
+            return Err(RpError::Invalid("wrong audience".into()));
+        }
+        let leeway = self.cfg.leeway.as_secs() as i64;
+        if claims.exp + leeway <= now {
+            return Err(RpError::Invalid("expired".into()));
+        }
+        if claims.nbf - leeway > now {
+            return Err(RpError::Invalid("not yet valid".into()));
+        }
+        if let Some(cnf) = &claims.cnf {
+            let expected = cnf.get("x5t#S256").ok_or(RpError::CnfMismatch)?;
+            let presented = peer_cert_der
+                .map(|der| b64(ring::digest::digest(&ring::digest::SHA256, der).as_ref()))
+                .ok_or(RpError::CnfMismatch)?;
+            if &presented != expected {
+                return Err(RpError::CnfMismatch);
+            }
+        }
+        if st.revoked.contains_key(&claims.jti) {
+            return Err(RpError::Revoked);
+        }
+        Ok(claims)
+    }
+}
+
+/// Upper bound on a broker document.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// A minimal HTTP/1.1 GET for `http://` URLs.
+async fn http_get(url: &str) -> Result<Vec<u8>, RpError> {
+    let err = |m: String| RpError::Broker(m);
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| err(format!("only http:// URLs are fetched here: {url}")))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(host)
+            .await
+            .map_err(|e| err(format!("{host}: {e}")))?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(|e| err(e.to_string()))?;
+        let mut buf = Vec::new();
+        s.take(MAX_BODY as u64 + 8192)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        Ok::<_, RpError>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .map_err(|_| err(format!("{url}: timed out")))??;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| err("malformed HTTP response".into()))?;
+    let head = String::from_utf8_lossy(&buf[..split]);
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(err(format!(
+            "{url}: {}",
+            head.lines().next().unwrap_or_default()
+        )));
+    }
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Err(err("chunked responses are not supported".into()));
+    }
+    Ok(buf[split + 4..].to_vec())
+}
