@@ -18,6 +18,7 @@ use crate::domain::{
     LeaseState, Lock, RequestSpec, RevocationEvent, RevokeSelector, Verdict,
 };
 use crate::error::BrokerError;
+use crate::idempotency::{self, IdempotencyRecord};
 use crate::issuer::{Credential, Issuer, LeaseTerms};
 use crate::metrics::Metrics;
 use crate::notify::{Notification, Notifier};
@@ -56,6 +57,8 @@ pub struct IssueOptions {
     pub break_glass: bool,
     /// Redeem this approved access request.
     pub access_request_id: Option<String>,
+    /// Idempotency key: a retry with the same key and request returns the same credential.
+    pub idempotency_key: Option<String>,
 }
 
 /// Result of a revocation.
@@ -204,7 +207,8 @@ fn refusal_error(r: &Refusal) -> BrokerError {
         Refusal::SelfReview
         | Refusal::DigestMismatch
         | Refusal::Locked(_)
-        | Refusal::RevokedBefore => BrokerError::PermissionDenied(r.describe()),
+        | Refusal::RevokedBefore
+        | Refusal::Duplicate => BrokerError::PermissionDenied(r.describe()),
         Refusal::Ended(_)
         | Refusal::Expired
         | Refusal::NothingMatched
@@ -737,6 +741,11 @@ impl Broker {
                 return Err(BrokerError::ResourceExhausted(msg));
             }
         }
+        if let Some(key) = &opts.idempotency_key {
+            if let Some(done) = self.replay(caller, &req, key).await? {
+                return Ok(IssueOutcome::Issued(Box::new(done)));
+            }
+        }
         if let Some(id) = opts.access_request_id.clone() {
             return self
                 .redeem(caller, req, &id, policy)
@@ -786,6 +795,21 @@ impl Broker {
                     None
                 };
                 let max_active = Some(grant.profile.max_active_leases);
+                let idempotency = match &opts.idempotency_key {
+                    None => None,
+                    Some(key) => Some(IdempotencyRecord {
+                        caller: caller.spiffe_id().to_string(),
+                        key_hash: idempotency::key_hash(key),
+                        digest: RequestSpec::of(&req).digest(req.profile.as_str()),
+                        lease_id: lease.id.to_string(),
+                        sealed: idempotency::seal(
+                            key,
+                            &caller.spiffe_id().to_string(),
+                            &credential,
+                        )?,
+                        expires_at: lease.expires_at,
+                    }),
+                };
                 let applied = self
                     .store
                     .apply(LedgerOp::Issue {
@@ -793,8 +817,17 @@ impl Broker {
                         event: e,
                         max_active,
                         break_glass,
+                        idempotency,
                     })
                     .await?;
+                if applied.refused == Some(Refusal::Duplicate) {
+                    // A concurrent request with the same key won the race: its credential.
+                    if let Some(key) = &opts.idempotency_key {
+                        if let Some(done) = self.replay(caller, &req, key).await? {
+                            return Ok(IssueOutcome::Issued(Box::new(done)));
+                        }
+                    }
+                }
                 let issued =
                     self.settle_issue(applied, credential, grant.profile.name.as_str(), "issue")?;
                 if let Some(ar) = &issued.access_request {
@@ -816,6 +849,62 @@ impl Broker {
                 Ok(IssueOutcome::Issued(Box::new(issued)))
             }
         }
+    }
+    /// The credential an earlier request with this idempotency key received, if any.
+    async fn replay(
+        &self,
+        caller: &VerifiedCaller,
+        req: &CredentialRequest,
+        key: &str,
+    ) -> Result<Option<Issued>, BrokerError> {
+        let me = caller.spiffe_id().to_string();
+        let Some(rec) = self
+            .store
+            .idempotency(&me, &idempotency::key_hash(key))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let refuse = |why: String| BrokerError::FailedPrecondition(why);
+        if rec.digest != RequestSpec::of(req).digest(req.profile.as_str()) {
+            let err = refuse("this idempotency key was used for a different request".into());
+            return Err(self.reject(caller, "IssueCredential", err).await);
+        }
+        let credential = idempotency::open(key, &me, &rec.sealed)?;
+        let id = LeaseId::parse(&rec.lease_id)?;
+        let lease =
+            self.store.lease(&id).await?.ok_or_else(|| {
+                BrokerError::Internal("idempotency record without its lease".into())
+            })?;
+        if lease.state != LeaseState::Active || lease.expires_at <= self.clock.unix_seconds() {
+            return Err(refuse(format!(
+                "the credential issued for this idempotency key is no longer usable (lease {})",
+                if lease.state == LeaseState::Active {
+                    "expired"
+                } else {
+                    lease.state.as_str()
+                }
+            )));
+        }
+        let entry = self
+            .store
+            .entries_for_lease(lease.id.as_str())
+            .await?
+            .into_iter()
+            .find(|e| e.kind == EventKind::Issue.as_str())
+            .ok_or_else(|| BrokerError::Internal("lease without its issue entry".into()))?;
+        let receipt = Receipt {
+            sequence: entry.seq,
+            entry_hash: hex::encode(&entry.hash),
+            leaf_index: entry.seq - 1,
+            leaf_hash: hex::encode(crate::merkle::leaf_hash(entry.body.as_bytes())),
+        };
+        Ok(Some(Issued {
+            credential,
+            lease,
+            receipt,
+            access_request: None,
+        }))
     }
 
     /// Identities that may review `profile` (optionally only members of `group`).

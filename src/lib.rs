@@ -30,6 +30,7 @@ pub mod crypto;
 pub mod dev;
 pub mod domain;
 pub mod error;
+pub mod idempotency;
 pub mod issuer;
 pub mod jose;
 pub mod merkle;

@@ -444,6 +444,7 @@ impl SpecArgs {
             intent,
             break_glass: self.break_glass,
             access_request_id: String::new(),
+            idempotency_key: String::new(),
         })
     }
 }
@@ -458,6 +459,9 @@ struct RequestArgs {
     /// Redeem this approved access request (send the same request as approved).
     #[arg(long)]
     access_request: Option<String>,
+    /// Idempotency key (22+ random characters): retrying with it returns the same credential.
+    #[arg(long)]
+    idempotency_key: Option<String>,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -969,6 +973,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Request(a) => {
             let mut req = a.spec.to_pb()?;
             req.access_request_id = a.access_request.clone().unwrap_or_default();
+            req.idempotency_key = a.idempotency_key.clone().unwrap_or_default();
             let ch = channel(&a.conn).await?;
             let mut client = pb::credential_broker_client::CredentialBrokerClient::new(ch);
             let resp = client

@@ -587,3 +587,89 @@ async fn health_readiness_and_metrics() {
     assert!(m.contains("spiffe_broker_ledger_commit_duration_seconds_count"));
     assert!(!m.contains(&token), "metrics never carry a credential");
 }
+
+#[tokio::test]
+async fn idempotent_retries_return_the_same_credential() {
+    let h = start().await;
+    let mut c = h.broker_as(DEPLOY_AGENT).await;
+    let key = "retry-key-7f3a9c0e5b2d4816a0c9";
+    let req = || pb::IssueCredentialRequest {
+        idempotency_key: key.into(),
+        ..gpu_request(600)
+    };
+    let first = c
+        .issue_credential(req())
+        .await
+        .expect("issued")
+        .into_inner();
+    let again = c
+        .issue_credential(req())
+        .await
+        .expect("retried")
+        .into_inner();
+    assert_eq!(token_of(&first.credential), token_of(&again.credential));
+    assert_eq!(
+        first.lease.as_ref().map(|l| &l.id),
+        again.lease.as_ref().map(|l| &l.id)
+    );
+    assert_eq!(first.receipt, again.receipt, "the same ledger entry");
+    assert_eq!(h.lease_count(), 1, "issued once");
+    // The ledger holds the credential only sealed.
+    let raw = std::fs::read(h.ledger_path()).expect("ledger");
+    assert!(!String::from_utf8_lossy(&raw).contains(&token_of(&first.credential)));
+
+    // Concurrent retries with one key still issue once.
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.issue_credential(pb::IssueCredentialRequest {
+                idempotency_key: "concurrent-key-1c9e0f4b7a2d".into(),
+                ..gpu_request(600)
+            })
+            .await
+            .map(|r| r.into_inner().lease.map(|l| l.id))
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.expect("task").expect("issued"));
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(h.lease_count(), 2);
+
+    // The same key for a different request, a short key, and a revoked lease are refused.
+    let err = c
+        .issue_credential(pb::IssueCredentialRequest {
+            idempotency_key: key.into(),
+            ..gpu_request(300)
+        })
+        .await
+        .expect_err("different request");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = c
+        .issue_credential(pb::IssueCredentialRequest {
+            idempotency_key: "short".into(),
+            ..gpu_request(600)
+        })
+        .await
+        .expect_err("short key");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut root = h.admin_as(ROOT).await;
+    root.revoke(pb::RevokeRequest {
+        selector: Some(pb::revoke_request::Selector::LeaseId(
+            first.lease.expect("lease").id,
+        )),
+        reason: "test".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("revoked");
+    let err = c
+        .issue_credential(req())
+        .await
+        .expect_err("revoked lease is not handed out again");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(h.lease_count(), 2);
+}

@@ -49,6 +49,7 @@ async fn issue(store: &dyn Store, l: Lease) -> Lease {
             event: ev(EventKind::Issue, Some(&id)),
             max_active: None,
             break_glass: None,
+            idempotency: None,
         })
         .await
         .expect("issue commits")
@@ -242,6 +243,7 @@ async fn conformance(store: Arc<dyn Store>) {
                 event: ev(EventKind::Issue, Some(&id)),
                 max_active: None,
                 break_glass: None,
+                idempotency: None,
             })
             .await
             .expect("commit")
@@ -312,6 +314,7 @@ async fn sqlite_store_conforms() {
             event: ev(EventKind::Issue, Some(&id)),
             max_active: None,
             break_glass: None,
+            idempotency: None,
         })
         .await
         .expect("commit after restart");

@@ -217,9 +217,15 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
                 Ok(v) => v,
                 Err(e) => return Err(b.reject(&caller, "IssueCredential", e).await),
             };
+            if !r.idempotency_key.is_empty() {
+                if let Err(e) = crate::idempotency::validate(&r.idempotency_key) {
+                    return Err(b.reject(&caller, "IssueCredential", e).await);
+                }
+            }
             let opts = IssueOptions {
                 break_glass: r.break_glass,
                 access_request_id,
+                idempotency_key: (!r.idempotency_key.is_empty()).then(|| r.idempotency_key.clone()),
             };
             Ok(match b.issue(&caller, req, opts).await? {
                 IssueOutcome::Issued(i) => {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use crate::checkpoint::LogSigner;
+use crate::idempotency::IdempotencyRecord;
 use crate::merkle::Hash as MerkleHash;
 
 use crate::audit::{AuditEvent, StoredEntry};
@@ -49,6 +50,9 @@ pub enum LedgerOp {
         max_active: Option<u32>,
         /// A break-glass issuance's access request (state `issued`, post-review pending).
         break_glass: Option<AccessRequest>,
+        /// The sealed credential of an idempotent request (refused as `Duplicate` if the
+        /// caller already used the key).
+        idempotency: Option<IdempotencyRecord>,
     },
     /// Open an access request that awaits approvals.
     OpenAccessRequest {
@@ -200,6 +204,8 @@ pub enum Refusal {
     Locked(String),
     /// A revocation acknowledged before this issuance covers it.
     RevokedBefore,
+    /// The idempotency key was already used by this caller.
+    Duplicate,
 }
 
 impl Refusal {
@@ -222,6 +228,7 @@ impl Refusal {
             Refusal::DigestMismatch => "the approval was for a different request".into(),
             Refusal::Locked(why) => format!("issuance is locked: {why}"),
             Refusal::RevokedBefore => "a revocation covers this identity or profile".into(),
+            Refusal::Duplicate => "idempotency key already used".into(),
         }
     }
 }
@@ -349,6 +356,12 @@ pub trait Store: Send + Sync + 'static {
         old: u64,
         new: u64,
     ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>>;
+    /// The idempotency record of a caller's key.
+    fn idempotency(
+        &self,
+        caller: &str,
+        key_hash: &str,
+    ) -> BoxFuture<'_, Result<Option<IdempotencyRecord>, StoreError>>;
     /// Operator locks in force at `now`.
     fn locks(&self, now: i64) -> BoxFuture<'_, Result<Vec<Lock>, StoreError>>;
     /// Revocation feed events with `seq > after`, in order, at most `limit`.

@@ -25,6 +25,7 @@ use crate::domain::{
     AccessFilter, AccessRequest, AccessState, Intent, Lease, LeaseFilter, LeaseId, LeaseState,
     Lock, ProfileName, RequestSpec, Review, RevocationEvent, RevokeSelector, Scope, Verdict,
 };
+use crate::idempotency::IdempotencyRecord;
 use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
 use crate::metrics::Metrics;
 
@@ -701,7 +702,20 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             event,
             max_active,
             break_glass,
+            idempotency,
         } => {
+            if let Some(rec) = &idempotency {
+                let used: bool = conn
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM idempotency WHERE caller = ?1 AND key_hash = ?2)")?
+                    .query_row(params![rec.caller, rec.key_hash], |r| r.get(0))?;
+                if used {
+                    let mut e = event;
+                    e.lease_id = None;
+                    e.granted_scopes.clear();
+                    e.credential_sha256 = None;
+                    return refuse(conn, head, e, Refusal::Duplicate);
+                }
+            }
             if let Some(refusal) = barred(conn, &lease)? {
                 let mut e = event;
                 e.lease_id = None;
@@ -720,6 +734,13 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                 );
             }
             insert_lease(conn, &lease)?;
+            if let Some(rec) = &idempotency {
+                conn.prepare_cached(
+                    "INSERT INTO idempotency (caller, key_hash, digest, lease_id, sealed, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![rec.caller, rec.key_hash, rec.digest, rec.lease_id, rec.sealed, rec.expires_at])?;
+            }
             if let Some(r) = &break_glass {
                 insert_access_request(conn, r)?;
             }
@@ -1029,6 +1050,9 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             limit,
             mut event,
         } => {
+            // Sealed credentials are kept no longer than the credentials live.
+            conn.prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")?
+                .execute([now])?;
             let mut stmt = conn.prepare_cached(
                 "UPDATE leases SET state = 'expired', ended_at = expires_at, end_reason = 'ttl elapsed'
                  WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND expires_at <= ?1
@@ -1327,6 +1351,32 @@ impl Store for SqliteStore {
                 return Ok(None);
             }
             crate::merkle::consistency_proof(&SqlNodes(c), old, new).map(Some)
+        }))
+    }
+
+    fn idempotency(
+        &self,
+        caller: &str,
+        key_hash: &str,
+    ) -> BoxFuture<'_, Result<Option<IdempotencyRecord>, StoreError>> {
+        let (caller, key_hash) = (caller.to_owned(), key_hash.to_owned());
+        Box::pin(self.read(move |c| {
+            c.query_row(
+                "SELECT caller, key_hash, digest, lease_id, sealed, expires_at FROM idempotency
+                 WHERE caller = ?1 AND key_hash = ?2",
+                params![caller, key_hash],
+                |r| {
+                    Ok(IdempotencyRecord {
+                        caller: r.get(0)?,
+                        key_hash: r.get(1)?,
+                        digest: r.get(2)?,
+                        lease_id: r.get(3)?,
+                        sealed: r.get(4)?,
+                        expires_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
         }))
     }
 
