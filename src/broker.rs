@@ -1548,6 +1548,29 @@ impl Broker {
         if let Some(p) = problem {
             return Err(self.reject(caller, "CreateLock", p).await);
         }
+        // The same normalisation as revocation selectors: a prefix is a path prefix
+        // ("…/gpu" never matches "…/gpux/…"), an identity is a workload SPIFFE ID.
+        let value = match kind {
+            "prefix" | "spiffe_id" => {
+                let parsed = SpiffeId::new(value.trim_end_matches('/'))
+                    .ok()
+                    .filter(|id| kind == "prefix" || !id.path().is_empty());
+                match parsed {
+                    Some(id) if kind == "prefix" => format!("{id}/"),
+                    Some(id) => id.to_string(),
+                    None => {
+                        let e = invalid(
+                            "the lock value is not a SPIFFE ID (with a path, for spiffe_id)",
+                        );
+                        return Err(self.reject(caller, "CreateLock", e).await);
+                    }
+                }
+            }
+            _ => match crate::domain::ProfileName::parse(&value) {
+                Ok(p) => p.to_string(),
+                Err(e) => return Err(self.reject(caller, "CreateLock", e).await),
+            },
+        };
         let lock = Lock {
             id: LeaseId::generate()?.to_string(),
             kind: kind.to_owned(),

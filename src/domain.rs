@@ -596,6 +596,8 @@ pub struct LeaseFilter {
     pub spiffe_id: Option<String>,
     /// Only this state.
     pub state: Option<LeaseState>,
+    /// Only this lease.
+    pub lease_id: Option<String>,
     /// Page size (1..=1000).
     pub limit: u32,
     /// Only leases issued strictly before this cursor `(issued_at, id)`.

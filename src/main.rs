@@ -75,8 +75,10 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// List leases (platform admin); prints JSON lines.
+    /// List leases (platform admin); prints JSON lines.    #[command(args_conflicts_with_subcommands = true)]
     Leases {
+        #[command(subcommand)]
+        command: Option<LeasesCommand>,
         /// Only this holder.
         #[arg(long)]
         spiffe_id: Option<String>,
@@ -317,6 +319,17 @@ struct RevokeArgs {
     reason: String,
     #[command(flatten)]
     conn: ConnArgs,
+}
+
+#[derive(Subcommand)]
+enum LeasesCommand {
+    /// One lease in full.
+    Show {
+        /// Lease id.
+        id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1242,10 +1255,34 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Leases {
+            command: Some(LeasesCommand::Show { id, conn }),
+            ..
+        } => {
+            let ch = channel(&conn).await?;
+            let resp = pb::admin_client::AdminClient::new(ch)
+                .list_leases(pb::ListLeasesRequest {
+                    lease_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            let lease = resp
+                .leases
+                .first()
+                .ok_or_else(|| format!("no lease {id}"))?;
+            out!(
+                "{}",
+                serde_json::to_string_pretty(&lease_json(lease)).map_err(fail)?
+            );
+            Ok(())
+        }
+        Command::Leases {
             spiffe_id,
             state,
             limit,
             conn,
+            ..
         } => {
             let state = match state.as_deref() {
                 None => pb::LeaseState::Unspecified,
@@ -1262,6 +1299,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     state: state as i32,
                     page_size: limit,
                     page_token: String::new(),
+                    lease_id: String::new(),
                 })
                 .await
                 .map_err(status_msg)?

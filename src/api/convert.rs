@@ -147,9 +147,15 @@ pub fn parse_list_filter(r: &pb::ListLeasesRequest) -> Result<LeaseFilter, Broke
         let at: i64 = at.parse().map_err(|_| invalid("malformed page_token"))?;
         Some((at, LeaseId::parse(id)?.to_string()))
     };
+    let lease_id = if r.lease_id.is_empty() {
+        None
+    } else {
+        Some(LeaseId::parse(&r.lease_id)?.to_string())
+    };
     Ok(LeaseFilter {
         spiffe_id,
         state,
+        lease_id,
         limit: if r.page_size == 0 {
             DEFAULT_PAGE_SIZE
         } else {

@@ -646,26 +646,40 @@ fn append_revocation_events(
 }
 
 /// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
-fn barred(conn: &Connection, lease: &Lease) -> rusqlite::Result<Option<Refusal>> {
-    let matches = "((kind = 'spiffe_id' AND value = ?1) OR (kind = 'prefix' AND substr(?1, 1, length(value)) = value)
+const MATCHES: &str = "((kind = 'spiffe_id' AND value = ?1) OR (kind = 'prefix' AND substr(?1, 1, length(value)) = value)
                     OR (kind = 'profile' AND value = ?2)";
+
+/// An operator lock in force at `at` over this identity or profile.
+fn locked(
+    conn: &Connection,
+    spiffe_id: &str,
+    profile: &str,
+    at: i64,
+) -> rusqlite::Result<Option<Refusal>> {
     let lock: Option<(String, i64)> = conn
         .prepare_cached(&format!(
-            "SELECT reason, until FROM locks WHERE until > ?3 AND {matches}) ORDER BY until DESC LIMIT 1"
+            "SELECT reason, until FROM locks WHERE until > ?3 AND {MATCHES}) ORDER BY until DESC LIMIT 1"
         ))?
-        .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(params![spiffe_id, profile, at], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    if let Some((reason, until)) = lock {
-        return Ok(Some(Refusal::Locked(format!(
-            "{reason} (until {})",
-            crate::clock::rfc3339(until)
-        ))));
+    Ok(lock.map(|(reason, until)| {
+        Refusal::Locked(format!("{reason} (until {})", crate::clock::rfc3339(until)))
+    }))
+}
+
+/// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
+fn barred(conn: &Connection, lease: &Lease) -> rusqlite::Result<Option<Refusal>> {
+    if let Some(r) = locked(
+        conn,
+        &lease.spiffe_id,
+        lease.profile.as_str(),
+        lease.issued_at,
+    )? {
+        return Ok(Some(r));
     }
     let revoked: bool = conn
         .prepare_cached(&format!(
-            "SELECT EXISTS (SELECT 1 FROM revocation_rules WHERE cutoff >= ?3 AND ({matches} OR kind = 'all')))"
+            "SELECT EXISTS (SELECT 1 FROM revocation_rules WHERE cutoff >= ?3 AND ({MATCHES} OR kind = 'all')))"
         ))?
         .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at], |r| r.get(0))?;
     Ok(revoked.then_some(Refusal::RevokedBefore))
@@ -899,6 +913,10 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
         } => match guard(select_lease(conn, lease_id.as_str())?, &holder, now) {
             Err(r) => refuse(conn, head, event, r),
             Ok(lease) => {
+                // A renewal mints a fresh credential: locks apply to it as to issuance.
+                if let Some(r) = locked(conn, &lease.spiffe_id, lease.profile.as_str(), now)? {
+                    return refuse(conn, head, event, r);
+                }
                 let expires_at = expires_at.min(lease.max_expires_at);
                 conn.execute(
                     "UPDATE leases SET expires_at = ?2, credential_sha256 = ?3, renewals = renewals + 1
@@ -1251,7 +1269,7 @@ impl Store for SqliteStore {
             let has_cursor = filter.before.is_some();
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {LEASE_COLUMNS} FROM leases
-                 WHERE (?1 IS NULL OR spiffe_id = ?1) AND (?2 IS NULL OR state = ?2)
+                 WHERE (?1 IS NULL OR spiffe_id = ?1) AND (?2 IS NULL OR state = ?2) AND (?7 IS NULL OR id = ?7)
                    AND (?3 = 0 OR issued_at < ?4 OR (issued_at = ?4 AND id < ?5))
                  ORDER BY issued_at DESC, id DESC LIMIT ?6"
             ))?;
@@ -1262,7 +1280,8 @@ impl Store for SqliteStore {
                     has_cursor as i64,
                     before_at,
                     before_id,
-                    filter.limit.clamp(1, 1000)
+                    filter.limit.clamp(1, 1000),
+                    filter.lease_id
                 ],
                 lease_from_row,
             )?;
