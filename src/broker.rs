@@ -162,6 +162,8 @@ pub enum RequestListing {
 /// Loads a fresh policy (the config and `.cedar` files) for a reload.
 pub type PolicyLoader = Box<dyn Fn() -> Result<Arc<dyn Policy>, String> + Send + Sync>;
 
+/// Leases revoked per transaction in a bulk revocation.
+const REVOKE_CHUNK: u32 = 2000;
 /// Most leases one reaper commit marks expired.
 const REAP_BATCH: u32 = 500;
 /// How long a redeemed credential stays retrievable by a retry of the same redemption.
@@ -1497,26 +1499,74 @@ impl Broker {
         if let RevokeSelector::Lease(id) = &selector {
             e.lease_id = Some(id.to_string());
         }
-        let applied = self
-            .store
-            .apply(LedgerOp::Revoke {
-                selector,
-                issued_before,
-                reason,
-                now: self.clock.unix_seconds(),
-                dry_run,
-                event: e,
-            })
-            .await?;
-        if applied.refused == Some(Refusal::NotFound) {
-            return Err(BrokerError::NotFound("lease not found".into()));
+        let now = self.clock.unix_seconds();
+        let single = matches!(
+            selector,
+            RevokeSelector::Lease(_) | RevokeSelector::AccessRequest(_)
+        );
+        if dry_run || single {
+            let applied = self
+                .store
+                .apply(LedgerOp::Revoke {
+                    selector,
+                    issued_before,
+                    reason,
+                    now,
+                    dry_run,
+                    chunk: None,
+                    event: e,
+                })
+                .await?;
+            if applied.refused == Some(Refusal::NotFound) {
+                return Err(BrokerError::NotFound("lease not found".into()));
+            }
+            if !dry_run {
+                let _ = self.revocations.send(());
+            }
+            return Ok(Revoked {
+                lease_ids: applied.affected,
+                receipt: applied.receipt,
+            });
         }
-        if !dry_run {
+        // A bulk revocation runs as transactions of REVOKE_CHUNK leases, each with its
+        // own audit entry and feed events, so issuance is never blocked behind one huge
+        // transaction. The first one leaves the revocation rule, so from its commit on
+        // nothing covered is issued; every chunk covers only leases issued up to then.
+        let cut = issued_before.map_or(now + 1, |c| c.min(now + 1));
+        let mut all = Vec::new();
+        let mut first_receipt = None;
+        for part in 1u32.. {
+            let mut event = e.clone();
+            if part > 1 {
+                event.reason = Some(format!(
+                    "{} (part {part})",
+                    e.reason.clone().unwrap_or_default()
+                ));
+            }
+            let applied = self
+                .store
+                .apply(LedgerOp::Revoke {
+                    selector: selector.clone(),
+                    issued_before: Some(cut),
+                    reason: reason.clone(),
+                    now,
+                    dry_run: false,
+                    chunk: Some((REVOKE_CHUNK, part)),
+                    event,
+                })
+                .await?;
+            let n = applied.affected.len();
+            all.extend(applied.affected);
+            first_receipt = first_receipt.or(applied.receipt);
             let _ = self.revocations.send(());
+            if n < REVOKE_CHUNK as usize {
+                break;
+            }
         }
+        all.sort();
         Ok(Revoked {
-            lease_ids: applied.affected,
-            receipt: applied.receipt,
+            lease_ids: all,
+            receipt: first_receipt,
         })
     }
 

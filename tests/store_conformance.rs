@@ -130,6 +130,7 @@ async fn conformance(store: Arc<dyn Store>) {
         reason: "test".into(),
         now: now + 20,
         dry_run: false,
+        chunk: None,
         event: ev(EventKind::Revoke, None),
     };
     let r = s

@@ -132,6 +132,9 @@ pub enum LedgerOp {
         now: i64,
         /// Only report what would be revoked; change and record nothing.
         dry_run: bool,
+        /// Revoke at most this many leases in this transaction (bulk revocations run as
+        /// several transactions so issuance keeps flowing); part 1 leaves the rule.
+        chunk: Option<(u32, u32)>,
         /// Audit entry (the affected leases are filled in).
         event: AuditEvent,
     },

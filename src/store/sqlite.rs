@@ -580,9 +580,11 @@ fn over_quota(conn: &Connection, lease: &Lease, max: Option<u32>) -> rusqlite::R
     };
     let active: i64 = conn
         .prepare_cached(
-            "SELECT count(*) FROM leases WHERE spiffe_id = ?1 AND profile = ?2 AND state = 'active' AND expires_at > ?3",
-        )?
-        .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at], |r| r.get(0))?;
+            // Bounded by the limit: the check costs at most `max` index steps, however many
+            // leases the holder has.
+            "SELECT count(*) FROM (SELECT 1 FROM leases WHERE spiffe_id = ?1 AND profile = ?2 AND state = 'active'
+             AND expires_at > ?3 LIMIT ?4)",
+        )?        .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at, max], |r| r.get(0))?;
     Ok(active >= i64::from(max))
 }
 
@@ -955,6 +957,7 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             reason,
             now,
             dry_run,
+            chunk,
             mut event,
         } => {
             // One predicate for preview and revocation: what the selector covers.
@@ -984,15 +987,17 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                 })?;
                 rows.collect::<rusqlite::Result<_>>()?
             } else {
+                let limit = chunk.map_or(-1, |(limit, _)| i64::from(limit));
                 let mut stmt = conn.prepare(&format!(
                     "UPDATE leases SET state = 'revoked', ended_at = ?3, end_reason = ?4
-                     WHERE state = 'active' AND {filter} AND {cut}
+                     WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND {filter} AND {cut} LIMIT ?5)
                      RETURNING id, spiffe_id, profile, expires_at"
                 ))?;
                 let end_reason = format!("revoked: {reason}");
-                let rows = stmt.query_map(params![value, issued_before, now, end_reason], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })?;
+                let rows = stmt
+                    .query_map(params![value, issued_before, now, end_reason, limit], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
             let mut ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
@@ -1002,8 +1007,12 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                 a.affected = ids;
                 return Ok(a);
             }
+            let part = chunk.map_or(1, |(_, part)| part);
+            if part > 1 && ids.is_empty() {
+                return Ok(Applied::recorded(None));
+            }
             // Identity, prefix and profile revocations also bar in-flight issuance.
-            if let Some((kind, v)) = selector.rule() {
+            if let Some((kind, v)) = selector.rule().filter(|_| part == 1) {
                 let cutoff = issued_before.map_or(now, |c| c.min(now));
                 conn.execute(
                     "INSERT INTO revocation_rules (kind, value, cutoff, created_at) VALUES (?1, ?2, ?3, ?4)",
@@ -1019,7 +1028,8 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                     ctx.update(b"\n");
                 }
                 event.reason = Some(format!(
-                    "{reason} ({} leases; the first {MAX_LISTED} listed; SHA-256 of all sorted ids: {})",
+                    "{} ({} leases; the first {MAX_LISTED} listed; SHA-256 of all sorted ids: {})",
+                    event.reason.clone().unwrap_or_else(|| reason.clone()),
                     ids.len(),
                     hex::encode(ctx.finish().as_ref())
                 ));
