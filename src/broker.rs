@@ -163,7 +163,7 @@ pub enum RequestListing {
 pub type PolicyLoader = Box<dyn Fn() -> Result<Arc<dyn Policy>, String> + Send + Sync>;
 
 /// Leases revoked per transaction in a bulk revocation.
-const REVOKE_CHUNK: u32 = 2000;
+const REVOKE_CHUNK: u32 = 500;
 /// Most leases one reaper commit marks expired.
 const REAP_BATCH: u32 = 500;
 /// How long a redeemed credential stays retrievable by a retry of the same redemption.

@@ -1,0 +1,314 @@
+//! Load generator: starts `spiffe-broker dev` in-process (or targets a running broker
+//! with `--target ADDR`), runs N concurrent clients with real SVIDs for D seconds, and
+//! prints throughput, p50/p99/p99.9 latency, errors and the process's peak RSS — beside
+//! the machine's own limits measured in the same run: the raw ES256 signing rate and the
+//! durable ledger commit rate (same SQLite settings and group commit). Prints figures;
+//! asserts nothing.
+//!
+//! ```sh
+//! cargo run --release --example loadgen -- --mode reused --clients 32 --seconds 10
+//! ```
+//!
+//! Modes: `reused` (one mTLS connection per client), `new-conn` (a new TLS connection
+//! per request), `jwt-svid` (bearer JWT-SVID over server-authenticated TLS), `intent`
+//! (a request that needs policy with a full intent), `renew`, `revoke`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use spiffe_broker::audit::{AuditEvent, EventKind};
+use spiffe_broker::client::{self, ClientIdentity};
+use spiffe_broker::clock::{Clock, SystemClock};
+use spiffe_broker::config::LedgerConfig;
+use spiffe_broker::crypto::{EcdsaP256Signer, Signer};
+use spiffe_broker::dev::{self, DevOptions};
+use spiffe_broker::metrics::Metrics;
+use spiffe_broker::proto::v1 as pb;
+use spiffe_broker::store::{LedgerOp, SqliteStore, Store};
+use tonic::transport::Channel;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn num(name: &str, default: u64) -> u64 {
+    arg(name).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Raw ES256 signatures per second on one core (the same ring key type the issuer uses).
+fn signing_rate(seconds: f64) -> Result<f64, Box<dyn std::error::Error>> {
+    let (signer, _) = EcdsaP256Signer::generate()?;
+    let msg = [7u8; 400];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        signer.sign(&msg)?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Durable ledger appends per second through the store's group commit, 256 writers.
+async fn ledger_rate(seconds: f64) -> Result<f64, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let cfg = LedgerConfig {
+        commit_timeout: Duration::from_secs(30),
+        busy_timeout: Duration::from_secs(5),
+        max_batch: 256,
+    };
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
+        &dir.path().join("l.db"),
+        &cfg,
+        Arc::new(Metrics::new()),
+    )?);
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..256 {
+        let (store, count) = (store.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let mut e =
+                    AuditEvent::new(SystemClock.unix_seconds() * 1000, EventKind::Deny, "deny");
+                e.reason = Some("ledger rate probe".into());
+                if store.apply(LedgerOp::Record { event: e }).await.is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+fn request(mode: &str) -> pb::IssueCredentialRequest {
+    let mut intent = pb::Intent {
+        action: "submit-training".into(),
+        target: "queue/a100".into(),
+        ..Default::default()
+    };
+    if mode == "intent" {
+        intent.ticket = "CHG-1234".into();
+        intent.justification = "nightly fine-tune of the ranking model".into();
+        intent.on_behalf_of = vec![
+            "spiffe://example.org/agents/planner".into(),
+            "user:dana".into(),
+        ];
+        intent.artifact_digest = format!("sha256:{}", "ab".repeat(32));
+    }
+    pb::IssueCredentialRequest {
+        profile: "gpu-scheduler-submit".into(),
+        scopes: vec!["job:submit".into()],
+        ttl: Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 0,
+        }),
+        intent: Some(intent),
+        ..Default::default()
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mode = arg("--mode").unwrap_or_else(|| "reused".into());
+    let clients = num("--clients", 32) as usize;
+    let seconds = num("--seconds", 10);
+    if ![
+        "reused", "new-conn", "jwt-svid", "intent", "renew", "revoke",
+    ]
+    .contains(&mode.as_str())
+    {
+        return Err(format!("unknown --mode {mode}").into());
+    }
+
+    println!("measuring this machine's limits (2 s each)…");
+    let sign = signing_rate(2.0)?;
+    let ledger = ledger_rate(2.0).await?;
+    println!("  raw ES256 signing: {sign:.0}/s on one core; durable ledger appends (group commit): {ledger:.0}/s");
+
+    let dir = tempfile::tempdir()?;
+    let env = dev::start(DevOptions {
+        state_dir: dir.path().join("state"),
+        grpc_addr: "127.0.0.1:0".parse()?,
+        http_addr: "127.0.0.1:0".parse()?,
+        svid_ttl: Duration::from_secs(3600),
+        clock: Arc::new(SystemClock),
+        // A load test is not what quotas are for: lift them for the demo identities.
+        config: Some(Box::new(|demo: String| {
+            demo.replace("max_active_leases = 100", "max_active_leases = 100000000")
+                .replace(
+                    "requests_per_minute = 600",
+                    "requests_per_minute = 100000000",
+                )
+        })),
+    })
+    .await?;
+    let addr = env.grpc_addr.to_string();
+    let sock = |id: &str| format!("unix://{}", env.socket(id).display());
+    let agent_src =
+        client::workload_source(Some(&sock("spiffe://example.org/ci/deploy-agent"))).await?;
+    let agent = ClientIdentity::Workload(agent_src);
+    let root = ClientIdentity::Workload(
+        client::workload_source(Some(&sock("spiffe://example.org/ops/root"))).await?,
+    );
+    let bundle = vec![env.ca.ca_der().clone()];
+
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mode = mode.clone();
+        let (agent, root, addr, bundle) =
+            (agent.clone(), root.clone(), addr.clone(), bundle.clone());
+        let jwt = if mode == "jwt-svid" {
+            Some(env.ca.mint_jwt_svid(
+                &spiffe::SpiffeId::new("spiffe://example.org/ci/deploy-agent")?,
+                &[dev::BROKER_ID.to_owned()],
+                Duration::from_secs(3600),
+            )?)
+        } else {
+            None
+        };
+        tasks.push(tokio::spawn(async move {
+            let connect = |id: ClientIdentity| {
+                let addr = addr.clone();
+                async move {
+                    client::connect(&addr, dev::BROKER_ID, &id)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            };
+            let identity = if mode == "jwt-svid" {
+                ClientIdentity::Anonymous { bundle }
+            } else {
+                agent.clone()
+            };
+            let mut ch: Channel = connect(identity.clone()).await?;
+            let mut admin = pb::admin_client::AdminClient::new(connect(root).await?);
+            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            while Instant::now() < deadline {
+                if mode == "new-conn" {
+                    ch = connect(identity.clone()).await?;
+                }
+                let mut c = pb::credential_broker_client::CredentialBrokerClient::new(ch.clone());
+                // renew and revoke first need a lease of their own (not timed).
+                let lease = if mode == "renew" || mode == "revoke" {
+                    match c.issue_credential(request("reused")).await {
+                        Ok(r) => r.into_inner().lease.map(|l| l.id).unwrap_or_default(),
+                        Err(_) => {
+                            errors += 1;
+                            continue;
+                        }
+                    }
+                } else {
+                    String::new()
+                };
+                let t = Instant::now();
+                let ok = match mode.as_str() {
+                    "renew" => c
+                        .renew_lease(pb::RenewLeaseRequest {
+                            lease_id: lease,
+                            ttl: Some(prost_types::Duration {
+                                seconds: 900,
+                                nanos: 0,
+                            }),
+                        })
+                        .await
+                        .is_ok(),
+                    "revoke" => admin
+                        .revoke(pb::RevokeRequest {
+                            selector: Some(pb::revoke_request::Selector::LeaseId(lease)),
+                            reason: "loadgen".into(),
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok(),
+                    _ => {
+                        let mut req = tonic::Request::new(request(&mode));
+                        if let Some(token) = &jwt {
+                            let value = format!("Bearer {token}")
+                                .parse()
+                                .map_err(|e| format!("{e:?}"))?;
+                            req.metadata_mut().insert("authorization", value);
+                        }
+                        c.issue_credential(req).await.is_ok()
+                    }
+                };
+                if ok {
+                    lat.push(t.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            Ok::<_, String>((lat, errors))
+        }));
+    }
+    let started = Instant::now();
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await??;
+        lat.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort();
+    let rate = lat.len() as f64 / elapsed;
+    println!("mode={mode} clients={clients} seconds={seconds}");
+    println!(
+        "  ok={} errors={errors} throughput={rate:.0}/s p50={:?} p99={:?} p99.9={:?}",
+        lat.len(),
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        pct(&lat, 0.999)
+    );
+    let limit = sign.min(ledger);
+    println!(
+        "  {:.0}% of the lower machine limit ({limit:.0}/s); peak RSS of this process (broker + clients + probes) {:.0} MiB",
+        100.0 * rate / limit,
+        peak_rss_mib()
+    );
+    let m = env.broker.metrics().render();
+    let get = |name: &str| {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let commits = get("spiffe_broker_ledger_commit_batch_size_count");
+    let ops = get("spiffe_broker_ledger_commit_batch_size_sum");
+    println!(
+        "  ledger: {commits:.0} commits (fsyncs) for {ops:.0} ops, mean batch {:.1}",
+        ops / commits.max(1.0)
+    );
+    env.shutdown().await?;
+    Ok(())
+}
