@@ -721,13 +721,14 @@ impl Broker {
     ) -> Result<IssueOutcome, BrokerError> {
         let policy = self.policy();
         if let Some(profile) = policy.profile(req.profile.as_str()) {
-            let who = caller.spiffe_id().to_string();
-            if !self.limiter.take(
-                &who,
-                profile.name.as_str(),
-                profile.requests_per_minute,
-                unix_millis(self.clock.now()),
-            ) {
+            let who = caller.spiffe_id().to_string();            if profile.requests_per_minute > 0
+                && !self.limiter.take(
+                    &who,
+                    profile.name.as_str(),
+                    profile.requests_per_minute,
+                    unix_millis(self.clock.now()),
+                )
+            {
                 self.metrics.denied("rate_limited");
                 let msg = format!(
                     "rate limit: at most {} requests per minute per identity on profile {:?}",
@@ -795,8 +796,7 @@ impl Broker {
                     Some(ar)
                 } else {
                     None
-                };
-                let max_active = Some(grant.profile.max_active_leases);
+                };                let max_active = Some(grant.profile.max_active_leases).filter(|m| *m > 0);
                 let idempotency = match &opts.idempotency_key {
                     None => None,
                     Some(key) => Some(IdempotencyRecord {
@@ -1112,8 +1112,7 @@ impl Broker {
             .apply(LedgerOp::Redeem {
                 id: ar.id.clone(),
                 requester: ar.requester.clone(),
-                digest,
-                max_active: Some(grant.profile.max_active_leases),
+                digest,                max_active: Some(grant.profile.max_active_leases).filter(|m| *m > 0),
                 lease,
                 now: self.clock.unix_seconds(),
                 event: e,
