@@ -141,10 +141,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // A load test is not what quotas are for: lift them for the demo identities.
         config: Some(Box::new(|demo: String| {
             demo.replace("max_active_leases = 100", "max_active_leases = 0")
-                .replace(
-                    "requests_per_minute = 600",
-                    "requests_per_minute = 0",
-                )
+                .replace("requests_per_minute = 600", "requests_per_minute = 0")
         })),
     })
     .await?;

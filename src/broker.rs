@@ -721,7 +721,8 @@ impl Broker {
     ) -> Result<IssueOutcome, BrokerError> {
         let policy = self.policy();
         if let Some(profile) = policy.profile(req.profile.as_str()) {
-            let who = caller.spiffe_id().to_string();            if profile.requests_per_minute > 0
+            let who = caller.spiffe_id().to_string();
+            if profile.requests_per_minute > 0
                 && !self.limiter.take(
                     &who,
                     profile.name.as_str(),
@@ -796,7 +797,8 @@ impl Broker {
                     Some(ar)
                 } else {
                     None
-                };                let max_active = Some(grant.profile.max_active_leases).filter(|m| *m > 0);
+                };
+                let max_active = Some(grant.profile.max_active_leases).filter(|m| *m > 0);
                 let idempotency = match &opts.idempotency_key {
                     None => None,
                     Some(key) => Some(IdempotencyRecord {
@@ -1112,7 +1114,8 @@ impl Broker {
             .apply(LedgerOp::Redeem {
                 id: ar.id.clone(),
                 requester: ar.requester.clone(),
-                digest,                max_active: Some(grant.profile.max_active_leases).filter(|m| *m > 0),
+                digest,
+                max_active: Some(grant.profile.max_active_leases).filter(|m| *m > 0),
                 lease,
                 now: self.clock.unix_seconds(),
                 event: e,

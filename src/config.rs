@@ -57,7 +57,8 @@ pub struct Profile {
     /// Whether one deny ends an access request (otherwise it only counts against).
     pub deny_ends: bool,
     /// Break-glass TTL cap; `None` means the profile has no break-glass.
-    pub break_glass_max_ttl: Option<Duration>,    /// Most active leases one identity may hold on this profile (0: no limit).
+    pub break_glass_max_ttl: Option<Duration>,
+    /// Most active leases one identity may hold on this profile (0: no limit).
     pub max_active_leases: u32,
     /// Most requests per minute one identity may make for this profile (0: no limit).
     pub requests_per_minute: u32,
