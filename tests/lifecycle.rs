@@ -673,3 +673,36 @@ async fn idempotent_retries_return_the_same_credential() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(h.lease_count(), 2);
 }
+
+#[tokio::test]
+async fn a_remembered_svid_is_refused_once_it_expires() {
+    let h = start().await;
+    let svid = h
+        .env
+        .ca
+        .mint_x509_svid(
+            &spiffe::SpiffeId::new(DEPLOY_AGENT).expect("id"),
+            Duration::from_secs(120),
+        )
+        .expect("mint");
+    let identity = spiffe_broker::client::ClientIdentity::Files {
+        chain: svid.chain.clone(),
+        key: std::sync::Arc::new(svid.key_pkcs8.to_vec()),
+        bundle: vec![h.env.ca.ca_der().clone()],
+    };
+    let mut c =
+        pb::credential_broker_client::CredentialBrokerClient::new(h.channel_as(&identity).await);
+    c.issue_credential(gpu_request(60))
+        .await
+        .expect("valid SVID");
+    c.issue_credential(gpu_request(60))
+        .await
+        .expect("valid SVID, verified chain remembered");
+    // Same connection, same certificate: once it has expired it is refused.
+    h.clock.advance(Duration::from_secs(200));
+    let err = c
+        .issue_credential(gpu_request(60))
+        .await
+        .expect_err("expired SVID");
+    assert_eq!(err.code(), Code::Unauthenticated);
+}

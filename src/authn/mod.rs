@@ -117,6 +117,32 @@ pub struct SpiffeAuthenticator {
     clock: Arc<dyn Clock>,
     audience: String,
     skew: Duration,
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
+}
+
+/// A chain that passed every X.509-SVID check, remembered so a busy connection does not
+/// re-verify the same signatures on every request. The entry only counts while the trust
+/// bundle it was verified against is unchanged and the leaf has not expired; everything
+/// else is rechecked exactly as on first sight.
+#[derive(Clone)]
+struct Verified {
+    id: SpiffeId,
+    bundle: [u8; 32],
+    not_after: i64,
+}
+
+/// Most remembered chains (the cache is cleared when full).
+const VERIFIED_CACHE: usize = 4096;
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 impl SpiffeAuthenticator {
@@ -132,7 +158,57 @@ impl SpiffeAuthenticator {
             clock,
             audience,
             skew,
+            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+}
+
+impl SpiffeAuthenticator {
+    fn bundle_fingerprint(&self, trust_domain: &str) -> Option<[u8; 32]> {
+        let roots = self.trust.x509_authorities(trust_domain)?;
+        let parts: Vec<&[u8]> = roots.iter().map(|r| r.as_ref()).collect();
+        Some(sha256(&parts))
+    }
+
+    fn x509(
+        &self,
+        chain: &[CertificateDer<'static>],
+        now: std::time::SystemTime,
+    ) -> Result<SpiffeId, AuthnError> {
+        let key = sha256(&chain.iter().map(|c| c.as_ref()).collect::<Vec<_>>());
+        let t = crate::clock::unix_seconds(now);
+        let hit = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(v) = hit {
+            if t <= v.not_after
+                && self.bundle_fingerprint(v.id.trust_domain_name()) == Some(v.bundle)
+            {
+                return Ok(v.id);
+            }
+        }
+        let id = validate_x509_svid(chain, self.trust.as_ref(), now, SvidRole::Client)?;
+        let not_after = x509_parser::parse_x509_certificate(chain[0].as_ref())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .unwrap_or(t);
+        if let Some(bundle) = self.bundle_fingerprint(id.trust_domain_name()) {
+            let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= VERIFIED_CACHE {
+                cache.clear();
+            }
+            cache.insert(
+                key,
+                Verified {
+                    id: id.clone(),
+                    bundle,
+                    not_after,
+                },
+            );
+        }
+        Ok(id)
     }
 }
 
@@ -159,7 +235,7 @@ impl Authenticator for SpiffeAuthenticator {
         }
         match facts.peer_certs {
             Some(chain) if !chain.is_empty() => {
-                let id = validate_x509_svid(chain, self.trust.as_ref(), now, SvidRole::Client)?;
+                let id = self.x509(chain, now)?;
                 let digest = ring::digest::digest(&ring::digest::SHA256, chain[0].as_ref());
                 let mut cert_sha256 = [0u8; 32];
                 cert_sha256.copy_from_slice(digest.as_ref());
