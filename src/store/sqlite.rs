@@ -576,6 +576,35 @@ fn note_identity(conn: &Connection, event: &AuditEvent) -> rusqlite::Result<()> 
     Ok(())
 }
 
+/// Whether a new lease may be recorded: no lock or revocation covers it and the holder
+/// is under its quota.
+fn admit(
+    conn: &Connection,
+    lease: &Lease,
+    max_active: Option<u32>,
+) -> rusqlite::Result<Option<Refusal>> {
+    if let Some(refusal) = barred(conn, lease)? {
+        return Ok(Some(refusal));
+    }
+    if over_quota(conn, lease, max_active)? {
+        return Ok(Some(Refusal::QuotaExceeded(max_active.unwrap_or_default())));
+    }
+    Ok(None)
+}
+
+/// Records a refused issuance: the entry names no lease or credential, since none exists.
+fn refuse_new_lease(
+    conn: &Connection,
+    head: &mut Head,
+    mut event: AuditEvent,
+    refusal: Refusal,
+) -> rusqlite::Result<Applied> {
+    event.lease_id = None;
+    event.granted_scopes.clear();
+    event.credential_sha256 = None;
+    refuse(conn, head, event, refusal)
+}
+
 /// Whether the lease's holder already has `max` active leases on its profile.
 fn over_quota(conn: &Connection, lease: &Lease, max: Option<u32>) -> rusqlite::Result<bool> {
     let Some(max) = max else {
@@ -728,29 +757,11 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                     .prepare_cached("SELECT EXISTS (SELECT 1 FROM idempotency WHERE caller = ?1 AND key_hash = ?2)")?
                     .query_row(params![rec.caller, rec.key_hash], |r| r.get(0))?;
                 if used {
-                    let mut e = event;
-                    e.lease_id = None;
-                    e.granted_scopes.clear();
-                    e.credential_sha256 = None;
-                    return refuse(conn, head, e, Refusal::Duplicate);
+                    return refuse_new_lease(conn, head, event, Refusal::Duplicate);
                 }
             }
-            if let Some(refusal) = barred(conn, &lease)? {
-                let mut e = event;
-                e.lease_id = None;
-                e.granted_scopes.clear();
-                return refuse(conn, head, e, refusal);
-            }
-            if over_quota(conn, &lease, max_active)? {
-                let mut e = event;
-                e.lease_id = None;
-                e.granted_scopes.clear();
-                return refuse(
-                    conn,
-                    head,
-                    e,
-                    Refusal::QuotaExceeded(max_active.unwrap_or_default()),
-                );
+            if let Some(refusal) = admit(conn, &lease, max_active)? {
+                return refuse_new_lease(conn, head, event, refusal);
             }
             insert_lease(conn, &lease)?;
             if let Some(rec) = &idempotency {
@@ -880,22 +891,8 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                 )?;
                 return refuse(conn, head, event, Refusal::RequestExpired);
             }
-            if let Some(refusal) = barred(conn, &lease)? {
-                let mut e = event;
-                e.lease_id = None;
-                e.granted_scopes.clear();
-                return refuse(conn, head, e, refusal);
-            }
-            if over_quota(conn, &lease, max_active)? {
-                let mut e = event;
-                e.lease_id = None;
-                e.granted_scopes.clear();
-                return refuse(
-                    conn,
-                    head,
-                    e,
-                    Refusal::QuotaExceeded(max_active.unwrap_or_default()),
-                );
+            if let Some(refusal) = admit(conn, &lease, max_active)? {
+                return refuse_new_lease(conn, head, event, refusal);
             }
             insert_lease(conn, &lease)?;
             conn.execute(
