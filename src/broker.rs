@@ -162,6 +162,8 @@ pub enum RequestListing {
 /// Loads a fresh policy (the config and `.cedar` files) for a reload.
 pub type PolicyLoader = Box<dyn Fn() -> Result<Arc<dyn Policy>, String> + Send + Sync>;
 
+/// Requests in flight at once when the config does not say.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// Leases revoked per transaction in a bulk revocation.
 const REVOKE_CHUNK: u32 = 500;
 /// Most leases one reaper commit marks expired.
@@ -263,6 +265,7 @@ pub struct Broker {
     limiter: RateLimiter,
     redeemed: Mutex<HashMap<String, (String, Issued)>>,
     log_signer: Option<Arc<LogSigner>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
     feed_signer: Option<Arc<LogSigner>>,
     revocations: broadcast::Sender<()>,
     changes: broadcast::Sender<String>,
@@ -290,6 +293,7 @@ impl Broker {
             limiter: RateLimiter::default(),
             redeemed: Mutex::new(HashMap::new()),
             log_signer: None,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             feed_signer: None,
             revocations: broadcast::channel(64).0,
             changes: broadcast::channel(1024).0,
@@ -300,6 +304,16 @@ impl Broker {
     pub fn with_loader(mut self, loader: PolicyLoader) -> Self {
         self.loader = Some(loader);
         self
+    }
+    /// Sets how many requests may be in flight at once; beyond it, RESOURCE_EXHAUSTED.
+    pub fn with_max_in_flight(mut self, n: usize) -> Self {
+        self.in_flight = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
+    }
+
+    /// A slot for one request, or `None` when the broker is at its limit.
+    pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().ok()
     }
 
     /// Sets the key that signs revocation feed heads.

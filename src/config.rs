@@ -143,6 +143,12 @@ pub struct Config {
     pub reaper_interval: Duration,
     /// How often a signed checkpoint of the audit log is published (if it grew).
     pub checkpoint_interval: Duration,
+    /// Most requests in flight at once; beyond it RPCs answer RESOURCE_EXHAUSTED at once.
+    pub max_in_flight: usize,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    /// Most TLS connections from one peer address.
+    pub max_connections_per_peer: usize,
     /// The audit log's origin line and key name (default `<trust domain>/spiffe-broker/audit`).
     pub log_origin: Option<String>,
     /// Ledger tuning.
@@ -170,6 +176,9 @@ struct RawConfig {
     jwt_clock_skew: Option<String>,
     reaper_interval: Option<String>,
     checkpoint_interval: Option<String>,
+    max_in_flight: Option<usize>,
+    max_streams_per_connection: Option<u32>,
+    max_connections_per_peer: Option<usize>,
     log_origin: Option<String>,
     #[serde(default)]
     ledger: RawLedger,
@@ -336,6 +345,12 @@ impl Config {
                 Duration::from_secs(10),
             )?,
             log_origin: raw.log_origin,
+            max_in_flight: raw
+                .max_in_flight
+                .unwrap_or(crate::broker::DEFAULT_MAX_IN_FLIGHT)
+                .max(1),
+            max_streams_per_connection: raw.max_streams_per_connection.unwrap_or(128).max(1),
+            max_connections_per_peer: raw.max_connections_per_peer.unwrap_or(512).max(1),
             ledger: LedgerConfig {
                 commit_timeout: duration(
                     "ledger.commit_timeout",

@@ -706,3 +706,70 @@ async fn a_remembered_svid_is_refused_once_it_expires() {
         .expect_err("expired SVID");
     assert_eq!(err.code(), Code::Unauthenticated);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_quickly_and_the_broker_keeps_serving() {
+    let h = start_with(Some(Box::new(|demo: String| {
+        demo.replacen(
+            "reaper_interval = \"30s\"",
+            "reaper_interval = \"30s\"\nmax_in_flight = 2\nmax_connections_per_peer = 3",
+            1,
+        )
+    })))
+    .await;
+    let identity = h.identity(DEPLOY_AGENT).await;
+    let ch = h.channel_as(&identity).await;
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let mut c = pb::credential_broker_client::CredentialBrokerClient::new(ch.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            (
+                c.issue_credential(gpu_request(600)).await.map(|_| ()),
+                t.elapsed(),
+            )
+        }));
+    }
+    let (mut ok, mut exhausted) = (0, 0);
+    for t in tasks {
+        match t.await.expect("task") {
+            (Ok(()), _) => ok += 1,
+            (Err(s), took) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+                assert!(
+                    took < Duration::from_secs(5),
+                    "refused without queueing: {took:?}"
+                );
+                exhausted += 1;
+            }
+        }
+    }
+    assert!(ok >= 1 && exhausted >= 1, "ok {ok}, exhausted {exhausted}");
+    let m = h.http_get("/metrics").await.1;
+    assert!(
+        m.contains("spiffe_broker_requests_denied_total{reason=\"overloaded\"}"),
+        "{m}"
+    );
+    // Per-peer connection limit: three are served, a fourth is refused.
+    let extra = vec![h.channel_as(&identity).await, h.channel_as(&identity).await];
+    let fourth = spiffe_broker::client::connect(
+        &h.env.grpc_addr.to_string(),
+        spiffe_broker::dev::BROKER_ID,
+        &identity,
+    )
+    .await;
+    let refused = match fourth {
+        Err(_) => true,
+        Ok(ch4) => pb::credential_broker_client::CredentialBrokerClient::new(ch4)
+            .issue_credential(gpu_request(600))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a fourth connection from one peer is refused");
+    drop(extra);
+    // Still serving.
+    let mut c = pb::credential_broker_client::CredentialBrokerClient::new(ch);
+    c.issue_credential(gpu_request(600))
+        .await
+        .expect("serves after the burst");
+}

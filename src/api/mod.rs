@@ -175,6 +175,13 @@ async fn rpc<T>(
     method: &str,
     body: impl std::future::Future<Output = Result<T, BrokerError>>,
 ) -> Result<Response<T>, Status> {
+    // Overload answers at once instead of queueing without bound.
+    let Some(_permit) = broker.admit() else {
+        broker.metrics().denied("overloaded");
+        return Err(to_status(BrokerError::ResourceExhausted(
+            "the broker is at its concurrent request limit; retry with back-off".into(),
+        )));
+    };
     let started = Instant::now();
     let out = body.await;
     broker.metrics().observe_rpc(method, started.elapsed());

@@ -49,6 +49,10 @@ pub struct BrokerParts {
     pub reaper_interval: Duration,
     /// How often a checkpoint is signed (when the log grew).
     pub checkpoint_interval: Duration,
+    /// HTTP/2 streams per connection.
+    pub max_streams: u32,
+    /// TLS connections per peer address.
+    pub max_connections_per_peer: usize,
     /// The broker's own SPIFFE ID.
     pub spiffe_id: String,
     /// Kept alive for the lifetime of the server (rotation watchers).
@@ -167,6 +171,7 @@ pub async fn assemble(
         metrics.clone(),
     )
     .with_notifier(notifier)
+    .with_max_in_flight(config.max_in_flight)
     .with_log_signer(log_signer.clone())
     .with_feed_signer(Arc::new(
         LogSigner::load_or_create_as(
@@ -194,6 +199,8 @@ pub async fn assemble(
         },
         reaper_interval: config.reaper_interval,
         checkpoint_interval: config.checkpoint_interval,
+        max_streams: config.max_streams_per_connection,
+        max_connections_per_peer: config.max_connections_per_peer,
         spiffe_id,
         _sources: (x509, jwt),
     })
@@ -278,6 +285,8 @@ pub async fn run(
 
     let grpc_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(parts.max_streams))
+        .http2_max_header_list_size(Some(16 * 1024))
         .add_service(health_service)
         .add_service(
             CredentialBrokerServer::new(CredentialBrokerService::new(broker.clone()))
@@ -296,7 +305,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            tls::incoming(grpc, parts.tls.clone()),
+            tls::incoming(grpc, parts.tls.clone(), parts.max_connections_per_peer),
             stopped(stop_rx.clone()),
         );
     let http_server = axum::serve(http_listener, http::router(parts.http.clone()))

@@ -6,8 +6,9 @@
 //! lets a bad SVID get a gRPC UNAUTHENTICATED answer and an audit entry instead of an
 //! anonymous handshake failure, and lets JWT-SVID callers connect without a certificate.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -119,6 +120,25 @@ pub fn server_config(source: spiffe::X509Source) -> Result<Arc<rustls::ServerCon
 pub struct TlsConn {
     inner: TlsStream<TcpStream>,
     info: PeerInfo,
+    _slot: PeerSlot,
+}
+
+/// One connection's place in the per-peer count; released when the connection drops.
+struct PeerSlot {
+    peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut p = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = p.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -172,7 +192,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    max_per_peer: usize,
 ) -> ReceiverStream<io::Result<TlsConn>> {
+    let peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let (tx, rx) = mpsc::channel(128);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -189,6 +211,24 @@ pub fn incoming(
                 _ = tx.closed() => return,
             };
             let _ = tcp.set_nodelay(true);
+            // Bound connections per peer: one client cannot take every socket.
+            let slot = {
+                let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
+                let n = p.entry(remote.ip()).or_insert(0);
+                if *n >= max_per_peer {
+                    None
+                } else {
+                    *n += 1;
+                    Some(PeerSlot {
+                        peers: peers.clone(),
+                        ip: remote.ip(),
+                    })
+                }
+            };
+            let Some(slot) = slot else {
+                tracing::warn!(%remote, max_per_peer, "too many connections from one peer; refusing");
+                continue;
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -202,7 +242,13 @@ pub fn incoming(
                             remote: Some(remote),
                             certs,
                         };
-                        let _ = tx.send(Ok(TlsConn { inner: tls, info })).await;
+                        let _ = tx
+                            .send(Ok(TlsConn {
+                                inner: tls,
+                                info,
+                                _slot: slot,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
