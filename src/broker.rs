@@ -1709,9 +1709,19 @@ impl Broker {
     }
 
     /// A signed head of the revocation feed as of `events`: a signed note over
-    /// (last sequence, last chain hash) under the feed key.
+    /// (last sequence, last chain hash) under the feed key, with the time it was signed.
     pub fn sign_feed_head(&self, seq: u64, chain_hash: &[u8; 32]) -> Option<String> {
-        self.feed_signer.as_ref().map(|s| s.sign(seq, chain_hash))
+        // The time line makes every head fresh evidence: a replayed old head (or a page
+        // with no new events) cannot keep a relying party's feed from going stale.
+        let time = format!("time {}", self.clock.unix_seconds());
+        self.feed_signer
+            .as_ref()
+            .map(|s| s.sign_with(seq, chain_hash, vec![time]))
+    }
+
+    /// The feed's current end: last sequence and chain hash (0 and zeros when empty).
+    pub async fn revocation_tail(&self) -> Result<(u64, [u8; 32]), BrokerError> {
+        Ok(self.store.revocation_tail().await?.unwrap_or((0, [0; 32])))
     }
 
     /// Lists leases (platform admin only).

@@ -59,17 +59,31 @@ pub struct Checkpoint {
     pub size: u64,
     /// Root hash.
     pub root: Hash,
+    /// Extension lines after the root (c2sp.org/tlog-checkpoint), e.g. `time 1795…`.
+    pub extensions: Vec<String>,
 }
 
 impl Checkpoint {
     /// The note body that gets signed.
     pub fn body(&self) -> String {
-        format!(
+        let mut b = format!(
             "{}\n{}\n{}\n",
             self.origin,
             self.size,
             STANDARD.encode(self.root)
-        )
+        );
+        for e in &self.extensions {
+            b.push_str(e);
+            b.push('\n');
+        }
+        b
+    }
+
+    /// The `time <unix seconds>` extension, if present.
+    pub fn time(&self) -> Option<i64> {
+        self.extensions
+            .iter()
+            .find_map(|e| e.strip_prefix("time ")?.parse().ok())
     }
 }
 
@@ -170,10 +184,17 @@ impl LogSigner {
 
     /// Signs a checkpoint of the tree; returns the signed note.
     pub fn sign(&self, size: u64, root: &Hash) -> String {
+        self.sign_with(size, root, Vec::new())
+    }
+
+    /// Signs a checkpoint with extension lines (the revocation feed adds `time <unix s>`
+    /// so a consumer can tell a fresh head from a replayed one).
+    pub fn sign_with(&self, size: u64, root: &Hash, extensions: Vec<String>) -> String {
         let body = Checkpoint {
             origin: self.name.clone(),
             size,
             root: *root,
+            extensions,
         }
         .body();
         let sig = self.key.sign(body.as_bytes());
@@ -285,10 +306,15 @@ impl VerifierKey {
             .ok()
             .and_then(|r| r.try_into().ok())
             .ok_or_else(|| NoteError("checkpoint root is not a base64 SHA-256".into()))?;
+        let extensions = lines[3..].iter().map(|l| l.to_string()).collect::<Vec<_>>();
+        if extensions.iter().any(|e| e.is_empty()) {
+            return err("empty extension line");
+        }
         Ok(Checkpoint {
             origin: origin.to_string(),
             size,
             root,
+            extensions,
         })
     }
 }

@@ -75,7 +75,8 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// List leases (platform admin); prints JSON lines.    #[command(args_conflicts_with_subcommands = true)]
+    /// List leases (platform admin); prints JSON lines.
+    #[command(args_conflicts_with_subcommands = true)]
     Leases {
         #[command(subcommand)]
         command: Option<LeasesCommand>,

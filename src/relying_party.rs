@@ -176,7 +176,7 @@ impl RelyingParty {
             .await?;
             let page: FeedPage = serde_json::from_slice(&body)
                 .map_err(|e| RpError::Broker(format!("revocation feed: {e}")))?;
-            applied += self.apply_feed(&page.events, page.signed_head.as_deref())?;
+            applied += self.apply_feed(&page.events, page.signed_head.as_deref(), page.more)?;
             if !page.more {
                 return Ok(applied);
             }
@@ -184,12 +184,15 @@ impl RelyingParty {
     }
 
     /// Applies a page of feed events after checking that they continue our chain exactly
-    /// (no gap, no duplicate, no rewrite) and that the broker's signed head covers them.
-    /// A forged or inconsistent page changes nothing and leaves the feed stale.
+    /// (no gap, no duplicate, no rewrite) and that the broker's signed, timed head covers
+    /// them (`more`: further pages follow, so the head is ahead of this page). Freshness is
+    /// the head's signed time, never the local clock at arrival, so a replayed page cannot
+    /// keep the feed from going stale. A forged or inconsistent page changes nothing.
     pub fn apply_feed(
         &self,
         events: &[RevocationEvent],
         signed_head: Option<&str>,
+        more: bool,
     ) -> Result<usize, RpError> {
         let now = self.cfg.clock.unix_seconds();
         let mut st = self.state();
@@ -212,19 +215,31 @@ impl RelyingParty {
             seq = e.seq;
             chain = next;
         }
-        if !events.is_empty() {
-            let note = signed_head
-                .ok_or_else(|| RpError::Broker("feed page without a signed head".into()))?;
-            let head = self
-                .cfg
-                .feed_key
-                .verify(note)
-                .map_err(|e| RpError::Broker(format!("feed head: {e}")))?;
-            if head.size != seq || head.root != chain {
+        let note =
+            signed_head.ok_or_else(|| RpError::Broker("feed page without a signed head".into()))?;
+        let head = self
+            .cfg
+            .feed_key
+            .verify(note)
+            .map_err(|e| RpError::Broker(format!("feed head: {e}")))?;
+        let signed_at = head
+            .time()
+            .ok_or_else(|| RpError::Broker("feed head carries no time".into()))?;
+        if more {
+            if head.size <= seq {
                 return Err(RpError::Broker(
-                    "signed feed head does not match the events".into(),
+                    "signed feed head is behind the events".into(),
                 ));
             }
+        } else if head.size != seq || head.root != chain {
+            return Err(RpError::Broker(
+                "signed feed head does not match the events".into(),
+            ));
+        }
+        if st.last_sync.is_some_and(|t| signed_at < t) {
+            return Err(RpError::Broker(
+                "feed head is older than one already seen (replay)".into(),
+            ));
         }
         for e in events {
             st.revoked.insert(e.lease_id.clone(), e.expires_at);
@@ -233,7 +248,9 @@ impl RelyingParty {
         st.revoked.retain(|_, exp| *exp + 3600 > now);
         st.seq = seq;
         st.chain = chain;
-        st.last_sync = Some(now);
+        if !more {
+            st.last_sync = Some(signed_at);
+        }
         Ok(events.len())
     }
 

@@ -148,7 +148,15 @@ async fn fails_closed_when_stale_and_refuses_a_forged_feed() {
     gpu.verify(&token, Some(&agent.cert_der)).expect("accepted");
 
     // The broker goes quiet for longer than the staleness bound: every token is refused.
+    // Keep a genuine page to replay later.
+    let (_, old_page) = h.http_get("/revocations?since=0").await;
+    let old_page: serde_json::Value = serde_json::from_str(&old_page).expect("feed JSON");
+    let old_head = old_page["signed_head"]
+        .as_str()
+        .expect("signed head")
+        .to_owned();
     rp_clock.advance(Duration::from_secs(61));
+    h.clock.advance(Duration::from_secs(61));
     assert!(matches!(
         gpu.verify(&token, Some(&agent.cert_der)),
         Err(RpError::Stale(61))
@@ -179,7 +187,7 @@ async fn fails_closed_when_stale_and_refuses_a_forged_feed() {
     ev.chain_hash = hex::encode(chain);
     let forged_head = forger.sign(1, &chain);
     let err = gpu
-        .apply_feed(std::slice::from_ref(&ev), Some(&forged_head))
+        .apply_feed(std::slice::from_ref(&ev), Some(&forged_head), false)
         .expect_err("forged");
     assert!(matches!(err, RpError::Broker(_)), "{err}");
     assert!(matches!(
@@ -187,12 +195,22 @@ async fn fails_closed_when_stale_and_refuses_a_forged_feed() {
         Err(RpError::Stale(_))
     ));
     // A page without a signed head, or with a gap, is refused too.
-    assert!(gpu.apply_feed(std::slice::from_ref(&ev), None).is_err());
+    assert!(gpu
+        .apply_feed(std::slice::from_ref(&ev), None, false)
+        .is_err());
     ev.seq = 2;
     assert!(gpu
-        .apply_feed(std::slice::from_ref(&ev), Some(&forged_head))
+        .apply_feed(std::slice::from_ref(&ev), Some(&forged_head), false)
         .is_err());
 
+    // Replaying the genuine old page (an on-path attacker hiding new revocations) does
+    // not make the feed fresh: freshness is the broker's signed time.
+    gpu.apply_feed(&[], Some(&old_head), false)
+        .expect("a genuine page");
+    assert!(matches!(
+        gpu.verify(&token, Some(&agent.cert_der)),
+        Err(RpError::Stale(_))
+    ));
     // The real feed brings it back.
     gpu.sync_revocations().await.expect("feed");
     gpu.verify(&token, Some(&agent.cert_der))

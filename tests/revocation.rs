@@ -1287,6 +1287,8 @@ async fn next_batch(s: &mut Feedstream) -> (Vec<RevocationEvent>, String) {
     loop {
         match next_item(s).await {
             Item::Event(e) => events.push(to_domain(&e)),
+            // A head with no events before it is the stream's freshness heartbeat.
+            Item::SignedHead(_) if events.is_empty() => continue,
             Item::SignedHead(note) => return (events, note),
         }
     }
@@ -1317,8 +1319,10 @@ async fn revocation_feed_is_chained_signed_resumable_and_live() {
 
     // An empty feed: a signed head over (0, zero hash).
     let mut s = watch(&mut feed, 0).await;
-    let (events, head) = next_batch(&mut s).await;
-    assert!(events.is_empty());
+    let head = match next_item(&mut s).await {
+        pb::revocation_feed_message::Item::SignedHead(note) => note,
+        other => panic!("expected a head on an empty feed, got {other:?}"),
+    };
     let cp = vkey.verify(&head).expect("empty head verifies");
     assert_eq!((cp.size, cp.root), (0, [0; 32]));
     drop(s);
@@ -1413,8 +1417,20 @@ async fn revocation_feed_is_chained_signed_resumable_and_live() {
 
     // Live: a stream opened at the head receives a revocation made after it started.
     let mut live = watch(&mut feed, 3).await;
-    let quiet = tokio::time::timeout(Duration::from_millis(300), live.message()).await;
-    assert!(quiet.is_err(), "nothing after 3 yet: {quiet:?}");
+    // Nothing after 3 yet: only a timed head (the stream's freshness heartbeat) at 3.
+    match tokio::time::timeout(Duration::from_secs(5), live.message()).await {
+        Ok(Ok(Some(pb::RevocationFeedMessage {
+            item: Some(pb::revocation_feed_message::Item::SignedHead(note)),
+        }))) => {
+            let head = vkey.verify(&note).expect("heartbeat head verifies");
+            assert_eq!(head.size, 3);
+            assert!(
+                head.time().is_some(),
+                "heads carry the time they were signed"
+            );
+        }
+        other => panic!("expected a heartbeat head at 3, got {other:?}"),
+    }
     h.clock.advance(Duration::from_secs(5));
     revoke(
         &mut root,
@@ -1448,11 +1464,16 @@ async fn revocation_feed_is_chained_signed_resumable_and_live() {
     )
     .await
     .expect("empty revocation");
-    let quiet = tokio::time::timeout(Duration::from_millis(1500), live.message()).await;
-    assert!(
-        quiet.is_err(),
-        "no event without a revoked lease: {quiet:?}"
-    );
+    // Only heartbeat heads (still at 4) may arrive, never an event.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(msg) = tokio::time::timeout_at(deadline, live.message()).await {
+        match msg.expect("stream ok").and_then(|m| m.item) {
+            Some(pb::revocation_feed_message::Item::SignedHead(note)) => {
+                assert_eq!(vkey.verify(&note).expect("head").size, 4);
+            }
+            other => panic!("no event without a revoked lease: {other:?}"),
+        }
+    }
     assert_eq!(count(&h, "revocation_events"), 4);
 }
 
@@ -1464,12 +1485,16 @@ async fn http_revocations_match_the_stream_and_forged_heads_fail() {
     let mut root = h.admin_as(ROOT).await;
     let mut feed = feed_as(&h, DEPLOY_AGENT).await;
 
-    // Nothing yet: no events, no head, but the key.
+    // Nothing yet: no events, and a timed head over the empty feed (size 0).
     let (status, body) = h.http_get("/revocations?since=0").await;
     assert_eq!(status, 200, "{body}");
     let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(doc["events"], serde_json::json!([]));
-    assert!(doc["signed_head"].is_null(), "{doc}");
+    let empty_head = doc["signed_head"].as_str().expect("a head even when empty");
+    assert!(
+        empty_head.starts_with("example.org/spiffe-broker/revocations\n0\n"),
+        "{doc}"
+    );
     let file = std::fs::read_to_string(h.env.state_dir.join("keys").join("revocations.vkey"))
         .expect("feed vkey");
     assert_eq!(
@@ -1535,7 +1560,9 @@ async fn http_revocations_match_the_stream_and_forged_heads_fail() {
 
     let (doc, none) = get(4).await;
     assert!(none.is_empty());
-    assert!(doc["signed_head"].is_null());
+    // Caught up: the head still comes, fresh, over the same tail.
+    let head = doc["signed_head"].as_str().expect("signed head").to_owned();
+    check_head(&vkey, &head, &last);
 
     // Forgeries: a head by another key under the same name, a tampered head, and a note
     // of the audit log (another key and name) are all refused.

@@ -80,7 +80,21 @@ impl pb::relying_party_server::RelyingParty for RelyingPartyService {
         tokio::spawn(async move {
             use pb::revocation_feed_message::Item;
             let mut tick = tokio::time::interval(WATCH_POLL);
-            let mut first = true;
+            // Where the consumer is: the chain hash at `since` (zeros at the start).
+            let mut position = [0u8; 32];
+            if since > 0 {
+                match b.revocation_events(since - 1, 1).await {
+                    Ok(e) => {
+                        if let Some(h) = e.first().and_then(|e| hex::decode(&e.chain_hash).ok()) {
+                            position = <[u8; 32]>::try_from(h).unwrap_or([0; 32]);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        return;
+                    }
+                }
+            }
             loop {
                 let events = match b.revocation_events(since, FEED_BATCH).await {
                     Ok(e) => e,
@@ -89,9 +103,14 @@ impl pb::relying_party_server::RelyingParty for RelyingPartyService {
                         return;
                     }
                 };
-                let sent = !events.is_empty();
                 for e in &events {
                     since = e.seq;
+                    if let Some(h) = hex::decode(&e.chain_hash)
+                        .ok()
+                        .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                    {
+                        position = h;
+                    }
                     if tx
                         .send(Ok(pb::RevocationFeedMessage {
                             item: Some(Item::Event(convert::revocation_to_pb(e))),
@@ -102,29 +121,18 @@ impl pb::relying_party_server::RelyingParty for RelyingPartyService {
                         return;
                     }
                 }
-                // A signed head after each batch (and once at the start, even when empty).
-                if sent || first {
-                    let hash = events
-                        .last()
-                        .and_then(|e| hex::decode(&e.chain_hash).ok())
-                        .and_then(|h| <[u8; 32]>::try_from(h).ok());
-                    let head = match hash {
-                        Some(h) => b.sign_feed_head(since, &h),
-                        None if since == 0 => b.sign_feed_head(0, &[0; 32]),
-                        None => None,
-                    };
-                    if let Some(note) = head {
-                        if tx
-                            .send(Ok(pb::RevocationFeedMessage {
-                                item: Some(Item::SignedHead(note)),
-                            }))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
+                // A signed, timed head after each batch and on every tick: it covers the
+                // consumer's position and is its evidence that the feed is current.
+                if let Some(note) = b.sign_feed_head(since, &position) {
+                    if tx
+                        .send(Ok(pb::RevocationFeedMessage {
+                            item: Some(Item::SignedHead(note)),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
                     }
-                    first = false;
                 }
                 if events.len() as u32 == FEED_BATCH {
                     continue;

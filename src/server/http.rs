@@ -92,26 +92,28 @@ async fn revocations(
     axum::extract::Query(q): axum::extract::Query<Since>,
 ) -> axum::response::Response {
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
-    match s.broker.revocation_events(q.since, limit).await {
-        Ok(events) => {
-            let head = events
-                .last()
-                .and_then(|e| {
-                    Some((
-                        e.seq,
-                        <[u8; 32]>::try_from(hex::decode(&e.chain_hash).ok()?).ok()?,
-                    ))
-                })
-                .and_then(|(seq, h)| s.broker.sign_feed_head(seq, &h));
-            Json(serde_json::json!({
-                "since": q.since,
-                "events": events,
-                "signed_head": head,
-                "feed_key": s.broker.feed_vkey(),
-                "more": events.len() as u32 == limit,
-            }))
-            .into_response()
-        }
+    // The tail first, then the events up to it: the signed head always covers exactly
+    // the feed as of this answer, and says when (a `time` line).
+    let page = async {
+        let (tail_seq, tail_hash) = s.broker.revocation_tail().await?;
+        let mut events = s.broker.revocation_events(q.since, limit).await?;
+        events.retain(|e| e.seq <= tail_seq);
+        let more = events.last().map_or(q.since, |e| e.seq) < tail_seq;
+        Ok::<_, crate::error::BrokerError>((
+            events,
+            more,
+            s.broker.sign_feed_head(tail_seq, &tail_hash),
+        ))
+    };
+    match page.await {
+        Ok((events, more, head)) => Json(serde_json::json!({
+            "since": q.since,
+            "events": events,
+            "more": more,
+            "signed_head": head,
+            "feed_key": s.broker.feed_vkey(),
+        }))
+        .into_response(),
         Err(e) => {
             tracing::error!(error = %e, "cannot read the revocation feed");
             (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable\n").into_response()

@@ -24,6 +24,9 @@ use crate::domain::{
 
 pub use sqlite::SqliteStore;
 
+/// The revocation feed's end: last sequence and chain hash.
+pub type FeedTail = (u64, [u8; 32]);
+
 /// Why the store could not do its job. Either way, nothing was issued.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -367,6 +370,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Option<IdempotencyRecord>, StoreError>>;
     /// Operator locks in force at `now`.
     fn locks(&self, now: i64) -> BoxFuture<'_, Result<Vec<Lock>, StoreError>>;
+    /// The revocation feed's last sequence and chain hash.
+    fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<FeedTail>, StoreError>>;
     /// Revocation feed events with `seq > after`, in order, at most `limit`.
     fn revocations(
         &self,

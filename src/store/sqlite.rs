@@ -1434,6 +1434,22 @@ impl Store for SqliteStore {
         }))
     }
 
+    fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<super::FeedTail>, StoreError>> {
+        Box::pin(self.read(|c| {
+            c.query_row(
+                "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, Vec<u8>>(1)?.try_into().unwrap_or([0u8; 32]),
+                    ))
+                },
+            )
+            .optional()
+        }))
+    }
+
     fn revocations(
         &self,
         after: u64,
