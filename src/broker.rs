@@ -171,6 +171,12 @@ const REAP_BATCH: u32 = 500;
 /// How long a redeemed credential stays retrievable by a retry of the same redemption.
 const REDEEM_CACHE_MAX: usize = 4096;
 
+/// An operator's or approver's reason: 1..=512 printable characters (it goes into the
+/// ledger and the revocation feed, so no control characters).
+fn valid_reason(r: &str) -> bool {
+    !r.trim().is_empty() && r.len() <= 512 && !r.chars().any(char::is_control)
+}
+
 fn record(rpc: &str) -> RequestRecord {
     RequestRecord {
         rpc: rpc.to_owned(),
@@ -1157,13 +1163,13 @@ impl Broker {
     ) -> Result<AccessRequest, BrokerError> {
         let policy = self.policy();
         let mut rec = record("ReviewAccessRequest");
-        if reason.trim().is_empty() || reason.len() > 512 {
+        if !valid_reason(&reason) {
             return Err(self
                 .reject(
                     caller,
                     "ReviewAccessRequest",
                     BrokerError::InvalidArgument(
-                        "a reason of 1..=512 characters is required".into(),
+                        "a reason of 1..=512 printable characters is required".into(),
                     ),
                 )
                 .await);
@@ -1483,13 +1489,13 @@ impl Broker {
         dry_run: bool,
     ) -> Result<Revoked, BrokerError> {
         let rule = self.admin(caller, AdminAction::Revoke, "Revoke").await?;
-        if !dry_run && (reason.trim().is_empty() || reason.len() > 512) {
+        if !dry_run && !valid_reason(&reason) {
             return Err(self
                 .reject(
                     caller,
                     "Revoke",
                     BrokerError::InvalidArgument(
-                        "a reason of 1..=512 characters is required".into(),
+                        "a reason of 1..=512 printable characters is required".into(),
                     ),
                 )
                 .await);
@@ -1604,8 +1610,10 @@ impl Broker {
             Some(invalid("lock kind must be spiffe_id, prefix or profile"))
         } else if until <= now {
             Some(invalid("a lock must end in the future"))
-        } else if reason.trim().is_empty() || reason.len() > 512 {
-            Some(invalid("a reason of 1..=512 characters is required"))
+        } else if !valid_reason(&reason) {
+            Some(invalid(
+                "a reason of 1..=512 printable characters is required",
+            ))
         } else if value.is_empty() || value.len() > 2048 {
             Some(invalid("a lock needs a value"))
         } else {
@@ -1676,6 +1684,12 @@ impl Broker {
         let rule = self
             .admin(caller, AdminAction::Revoke, "DeleteLock")
             .await?;
+        if !valid_reason(&reason) {
+            let e = BrokerError::InvalidArgument(
+                "a reason of 1..=512 printable characters is required".into(),
+            );
+            return Err(self.reject(caller, "DeleteLock", e).await);
+        }
         let mut e = self.event(EventKind::Lock, "allow", Some(caller));
         e.request = Some(record("DeleteLock"));
         e.rule = Some(rule);

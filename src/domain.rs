@@ -14,7 +14,7 @@ fn printable(s: &str) -> bool {
 }
 
 macro_rules! validated_string {
-    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $check:expr) => {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $rule:literal, $check:expr) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
         #[serde(transparent)]
@@ -26,8 +26,8 @@ macro_rules! validated_string {
                 let check: fn(&str) -> bool = $check;
                 if s.is_empty() || s.len() > $max || !check(s) {
                     return Err(BrokerError::InvalidArgument(format!(
-                        concat!("invalid ", $what, " {:?}: expected 1..={} characters of the allowed alphabet"),
-                        truncate(s), $max
+                        concat!("invalid ", $what, " {:?}: expected ", $rule),
+                        truncate(s)
                     )));
                 }
                 Ok(Self(s.to_owned()))
@@ -69,16 +69,16 @@ pub fn truncate(s: &str) -> String {
 
 validated_string!(
     /// A profile name: lower-case letters, digits and `-`.
-    ProfileName, "profile name", 64,
+    ProfileName, "profile name", 64, "1..=64 characters of a-z, 0-9 and -",
     |s| s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 );
 validated_string!(
     /// One scope, e.g. `job:submit` (printable ASCII, no spaces).
-    Scope, "scope", 128, printable
+    Scope, "scope", 128, "1..=128 printable ASCII characters without spaces", printable
 );
 validated_string!(
     /// A lease id: 32 lower-case hex characters (128 random bits).
-    LeaseId, "lease id", 32,
+    LeaseId, "lease id", 32, "exactly 32 lower-case hex characters",
     |s| s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 );
 

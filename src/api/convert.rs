@@ -38,7 +38,9 @@ pub fn parse_issue_request(
     let ttl = r.ttl.map(|d| parse_ttl(d.seconds, d.nanos)).transpose()?;
     let intent = match &r.intent {
         None => None,
-        Some(i) if i.action.is_empty() && i.target.is_empty() => None,
+        // Absent only when every field is empty: details without an action and target are
+        // refused by the parser below, never silently dropped.
+        Some(i) if *i == pb::Intent::default() => None,
         Some(i) => Some(Intent::parse(&i.action, &i.target)?.with_details(
             &i.artifact_digest,
             &i.ticket,

@@ -252,11 +252,27 @@ impl Authenticator for SpiffeAuthenticator {
 
 /// Parses a SPIFFE ID that must name a workload (it has a path).
 pub(crate) fn workload_id(s: &str) -> Result<SpiffeId, AuthnError> {
-    let id = SpiffeId::new(s).map_err(|e| {
-        AuthnError::new(format!("invalid SPIFFE ID: {e}")).claimed(crate::domain::truncate(s))
-    })?;
+    let claimed = || crate::domain::truncate(s);
+    if s.len() > MAX_SPIFFE_ID_LEN {
+        return Err(
+            AuthnError::new(format!("SPIFFE ID longer than {MAX_SPIFFE_ID_LEN} bytes"))
+                .claimed(claimed()),
+        );
+    }
+    let id = SpiffeId::new(s)
+        .map_err(|e| AuthnError::new(format!("invalid SPIFFE ID: {e}")).claimed(claimed()))?;
+    // Exactly the canonical form: the parser lower-cases `SPIFFE://` and upper-case trust
+    // domains, which the SPIFFE spec forbids in an SVID (go-spiffe refuses them too).
+    if id.to_string() != s {
+        return Err(AuthnError::new("SPIFFE ID is not in canonical form").claimed(claimed()));
+    }
     if id.path().is_empty() {
-        return Err(AuthnError::new("SPIFFE ID has no path; a workload ID needs one").claimed(s));
+        return Err(
+            AuthnError::new("SPIFFE ID has no path; a workload ID needs one").claimed(claimed()),
+        );
     }
     Ok(id)
 }
+
+/// The SPIFFE spec's maximum URI length.
+pub const MAX_SPIFFE_ID_LEN: usize = 2048;

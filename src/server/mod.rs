@@ -286,7 +286,9 @@ pub async fn run(
     let grpc_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(parts.max_streams))
-        .http2_max_header_list_size(Some(16 * 1024))
+        // Room for the largest JWT-SVID authn accepts plus the other headers, so an
+        // oversized token is refused by authn (clearly, and recorded), not by h2.
+        .http2_max_header_list_size(Some((crate::jose::MAX_JWT_LEN + 8 * 1024) as u32))
         .add_service(health_service)
         .add_service(
             CredentialBrokerServer::new(CredentialBrokerService::new(broker.clone()))
