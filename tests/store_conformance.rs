@@ -337,3 +337,41 @@ async fn sqlite_store_conforms() {
         .expect("chain and tree continue across restarts");
     assert_eq!(report.report.checkpoints, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_ledger_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = LedgerConfig {
+        commit_timeout: Duration::from_secs(5),
+        busy_timeout: Duration::from_secs(2),
+        max_batch: 16,
+    };
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .expect(name)
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let path = dir.path().join("ledger.db");
+    // A ledger left world-readable (for example restored from a backup) is tightened on open.
+    std::fs::write(&path, b"").expect("precreate");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let store = SqliteStore::open(&path, &cfg, Arc::new(Metrics::new())).expect("open");
+    let l = lease(HOLDER, 1, 600);
+    let id = l.id.clone();
+    store
+        .apply(LedgerOp::Issue {
+            lease: l,
+            event: ev(EventKind::Issue, Some(&id)),
+            max_active: None,
+            break_glass: None,
+            idempotency: None,
+        })
+        .await
+        .expect("commit");
+    for name in ["ledger.db", "ledger.db-wal", "ledger.db-shm"] {
+        assert_eq!(mode(name), 0o600, "{name} is owner-only");
+    }
+}

@@ -73,6 +73,29 @@ fn open(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Creates the ledger file owner-only (0600) or tightens an existing one. SQLite gives the
+/// `-wal` and `-shm` files the database file's mode, so this covers them too. The ledger
+/// holds who asked for what and sealed idempotent credentials: nobody else needs to read it.
+fn restrict_mode(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if path.as_os_str() == ":memory:" {
+        return Ok(());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "ledger was readable by others; set to 0600");
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(
@@ -173,6 +196,7 @@ impl SqliteStore {
         cfg: &LedgerConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
+        restrict_mode(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
         let mut writer = open(path, cfg.busy_timeout).map_err(unavailable)?;
         migrate(&mut writer).map_err(|e| unavailable(format!("migration failed: {e}")))?;
         let head = {
