@@ -2,6 +2,8 @@
 //! 8 clients issue credentials as fast as they can. Every credential a client actually
 //! received must be in the ledger (lease row and `issue` entry with the token's
 //! fingerprint), nothing may appear twice, and the log must still verify offline.
+//! A last run ends in SIGTERM under the same load: a clean exit whose final signed
+//! checkpoint covers the whole log.
 
 mod common;
 
@@ -361,35 +363,50 @@ fn sigkill_under_load_loses_no_issued_credential() {
         );
     }
 
-    // One clean start (recovery after the last kill): it still issues; then a graceful
-    // stop.
+    // One clean start (recovery after the last kill): it still issues, under the same
+    // load; then SIGTERM in the middle of it. The broker drains, signs a last checkpoint
+    // over everything it answered, and exits 0.
     let dev = start_dev(&state, &log);
     ready_times.push(dev.ready_after);
     let survived = ready_times.len();
-    let (agent, _) = identities.as_ref().expect("identities");
-    let last = rt.block_on(async {
-        let mut c = pb::credential_broker_client::CredentialBrokerClient::new(
-            channel(&dev.grpc, agent).await,
-        );
-        c.issue_credential(common::gpu_request(600))
+    let (agent, root) = identities.as_ref().expect("identities");
+    let termed = Arc::new(AtomicBool::new(false));
+    let before = tally.received.lock().expect("lock").len();
+    let status = rt.block_on(async {
+        left_over += give_back(&dev.grpc, root, agent).await;
+        let channels =
+            futures::future::join_all((0..CLIENTS).map(|_| channel(&dev.grpc, agent))).await;
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = channels
+            .into_iter()
+            .map(|ch| {
+                tokio::spawn(load(
+                    pb::credential_broker_client::CredentialBrokerClient::new(ch),
+                    KILLS,
+                    termed.clone(),
+                    in_flight.clone(),
+                    tally.clone(),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(KILL_DELAY_MS.1)).await;
+        termed.store(true, Ordering::SeqCst);
+        let pid = dev.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success());
+        tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(tasks))
             .await
-            .expect("the recovered broker issues")
-            .into_inner()
+            .expect("clients see the broker stop")
+            .into_iter()
+            .for_each(|r| r.expect("client task"));
+        wait_exit(dev, DRAIN_TIMEOUT)
     });
-    let token = common::token_of(&last.credential);
-    tally.received.lock().expect("lock").push(Received {
-        lease_id: last.lease.expect("lease").id,
-        token,
-        run: KILLS,
-    });
-    let pid = dev.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
-    let status = wait_exit(dev, DRAIN_TIMEOUT);
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    let during_term = tally.received.lock().expect("lock").len() - before;
+    assert!(during_term > 0, "the recovered broker issued under load");
 
     let unexpected = tally.unexpected.lock().expect("lock").clone();
     assert!(
@@ -499,6 +516,13 @@ fn sigkill_under_load_loses_no_issued_credential() {
     let checkpoints: i64 = conn
         .query_row("SELECT count(*) FROM checkpoints", [], |r| r.get(0))
         .expect("count");
+    let last_checkpoint: i64 = conn
+        .query_row("SELECT max(size) FROM checkpoints", [], |r| r.get(0))
+        .expect("latest checkpoint");
+    assert_eq!(
+        last_checkpoint, entries,
+        "the checkpoint signed at SIGTERM covers every entry, including answers drained after it"
+    );
     drop(conn);
     let report = SqliteStore::verify_file(&db).expect("ledger verifies offline");
     assert_eq!(report.entries, entries as u64);

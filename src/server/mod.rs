@@ -268,13 +268,8 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = rx.changed() => {
-                        // One last checkpoint so everything served is covered.
-                        if let Err(e) = broker.checkpoint().await {
-                            tracing::warn!(error = %e, "final checkpoint failed");
-                        }
-                        return;
-                    }
+                    // The final checkpoint comes after the drain, below.
+                    _ = rx.changed() => return,
                 }
                 if let Err(e) = broker.checkpoint().await {
                     tracing::warn!(error = %e, "checkpoint failed; will retry");
@@ -316,6 +311,11 @@ pub async fn run(
     let (g, h) = tokio::join!(grpc_server, http_server);
     let _ = reaper.await;
     let _ = checkpointer.await;
+    // One last checkpoint once in-flight requests have drained, so it covers every
+    // entry behind an answer the broker gave.
+    if let Err(e) = broker.checkpoint().await {
+        tracing::warn!(error = %e, "final checkpoint failed");
+    }
     drop(parts);
     g.map_err(|e| ServeError(format!("gRPC server: {e}")))?;
     h.map_err(|e| ServeError(format!("HTTP server: {e}")))?;
