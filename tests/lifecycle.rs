@@ -554,6 +554,20 @@ async fn broker_svid_rotation_keeps_clients_working() {
         .expect("new connection after rotation");
 }
 
+/// The SVID source keeps the broker's last SVID when the Workload API is gone; once that
+/// SVID has expired the broker says it is not ready (load balancers stop sending), and
+/// it is ready again as soon as it holds a current one.
+#[tokio::test]
+async fn not_ready_once_its_own_svid_has_expired() {
+    let h = start().await;
+    assert_eq!(h.http_get("/readyz").await.0, 200);
+    // Past the dev SVID's lifetime (1 h) on the broker's clock.
+    h.clock.advance(Duration::from_secs(3600 + 60));
+    let (status, body) = h.http_get("/readyz").await;
+    assert_eq!(status, 503, "expired own SVID: {body}");
+    assert_eq!(h.http_get("/healthz").await.0, 200, "alive, just not ready");
+}
+
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let h = start().await;

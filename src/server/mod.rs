@@ -120,6 +120,7 @@ pub async fn assemble(
             ))
         })?;
     let trust = Arc::new(WorkloadTrust::new(x509.clone(), Some(jwt.clone())));
+    let clock_for_ready = clock.clone();
     let authn = SpiffeAuthenticator::new(
         trust,
         clock.clone(),
@@ -187,6 +188,7 @@ pub async fn assemble(
     let broker = Arc::new(broker);
     let tls = tls::server_config(x509.clone()).map_err(ServeError)?;
     let ready_source = x509.clone();
+    let ready_clock = clock_for_ready;
     Ok(BrokerParts {
         broker: broker.clone(),
         tls,
@@ -194,7 +196,7 @@ pub async fn assemble(
             keys,
             issuer_url: config.issuer_url.clone(),
             metrics,
-            ready: Arc::new(move || ready_source.svid().is_ok()),
+            ready: Arc::new(move || own_svid_current(&ready_source, ready_clock.as_ref())),
             broker: broker.clone(),
         },
         reaper_interval: config.reaper_interval,
@@ -204,6 +206,21 @@ pub async fn assemble(
         spiffe_id,
         _sources: (x509, jwt),
     })
+}
+
+/// Ready means the broker holds an SVID that is valid now. The SVID source keeps the
+/// last SVID when the Workload API goes away; once that one expires, no client will
+/// accept the broker's handshake, so it reports not ready rather than serving on.
+fn own_svid_current(source: &X509Source, clock: &dyn Clock) -> bool {
+    let Ok(svid) = source.svid() else {
+        return false;
+    };
+    let Ok((_, leaf)) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()) else {
+        return false;
+    };
+    let now = clock.unix_seconds();
+    let validity = leaf.validity();
+    validity.not_before.timestamp() <= now && now < validity.not_after.timestamp()
 }
 
 /// Serves gRPC on `grpc` and HTTP on `http` until `shutdown` resolves, then drains
