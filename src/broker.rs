@@ -258,6 +258,40 @@ impl RateLimiter {
     }
 }
 
+/// Authentication failures recorded in the ledger per peer address and minute.
+pub const AUTHN_FAILURE_RECORDS_PER_MINUTE: u32 = 60;
+
+/// Bounds the ledger entries that unauthenticated peers can cause.
+#[derive(Default)]
+struct FailureRecords {
+    limiter: RateLimiter,
+    /// Failures per peer that were refused but not recorded since its last entry.
+    unrecorded: Mutex<HashMap<String, u64>>,
+}
+
+impl FailureRecords {
+    /// `Some(n)` if this failure is to be recorded (`n` earlier ones were not), `None`
+    /// if it is only counted.
+    fn admit(&self, peer: &str, now_ms: i64) -> Option<u64> {
+        let admitted = self.limiter.take(
+            peer,
+            "authn_failure",
+            AUTHN_FAILURE_RECORDS_PER_MINUTE,
+            now_ms,
+        );
+        let mut u = self.unrecorded.lock().unwrap_or_else(|p| p.into_inner());
+        if admitted {
+            return Some(u.remove(peer).unwrap_or(0));
+        }
+        if u.len() >= 100_000 && !u.contains_key(peer) {
+            // Bounded memory under a spoofed-source storm: the metric still counts it.
+            return None;
+        }
+        *u.entry(peer.to_owned()).or_default() += 1;
+        None
+    }
+}
+
 /// The broker core.
 pub struct Broker {
     authn: Arc<dyn Authenticator>,
@@ -269,6 +303,7 @@ pub struct Broker {
     metrics: Arc<Metrics>,
     notifier: Notifier,
     limiter: RateLimiter,
+    failure_records: FailureRecords,
     redeemed: Mutex<HashMap<String, (String, Issued)>>,
     log_signer: Option<Arc<LogSigner>>,
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -297,6 +332,7 @@ impl Broker {
             metrics,
             notifier: Notifier::noop(),
             limiter: RateLimiter::default(),
+            failure_records: FailureRecords::default(),
             redeemed: Mutex::new(HashMap::new()),
             log_signer: None,
             in_flight: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
@@ -555,10 +591,27 @@ impl Broker {
                     claimed,
                     method,
                 } = &err;
+                // A flood of bad SVIDs must not grow the ledger without bound: each
+                // peer gets AUTHN_FAILURE_RECORDS_PER_MINUTE entries; the rest are
+                // counted and the count goes into that peer's next entry.
+                let peer = facts
+                    .peer_ip
+                    .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+                let now_ms = unix_millis(self.clock.now());
+                let Some(unrecorded) = self.failure_records.admit(&peer, now_ms) else {
+                    self.metrics.authn_failures_unrecorded.inc();
+                    return Err(BrokerError::Unauthenticated(err));
+                };
                 let mut e = self.event(EventKind::AuthnFailure, "deny", None);
                 e.claimed_id = claimed.clone();
                 e.auth_method = method.map(|m| m.as_str().to_owned());
-                e.reason = Some(reason.clone());
+                e.reason = Some(if unrecorded == 0 {
+                    reason.clone()
+                } else {
+                    format!(
+                        "{reason} (and {unrecorded} earlier failures from {peer} not recorded: over {AUTHN_FAILURE_RECORDS_PER_MINUTE} per minute)"
+                    )
+                });
                 e.request = Some(record(rpc));
                 self.record_best_effort(e).await;
                 Err(BrokerError::Unauthenticated(err))

@@ -18,6 +18,8 @@ pub struct Metrics {
     denied: Family<Labels, Counter>,
     /// Failed authentication attempts.
     pub authn_failures: Counter,
+    /// Failed authentication attempts over the per-peer recording limit (counted only).
+    pub authn_failures_unrecorded: Counter,
     rpc_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     commit_seconds: Histogram,
     batch_size: Histogram,
@@ -50,6 +52,7 @@ impl Metrics {
         let issued = Family::<Labels, Counter>::default();
         let denied = Family::<Labels, Counter>::default();
         let authn_failures = Counter::default();
+        let authn_failures_unrecorded = Counter::default();
         let rpc_seconds =
             Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let commit_seconds = latency_histogram();
@@ -77,6 +80,11 @@ impl Metrics {
             authn_failures.clone(),
         );
         registry.register(
+            "authn_failures_unrecorded",
+            "Failed authentications over the per-peer ledger limit: counted, not written",
+            authn_failures_unrecorded.clone(),
+        );
+        registry.register(
             "rpc_duration_seconds",
             "RPC latency by method",
             rpc_seconds.clone(),
@@ -101,6 +109,7 @@ impl Metrics {
             issued,
             denied,
             authn_failures,
+            authn_failures_unrecorded,
             rpc_seconds,
             commit_seconds,
             batch_size,

@@ -657,3 +657,52 @@ async fn bad_bearer_with_valid_certificate_is_refused() {
         .expect("the certificate alone is accepted");
     assert_eq!(h.lease_count(), 1);
 }
+
+/// A flood of unauthenticated requests cannot grow the ledger without bound: each peer
+/// gets a fixed number of entries per minute; the rest are refused the same way,
+/// counted in a metric, and their number lands in that peer's next entry.
+#[tokio::test]
+async fn an_unauthenticated_flood_is_refused_but_bounded_in_the_ledger() {
+    use spiffe_broker::broker::AUTHN_FAILURE_RECORDS_PER_MINUTE as LIMIT;
+    let h = common::start().await;
+    let anonymous = ClientIdentity::Anonymous { bundle: bundle(&h) };
+    let mut client = BrokerClient::new(h.channel_as(&anonymous).await);
+    let flood = LIMIT as usize + 40;
+    for _ in 0..flood {
+        let status = client
+            .issue_credential(common::gpu_request(600))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert_eq!(status.message(), UNAUTHENTICATED_MESSAGE);
+    }
+    assert_eq!(
+        authn_failures(&h).len(),
+        LIMIT as usize,
+        "one minute's worth"
+    );
+    let metrics = h.http_get("/metrics").await.1;
+    assert!(
+        metrics.contains("spiffe_broker_authn_failures_unrecorded_total 40"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!("spiffe_broker_authn_failures_total {flood}")));
+
+    // A minute later the peer's next failure is recorded and carries the count.
+    h.clock.advance(Duration::from_secs(60));
+    client
+        .issue_credential(common::gpu_request(600))
+        .await
+        .expect_err("refused");
+    let entries = authn_failures(&h);
+    assert_eq!(entries.len(), LIMIT as usize + 1);
+    let reason = entries.last().expect("entry")["reason"]
+        .as_str()
+        .expect("reason")
+        .to_owned();
+    assert!(
+        reason.contains("and 40 earlier failures from 127.0.0.1 not recorded"),
+        "{reason}"
+    );
+    assert_eq!(h.lease_count(), 0);
+}

@@ -29,6 +29,10 @@ fn facts<T>(req: &Request<T>) -> TransportFacts<'_> {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok()),
+        peer_ip: req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.remote.map(|a| a.ip())),
     }
 }
 

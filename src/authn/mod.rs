@@ -98,6 +98,8 @@ pub struct TransportFacts<'a> {
     pub peer_certs: Option<&'a [CertificateDer<'static>]>,
     /// The `authorization` metadata value, if any.
     pub authorization: Option<&'a str>,
+    /// The peer's IP address, when the transport knows it (bounds failure records).
+    pub peer_ip: Option<std::net::IpAddr>,
 }
 
 /// The authentication seam.
