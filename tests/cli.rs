@@ -3,62 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_spiffe-broker");
-
-struct Running {
-    child: Child,
-    grpc: String,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `spiffe-broker dev` on port 0 and waits (bounded) for `ready`.
-fn start_dev(state: &Path) -> Running {
-    let mut child = Command::new(BIN)
-        .args(["dev", "--state-dir"])
-        .arg(state)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn dev");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut grpc = None;
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("dev prints ready");
-        if let Some(rest) = line.trim().strip_prefix("gRPC (mTLS):") {
-            grpc = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if line == "ready" {
-            break;
-        }
-    }
-    Running {
-        child,
-        grpc: grpc.expect("gRPC address printed"),
-    }
-}
+use common::process::{start_dev, BIN};
 
 fn cli(args: &[&str], socket: Option<&Path>) -> Output {
     let mut cmd = Command::new(BIN);

@@ -6,10 +6,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{mpsc, Arc};
+use std::process::{Command, Output};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -27,7 +26,7 @@ use spiffe_broker::proto::v1 as pb;
 use tonic::transport::Channel;
 use tonic::Code;
 
-const BIN: &str = env!("CARGO_BIN_EXE_spiffe-broker");
+use common::process::{start_dev, BIN};
 const BOB: &str = "spiffe://example.org/ops/bob";
 const STRANGER: &str = "spiffe://example.org/ml/stranger";
 const ORPHAN: &str = "spiffe://example.org/ml/orphan";
@@ -2088,56 +2087,6 @@ async fn explain_decision_is_a_dry_run() {
 // ---------------------------------------------------------------------------------------
 // The CLI against a `spiffe-broker dev` process
 // ---------------------------------------------------------------------------------------
-
-struct Running {
-    child: Child,
-    grpc: String,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `spiffe-broker dev` on port 0 and waits (bounded) for `ready`.
-fn start_dev(state: &Path) -> Running {
-    let mut child = Command::new(BIN)
-        .args(["dev", "--state-dir"])
-        .arg(state)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn dev");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut grpc = None;
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("dev prints ready");
-        if let Some(rest) = line.trim().strip_prefix("gRPC (mTLS):") {
-            grpc = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if line == "ready" {
-            break;
-        }
-    }
-    Running {
-        child,
-        grpc: grpc.expect("gRPC address printed"),
-    }
-}
 
 #[test]
 fn inventory_and_policy_reload_from_the_cli() {

@@ -354,18 +354,20 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
     })
 }
 
+/// A stored text column that does not parse as its domain type.
+fn bad(column: usize, what: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        column,
+        rusqlite::types::Type::Text,
+        what.to_owned().into(),
+    )
+}
+
 const LEASE_COLUMNS: &str =
     "id, profile, spiffe_id, scopes, audience, state, issued_at, expires_at, \
      max_expires_at, credential_sha256, renewals, ended_at, end_reason, intent";
 
 fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
-    let bad = |i: usize, what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(
-            i,
-            rusqlite::types::Type::Text,
-            what.to_owned().into(),
-        )
-    };
     let id: String = r.get(0)?;
     let profile: String = r.get(1)?;
     let scopes: String = r.get(3)?;
@@ -516,13 +518,6 @@ const REQUEST_COLUMNS: &str =
      created_at, expires_at, deny_ends, break_glass, post_review, lease_id";
 
 fn request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccessRequest> {
-    let bad = |i: usize, what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(
-            i,
-            rusqlite::types::Type::Text,
-            what.to_owned().into(),
-        )
-    };
     let profile: String = r.get(2)?;
     let request: String = r.get(3)?;
     let state: String = r.get(7)?;

@@ -2,6 +2,8 @@
 //! broker over mTLS on port 0) with a manual clock.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::sync::Arc;
 use std::time::Duration;
 
