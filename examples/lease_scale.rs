@@ -88,6 +88,7 @@ async fn fill(path: &std::path::Path, n: u64) -> Result<(), Box<dyn std::error::
                     ended_at: None,
                     end_reason: None,
                     intent: None,
+                    backend: None,
                 };
                 let mut event = AuditEvent::new(now * 1000, EventKind::Issue, "allow");
                 event.caller = Some(holder);
@@ -143,6 +144,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             demo.replace("max_active_leases = 100", "max_active_leases = 0")
                 .replace("requests_per_minute = 600", "requests_per_minute = 0")
         })),
+        vault_addr: None,
+        aws_sts_endpoint: None,
     })
     .await?;
     let ready = started.elapsed();

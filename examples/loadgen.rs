@@ -167,6 +167,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             demo.replace("max_active_leases = 100", "max_active_leases = 0")
                 .replace("requests_per_minute = 600", "requests_per_minute = 0")
         })),
+        vault_addr: None,
+        aws_sts_endpoint: None,
     })
     .await?;
     let addr = env.grpc_addr.to_string();

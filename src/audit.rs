@@ -36,6 +36,8 @@ pub enum EventKind {
     PolicyReload,
     /// An operator set or removed a lock.
     Lock,
+    /// A backend confirmed revoking a lease's credential, or an admin force-removed it.
+    BackendRevoke,
     /// Something the broker itself did (start-up).
     System,
 }
@@ -55,6 +57,7 @@ impl EventKind {
             EventKind::Review => "review",
             EventKind::PolicyReload => "policy_reload",
             EventKind::Lock => "lock",
+            EventKind::BackendRevoke => "backend_revoke",
             EventKind::System => "system",
         }
     }

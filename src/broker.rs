@@ -12,6 +12,7 @@ use crate::audit::{AuditEvent, EventKind, RequestRecord};
 use crate::authn::{Authenticator, AuthnError, TransportFacts, VerifiedCaller};
 use crate::checkpoint::LogSigner;
 use crate::clock::{unix_millis, Clock};
+use crate::config::CredentialKind;
 use crate::config::Profile;
 use crate::domain::{
     AccessFilter, AccessRequest, AccessState, CredentialRequest, Lease, LeaseFilter, LeaseId,
@@ -19,7 +20,7 @@ use crate::domain::{
 };
 use crate::error::BrokerError;
 use crate::idempotency::{self, IdempotencyRecord};
-use crate::issuer::{Credential, Issuer, LeaseTerms};
+use crate::issuer::{Credential, Issuer, LeaseTerms, Material, Minted};
 use crate::metrics::Metrics;
 use crate::notify::{Notification, Notifier};
 use crate::policy::{
@@ -59,6 +60,8 @@ pub struct IssueOptions {
     pub access_request_id: Option<String>,
     /// Idempotency key: a retry with the same key and request returns the same credential.
     pub idempotency_key: Option<String>,
+    /// What the caller brought for the backend (a CSR for `x509` profiles).
+    pub material: Material,
 }
 
 /// Result of a revocation.
@@ -676,17 +679,75 @@ impl Broker {
         denial_error(d)
     }
 
-    fn issuer_for(&self, profile: &Profile) -> Result<&Arc<dyn Issuer>, BrokerError> {
+    fn issuer_for(&self, kind: CredentialKind) -> Result<&Arc<dyn Issuer>, BrokerError> {
         self.issuers
             .iter()
-            .find(|i| i.kind() == profile.kind)
-            .ok_or_else(|| BrokerError::Internal(format!("no issuer for {:?}", profile.kind)))
+            .find(|i| i.kind() == kind)
+            .ok_or_else(|| BrokerError::Internal(format!("no issuer for {}", kind.as_str())))
     }
 
-    fn mint(&self, grant: &Grant, terms: &LeaseTerms) -> Result<Credential, BrokerError> {
-        self.issuer_for(&grant.profile)?
-            .issue(grant, terms)
-            .map_err(|e| BrokerError::Internal(e.to_string()))
+    /// Runs a backend call within the profile's deadline: a down or slow backend fails
+    /// this profile with UNAVAILABLE and holds nothing else up.
+    async fn within_deadline<T>(
+        profile: &Profile,
+        call: crate::issuer::BoxFuture<'_, Result<T, crate::issuer::IssueError>>,
+    ) -> Result<T, BrokerError> {
+        match tokio::time::timeout(profile.deadline, call).await {
+            Ok(r) => r.map_err(BrokerError::from),
+            Err(_) => Err(BrokerError::BackendUnavailable(format!(
+                "{} backend did not answer within {:?} (profile {})",
+                profile.kind.as_str(),
+                profile.deadline,
+                profile.name
+            ))),
+        }
+    }
+
+    /// Mints through the profile's backend; a failure is recorded as a refusal.
+    async fn mint(
+        &self,
+        caller: &VerifiedCaller,
+        grant: &Grant,
+        terms: &LeaseTerms,
+        material: &Material,
+        rpc: &str,
+    ) -> Result<Minted, BrokerError> {
+        let issuer = self.issuer_for(grant.profile.kind)?;
+        match Self::within_deadline(&grant.profile, issuer.issue(grant, terms, material)).await {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                self.metrics.backend_failures.inc();
+                Err(self.reject(caller, rpc, e).await)
+            }
+        }
+    }
+
+    /// A backend credential was minted but its lease could not be recorded: revoke it in
+    /// the backend (in the background, a few tries) so it does not outlive the refusal.
+    fn discard(&self, lease: &Lease) {
+        let Some(b) = lease.backend.clone().filter(|b| b.revocable) else {
+            return;
+        };
+        let Some(issuer) = self
+            .issuers
+            .iter()
+            .find(|i| i.kind().as_str() == b.kind)
+            .cloned()
+        else {
+            return;
+        };
+        tokio::spawn(async move {
+            for attempt in 0..5u32 {
+                match issuer.revoke(&b.handle).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(backend = %b.kind, attempt, error = %e, "revoking an unrecorded backend credential failed");
+                        tokio::time::sleep(Duration::from_millis(500u64 << attempt)).await;
+                    }
+                }
+            }
+            tracing::error!(backend = %b.kind, "gave up revoking an unrecorded backend credential; it expires with its backend TTL");
+        });
     }
 
     fn context(
@@ -704,11 +765,12 @@ impl Broker {
     }
 
     /// Mints a credential for `grant` and builds its lease and audit entry.
-    fn prepare(
+    async fn prepare(
         &self,
         caller: &VerifiedCaller,
         req: &CredentialRequest,
         grant: &Grant,
+        material: &Material,
         rpc: &str,
     ) -> Result<(Credential, Lease, AuditEvent), BrokerError> {
         let now = self.clock.unix_seconds();
@@ -719,7 +781,8 @@ impl Broker {
             expires_at: now + grant.ttl.as_secs() as i64,
             cnf_x5t_s256: caller.cert_sha256().copied(),
         };
-        let credential = self.mint(grant, &terms)?;
+        let minted = self.mint(caller, grant, &terms, material, rpc).await?;
+        let credential = minted.credential;
         let max = if grant.break_glass {
             grant
                 .profile
@@ -736,13 +799,18 @@ impl Broker {
             audience: grant.profile.audience.clone(),
             state: LeaseState::Active,
             issued_at: now,
-            expires_at: terms.expires_at,
+            expires_at: minted.expires_at.min(terms.expires_at),
             max_expires_at: now + max.as_secs() as i64,
             credential_sha256: credential.sha256_hex(),
             renewals: 0,
             ended_at: None,
             end_reason: None,
             intent: grant.intent.clone(),
+            backend: minted.handle.map(|handle| crate::domain::BackendHandle {
+                kind: grant.profile.kind.as_str().to_owned(),
+                handle,
+                revocable: grant.profile.kind.revocable_in_backend(),
+            }),
         };
         let mut e = self.event(EventKind::Issue, "allow", Some(caller));
         e.request = Some(request_record(rpc, req));
@@ -825,7 +893,7 @@ impl Broker {
         }
         if let Some(id) = opts.access_request_id.clone() {
             return self
-                .redeem(caller, req, &id, policy)
+                .redeem(caller, req, &id, policy, &opts.material)
                 .await
                 .map(|i| IssueOutcome::Issued(Box::new(i)));
         }
@@ -843,8 +911,10 @@ impl Broker {
                 self.open_request(caller, &req, &grant, need).await
             }
             Decision::Allow(grant) => {
-                let (credential, lease, mut e) =
-                    self.prepare(caller, &req, &grant, "IssueCredential")?;
+                let (credential, lease, mut e) = self
+                    .prepare(caller, &req, &grant, &opts.material, "IssueCredential")
+                    .await?;
+                let minted_lease = lease.clone();
                 let break_glass = if grant.break_glass {
                     let now = self.clock.unix_seconds();
                     let spec = RequestSpec::of(&req);
@@ -896,7 +966,11 @@ impl Broker {
                         break_glass,
                         idempotency,
                     })
-                    .await?;
+                    .await
+                    .inspect_err(|_| self.discard(&minted_lease))?;
+                if applied.refused.is_some() {
+                    self.discard(&minted_lease);
+                }
                 if applied.refused == Some(Refusal::Duplicate) {
                     // A concurrent request with the same key won the race: its credential.
                     if let Some(key) = &opts.idempotency_key {
@@ -1078,6 +1152,7 @@ impl Broker {
         req: CredentialRequest,
         id: &str,
         policy: Arc<dyn Policy>,
+        material: &Material,
     ) -> Result<Issued, BrokerError> {
         let digest = RequestSpec::of(&req).digest(req.profile.as_str());
         // A retry of a redemption that already succeeded (same requester, same exact
@@ -1174,7 +1249,10 @@ impl Broker {
                     .await);
             }
         };
-        let (credential, lease, mut e) = self.prepare(caller, &req, &grant, "IssueCredential")?;
+        let (credential, lease, mut e) = self
+            .prepare(caller, &req, &grant, material, "IssueCredential")
+            .await?;
+        let minted_lease = lease.clone();
         e.access_request_id = Some(ar.id.clone());
         e.approvals = ar
             .reviews
@@ -1193,7 +1271,11 @@ impl Broker {
                 now: self.clock.unix_seconds(),
                 event: e,
             })
-            .await?;
+            .await
+            .inspect_err(|_| self.discard(&minted_lease))?;
+        if applied.refused.is_some() {
+            self.discard(&minted_lease);
+        }
         let issued =
             self.settle_issue(applied, credential, grant.profile.name.as_str(), "redeem")?;
         let _ = self.changes.send(ar.id.clone());
@@ -1458,8 +1540,23 @@ impl Broker {
             expires_at,
             cnf_x5t_s256: caller.cert_sha256().copied(),
         };
-        let credential = self.mint(&grant, &terms)?;
-        e.credential_sha256 = Some(credential.sha256_hex());
+        let issuer = self.issuer_for(grant.profile.kind)?;
+        let handle = lease.backend.as_ref().map(|b| b.handle.as_str());
+        let minted =
+            match Self::within_deadline(&grant.profile, issuer.renew(&grant, &terms, handle)).await
+            {
+                Ok(m) => m,
+                Err(err) => return Err(self.reject(caller, "RenewLease", err).await),
+            };
+        let expires_at = minted.expires_at.min(expires_at);
+        let credential = minted.credential;
+        // A backend that extends the credential in place (Vault) hands back nothing new.
+        let credential_sha256 = if credential.is_extension() {
+            lease.credential_sha256.clone()
+        } else {
+            credential.sha256_hex()
+        };
+        e.credential_sha256 = Some(credential_sha256.clone());
         e.expires_at = Some(expires_at);
         e.granted_scopes = grant.scopes.iter().map(|s| s.to_string()).collect();
         let applied = self
@@ -1469,7 +1566,7 @@ impl Broker {
                 holder: lease.spiffe_id.clone(),
                 now,
                 expires_at,
-                credential_sha256: credential.sha256_hex(),
+                credential_sha256,
                 event: e,
             })
             .await?;
@@ -1891,6 +1988,152 @@ impl Broker {
             }
         }
     }
+
+    /// One pass of the backend revocation queue: every due revocation (leases of
+    /// stateful backends that ended by revocation, release or expiry) is tried once.
+    /// Success is recorded in the ledger; failure is retried after an exponential
+    /// back-off with jitter (1 s doubling to 5 min), forever: there is no give-up count.
+    /// Returns (revoked, failed).
+    pub async fn revoke_in_backends(&self) -> Result<(usize, usize), BrokerError> {
+        let now = self.clock.unix_seconds();
+        let due = self
+            .store
+            .due_backend_revocations(now, BACKEND_REVOKE_BATCH)
+            .await?;
+        let (mut ok, mut failed) = (0, 0);
+        for r in due {
+            let result = match self.issuers.iter().find(|i| i.kind().as_str() == r.kind) {
+                None => Err(format!("no {} backend is configured", r.kind)),
+                Some(issuer) => {
+                    match tokio::time::timeout(BACKEND_REVOKE_TIMEOUT, issuer.revoke(&r.handle))
+                        .await
+                    {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("no answer within {BACKEND_REVOKE_TIMEOUT:?}")),
+                    }
+                }
+            };
+            let now = self.clock.unix_seconds();
+            match result {
+                Ok(()) => {
+                    let mut e = self.event(EventKind::BackendRevoke, "allow", None);
+                    e.lease_id = Some(r.lease_id.clone());
+                    e.reason = Some(format!(
+                        "{} revoked the credential after the lease ended ({} failed attempts before)",
+                        r.kind, r.attempts
+                    ));
+                    self.store
+                        .apply(LedgerOp::BackendRevoked {
+                            lease_id: r.lease_id.clone(),
+                            now,
+                            event: e,
+                        })
+                        .await?;
+                    ok += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(lease = %r.lease_id, backend = %r.kind, attempts = r.attempts + 1, error = %error, "backend revocation failed; will retry");
+                    self.store
+                        .apply(LedgerOp::BackendRevokeFailed {
+                            lease_id: r.lease_id.clone(),
+                            error,
+                            next_attempt_at: now + backoff_secs(r.attempts),
+                        })
+                        .await?;
+                    failed += 1;
+                }
+            }
+        }
+        let stuck = self
+            .store
+            .pending_backend_revocations(STUCK_AFTER_ATTEMPTS, 10_000)
+            .await?;
+        self.metrics
+            .backend_revocations_stuck
+            .set(stuck.len() as i64);
+        Ok((ok, failed))
+    }
+
+    /// Backend revocations still owed with at least `min_attempts` failures.
+    pub async fn backend_revocations(
+        &self,
+        caller: &VerifiedCaller,
+        min_attempts: u32,
+        limit: u32,
+    ) -> Result<Vec<crate::domain::BackendRevocation>, BrokerError> {
+        self.admin(caller, AdminAction::ListLeases, "ListBackendRevocations")
+            .await?;
+        Ok(self
+            .store
+            .pending_backend_revocations(min_attempts, limit.clamp(1, 1000))
+            .await?)
+    }
+
+    /// Stops retrying one backend revocation (platform-admin, with a reason).
+    pub async fn force_remove_backend_revocation(
+        &self,
+        caller: &VerifiedCaller,
+        lease_id: LeaseId,
+        reason: String,
+    ) -> Result<Receipt, BrokerError> {
+        let rule = self
+            .admin(caller, AdminAction::Revoke, "ForceRemoveBackendRevocation")
+            .await?;
+        if !valid_reason(&reason) {
+            return Err(self
+                .reject(
+                    caller,
+                    "ForceRemoveBackendRevocation",
+                    BrokerError::InvalidArgument(
+                        "a reason of 1..=512 printable characters is required".into(),
+                    ),
+                )
+                .await);
+        }
+        let mut e = self.event(EventKind::BackendRevoke, "allow", Some(caller));
+        e.request = Some(record("ForceRemoveBackendRevocation"));
+        e.lease_id = Some(lease_id.to_string());
+        e.rule = Some(rule);
+        e.reason = Some(format!(
+            "force-removed from the backend revocation queue: {reason}"
+        ));
+        let applied = self
+            .store
+            .apply(LedgerOp::ForceRemoveBackendRevocation {
+                lease_id: lease_id.to_string(),
+                now: self.clock.unix_seconds(),
+                event: e,
+            })
+            .await?;
+        if let Some(r) = &applied.refused {
+            return Err(BrokerError::NotFound(format!(
+                "no backend revocation is pending for lease {lease_id} ({})",
+                r.describe()
+            )));
+        }
+        applied
+            .receipt
+            .ok_or_else(|| BrokerError::Internal("force-remove recorded nothing".into()))
+    }
+}
+
+/// Backend revocations tried per pass.
+const BACKEND_REVOKE_BATCH: u32 = 64;
+/// How long one backend revocation attempt may take.
+const BACKEND_REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A backend revocation that failed this often is reported as stuck.
+pub const STUCK_AFTER_ATTEMPTS: u32 = 5;
+
+/// Seconds until the next attempt after `attempts` failures: 1 s doubling to 5 min,
+/// with ±25 % jitter so a backend coming back is not hit by every retry at once.
+fn backoff_secs(attempts: u32) -> i64 {
+    let base = 1i64 << attempts.min(9);
+    let base = base.min(300);
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let jitter = (i64::from(u16::from_le_bytes(b)) % 51) - 25; // -25..=25 %
+    (base + base * jitter / 100).max(1)
 }
 
 /// The inventory from a policy and traffic statistics.

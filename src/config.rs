@@ -13,6 +13,12 @@ use spiffe::SpiffeId;
 use crate::clock::parse_duration;
 use crate::domain::{ProfileName, Scope};
 
+mod backend;
+
+pub use backend::{
+    AwsStsConfig, BackendProfile, VaultConfig, X509CaConfig, DEFAULT_BACKEND_DEADLINE, STS_MIN_TTL,
+};
+
 /// A configuration error, naming what is wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("config: {0}")]
@@ -28,6 +34,38 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 pub enum CredentialKind {
     /// An ES256 JWT signed by the broker (verifiable with its JWKS).
     Jwt,
+    /// A Docker/OCI distribution registry bearer token (`access` claim).
+    OciRegistry,
+    /// An OIDC token for a Kubernetes API server's JWT authenticator.
+    KubernetesOidc,
+    /// An RS256 token for slurmrestd (`sun` claim).
+    Slurm,
+    /// AWS temporary credentials from `AssumeRoleWithWebIdentity`.
+    AwsSts,
+    /// A Vault dynamic secret, revoked in Vault when the lease ends.
+    Vault,
+    /// A short-lived X.509 client certificate signed from the caller's CSR.
+    X509,
+}
+
+impl CredentialKind {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Jwt => "jwt",
+            CredentialKind::OciRegistry => "oci_registry",
+            CredentialKind::KubernetesOidc => "kubernetes_oidc",
+            CredentialKind::Slurm => "slurm",
+            CredentialKind::AwsSts => "aws_sts",
+            CredentialKind::Vault => "vault",
+            CredentialKind::X509 => "x509",
+        }
+    }
+
+    /// Whether the backend holds state that must be revoked there when a lease ends.
+    pub fn revocable_in_backend(self) -> bool {
+        self == CredentialKind::Vault
+    }
 }
 
 /// A credential profile: what can be asked for, by whom, and the ceiling.
@@ -37,6 +75,10 @@ pub struct Profile {
     pub name: ProfileName,
     /// Which backend.
     pub kind: CredentialKind,
+    /// The backend's own settings for this profile.
+    pub backend: BackendProfile,
+    /// How long a backend call (Vault, STS) may take before the request fails UNAVAILABLE.
+    pub deadline: Duration,
     /// `aud` of the credential.
     pub audience: String,
     /// The scope ceiling.
@@ -155,6 +197,12 @@ pub struct Config {
     pub ledger: LedgerConfig,
     /// Credential profiles.
     pub profiles: Vec<Profile>,
+    /// Vault, for `kind = "vault"` profiles.
+    pub vault: Option<VaultConfig>,
+    /// AWS STS, for `kind = "aws_sts"` profiles.
+    pub aws_sts: Option<AwsStsConfig>,
+    /// The issuing CA for `kind = "x509"` profiles.
+    pub x509: Option<X509CaConfig>,
 }
 
 #[derive(Deserialize)]
@@ -184,6 +232,9 @@ struct RawConfig {
     ledger: RawLedger,
     #[serde(default)]
     profiles: Vec<RawProfile>,
+    vault: Option<backend::RawVault>,
+    aws_sts: Option<backend::RawAwsSts>,
+    x509: Option<backend::RawX509Ca>,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +304,12 @@ struct RawProfile {
     break_glass_max_ttl: Option<String>,
     max_active_leases: Option<u32>,
     requests_per_minute: Option<u32>,
+    deadline: Option<String>,
+    kubernetes: Option<backend::RawKubernetes>,
+    slurm: Option<backend::RawSlurm>,
+    aws_sts: Option<backend::RawAwsStsProfile>,
+    vault: Option<backend::RawVaultProfile>,
+    x509: Option<backend::RawX509Profile>,
 }
 
 /// Default quota: active leases per identity and profile.
@@ -297,10 +354,19 @@ impl Config {
                 .requests_per_minute
                 .unwrap_or(DEFAULT_REQUESTS_PER_MINUTE),
         );
+        let vault = raw.vault.map(backend::RawVault::resolve).transpose()?;
+        let aws_sts = raw.aws_sts.map(backend::RawAwsSts::resolve).transpose()?;
         let mut profiles = Vec::new();
         let mut names = BTreeSet::new();
         for p in raw.profiles {
             let profile = Self::profile(p, quotas)?;
+            backend::check_profile(
+                profile.name.as_str(),
+                profile.kind,
+                profile.default_ttl,
+                vault.is_some(),
+                aws_sts.is_some(),
+            )?;
             if !names.insert(profile.name.clone()) {
                 return err(format!(
                     "profiles: {:?} is defined twice",
@@ -365,6 +431,9 @@ impl Config {
                 max_batch,
             },
             profiles,
+            vault,
+            aws_sts,
+            x509: raw.x509.map(backend::RawX509Ca::resolve),
         })
     }
 
@@ -505,7 +574,16 @@ impl Config {
                 ));
             }
         }
+        let sections = backend::RawSections {
+            kubernetes: p.kubernetes,
+            slurm: p.slurm,
+            aws_sts: p.aws_sts,
+            vault: p.vault,
+            x509: p.x509,
+        };
         Ok(Profile {
+            backend: sections.resolve(&p.name, p.kind)?,
+            deadline: backend::deadline(&p.name, p.deadline.as_deref())?,
             name,
             kind: p.kind,
             audience: p.audience,
@@ -534,6 +612,10 @@ impl Config {
         c.policy.files = c.policy.files.iter().map(|f| base.join(f)).collect();
         if let Some(n) = &mut c.notifications {
             n.hmac_key_file = base.join(&n.hmac_key_file);
+        }
+        if let Some(x) = &mut c.x509 {
+            x.cert = base.join(&x.cert);
+            x.key = base.join(&x.key);
         }
         Ok(c)
     }
@@ -600,7 +682,7 @@ default_ttl = "10m"
         let addr = "127.0.0.1:1".parse().expect("addr");
         let demo = crate::dev::demo_config(std::path::Path::new("/tmp/x"), addr, addr);
         let c = Config::from_toml(&demo).expect("demo config");
-        assert_eq!(c.profiles.len(), 3);
+        assert_eq!(c.profiles.len(), 9);
     }
 
     #[test]

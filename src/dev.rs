@@ -31,6 +31,10 @@ pub const DEMO_IDS: &[&str] = &[
     "spiffe://example.org/ops/bob",
     "spiffe://example.org/ops/root",
 ];
+/// Where the demo profiles reach Vault unless `--vault-addr` says otherwise.
+pub const DEFAULT_VAULT_ADDR: &str = "http://127.0.0.1:8200";
+/// Where the demo profiles reach STS unless `--aws-sts-endpoint` says otherwise.
+pub const DEFAULT_STS_ENDPOINT: &str = "http://127.0.0.1:5000";
 /// Default gRPC address (the CLI's default `--broker`).
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:8443";
 /// Default HTTP address.
@@ -56,6 +60,10 @@ pub struct DevOptions {
     pub clock: Arc<dyn Clock>,
     /// Edits the rendered demo config before use (tests add identities, groups, quotas).
     pub config: Option<ConfigEdit>,
+    /// Vault address for the demo's `vault` profile (default [`DEFAULT_VAULT_ADDR`]).
+    pub vault_addr: Option<String>,
+    /// STS endpoint for the demo's `aws_sts` profile (default [`DEFAULT_STS_ENDPOINT`]).
+    pub aws_sts_endpoint: Option<String>,
 }
 
 /// A running dev environment.
@@ -123,6 +131,8 @@ pub fn write_demo_policy(dir: &Path) -> Result<(), ServeError> {
 /// Renders the demo config for a state dir and addresses.
 pub fn demo_config(state_dir: &Path, grpc: SocketAddr, http: SocketAddr) -> String {
     DEMO_CONFIG
+        .replace("@VAULT_ADDR@", DEFAULT_VAULT_ADDR)
+        .replace("@STS_ENDPOINT@", DEFAULT_STS_ENDPOINT)
         .replace("@STATE_DIR@", &state_dir.display().to_string())
         .replace("@GRPC@", &grpc.to_string())
         .replace("@HTTP@", &http.to_string())
@@ -164,7 +174,14 @@ pub async fn start(opts: DevOptions) -> Result<DevEnv, ServeError> {
     let grpc_addr = grpc.local_addr().map_err(|e| ServeError(e.to_string()))?;
     let http_addr = http.local_addr().map_err(|e| ServeError(e.to_string()))?;
     write_demo_policy(dir)?;
-    let demo = demo_config(dir, grpc_addr, http_addr);
+    crate::issuer::x509::IssuingCa::create_dev(dir).map_err(|e| ServeError(e.to_string()))?;
+    let mut demo = demo_config(dir, grpc_addr, http_addr);
+    if let Some(a) = &opts.vault_addr {
+        demo = demo.replace(DEFAULT_VAULT_ADDR, a);
+    }
+    if let Some(e) = &opts.aws_sts_endpoint {
+        demo = demo.replace(DEFAULT_STS_ENDPOINT, e);
+    }
     let text = match opts.config {
         Some(edit) => edit(demo),
         None => demo,

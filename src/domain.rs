@@ -304,6 +304,39 @@ pub struct Lease {
     pub end_reason: Option<String>,
     /// The intent stated at issuance.
     pub intent: Option<Intent>,
+    /// The backend's own handle for the credential, if it keeps one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendHandle>,
+}
+
+/// What a backend knows the credential by (never a secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendHandle {
+    /// The profile kind at issuance (`vault`, `x509`, `aws_sts` …).
+    pub kind: String,
+    /// Vault lease id, certificate serial, STS assumed-role id.
+    pub handle: String,
+    /// Whether ending the lease must also revoke it in the backend.
+    pub revocable: bool,
+}
+
+/// A backend revocation the broker still owes (or has done).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendRevocation {
+    /// The broker lease.
+    pub lease_id: String,
+    /// Backend kind.
+    pub kind: String,
+    /// The backend's handle.
+    pub handle: String,
+    /// When the lease ended (Unix seconds).
+    pub queued_at: i64,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Next try (Unix seconds).
+    pub next_attempt_at: i64,
+    /// The last failure.
+    pub last_error: Option<String>,
 }
 
 /// Where an access request is. `Pending` → `Approved` | `Denied` | `Expired`;

@@ -34,6 +34,9 @@ pub enum BrokerError {
     /// The ledger could not durably record the operation.
     #[error("ledger unavailable: {0}")]
     Unavailable(String),
+    /// A credential backend (Vault, STS) was down, slow or failing.
+    #[error("backend unavailable: {0}")]
+    BackendUnavailable(String),
     /// A bug or a broken invariant.
     #[error("internal: {0}")]
     Internal(String),
@@ -84,6 +87,13 @@ pub fn to_status(err: BrokerError) -> Status {
             Status::new(
                 Code::Unavailable,
                 "the broker could not durably record this operation; nothing was issued, retry later",
+            )
+        }
+        BrokerError::BackendUnavailable(cause) => {
+            tracing::error!(error = %cause, "credential backend unavailable; nothing issued");
+            Status::new(
+                Code::Unavailable,
+                "the credential backend for this profile is unavailable; nothing was issued, retry later",
             )
         }
         BrokerError::Internal(cause) => {

@@ -72,7 +72,17 @@ fn aead_key(key: &str, caller: &str) -> Result<LessSafeKey, BrokerError> {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Plain {
-    Jwt { token: String, key_id: String },
+    Jwt {
+        token: String,
+        key_id: String,
+    },
+    Certificate {
+        chain_pem: String,
+        serial: String,
+    },
+    KeyValue {
+        data: std::collections::BTreeMap<String, String>,
+    },
 }
 
 /// Seals a credential under the client's idempotency key.
@@ -81,6 +91,16 @@ pub fn seal(key: &str, caller: &str, credential: &Credential) -> Result<Vec<u8>,
         Credential::Jwt { token, key_id } => Plain::Jwt {
             token: token.expose().to_owned(),
             key_id: key_id.clone(),
+        },
+        Credential::Certificate { chain_pem, serial } => Plain::Certificate {
+            chain_pem: chain_pem.clone(),
+            serial: serial.clone(),
+        },
+        Credential::KeyValue { data } => Plain::KeyValue {
+            data: data
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+                .collect(),
         },
     };
     let mut data = zeroize::Zeroizing::new(
@@ -125,6 +145,15 @@ pub fn open(key: &str, caller: &str, sealed: &[u8]) -> Result<Credential, Broker
             token: Secret::new(token),
             key_id,
         }),
+        Plain::Certificate { chain_pem, serial } => {
+            Ok(Credential::Certificate { chain_pem, serial })
+        }
+        Plain::KeyValue { mut data } => Ok(Credential::KeyValue {
+            data: std::mem::take(&mut data)
+                .into_iter()
+                .map(|(k, v)| (k, Secret::new(v)))
+                .collect(),
+        }),
     }
 }
 
@@ -146,6 +175,7 @@ mod tests {
                 assert_eq!(token.expose(), "header.payload.sig");
                 assert_eq!(key_id, "k1");
             }
+            other => panic!("unexpected {other:?}"),
         }
         assert!(open(
             "another-key-of-enough-length!!",

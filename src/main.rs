@@ -89,6 +89,9 @@ enum Command {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// List backend revocations that keep failing instead (same as `leases backend --stuck`).
+        #[arg(long)]
+        stuck: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -245,6 +248,12 @@ struct DevArgs {
     /// Lifetime of dev X.509-SVIDs (rotated at half-life).
     #[arg(long, default_value = "1h")]
     svid_ttl: String,
+    /// Vault address of the demo's `feature-db` profile.
+    #[arg(long, default_value = dev::DEFAULT_VAULT_ADDR)]
+    vault_addr: String,
+    /// STS endpoint of the demo's `s3-datasets` profile.
+    #[arg(long, default_value = dev::DEFAULT_STS_ENDPOINT)]
+    aws_sts_endpoint: String,
 }
 
 #[derive(Subcommand)]
@@ -328,6 +337,25 @@ enum LeasesCommand {
     Show {
         /// Lease id.
         id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Backend revocations still owed (e.g. Vault leases); `--stuck` only those failing
+    /// repeatedly.
+    Backend {
+        /// Only those that failed at least 5 times.
+        #[arg(long)]
+        stuck: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Stop retrying the backend revocation of a lease (platform-admin; recorded).
+    ForceRemove {
+        /// Lease id.
+        id: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -459,6 +487,7 @@ impl SpecArgs {
             break_glass: self.break_glass,
             access_request_id: String::new(),
             idempotency_key: String::new(),
+            csr: Vec::new(),
         })
     }
 }
@@ -476,6 +505,14 @@ struct RequestArgs {
     /// Idempotency key (22+ random characters): retrying with it returns the same credential.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// For x509 profiles: a PKCS#10 CSR file (PEM or DER); your private key stays with you.
+    #[arg(long)]
+    csr: Option<std::path::PathBuf>,
+    /// `json` (default): the lease and credential; `env`: shell `export` lines
+    /// (AWS_* for cloud credentials, the secret's fields upper-cased for Vault, or
+    /// SPIFFE_BROKER_TOKEN / SPIFFE_BROKER_CERT_CHAIN).
+    #[arg(long, default_value = "json")]
+    output: String,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -527,6 +564,8 @@ fn lease_json(l: &pb::Lease) -> serde_json::Value {
         "ended_at": t(&l.ended_at),
         "end_reason": if l.end_reason.is_empty() { None } else { Some(&l.end_reason) },
         "intent": l.intent.as_ref().map(intent_json),
+        "backend": if l.backend.is_empty() { None } else { Some(&l.backend) },
+        "backend_handle": if l.backend_handle.is_empty() { None } else { Some(&l.backend_handle) },
     })
 }
 
@@ -832,10 +871,29 @@ fn issued_json(
     ar: Option<pb::AccessRequest>,
 ) -> serde_json::Value {
     let mut out = l.as_ref().map(lease_json).unwrap_or_else(|| json!({}));
-    if let Some(pb::credential::Kind::Token(t)) = c.and_then(|c| c.kind) {
-        out["token"] = json!(t.jwt);
-        out["token_type"] = json!(t.token_type);
-        out["key_id"] = json!(t.key_id);
+    if let Some(c) = c {
+        out["credential_expires_at_unix"] = json!(c.expires_at.as_ref().map(|t| t.seconds));
+        if !c.backend_handle.is_empty() {
+            out["backend_handle"] = json!(c.backend_handle);
+        }
+        match c.kind {
+            Some(pb::credential::Kind::Token(t)) => {
+                out["credential_kind"] = json!("token");
+                out["token"] = json!(t.jwt);
+                out["token_type"] = json!(t.token_type);
+                out["key_id"] = json!(t.key_id);
+            }
+            Some(pb::credential::Kind::Certificate(cert)) => {
+                out["credential_kind"] = json!("certificate");
+                out["certificate_chain_pem"] = json!(cert.chain_pem);
+                out["serial"] = json!(cert.serial);
+            }
+            Some(pb::credential::Kind::Secret(sec)) => {
+                out["credential_kind"] = json!("secret");
+                out["secret"] = json!(sec.data);
+            }
+            None => {}
+        }
     }
     if let Some(l) = &l {
         out["expires_at_unix"] = json!(l.expires_at.as_ref().map(|t| t.seconds));
@@ -847,6 +905,78 @@ fn issued_json(
         out["access_request"] = access_request_json(&ar);
     }
     out
+}
+
+async fn backend_revocations(conn: &ConnArgs, stuck: bool) -> Result<(), String> {
+    let ch = channel(conn).await?;
+    let resp = pb::admin_client::AdminClient::new(ch)
+        .list_backend_revocations(pb::ListBackendRevocationsRequest {
+            min_attempts: if stuck {
+                spiffe_broker::broker::STUCK_AFTER_ATTEMPTS
+            } else {
+                0
+            },
+            page_size: 1000,
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    for r in &resp.revocations {
+        out!(
+            "{}",
+            json!({
+                "lease_id": r.lease_id, "backend": r.backend, "backend_handle": r.backend_handle,
+                "queued_at_unix": r.queued_at.as_ref().map(|t| t.seconds),
+                "attempts": r.attempts,
+                "next_attempt_at_unix": r.next_attempt_at.as_ref().map(|t| t.seconds),
+                "last_error": r.last_error,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// `export NAME='value'` lines for a credential (`--output env`).
+fn env_lines(c: Option<&pb::Credential>) -> Result<String, String> {
+    let c = c.ok_or("no credential in the answer")?;
+    let quote = |v: &str| format!("'{}'", v.replace('\'', r"'\''"));
+    let mut lines = Vec::new();
+    match &c.kind {
+        Some(pb::credential::Kind::Token(t)) => {
+            lines.push(format!("export SPIFFE_BROKER_TOKEN={}", quote(&t.jwt)));
+        }
+        Some(pb::credential::Kind::Certificate(cert)) => {
+            lines.push(format!(
+                "export SPIFFE_BROKER_CERT_CHAIN={}",
+                quote(&cert.chain_pem)
+            ));
+        }
+        Some(pb::credential::Kind::Secret(sec)) => {
+            for (k, v) in &sec.data {
+                let name: String = k
+                    .chars()
+                    .map(|ch| {
+                        if ch.is_ascii_alphanumeric() {
+                            ch.to_ascii_uppercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                lines.push(format!("export {name}={}", quote(v)));
+            }
+            if c.backend == "aws_sts" {
+                if let Some(t) = &c.expires_at {
+                    lines.push(format!(
+                        "export AWS_CREDENTIAL_EXPIRATION={}",
+                        quote(&spiffe_broker::clock::rfc3339(t.seconds))
+                    ));
+                }
+            }
+        }
+        None => return Err("the answer carries no credential".into()),
+    }
+    Ok(lines.join("\n"))
 }
 
 /// SIGHUP reloads the policy; a bad policy is refused and the old one stays in force.
@@ -948,6 +1078,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .map_err(|e| format!("--svid-ttl: {e}"))?,
                     clock: Arc::new(SystemClock),
                     config: None,
+                    vault_addr: Some(args.vault_addr.clone()),
+                    aws_sts_endpoint: Some(args.aws_sts_endpoint.clone()),
                 };
                 let env = dev::start(opts).await.map_err(fail)?;
                 reload_on_sighup(env.broker.clone());
@@ -988,6 +1120,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             let mut req = a.spec.to_pb()?;
             req.access_request_id = a.access_request.clone().unwrap_or_default();
             req.idempotency_key = a.idempotency_key.clone().unwrap_or_default();
+            if let Some(path) = &a.csr {
+                req.csr = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            let env = match a.output.as_str() {
+                "json" => false,
+                "env" => true,
+                other => return Err(format!("--output: {other:?} is not json or env")),
+            };
             let ch = channel(&a.conn).await?;
             let mut client = pb::credential_broker_client::CredentialBrokerClient::new(ch);
             let resp = client
@@ -1000,6 +1140,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .clone()
                 .filter(|_| resp.credential.is_none())
             else {
+                if env {
+                    out!("{}", env_lines(resp.credential.as_ref())?);
+                    return Ok(());
+                }
                 out!(
                     "{}",
                     issued_json(
@@ -1049,6 +1193,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_msg)?
                 .into_inner();
+            if env {
+                out!("{}", env_lines(resp.credential.as_ref())?);
+                return Ok(());
+            }
             out!(
                 "{}",
                 issued_json(
@@ -1275,6 +1423,32 @@ async fn run(cli: Cli) -> Result<(), String> {
             out!(
                 "{}",
                 serde_json::to_string_pretty(&lease_json(lease)).map_err(fail)?
+            );
+            Ok(())
+        }
+        Command::Leases {
+            command: Some(LeasesCommand::Backend { stuck, conn }),
+            ..
+        } => backend_revocations(&conn, stuck).await,
+        Command::Leases {
+            stuck: true, conn, ..
+        } => backend_revocations(&conn, true).await,
+        Command::Leases {
+            command: Some(LeasesCommand::ForceRemove { id, reason, conn }),
+            ..
+        } => {
+            let ch = channel(&conn).await?;
+            let resp = pb::admin_client::AdminClient::new(ch)
+                .force_remove_backend_revocation(pb::ForceRemoveBackendRevocationRequest {
+                    lease_id: id.clone(),
+                    reason,
+                })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            out!(
+                "{}",
+                json!({"ok": true, "lease_id": id, "receipt": resp.receipt.map(|r| json!({"sequence": r.sequence, "entry_hash": r.entry_hash}))})
             );
             Ok(())
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -27,6 +28,11 @@ pub struct Metrics {
     pub ledger_failures: Counter,
     /// Break-glass issuances (each one is also loud in the log and the ledger).
     pub break_glass: Counter,
+    /// Requests a credential backend (Vault, STS, CSR checks) failed or refused.
+    pub backend_failures: Counter,
+    /// Backend revocations that failed at least `STUCK_AFTER_ATTEMPTS` times and are
+    /// still being retried (`spiffe-broker leases --stuck`).
+    pub backend_revocations_stuck: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -59,6 +65,18 @@ impl Metrics {
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let ledger_failures = Counter::default();
         let break_glass = Counter::default();
+        let backend_failures = Counter::default();
+        let backend_revocations_stuck = Gauge::default();
+        registry.register(
+            "backend_failures",
+            "Issuances or renewals a credential backend failed or refused",
+            backend_failures.clone(),
+        );
+        registry.register(
+            "backend_revocations_stuck",
+            "Backend revocations that keep failing and are still retried",
+            backend_revocations_stuck.clone(),
+        );
         registry.register(
             "break_glass_issuances",
             "Credentials issued under break-glass, awaiting post-review",
@@ -115,6 +133,8 @@ impl Metrics {
             batch_size,
             ledger_failures,
             break_glass,
+            backend_failures,
+            backend_revocations_stuck,
         }
     }
 

@@ -224,6 +224,7 @@ async fn serve_with_a_config_file_gets_its_identity_from_the_workload_api() {
     assert!(text.contains(&dev_socket));
     std::fs::write(&config, text).expect("config");
     spiffe_broker::dev::write_demo_policy(&state).expect("policy files");
+    spiffe_broker::issuer::x509::IssuingCa::create_dev(&state).expect("issuing CA");
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)

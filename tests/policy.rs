@@ -875,7 +875,7 @@ fn admin_review_rights_groups_and_paths_by_role() {
     assert_eq!(p.groups_of(&sid(ALICE)), vec!["registry-approvers"]);
     assert!(p.groups_of(&sid(ROOT)).is_empty());
     assert_eq!(p.identities().len(), 6);
-    assert_eq!(p.profiles().len(), 3);
+    assert_eq!(p.profiles().len(), 9);
 
     assert_eq!(
         p.paths(&sid(ROOT)),
@@ -889,8 +889,29 @@ fn admin_review_rights_groups_and_paths_by_role() {
         vec![
             path(
                 "issue",
+                "gpu-node-cert",
+                "gpu-provisioning/node-cert",
+                false,
+                None
+            ),
+            path(
+                "issue",
+                "gpu-queue-k8s",
+                "gpu-provisioning/queue-k8s",
+                true,
+                None
+            ),
+            path(
+                "issue",
                 "gpu-scheduler-submit",
                 "gpu-provisioning/submit",
+                true,
+                None
+            ),
+            path(
+                "issue",
+                "model-registry-pull",
+                "deploy/registry-pull",
                 true,
                 None
             ),
@@ -908,27 +929,80 @@ fn admin_review_rights_groups_and_paths_by_role() {
                 true,
                 None
             ),
+            path(
+                "issue",
+                "slurm-submit",
+                "gpu-provisioning/slurm",
+                true,
+                None
+            ),
         ]
     );
     assert_eq!(
         p.paths(&sid(MODEL_RUNTIME)),
-        vec![path(
-            "issue",
-            "dataset-read",
-            "model-serving/dataset-read",
-            false,
-            None
-        )]
+        vec![
+            path(
+                "issue",
+                "dataset-read",
+                "model-serving/dataset-read",
+                false,
+                None
+            ),
+            path(
+                "issue",
+                "feature-db",
+                "model-serving/feature-db",
+                false,
+                None
+            ),
+            path(
+                "issue",
+                "model-registry-pull",
+                "model-serving/registry-pull",
+                true,
+                None
+            ),
+            path(
+                "issue",
+                "s3-datasets",
+                "model-serving/s3-datasets",
+                true,
+                None
+            ),
+        ]
     );
     assert_eq!(
         p.paths(&sid(PROVISIONER)),
-        vec![path(
-            "issue",
-            "gpu-scheduler-submit",
-            "gpu-provisioning/submit",
-            true,
-            None
-        )]
+        vec![
+            path(
+                "issue",
+                "gpu-node-cert",
+                "gpu-provisioning/node-cert",
+                false,
+                None
+            ),
+            path(
+                "issue",
+                "gpu-queue-k8s",
+                "gpu-provisioning/queue-k8s",
+                true,
+                None
+            ),
+            path(
+                "issue",
+                "gpu-scheduler-submit",
+                "gpu-provisioning/submit",
+                true,
+                None
+            ),
+            path(
+                "issue",
+                "slurm-submit",
+                "gpu-provisioning/slurm",
+                true,
+                None
+            ),
+        ]
     );
     for who in [ALICE, BOB] {
         assert_eq!(
@@ -1578,8 +1652,8 @@ async fn max_active_leases_per_identity_and_profile() {
     let h = start_with(Some(Box::new(|demo: String| {
         edit_once(
             demo,
-            "default_ttl = \"15m\"",
-            "default_ttl = \"15m\"\nmax_active_leases = 2",
+            "default_ttl = \"15m\"\n\n# Pushing",
+            "default_ttl = \"15m\"\nmax_active_leases = 2\n\n# Pushing",
         )
     })))
     .await;
@@ -1859,8 +1933,29 @@ async fn inventory_after_a_mixed_run() {
         vec![
             pb_path(
                 "issue",
+                "gpu-node-cert",
+                "gpu-provisioning/node-cert",
+                false,
+                None
+            ),
+            pb_path(
+                "issue",
+                "gpu-queue-k8s",
+                "gpu-provisioning/queue-k8s",
+                true,
+                None
+            ),
+            pb_path(
+                "issue",
                 "gpu-scheduler-submit",
                 "gpu-provisioning/submit",
+                true,
+                None
+            ),
+            pb_path(
+                "issue",
+                "model-registry-pull",
+                "deploy/registry-pull",
                 true,
                 None
             ),
@@ -1878,6 +1973,13 @@ async fn inventory_after_a_mixed_run() {
                 true,
                 None
             ),
+            pb_path(
+                "issue",
+                "slurm-submit",
+                "gpu-provisioning/slurm",
+                true,
+                None
+            ),
         ]
     );
     assert_eq!((a.active_leases, a.issued, a.denied), (1, 1, 1));
@@ -1889,13 +1991,36 @@ async fn inventory_after_a_mixed_run() {
     assert_eq!(m.roles, vec!["model-serving"]);
     assert_eq!(
         m.paths,
-        vec![pb_path(
-            "issue",
-            "dataset-read",
-            "model-serving/dataset-read",
-            false,
-            None
-        )]
+        vec![
+            pb_path(
+                "issue",
+                "dataset-read",
+                "model-serving/dataset-read",
+                false,
+                None
+            ),
+            pb_path(
+                "issue",
+                "feature-db",
+                "model-serving/feature-db",
+                false,
+                None
+            ),
+            pb_path(
+                "issue",
+                "model-registry-pull",
+                "model-serving/registry-pull",
+                true,
+                None
+            ),
+            pb_path(
+                "issue",
+                "s3-datasets",
+                "model-serving/s3-datasets",
+                true,
+                None
+            ),
+        ]
     );
     assert_eq!((m.active_leases, m.issued, m.denied), (1, 3, 0));
     assert_eq!((seen(&m), issued_at(&m)), (Some(now), Some(now)));

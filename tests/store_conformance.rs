@@ -32,6 +32,7 @@ fn lease(holder: &str, issued_at: i64, ttl: i64) -> Lease {
         ended_at: None,
         end_reason: None,
         intent: None,
+        backend: None,
     }
 }
 

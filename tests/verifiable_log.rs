@@ -1143,6 +1143,8 @@ async fn restart_in_the_middle_keeps_the_tree_consistent() {
         svid_ttl: Duration::from_secs(3600),
         clock: clock.clone(),
         config: Some(quiet_checkpointer()),
+        vault_addr: None,
+        aws_sts_endpoint: None,
     })
     .await
     .expect("restarts on the same state dir");

@@ -196,6 +196,16 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
         ended_at: l.ended_at.and_then(ts),
         end_reason: l.end_reason.clone().unwrap_or_default(),
         intent: l.intent.as_ref().map(intent_to_pb),
+        backend_handle: l
+            .backend
+            .as_ref()
+            .map(|b| b.handle.clone())
+            .unwrap_or_default(),
+        backend: l
+            .backend
+            .as_ref()
+            .map(|b| b.kind.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -322,16 +332,57 @@ pub fn identity_to_pb(i: &InventoryEntry) -> pb::Identity {
     }
 }
 
-/// A credential as the API carries it.
-pub fn credential_to_pb(c: &Credential) -> pb::Credential {
-    match c {
-        Credential::Jwt { token, key_id } => pb::Credential {
-            kind: Some(pb::credential::Kind::Token(pb::SignedToken {
-                jwt: token.expose().to_owned(),
-                key_id: key_id.clone(),
-                token_type: "Bearer".into(),
-            })),
-        },
+/// A credential as the API carries it, with its lease's expiry and backend handle;
+/// `None` when a renewal extended the holder's credential in place.
+pub fn credential_to_pb(c: &Credential, lease: &Lease) -> Option<pb::Credential> {
+    if c.is_extension() {
+        return None;
+    }
+    let kind = match c {
+        Credential::Jwt { token, key_id } => pb::credential::Kind::Token(pb::SignedToken {
+            jwt: token.expose().to_owned(),
+            key_id: key_id.clone(),
+            token_type: "Bearer".into(),
+        }),
+        Credential::Certificate { chain_pem, serial } => {
+            pb::credential::Kind::Certificate(pb::CertificateChain {
+                chain_pem: chain_pem.clone(),
+                serial: serial.clone(),
+            })
+        }
+        Credential::KeyValue { data } => pb::credential::Kind::Secret(pb::SecretData {
+            data: data
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+                .collect(),
+        }),
+    };
+    Some(pb::Credential {
+        kind: Some(kind),
+        expires_at: ts(lease.expires_at),
+        backend_handle: lease
+            .backend
+            .as_ref()
+            .map(|b| b.handle.clone())
+            .unwrap_or_default(),
+        backend: lease
+            .backend
+            .as_ref()
+            .map(|b| b.kind.clone())
+            .unwrap_or_default(),
+    })
+}
+
+/// A pending backend revocation.
+pub fn backend_revocation_to_pb(r: &crate::domain::BackendRevocation) -> pb::BackendRevocation {
+    pb::BackendRevocation {
+        lease_id: r.lease_id.clone(),
+        backend: r.kind.clone(),
+        backend_handle: r.handle.clone(),
+        queued_at: ts(r.queued_at),
+        attempts: r.attempts,
+        next_attempt_at: ts(r.next_attempt_at),
+        last_error: r.last_error.clone().unwrap_or_default(),
     }
 }
 

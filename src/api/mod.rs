@@ -208,7 +208,7 @@ fn issued_to_pb(
     Option<pb::AuditReceipt>,
 ) {
     (
-        Some(convert::credential_to_pb(&i.credential)),
+        convert::credential_to_pb(&i.credential, &i.lease),
         Some(lease_to_pb(&i.lease)),
         Some(convert::receipt_to_pb(&i.receipt)),
     )
@@ -245,6 +245,9 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
                 break_glass: r.break_glass,
                 access_request_id,
                 idempotency_key: (!r.idempotency_key.is_empty()).then(|| r.idempotency_key.clone()),
+                material: crate::issuer::Material {
+                    csr_der: (!r.csr.is_empty()).then(|| r.csr.clone()),
+                },
             };
             Ok(match b.issue(&caller, req, opts).await? {
                 IssueOutcome::Issued(i) => {
@@ -647,6 +650,49 @@ impl pb::admin_server::Admin for AdminService {
             let rows = b.inventory(&caller).await?;
             Ok(pb::ListIdentitiesResponse {
                 identities: rows.iter().map(convert::identity_to_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn list_backend_revocations(
+        &self,
+        request: Request<pb::ListBackendRevocationsRequest>,
+    ) -> Result<Response<pb::ListBackendRevocationsResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "ListBackendRevocations", async {
+            let caller = b
+                .authenticate(facts(&request), "ListBackendRevocations")
+                .await?;
+            let r = request.get_ref();
+            let size = if r.page_size == 0 { 100 } else { r.page_size };
+            let list = b.backend_revocations(&caller, r.min_attempts, size).await?;
+            Ok(pb::ListBackendRevocationsResponse {
+                revocations: list.iter().map(convert::backend_revocation_to_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn force_remove_backend_revocation(
+        &self,
+        request: Request<pb::ForceRemoveBackendRevocationRequest>,
+    ) -> Result<Response<pb::ForceRemoveBackendRevocationResponse>, Status> {
+        let b = &self.broker;
+        rpc(b, "ForceRemoveBackendRevocation", async {
+            let caller = b
+                .authenticate(facts(&request), "ForceRemoveBackendRevocation")
+                .await?;
+            let r = request.get_ref();
+            let id = match LeaseId::parse(&r.lease_id) {
+                Ok(id) => id,
+                Err(e) => return Err(b.reject(&caller, "ForceRemoveBackendRevocation", e).await),
+            };
+            let receipt = b
+                .force_remove_backend_revocation(&caller, id, r.reason.clone())
+                .await?;
+            Ok(pb::ForceRemoveBackendRevocationResponse {
+                receipt: Some(convert::receipt_to_pb(&receipt)),
             })
         })
         .await

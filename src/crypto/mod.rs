@@ -12,7 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+use ring::signature::{
+    EcdsaKeyPair, KeyPair as _, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, RSA_PKCS1_SHA256,
+};
 use zeroize::Zeroizing;
 
 use crate::jose::{b64, Jwk, JwkSet};
@@ -35,6 +37,139 @@ pub trait Signer: Send + Sync + 'static {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError>;
     /// The public half, as a JWK carrying `kid`, `alg` and `use`.
     fn public_jwk(&self) -> Jwk;
+    /// The public half as DER SubjectPublicKeyInfo.
+    fn public_spki_der(&self) -> Vec<u8>;
+}
+
+/// The key id the Docker/OCI distribution registry derives from a public key (libtrust):
+/// SHA-256 of the DER SubjectPublicKeyInfo, first 30 bytes, base32 without padding, in
+/// groups of four joined by `:`. A registry finds the token's key in its
+/// `rootcertbundle` by this id.
+pub fn libtrust_key_id(spki_der: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let digest = ring::digest::digest(&ring::digest::SHA256, spki_der);
+    let bytes = &digest.as_ref()[..30];
+    let mut out = String::with_capacity(48);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    // 30 bytes = 240 bits = 48 characters exactly: no remainder, no padding.
+    out.as_bytes()
+        .chunks(4)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// DER SubjectPublicKeyInfo of an uncompressed P-256 point.
+fn p256_spki(point: &[u8]) -> Vec<u8> {
+    // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING point }
+    const PREFIX: [u8; 26] = [
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    let mut der = PREFIX.to_vec();
+    der.extend_from_slice(point);
+    der
+}
+
+/// An RS256 (RSASSA-PKCS1-v1_5, SHA-256) key held by ring, for relying parties that
+/// only take RSA (slurmrestd).
+pub struct RsaSigner {
+    key: RsaKeyPair,
+    rng: SystemRandom,
+    jwk: Jwk,
+    spki: Vec<u8>,
+}
+
+impl std::fmt::Debug for RsaSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RsaSigner")
+            .field("kid", &self.jwk.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RsaSigner {
+    /// Generates a fresh 2048-bit key; returns the signer and its PKCS#8 encoding.
+    /// (ring signs with RSA but cannot generate RSA keys; the `rsa` crate does that.)
+    pub fn generate() -> Result<(Self, Zeroizing<Vec<u8>>), SignError> {
+        use rsa::pkcs8::EncodePrivateKey as _;
+        let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048)
+            .map_err(|_| SignError("RSA key generation failed".into()))?;
+        let der = key
+            .to_pkcs8_der()
+            .map_err(|_| SignError("RSA key encoding failed".into()))?;
+        let bytes = Zeroizing::new(der.as_bytes().to_vec());
+        Ok((Self::from_pkcs8(&bytes)?, bytes))
+    }
+
+    /// Loads a key from PKCS#8 DER.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, SignError> {
+        use rsa::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
+        use rsa::traits::PublicKeyParts as _;
+        let key =
+            RsaKeyPair::from_pkcs8(pkcs8).map_err(|_| SignError("not an RSA PKCS#8 key".into()))?;
+        let parsed = rsa::RsaPrivateKey::from_pkcs8_der(pkcs8)
+            .map_err(|_| SignError("not an RSA PKCS#8 key".into()))?;
+        let public = parsed.to_public_key();
+        let spki = public
+            .to_public_key_der()
+            .map_err(|_| SignError("RSA public key encoding failed".into()))?
+            .as_bytes()
+            .to_vec();
+        let (n, e) = (
+            b64(&public.n().to_bytes_be()),
+            b64(&public.e().to_bytes_be()),
+        );
+        let canonical = format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#);
+        let kid = b64(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()).as_ref());
+        let jwk = Jwk {
+            kty: "RSA".into(),
+            kid: Some(kid),
+            use_: Some("sig".into()),
+            alg: Some("RS256".into()),
+            crv: None,
+            x: None,
+            y: None,
+            n: Some(n),
+            e: Some(e),
+        };
+        Ok(Self {
+            key,
+            rng: SystemRandom::new(),
+            jwk,
+            spki,
+        })
+    }
+}
+
+impl Signer for RsaSigner {
+    fn key_id(&self) -> &str {
+        self.jwk.kid.as_deref().unwrap_or_default()
+    }
+    fn algorithm(&self) -> &'static str {
+        "RS256"
+    }
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+        let mut sig = vec![0; self.key.public().modulus_len()];
+        self.key
+            .sign(&RSA_PKCS1_SHA256, &self.rng, message, &mut sig)
+            .map_err(|_| SignError("RSA signing failed".into()))?;
+        Ok(sig)
+    }
+    fn public_jwk(&self) -> Jwk {
+        self.jwk.clone()
+    }
+    fn public_spki_der(&self) -> Vec<u8> {
+        self.spki.clone()
+    }
 }
 
 /// An ES256 (ECDSA P-256, SHA-256) key held by ring.
@@ -111,6 +246,9 @@ impl Signer for EcdsaP256Signer {
     fn public_jwk(&self) -> Jwk {
         self.jwk.clone()
     }
+    fn public_spki_der(&self) -> Vec<u8> {
+        p256_spki(self.key.public_key().as_ref())
+    }
 }
 
 /// The current signing key and the previous one (published for overlap).
@@ -118,6 +256,7 @@ impl Signer for EcdsaP256Signer {
 pub struct KeyRing {
     current: Arc<dyn Signer>,
     previous: Option<Arc<dyn Signer>>,
+    rsa: Option<Arc<dyn Signer>>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -148,6 +287,13 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SignError> {
 }
 
 fn read_key(path: &Path) -> Result<Option<EcdsaP256Signer>, SignError> {
+    read_pkcs8(path, EcdsaP256Signer::from_pkcs8)
+}
+
+fn read_pkcs8<T>(
+    path: &Path,
+    parse: impl FnOnce(&[u8]) -> Result<T, SignError>,
+) -> Result<Option<T>, SignError> {
     match fs::read(path) {
         Ok(bytes) => {
             let bytes = Zeroizing::new(bytes);
@@ -162,7 +308,7 @@ fn read_key(path: &Path) -> Result<Option<EcdsaP256Signer>, SignError> {
                     mode & 0o777
                 )));
             }
-            EcdsaP256Signer::from_pkcs8(&bytes)
+            parse(&bytes)
                 .map(Some)
                 .map_err(|e| SignError(format!("{}: {}", path.display(), e.0)))
         }
@@ -174,7 +320,41 @@ fn read_key(path: &Path) -> Result<Option<EcdsaP256Signer>, SignError> {
 impl KeyRing {
     /// A ring from explicit signers (tests, KMS-backed signers).
     pub fn new(current: Arc<dyn Signer>, previous: Option<Arc<dyn Signer>>) -> Self {
-        Self { current, previous }
+        Self {
+            current,
+            previous,
+            rsa: None,
+        }
+    }
+
+    /// Adds the RS256 key (`dir/rsa.p8`), generating it on first use. Only configs with
+    /// an RS256 profile (slurm) pay for RSA key generation.
+    pub fn with_rsa(mut self, dir: &Path) -> Result<Self, SignError> {
+        let path = dir.join("rsa.p8");
+        let key = match read_pkcs8(&path, RsaSigner::from_pkcs8)? {
+            Some(k) => k,
+            None => {
+                let (k, bytes) = RsaSigner::generate()?;
+                write_private(&path, &bytes)?;
+                tracing::info!(kid = k.key_id(), "generated RS256 signing key");
+                k
+            }
+        };
+        self.rsa = Some(Arc::new(key));
+        Ok(self)
+    }
+
+    /// The RS256 key, if this ring has one.
+    pub fn rsa(&self) -> Option<&Arc<dyn Signer>> {
+        self.rsa.as_ref()
+    }
+
+    /// Every signer whose public key is published: current, previous, RSA.
+    pub fn signers(&self) -> Vec<Arc<dyn Signer>> {
+        std::iter::once(self.current.clone())
+            .chain(self.previous.clone())
+            .chain(self.rsa.clone())
+            .collect()
     }
 
     /// Loads `dir/current.p8` (and `dir/previous.p8`), generating the current key on first start.
@@ -196,6 +376,7 @@ impl KeyRing {
         Ok(Self {
             current: Arc::new(current),
             previous: previous.map(|p| Arc::new(p) as Arc<dyn Signer>),
+            rsa: None,
         })
     }
 
@@ -217,11 +398,24 @@ impl KeyRing {
 
     /// The published key set: current first, then previous.
     pub fn jwks(&self) -> JwkSet {
-        let mut keys = vec![self.current.public_jwk()];
-        if let Some(p) = &self.previous {
-            keys.push(p.public_jwk());
+        JwkSet {
+            keys: self.signers().iter().map(|s| s.public_jwk()).collect(),
         }
-        JwkSet { keys }
+    }
+
+    /// The JWKS served to relying parties: [`Self::jwks`] plus, for each ES256 key, the
+    /// same key under its libtrust key id, the `kid` OCI registry tokens carry (a
+    /// registry finds its key that way), so any JWKS consumer can verify those too.
+    pub fn published_jwks(&self) -> JwkSet {
+        let mut set = self.jwks();
+        for s in self.signers() {
+            if s.algorithm() == "ES256" {
+                let mut alias = s.public_jwk();
+                alias.kid = Some(libtrust_key_id(&s.public_spki_der()));
+                set.keys.push(alias);
+            }
+        }
+        set
     }
 
     /// The public key for `kid`, if published.
@@ -268,6 +462,39 @@ mod tests {
         let sig = s.sign(b"hello").expect("sign");
         verify(Alg::Es256, &s.public_jwk(), b"hello", &sig).expect("verifies");
         assert!(verify(Alg::Es256, &s.public_jwk(), b"hellO", &sig).is_err());
+    }
+
+    #[test]
+    fn libtrust_key_id_has_the_registry_shape() {
+        let (s, _) = EcdsaP256Signer::generate().expect("gen");
+        let id = libtrust_key_id(&s.public_spki_der());
+        assert_eq!(id.len(), 59, "{id}");
+        assert_eq!(id.split(':').count(), 12);
+        assert!(id
+            .bytes()
+            .all(|b| b == b':' || b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567".contains(&b)));
+        // The SPKI we build parses as the key ring's own public key.
+        let spki = s.public_spki_der();
+        use x509_parser::prelude::FromDer as _;
+        let (_, parsed) =
+            x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki).expect("spki parses");
+        assert_eq!(parsed.subject_public_key.data.len(), 65);
+    }
+
+    #[test]
+    fn rsa_keys_sign_rs256_that_verify_with_the_jwk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ring = KeyRing::load_or_create(dir.path())
+            .and_then(|r| r.with_rsa(dir.path()))
+            .expect("ring");
+        let rsa = ring.rsa().expect("rsa").clone();
+        assert_eq!(ring.jwks().keys.len(), 2);
+        let sig = rsa.sign(b"payload").expect("sign");
+        verify(Alg::Rs256, &rsa.public_jwk(), b"payload", &sig).expect("verifies");
+        let again = KeyRing::load_or_create(dir.path())
+            .and_then(|r| r.with_rsa(dir.path()))
+            .expect("reload");
+        assert_eq!(again.rsa().expect("rsa").key_id(), rsa.key_id());
     }
 
     #[test]

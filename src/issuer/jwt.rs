@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Credential, IssueError, Issuer, LeaseTerms, Secret};
+use super::{BoxFuture, Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
 use crate::config::CredentialKind;
 use crate::crypto::KeyRing;
 use crate::domain::Intent;
@@ -86,28 +86,29 @@ impl JwtIssuer {
 
     /// Re-reads a minted token and checks it against the template and the public key.
     fn validate(&self, token: &str, expected: &JwtClaims, kid: &str) -> Result<(), IssueError> {
-        let parts =
-            jose::split(token).map_err(|e| IssueError(format!("minted token unreadable: {e}")))?;
+        let parts = jose::split(token)
+            .map_err(|e| IssueError::Internal(format!("minted token unreadable: {e}")))?;
         let header: Header = serde_json::from_slice(&parts.header)
-            .map_err(|e| IssueError(format!("minted header: {e}")))?;
+            .map_err(|e| IssueError::Internal(format!("minted header: {e}")))?;
         if header.alg != "ES256" || header.kid != kid {
-            return Err(IssueError(
+            return Err(IssueError::Internal(
                 "minted header does not match the signing key".into(),
             ));
         }
-        let jwk = self
-            .keys
-            .find(kid)
-            .ok_or_else(|| IssueError("signing key is not in the published JWKS".into()))?;
+        let jwk = self.keys.find(kid).ok_or_else(|| {
+            IssueError::Internal("signing key is not in the published JWKS".into())
+        })?;
         jose::verify(Alg::Es256, &jwk, parts.signing_input, &parts.signature)
-            .map_err(|e| IssueError(format!("minted signature does not verify: {e}")))?;
+            .map_err(|e| IssueError::Internal(format!("minted signature does not verify: {e}")))?;
         let claims: JwtClaims = serde_json::from_slice(&parts.payload)
-            .map_err(|e| IssueError(format!("minted claims: {e}")))?;
+            .map_err(|e| IssueError::Internal(format!("minted claims: {e}")))?;
         if &claims != expected {
-            return Err(IssueError("minted claims differ from the template".into()));
+            return Err(IssueError::Internal(
+                "minted claims differ from the template".into(),
+            ));
         }
         if claims.exp <= claims.iat {
-            return Err(IssueError(
+            return Err(IssueError::Internal(
                 "minted token expires before it is issued".into(),
             ));
         }
@@ -120,7 +121,25 @@ impl Issuer for JwtIssuer {
         CredentialKind::Jwt
     }
 
-    fn issue(&self, grant: &Grant, terms: &LeaseTerms) -> Result<Credential, IssueError> {
+    fn issue<'a>(
+        &'a self,
+        grant: &'a Grant,
+        terms: &'a LeaseTerms,
+        _material: &'a Material,
+    ) -> BoxFuture<'a, Result<Minted, IssueError>> {
+        Box::pin(async move {
+            self.mint(grant, terms).map(|credential| Minted {
+                credential,
+                expires_at: terms.expires_at,
+                handle: None,
+            })
+        })
+    }
+}
+
+impl JwtIssuer {
+    /// Signs a token for `grant` under `terms` (synchronous: no I/O).
+    pub fn mint(&self, grant: &Grant, terms: &LeaseTerms) -> Result<Credential, IssueError> {
         let claims = self.template(grant, terms);
         let signer = self.keys.current();
         let header = Header {
@@ -128,8 +147,10 @@ impl Issuer for JwtIssuer {
             kid: signer.key_id().to_owned(),
             typ: "JWT".to_owned(),
         };
-        let input = jose::signing_input(&header, &claims).map_err(|e| IssueError(e.0))?;
-        let sig = signer.sign(input.as_bytes()).map_err(|e| IssueError(e.0))?;
+        let input = jose::signing_input(&header, &claims).map_err(|e| IssueError::Internal(e.0))?;
+        let sig = signer
+            .sign(input.as_bytes())
+            .map_err(|e| IssueError::Internal(e.0))?;
         let token = format!("{input}.{}", b64(&sig));
         self.validate(&token, &claims, signer.key_id())?;
         Ok(Credential::Jwt {

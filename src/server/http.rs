@@ -39,6 +39,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/log/checkpoint", get(checkpoint))
+        .route("/oci/rootcertbundle.pem", get(oci_bundle))
         .route("/log/vkey", get(vkey))
         .route("/revocations", get(revocations))
         .with_state(state)
@@ -50,16 +51,31 @@ async fn discovery(State(s): State<HttpState>) -> impl IntoResponse {
         "jwks_uri": format!("{}{JWKS_PATH}", s.issuer_url),
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["ES256"],
-        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "scope", "cnf", "intent", "profile"],
+        "id_token_signing_alg_values_supported": if s.keys.rsa().is_some() { vec!["ES256", "RS256"] } else { vec!["ES256"] },
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "scope", "cnf", "intent", "profile", "groups", "sun", "access"],
     }))
 }
 
 async fn jwks(State(s): State<HttpState>) -> impl IntoResponse {
     (
         [(header::CACHE_CONTROL, "public, max-age=60")],
-        Json(s.keys.jwks()),
+        Json(s.keys.published_jwks()),
     )
+}
+
+/// Certificates of the token signing keys, for a registry's `auth.token.rootcertbundle`.
+async fn oci_bundle(State(s): State<HttpState>) -> axum::response::Response {
+    match crate::issuer::oci::rootcertbundle(&s.keys) {
+        Ok(pem) => ([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the registry certificate bundle");
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 /// The latest signed checkpoint (public: it reveals only the tree size and root).

@@ -19,7 +19,6 @@ use crate::checkpoint::LogSigner;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::crypto::KeyRing;
-use crate::issuer::JwtIssuer;
 use crate::metrics::Metrics;
 use crate::notify::{Notifier, WebhookConfig};
 use crate::policy::{CedarPolicy, Policy};
@@ -58,6 +57,9 @@ pub struct BrokerParts {
     /// Kept alive for the lifetime of the server (rotation watchers).
     _sources: (X509Source, JwtSource),
 }
+
+/// How often the backend revocation queue is looked at.
+const BACKEND_REVOKE_POLL: Duration = Duration::from_secs(1);
 
 /// How long start-up waits for the Workload API to hand the broker its SVID.
 const WORKLOAD_API_TIMEOUT: Duration = Duration::from_secs(30);
@@ -110,8 +112,17 @@ pub async fn assemble(
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| ServeError(format!("cannot create {}: {e}", config.state_dir.display())))?;
     let metrics = Arc::new(Metrics::new());
-    let keys =
+    let mut keys =
         KeyRing::load_or_create(&config.keys_dir()).map_err(|e| ServeError(e.to_string()))?;
+    if config
+        .profiles
+        .iter()
+        .any(|p| p.kind == crate::config::CredentialKind::Slurm)
+    {
+        keys = keys
+            .with_rsa(&config.keys_dir())
+            .map_err(|e| ServeError(e.to_string()))?;
+    }
     let store =
         SqliteStore::open(&config.ledger_path(), &config.ledger, metrics.clone()).map_err(|e| {
             ServeError(format!(
@@ -127,7 +138,8 @@ pub async fn assemble(
         spiffe_id.clone(),
         config.jwt_clock_skew,
     );
-    let issuer = JwtIssuer::new(keys.clone(), config.issuer_url.clone());
+    let issuers = crate::issuer::from_config(config, &keys, Arc::new(jwt.clone()))
+        .map_err(|e| ServeError(format!("credential backends: {e}")))?;
     let policy =
         CedarPolicy::load(config).map_err(|e| ServeError(format!("policy refused:\n{e}")))?;
     let notifier = match &config.notifications {
@@ -166,7 +178,7 @@ pub async fn assemble(
     let mut broker = Broker::new(
         Arc::new(authn),
         Arc::new(policy),
-        vec![Arc::new(issuer)],
+        issuers,
         Arc::new(store),
         clock,
         metrics.clone(),
@@ -260,6 +272,10 @@ pub async fn run(
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Backend revocations are retried on their own schedule (back-off per entry);
+            // this only bounds how soon a due one is noticed.
+            let mut backends = tokio::time::interval(BACKEND_REVOKE_POLL);
+            backends.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
@@ -267,6 +283,13 @@ pub async fn run(
                             Ok(0) => {}
                             Ok(n) => tracing::info!(expired = n, "marked leases expired"),
                             Err(e) => tracing::warn!(error = %e, "reaper could not commit; will retry"),
+                        }
+                    }
+                    _ = backends.tick() => {
+                        match broker.revoke_in_backends().await {
+                            Ok((0, 0)) => {}
+                            Ok((ok, failed)) => tracing::info!(revoked = ok, failed, "backend revocations"),
+                            Err(e) => tracing::warn!(error = %e, "backend revocation pass failed; will retry"),
                         }
                     }
                     _ = rx.changed() => return,

@@ -18,8 +18,8 @@ use crate::merkle::Hash as MerkleHash;
 
 use crate::audit::{AuditEvent, StoredEntry};
 use crate::domain::{
-    AccessFilter, AccessRequest, AccessState, Lease, LeaseFilter, LeaseId, Lock, RevocationEvent,
-    RevokeSelector, Verdict,
+    AccessFilter, AccessRequest, AccessState, BackendRevocation, Lease, LeaseFilter, LeaseId, Lock,
+    RevocationEvent, RevokeSelector, Verdict,
 };
 
 pub use sqlite::SqliteStore;
@@ -153,6 +153,33 @@ pub enum LedgerOp {
         /// Lock id.
         id: String,
         /// Audit entry.
+        event: AuditEvent,
+    },
+    /// The backend confirmed the revocation of a lease's credential.
+    BackendRevoked {
+        /// Which lease.
+        lease_id: String,
+        /// Now (Unix seconds).
+        now: i64,
+        /// Audit entry.
+        event: AuditEvent,
+    },
+    /// A backend revocation attempt failed; try again at `next_attempt_at`.
+    BackendRevokeFailed {
+        /// Which lease.
+        lease_id: String,
+        /// Why (no secrets).
+        error: String,
+        /// When to retry (Unix seconds).
+        next_attempt_at: i64,
+    },
+    /// A platform-admin gives up on a backend revocation (the backend is gone for good).
+    ForceRemoveBackendRevocation {
+        /// Which lease.
+        lease_id: String,
+        /// Now (Unix seconds).
+        now: i64,
+        /// Audit entry (names who and why).
         event: AuditEvent,
     },
     /// Mark up to `limit` active leases whose expiry has passed as expired.
@@ -378,6 +405,18 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>>;
+    /// Backend revocations due at `now` (oldest first), at most `limit`.
+    fn due_backend_revocations(
+        &self,
+        now: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>>;
+    /// Backend revocations not yet done with at least `min_attempts` failures, oldest first.
+    fn pending_backend_revocations(
+        &self,
+        min_attempts: u32,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>>;
     /// The entries that name a lease (issuance first).
     fn entries_for_lease(
         &self,

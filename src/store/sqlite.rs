@@ -22,8 +22,9 @@ use crate::audit::{entry_hash, AuditEvent, LogError, LogReport, LogVerifier, Sto
 use crate::checkpoint::VerifierKey;
 use crate::config::LedgerConfig;
 use crate::domain::{
-    AccessFilter, AccessRequest, AccessState, Intent, Lease, LeaseFilter, LeaseId, LeaseState,
-    Lock, ProfileName, RequestSpec, Review, RevocationEvent, RevokeSelector, Scope, Verdict,
+    AccessFilter, AccessRequest, AccessState, BackendHandle, BackendRevocation, Intent, Lease,
+    LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RequestSpec, Review, RevocationEvent,
+    RevokeSelector, Scope, Verdict,
 };
 use crate::idempotency::IdempotencyRecord;
 use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
@@ -43,6 +44,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "revocation",
         include_str!("migrations/0004_revocation.sql"),
     ),
+    (5, "backends", include_str!("migrations/0005_backends.sql")),
 ];
 
 struct Job {
@@ -365,7 +367,8 @@ fn bad(column: usize, what: &str) -> rusqlite::Error {
 
 const LEASE_COLUMNS: &str =
     "id, profile, spiffe_id, scopes, audience, state, issued_at, expires_at, \
-     max_expires_at, credential_sha256, renewals, ended_at, end_reason, intent";
+     max_expires_at, credential_sha256, renewals, ended_at, end_reason, intent, \
+     backend_kind, backend_handle, backend_revocable";
 
 fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
     let id: String = r.get(0)?;
@@ -391,6 +394,32 @@ fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
             None => None,
             Some(s) => Some(serde_json::from_str::<Intent>(&s).map_err(|_| bad(13, "intent"))?),
         },
+        backend: match (
+            r.get::<_, Option<String>>(14)?,
+            r.get::<_, Option<String>>(15)?,
+        ) {
+            (Some(kind), Some(handle)) => Some(BackendHandle {
+                kind,
+                handle,
+                revocable: r.get::<_, i64>(16)? == 1,
+            }),
+            _ => None,
+        },
+    })
+}
+
+const BACKEND_REVOCATION_COLUMNS: &str =
+    "lease_id, kind, handle, queued_at, attempts, next_attempt_at, last_error";
+
+fn backend_revocation_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackendRevocation> {
+    Ok(BackendRevocation {
+        lease_id: r.get(0)?,
+        kind: r.get(1)?,
+        handle: r.get(2)?,
+        queued_at: r.get(3)?,
+        attempts: r.get(4)?,
+        next_attempt_at: r.get(5)?,
+        last_error: r.get(6)?,
     })
 }
 
@@ -467,7 +496,7 @@ fn guard(lease: Option<Lease>, holder: &str, now: i64) -> Result<Lease, Refusal>
 
 fn insert_lease(conn: &Connection, lease: &Lease) -> rusqlite::Result<()> {
     conn.prepare_cached(&format!(
-        "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+        "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
     ))?
     .execute(params![
         lease.id.as_str(),
@@ -484,6 +513,9 @@ fn insert_lease(conn: &Connection, lease: &Lease) -> rusqlite::Result<()> {
         lease.ended_at,
         lease.end_reason,
         lease.intent.as_ref().map(|i| serde_json::to_string(i).unwrap_or_default()),
+        lease.backend.as_ref().map(|b| b.kind.as_str()),
+        lease.backend.as_ref().map(|b| b.handle.as_str()),
+        lease.backend.as_ref().is_some_and(|b| b.revocable),
     ])?;
     Ok(())
 }
@@ -749,8 +781,12 @@ fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Resul
         | LedgerOp::Revoke { event, .. }
         | LedgerOp::Lock { event, .. }
         | LedgerOp::Unlock { event, .. }
+        | LedgerOp::BackendRevoked { event, .. }
+        | LedgerOp::ForceRemoveBackendRevocation { event, .. }
         | LedgerOp::Record { event } => Some(event.clone()),
-        LedgerOp::Expire { .. } | LedgerOp::Checkpoint { .. } => None,
+        LedgerOp::Expire { .. }
+        | LedgerOp::Checkpoint { .. }
+        | LedgerOp::BackendRevokeFailed { .. } => None,
     };
     let applied = apply_guarded(conn, head, op)?;
     if let Some(mut e) = event {
@@ -1091,6 +1127,53 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
         }
         LedgerOp::Unlock { id, event } => {
             let n = conn.execute("DELETE FROM locks WHERE id = ?1", [&id])?;
+            if n == 0 {
+                return refuse(conn, head, event, Refusal::NothingMatched);
+            }
+            let receipt = append(conn, head, &event)?;
+            Ok(Applied::recorded(Some(receipt)))
+        }
+        LedgerOp::BackendRevoked {
+            lease_id,
+            now,
+            event,
+        } => {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE backend_revocations SET done_at = ?2, outcome = 'revoked'
+                     WHERE lease_id = ?1 AND done_at IS NULL",
+                )?
+                .execute(params![lease_id, now])?;
+            if n == 0 {
+                // Force-removed meanwhile: nothing to record twice.
+                return Ok(Applied::recorded(None));
+            }
+            let receipt = append(conn, head, &event)?;
+            Ok(Applied::recorded(Some(receipt)))
+        }
+        LedgerOp::BackendRevokeFailed {
+            lease_id,
+            error,
+            next_attempt_at,
+        } => {
+            conn.prepare_cached(
+                "UPDATE backend_revocations SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3
+                 WHERE lease_id = ?1 AND done_at IS NULL",
+            )?
+            .execute(params![lease_id, error, next_attempt_at])?;
+            Ok(Applied::recorded(None))
+        }
+        LedgerOp::ForceRemoveBackendRevocation {
+            lease_id,
+            now,
+            event,
+        } => {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE backend_revocations SET done_at = ?2, outcome = 'force_removed'
+                     WHERE lease_id = ?1 AND done_at IS NULL",
+                )?
+                .execute(params![lease_id, now])?;
             if n == 0 {
                 return refuse(conn, head, event, Refusal::NothingMatched);
             }
@@ -1491,6 +1574,36 @@ impl Store for SqliteStore {
                     chain_hash: hex::encode(r.get::<_, Vec<u8>>(7)?),
                 })
             })?;
+            rows.collect()
+        }))
+    }
+
+    fn due_backend_revocations(
+        &self,
+        now: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
+        Box::pin(self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {BACKEND_REVOCATION_COLUMNS} FROM backend_revocations
+                 WHERE done_at IS NULL AND next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![now, limit], backend_revocation_from_row)?;
+            rows.collect()
+        }))
+    }
+
+    fn pending_backend_revocations(
+        &self,
+        min_attempts: u32,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
+        Box::pin(self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {BACKEND_REVOCATION_COLUMNS} FROM backend_revocations
+                 WHERE done_at IS NULL AND attempts >= ?1 ORDER BY queued_at, lease_id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![min_attempts, limit], backend_revocation_from_row)?;
             rows.collect()
         }))
     }

@@ -43,6 +43,8 @@ pub async fn start_with(edit: Option<spiffe_broker::dev::ConfigEdit>) -> Harness
         svid_ttl: Duration::from_secs(3600),
         clock: clock.clone(),
         config: edit,
+        vault_addr: None,
+        aws_sts_endpoint: None,
     })
     .await
     .expect("dev environment starts");
@@ -168,7 +170,7 @@ pub fn verify_jwt(token: &str, jwks: &JwkSet) -> serde_json::Value {
 pub fn token_of(c: &Option<pb::Credential>) -> String {
     match c.as_ref().and_then(|c| c.kind.as_ref()) {
         Some(pb::credential::Kind::Token(t)) => t.jwt.clone(),
-        None => panic!("no token in response"),
+        _ => panic!("no token in response"),
     }
 }
 

@@ -311,9 +311,14 @@ def run(r: Report) -> None:
             r.check("discovery lists ES256", "ES256" in disc.get("id_token_signing_alg_values_supported", []))
             jwks = http_json(jwks_uri)
             keys = jwks.get("keys", [])
-            r.check("JWKS has keys, all public EC P-256 with kid",
-                    bool(keys) and all(k.get("kty") == "EC" and k.get("crv") == "P-256" and k.get("kid")
-                                       and "d" not in k for k in keys), json.dumps(keys))
+            # EC P-256 keys (ES256 tokens), and an RSA key (RS256, slurm profiles); all
+            # public (no private members) and named.
+            r.check("JWKS has keys, each public EC P-256 (ES256) or RSA (RS256) with kid",
+                    bool(keys) and all(k.get("kid") and not ({"d", "p", "q", "dp", "dq", "qi"} & set(k))
+                                       and ((k.get("kty") == "EC" and k.get("crv") == "P-256"
+                                             and k.get("alg") == "ES256")
+                                            or (k.get("kty") == "RSA" and k.get("alg") == "RS256"))
+                                       for k in keys), json.dumps(keys))
             header = jwt.get_unverified_header(token)
             r.check("token header alg ES256 and kid in JWKS",
                     header.get("alg") == "ES256" and header.get("kid") in {k.get("kid") for k in keys},
