@@ -77,21 +77,24 @@ auth:
         bundle = dir.join("bundle.pem").display(),
     );
     std::fs::write(dir.join("config.yml"), config).expect("config");
-    let child = Command::new(REGISTRY_BIN)
-        .arg("serve")
-        .arg(dir.join("config.yml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start docker-registry");
-    // Bounded wait for the listener (start-up, not expiry).
+    let registry = Registry {
+        child: Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start docker-registry"),
+        addr,
+    };
+    // Bounded wait for the listener (start-up, not expiry); dropping kills it.
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-            return Registry { child, addr };
+        if tokio::net::TcpStream::connect(&registry.addr).await.is_ok() {
+            return registry;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("the registry did not listen on {addr}");
+    panic!("the registry did not listen on {}", registry.addr);
 }
 
 /// One HTTP/1.1 exchange: (status, lower-case headers, body).
