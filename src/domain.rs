@@ -593,12 +593,16 @@ pub struct RevocationEvent {
     pub reason: String,
     /// Hex `SHA-256(previous chain hash ‖ canonical event)`.
     pub chain_hash: String,
+    /// Hex serial of the revoked certificate (x509 leases), for TLS relying parties.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
 }
 
 impl RevocationEvent {
-    /// The canonical encoding hashed into the feed chain (everything but the chain hash).
+    /// The canonical encoding hashed into the feed chain (everything but the chain hash;
+    /// `certificate_serial` only when there is one, so older events hash as they did).
     pub fn canonical(&self) -> String {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "seq": self.seq,
             "lease_id": self.lease_id,
             "spiffe_id": self.spiffe_id,
@@ -606,8 +610,11 @@ impl RevocationEvent {
             "expires_at": self.expires_at,
             "revoked_at": self.revoked_at,
             "reason": self.reason,
-        })
-        .to_string()
+        });
+        if let Some(s) = &self.certificate_serial {
+            v["certificate_serial"] = serde_json::json!(s);
+        }
+        v.to_string()
     }
 
     /// The chain hash of this event after `prev`.

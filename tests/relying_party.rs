@@ -182,6 +182,7 @@ async fn fails_closed_when_stale_and_refuses_a_forged_feed() {
         revoked_at: 0,
         reason: "forged".into(),
         chain_hash: String::new(),
+        certificate_serial: None,
     };
     let chain = ev.chain(&[0; 32]);
     ev.chain_hash = hex::encode(chain);

@@ -1235,6 +1235,7 @@ fn to_domain(e: &pb::RevocationEvent) -> RevocationEvent {
         revoked_at: e.revoked_at.expect("revoked_at").seconds,
         reason: e.reason.clone(),
         chain_hash: e.chain_hash.clone(),
+        certificate_serial: Some(e.certificate_serial.clone()).filter(|s| !s.is_empty()),
     }
 }
 

@@ -114,6 +114,7 @@ pub fn revocation_to_pb(e: &RevocationEvent) -> pb::RevocationEvent {
         revoked_at: ts(e.revoked_at),
         reason: e.reason.clone(),
         chain_hash: e.chain_hash.clone(),
+        certificate_serial: e.certificate_serial.clone().unwrap_or_default(),
     }
 }
 

@@ -675,8 +675,12 @@ fn over_quota(conn: &Connection, lease: &Lease, max: Option<u32>) -> rusqlite::R
 /// count and a digest of every id (the feed has each one).
 const MAX_LISTED: usize = 1000;
 
-/// A revoked lease: id, holder, profile, expiry.
-type RevokedRow = (String, String, String, i64);
+/// A revoked lease: id, holder, profile, expiry, certificate serial (x509 leases).
+type RevokedRow = (String, String, String, i64, Option<String>);
+
+/// The columns of a [`RevokedRow`].
+const REVOKED_COLUMNS: &str = "id, spiffe_id, profile, expires_at, \
+     CASE WHEN backend_kind = 'x509' THEN backend_handle END";
 
 fn append_revocation_events(
     conn: &Connection,
@@ -698,12 +702,12 @@ fn append_revocation_events(
         .optional()?
         .unwrap_or((0, [0; 32]));
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO revocation_events (seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO revocation_events (seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash, certificate_serial)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     let mut sorted: Vec<&RevokedRow> = rows.iter().collect();
     sorted.sort();
-    for (lease_id, spiffe_id, profile, expires_at) in sorted {
+    for (lease_id, spiffe_id, profile, expires_at, serial) in sorted {
         seq += 1;
         let ev = RevocationEvent {
             seq: seq as u64,
@@ -714,6 +718,7 @@ fn append_revocation_events(
             revoked_at: now,
             reason: reason.to_owned(),
             chain_hash: String::new(),
+            certificate_serial: serial.clone(),
         };
         prev = ev.chain(&prev);
         stmt.execute(params![
@@ -724,7 +729,8 @@ fn append_revocation_events(
             expires_at,
             now,
             reason,
-            prev.as_slice()
+            prev.as_slice(),
+            serial
         ])?;
     }
     Ok(())
@@ -1040,10 +1046,10 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             let cut = "(?2 IS NULL OR issued_at < ?2)";
             let rows: Vec<RevokedRow> = if dry_run {
                 let mut stmt = conn.prepare(&format!(
-                    "SELECT id, spiffe_id, profile, expires_at FROM leases WHERE state = 'active' AND {filter} AND {cut}"
+                    "SELECT {REVOKED_COLUMNS} FROM leases WHERE state = 'active' AND {filter} AND {cut}"
                 ))?;
                 let rows = stmt.query_map(params![value, issued_before], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })?;
                 rows.collect::<rusqlite::Result<_>>()?
             } else {
@@ -1051,12 +1057,12 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
                 let mut stmt = conn.prepare(&format!(
                     "UPDATE leases SET state = 'revoked', ended_at = ?3, end_reason = ?4
                      WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND {filter} AND {cut} LIMIT ?5)
-                     RETURNING id, spiffe_id, profile, expires_at"
+                     RETURNING {REVOKED_COLUMNS}"
                 ))?;
                 let end_reason = format!("revoked: {reason}");
                 let rows = stmt
                     .query_map(params![value, issued_before, now, end_reason, limit], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                     })?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
@@ -1559,7 +1565,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>> {
         Box::pin(self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash
+                "SELECT seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash, certificate_serial
                  FROM revocation_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![after as i64, limit.clamp(1, 10_000)], |r| {
@@ -1572,6 +1578,7 @@ impl Store for SqliteStore {
                     revoked_at: r.get(5)?,
                     reason: r.get(6)?,
                     chain_hash: hex::encode(r.get::<_, Vec<u8>>(7)?),
+                    certificate_serial: r.get(8)?,
                 })
             })?;
             rows.collect()

@@ -20,6 +20,9 @@ CREATE TABLE backend_revocations (
 );
 CREATE INDEX backend_revocations_due ON backend_revocations (next_attempt_at) WHERE done_at IS NULL;
 
+-- The revocation feed names a revoked certificate's serial, for TLS relying parties.
+ALTER TABLE revocation_events ADD COLUMN certificate_serial TEXT;
+
 CREATE TRIGGER lease_end_queues_backend_revocation
 AFTER UPDATE OF state ON leases
 WHEN OLD.state = 'active' AND NEW.state != 'active' AND NEW.backend_revocable = 1
