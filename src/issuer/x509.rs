@@ -13,8 +13,8 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::{pem::PemObject as _, CertificateDer, CertificateSigningRequestDer};
 use x509_parser::prelude::{FromDer as _, GeneralName, ParsedExtension, X509Certificate};
@@ -133,12 +133,45 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IssueError> {
         .map_err(|e| internal(format!("{}: {e}", path.display())))
 }
 
-/// Parses a CSR from the network (PEM or DER) and checks its signature (proof of
-/// possession of the private key).
-pub fn parse_csr(bytes: &[u8]) -> Result<CertificateSigningRequestParams, IssueError> {
+/// The public key of a verified CSR: exactly the key the caller holds.
+///
+/// The key type comes from the key's own algorithm and curve, never from the CSR's
+/// signature algorithm (a P-256 key may sign its CSR with SHA-384).
+pub struct CsrKey {
+    /// The whole DER SubjectPublicKeyInfo, as the CSR carries it.
+    spki: Vec<u8>,
+    /// The BIT STRING contents (EC point, Ed25519 key, RSA `RSAPublicKey`).
+    key: Vec<u8>,
+    alg: &'static rcgen::SignatureAlgorithm,
+}
+
+impl rcgen::PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.key
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
+}
+
+const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const OID_P256: &str = "1.2.840.10045.3.1.7";
+const OID_P384: &str = "1.3.132.0.34";
+const OID_ED25519: &str = "1.3.101.112";
+const OID_RSA: &str = "1.2.840.113549.1.1.1";
+/// Smallest RSA key accepted.
+const MIN_RSA_BITS: usize = 2048;
+
+/// Parses a CSR from the network (PEM or DER), checks its signature (proof of
+/// possession of the private key) and returns its public key. Everything else in the
+/// CSR (subject, SANs, extensions) is ignored: the certificate's content is the broker's.
+pub fn parse_csr(bytes: &[u8]) -> Result<CsrKey, IssueError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::public_key::PublicKey;
+    let refuse = |m: &str| IssueError::Refused(m.to_owned());
     if bytes.is_empty() {
-        return Err(IssueError::Refused(
-            "this profile issues a certificate: send a PKCS#10 CSR (csr)".into(),
+        return Err(refuse(
+            "this profile issues a certificate: send a PKCS#10 CSR (csr)",
         ));
     }
     if bytes.len() > MAX_CSR_LEN {
@@ -148,21 +181,44 @@ pub fn parse_csr(bytes: &[u8]) -> Result<CertificateSigningRequestParams, IssueE
     }
     let der = if bytes.starts_with(b"-----BEGIN") {
         CertificateSigningRequestDer::from_pem_slice(bytes)
-            .map_err(|_| IssueError::Refused("csr is not a PEM CERTIFICATE REQUEST".into()))?
+            .map_err(|_| refuse("csr is not a PEM CERTIFICATE REQUEST"))?
     } else {
         CertificateSigningRequestDer::from(bytes.to_vec())
     };
-    match CertificateSigningRequestParams::from_der(&der) {
-        Ok(p) => Ok(p),
-        Err(rcgen::Error::InvalidCertificationRequestSignature) => Err(IssueError::Refused(
-            "csr signature does not verify (proof of possession failed)".into(),
-        )),
-        // Extensions the broker does not read are fine: it ignores all of them anyway.
-        Err(rcgen::Error::UnsupportedExtension) => Err(IssueError::Refused(
-            "csr carries an extension the broker does not accept; send a CSR with only a public key and subject".into(),
-        )),
-        Err(e) => Err(IssueError::Refused(format!("csr is not a valid PKCS#10 request: {e}"))),
+    let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
+        .map_err(|_| refuse("csr is not a valid PKCS#10 request"))?;
+    if !rest.is_empty() {
+        return Err(refuse("csr has trailing bytes"));
     }
+    csr.verify_signature()
+        .map_err(|_| refuse("csr signature does not verify (proof of possession failed)"))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let alg = spki.algorithm.algorithm.to_id_string();
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|o| o.to_id_string());
+    let alg = match (alg.as_str(), curve.as_deref()) {
+        (OID_EC_PUBLIC_KEY, Some(OID_P256)) => &rcgen::PKCS_ECDSA_P256_SHA256,
+        (OID_EC_PUBLIC_KEY, Some(OID_P384)) => &rcgen::PKCS_ECDSA_P384_SHA384,
+        (OID_ED25519, _) => &rcgen::PKCS_ED25519,
+        (OID_RSA, _) => match spki.parsed() {
+            Ok(PublicKey::RSA(k)) if k.key_size() >= MIN_RSA_BITS => &rcgen::PKCS_RSA_SHA256,
+            _ => return Err(refuse("csr RSA key is smaller than 2048 bits")),
+        },
+        _ => {
+            return Err(refuse(
+                "csr key must be ECDSA P-256 or P-384, Ed25519, or RSA of 2048+ bits",
+            ))
+        }
+    };
+    Ok(CsrKey {
+        spki: spki.raw.to_vec(),
+        key: spki.subject_public_key.data.to_vec(),
+        alg,
+    })
 }
 
 /// Signs client certificates with the issuing CA.
@@ -229,9 +285,18 @@ impl X509Issuer {
 
     /// Re-reads the minted leaf: signed by the CA, SAN = the subject only, not a CA,
     /// client-auth, the expected validity and serial.
-    fn validate(&self, der: &[u8], terms: &LeaseTerms, serial: &[u8]) -> Result<(), IssueError> {
+    fn validate(
+        &self,
+        der: &[u8],
+        terms: &LeaseTerms,
+        serial: &[u8],
+        key: &CsrKey,
+    ) -> Result<(), IssueError> {
         let bad = |m: &str| IssueError::Internal(format!("minted certificate: {m}"));
         let (_, cert) = X509Certificate::from_der(der).map_err(|_| bad("unparseable"))?;
+        if cert.public_key().raw != key.spki.as_slice() {
+            return Err(bad("public key differs from the CSR's"));
+        }
         let (_, ca_key) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&self.ca.ca_spki)
             .map_err(|_| bad("CA key unparseable"))?;
         cert.verify_signature(Some(&ca_key))
@@ -285,18 +350,16 @@ impl Issuer for X509Issuer {
         material: &'a Material,
     ) -> BoxFuture<'a, Result<Minted, IssueError>> {
         Box::pin(async move {
-            let csr = parse_csr(material.csr_der.as_deref().unwrap_or_default())?;
+            let key = parse_csr(material.csr_der.as_deref().unwrap_or_default())?;
             let mut serial = [0u8; 16];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
                 .map_err(|_| internal("rng"))?;
             serial[0] &= 0x7f;
             serial[0] |= 0x01; // positive and exactly 16 bytes in DER
-            let request = CertificateSigningRequestParams {
-                params: Self::template(grant, terms, serial)?,
-                public_key: csr.public_key,
-            };
-            let cert = request.signed_by(&self.ca.issuer).map_err(internal)?;
-            self.validate(cert.der(), terms, &serial)?;
+            let cert = Self::template(grant, terms, serial)?
+                .signed_by(&key, &self.ca.issuer)
+                .map_err(internal)?;
+            self.validate(cert.der(), terms, &serial, &key)?;
             let chain_pem = format!("{}{}", cert.pem(), self.ca.chain_pem);
             let serial = hex::encode(serial);
             Ok(Minted {
