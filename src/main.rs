@@ -222,6 +222,17 @@ enum AuditCommand {
 
 #[derive(Subcommand)]
 enum KeysCommand {
+    /// Create every key a broker needs in STATE_DIR/keys (token ES256 key, RS256 key for
+    /// slurm profiles, audit-log key, revocation-feed key), to be shared by replicas
+    /// (e.g. as a Kubernetes Secret). Existing keys are kept. Prints the JWKS.
+    Init {
+        /// Where to write (keys in STATE_DIR/keys, mode 0600).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The trust domain naming the log and feed keys (as the broker's SPIFFE ID's).
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+    },
     /// Make a new signing key current; the old one stays published as previous.
     /// Takes effect at the broker's next start.
     Rotate {
@@ -1485,6 +1496,31 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Audit { command } => audit_command(command).await,
+        Command::Keys {
+            command:
+                KeysCommand::Init {
+                    state_dir,
+                    trust_domain,
+                },
+        } => {
+            let dir = state_dir.join("keys");
+            let ring = spiffe_broker::crypto::KeyRing::load_or_create(&dir)
+                .and_then(|r| r.with_rsa(&dir))
+                .map_err(fail)?;
+            spiffe_broker::checkpoint::LogSigner::load_or_create(
+                &dir,
+                &format!("{trust_domain}/spiffe-broker/audit"),
+            )
+            .map_err(fail)?;
+            spiffe_broker::checkpoint::LogSigner::load_or_create_as(
+                &dir,
+                "revocations",
+                &format!("{trust_domain}/spiffe-broker/revocations"),
+            )
+            .map_err(fail)?;
+            out!("{}", serde_json::to_string(&ring.jwks()).map_err(fail)?);
+            Ok(())
+        }
         Command::Keys {
             command: KeysCommand::Rotate { state_dir },
         } => {
