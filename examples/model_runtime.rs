@@ -43,10 +43,7 @@ fn describe(c: &Option<Credential>) -> String {
         Some(credential::Kind::Token(t)) => format!("bearer token ({} bytes)", t.jwt.len()),
         Some(credential::Kind::Secret(s)) => {
             // Hand the values to the database driver; print only the field names.
-            format!(
-                "secret with fields {:?}",
-                s.data.keys().collect::<Vec<_>>()
-            )
+            format!("secret with fields {:?}", s.data.keys().collect::<Vec<_>>())
         }
         Some(credential::Kind::Certificate(c)) => format!("certificate {}", c.serial),
         None => "extended in place".into(),
