@@ -566,6 +566,41 @@ async fn not_ready_once_its_own_svid_has_expired() {
     let (status, body) = h.http_get("/readyz").await;
     assert_eq!(status, 503, "expired own SVID: {body}");
     assert_eq!(h.http_get("/healthz").await.0, 200, "alive, just not ready");
+    // gRPC health follows: NOT_SERVING for the server and each service. (The follower
+    // re-reads readiness every 500 ms; this waits for that tick, bounded.)
+    let identity = h.identity(DEPLOY_AGENT).await;
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(h.channel_as(&identity).await);
+    let status_of = |service: &str| tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    };
+    let mut status = 0;
+    for _ in 0..100 {
+        status = health
+            .check(status_of(""))
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status;
+        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    let broker_service = health
+        .check(status_of("spiffe_broker.v1.CredentialBroker"))
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status;
+    assert_eq!(
+        broker_service,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
 }
 
 #[tokio::test]

@@ -58,6 +58,28 @@ pub struct BrokerParts {
     _sources: (X509Source, JwtSource),
 }
 
+/// How often gRPC health re-reads readiness.
+const HEALTH_POLL: Duration = Duration::from_millis(500);
+
+/// Sets every service's gRPC health status (and the server's, the empty name).
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for name in [
+        "",
+        <CredentialBrokerServer<CredentialBrokerService> as tonic::server::NamedService>::NAME,
+        <AdminServer<AdminService> as tonic::server::NamedService>::NAME,
+        <ApprovalsServer<ApprovalsService> as tonic::server::NamedService>::NAME,
+        <RelyingPartyServer<RelyingPartyService> as tonic::server::NamedService>::NAME,
+    ] {
+        health.set_service_status(name, status).await;
+    }
+}
+
 /// How often the backend revocation queue is looked at.
 const BACKEND_REVOKE_POLL: Duration = Duration::from_secs(1);
 
@@ -263,6 +285,29 @@ pub async fn run(
     health
         .set_serving::<RelyingPartyServer<RelyingPartyService>>()
         .await;
+    // gRPC health follows readiness (the broker's own SVID current): a gRPC-aware load
+    // balancer stops sending when /readyz would say 503.
+    let health_follower = {
+        let ready = parts.http.ready.clone();
+        let health = health.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut serving = true;
+            let mut tick = tokio::time::interval(HEALTH_POLL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = rx.changed() => return,
+                }
+                let now = ready();
+                if now != serving {
+                    serving = now;
+                    set_health(&health, now).await;
+                    tracing::warn!(serving = now, "gRPC health follows readiness");
+                }
+            }
+        })
+    };
 
     let broker = parts.broker.clone();
     let reaper = {
@@ -351,6 +396,7 @@ pub async fn run(
     let (g, h) = tokio::join!(grpc_server, http_server);
     let _ = reaper.await;
     let _ = checkpointer.await;
+    let _ = health_follower.await;
     // One last checkpoint once in-flight requests have drained, so it covers every
     // entry behind an answer the broker gave.
     if let Err(e) = broker.checkpoint().await {
