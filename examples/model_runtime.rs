@@ -13,7 +13,7 @@
 //! Without a Vault at `--vault-addr`, `feature-db` answers UNAVAILABLE and the runtime
 //! carries on with the dataset token alone.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use spiffe_broker::client::{self, ClientIdentity};
 use spiffe_broker::proto::v1::credential_broker_client::CredentialBrokerClient;
@@ -32,10 +32,8 @@ struct Held {
 }
 
 fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
+    use spiffe_broker::clock::Clock as _;
+    spiffe_broker::clock::SystemClock.unix_seconds()
 }
 
 fn describe(c: &Option<Credential>) -> String {

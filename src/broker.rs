@@ -712,8 +712,42 @@ impl Broker {
         material: &Material,
         rpc: &str,
     ) -> Result<Minted, BrokerError> {
-        let issuer = self.issuer_for(grant.profile.kind)?;
-        match Self::within_deadline(&grant.profile, issuer.issue(grant, terms, material)).await {
+        let issuer = self.issuer_for(grant.profile.kind)?.clone();
+        // The backend call runs as its own task: when the deadline passes, the request
+        // fails at once, and whatever the backend still returns is revoked there rather
+        // than left behind with nobody holding it.
+        let call = {
+            let (issuer, grant, terms, material) = (
+                issuer.clone(),
+                grant.clone(),
+                terms.clone(),
+                material.clone(),
+            );
+            tokio::spawn(async move { issuer.issue(&grant, &terms, &material).await })
+        };
+        let deadline = grant.profile.deadline;
+        let mut call = call;
+        let result = match tokio::time::timeout(deadline, &mut call).await {
+            Ok(Ok(r)) => r.map_err(BrokerError::from),
+            Ok(Err(join)) => Err(BrokerError::Internal(format!(
+                "backend call failed: {join}"
+            ))),
+            Err(_) => {
+                tokio::spawn(async move {
+                    if let Ok(Ok(late)) = call.await {
+                        if let Some(handle) = late.handle {
+                            revoke_orphan(issuer, handle).await;
+                        }
+                    }
+                });
+                Err(BrokerError::BackendUnavailable(format!(
+                    "{} backend did not answer within {deadline:?} (profile {})",
+                    grant.profile.kind.as_str(),
+                    grant.profile.name
+                )))
+            }
+        };
+        match result {
             Ok(m) => Ok(m),
             Err(e) => {
                 self.metrics.backend_failures.inc();
@@ -736,18 +770,7 @@ impl Broker {
         else {
             return;
         };
-        tokio::spawn(async move {
-            for attempt in 0..5u32 {
-                match issuer.revoke(&b.handle).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(backend = %b.kind, attempt, error = %e, "revoking an unrecorded backend credential failed");
-                        tokio::time::sleep(Duration::from_millis(500u64 << attempt)).await;
-                    }
-                }
-            }
-            tracing::error!(backend = %b.kind, "gave up revoking an unrecorded backend credential; it expires with its backend TTL");
-        });
+        tokio::spawn(revoke_orphan(issuer, b.handle));
     }
 
     fn context(
@@ -2116,6 +2139,36 @@ impl Broker {
             .receipt
             .ok_or_else(|| BrokerError::Internal("force-remove recorded nothing".into()))
     }
+}
+
+/// Revokes a backend credential that no lease records (a refused or timed-out issuance):
+/// a few tries, each bounded, in memory only — it is not on the durable queue because
+/// there is no lease to queue it on; at worst it lives out its backend TTL.
+async fn revoke_orphan(issuer: Arc<dyn Issuer>, handle: String) {
+    if !issuer.kind().revocable_in_backend() {
+        return;
+    }
+    let kind = issuer.kind().as_str();
+    for attempt in 0..5u32 {
+        match tokio::time::timeout(BACKEND_REVOKE_TIMEOUT, issuer.revoke(&handle)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(backend = kind, attempt, error = %e, "revoking an unrecorded backend credential failed")
+            }
+            Err(_) => {
+                tracing::warn!(
+                    backend = kind,
+                    attempt,
+                    "revoking an unrecorded backend credential timed out"
+                )
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500u64 << attempt)).await;
+    }
+    tracing::error!(
+        backend = kind,
+        "gave up revoking an unrecorded backend credential; it expires with its backend TTL"
+    );
 }
 
 /// Backend revocations tried per pass.

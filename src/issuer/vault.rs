@@ -161,17 +161,21 @@ impl VaultIssuer {
     }
 
     /// A current client token, logging in when there is none (or `fresh` is asked).
+    /// The lock is not held across the login: a login stuck behind a slow Vault (or
+    /// still finishing for a request that gave up at its deadline) never holds up the
+    /// next request; two concurrent logins are harmless.
     async fn token(&self, fresh: bool) -> Result<Secret, IssueError> {
-        let mut s = self.session.lock().await;
-        match &*s {
-            Some(sess) if !fresh && Instant::now() < sess.renew_after => Ok(sess.token.clone()),
-            _ => {
-                let sess = self.login().await?;
-                let token = sess.token.clone();
-                *s = Some(sess);
-                Ok(token)
+        if !fresh {
+            if let Some(sess) = &*self.session.lock().await {
+                if Instant::now() < sess.renew_after {
+                    return Ok(sess.token.clone());
+                }
             }
         }
+        let sess = self.login().await?;
+        let token = sess.token.clone();
+        *self.session.lock().await = Some(sess);
+        Ok(token)
     }
 
     /// Sends with the client token; on 403 logs in once more (the token may have been

@@ -317,10 +317,6 @@ pub async fn run(
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // Backend revocations are retried on their own schedule (back-off per entry);
-            // this only bounds how soon a due one is noticed.
-            let mut backends = tokio::time::interval(BACKEND_REVOKE_POLL);
-            backends.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
@@ -330,14 +326,31 @@ pub async fn run(
                             Err(e) => tracing::warn!(error = %e, "reaper could not commit; will retry"),
                         }
                     }
-                    _ = backends.tick() => {
-                        match broker.revoke_in_backends().await {
-                            Ok((0, 0)) => {}
-                            Ok((ok, failed)) => tracing::info!(revoked = ok, failed, "backend revocations"),
-                            Err(e) => tracing::warn!(error = %e, "backend revocation pass failed; will retry"),
-                        }
-                    }
                     _ = rx.changed() => return,
+                }
+            }
+        })
+    };
+    // Backend revocations run on their own task, so a hanging backend never holds up
+    // expiry; entries are retried on their own back-off, this only bounds how soon a
+    // due one is noticed.
+    let backend_revoker = {
+        let broker = broker.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(BACKEND_REVOKE_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = rx.changed() => return,
+                }
+                match broker.revoke_in_backends().await {
+                    Ok((0, 0)) => {}
+                    Ok((ok, failed)) => tracing::info!(revoked = ok, failed, "backend revocations"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "backend revocation pass failed; will retry")
+                    }
                 }
             }
         })
@@ -397,6 +410,7 @@ pub async fn run(
     let _ = reaper.await;
     let _ = checkpointer.await;
     let _ = health_follower.await;
+    let _ = backend_revoker.await;
     // One last checkpoint once in-flight requests have drained, so it covers every
     // entry behind an answer the broker gave.
     if let Err(e) = broker.checkpoint().await {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod vault_double;
 
 use std::sync::Arc;
 use std::time::Duration;
