@@ -1,0 +1,157 @@
+//! Faults in the ledger's file system: the broker's state dir on a small tmpfs the test
+//! mounts, filled up while the broker runs. Issuance must fail closed with UNAVAILABLE
+//! within the commit bound, nothing half-written may appear (`PRAGMA integrity_check`,
+//! the chain verifies), and issuance must recover by itself once space returns.
+//!
+//! Mounting needs root (CI runs as root); without the privilege the test says so and fails.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{gpu_request, DEPLOY_AGENT};
+use spiffe_broker::client::{self, ClientIdentity};
+use spiffe_broker::clock::ManualClock;
+use spiffe_broker::dev::{self, DevOptions};
+use spiffe_broker::proto::v1 as pb;
+use spiffe_broker::store::SqliteStore;
+use tonic::Code;
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).expect("mount point");
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes zeros until the file system is full; returns the filler's path.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write as _;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_closed_and_recovers_when_space_returns() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let _fs = Tmpfs::mount(&state, "8m");
+    let env = dev::start(DevOptions {
+        state_dir: state.clone(),
+        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+        http_addr: "127.0.0.1:0".parse().expect("addr"),
+        svid_ttl: Duration::from_secs(3600),
+        clock: Arc::new(ManualClock::new()),
+        config: Some(Box::new(|demo: String| {
+            demo.replace("commit_timeout = \"5s\"", "commit_timeout = \"2s\"")
+        })),
+        vault_addr: None,
+        aws_sts_endpoint: None,
+    })
+    .await
+    .expect("dev environment on the tmpfs");
+    let socket = env.socket(DEPLOY_AGENT);
+    let source = client::workload_source(Some(&format!("unix://{}", socket.display())))
+        .await
+        .expect("SVID");
+    let channel = client::connect(
+        &env.grpc_addr.to_string(),
+        dev::BROKER_ID,
+        &ClientIdentity::Workload(source),
+    )
+    .await
+    .expect("mTLS");
+    let mut c = pb::credential_broker_client::CredentialBrokerClient::new(channel);
+    c.issue_credential(gpu_request(600))
+        .await
+        .expect("issues while there is space");
+
+    // The disk fills up: every issuance is refused, quickly, with UNAVAILABLE.
+    let filler = fill(&state);
+    let mut refused = 0;
+    for _ in 0..20 {
+        let started = Instant::now();
+        match c.issue_credential(gpu_request(600)).await {
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(4),
+                    "refused within the 2 s commit bound (+ slack): {:?}",
+                    started.elapsed()
+                );
+                refused += 1;
+            }
+            // SQLite may still fit a page or two in space it already holds.
+            Ok(_) => {}
+        }
+    }
+    assert!(refused >= 15, "a full disk refuses issuance ({refused}/20)");
+
+    // Space returns: issuance recovers by itself, no restart.
+    std::fs::remove_file(&filler).expect("free space");
+    let mut recovered = false;
+    for _ in 0..50 {
+        if c.issue_credential(gpu_request(600)).await.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "issuance recovers once space returns");
+
+    // Nothing half-written: SQLite's own check, and the hash chain and Merkle tree.
+    let conn = rusqlite::Connection::open(state.join("ledger.db")).expect("open");
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check");
+    assert_eq!(check, "ok");
+    let issued: i64 = conn
+        .query_row("SELECT count(*) FROM leases", [], |r| r.get(0))
+        .expect("count");
+    let issue_entries: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM audit_log WHERE kind = 'issue'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(issued, issue_entries, "every lease has its issue entry");
+    drop(conn);
+    let report = SqliteStore::verify_file(&state.join("ledger.db")).expect("the log verifies");
+    assert!(report.entries > 0);
+    drop(c);
+    drop(env);
+}
