@@ -155,3 +155,62 @@ async fn a_full_disk_fails_closed_and_recovers_when_space_returns() {
     drop(c);
     drop(env);
 }
+
+/// The serial of the certificate the broker presents on a fresh TLS connection.
+async fn broker_serial(h: &common::Harness) -> Vec<u8> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let identity = h.identity(DEPLOY_AGENT).await;
+    let broker_id = spiffe::SpiffeId::new(dev::BROKER_ID).expect("id");
+    let cfg = client::tls_config(&identity, &broker_id).expect("tls config");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(h.env.grpc_addr)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("spiffe-broker.invalid").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("handshake");
+    let leaf = tls.get_ref().1.peer_certificates().expect("peer certs")[0].clone();
+    let (_, cert) = X509Certificate::from_der(&leaf).expect("certificate");
+    cert.raw_serial().to_vec()
+}
+
+/// The Workload API (the SPIRE agent) goes away: the broker keeps serving with the SVID
+/// it holds (new connections, issuance, readiness); when the socket comes back it picks
+/// up a fresh SVID by itself. (Refusing once that cached SVID has expired is
+/// `lifecycle::not_ready_once_its_own_svid_has_expired`.)
+#[tokio::test]
+async fn the_workload_api_going_away_keeps_the_cached_svid_and_picks_up_a_new_one() {
+    let h = common::start().await;
+    let before = broker_serial(&h).await;
+    h.env.workload_api.take_away(dev::BROKER_ID);
+    assert!(!h.env.socket(dev::BROKER_ID).exists(), "socket removed");
+
+    // Still serving on the cached SVID: a new connection, an issuance, ready.
+    assert_eq!(broker_serial(&h).await, before);
+    h.broker_as(DEPLOY_AGENT)
+        .await
+        .issue_credential(gpu_request(600))
+        .await
+        .expect("issues on the cached SVID");
+    assert_eq!(h.http_get("/readyz").await.0, 200);
+
+    // The agent is back: the source reconnects (its own back-off, bounded here) and the
+    // broker presents a fresh SVID without a restart.
+    h.env
+        .workload_api
+        .bring_back(dev::BROKER_ID)
+        .expect("socket back");
+    let mut fresh = false;
+    for _ in 0..300 {
+        if broker_serial(&h).await != before {
+            fresh = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fresh, "a fresh SVID once the Workload API is back");
+    h.broker_as(DEPLOY_AGENT)
+        .await
+        .issue_credential(gpu_request(600))
+        .await
+        .expect("issues on the fresh SVID");
+}

@@ -33,6 +33,10 @@ pub struct DevWorkloadApi {
     sockets: BTreeMap<String, PathBuf>,
     rotate: watch::Sender<u64>,
     stop: watch::Sender<bool>,
+    ca: Arc<DevCa>,
+    svid_ttl: Duration,
+    /// Per-socket server tasks and "gone" switches (tests take a socket away and back).
+    servers: std::sync::Mutex<BTreeMap<String, (tokio::task::JoinHandle<()>, watch::Sender<bool>)>>,
 }
 
 impl DevWorkloadApi {
@@ -47,37 +51,87 @@ impl DevWorkloadApi {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        let (rotate, rotate_rx) = watch::channel(0u64);
-        let (stop, stop_rx) = watch::channel(false);
-        let mut sockets = BTreeMap::new();
-        for id in ids {
-            let path = dir.join(socket_name(id));
-            let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path)?;
-            let svc = IdentityService::new(ca.clone(), id.clone(), svid_ttl, rotate_rx.clone());
-            let mut stop_rx = stop_rx.clone();
-            tokio::spawn(async move {
-                let res = tonic::transport::Server::builder()
-                    .add_service(SpiffeWorkloadApiServer::new(svc))
-                    .serve_with_incoming_shutdown(
-                        UnixListenerStream::new(listener)
-                            .map(|conn| conn.map(authority::AuthorityFix::new)),
-                        async move {
-                            let _ = stop_rx.wait_for(|v| *v).await;
-                        },
-                    )
-                    .await;
-                if let Err(e) = res {
-                    tracing::error!(error = %e, "dev Workload API socket stopped");
-                }
-            });
-            sockets.insert(id.to_string(), path);
-        }
-        Ok(Self {
-            sockets,
+        let (rotate, _) = watch::channel(0u64);
+        let (stop, _) = watch::channel(false);
+        let api = Self {
+            sockets: ids
+                .iter()
+                .map(|id| (id.to_string(), dir.join(socket_name(id))))
+                .collect(),
             rotate,
             stop,
-        })
+            ca,
+            svid_ttl,
+            servers: std::sync::Mutex::new(BTreeMap::new()),
+        };
+        for id in ids {
+            api.serve(id)?;
+        }
+        Ok(api)
+    }
+
+    /// Binds and serves one identity's socket.
+    fn serve(&self, id: &SpiffeId) -> std::io::Result<()> {
+        let path = self
+            .sockets
+            .get(&id.to_string())
+            .cloned()
+            .unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        let (gone, gone_rx) = watch::channel(false);
+        let svc = IdentityService::new(
+            self.ca.clone(),
+            id.clone(),
+            self.svid_ttl,
+            self.rotate.subscribe(),
+            gone_rx,
+        );
+        let mut stop_rx = self.stop.subscribe();
+        let task = tokio::spawn(async move {
+            let res = tonic::transport::Server::builder()
+                .add_service(SpiffeWorkloadApiServer::new(svc))
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener)
+                        .map(|conn| conn.map(authority::AuthorityFix::new)),
+                    async move {
+                        let _ = stop_rx.wait_for(|v| *v).await;
+                    },
+                )
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "dev Workload API socket stopped");
+            }
+        });
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), (task, gone));
+        Ok(())
+    }
+
+    /// Takes one identity's socket away (the agent is gone): its server is dropped at
+    /// once, so streams already open break too, and the socket file is removed.
+    pub fn take_away(&self, id: &str) {
+        if let Some((task, gone)) = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        {
+            task.abort();
+            let _ = gone.send(true);
+        }
+        if let Some(path) = self.sockets.get(id) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Brings a socket taken away back (the agent restarted).
+    pub fn bring_back(&self, id: &str) -> std::io::Result<()> {
+        let id = SpiffeId::new(id)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        self.serve(&id)
     }
 
     /// Socket path of an identity.

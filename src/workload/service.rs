@@ -27,6 +27,9 @@ pub(super) struct IdentityService {
     id: SpiffeId,
     svid_ttl: Duration,
     rotate: watch::Receiver<u64>,
+    /// Turns true when the socket is taken away: open SVID streams end, as they would
+    /// when a real agent dies.
+    gone: watch::Receiver<bool>,
 }
 
 impl IdentityService {
@@ -35,12 +38,14 @@ impl IdentityService {
         id: SpiffeId,
         svid_ttl: Duration,
         rotate: watch::Receiver<u64>,
+        gone: watch::Receiver<bool>,
     ) -> Self {
         Self {
             ca,
             id,
             svid_ttl,
             rotate,
+            gone,
         }
     }
 
@@ -132,15 +137,19 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for IdentityService {
             self.id.clone(),
             self.svid_ttl,
             self.rotate.clone(),
+            self.gone.clone(),
         );
         tokio::spawn(async move {
             let mut rotate = me.rotate.clone();
             rotate.borrow_and_update();
+            let mut gone = me.gone.clone();
             loop {
                 // Rotate at half-life, or at once when asked.
                 tokio::select! {
                     _ = tokio::time::sleep(me.svid_ttl / 2) => {}
                     r = rotate.changed() => if r.is_err() { return },
+                    // The stream ends (the connection with it, as a dying agent's).
+                    _ = gone.wait_for(|g| *g) => return,
                     _ = tx.closed() => return,
                 }
                 let next = me.x509_response();
