@@ -2019,9 +2019,11 @@ impl Broker {
     /// Returns (revoked, failed).
     pub async fn revoke_in_backends(&self) -> Result<(usize, usize), BrokerError> {
         let now = self.clock.unix_seconds();
+        // Claimed for 60 s: another replica skips these rows meanwhile; each attempt's
+        // outcome (revoked, or failed with the next attempt's time) ends the claim.
         let due = self
             .store
-            .due_backend_revocations(now, BACKEND_REVOKE_BATCH)
+            .claim_backend_revocations(now, BACKEND_REVOKE_BATCH, 60)
             .await?;
         let (mut ok, mut failed) = (0, 0);
         for r in due {

@@ -148,6 +148,25 @@ pub struct LedgerConfig {
     pub max_batch: usize,
 }
 
+/// A PostgreSQL connection string, URL (`postgres://user:password@host:port/db`) or
+/// key=value (`host=… user=… dbname=…`) form. It may hold a password: `Debug` hides it,
+/// and nothing logs [`PostgresUrl::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl(String);
+
+impl PostgresUrl {
+    /// The connection string itself, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::store::postgres::redact(&self.0))
+    }
+}
+
 /// Where approval notifications go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotificationConfig {
@@ -195,6 +214,10 @@ pub struct Config {
     pub log_origin: Option<String>,
     /// Ledger tuning.
     pub ledger: LedgerConfig,
+    /// `[ledger] postgres_url`: the ledger lives in this PostgreSQL database, which several
+    /// broker replicas may share (one chain, background work done once); `None` keeps the
+    /// embedded SQLite ledger in `state_dir`. No TLS: loopback or the cluster's network.
+    pub postgres_url: Option<PostgresUrl>,
     /// Credential profiles.
     pub profiles: Vec<Profile>,
     /// Vault, for `kind = "vault"` profiles.
@@ -283,6 +306,7 @@ struct RawLedger {
     commit_timeout: Option<String>,
     busy_timeout: Option<String>,
     max_batch: Option<usize>,
+    postgres_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -379,6 +403,14 @@ impl Config {
         if max_batch == 0 || max_batch > 10_000 {
             return err("ledger.max_batch: must be between 1 and 10000");
         }
+        let postgres_url = match raw.ledger.postgres_url {
+            None => None,
+            Some(url) => {
+                crate::store::postgres::parse_url(&url)
+                    .map_err(|e| ConfigError(format!("ledger.postgres_url: {e}")))?;
+                Some(PostgresUrl(url))
+            }
+        };
         Ok(Config {
             issuer_url: raw.issuer_url,
             grpc_addr: addr("grpc_addr", &raw.grpc_addr)?,
@@ -430,6 +462,7 @@ impl Config {
                 )?,
                 max_batch,
             },
+            postgres_url,
             profiles,
             vault,
             aws_sts,
@@ -698,5 +731,31 @@ default_ttl = "10m"
         assert!(Config::from_toml(&bad).is_err());
         let bad = GOOD.replace("roles = [\"deployer\"]", "roles = [\"Bad Role\"]");
         assert!(Config::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn postgres_url_is_checked_and_never_shown() {
+        assert!(Config::from_toml(GOOD)
+            .expect("config")
+            .postgres_url
+            .is_none());
+        let with = |url: &str| format!("{GOOD}\n[ledger]\npostgres_url = \"{url}\"\n");
+        let c =
+            Config::from_toml(&with("postgres://broker:s3cret@db:5432/ledger")).expect("URL form");
+        let url = c.postgres_url.as_ref().expect("set");
+        assert_eq!(url.expose(), "postgres://broker:s3cret@db:5432/ledger");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug hides the password"
+        );
+        Config::from_toml(&with("host=db user=broker password=s3cret dbname=ledger"))
+            .expect("key=value form");
+        let e = Config::from_toml(&with("postgres://broker:s3cret@db/ledger?sslmode=require"))
+            .expect_err("TLS required is refused");
+        assert!(e.to_string().contains("ledger.postgres_url"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = Config::from_toml(&format!("{GOOD}\n[ledger]\npostgres = \"x\"\n"))
+            .expect_err("unknown ledger field");
+        assert!(e.to_string().contains("postgres"), "{e}");
     }
 }

@@ -1,18 +1,27 @@
-//! One `Store` contract, one conformance suite, run against every backend
-//! (SQLite today). Each check goes through the trait only.
+//! One `Store` contract, one conformance suite, run against every backend (SQLite and
+//! PostgreSQL). Each check goes through the trait only. The PostgreSQL tests start their
+//! own throwaway server (`common::pg`; Debian's `postgresql` package) or use
+//! `SPIFFE_BROKER_TEST_PG_URL`; without either they fail, naming the package.
 
+mod common;
+
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use spiffe_broker::audit::{AuditEvent, ChainVerifier, EventKind};
-use spiffe_broker::checkpoint::LogSigner;
+use common::pg;
+use spiffe_broker::audit::{AuditEvent, ChainVerifier, EventKind, LogReport, LogVerifier};
+use spiffe_broker::checkpoint::{LogSigner, VerifierKey};
 use spiffe_broker::config::LedgerConfig;
 use spiffe_broker::domain::{
-    Lease, LeaseFilter, LeaseId, LeaseState, ProfileName, RevokeSelector, Scope,
+    BackendHandle, Lease, LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RevokeSelector,
+    Scope,
 };
-use spiffe_broker::merkle::verify_consistency;
+use spiffe_broker::merkle::{leaf_hash, verify_consistency, verify_inclusion};
 use spiffe_broker::metrics::Metrics;
-use spiffe_broker::store::{LedgerOp, Refusal, SqliteStore, Store};
+use spiffe_broker::store::{
+    LedgerOp, PostgresStore, Refusal, SqliteStore, Store, StoreError, StoredCheckpoint,
+};
 
 const HOLDER: &str = "spiffe://example.org/ci/deploy-agent";
 
@@ -39,6 +48,8 @@ fn lease(holder: &str, issued_at: i64, ttl: i64) -> Lease {
 fn ev(kind: EventKind, lease: Option<&LeaseId>) -> AuditEvent {
     let mut e = AuditEvent::new(1_000, kind, "allow");
     e.lease_id = lease.map(|l| l.to_string());
+    // Entries name their caller, as the broker's do (the per-identity counters run too).
+    e.caller = Some(HOLDER.to_owned());
     e
 }
 
@@ -263,22 +274,122 @@ async fn conformance(store: Arc<dyn Store>) {
     assert_eq!(seqs.len(), 200, "distinct sequence numbers");
     let entries = assert_chain(s).await;
     assert_eq!(entries, *seqs.last().expect("last"));
+
+    // Backend revocations: queued when a stateful backend's lease ends, claimed for a
+    // while (not handed out again meanwhile), rescheduled by a failed attempt, done once
+    // the backend confirmed.
+    let vault = |n: u32| {
+        let mut l = lease("spiffe://example.org/ml/model-runtime", now, 600);
+        l.backend = Some(BackendHandle {
+            kind: "vault".into(),
+            handle: format!("database/creds/reader/{n}"),
+            revocable: true,
+        });
+        l
+    };
+    let (v1, v2) = (issue(s, vault(1)).await, issue(s, vault(2)).await);
+    s.apply(LedgerOp::Release {
+        lease_id: v1.id.clone(),
+        holder: v1.spiffe_id.clone(),
+        now: now + 50,
+        event: ev(EventKind::Release, Some(&v1.id)),
+    })
+    .await
+    .expect("release");
+    s.apply(LedgerOp::Revoke {
+        selector: RevokeSelector::Lease(v2.id.clone()),
+        issued_before: None,
+        reason: "test".into(),
+        now: now + 60,
+        dry_run: false,
+        chunk: None,
+        event: ev(EventKind::Revoke, None),
+    })
+    .await
+    .expect("revoke");
+    assert!(
+        s.claim_backend_revocations(now + 49, 10, 60)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "nothing is due before the lease ended"
+    );
+    let claimed = s
+        .claim_backend_revocations(now + 100, 10, 60)
+        .await
+        .expect("claim");
+    let ids: Vec<&str> = claimed.iter().map(|r| r.lease_id.as_str()).collect();
+    assert_eq!(ids, [v1.id.as_str(), v2.id.as_str()], "oldest due first");
+    assert!(claimed
+        .iter()
+        .all(|r| r.next_attempt_at == now + 160 && r.attempts == 0));
+    assert_eq!(claimed[0].handle, "database/creds/reader/1");
+    assert_eq!(claimed[1].queued_at, now + 60);
+    assert!(
+        s.claim_backend_revocations(now + 100, 10, 60)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "claimed rows are not handed out twice"
+    );
+    assert_eq!(
+        s.pending_backend_revocations(0, 10)
+            .await
+            .expect("pending")
+            .len(),
+        2,
+        "a claim is not a revocation"
+    );
+    s.apply(LedgerOp::BackendRevoked {
+        lease_id: v1.id.to_string(),
+        now: now + 101,
+        event: ev(EventKind::BackendRevoke, Some(&v1.id)),
+    })
+    .await
+    .expect("revoked");
+    s.apply(LedgerOp::BackendRevokeFailed {
+        lease_id: v2.id.to_string(),
+        error: "vault: connection refused".into(),
+        next_attempt_at: now + 105,
+    })
+    .await
+    .expect("failed attempt");
+    assert!(s
+        .claim_backend_revocations(now + 104, 10, 60)
+        .await
+        .expect("claim")
+        .is_empty());
+    let again = s
+        .claim_backend_revocations(now + 105, 10, 60)
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 1, "only the failed one, at its next attempt");
+    assert_eq!(again[0].lease_id, v2.id.as_str());
+    assert_eq!(again[0].attempts, 1);
+    assert_eq!(
+        again[0].last_error.as_deref(),
+        Some("vault: connection refused")
+    );
+    assert!(
+        s.claim_backend_revocations(now + 10_000, 10, 60)
+            .await
+            .expect("claim")
+            .iter()
+            .all(|r| r.lease_id != v1.id.as_str()),
+        "a confirmed revocation is never claimed again"
+    );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_store_conforms() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let metrics = Arc::new(Metrics::new());
-    let cfg = LedgerConfig {
-        commit_timeout: Duration::from_secs(5),
+fn ledger_cfg(commit_timeout: Duration) -> LedgerConfig {
+    LedgerConfig {
+        commit_timeout,
         busy_timeout: Duration::from_secs(2),
         max_batch: 256,
-    };
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir.path().join("ledger.db"), &cfg, metrics.clone()).expect("open"),
-    );
-    conformance(store.clone()).await;
-    // Group commit happened: fewer commits than operations.
+    }
+}
+
+/// Group commit happened: fewer commits than operations.
+fn assert_group_commit(metrics: &Metrics) -> (f64, f64) {
     let text = metrics.render();
     let count = |name: &str| -> f64 {
         text.lines()
@@ -290,6 +401,83 @@ async fn sqlite_store_conforms() {
     let commits = count("spiffe_broker_ledger_commit_batch_size_count");
     let ops = count("spiffe_broker_ledger_commit_batch_size_sum");
     assert!(commits < ops, "ops {ops} shared {commits} commits");
+    (commits, ops)
+}
+
+async fn checkpoint(store: &dyn Store, signer: &Arc<LogSigner>, time_ms: i64) -> StoredCheckpoint {
+    store
+        .apply(LedgerOp::Checkpoint {
+            signer: signer.clone(),
+            time_ms,
+        })
+        .await
+        .expect("checkpoint")
+        .checkpoint
+        .expect("signed")
+}
+
+/// The offline verification, through the trait: every entry's chain link, the Merkle
+/// root of every checkpoint recomputed from the entries, every checkpoint signature.
+async fn verify_log(store: &dyn Store, signer: &LogSigner) -> LogReport {
+    let vkey = VerifierKey::parse(&signer.vkey()).expect("vkey");
+    let notes: Vec<(u64, String)> = store
+        .checkpoints()
+        .await
+        .expect("checkpoints")
+        .into_iter()
+        .map(|c| (c.size, c.note))
+        .collect();
+    let mut v = LogVerifier::new(&notes, &vkey).expect("checkpoint signatures");
+    let mut after = 0;
+    loop {
+        let page = store.audit_entries(after, 500).await.expect("entries");
+        if page.is_empty() {
+            break;
+        }
+        for e in &page {
+            v.push(e, None).expect("entry verifies");
+            after = e.seq;
+        }
+    }
+    v.finish().expect("log verifies")
+}
+
+/// A PostgreSQL store; opening connects and migrates, so it runs off the async threads.
+async fn open_pg(url: &str, cfg: &LedgerConfig, metrics: Arc<Metrics>) -> Arc<PostgresStore> {
+    let (url, cfg) = (url.to_owned(), cfg.clone());
+    let store = tokio::task::spawn_blocking(move || PostgresStore::open(&url, &cfg, metrics))
+        .await
+        .expect("open task")
+        .expect("PostgreSQL store opens");
+    Arc::new(store)
+}
+
+async fn issue_at(
+    store: &dyn Store,
+    l: Lease,
+) -> Result<spiffe_broker::store::Applied, StoreError> {
+    let id = l.id.clone();
+    store
+        .apply(LedgerOp::Issue {
+            lease: l,
+            event: ev(EventKind::Issue, Some(&id)),
+            max_active: None,
+            break_glass: None,
+            idempotency: None,
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_conforms() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = Arc::new(Metrics::new());
+    let cfg = ledger_cfg(Duration::from_secs(5));
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("ledger.db"), &cfg, metrics.clone()).expect("open"),
+    );
+    conformance(store.clone()).await;
+    assert_group_commit(&metrics);
 
     // A checkpoint before the restart, one after: the tree continues across restarts.
     let signer = Arc::new(
@@ -375,4 +563,498 @@ async fn sqlite_ledger_files_are_owner_only() {
     for name in ["ledger.db", "ledger.db-wal", "ledger.db-shm"] {
         assert_eq!(mode(name), 0o600, "{name} is owner-only");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_conforms() {
+    let server = pg::start();
+    let metrics = Arc::new(Metrics::new());
+    let cfg = ledger_cfg(Duration::from_secs(5));
+    let store: Arc<dyn Store> = open_pg(server.url(), &cfg, metrics.clone()).await;
+    conformance(store.clone()).await;
+    assert_group_commit(&metrics);
+
+    // A checkpoint before the restart, one after: the chain and tree continue.
+    let keys = tempfile::tempdir().expect("tempdir");
+    let signer = Arc::new(LogSigner::load_or_create(keys.path(), "test/audit").expect("log key"));
+    let before = checkpoint(store.as_ref(), &signer, 1).await;
+    drop(store);
+
+    let store = open_pg(server.url(), &cfg, metrics).await;
+    issue_at(store.as_ref(), lease(HOLDER, 1, 600))
+        .await
+        .expect("commit after restart");
+    let after = checkpoint(store.as_ref(), &signer, 2).await;
+    assert_eq!(after.size, before.size + 1);
+    let proof = store
+        .consistency_proof(before.size, after.size)
+        .await
+        .expect("read")
+        .expect("in range");
+    verify_consistency(before.size, after.size, &before.root, &after.root, &proof)
+        .expect("consistent");
+    let report = verify_log(store.as_ref(), &signer).await;
+    assert_eq!(report.checkpoints, 2);
+    assert_eq!(report.entries, after.size);
+}
+
+/// Two replicas starting at once on a fresh database: both open, the migrations ran once.
+#[test]
+fn postgres_replicas_starting_together_migrate_once() {
+    let server = pg::start();
+    let start = Arc::new(std::sync::Barrier::new(2));
+    let opens: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, start) = (server.url().to_owned(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                PostgresStore::open(
+                    &url,
+                    &ledger_cfg(Duration::from_secs(5)),
+                    Arc::new(Metrics::new()),
+                )
+            })
+        })
+        .collect();
+    let stores: Vec<PostgresStore> = opens
+        .into_iter()
+        .map(|h| h.join().expect("thread").expect("both replicas open"))
+        .collect();
+    // Each migration's DDL creates its tables without IF NOT EXISTS: had both replicas run
+    // one, the second would have failed to open.
+    let ran = "SELECT count(*), count(DISTINCT version), min(version), max(version) FROM schema_migrations";
+    let once = vec![vec![
+        Some("5".to_owned()),
+        Some("5".to_owned()),
+        Some("1".to_owned()),
+        Some("5".to_owned()),
+    ]];
+    assert_eq!(server.sql(ran), once);
+    // A replica restarting later finds nothing to do.
+    drop(stores);
+    PostgresStore::open(
+        server.url(),
+        &ledger_cfg(Duration::from_secs(5)),
+        Arc::new(Metrics::new()),
+    )
+    .expect("reopen");
+    assert_eq!(server.sql(ran), once);
+}
+
+/// Two replicas on one database, issuing at once: one gap-free chain that verifies, one
+/// Merkle tree (checkpoints signed by either replica are consistent), and revocations and
+/// locks committed by one replica bind the other at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_share_one_chain() {
+    let server = pg::start();
+    let cfg = ledger_cfg(Duration::from_secs(10));
+    let (ma, mb) = (Arc::new(Metrics::new()), Arc::new(Metrics::new()));
+    let a: Arc<dyn Store> = open_pg(server.url(), &cfg, ma.clone()).await;
+    let b: Arc<dyn Store> = open_pg(server.url(), &cfg, mb.clone()).await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let signer = Arc::new(LogSigner::load_or_create(keys.path(), "test/audit").expect("log key"));
+
+    const ROUNDS: usize = 4;
+    const ISSUES: usize = 400;
+    let started = Instant::now();
+    let mut seqs = Vec::new();
+    for round in 0..ROUNDS {
+        // Interleaved: even tasks through one replica, odd through the other, all at once.
+        let mut tasks = Vec::new();
+        for i in 0..ISSUES / ROUNDS {
+            let st = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                issue_at(st.as_ref(), lease(HOLDER, 10_000, 600))
+                    .await
+                    .expect("commit")
+                    .receipt
+                    .expect("receipt")
+                    .sequence
+            }));
+        }
+        for t in tasks {
+            seqs.push(t.await.expect("task"));
+        }
+        // A checkpoint per round, signed by either replica in turn.
+        let st = if round % 2 == 0 { &a } else { &b };
+        checkpoint(st.as_ref(), &signer, round as i64).await;
+    }
+    let elapsed = started.elapsed();
+    let total = seqs.len();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), total, "no sequence number given twice");
+    let ((ca, oa), (cb, ob)) = (metrics_of(&ma), metrics_of(&mb));
+    eprintln!(
+        "two replicas: {ISSUES} concurrent issues in {:.0} ms ({:.0}/s); ops per commit {:.1} (a) {:.1} (b)",
+        elapsed.as_secs_f64() * 1000.0,
+        ISSUES as f64 / elapsed.as_secs_f64(),
+        oa / ca,
+        ob / cb,
+    );
+
+    // One chain, seen alike from both replicas.
+    let (na, nb) = (
+        assert_chain(a.as_ref()).await,
+        assert_chain(b.as_ref()).await,
+    );
+    assert_eq!(na, nb);
+    assert_eq!(na, *seqs.last().expect("last"));
+    assert_eq!(seqs, (1..=na).collect::<Vec<_>>(), "gap-free");
+
+    // One tree: checkpoints from either replica agree; a size is signed once.
+    let last_a = checkpoint(a.as_ref(), &signer, 10_000).await;
+    let last_b = checkpoint(b.as_ref(), &signer, 10_001).await;
+    assert_eq!(
+        last_a, last_b,
+        "the same size is signed once, by whichever came first"
+    );
+    let cps = b.checkpoints().await.expect("checkpoints");
+    assert_eq!(
+        cps.len(),
+        ROUNDS,
+        "one per round; the last one was not signed twice"
+    );
+    for pair in cps.windows(2) {
+        let (old, new) = (&pair[0], &pair[1]);
+        let proof = a
+            .consistency_proof(old.size, new.size)
+            .await
+            .expect("read")
+            .expect("in range");
+        verify_consistency(old.size, new.size, &old.root, &new.root, &proof)
+            .expect("checkpoints are consistent across replicas");
+    }
+    let entries = a.audit_entries(0, 10_000).await.expect("entries");
+    for e in entries.iter().step_by(37) {
+        let proof = b
+            .inclusion_proof(e.seq - 1, last_b.size)
+            .await
+            .expect("read")
+            .expect("in range");
+        verify_inclusion(
+            &leaf_hash(e.body.as_bytes()),
+            e.seq - 1,
+            last_b.size,
+            &proof,
+            &last_b.root,
+        )
+        .expect("included");
+    }
+    let report = verify_log(b.as_ref(), &signer).await;
+    assert_eq!(report.checkpoints, cps.len());
+
+    // A revocation committed through one replica refuses issuance through the other.
+    let revoked = "spiffe://example.org/ci/compromised";
+    let r = a
+        .apply(LedgerOp::Revoke {
+            selector: RevokeSelector::SpiffeId(revoked.into()),
+            issued_before: None,
+            reason: "compromised".into(),
+            now: 20_000,
+            dry_run: false,
+            chunk: None,
+            event: ev(EventKind::Revoke, None),
+        })
+        .await
+        .expect("revoke");
+    assert_eq!(r.refused, Some(Refusal::NothingMatched));
+    let r = issue_at(b.as_ref(), lease(revoked, 19_999, 600))
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, Some(Refusal::RevokedBefore));
+    // So does a lock.
+    b.apply(LedgerOp::Lock {
+        lock: Lock {
+            id: "0".repeat(32),
+            kind: "spiffe_id".into(),
+            value: HOLDER.into(),
+            until: 30_000,
+            reason: "incident".into(),
+            created_by: "spiffe://example.org/ops/root".into(),
+            created_at: 20_000,
+        },
+        event: ev(EventKind::Lock, None),
+    })
+    .await
+    .expect("lock");
+    let r = issue_at(a.as_ref(), lease(HOLDER, 20_001, 600))
+        .await
+        .expect("commit");
+    assert!(
+        matches!(r.refused, Some(Refusal::Locked(_))),
+        "{:?}",
+        r.refused
+    );
+    assert_eq!(assert_chain(b.as_ref()).await, na + 4);
+}
+
+fn metrics_of(m: &Metrics) -> (f64, f64) {
+    let text = m.render();
+    let count = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        count("spiffe_broker_ledger_commit_batch_size_count").max(1.0),
+        count("spiffe_broker_ledger_commit_batch_size_sum"),
+    )
+}
+
+/// Two replicas reaping at once: every lease is expired exactly once, and the expire
+/// entries' batches do not overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_expiry_runs_once_across_replicas() {
+    let server = pg::start();
+    let cfg = ledger_cfg(Duration::from_secs(10));
+    let a: Arc<dyn Store> = open_pg(server.url(), &cfg, Arc::new(Metrics::new())).await;
+    let b: Arc<dyn Store> = open_pg(server.url(), &cfg, Arc::new(Metrics::new())).await;
+    const LEASES: usize = 300;
+    let mut tasks = Vec::new();
+    for i in 0..LEASES {
+        let st = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let l = issue_at(st.as_ref(), lease(HOLDER, 1_000, 10 + (i % 50) as i64))
+                .await
+                .expect("issue")
+                .lease
+                .expect("lease");
+            l.id.to_string()
+        }));
+    }
+    let mut issued = BTreeSet::new();
+    for t in tasks {
+        issued.insert(t.await.expect("task"));
+    }
+
+    let reap = |st: Arc<dyn Store>| {
+        tokio::spawn(async move {
+            let mut batches = Vec::new();
+            loop {
+                let applied = st
+                    .apply(LedgerOp::Expire {
+                        now: 5_000,
+                        limit: 20,
+                        event: ev(EventKind::Expire, None),
+                    })
+                    .await
+                    .expect("expire");
+                if applied.affected.is_empty() {
+                    return batches;
+                }
+                batches.push((applied.receipt.expect("entry").sequence, applied.affected));
+            }
+        })
+    };
+    let (ra, rb) = (reap(a.clone()), reap(b.clone()));
+    let mut batches = ra.await.expect("reaper a");
+    batches.extend(rb.await.expect("reaper b"));
+
+    let mut expired = Vec::new();
+    for (_, ids) in &batches {
+        expired.extend(ids.iter().cloned());
+    }
+    assert_eq!(expired.len(), LEASES, "no lease expired twice");
+    assert_eq!(expired.into_iter().collect::<BTreeSet<_>>(), issued);
+    // The ledger says the same: one expire entry per batch, disjoint, covering all.
+    let entries = a.audit_entries(0, 10_000).await.expect("entries");
+    let mut in_log = BTreeSet::new();
+    let mut count = 0;
+    for e in entries.iter().filter(|e| e.kind == "expire") {
+        let body: serde_json::Value = serde_json::from_str(&e.body).expect("json");
+        for id in body["affected_leases"].as_array().expect("listed") {
+            assert!(
+                in_log.insert(id.as_str().expect("id").to_owned()),
+                "lease {id} in two expire entries"
+            );
+        }
+        count += 1;
+    }
+    assert_eq!(count, batches.len(), "one entry per batch");
+    assert_eq!(in_log, issued);
+    let active = a
+        .leases(LeaseFilter {
+            state: Some(LeaseState::Active),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert!(active.is_empty());
+}
+
+/// Two replicas claiming backend revocations at once: each queued revocation goes to
+/// exactly one of them, and comes back only when the claim's hold ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_backend_revocation_claims_are_exclusive() {
+    let server = pg::start();
+    let cfg = ledger_cfg(Duration::from_secs(10));
+    let a: Arc<dyn Store> = open_pg(server.url(), &cfg, Arc::new(Metrics::new())).await;
+    let b: Arc<dyn Store> = open_pg(server.url(), &cfg, Arc::new(Metrics::new())).await;
+    const QUEUED: usize = 120;
+    let holder = "spiffe://example.org/ml/model-runtime";
+    for n in 0..QUEUED {
+        let mut l = lease(holder, 1_000, 600);
+        l.backend = Some(BackendHandle {
+            kind: "vault".into(),
+            handle: format!("database/creds/reader/{n}"),
+            revocable: true,
+        });
+        issue_at(a.as_ref(), l).await.expect("issue");
+    }
+    let r = b
+        .apply(LedgerOp::Revoke {
+            selector: RevokeSelector::SpiffeId(holder.into()),
+            issued_before: None,
+            reason: "test".into(),
+            now: 1_100,
+            dry_run: false,
+            chunk: None,
+            event: ev(EventKind::Revoke, None),
+        })
+        .await
+        .expect("revoke");
+    assert_eq!(r.affected.len(), QUEUED);
+
+    let claim = |st: Arc<dyn Store>| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let got = st
+                    .claim_backend_revocations(1_200, 7, 60)
+                    .await
+                    .expect("claim");
+                if got.is_empty() {
+                    return mine;
+                }
+                mine.extend(got.into_iter().map(|r| r.lease_id));
+            }
+        })
+    };
+    let (ca, cb) = (claim(a.clone()), claim(b.clone()));
+    let (mine_a, mine_b) = (ca.await.expect("a"), cb.await.expect("b"));
+    let all: BTreeSet<String> = mine_a.iter().chain(&mine_b).cloned().collect();
+    assert_eq!(
+        mine_a.len() + mine_b.len(),
+        QUEUED,
+        "no row claimed twice (a {}, b {})",
+        mine_a.len(),
+        mine_b.len()
+    );
+    assert_eq!(all.len(), QUEUED);
+    assert!(b
+        .claim_backend_revocations(1_259, 1_000, 60)
+        .await
+        .expect("claim")
+        .is_empty());
+    let back = a
+        .claim_backend_revocations(1_260, 1_000, 60)
+        .await
+        .expect("claim");
+    assert_eq!(
+        back.len(),
+        QUEUED,
+        "an abandoned claim is due again when it ends"
+    );
+}
+
+/// Fail closed, recover alone: with the database down, writes and reads answer
+/// `Unavailable` within the commit timeout; once it is back, the same store works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_fails_closed_and_reconnects() {
+    let mut server = pg::local();
+    let timeout = Duration::from_secs(2);
+    let bound = timeout + Duration::from_secs(1);
+    let store: Arc<dyn Store> =
+        open_pg(server.url(), &ledger_cfg(timeout), Arc::new(Metrics::new())).await;
+    let first = issue_at(store.as_ref(), lease(HOLDER, 1_000, 600))
+        .await
+        .expect("commit")
+        .lease
+        .expect("lease");
+    assert!(store.lease(&first.id).await.expect("read").is_some());
+
+    tokio::task::block_in_place(|| server.stop());
+    let lost = lease(HOLDER, 1_000, 600);
+    let lost_id = lost.id.clone();
+    let t = Instant::now();
+    let r = issue_at(store.as_ref(), lost).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    assert!(t.elapsed() < bound, "apply failed in {:?}", t.elapsed());
+    let t = Instant::now();
+    let r = store.lease(&first.id).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    let r = store.audit_entries(0, 10).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    assert!(t.elapsed() < bound * 2, "reads failed in {:?}", t.elapsed());
+    match issue_at(store.as_ref(), lease(HOLDER, 1, 1)).await {
+        Err(StoreError::Unavailable(why)) => {
+            assert!(why.contains("127.0.0.1"), "names the server: {why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // A replica starting now fails at once, naming the server but never its password.
+    let with_password = server.url().replace("postgres@", "postgres:s3cret@");
+    let cfg = ledger_cfg(timeout);
+    let t = Instant::now();
+    let e = tokio::task::spawn_blocking(move || {
+        PostgresStore::open(&with_password, &cfg, Arc::new(Metrics::new())).err()
+    })
+    .await
+    .expect("open task")
+    .expect("no database, no store");
+    assert!(t.elapsed() < bound, "open failed in {:?}", t.elapsed());
+    let e = e.to_string();
+    assert!(e.contains("127.0.0.1") && !e.contains("s3cret"), "{e}");
+
+    tokio::task::block_in_place(|| server.restart());
+    let t = Instant::now();
+    let next = issue_at(store.as_ref(), lease(HOLDER, 1_000, 600))
+        .await
+        .expect("the same store commits again once the database is back");
+    assert!(t.elapsed() < bound, "recovered in {:?}", t.elapsed());
+    assert_eq!(
+        next.receipt.expect("receipt").sequence,
+        2,
+        "nothing of the outage was recorded"
+    );
+    assert!(store.lease(&first.id).await.expect("read").is_some());
+    assert_eq!(store.lease(&lost_id).await.expect("read"), None);
+    assert_eq!(assert_chain(store.as_ref()).await, 2);
+
+    // A server that keeps its connections but stops answering (stuck on its disk): TCP
+    // sees nothing wrong, so only the store's own bounds keep callers from hanging.
+    server.freeze();
+    let t = Instant::now();
+    let r = issue_at(store.as_ref(), lease(HOLDER, 1_000, 600)).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    assert!(t.elapsed() < bound, "apply failed in {:?}", t.elapsed());
+    let t = Instant::now();
+    let r = store.audit_entries(0, 10).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    assert!(t.elapsed() < bound, "read failed in {:?}", t.elapsed());
+    server.thaw();
+    // The op caught in flight may have committed once the server resumed (its caller was
+    // told Unavailable and got no credential, which is the invariant); the chain holds.
+    let t = Instant::now();
+    let mut recovered = None;
+    while t.elapsed() < Duration::from_secs(15) {
+        if let Ok(a) = issue_at(store.as_ref(), lease(HOLDER, 1_000, 600)).await {
+            recovered = Some(a);
+            break;
+        }
+    }
+    let seq = recovered
+        .expect("the store recovers once the server answers again")
+        .receipt
+        .expect("receipt")
+        .sequence;
+    assert!(
+        store.audit_entries(0, 10).await.is_ok(),
+        "reads recover too"
+    );
+    assert_eq!(assert_chain(store.as_ref()).await, seq);
 }

@@ -26,7 +26,7 @@ use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::approvals_server::ApprovalsServer;
 use crate::proto::v1::credential_broker_server::CredentialBrokerServer;
 use crate::proto::v1::relying_party_server::RelyingPartyServer;
-use crate::store::SqliteStore;
+use crate::store::{PostgresStore, SqliteStore, Store};
 
 /// Why the broker could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
@@ -145,13 +145,31 @@ pub async fn assemble(
             .with_rsa(&config.keys_dir())
             .map_err(|e| ServeError(e.to_string()))?;
     }
-    let store =
-        SqliteStore::open(&config.ledger_path(), &config.ledger, metrics.clone()).map_err(|e| {
-            ServeError(format!(
-                "cannot open the ledger {}: {e}",
-                config.ledger_path().display()
-            ))
-        })?;
+    let store: Arc<dyn Store> = match &config.postgres_url {
+        // Connecting and migrating block: off the async threads.
+        Some(url) => {
+            let (url, ledger, m) = (url.clone(), config.ledger.clone(), metrics.clone());
+            let opened =
+                tokio::task::spawn_blocking(move || PostgresStore::open(url.expose(), &ledger, m))
+                    .await
+                    .map_err(|e| ServeError(format!("cannot open the PostgreSQL ledger: {e}")))?;
+            // The error names the server, never the password.
+            Arc::new(
+                opened
+                    .map_err(|e| ServeError(format!("cannot open the PostgreSQL ledger: {e}")))?,
+            )
+        }
+        None => Arc::new(
+            SqliteStore::open(&config.ledger_path(), &config.ledger, metrics.clone()).map_err(
+                |e| {
+                    ServeError(format!(
+                        "cannot open the ledger {}: {e}",
+                        config.ledger_path().display()
+                    ))
+                },
+            )?,
+        ),
+    };
     let trust = Arc::new(WorkloadTrust::new(x509.clone(), Some(jwt.clone())));
     let clock_for_ready = clock.clone();
     let authn = SpiffeAuthenticator::new(
@@ -201,7 +219,7 @@ pub async fn assemble(
         Arc::new(authn),
         Arc::new(policy),
         issuers,
-        Arc::new(store),
+        store,
         clock,
         metrics.clone(),
     )

@@ -6,6 +6,7 @@
 //! so a revoked lease can never come back, whatever the interleaving.
 
 pub mod export;
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::domain::{
     RevocationEvent, RevokeSelector, Verdict,
 };
 
+pub use self::postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// The revocation feed's end: last sequence and chain hash.
@@ -345,9 +347,10 @@ pub struct IdentityStats {
 /// The store seam.
 ///
 /// Contract: `apply` returns `Ok` only after the op and its audit entry are durable
-/// (fsync'd); it returns `Unavailable` within the configured commit timeout otherwise,
-/// having applied nothing visible. Audit entries form one gap-free hash chain.
-/// Implementations pass the shared conformance suite in `tests/store_conformance.rs`.
+/// (fsync'd, or committed on PostgreSQL); it returns `Unavailable` within the configured
+/// commit timeout otherwise, having applied nothing visible. Audit entries form one
+/// gap-free hash chain, also when several brokers share one database. Implementations
+/// pass the shared conformance suite in `tests/store_conformance.rs`.
 pub trait Store: Send + Sync + 'static {
     /// Applies one op durably.
     fn apply(&self, op: LedgerOp) -> BoxFuture<'_, Result<Applied, StoreError>>;
@@ -405,11 +408,17 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>>;
-    /// Backend revocations due at `now` (oldest first), at most `limit`.
-    fn due_backend_revocations(
+    /// Claims up to `limit` backend revocations due at `now` (oldest due first) for
+    /// `hold_secs`: each claimed row's `next_attempt_at` moves to `now + hold_secs`, in one
+    /// atomic step, so no other caller (another broker replica on the same database) gets
+    /// it while this one works on it. The rows come back with that new `next_attempt_at`.
+    /// The claimer then records `BackendRevoked` or `BackendRevokeFailed` (which sets the
+    /// next attempt); a claimer that dies leaves the row due again when the hold ends.
+    fn claim_backend_revocations(
         &self,
         now: i64,
         limit: u32,
+        hold_secs: u32,
     ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>>;
     /// Backend revocations not yet done with at least `min_attempts` failures, oldest first.
     fn pending_backend_revocations(

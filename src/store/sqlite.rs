@@ -1585,18 +1585,39 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn due_backend_revocations(
+    fn claim_backend_revocations(
         &self,
         now: i64,
         limit: u32,
+        hold_secs: u32,
     ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
         Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {BACKEND_REVOCATION_COLUMNS} FROM backend_revocations
-                 WHERE done_at IS NULL AND next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![now, limit], backend_revocation_from_row)?;
-            rows.collect()
+            // One IMMEDIATE transaction holds SQLite's single write lock from the select to
+            // the move: a concurrent claim (another process on the same file) waits, then
+            // finds these rows no longer due.
+            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
+            let until = now.saturating_add(i64::from(hold_secs));
+            let mut rows: Vec<BackendRevocation> = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT {BACKEND_REVOCATION_COLUMNS} FROM backend_revocations
+                     WHERE done_at IS NULL AND next_attempt_at <= ?1
+                     ORDER BY next_attempt_at, lease_id LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map(params![now, limit], backend_revocation_from_row)?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            {
+                let mut stmt = tx.prepare_cached(
+                    "UPDATE backend_revocations SET next_attempt_at = ?2
+                     WHERE lease_id = ?1 AND done_at IS NULL",
+                )?;
+                for r in &mut rows {
+                    stmt.execute(params![r.lease_id, until])?;
+                    r.next_attempt_at = until;
+                }
+            }
+            tx.commit()?;
+            Ok(rows)
         }))
     }
 

@@ -28,6 +28,9 @@ pub fn socket_name(id: &SpiffeId) -> String {
     format!("{last}.sock")
 }
 
+/// One socket's server task and its "gone" switch.
+type Serving = (tokio::task::JoinHandle<()>, watch::Sender<bool>);
+
 /// A running dev Workload API.
 pub struct DevWorkloadApi {
     sockets: BTreeMap<String, PathBuf>,
@@ -36,7 +39,7 @@ pub struct DevWorkloadApi {
     ca: Arc<DevCa>,
     svid_ttl: Duration,
     /// Per-socket server tasks and "gone" switches (tests take a socket away and back).
-    servers: std::sync::Mutex<BTreeMap<String, (tokio::task::JoinHandle<()>, watch::Sender<bool>)>>,
+    servers: std::sync::Mutex<BTreeMap<String, Serving>>,
 }
 
 impl DevWorkloadApi {
