@@ -218,6 +218,9 @@ pub struct Config {
     /// broker replicas may share (one chain, background work done once); `None` keeps the
     /// embedded SQLite ledger in `state_dir`. No TLS: loopback or the cluster's network.
     pub postgres_url: Option<PostgresUrl>,
+    /// `[ledger] postgres_url_file`: the same, read from a file at start (a mounted
+    /// secret), so the password is not in the config file.
+    pub postgres_url_file: Option<PathBuf>,
     /// Credential profiles.
     pub profiles: Vec<Profile>,
     /// Vault, for `kind = "vault"` profiles.
@@ -307,6 +310,7 @@ struct RawLedger {
     busy_timeout: Option<String>,
     max_batch: Option<usize>,
     postgres_url: Option<String>,
+    postgres_url_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +407,9 @@ impl Config {
         if max_batch == 0 || max_batch > 10_000 {
             return err("ledger.max_batch: must be between 1 and 10000");
         }
+        if raw.ledger.postgres_url.is_some() && raw.ledger.postgres_url_file.is_some() {
+            return err("ledger: set postgres_url or postgres_url_file, not both");
+        }
         let postgres_url = match raw.ledger.postgres_url {
             None => None,
             Some(url) => {
@@ -463,6 +470,7 @@ impl Config {
                 max_batch,
             },
             postgres_url,
+            postgres_url_file: raw.ledger.postgres_url_file,
             profiles,
             vault,
             aws_sts,
@@ -646,11 +654,33 @@ impl Config {
         if let Some(n) = &mut c.notifications {
             n.hmac_key_file = base.join(&n.hmac_key_file);
         }
+        if let Some(f) = &mut c.postgres_url_file {
+            *f = base.join(&*f);
+        }
         if let Some(x) = &mut c.x509 {
             x.cert = base.join(&x.cert);
             x.key = base.join(&x.key);
         }
         Ok(c)
+    }
+
+    /// The PostgreSQL URL, from the config or read from `postgres_url_file` (trimmed);
+    /// `None` means the SQLite ledger in the state dir.
+    pub fn database_url(&self) -> Result<Option<PostgresUrl>, ConfigError> {
+        if let Some(u) = &self.postgres_url {
+            return Ok(Some(u.clone()));
+        }
+        let Some(path) = &self.postgres_url_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!("ledger.postgres_url_file {}: {e}", path.display()))
+        })?;
+        let url = text.trim().to_owned();
+        crate::store::postgres::parse_url(&url).map_err(|e| {
+            ConfigError(format!("ledger.postgres_url_file {}: {e}", path.display()))
+        })?;
+        Ok(Some(PostgresUrl(url)))
     }
 
     /// A registered identity.

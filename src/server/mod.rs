@@ -145,7 +145,10 @@ pub async fn assemble(
             .with_rsa(&config.keys_dir())
             .map_err(|e| ServeError(e.to_string()))?;
     }
-    let store: Arc<dyn Store> = match &config.postgres_url {
+    let database = config
+        .database_url()
+        .map_err(|e| ServeError(e.to_string()))?;
+    let store: Arc<dyn Store> = match &database {
         // Connecting and migrating block: off the async threads.
         Some(url) => {
             let (url, ledger, m) = (url.clone(), config.ledger.clone(), metrics.clone());
