@@ -19,7 +19,7 @@ use std::time::Duration;
 use common::process::BIN;
 use common::{gpu_request, DEPLOY_AGENT, ROOT};
 use spiffe_broker::audit::ChainVerifier;
-use spiffe_broker::client::{self, ClientIdentity};
+use spiffe_broker::client;
 use spiffe_broker::dev;
 use spiffe_broker::domain::LeaseId;
 use spiffe_broker::metrics::Metrics;
