@@ -713,6 +713,16 @@ impl Broker {
         rpc: &str,
     ) -> Result<Minted, BrokerError> {
         let issuer = self.issuer_for(grant.profile.kind)?.clone();
+        if !issuer.remote() {
+            // Signing in-process: nothing to wait for, nothing to abandon.
+            return match issuer.issue(grant, terms, material).await {
+                Ok(m) => Ok(m),
+                Err(e) => {
+                    self.metrics.backend_failures.inc();
+                    Err(self.reject(caller, rpc, e.into()).await)
+                }
+            };
+        }
         // The backend call runs as its own task: when the deadline passes, the request
         // fails at once, and whatever the backend still returns is revoked there rather
         // than left behind with nobody holding it.

@@ -219,6 +219,10 @@ impl From<IssueError> for BrokerError {
 pub trait Issuer: Send + Sync + 'static {
     /// The profile kind this backend serves.
     fn kind(&self) -> CredentialKind;
+    /// Whether issuing calls another service (and so runs under the profile's deadline).
+    fn remote(&self) -> bool {
+        false
+    }
     /// Mints a credential.
     fn issue<'a>(
         &'a self,

@@ -137,6 +137,10 @@ impl Issuer for StsIssuer {
         CredentialKind::AwsSts
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn issue<'a>(
         &'a self,
         grant: &'a Grant,

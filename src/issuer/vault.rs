@@ -225,6 +225,10 @@ impl Issuer for VaultIssuer {
         CredentialKind::Vault
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn issue<'a>(
         &'a self,
         grant: &'a Grant,

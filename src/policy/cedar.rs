@@ -264,8 +264,18 @@ impl CedarPolicy {
         context: serde_json::Value,
     ) -> Result<(bool, Vec<PolicyId>), PolicyError> {
         let action = Self::action(action)?;
-        let context = Context::from_json_value(context, Some((&self.schema, &action)))
-            .map_err(|e| PolicyError(format!("policy context: {e}")))?;
+        // Built as expressions, not parsed from JSON text: the same values, without a
+        // schema-guided JSON parse on every request (Request::new still checks them
+        // against the schema).
+        let pairs = match context {
+            serde_json::Value::Object(m) => m
+                .into_iter()
+                .map(|(k, v)| Ok((k, restricted(v)?)))
+                .collect::<Result<Vec<_>, PolicyError>>()?,
+            _ => return Err(PolicyError("policy context is not a record".into())),
+        };
+        let context =
+            Context::from_pairs(pairs).map_err(|e| PolicyError(format!("policy context: {e}")))?;
         let request = Request::new(
             uid("Workload", &principal.to_string())?,
             action,
@@ -753,4 +763,34 @@ impl Policy for CedarPolicy {
     fn hash(&self) -> &str {
         &self.hash
     }
+}
+
+/// A JSON context value as a Cedar expression (records, sets, strings, longs, booleans:
+/// what the schema's `IssueContext` holds).
+fn restricted(v: serde_json::Value) -> Result<cedar_policy::RestrictedExpression, PolicyError> {
+    use cedar_policy::RestrictedExpression as R;
+    Ok(match v {
+        serde_json::Value::String(s) => R::new_string(s),
+        serde_json::Value::Bool(b) => R::new_bool(b),
+        serde_json::Value::Number(n) => R::new_long(
+            n.as_i64()
+                .ok_or_else(|| PolicyError(format!("policy context: {n} is not a long")))?,
+        ),
+        serde_json::Value::Array(a) => R::new_set(
+            a.into_iter()
+                .map(restricted)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        serde_json::Value::Object(m) => R::new_record(
+            m.into_iter()
+                .map(|(k, v)| Ok((k, restricted(v)?)))
+                .collect::<Result<Vec<_>, PolicyError>>()?,
+        )
+        .map_err(|e| PolicyError(format!("policy context: {e}")))?,
+        serde_json::Value::Null => {
+            return Err(PolicyError(
+                "policy context: null has no Cedar value".into(),
+            ))
+        }
+    })
 }
