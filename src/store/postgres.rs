@@ -819,6 +819,27 @@ fn append(c: &mut Conn, head: &mut Head, event: &AuditEvent) -> Result<Receipt, 
 }
 
 /// Records a refused transition: the same event, marked as a denial with the reason.
+/// Ends a pending backend revocation with `outcome` and records `event`; `None` when
+/// nothing was pending (already done or force-removed).
+fn end_backend_revocation(
+    c: &mut Conn,
+    head: &mut Head,
+    lease_id: &str,
+    now: i64,
+    outcome: &str,
+    event: &AuditEvent,
+) -> Result<Option<Receipt>, PgError> {
+    let n = c.execute(
+        "UPDATE backend_revocations SET done_at = $2, outcome = $3
+         WHERE lease_id = $1 AND done_at IS NULL",
+        &[&lease_id, &now, &outcome],
+    )?;
+    if n == 0 {
+        return Ok(None);
+    }
+    append(c, head, event).map(Some)
+}
+
 fn refuse(
     c: &mut Conn,
     head: &mut Head,
@@ -1469,17 +1490,9 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             now,
             event,
         } => {
-            let n = c.execute(
-                "UPDATE backend_revocations SET done_at = $2, outcome = 'revoked'
-                 WHERE lease_id = $1 AND done_at IS NULL",
-                &[&lease_id, &now],
-            )?;
-            if n == 0 {
-                // Force-removed meanwhile: nothing to record twice.
-                return Ok(Applied::recorded(None));
-            }
-            let receipt = append(c, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
+            // Force-removed meanwhile: nothing to record twice.
+            let receipt = end_backend_revocation(c, head, &lease_id, now, "revoked", &event)?;
+            Ok(Applied::recorded(receipt))
         }
         LedgerOp::BackendRevokeFailed {
             lease_id,
@@ -1497,18 +1510,10 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             lease_id,
             now,
             event,
-        } => {
-            let n = c.execute(
-                "UPDATE backend_revocations SET done_at = $2, outcome = 'force_removed'
-                 WHERE lease_id = $1 AND done_at IS NULL",
-                &[&lease_id, &now],
-            )?;
-            if n == 0 {
-                return refuse(c, head, event, Refusal::NothingMatched);
-            }
-            let receipt = append(c, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
+        } => match end_backend_revocation(c, head, &lease_id, now, "force_removed", &event)? {
+            Some(receipt) => Ok(Applied::recorded(Some(receipt))),
+            None => refuse(c, head, event, Refusal::NothingMatched),
+        },
         LedgerOp::Expire { now, limit, event } => expire(c, head, now, limit, event),
         LedgerOp::Record { event } => {
             let receipt = append(c, head, &event)?;

@@ -408,6 +408,28 @@ fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
     })
 }
 
+/// Ends a pending backend revocation with `outcome` and records `event`; `None` when
+/// nothing was pending (already done or force-removed).
+fn end_backend_revocation(
+    conn: &Connection,
+    head: &mut Head,
+    lease_id: &str,
+    now: i64,
+    outcome: &str,
+    event: &AuditEvent,
+) -> rusqlite::Result<Option<Receipt>> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE backend_revocations SET done_at = ?2, outcome = ?3
+             WHERE lease_id = ?1 AND done_at IS NULL",
+        )?
+        .execute(params![lease_id, now, outcome])?;
+    if n == 0 {
+        return Ok(None);
+    }
+    append(conn, head, event).map(Some)
+}
+
 const BACKEND_REVOCATION_COLUMNS: &str =
     "lease_id, kind, handle, queued_at, attempts, next_attempt_at, last_error";
 
@@ -1144,18 +1166,9 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             now,
             event,
         } => {
-            let n = conn
-                .prepare_cached(
-                    "UPDATE backend_revocations SET done_at = ?2, outcome = 'revoked'
-                     WHERE lease_id = ?1 AND done_at IS NULL",
-                )?
-                .execute(params![lease_id, now])?;
-            if n == 0 {
-                // Force-removed meanwhile: nothing to record twice.
-                return Ok(Applied::recorded(None));
-            }
-            let receipt = append(conn, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
+            // Force-removed meanwhile: nothing to record twice.
+            let receipt = end_backend_revocation(conn, head, &lease_id, now, "revoked", &event)?;
+            Ok(Applied::recorded(receipt))
         }
         LedgerOp::BackendRevokeFailed {
             lease_id,
@@ -1173,19 +1186,10 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             lease_id,
             now,
             event,
-        } => {
-            let n = conn
-                .prepare_cached(
-                    "UPDATE backend_revocations SET done_at = ?2, outcome = 'force_removed'
-                     WHERE lease_id = ?1 AND done_at IS NULL",
-                )?
-                .execute(params![lease_id, now])?;
-            if n == 0 {
-                return refuse(conn, head, event, Refusal::NothingMatched);
-            }
-            let receipt = append(conn, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
+        } => match end_backend_revocation(conn, head, &lease_id, now, "force_removed", &event)? {
+            Some(receipt) => Ok(Applied::recorded(Some(receipt))),
+            None => refuse(conn, head, event, Refusal::NothingMatched),
+        },
         LedgerOp::Expire {
             now,
             limit,
