@@ -706,3 +706,59 @@ async fn an_unauthenticated_flood_is_refused_but_bounded_in_the_ledger() {
     );
     assert_eq!(h.lease_count(), 0);
 }
+
+// ---------------------------------------------------------------------------------------
+// Clock skew between client and broker
+// ---------------------------------------------------------------------------------------
+
+/// A caller whose clock differs from the broker's by less than `jwt_clock_skew` (30 s in
+/// the demo) is accepted — a JWT-SVID issued "in the future" or expired a moment ago —
+/// and beyond the tolerance it is refused, with the reason recorded.
+#[tokio::test]
+async fn jwt_svid_clock_skew_within_tolerance_is_accepted_beyond_it_refused() {
+    let h = common::start().await;
+    let anonymous = ClientIdentity::Anonymous { bundle: bundle(&h) };
+    let mut client = BrokerClient::new(h.channel_as(&anonymous).await);
+    let key = dev_jwt_key(&h);
+    let header = json!({ "alg": "ES256", "kid": key.key_id(), "typ": "JWT" });
+    let now = spiffe_broker::clock::unix_seconds(h.clock.now());
+    let token = |iat: i64, nbf: i64, exp: i64| {
+        es256(
+            &key,
+            &header,
+            &json!({"sub": common::DEPLOY_AGENT, "aud": [BROKER_ID], "iat": iat, "nbf": nbf, "exp": exp}),
+        )
+    };
+    // Beyond 30 s: refused as unauthenticated, with the reason, nothing issued.
+    for (case, t, reason) in [
+        (
+            "issued 60 s in the future",
+            token(now + 60, now + 60, now + 300),
+            "not yet valid",
+        ),
+        (
+            "expired 60 s ago",
+            token(now - 300, now - 300, now - 60),
+            "expired",
+        ),
+    ] {
+        assert_refused(&h, &mut client, bearer(&t), case, Some("jwt-svid"), reason).await;
+    }
+    // Within 30 s: the client's clock runs 20 s ahead; or its token expired 20 s ago.
+    for (case, t) in [
+        (
+            "issued 20 s in the broker's future",
+            token(now + 20, now + 20, now + 300),
+        ),
+        (
+            "expired 20 s ago on the broker's clock",
+            token(now - 300, now - 300, now - 20),
+        ),
+    ] {
+        client
+            .issue_credential(bearer(&t))
+            .await
+            .unwrap_or_else(|e| panic!("{case}: within the skew tolerance: {e:?}"));
+    }
+    assert_eq!(h.lease_count(), 2);
+}
