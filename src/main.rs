@@ -187,6 +187,15 @@ enum AuditCommand {
         /// Verify an export directory instead (from `audit export`).
         #[arg(long)]
         export: Option<PathBuf>,
+        /// Verify the PostgreSQL ledger at this URL instead (opened like a replica; writes
+        /// nothing). The key: --log-key, or STATE_DIR/keys/log.vkey.
+        #[arg(
+            long,
+            env = "SPIFFE_BROKER_POSTGRES_URL",
+            conflicts_with = "export",
+            hide_env_values = true
+        )]
+        postgres_url: Option<String>,
         /// The log's verifier key, pinned out of band (a file, or the key itself).
         /// Default: STATE_DIR/keys/log.vkey, or the export's log.vkey.
         #[arg(long)]
@@ -694,6 +703,39 @@ async fn audit_command(command: AuditCommand) -> Result<(), String> {
             out!(
                 "{}",
                 json!({"ok": true, "export": dir, "entries": r.entries, "head_hash": r.head_hash, "root": r.root, "checkpoints_verified": r.checkpoints, "latest_checkpoint": r.latest_checkpoint})
+            );
+            Ok(())
+        }
+        AuditCommand::Verify {
+            postgres_url: Some(url),
+            state_dir,
+            log_key,
+            ..
+        } => {
+            let vkey = load_vkey(&log_key, &state_dir.join("keys").join("log.vkey"))?
+                .ok_or("no log key: pass --log-key (the broker writes STATE_DIR/keys/log.vkey)")?;
+            let ledger = spiffe_broker::config::LedgerConfig {
+                commit_timeout: std::time::Duration::from_secs(30),
+                busy_timeout: std::time::Duration::from_secs(5),
+                max_batch: 1,
+            };
+            let server = spiffe_broker::store::postgres::redact(&url);
+            let store = tokio::task::spawn_blocking(move || {
+                spiffe_broker::store::PostgresStore::open(
+                    &url,
+                    &ledger,
+                    Arc::new(spiffe_broker::metrics::Metrics::new()),
+                )
+            })
+            .await
+            .map_err(fail)?
+            .map_err(fail)?;
+            let r = spiffe_broker::store::verify_store(&store, &vkey)
+                .await
+                .map_err(fail)?;
+            out!(
+                "{}",
+                json!({"ok": true, "ledger": server, "entries": r.entries, "head_hash": r.head_hash, "root": r.root, "checkpoints_verified": r.checkpoints, "latest_checkpoint": r.latest_checkpoint})
             );
             Ok(())
         }

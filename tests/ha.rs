@@ -318,4 +318,42 @@ async fn three_replicas_on_one_database_survive_a_sigkill() {
     }
     let (entries, _) = v.finish();
     assert!(entries as usize >= received.len(), "{entries} entries");
+
+    // The auditor's way: `audit verify` against the database, with the pinned log key
+    // (chain, encoding, Merkle tree, every signed checkpoint).
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--postgres-url", pg.url(), "--log-key"])
+        .arg(shared.join("keys").join("log.vkey"))
+        .output()
+        .expect("audit verify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("verify prints JSON");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["entries"].as_u64(), Some(entries));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("password"),
+        "the URL is shown without credentials"
+    );
+    // Someone with database access rewrites an entry: the verifier names it.
+    pg.sql(
+        "ALTER TABLE audit_log DISABLE TRIGGER USER;
+         UPDATE audit_log SET body = replace(body, '\"allow\"', '\"deny\"') WHERE seq = 2;
+         ALTER TABLE audit_log ENABLE TRIGGER USER;",
+    );
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--postgres-url", pg.url(), "--log-key"])
+        .arg(shared.join("keys").join("log.vkey"))
+        .output()
+        .expect("audit verify");
+    assert!(
+        !out.status.success(),
+        "a rewritten entry fails verification"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("entry 2") || err.contains(" 2:"), "{err}");
 }
