@@ -694,12 +694,7 @@ impl Broker {
     ) -> Result<T, BrokerError> {
         match tokio::time::timeout(profile.deadline, call).await {
             Ok(r) => r.map_err(BrokerError::from),
-            Err(_) => Err(BrokerError::BackendUnavailable(format!(
-                "{} backend did not answer within {:?} (profile {})",
-                profile.kind.as_str(),
-                profile.deadline,
-                profile.name
-            ))),
+            Err(_) => Err(deadline_passed(profile)),
         }
     }
 
@@ -713,20 +708,34 @@ impl Broker {
         rpc: &str,
     ) -> Result<Minted, BrokerError> {
         let issuer = self.issuer_for(grant.profile.kind)?.clone();
-        if !issuer.remote() {
+        let result = if issuer.remote() {
+            Self::mint_remote(issuer, grant, terms, material).await
+        } else {
             // Signing in-process: nothing to wait for, nothing to abandon.
-            return match issuer.issue(grant, terms, material).await {
-                Ok(m) => Ok(m),
-                Err(e) => {
-                    self.metrics.backend_failures.inc();
-                    Err(self.reject(caller, rpc, e.into()).await)
-                }
-            };
+            issuer
+                .issue(grant, terms, material)
+                .await
+                .map_err(BrokerError::from)
+        };
+        match result {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                self.metrics.backend_failures.inc();
+                Err(self.reject(caller, rpc, e).await)
+            }
         }
-        // The backend call runs as its own task: when the deadline passes, the request
-        // fails at once, and whatever the backend still returns is revoked there rather
-        // than left behind with nobody holding it.
-        let call = {
+    }
+
+    /// A call to another service, as its own task: when the profile's deadline passes,
+    /// the request fails at once, and whatever the backend still returns is revoked there
+    /// rather than left behind with nobody holding it.
+    async fn mint_remote(
+        issuer: Arc<dyn Issuer>,
+        grant: &Grant,
+        terms: &LeaseTerms,
+        material: &Material,
+    ) -> Result<Minted, BrokerError> {
+        let mut call = {
             let (issuer, grant, terms, material) = (
                 issuer.clone(),
                 grant.clone(),
@@ -735,33 +744,22 @@ impl Broker {
             );
             tokio::spawn(async move { issuer.issue(&grant, &terms, &material).await })
         };
-        let deadline = grant.profile.deadline;
-        let mut call = call;
-        let result = match tokio::time::timeout(deadline, &mut call).await {
+        match tokio::time::timeout(grant.profile.deadline, &mut call).await {
             Ok(Ok(r)) => r.map_err(BrokerError::from),
             Ok(Err(join)) => Err(BrokerError::Internal(format!(
                 "backend call failed: {join}"
             ))),
             Err(_) => {
                 tokio::spawn(async move {
-                    if let Ok(Ok(late)) = call.await {
-                        if let Some(handle) = late.handle {
-                            revoke_orphan(issuer, handle).await;
-                        }
+                    if let Ok(Ok(Minted {
+                        handle: Some(handle),
+                        ..
+                    })) = call.await
+                    {
+                        revoke_orphan(issuer, handle).await;
                     }
                 });
-                Err(BrokerError::BackendUnavailable(format!(
-                    "{} backend did not answer within {deadline:?} (profile {})",
-                    grant.profile.kind.as_str(),
-                    grant.profile.name
-                )))
-            }
-        };
-        match result {
-            Ok(m) => Ok(m),
-            Err(e) => {
-                self.metrics.backend_failures.inc();
-                Err(self.reject(caller, rpc, e).await)
+                Err(deadline_passed(&grant.profile))
             }
         }
     }
@@ -2161,6 +2159,16 @@ impl Broker {
             .receipt
             .ok_or_else(|| BrokerError::Internal("force-remove recorded nothing".into()))
     }
+}
+
+/// The refusal when a backend did not answer within the profile's deadline.
+fn deadline_passed(profile: &Profile) -> BrokerError {
+    BrokerError::BackendUnavailable(format!(
+        "{} backend did not answer within {:?} (profile {})",
+        profile.kind.as_str(),
+        profile.deadline,
+        profile.name
+    ))
 }
 
 /// Revokes a backend credential that no lease records (a refused or timed-out issuance):

@@ -281,6 +281,50 @@ pub struct Receipt {
     pub leaf_hash: String,
 }
 
+impl LedgerOp {
+    /// The audit entry the op writes (or writes as a refusal), if it writes one.
+    pub fn event(&self) -> Option<&AuditEvent> {
+        match self {
+            LedgerOp::Issue { event, .. }
+            | LedgerOp::OpenAccessRequest { event, .. }
+            | LedgerOp::Review { event, .. }
+            | LedgerOp::Redeem { event, .. }
+            | LedgerOp::Renew { event, .. }
+            | LedgerOp::Release { event, .. }
+            | LedgerOp::Revoke { event, .. }
+            | LedgerOp::Lock { event, .. }
+            | LedgerOp::Unlock { event, .. }
+            | LedgerOp::BackendRevoked { event, .. }
+            | LedgerOp::ForceRemoveBackendRevocation { event, .. }
+            | LedgerOp::Record { event } => Some(event),
+            LedgerOp::Expire { .. }
+            | LedgerOp::Checkpoint { .. }
+            | LedgerOp::BackendRevokeFailed { .. } => None,
+        }
+    }
+}
+
+/// The guard every holder operation (renew, release) passes, in every backend: the
+/// lease exists, is the caller's, is active and has not expired.
+pub(crate) fn guard_holder(lease: Option<Lease>, holder: &str, now: i64) -> Result<Lease, Refusal> {
+    let lease = lease.ok_or(Refusal::NotFound)?;
+    if lease.spiffe_id != holder {
+        return Err(Refusal::NotHolder);
+    }
+    if lease.state != crate::domain::LeaseState::Active {
+        return Err(Refusal::Ended(lease.state));
+    }
+    if lease.expires_at <= now {
+        return Err(Refusal::Expired);
+    }
+    Ok(lease)
+}
+
+/// A store failure the caller may retry.
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
 /// The result of a committed op.
 #[derive(Debug, Clone)]
 pub struct Applied {

@@ -34,8 +34,8 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{
-    Applied, FeedTail, IdentityStats, LedgerOp, Receipt, Refusal, Store, StoreError,
-    StoredCheckpoint,
+    guard_holder, unavailable, Applied, FeedTail, IdentityStats, LedgerOp, Receipt, Refusal, Store,
+    StoreError, StoredCheckpoint,
 };
 use crate::audit::{entry_hash, AuditEvent, EventKind, StoredEntry};
 use crate::config::LedgerConfig;
@@ -103,10 +103,6 @@ pub struct PostgresStore {
     tx: mpsc::Sender<Job>,
     pool: Arc<Pool>,
     commit_timeout: Duration,
-}
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
 }
 
 /// Why a database step failed.
@@ -869,20 +865,6 @@ fn refuse_new_lease(
     refuse(c, head, event, refusal)
 }
 
-fn guard(lease: Option<Lease>, holder: &str, now: i64) -> Result<Lease, Refusal> {
-    let lease = lease.ok_or(Refusal::NotFound)?;
-    if lease.spiffe_id != holder {
-        return Err(Refusal::NotHolder);
-    }
-    if lease.state != LeaseState::Active {
-        return Err(Refusal::Ended(lease.state));
-    }
-    if lease.expires_at <= now {
-        return Err(Refusal::Expired);
-    }
-    Ok(lease)
-}
-
 fn insert_lease(c: &mut Conn, lease: &Lease) -> Result<(), PgError> {
     let scopes = serde_json::to_string(&lease.scopes).unwrap_or_default();
     let intent = lease
@@ -1194,23 +1176,7 @@ fn barred(c: &mut Conn, lease: &Lease) -> Result<Option<Refusal>, PgError> {
 }
 
 fn apply_op(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, PgError> {
-    let event = match &op {
-        LedgerOp::Issue { event, .. }
-        | LedgerOp::OpenAccessRequest { event, .. }
-        | LedgerOp::Review { event, .. }
-        | LedgerOp::Redeem { event, .. }
-        | LedgerOp::Renew { event, .. }
-        | LedgerOp::Release { event, .. }
-        | LedgerOp::Revoke { event, .. }
-        | LedgerOp::Lock { event, .. }
-        | LedgerOp::Unlock { event, .. }
-        | LedgerOp::BackendRevoked { event, .. }
-        | LedgerOp::ForceRemoveBackendRevocation { event, .. }
-        | LedgerOp::Record { event } => Some(event.clone()),
-        LedgerOp::Expire { .. }
-        | LedgerOp::Checkpoint { .. }
-        | LedgerOp::BackendRevokeFailed { .. } => None,
-    };
+    let event = op.event().cloned();
     let applied = apply_guarded(c, head, op)?;
     if let Some(mut e) = event {
         if applied.refused.is_some() {
@@ -1400,7 +1366,7 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             expires_at,
             credential_sha256,
             event,
-        } => match guard(select_lease(c, lease_id.as_str())?, &holder, now) {
+        } => match guard_holder(select_lease(c, lease_id.as_str())?, &holder, now) {
             Err(r) => refuse(c, head, event, r),
             Ok(lease) => {
                 // A renewal mints a fresh credential: locks apply to it as to issuance.
@@ -1424,7 +1390,7 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             holder,
             now,
             event,
-        } => match guard(select_lease(c, lease_id.as_str())?, &holder, now) {
+        } => match guard_holder(select_lease(c, lease_id.as_str())?, &holder, now) {
             Err(r) => refuse(c, head, event, r),
             Ok(_) => {
                 c.execute(

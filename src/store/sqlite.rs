@@ -15,7 +15,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store, StoreError, StoredCheckpoint,
+    guard_holder, unavailable, Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store,
+    StoreError, StoredCheckpoint,
 };
 use crate::audit::EventKind;
 use crate::audit::{entry_hash, AuditEvent, LogError, LogReport, LogVerifier, StoredEntry};
@@ -57,10 +58,6 @@ pub struct SqliteStore {
     tx: mpsc::Sender<Job>,
     reader: Arc<Mutex<Connection>>,
     commit_timeout: Duration,
-}
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
 }
 
 fn open(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
@@ -502,20 +499,6 @@ fn refuse(
     Ok(a)
 }
 
-fn guard(lease: Option<Lease>, holder: &str, now: i64) -> Result<Lease, Refusal> {
-    let lease = lease.ok_or(Refusal::NotFound)?;
-    if lease.spiffe_id != holder {
-        return Err(Refusal::NotHolder);
-    }
-    if lease.state != LeaseState::Active {
-        return Err(Refusal::Ended(lease.state));
-    }
-    if lease.expires_at <= now {
-        return Err(Refusal::Expired);
-    }
-    Ok(lease)
-}
-
 fn insert_lease(conn: &Connection, lease: &Lease) -> rusqlite::Result<()> {
     conn.prepare_cached(&format!(
         "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
@@ -799,23 +782,7 @@ fn barred(conn: &Connection, lease: &Lease) -> rusqlite::Result<Option<Refusal>>
 }
 
 fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Result<Applied> {
-    let event = match &op {
-        LedgerOp::Issue { event, .. }
-        | LedgerOp::OpenAccessRequest { event, .. }
-        | LedgerOp::Review { event, .. }
-        | LedgerOp::Redeem { event, .. }
-        | LedgerOp::Renew { event, .. }
-        | LedgerOp::Release { event, .. }
-        | LedgerOp::Revoke { event, .. }
-        | LedgerOp::Lock { event, .. }
-        | LedgerOp::Unlock { event, .. }
-        | LedgerOp::BackendRevoked { event, .. }
-        | LedgerOp::ForceRemoveBackendRevocation { event, .. }
-        | LedgerOp::Record { event } => Some(event.clone()),
-        LedgerOp::Expire { .. }
-        | LedgerOp::Checkpoint { .. }
-        | LedgerOp::BackendRevokeFailed { .. } => None,
-    };
+    let event = op.event().cloned();
     let applied = apply_guarded(conn, head, op)?;
     if let Some(mut e) = event {
         if applied.refused.is_some() {
@@ -995,7 +962,7 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             expires_at,
             credential_sha256,
             event,
-        } => match guard(select_lease(conn, lease_id.as_str())?, &holder, now) {
+        } => match guard_holder(select_lease(conn, lease_id.as_str())?, &holder, now) {
             Err(r) => refuse(conn, head, event, r),
             Ok(lease) => {
                 // A renewal mints a fresh credential: locks apply to it as to issuance.
@@ -1019,7 +986,7 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             holder,
             now,
             event,
-        } => match guard(select_lease(conn, lease_id.as_str())?, &holder, now) {
+        } => match guard_holder(select_lease(conn, lease_id.as_str())?, &holder, now) {
             Err(r) => refuse(conn, head, event, r),
             Ok(_) => {
                 conn.execute(
