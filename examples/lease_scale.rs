@@ -74,7 +74,8 @@ async fn fill(path: &std::path::Path, n: u64) -> Result<(), Box<dyn std::error::
                     format!("spiffe://example.org/fleet/node-{}", i % 50_000)
                 };
                 let lease = Lease {
-                    id: LeaseId::generate().map_err(|e| e.to_string())?,
+                    id: LeaseId::generate(now * 1000 + i as i64 / 100)
+                        .map_err(|e| e.to_string())?,
                     profile: ProfileName::parse("dataset-read").map_err(|e| e.to_string())?,
                     spiffe_id: holder.clone(),
                     scopes: vec![Scope::parse("dataset:read").map_err(|e| e.to_string())?],

@@ -60,6 +60,60 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU time so far of each thread of this process, by thread name (ns, from schedstat).
+fn thread_cpu_ns() -> std::collections::BTreeMap<u64, (String, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        let ns = read("schedstat")
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        out.insert(tid, (read("comm").trim().to_owned(), ns));
+    }
+    out
+}
+
+/// Bytes this process has caused to be written to storage (`/proc/self/io`).
+fn storage_write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU spent per successful operation between two snapshots, by thread name.
+fn cpu_per_op(
+    before: &std::collections::BTreeMap<u64, (String, u64)>,
+    after: &std::collections::BTreeMap<u64, (String, u64)>,
+    ops: usize,
+) -> String {
+    let mut by_name = std::collections::BTreeMap::<String, u64>::new();
+    for (tid, (name, ns)) in after {
+        let was = before.get(tid).map_or(0, |(_, b)| *b);
+        *by_name.entry(name.clone()).or_default() += ns.saturating_sub(was);
+    }
+    let per = |ns: u64| ns as f64 / 1000.0 / ops.max(1) as f64;
+    let total: u64 = by_name.values().sum();
+    let parts: Vec<String> = by_name
+        .iter()
+        .filter(|(_, ns)| per(**ns) >= 0.5)
+        .map(|(n, ns)| format!("{n} {:.1}", per(*ns)))
+        .collect();
+    format!("{:.1} µs ({})", per(total), parts.join(", "))
+}
+
 /// Raw ES256 signatures per second on one core (the same ring key type the issuer uses).
 fn signing_rate(seconds: f64) -> Result<f64, Box<dyn std::error::Error>> {
     let (signer, _) = EcdsaP256Signer::generate()?;
@@ -150,10 +204,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("unknown --mode {mode}").into());
     }
 
-    println!("measuring this machine's limits (2 s each)…");
-    let sign = signing_rate(2.0)?;
-    let ledger = ledger_rate(2.0).await?;
-    println!("  raw ES256 signing: {sign:.0}/s on one core; durable ledger appends (group commit): {ledger:.0}/s");
+    // `--no-limits` skips the machine probes (for quick A/B runs of the broker alone).
+    let (sign, ledger) = if std::env::args().any(|a| a == "--no-limits") {
+        (f64::NAN, f64::NAN)
+    } else {
+        println!("measuring this machine's limits (2 s each)…");
+        let sign = signing_rate(2.0)?;
+        let ledger = ledger_rate(2.0).await?;
+        println!("  raw ES256 signing: {sign:.0}/s on one core; durable ledger appends (group commit): {ledger:.0}/s");
+        (sign, ledger)
+    };
 
     let dir = tempfile::tempdir()?;
     let env = dev::start(DevOptions {
@@ -271,6 +331,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }));
     }
     let started = Instant::now();
+    let cpu_before = thread_cpu_ns();
+    let written_before = storage_write_bytes();
     let (mut lat, mut errors) = (Vec::new(), 0);
     for t in tasks {
         let (l, e) = t.await??;
@@ -278,6 +340,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_per_op(&cpu_before, &thread_cpu_ns(), lat.len());
+    let written = storage_write_bytes().saturating_sub(written_before);
     lat.sort();
     let rate = lat.len() as f64 / elapsed;
     println!("mode={mode} clients={clients} seconds={seconds}");
@@ -288,10 +352,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         pct(&lat, 0.99),
         pct(&lat, 0.999)
     );
+    println!("  CPU per operation (broker and clients share this process): {cpu}");
     let limit = sign.min(ledger);
+    if limit.is_finite() {
+        println!(
+            "  {:.0}% of the lower machine limit ({limit:.0}/s)",
+            100.0 * rate / limit
+        );
+    }
     println!(
-        "  {:.0}% of the lower machine limit ({limit:.0}/s); peak RSS of this process (broker + clients + probes) {:.0} MiB",
-        100.0 * rate / limit,
+        "  peak RSS of this process (broker + clients + probes) {:.0} MiB",
         peak_rss_mib()
     );
     let m = env.broker.metrics().render();
@@ -305,8 +375,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let commits = get("spiffe_broker_ledger_commit_batch_size_count");
     let ops = get("spiffe_broker_ledger_commit_batch_size_sum");
     println!(
-        "  ledger: {commits:.0} commits (fsyncs) for {ops:.0} ops, mean batch {:.1}",
-        ops / commits.max(1.0)
+        "  ledger: {commits:.0} commits (fsyncs) for {ops:.0} ops, mean batch {:.1}; {:.1} KiB written to storage per operation",
+        ops / commits.max(1.0),
+        written as f64 / 1024.0 / lat.len().max(1) as f64
     );
     env.shutdown().await?;
     Ok(())

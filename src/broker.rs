@@ -806,7 +806,7 @@ impl Broker {
     ) -> Result<(Credential, Lease, AuditEvent), BrokerError> {
         let now = self.clock.unix_seconds();
         let terms = LeaseTerms {
-            lease_id: LeaseId::generate()?,
+            lease_id: LeaseId::generate(unix_millis(self.clock.now()))?,
             subject: caller.spiffe_id().to_string(),
             issued_at: now,
             expires_at: now + grant.ttl.as_secs() as i64,
@@ -950,7 +950,7 @@ impl Broker {
                     let now = self.clock.unix_seconds();
                     let spec = RequestSpec::of(&req);
                     let ar = AccessRequest {
-                        id: LeaseId::generate()?.to_string(),
+                        id: LeaseId::generate(unix_millis(self.clock.now()))?.to_string(),
                         requester: caller.spiffe_id().to_string(),
                         profile: req.profile.clone(),
                         digest: spec.digest(req.profile.as_str()),
@@ -1137,7 +1137,7 @@ impl Broker {
         let now = self.clock.unix_seconds();
         let spec = RequestSpec::of(req);
         let ar = AccessRequest {
-            id: LeaseId::generate()?.to_string(),
+            id: LeaseId::generate(unix_millis(self.clock.now()))?.to_string(),
             requester: caller.spiffe_id().to_string(),
             profile: req.profile.clone(),
             digest: spec.digest(req.profile.as_str()),
@@ -1827,7 +1827,7 @@ impl Broker {
             },
         };
         let lock = Lock {
-            id: LeaseId::generate()?.to_string(),
+            id: LeaseId::generate(unix_millis(self.clock.now()))?.to_string(),
             kind: kind.to_owned(),
             value,
             until,

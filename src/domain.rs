@@ -77,16 +77,20 @@ validated_string!(
     Scope, "scope", 128, "1..=128 printable ASCII characters without spaces", printable
 );
 validated_string!(
-    /// A lease id: 32 lower-case hex characters (128 random bits).
+    /// A lease id: 32 lower-case hex characters (48 bits of issuance time, 80 random bits).
     LeaseId, "lease id", 32, "exactly 32 lower-case hex characters",
     |s| s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 );
 
 impl LeaseId {
-    /// A fresh random lease id.
-    pub fn generate() -> Result<Self, BrokerError> {
+    /// A fresh lease id for something created at `unix_ms`: the time in milliseconds
+    /// (48 bits, big-endian) then 80 random bits. Still unguessable, and time-ordered, so
+    /// the ledger's indexes on it grow at their end instead of touching a random page per
+    /// insert (two fewer pages written per issuance at every commit).
+    pub fn generate(unix_ms: i64) -> Result<Self, BrokerError> {
         let mut b = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        b[..6].copy_from_slice(&(unix_ms.max(0) as u64).to_be_bytes()[2..]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b[6..])
             .map_err(|_| BrokerError::Internal("system random source failed".into()))?;
         Ok(Self(hex::encode(b)))
     }
@@ -656,7 +660,7 @@ mod tests {
         assert!(Scope::parse("job:submit").is_ok());
         assert!(Scope::parse("job submit").is_err());
         assert!(LeaseId::parse("not-hex").is_err());
-        let id = LeaseId::generate().expect("random");
+        let id = LeaseId::generate(0).expect("random");
         assert_eq!(LeaseId::parse(id.as_str()).expect("parse"), id);
         assert!(Intent::parse("submit", "queue/a100").is_ok());
         assert!(Intent::parse("", "queue/a100").is_err());
