@@ -40,18 +40,57 @@ fn num(name: &str, default: u64) -> u64 {
     arg(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
+/// Latencies in 10 µs buckets up to 1 s (the last bucket takes everything slower): fixed
+/// memory however long the run, so a 10-minute run's RSS is the broker's, not ours.
+struct Histogram(Vec<u64>);
+
+impl Histogram {
+    const BUCKET_US: u64 = 10;
+    const BUCKETS: usize = 100_000;
+
+    fn new() -> Self {
+        Self(vec![0; Self::BUCKETS])
     }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+
+    fn record(&mut self, d: Duration) {
+        let i = (d.as_micros() as u64 / Self::BUCKET_US).min(Self::BUCKETS as u64 - 1);
+        self.0[i as usize] += 1;
+    }
+
+    fn merge(&mut self, other: &Self) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a += b;
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// The upper edge of the bucket holding the `p` quantile.
+    fn pct(&self, p: f64) -> Duration {
+        let rank = ((self.count() as f64 * p).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in self.0.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Duration::from_micros((i as u64 + 1) * Self::BUCKET_US);
+            }
+        }
+        Duration::ZERO
+    }
 }
 
 fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// A memory figure of this process from `/proc/self/status` (`VmHWM:` peak, `VmRSS:` now).
+fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|v| v.parse::<f64>().ok())
@@ -242,11 +281,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bundle = vec![env.ca.ca_der().clone()];
 
     let deadline = Instant::now() + Duration::from_secs(seconds);
+    // Long runs print a line a minute, so memory growth (or its absence) shows over time.
+    let done = Arc::new(AtomicU64::new(0));
+    if seconds >= 120 {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                println!(
+                    "  [{:>4.0} s] ok so far {}, RSS now {:.0} MiB",
+                    start.elapsed().as_secs_f64(),
+                    done.load(Ordering::Relaxed),
+                    status_mib("VmRSS:")
+                );
+            }
+        });
+    }
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let mode = mode.clone();
-        let (agent, root, addr, bundle) =
-            (agent.clone(), root.clone(), addr.clone(), bundle.clone());
+        let (agent, root, addr, bundle, done) = (
+            agent.clone(),
+            root.clone(),
+            addr.clone(),
+            bundle.clone(),
+            done.clone(),
+        );
         let jwt = if mode == "jwt-svid" {
             Some(env.ca.mint_jwt_svid(
                 &spiffe::SpiffeId::new("spiffe://example.org/ci/deploy-agent")?,
@@ -272,7 +335,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let mut ch: Channel = connect(identity.clone()).await?;
             let mut admin = pb::admin_client::AdminClient::new(connect(root).await?);
-            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            let (mut lat, mut errors) = (Histogram::new(), 0u64);
             while Instant::now() < deadline {
                 if mode == "new-conn" {
                     ch = connect(identity.clone()).await?;
@@ -322,7 +385,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                 };
                 if ok {
-                    lat.push(t.elapsed());
+                    lat.record(t.elapsed());
+                    done.fetch_add(1, Ordering::Relaxed);
                 } else {
                     errors += 1;
                 }
@@ -333,24 +397,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let cpu_before = thread_cpu_ns();
     let written_before = storage_write_bytes();
-    let (mut lat, mut errors) = (Vec::new(), 0);
+    let (mut lat, mut errors) = (Histogram::new(), 0);
     for t in tasks {
         let (l, e) = t.await??;
-        lat.extend(l);
+        lat.merge(&l);
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_per_op(&cpu_before, &thread_cpu_ns(), lat.len());
+    let ok = lat.count() as usize;
+    let cpu = cpu_per_op(&cpu_before, &thread_cpu_ns(), ok);
     let written = storage_write_bytes().saturating_sub(written_before);
-    lat.sort();
-    let rate = lat.len() as f64 / elapsed;
+    let rate = ok as f64 / elapsed;
     println!("mode={mode} clients={clients} seconds={seconds}");
     println!(
         "  ok={} errors={errors} throughput={rate:.0}/s p50={:?} p99={:?} p99.9={:?}",
-        lat.len(),
-        pct(&lat, 0.5),
-        pct(&lat, 0.99),
-        pct(&lat, 0.999)
+        ok,
+        lat.pct(0.5),
+        lat.pct(0.99),
+        lat.pct(0.999)
     );
     println!("  CPU per operation (broker and clients share this process): {cpu}");
     let limit = sign.min(ledger);
@@ -377,7 +441,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "  ledger: {commits:.0} commits (fsyncs) for {ops:.0} ops, mean batch {:.1}; {:.1} KiB written to storage per operation",
         ops / commits.max(1.0),
-        written as f64 / 1024.0 / lat.len().max(1) as f64
+        written as f64 / 1024.0 / ok.max(1) as f64
     );
     env.shutdown().await?;
     Ok(())

@@ -262,3 +262,86 @@ pub async fn workload_source(endpoint: Option<&str>) -> Result<X509Source, Clien
         .map_err(|_| ClientError("timed out fetching an SVID from the Workload API".into()))?
         .map_err(|e| ClientError(format!("cannot fetch an SVID from the Workload API: {e}")))
 }
+
+/// A channel to the broker that follows the client's own SVID rotation.
+///
+/// The broker re-validates the client's X.509-SVID on every request, not only at the
+/// handshake, so a connection opened with an SVID whose authority has since been retired
+/// is refused although the TLS session is still up. This keeps one connection open and
+/// replaces it as soon as the Workload API has handed the client a different leaf, so
+/// requests always travel on a connection that presented the current SVID.
+pub struct SvidChannel {
+    addr: String,
+    broker_id: String,
+    source: X509Source,
+    channel: Channel,
+    leaf: Vec<u8>,
+    reconnects: u64,
+}
+
+fn current_leaf(source: &X509Source) -> Result<Vec<u8>, ClientError> {
+    source
+        .svid()
+        .map(|s| s.leaf().as_ref().to_vec())
+        .map_err(|e| ClientError(format!("no SVID from the Workload API: {e}")))
+}
+
+impl SvidChannel {
+    /// Connects to the broker at `addr` as the SVID of `source`.
+    pub async fn connect(
+        addr: &str,
+        broker_id: &str,
+        source: X509Source,
+    ) -> Result<Self, ClientError> {
+        let (channel, leaf) = Self::open(addr, broker_id, &source).await?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            broker_id: broker_id.to_owned(),
+            source,
+            channel,
+            leaf,
+            reconnects: 0,
+        })
+    }
+
+    /// Opens a connection and returns it with the leaf current just before it. The
+    /// handshake reads the SVID itself, so it presented that leaf or, if the SVID rotated
+    /// meanwhile, a newer one; either way [`Self::channel`] is safe: a newer one only
+    /// costs one more reconnect.
+    async fn open(
+        addr: &str,
+        broker_id: &str,
+        source: &X509Source,
+    ) -> Result<(Channel, Vec<u8>), ClientError> {
+        let leaf = current_leaf(source)?;
+        let channel = connect(addr, broker_id, &ClientIdentity::Workload(source.clone())).await?;
+        Ok((channel, leaf))
+    }
+
+    /// The channel for the next request: the open one while its SVID is still the
+    /// current one, else a new connection with the current SVID. Clones of an older
+    /// channel keep their old connection.
+    pub async fn channel(&mut self) -> Result<Channel, ClientError> {
+        if current_leaf(&self.source)? != self.leaf {
+            let (channel, leaf) = Self::open(&self.addr, &self.broker_id, &self.source).await?;
+            self.channel = channel;
+            self.leaf = leaf;
+            self.reconnects += 1;
+        }
+        Ok(self.channel.clone())
+    }
+
+    /// The leaf certificate (DER) current just before the open connection was made: the
+    /// one its handshake presented, or an older one if the SVID rotated during the
+    /// handshake (or tonic re-dialled a broken connection with a newer SVID). Never newer
+    /// than what was presented, so "this leaf chains to the new authority" is a safe
+    /// conclusion.
+    pub fn leaf(&self) -> &[u8] {
+        &self.leaf
+    }
+
+    /// How many times the connection was replaced after an SVID change.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+}

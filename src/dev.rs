@@ -76,7 +76,8 @@ pub struct DevEnv {
     pub http_addr: SocketAddr,
     /// The loaded config.
     pub config: Config,
-    /// The dev CA.
+    /// The dev CA. Its rotation steps (`prepare`, `activate`, `retire_inactive`) reach
+    /// every Workload API stream, the broker's own included, at once.
     pub ca: Arc<DevCa>,
     /// The dev Workload API.
     pub workload_api: DevWorkloadApi,
@@ -155,7 +156,9 @@ pub async fn start(opts: DevOptions) -> Result<DevEnv, ServeError> {
         .map_err(|e| ServeError(format!("cannot create {}: {e}", dir.display())))?;
     let ca =
         Arc::new(DevCa::load_or_create(dir, TRUST_DOMAIN).map_err(|e| ServeError(e.to_string()))?);
-    std::fs::write(dir.join("bundle.pem"), ca.ca_pem()).map_err(|e| ServeError(e.to_string()))?;
+    // The CA rewrites this file at each rotation step (`DevCa::prepare` and the rest).
+    std::fs::write(dir.join(crate::workload::ca::BUNDLE_FILE), ca.bundle_pem())
+        .map_err(|e| ServeError(e.to_string()))?;
     let mut ids: Vec<SpiffeId> = DEMO_IDS
         .iter()
         .map(|s| SpiffeId::new(s).map_err(|e| ServeError(e.to_string())))

@@ -762,3 +762,62 @@ async fn jwt_svid_clock_skew_within_tolerance_is_accepted_beyond_it_refused() {
     }
     assert_eq!(h.lease_count(), 2);
 }
+
+/// X.509-SVID validity has no tolerance (unlike JWT-SVIDs): it is checked to the second on
+/// the broker's clock, at every request, on the same connection — a chain remembered as
+/// verified is not trusted past its leaf's notAfter. SVID issuers backdate notBefore for
+/// skew (SPIRE by 10 s, the dev CA by 30 s), so the edges are where a skewed clock bites.
+#[tokio::test]
+async fn x509_svid_validity_edges_are_exact_on_the_brokers_clock() {
+    let h = common::start().await;
+    let now = h.clock.now();
+    let key = p256();
+    let leaf = h
+        .env
+        .ca
+        .sign(
+            &svid_params(common::DEPLOY_AGENT, now + secs(10), now + secs(70)).expect("params"),
+            &key,
+        )
+        .expect("dev CA signs");
+    let identity = files_identity(&h, vec![leaf], &key);
+    let mut client = BrokerClient::new(h.channel_as(&identity).await);
+    let req = || tonic::Request::new(common::gpu_request(600));
+
+    // One second before notBefore (the clock's sub-second part is below the second).
+    h.clock.advance(secs(9));
+    assert_refused(
+        &h,
+        &mut client,
+        req(),
+        "1 s before notBefore",
+        Some("x509-svid"),
+        "not yet valid",
+    )
+    .await;
+    // At notBefore and at notAfter, the same connection is accepted.
+    h.clock.advance(secs(1));
+    client
+        .issue_credential(req())
+        .await
+        .expect("valid from notBefore");
+    h.clock.advance(secs(60));
+    client
+        .issue_credential(req())
+        .await
+        .expect("valid until notAfter");
+    assert_eq!(h.lease_count(), 2);
+    // One second past notAfter: refused although this chain was verified a moment ago.
+    h.clock.advance(secs(1));
+    let status = client.issue_credential(req()).await.expect_err("expired");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let last = authn_failures(&h).pop().expect("an authn_failure entry");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expired"),
+        "{last}"
+    );
+    assert_eq!(h.lease_count(), 2, "nothing issued to an expired SVID");
+}

@@ -146,8 +146,9 @@ fn accepted(chain: &[CertificateDer<'static>], id: &SpiffeId) {
     );
 
     // Some issuer — an intermediate of the chain or the bundle's CA — signed this leaf.
+    let ca = fx.ca.ca_der();
     let mut issuers: Vec<&[u8]> = chain[1..].iter().map(|c| c.as_ref()).collect();
-    issuers.push(fx.ca.ca_der().as_ref());
+    issuers.push(ca.as_ref());
     let signed = issuers.iter().any(|der| {
         X509Certificate::from_der(der)
             .is_ok_and(|(_, ca)| leaf.verify_signature(Some(ca.public_key())).is_ok())

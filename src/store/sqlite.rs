@@ -70,42 +70,16 @@ fn open(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "cache_size", -32768)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Every op runs in its own savepoint; keep those statement journals in memory instead
-    // of spilling each batch's pages to a temporary file (created, written, closed per
-    // commit — it was a fifth of the writer thread's time under load).
+    // of spilling a batch's pages past 64 KiB to a temporary file that is created, written
+    // and closed per commit (savepoint journalling was a fifth of the writer's profile).
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // Checkpoints stay on the writer (SQLite's auto-checkpoint after a commit): only a
+    // checkpoint that runs between the writer's transactions lets the next one restart
+    // the WAL. A background PASSIVE checkpointer racing a busy writer never did, and the
+    // WAL grew without bound (27.8 GB in six minutes of load). After a burst, the WAL file
+    // is cut back to this size when it restarts.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     Ok(conn)
-}
-
-/// Commits between nudges to the checkpointer: about 1,000 WAL pages at the ~15 pages a
-/// batch writes, SQLite's own auto-checkpoint threshold.
-const CHECKPOINT_EVERY_COMMITS: u32 = 64;
-
-/// Copies the WAL back into the database file on its own connection and thread, so the
-/// writer's commits never wait behind a checkpoint and its fsync of the database file.
-/// PASSIVE: it never blocks the writer or readers; what it cannot copy now it copies next
-/// time (a second later, if a reader held it back). Nudged by the writer every
-/// [`CHECKPOINT_EVERY_COMMITS`] commits; exits after a last checkpoint when the writer stops.
-fn checkpointer_loop(conn: Connection, nudges: std::sync::mpsc::Receiver<()>) {
-    use std::sync::mpsc::RecvTimeoutError;
-    let mut pending = false;
-    loop {
-        match nudges.recv_timeout(Duration::from_secs(1)) {
-            Ok(()) => pending = true,
-            Err(RecvTimeoutError::Timeout) if !pending => continue,
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                return;
-            }
-        }
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-        }) {
-            // Everything in the WAL is in the database: the writer restarts the WAL.
-            Ok((log, done)) => pending = log != done,
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
-        }
-    }
 }
 
 /// Creates the ledger file owner-only (0600) or tightens an existing one. SQLite gives the
@@ -243,21 +217,11 @@ impl SqliteStore {
             head
         };
         let reader = open(path, cfg.busy_timeout).map_err(unavailable)?;
-        // Checkpoints run on their own thread (see `checkpointer_loop`), not inside commits.
-        writer
-            .pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(unavailable)?;
-        let checkpointer = open(path, cfg.busy_timeout).map_err(unavailable)?;
-        let (nudge, nudges) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name("ledger-checkpoint".into())
-            .spawn(move || checkpointer_loop(checkpointer, nudges))
-            .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(cfg.max_batch * 16);
         let max_batch = cfg.max_batch;
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer_loop(writer, head, rx, max_batch, metrics, nudge))
+            .spawn(move || writer_loop(writer, head, rx, max_batch, metrics))
             .map_err(unavailable)?;
         Ok(Self {
             tx,
@@ -1314,10 +1278,8 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
     metrics: Arc<Metrics>,
-    checkpoint: std::sync::mpsc::SyncSender<()>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    let mut commits = 0u32;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -1333,12 +1295,6 @@ fn writer_loop(
             Ok(results) => {
                 for (job, r) in batch.drain(..).zip(results) {
                     let _ = job.reply.send(r);
-                }
-                commits += 1;
-                if commits >= CHECKPOINT_EVERY_COMMITS {
-                    commits = 0;
-                    // Full means a nudge is already waiting: the checkpointer will run.
-                    let _ = checkpoint.try_send(());
                 }
             }
             Err(e) => {

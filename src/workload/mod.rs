@@ -2,6 +2,11 @@
 //! (`FetchX509SVID` streamed with rotation, `FetchX509Bundles`, `FetchJWTSVID`,
 //! `FetchJWTBundles`, `ValidateJWTSVID`) over Unix sockets, one socket per identity,
 //! backed by the dev CA. Production uses SPIRE's agent socket instead.
+//!
+//! Open `FetchX509SVID` and `FetchX509Bundles` streams follow the dev CA's authority
+//! rotation ([`DevCa::prepare`], [`DevCa::activate`], [`DevCa::retire_inactive`]): each
+//! step sends every stream the new bundle, and activation a new SVID from the new
+//! authority, as a SPIRE agent does.
 
 mod authority;
 pub mod ca;

@@ -8,11 +8,13 @@ use std::time::Duration;
 use crate::clock::Clock as _;
 
 use futures::Stream;
+use rustls::pki_types::CertificateDer;
 use spiffe::SpiffeId;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::ca::MintedSvid;
 use super::DevCa;
 use crate::authn::{validate_jwt_svid, StaticTrust};
 use crate::proto::workload as pb;
@@ -49,12 +51,17 @@ impl IdentityService {
         }
     }
 
-    fn x509_response(&self) -> Result<pb::X509svidResponse, Status> {
-        let svid = self
+    /// The next X509SVIDResponse: `held` again while the active authority signed it
+    /// (only the bundle changed), else a fresh SVID. Returns the SVID sent, to hold.
+    fn x509_response(
+        &self,
+        held: Option<MintedSvid>,
+    ) -> Result<(pb::X509svidResponse, MintedSvid), Status> {
+        let (svid, bundle) = self
             .ca
-            .mint_x509_svid(&self.id, self.svid_ttl)
+            .workload_x509(&self.id, self.svid_ttl, held)
             .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(pb::X509svidResponse {
+        let response = pb::X509svidResponse {
             svids: vec![pb::X509svid {
                 spiffe_id: self.id.to_string(),
                 x509_svid: svid
@@ -63,17 +70,33 @@ impl IdentityService {
                     .flat_map(|c| c.as_ref().to_vec())
                     .collect(),
                 x509_svid_key: svid.key_pkcs8.to_vec(),
-                bundle: self.ca.ca_der().to_vec(),
+                // The spec's encoding: the bundle's certificates, DER, concatenated.
+                bundle: concat_der(&bundle),
                 hint: String::new(),
             }],
             crl: Vec::new(),
             federated_bundles: HashMap::new(),
-        })
+        };
+        Ok((response, svid))
+    }
+
+    fn x509_bundles_response(&self) -> pb::X509BundlesResponse {
+        pb::X509BundlesResponse {
+            crl: Vec::new(),
+            bundles: HashMap::from([(
+                self.ca.trust_domain().to_owned(),
+                concat_der(&self.ca.bundle()),
+            )]),
+        }
     }
 
     fn jwks_json(&self) -> Vec<u8> {
         serde_json::to_vec(&self.ca.jwt_bundle()).unwrap_or_default()
     }
+}
+
+fn concat_der(certs: &[CertificateDer<'_>]) -> Vec<u8> {
+    certs.iter().flat_map(|c| c.as_ref().to_vec()).collect()
 }
 
 /// The Workload API requires this header on every call (SSRF protection).
@@ -130,7 +153,12 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for IdentityService {
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
-        let first = self.x509_response()?;
+        // Both watches are marked seen before the first response is built: a change
+        // after this point is then never missed (at worst one redundant response).
+        let mut rotate = self.rotate.clone();
+        rotate.borrow_and_update();
+        let mut authorities = self.ca.subscribe();
+        let (first, held) = self.x509_response(None)?;
         let (tx, stream) = stream_until_closed(first);
         let me = IdentityService::new(
             self.ca.clone(),
@@ -140,19 +168,24 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for IdentityService {
             self.gone.clone(),
         );
         tokio::spawn(async move {
-            let mut rotate = me.rotate.clone();
-            rotate.borrow_and_update();
             let mut gone = me.gone.clone();
+            let mut held = Some(held);
             loop {
-                // Rotate at half-life, or at once when asked.
-                tokio::select! {
-                    _ = tokio::time::sleep(me.svid_ttl / 2) => {}
-                    r = rotate.changed() => if r.is_err() { return },
+                // Rotate at half-life, or at once when asked; on a CA change, send the new
+                // bundle (and a new SVID if the active authority changed).
+                let keep = tokio::select! {
+                    _ = tokio::time::sleep(me.svid_ttl / 2) => false,
+                    r = rotate.changed() => if r.is_err() { return } else { false },
+                    r = authorities.changed() => if r.is_err() { return } else { true },
                     // The stream ends (the connection with it, as a dying agent's).
                     _ = gone.wait_for(|g| *g) => return,
                     _ = tx.closed() => return,
-                }
-                let next = me.x509_response();
+                };
+                let held_now = if keep { held.take() } else { None };
+                let next = me.x509_response(held_now).map(|(response, svid)| {
+                    held = Some(svid);
+                    response
+                });
                 if tx.send(next).await.is_err() {
                     return;
                 }
@@ -166,16 +199,30 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for IdentityService {
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
-        let first = pb::X509BundlesResponse {
-            crl: Vec::new(),
-            bundles: HashMap::from([(
-                self.ca.trust_domain().to_owned(),
-                self.ca.ca_der().to_vec(),
-            )]),
-        };
-        let (tx, stream) = stream_until_closed(first);
-        // The dev bundle never changes; hold the stream open until the client leaves.
-        tokio::spawn(async move { tx.closed().await });
+        // Subscribed before the first response is built, so no change is missed.
+        let mut authorities = self.ca.subscribe();
+        let (tx, stream) = stream_until_closed(self.x509_bundles_response());
+        let me = IdentityService::new(
+            self.ca.clone(),
+            self.id.clone(),
+            self.svid_ttl,
+            self.rotate.clone(),
+            self.gone.clone(),
+        );
+        // A new response at each rotation step, until the client leaves.
+        tokio::spawn(async move {
+            let mut gone = me.gone.clone();
+            loop {
+                tokio::select! {
+                    r = authorities.changed() => if r.is_err() { return },
+                    _ = gone.wait_for(|g| *g) => return,
+                    _ = tx.closed() => return,
+                }
+                if tx.send(Ok(me.x509_bundles_response())).await.is_err() {
+                    return;
+                }
+            }
+        });
         Ok(Response::new(stream))
     }
 
