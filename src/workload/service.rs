@@ -24,6 +24,7 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// Longest JWT-SVID lifetime handed out.
 const JWT_SVID_TTL: Duration = Duration::from_secs(300);
 
+#[derive(Clone)]
 pub(super) struct IdentityService {
     ca: Arc<DevCa>,
     id: SpiffeId,
@@ -160,13 +161,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for IdentityService {
         let mut authorities = self.ca.subscribe();
         let (first, held) = self.x509_response(None)?;
         let (tx, stream) = stream_until_closed(first);
-        let me = IdentityService::new(
-            self.ca.clone(),
-            self.id.clone(),
-            self.svid_ttl,
-            self.rotate.clone(),
-            self.gone.clone(),
-        );
+        let me = self.clone();
         tokio::spawn(async move {
             let mut gone = me.gone.clone();
             let mut held = Some(held);
@@ -202,13 +197,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for IdentityService {
         // Subscribed before the first response is built, so no change is missed.
         let mut authorities = self.ca.subscribe();
         let (tx, stream) = stream_until_closed(self.x509_bundles_response());
-        let me = IdentityService::new(
-            self.ca.clone(),
-            self.id.clone(),
-            self.svid_ttl,
-            self.rotate.clone(),
-            self.gone.clone(),
-        );
+        let me = self.clone();
         // A new response at each rotation step, until the client leaves.
         tokio::spawn(async move {
             let mut gone = me.gone.clone();
