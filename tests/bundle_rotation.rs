@@ -338,6 +338,21 @@ async fn rotating_the_trust_bundle_under_load_fails_no_request() {
     .await;
     wait_until("phase c has its successes", || phase_done(2)).await;
 
+    // The old A-signed SVID is still trusted: the broker verifies its chain and remembers
+    // it. The same connection must be refused once A is retired (a remembered chain counts
+    // only under the bundle it was verified against).
+    let a_probe = client::connect(
+        &addr,
+        BROKER_ID,
+        &files_identity(&old_svid, vec![ca_a.clone(), ca_b.clone()]),
+    )
+    .await
+    .expect("probe connects");
+    assert!(
+        probe_accepted(&a_probe).await,
+        "an A-signed SVID is trusted while A is in the bundle"
+    );
+
     // (d) Retire A: the bundle is B alone.
     load.phase.store(3, Ordering::SeqCst);
     let retired = env.ca.retire_inactive().expect("retire A");
@@ -350,15 +365,8 @@ async fn rotating_the_trust_bundle_under_load_fails_no_request() {
         async move { ok }
     })
     .await;
-    // The broker no longer trusts A: the old SVID's probe is refused. Its connection
-    // trusts B, which the broker presents now.
-    let a_probe = client::connect(
-        &addr,
-        BROKER_ID,
-        &files_identity(&old_svid, vec![ca_b.clone()]),
-    )
-    .await
-    .expect("probe connects");
+    // The broker no longer trusts A: the old SVID's probe is refused on the connection
+    // whose chain it had verified and remembered.
     wait_until("the broker no longer trusts A", || async {
         !probe_accepted(&a_probe).await
     })
