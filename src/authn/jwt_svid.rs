@@ -7,7 +7,7 @@ use spiffe::SpiffeId;
 
 use super::{workload_id, AuthMethod, AuthnError, TrustSource};
 use crate::clock::unix_seconds;
-use crate::jose::{self, Alg};
+use crate::jose::{self, Alg, Jwk};
 
 /// Only these header parameters may appear; `jku`, `x5u`, `jwk`, `crit` and anything
 /// else is refused (no key or processing instructions from the attacker).
@@ -51,6 +51,45 @@ pub fn validate_jwt_svid(
     now: SystemTime,
     skew: Duration,
 ) -> Result<(SpiffeId, JwtSvidClaims), AuthnError> {
+    validate(token, trust, audience, now, skew).map(|(id, claims, _)| (id, claims))
+}
+
+/// What a successful validation rested on: the key that verified the signature (under
+/// its `kid`) and the token's time claims. Enough to tell later, without re-verifying,
+/// whether the same token would still pass.
+#[derive(Debug, Clone)]
+pub(crate) struct Verification {
+    pub kid: String,
+    pub key: Jwk,
+    pub exp: i64,
+    pub nbf: Option<i64>,
+    pub iat: Option<i64>,
+}
+
+impl Verification {
+    /// The time checks of [`validate_jwt_svid`], at `t` with `skew` seconds.
+    pub fn in_time(&self, t: i64, skew: i64) -> Result<(), &'static str> {
+        if self.exp <= t - skew {
+            return Err("JWT-SVID has expired");
+        }
+        if self.nbf.is_some_and(|nbf| nbf > t + skew) {
+            return Err("JWT-SVID is not yet valid");
+        }
+        if self.iat.is_some_and(|iat| iat > t + skew) {
+            return Err("JWT-SVID was issued in the future");
+        }
+        Ok(())
+    }
+}
+
+/// [`validate_jwt_svid`], also returning what the validation rested on.
+pub(crate) fn validate(
+    token: &str,
+    trust: &dyn TrustSource,
+    audience: &str,
+    now: SystemTime,
+    skew: Duration,
+) -> Result<(SpiffeId, JwtSvidClaims, Verification), AuthnError> {
     let fail = |r: String| AuthnError::new(r).via(AuthMethod::JwtSvid);
     let parts = jose::split(token).map_err(|e| fail(format!("malformed JWT-SVID: {e}")))?;
     let header: Header = serde_json::from_slice(&parts.header)
@@ -84,22 +123,17 @@ pub fn validate_jwt_svid(
             "JWT-SVID audience does not include this broker".into(),
         ));
     }
-    let t = unix_seconds(now);
-    let skew = skew.as_secs() as i64;
-    if claims.exp <= t - skew {
-        return Err(fail("JWT-SVID has expired".into()));
-    }
-    if let Some(nbf) = claims.nbf {
-        if nbf > t + skew {
-            return Err(fail("JWT-SVID is not yet valid".into()));
-        }
-    }
-    if let Some(iat) = claims.iat {
-        if iat > t + skew {
-            return Err(fail("JWT-SVID was issued in the future".into()));
-        }
-    }
+    let verification = Verification {
+        kid,
+        key,
+        exp: claims.exp,
+        nbf: claims.nbf,
+        iat: claims.iat,
+    };
+    verification
+        .in_time(unix_seconds(now), skew.as_secs() as i64)
+        .map_err(|e| fail(e.into()))?;
     let all: JwtSvidClaims = serde_json::from_slice(&parts.payload)
         .map_err(|e| fail(format!("JWT-SVID claims refused: {e}")))?;
-    Ok((id, all))
+    Ok((id, all, verification))
 }

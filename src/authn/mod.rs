@@ -120,6 +120,18 @@ pub struct SpiffeAuthenticator {
     audience: String,
     skew: Duration,
     verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
+    verified_jwts: std::sync::Mutex<std::collections::HashMap<[u8; 32], VerifiedJwt>>,
+}
+
+/// A JWT-SVID that passed every check, remembered by the SHA-256 of the token (the token
+/// itself is not kept) so a workload presenting the same token again is not re-verified:
+/// one ECDSA or RSA verify per request otherwise. It counts only while its trust domain
+/// still has exactly the key that verified it under that `kid`, and within the token's
+/// own time window, checked as on first sight; the audience is part of the token.
+#[derive(Clone)]
+struct VerifiedJwt {
+    id: SpiffeId,
+    how: jwt_svid::Verification,
 }
 
 /// A chain that passed every X.509-SVID check, remembered so a busy connection does not
@@ -161,6 +173,7 @@ impl SpiffeAuthenticator {
             audience,
             skew,
             verified: std::sync::Mutex::new(std::collections::HashMap::new()),
+            verified_jwts: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -214,6 +227,42 @@ impl SpiffeAuthenticator {
     }
 }
 
+impl SpiffeAuthenticator {
+    fn jwt(&self, token: &str, now: std::time::SystemTime) -> Result<SpiffeId, AuthnError> {
+        let key = sha256(&[b"jwt-svid", token.as_bytes()]);
+        let (t, skew) = (crate::clock::unix_seconds(now), self.skew.as_secs() as i64);
+        let hit = self
+            .verified_jwts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(v) = hit {
+            let same_key = self
+                .trust
+                .jwt_authority(v.id.trust_domain_name(), &v.how.kid)
+                .is_some_and(|k| k == v.how.key);
+            if same_key && v.how.in_time(t, skew).is_ok() {
+                return Ok(v.id);
+            }
+        }
+        let (id, _, how) =
+            jwt_svid::validate(token, self.trust.as_ref(), &self.audience, now, self.skew)?;
+        let mut cache = self.verified_jwts.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= VERIFIED_CACHE {
+            cache.clear();
+        }
+        cache.insert(
+            key,
+            VerifiedJwt {
+                id: id.clone(),
+                how,
+            },
+        );
+        Ok(id)
+    }
+}
+
 impl Authenticator for SpiffeAuthenticator {
     fn authenticate(&self, facts: &TransportFacts<'_>) -> Result<VerifiedCaller, AuthnError> {
         let now = self.clock.now();
@@ -222,13 +271,7 @@ impl Authenticator for SpiffeAuthenticator {
                 AuthnError::new("authorization metadata is not a Bearer token")
                     .via(AuthMethod::JwtSvid)
             })?;
-            let (id, _) = validate_jwt_svid(
-                token.trim(),
-                self.trust.as_ref(),
-                &self.audience,
-                now,
-                self.skew,
-            )?;
+            let id = self.jwt(token.trim(), now)?;
             return Ok(VerifiedCaller {
                 id,
                 method: AuthMethod::JwtSvid,
@@ -278,3 +321,92 @@ pub(crate) fn workload_id(s: &str) -> Result<SpiffeId, AuthnError> {
 
 /// The SPIFFE spec's maximum URI length.
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::crypto::{EcdsaP256Signer, Signer};
+    use crate::jose::{b64, signing_input, Jwk};
+    use std::sync::Mutex;
+
+    /// A trust source whose one JWT authority can be swapped, as a bundle update would.
+    struct SwappableJwt(Mutex<Option<Jwk>>);
+
+    impl TrustSource for SwappableJwt {
+        fn x509_authorities(&self, _: &str) -> Option<Vec<CertificateDer<'static>>> {
+            None
+        }
+        fn jwt_authority(&self, trust_domain: &str, kid: &str) -> Option<Jwk> {
+            let key = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+            (trust_domain == "example.org" && key.kid.as_deref() == Some(kid)).then_some(key)
+        }
+    }
+
+    const AUD: &str = "spiffe://example.org/broker";
+
+    fn token(key: &EcdsaP256Signer, kid: &str, now: i64, exp: i64) -> String {
+        let header = serde_json::json!({ "alg": "ES256", "kid": kid, "typ": "JWT" });
+        let claims = serde_json::json!({
+            "sub": "spiffe://example.org/ci/deploy-agent", "aud": [AUD], "iat": now, "exp": exp
+        });
+        let input = signing_input(&header, &claims).expect("input");
+        format!(
+            "{input}.{}",
+            b64(&key.sign(input.as_bytes()).expect("sign"))
+        )
+    }
+
+    fn bearer(authn: &SpiffeAuthenticator, token: &str) -> Result<VerifiedCaller, AuthnError> {
+        authn.authenticate(&TransportFacts {
+            peer_certs: None,
+            authorization: Some(&format!("Bearer {token}")),
+            peer_ip: None,
+        })
+    }
+
+    /// A remembered JWT-SVID is accepted again only while the key that verified it is
+    /// still the trust domain's key under that kid and the token is still in its window.
+    #[test]
+    fn a_remembered_jwt_svid_is_held_to_its_key_and_its_window() {
+        let (key, _) = EcdsaP256Signer::generate().expect("key");
+        let kid = key.key_id().to_owned();
+        let trust = Arc::new(SwappableJwt(Mutex::new(Some(key.public_jwk()))));
+        let clock = Arc::new(ManualClock::new());
+        let authn = SpiffeAuthenticator::new(
+            trust.clone(),
+            clock.clone(),
+            AUD.into(),
+            Duration::from_secs(30),
+        );
+        let now = crate::clock::unix_seconds(clock.now());
+        let t = token(&key, &kid, now, now + 60);
+        for _ in 0..3 {
+            let caller = bearer(&authn, &t).expect("valid, then remembered");
+            assert_eq!(caller.spiffe_id().path(), "/ci/deploy-agent");
+        }
+
+        // Expiry plus the skew tolerance ends it, remembered or not.
+        clock.advance(Duration::from_secs(89));
+        bearer(&authn, &t).expect("within exp + skew");
+        clock.advance(Duration::from_secs(2));
+        let e = bearer(&authn, &t).expect_err("past exp + skew");
+        assert!(e.to_string().contains("expired"), "{e}");
+
+        // A fresh key published under the same kid: the remembered token no longer counts.
+        let t = token(&key, &kid, now + 91, now + 600);
+        bearer(&authn, &t).expect("valid");
+        let (other, _) = EcdsaP256Signer::generate().expect("key");
+        let mut swapped = other.public_jwk();
+        swapped.kid = Some(kid.clone());
+        *trust.0.lock().expect("lock") = Some(swapped);
+        let e = bearer(&authn, &t).expect_err("the verifying key is gone");
+        assert!(e.to_string().contains("signature"), "{e}");
+        // The kid withdrawn from the bundle altogether: refused as well.
+        *trust.0.lock().expect("lock") = None;
+        bearer(&authn, &t).expect_err("no key under that kid");
+        // The original key back: accepted again (verified afresh).
+        *trust.0.lock().expect("lock") = Some(key.public_jwk());
+        bearer(&authn, &t).expect("the verifying key is back");
+    }
+}
