@@ -119,8 +119,34 @@ pub struct SpiffeAuthenticator {
     clock: Arc<dyn Clock>,
     audience: String,
     skew: Duration,
-    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
-    verified_jwts: std::sync::Mutex<std::collections::HashMap<[u8; 32], VerifiedJwt>>,
+    verified: Remembered<Verified>,
+    verified_jwts: Remembered<VerifiedJwt>,
+}
+
+/// What passed verification, by a SHA-256 of what was presented; at most
+/// [`VERIFIED_CACHE`] entries (cleared when full). Each entry says what must still hold.
+struct Remembered<V>(std::sync::Mutex<std::collections::HashMap<[u8; 32], V>>);
+
+impl<V: Clone> Remembered<V> {
+    fn new() -> Self {
+        Self(std::sync::Mutex::new(std::collections::HashMap::new()))
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<V> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn insert(&self, key: [u8; 32], value: V) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= VERIFIED_CACHE {
+            map.clear();
+        }
+        map.insert(key, value);
+    }
 }
 
 /// A JWT-SVID that passed every check, remembered by the SHA-256 of the token (the token
@@ -172,8 +198,8 @@ impl SpiffeAuthenticator {
             clock,
             audience,
             skew,
-            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
-            verified_jwts: std::sync::Mutex::new(std::collections::HashMap::new()),
+            verified: Remembered::new(),
+            verified_jwts: Remembered::new(),
         }
     }
 }
@@ -192,13 +218,7 @@ impl SpiffeAuthenticator {
     ) -> Result<SpiffeId, AuthnError> {
         let key = sha256(&chain.iter().map(|c| c.as_ref()).collect::<Vec<_>>());
         let t = crate::clock::unix_seconds(now);
-        let hit = self
-            .verified
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
-        if let Some(v) = hit {
+        if let Some(v) = self.verified.get(&key) {
             if t <= v.not_after
                 && self.bundle_fingerprint(v.id.trust_domain_name()) == Some(v.bundle)
             {
@@ -210,18 +230,12 @@ impl SpiffeAuthenticator {
             .map(|(_, c)| c.validity().not_after.timestamp())
             .unwrap_or(t);
         if let Some(bundle) = self.bundle_fingerprint(id.trust_domain_name()) {
-            let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.len() >= VERIFIED_CACHE {
-                cache.clear();
-            }
-            cache.insert(
-                key,
-                Verified {
-                    id: id.clone(),
-                    bundle,
-                    not_after,
-                },
-            );
+            let v = Verified {
+                id: id.clone(),
+                bundle,
+                not_after,
+            };
+            self.verified.insert(key, v);
         }
         Ok(id)
     }
@@ -231,13 +245,7 @@ impl SpiffeAuthenticator {
     fn jwt(&self, token: &str, now: std::time::SystemTime) -> Result<SpiffeId, AuthnError> {
         let key = sha256(&[b"jwt-svid", token.as_bytes()]);
         let (t, skew) = (crate::clock::unix_seconds(now), self.skew.as_secs() as i64);
-        let hit = self
-            .verified_jwts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
-        if let Some(v) = hit {
+        if let Some(v) = self.verified_jwts.get(&key) {
             let same_key = self
                 .trust
                 .jwt_authority(v.id.trust_domain_name(), &v.how.kid)
@@ -248,17 +256,11 @@ impl SpiffeAuthenticator {
         }
         let (id, _, how) =
             jwt_svid::validate(token, self.trust.as_ref(), &self.audience, now, self.skew)?;
-        let mut cache = self.verified_jwts.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= VERIFIED_CACHE {
-            cache.clear();
-        }
-        cache.insert(
-            key,
-            VerifiedJwt {
-                id: id.clone(),
-                how,
-            },
-        );
+        let v = VerifiedJwt {
+            id: id.clone(),
+            how,
+        };
+        self.verified_jwts.insert(key, v);
         Ok(id)
     }
 }
