@@ -210,6 +210,9 @@ pub struct Config {
     pub max_streams_per_connection: u32,
     /// Most TLS connections from one peer address.
     pub max_connections_per_peer: usize,
+    /// How long a client has to finish its TLS handshake before the connection is dropped
+    /// (its per-peer slot with it).
+    pub handshake_timeout: Duration,
     /// The audit log's origin line and key name (default `<trust domain>/spiffe-broker/audit`).
     pub log_origin: Option<String>,
     /// Ledger tuning.
@@ -253,6 +256,7 @@ struct RawConfig {
     max_in_flight: Option<usize>,
     max_streams_per_connection: Option<u32>,
     max_connections_per_peer: Option<usize>,
+    handshake_timeout: Option<String>,
     log_origin: Option<String>,
     #[serde(default)]
     ledger: RawLedger,
@@ -456,6 +460,11 @@ impl Config {
                 .max(1),
             max_streams_per_connection: raw.max_streams_per_connection.unwrap_or(128).max(1),
             max_connections_per_peer: raw.max_connections_per_peer.unwrap_or(512).max(1),
+            handshake_timeout: duration(
+                "handshake_timeout",
+                raw.handshake_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
             ledger: LedgerConfig {
                 commit_timeout: duration(
                     "ledger.commit_timeout",

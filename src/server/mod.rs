@@ -52,6 +52,8 @@ pub struct BrokerParts {
     pub max_streams: u32,
     /// TLS connections per peer address.
     pub max_connections_per_peer: usize,
+    /// How long a client has to finish its TLS handshake.
+    pub handshake_timeout: Duration,
     /// The broker's own SPIFFE ID.
     pub spiffe_id: String,
     /// Kept alive for the lifetime of the server (rotation watchers).
@@ -258,6 +260,7 @@ pub async fn assemble(
         checkpoint_interval: config.checkpoint_interval,
         max_streams: config.max_streams_per_connection,
         max_connections_per_peer: config.max_connections_per_peer,
+        handshake_timeout: config.handshake_timeout,
         spiffe_id,
         _sources: (x509, jwt),
     })
@@ -421,7 +424,12 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            tls::incoming(grpc, parts.tls.clone(), parts.max_connections_per_peer),
+            tls::incoming(
+                grpc,
+                parts.tls.clone(),
+                parts.max_connections_per_peer,
+                parts.handshake_timeout,
+            ),
             stopped(stop_rx.clone()),
         );
     let http_server = axum::serve(http_listener, http::router(parts.http.clone()))

@@ -184,15 +184,13 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// How long a client gets to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Accepts TCP connections and completes TLS handshakes concurrently, yielding
 /// established connections. A slow or failed handshake never blocks the others.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     max_per_peer: usize,
+    handshake_timeout: Duration,
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let (tx, rx) = mpsc::channel(128);
@@ -232,7 +230,7 @@ pub fn incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let certs =
                             tls.get_ref().1.peer_certificates().map(|c| {
