@@ -751,12 +751,23 @@ impl Broker {
             ))),
             Err(_) => {
                 tokio::spawn(async move {
-                    if let Ok(Ok(Minted {
-                        handle: Some(handle),
-                        ..
-                    })) = call.await
-                    {
-                        revoke_orphan(issuer, handle).await;
+                    // The late answer is awaited only so long: a backend that accepted the
+                    // call and never answers must not hold a task and a connection per
+                    // timed-out issuance for ever.
+                    match tokio::time::timeout(LATE_ANSWER_LIMIT, &mut call).await {
+                        Ok(Ok(Ok(Minted {
+                            handle: Some(handle),
+                            ..
+                        }))) => revoke_orphan(issuer, handle).await,
+                        Ok(_) => {}
+                        Err(_) => {
+                            call.abort();
+                            tracing::warn!(
+                                backend = issuer.kind().as_str(),
+                                limit_s = LATE_ANSWER_LIMIT.as_secs(),
+                                "backend never answered a call cut at its deadline; abandoned it"
+                            );
+                        }
                     }
                 });
                 Err(deadline_passed(&grant.profile))
@@ -2201,6 +2212,9 @@ async fn revoke_orphan(issuer: Arc<dyn Issuer>, handle: String) {
     );
 }
 
+/// How long a backend call cut at the profile deadline may still answer (so that what it
+/// minted late can be revoked) before it is abandoned.
+const LATE_ANSWER_LIMIT: Duration = Duration::from_secs(60);
 /// Backend revocations claimed per pass.
 const BACKEND_REVOKE_BATCH: u32 = 16;
 /// Backend revocation attempts in flight at once.
