@@ -54,15 +54,7 @@ fn ev(kind: EventKind, lease: Option<&LeaseId>) -> AuditEvent {
 }
 
 async fn issue(store: &dyn Store, l: Lease) -> Lease {
-    let id = l.id.clone();
-    store
-        .apply(LedgerOp::Issue {
-            lease: l,
-            event: ev(EventKind::Issue, Some(&id)),
-            max_active: None,
-            break_glass: None,
-            idempotency: None,
-        })
+    issue_at(store, l)
         .await
         .expect("issue commits")
         .lease
@@ -496,16 +488,7 @@ async fn sqlite_store_conforms() {
 
     // Reopening resumes the same chain (restart keeps the ledger consistent).
     let store = SqliteStore::open(&dir.path().join("ledger.db"), &cfg, metrics).expect("reopen");
-    let l = lease(HOLDER, 1, 600);
-    let id = l.id.clone();
-    store
-        .apply(LedgerOp::Issue {
-            lease: l,
-            event: ev(EventKind::Issue, Some(&id)),
-            max_active: None,
-            break_glass: None,
-            idempotency: None,
-        })
+    issue_at(&store, lease(HOLDER, 1, 600))
         .await
         .expect("commit after restart");
     let after = store

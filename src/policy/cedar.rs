@@ -766,10 +766,7 @@ impl Policy for CedarPolicy {
                 | ResourceConstraint::IsIn(_, u) => u.id().unescaped().to_owned(),
                 ResourceConstraint::Any | ResourceConstraint::Is(_) => "*".to_owned(),
             };
-            let approvals = match (p.annotation("approval_group"), p.annotation("approvals")) {
-                (Some(g), Some(n)) => n.parse().ok().map(|n| (g.to_owned(), n)),
-                _ => None,
-            };
+            let approvals = self.approval_rules.get(p.id()).cloned();
             for action in actions {
                 out.push(AccessPath {
                     action,

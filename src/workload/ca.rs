@@ -81,6 +81,16 @@ struct Authorities {
     bundle: Vec<Arc<Authority>>,
 }
 
+impl Authorities {
+    /// The trusted authority whose certificate is `ca`.
+    fn trusted(&self, ca: &CertificateDer<'_>) -> Option<Arc<Authority>> {
+        self.bundle
+            .iter()
+            .find(|x| x.der.as_ref() == ca.as_ref())
+            .cloned()
+    }
+}
+
 /// The dev certificate authority of one trust domain.
 pub struct DevCa {
     trust_domain: String,
@@ -290,10 +300,7 @@ impl DevCa {
     pub fn activate(&self, ca: &CertificateDer<'_>) -> Result<(), CaError> {
         let mut a = self.write();
         let next = a
-            .bundle
-            .iter()
-            .find(|x| x.der.as_ref() == ca.as_ref())
-            .cloned()
+            .trusted(ca)
             .ok_or_else(|| CaError("cannot activate an authority that is not trusted".into()))?;
         // Each file is replaced atomically, the pair is not: a crash between the two
         // leaves a mismatched pair (dev only; delete both to start over).
@@ -392,10 +399,7 @@ impl DevCa {
     ) -> Result<MintedSvid, CaError> {
         let authority = self
             .read()
-            .bundle
-            .iter()
-            .find(|x| x.der.as_ref() == ca.as_ref())
-            .cloned()
+            .trusted(ca)
             .ok_or_else(|| CaError("no trusted authority with that certificate".into()))?;
         mint(&authority, id, ttl)
     }
