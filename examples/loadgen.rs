@@ -265,6 +265,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config: Some(Box::new(|demo: String| {
             demo.replace("max_active_leases = 100", "max_active_leases = 0")
                 .replace("requests_per_minute = 600", "requests_per_minute = 0")
+                // One identity at thousands of calls a second: the bucket still runs.
+                .replace(
+                    "calls_per_identity_per_minute = 1200",
+                    "calls_per_identity_per_minute = 100000000",
+                )
+                .replace(
+                    "renewals_per_lease_per_minute = 6",
+                    "renewals_per_lease_per_minute = 100000000",
+                )
         })),
         vault_addr: None,
         aws_sts_endpoint: None,

@@ -91,6 +91,9 @@ pub struct Profile {
     pub default_ttl: Duration,
     /// Whether a stated intent is mandatory.
     pub require_intent: bool,
+    /// Optional intent fields every request must state (`ticket`, `artifact_digest`,
+    /// `justification`), break-glass included: no policy can waive them.
+    pub require_intent_fields: Vec<String>,
     /// When set, each granted scope is rendered through this template, with `{scope}` and
     /// `{target}` (the intent target) filled in, e.g. `repository:{target}:{scope}`.
     pub scope_template: Option<String>,
@@ -126,6 +129,9 @@ pub struct ApproverGroup {
     pub name: String,
     /// Members' SPIFFE IDs.
     pub members: Vec<SpiffeId>,
+    /// Whether a member may review requests of an identity it owns (the inventory's
+    /// `owner`). Off by default: owning the requester is a conflict of interest.
+    pub allow_owner_review: bool,
 }
 
 /// Where the Cedar schema and policies live.
@@ -206,6 +212,8 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     /// Most requests in flight at once; beyond it RPCs answer RESOURCE_EXHAUSTED at once.
     pub max_in_flight: usize,
+    /// Per-caller rate, stream and break-glass limits.
+    pub limits: Limits,
     /// Most concurrent HTTP/2 streams per connection.
     pub max_streams_per_connection: u32,
     /// Most TLS connections from one peer address.
@@ -250,6 +258,8 @@ struct RawConfig {
     notifications: Option<RawNotifications>,
     #[serde(default)]
     quotas: RawQuotas,
+    #[serde(default)]
+    limits: RawLimits,
     jwt_clock_skew: Option<String>,
     reaper_interval: Option<String>,
     checkpoint_interval: Option<String>,
@@ -291,6 +301,8 @@ struct RawIdentity {
 struct RawGroup {
     name: String,
     members: Vec<String>,
+    #[serde(default)]
+    allow_owner_review: bool,
 }
 
 #[derive(Deserialize)]
@@ -298,6 +310,80 @@ struct RawGroup {
 struct RawNotifications {
     webhook_url: String,
     hmac_key_file: PathBuf,
+}
+
+/// The optional intent fields a profile can require.
+const INTENT_FIELDS: [&str; 3] = ["ticket", "artifact_digest", "justification"];
+
+/// `[limits]`: what one caller can make the broker do and write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Calls per registered identity per minute (burst of the same size); 0: unlimited.
+    pub per_identity_per_minute: u32,
+    /// Calls per peer address per minute from identities not in the inventory.
+    pub unregistered_per_minute: u32,
+    /// Renewals of one lease per minute.
+    pub renewals_per_lease_per_minute: u32,
+    /// At most one summarising ledger entry per throttled caller in this interval.
+    pub summary_interval: Duration,
+    /// Streams (`WatchAccessRequest`, `WatchRevocations`) one identity may hold open.
+    pub max_streams_per_identity: usize,
+    /// Break-glass issuances per identity and profile still awaiting their post-review.
+    pub open_break_glass_per_identity: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            per_identity_per_minute: 1200,
+            unregistered_per_minute: 60,
+            renewals_per_lease_per_minute: 6,
+            summary_interval: Duration::from_secs(60),
+            max_streams_per_identity: 8,
+            open_break_glass_per_identity: 1,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    calls_per_identity_per_minute: Option<u32>,
+    calls_per_unregistered_peer_per_minute: Option<u32>,
+    renewals_per_lease_per_minute: Option<u32>,
+    summary_interval: Option<String>,
+    max_streams_per_identity: Option<usize>,
+    open_break_glass_per_identity: Option<u32>,
+}
+
+impl RawLimits {
+    fn resolve(self) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        Ok(Limits {
+            per_identity_per_minute: self
+                .calls_per_identity_per_minute
+                .unwrap_or(d.per_identity_per_minute),
+            unregistered_per_minute: self
+                .calls_per_unregistered_peer_per_minute
+                .unwrap_or(d.unregistered_per_minute),
+            renewals_per_lease_per_minute: self
+                .renewals_per_lease_per_minute
+                .unwrap_or(d.renewals_per_lease_per_minute),
+            summary_interval: duration(
+                "limits.summary_interval",
+                self.summary_interval.as_deref(),
+                d.summary_interval,
+            )?,
+            max_streams_per_identity: self
+                .max_streams_per_identity
+                .unwrap_or(d.max_streams_per_identity)
+                .max(1),
+            open_break_glass_per_identity: self
+                .open_break_glass_per_identity
+                .unwrap_or(d.open_break_glass_per_identity)
+                .max(1),
+        })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -330,6 +416,8 @@ struct RawProfile {
     default_ttl: Option<String>,
     #[serde(default)]
     require_intent: bool,
+    #[serde(default)]
+    require_intent_fields: Vec<String>,
     scope_template: Option<String>,
     approval_ttl: Option<String>,
     deny_ends: Option<bool>,
@@ -458,6 +546,7 @@ impl Config {
                 .max_in_flight
                 .unwrap_or(crate::broker::DEFAULT_MAX_IN_FLIGHT)
                 .max(1),
+            limits: raw.limits.resolve()?,
             max_streams_per_connection: raw.max_streams_per_connection.unwrap_or(128).max(1),
             max_connections_per_peer: raw.max_connections_per_peer.unwrap_or(512).max(1),
             handshake_timeout: duration(
@@ -536,6 +625,7 @@ impl Config {
                 Ok(ApproverGroup {
                     name: g.name,
                     members,
+                    allow_owner_review: g.allow_owner_review,
                 })
             })
             .collect()
@@ -545,6 +635,17 @@ impl Config {
         let name =
             ProfileName::parse(&p.name).map_err(|e| ConfigError(format!("profiles: {e}")))?;
         let ctx = |e: crate::error::BrokerError| ConfigError(format!("profile {}: {e}", p.name));
+        if let Some(f) = p
+            .require_intent_fields
+            .iter()
+            .find(|f| !INTENT_FIELDS.contains(&f.as_str()))
+        {
+            return err(format!(
+                "profile {}: require_intent_fields: unknown field {f:?} (one of {})",
+                p.name,
+                INTENT_FIELDS.join(", ")
+            ));
+        }
         let scopes = p
             .scopes
             .iter()
@@ -641,7 +742,8 @@ impl Config {
             default_scopes,
             max_ttl,
             default_ttl,
-            require_intent: p.require_intent,
+            require_intent: p.require_intent || !p.require_intent_fields.is_empty(),
+            require_intent_fields: p.require_intent_fields,
             scope_template: p.scope_template,
             approval_ttl,
             deny_ends: p.deny_ends.unwrap_or(true),

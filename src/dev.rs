@@ -30,6 +30,7 @@ pub const DEMO_IDS: &[&str] = &[
     "spiffe://example.org/ops/alice",
     "spiffe://example.org/ops/bob",
     "spiffe://example.org/ops/root",
+    "spiffe://example.org/gpu/scheduler",
 ];
 /// Where the demo profiles reach Vault unless `--vault-addr` says otherwise.
 pub const DEFAULT_VAULT_ADDR: &str = "http://127.0.0.1:8200";

@@ -432,6 +432,62 @@ pub struct RequestSpec {
     pub ttl_secs: Option<u64>,
     /// Stated intent.
     pub intent: Option<Intent>,
+    /// For an access request: what the approval grants and how it will be held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<BoundGrant>,
+}
+
+/// What an approver approves, resolved: the grant as it will be issued (defaults
+/// applied, scopes rendered), the profile definition it is issued under, and how the
+/// credential will be held. A redemption that would differ in any of these is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundGrant {
+    /// Scopes as granted.
+    pub scopes: Vec<String>,
+    /// TTL as granted, in seconds.
+    pub ttl_secs: u64,
+    /// SHA-256 of the profile's definition when approval was asked (a reload that
+    /// changes the profile voids the approval).
+    pub profile_sha256: String,
+    /// How the requester authenticated (`x509-svid` tokens are bound to its certificate;
+    /// `jwt-svid` ones are bearer tokens).
+    pub auth_method: String,
+    /// SHA-256 of the public key the credential will certify (an `x509` profile's CSR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+}
+
+impl BoundGrant {
+    /// What differs between the approved grant and `other`, for the refusal.
+    pub fn differences(&self, other: &BoundGrant) -> Vec<String> {
+        let mut d = Vec::new();
+        if self.scopes != other.scopes {
+            d.push(format!(
+                "scopes {} approved, {} now",
+                self.scopes.join(" "),
+                other.scopes.join(" ")
+            ));
+        }
+        if self.ttl_secs != other.ttl_secs {
+            d.push(format!(
+                "ttl {}s approved, {}s now",
+                self.ttl_secs, other.ttl_secs
+            ));
+        }
+        if self.profile_sha256 != other.profile_sha256 {
+            d.push("the profile changed since the approval".into());
+        }
+        if self.auth_method != other.auth_method {
+            d.push(format!(
+                "approved for {} authentication, redeemed with {}",
+                self.auth_method, other.auth_method
+            ));
+        }
+        if self.key_sha256 != other.key_sha256 {
+            d.push("the CSR's public key differs from the approved one".into());
+        }
+        d
+    }
 }
 
 impl RequestSpec {
@@ -441,7 +497,20 @@ impl RequestSpec {
             scopes: r.scopes.iter().map(|s| s.to_string()).collect(),
             ttl_secs: r.ttl.map(|t| t.as_secs()),
             intent: r.intent.clone(),
+            grant: None,
         }
+    }
+    /// The same request, bound to what approving it grants.
+    pub fn bound(mut self, grant: BoundGrant) -> Self {
+        self.grant = Some(grant);
+        self
+    }
+    /// Everyone the request is made for (empty without an intent).
+    pub fn chain(&self) -> &[String] {
+        self.intent
+            .as_ref()
+            .map(|i| i.on_behalf_of.as_slice())
+            .unwrap_or_default()
     }
     /// Canonical JSON.
     pub fn canonical(&self) -> String {

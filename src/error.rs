@@ -28,6 +28,9 @@ pub enum BrokerError {
     /// The lease is not in a state that allows the operation.
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// A position beyond what exists (a feed read past its tail).
+    #[error("out of range: {0}")]
+    OutOfRange(String),
     /// A quota or rate limit was reached (the message names it).
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
@@ -77,6 +80,10 @@ pub fn to_status(err: BrokerError) -> Status {
         BrokerError::FailedPrecondition(m) => {
             tracing::warn!(reason = %m, "failed precondition");
             Status::new(Code::FailedPrecondition, m)
+        }
+        BrokerError::OutOfRange(m) => {
+            tracing::warn!(reason = %m, "out of range");
+            Status::new(Code::OutOfRange, m)
         }
         BrokerError::ResourceExhausted(m) => {
             tracing::warn!(reason = %m, "limit reached");

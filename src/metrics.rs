@@ -21,6 +21,9 @@ pub struct Metrics {
     pub authn_failures: Counter,
     /// Failed authentication attempts over the per-peer recording limit (counted only).
     pub authn_failures_unrecorded: Counter,
+    /// Calls refused by a rate limit and only counted (each caller gets one summarising
+    /// ledger entry per interval instead of one entry per refusal).
+    pub throttled_unrecorded: Counter,
     rpc_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     commit_seconds: Histogram,
     batch_size: Histogram,
@@ -59,6 +62,7 @@ impl Metrics {
         let denied = Family::<Labels, Counter>::default();
         let authn_failures = Counter::default();
         let authn_failures_unrecorded = Counter::default();
+        let throttled_unrecorded = Counter::default();
         let rpc_seconds =
             Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let commit_seconds = latency_histogram();
@@ -103,6 +107,11 @@ impl Metrics {
             authn_failures_unrecorded.clone(),
         );
         registry.register(
+            "throttled_unrecorded",
+            "Calls refused by a rate limit that were counted into a summary entry, not written one by one",
+            throttled_unrecorded.clone(),
+        );
+        registry.register(
             "rpc_duration_seconds",
             "RPC latency by method",
             rpc_seconds.clone(),
@@ -128,6 +137,7 @@ impl Metrics {
             denied,
             authn_failures,
             authn_failures_unrecorded,
+            throttled_unrecorded,
             rpc_seconds,
             commit_seconds,
             batch_size,

@@ -93,10 +93,30 @@ struct State {
     keys: HashMap<String, Jwk>,
     /// Revoked lease ids (the tokens' `jti`) and when they expire anyway.
     revoked: HashMap<String, i64>,
-    /// Feed position: last sequence and chain hash.
+    /// Feed position: last sequence and chain hash of the events applied.
     seq: u64,
     chain: [u8; 32],
+    /// Events of `more` pages, chained but not applied until a head over the tail they
+    /// lead to verifies.
+    pending: Vec<RevocationEvent>,
     last_sync: Option<i64>,
+}
+
+impl State {
+    /// Where the next page starts: after the pending events, if any.
+    fn tip(&self) -> Result<(u64, [u8; 32]), RpError> {
+        match self.pending.last() {
+            None => Ok((self.seq, self.chain)),
+            Some(e) => Ok((e.seq, chain_hash(e)?)),
+        }
+    }
+}
+
+fn chain_hash(e: &RevocationEvent) -> Result<[u8; 32], RpError> {
+    hex::decode(&e.chain_hash)
+        .ok()
+        .and_then(|h| <[u8; 32]>::try_from(h).ok())
+        .ok_or_else(|| RpError::Broker(format!("feed event {} has a malformed chain hash", e.seq)))
 }
 
 /// A relying party's view of one broker.
@@ -123,6 +143,7 @@ impl RelyingParty {
                 revoked: HashMap::new(),
                 seq: 0,
                 chain: [0; 32],
+                pending: Vec::new(),
                 last_sync: None,
             }),
         }
@@ -166,9 +187,12 @@ impl RelyingParty {
 
     /// Fetches and applies every new revocation event; returns how many were applied.
     pub async fn sync_revocations(&self) -> Result<usize, RpError> {
+        // A sync starts from what is applied: events buffered by an earlier, unfinished
+        // run of `more` pages (or pages fed in by hand) are never built upon.
+        self.state().pending.clear();
         let mut applied = 0;
         loop {
-            let since = self.state().seq;
+            let since = self.state().tip()?.0;
             let body = http_get(&format!(
                 "{}/revocations?since={since}",
                 self.cfg.issuer_url
@@ -183,11 +207,15 @@ impl RelyingParty {
         }
     }
 
-    /// Applies a page of feed events after checking that they continue our chain exactly
-    /// (no gap, no duplicate, no rewrite) and that the broker's signed, timed head covers
-    /// them (`more`: further pages follow, so the head is ahead of this page). Freshness is
-    /// the head's signed time, never the local clock at arrival, so a replayed page cannot
-    /// keep the feed from going stale. A forged or inconsistent page changes nothing.
+    /// Takes one page of the feed: its events must continue our chain exactly (no gap, no
+    /// duplicate, no rewrite) and its head must verify under the pinned feed key. The
+    /// broker signs heads only over the feed's tail, so a page with `more` (events remain)
+    /// is only buffered; the events are applied once a head over exactly the position they
+    /// lead to verifies — a forger cannot splice events of its own under a genuine head.
+    /// Freshness comes from that head's signed time, never from the local clock at
+    /// arrival, and only when the head is at our position: a replayed or old head, or a
+    /// head for a position we are not at, keeps nothing fresh. Any refusal discards the
+    /// buffered events and changes nothing else. Returns how many events were applied.
     pub fn apply_feed(
         &self,
         events: &[RevocationEvent],
@@ -196,7 +224,48 @@ impl RelyingParty {
     ) -> Result<usize, RpError> {
         let now = self.cfg.clock.unix_seconds();
         let mut st = self.state();
-        let (mut seq, mut chain) = (st.seq, st.chain);
+        let checked = self.check_page(&st, events, signed_head, more);
+        let signed_at = match checked {
+            Ok(t) => t,
+            Err(e) => {
+                st.pending.clear();
+                return Err(e);
+            }
+        };
+        st.pending.extend_from_slice(events);
+        let Some(signed_at) = signed_at else {
+            return Ok(0);
+        };
+        let applied = std::mem::take(&mut st.pending);
+        for e in &applied {
+            st.revoked.insert(e.lease_id.clone(), e.expires_at);
+        }
+        // Forget revocations of tokens that have expired anyway.
+        st.revoked.retain(|_, exp| *exp + 3600 > now);
+        if let Some(last) = applied.last() {
+            st.seq = last.seq;
+            st.chain = chain_hash(last)?;
+        }
+        st.last_sync = Some(signed_at);
+        Ok(applied.len())
+    }
+
+    /// Checks a page against our position; `Some(time)` when its head is over exactly the
+    /// position the page ends at (apply, and be fresh as of `time`), `None` for a `more`
+    /// page whose head is further on (buffer).
+    fn check_page(
+        &self,
+        st: &State,
+        events: &[RevocationEvent],
+        signed_head: Option<&str>,
+        more: bool,
+    ) -> Result<Option<i64>, RpError> {
+        if st.pending.len() + events.len() > MAX_PENDING {
+            return Err(RpError::Broker(format!(
+                "more than {MAX_PENDING} feed events without a head over them"
+            )));
+        }
+        let (mut seq, mut chain) = st.tip()?;
         for e in events {
             if e.seq != seq + 1 {
                 return Err(RpError::Broker(format!(
@@ -225,33 +294,26 @@ impl RelyingParty {
         let signed_at = head
             .time()
             .ok_or_else(|| RpError::Broker("feed head carries no time".into()))?;
-        if more {
-            if head.size <= seq {
-                return Err(RpError::Broker(
-                    "signed feed head is behind the events".into(),
-                ));
-            }
-        } else if head.size != seq || head.root != chain {
-            return Err(RpError::Broker(
-                "signed feed head does not match the events".into(),
-            ));
-        }
         if st.last_sync.is_some_and(|t| signed_at < t) {
             return Err(RpError::Broker(
                 "feed head is older than one already seen (replay)".into(),
             ));
         }
-        for e in events {
-            st.revoked.insert(e.lease_id.clone(), e.expires_at);
+        if more {
+            if head.size <= seq {
+                return Err(RpError::Broker(
+                    "a page with more to come has a head that is not ahead of it".into(),
+                ));
+            }
+            return Ok(None);
         }
-        // Forget revocations of tokens that have expired anyway.
-        st.revoked.retain(|_, exp| *exp + 3600 > now);
-        st.seq = seq;
-        st.chain = chain;
-        if !more {
-            st.last_sync = Some(signed_at);
+        if head.size != seq || head.root != chain {
+            return Err(RpError::Broker(format!(
+                "signed feed head (size {}) is not over the position the events lead to ({seq})",
+                head.size
+            )));
         }
-        Ok(events.len())
+        Ok(Some(signed_at))
     }
 
     /// Verifies a broker token offline; `peer_cert_der` is the client certificate the
@@ -316,6 +378,9 @@ impl RelyingParty {
         Ok(claims)
     }
 }
+
+/// Most events buffered from `more` pages before a head covers them.
+const MAX_PENDING: usize = 1_000_000;
 
 /// Upper bound on a broker document.
 const MAX_BODY: usize = 16 * 1024 * 1024;

@@ -543,8 +543,8 @@ mod seeds {
     /// Real requests of the demo: allowed, pending approval, break-glass, refused.
     pub fn policy_cases() -> Vec<(&'static str, Case)> {
         let now = fixture::now_unix();
-        let [deploy, runtime, gpu, alice, _bob, _root] = DEMO_IDS else {
-            panic!("six demo identities")
+        let [deploy, runtime, gpu, alice, _bob, _root, _scheduler] = DEMO_IDS else {
+            panic!("seven demo identities")
         };
         let req = |profile: &str, scopes: &[&str], ttl: Option<i64>, intent: Option<pb::Intent>| {
             pb::IssueCredentialRequest {

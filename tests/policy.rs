@@ -405,7 +405,7 @@ fn demo_cases() -> Vec<Case> {
         case(
             "model-runtime may not break glass on a push",
             MODEL_RUNTIME,
-            glass(push(true, false, true)),
+            glass(push(true, true, true)),
             deny(NotPermitted, &[], NO_POLICY),
         ),
         case(
@@ -537,7 +537,11 @@ fn demo_cases() -> Vec<Case> {
             "deploy-agent push without a ticket",
             DEPLOY_AGENT,
             push(true, false, false),
-            deny(NotPermitted, &[], NO_POLICY),
+            over(
+                OverAsk,
+                "model-registry-push",
+                &["profile \"model-registry-push\" requires the intent to state ticket"],
+            ),
         ),
         case(
             "deploy-agent push without a digest",
@@ -619,14 +623,18 @@ fn demo_cases() -> Vec<Case> {
                 "an approval does not help without a ticket",
                 DEPLOY_AGENT,
                 push(true, false, false),
-                deny(NotPermitted, &[], NO_POLICY),
+                over(
+                    OverAsk,
+                    "model-registry-push",
+                    &["profile \"model-registry-push\" requires the intent to state ticket"],
+                ),
             ),
             &[ALICE],
         ),
         case(
             "deploy-agent break-glass with a justification",
             DEPLOY_AGENT,
-            glass(push(true, false, true)),
+            glass(push(true, true, true)),
             allow("deploy/registry-push-break-glass", PUSH_SCOPES, 300),
         ),
         case(
@@ -648,7 +656,7 @@ fn demo_cases() -> Vec<Case> {
         case(
             "break-glass over its ttl cap",
             DEPLOY_AGENT,
-            ttl(glass(push(true, false, true)), 600),
+            ttl(glass(push(true, true, true)), 600),
             over(
                 OverAsk,
                 "model-registry-push",
@@ -695,7 +703,7 @@ fn demo_cases() -> Vec<Case> {
         case(
             "root may not break glass",
             ROOT,
-            glass(push(true, false, true)),
+            glass(push(true, true, true)),
             deny(NotPermitted, &[], NO_POLICY),
         ),
         case(
@@ -874,7 +882,7 @@ fn admin_review_rights_groups_and_paths_by_role() {
     assert!(p.group_members("no-such-group").is_empty());
     assert_eq!(p.groups_of(&sid(ALICE)), vec!["registry-approvers"]);
     assert!(p.groups_of(&sid(ROOT)).is_empty());
-    assert_eq!(p.identities().len(), 6);
+    assert_eq!(p.identities().len(), 7);
     assert_eq!(p.profiles().len(), 9);
 
     assert_eq!(
@@ -1068,14 +1076,18 @@ fn a_non_prod_identity_is_forbidden_to_push_by_prod_only() {
         case(
             "staging break-glass",
             DEPLOY_AGENT,
-            glass(push(true, false, true)),
+            glass(push(true, true, true)),
             prod_only(),
         ),
         case(
             "staging push without a ticket",
             DEPLOY_AGENT,
             push(true, false, false),
-            prod_only(),
+            over(
+                OverAsk,
+                "model-registry-push",
+                &["profile \"model-registry-push\" requires the intent to state ticket"],
+            ),
         ),
         case(
             "a deployer with no environment",
@@ -1902,6 +1914,7 @@ async fn inventory_after_a_mixed_run() {
         DEPLOY_AGENT,
         MODEL_RUNTIME,
         PROVISIONER,
+        SCHEDULER,
         ALICE,
         BOB,
         ROOT,
@@ -2164,7 +2177,7 @@ async fn explain_decision_is_a_dry_run() {
     assert_eq!(e.violations.len(), 4, "{:?}", e.violations);
 
     // Break-glass would be allowed; explaining it issues nothing.
-    let e = explain(&mut agent, glass(push(true, false, true))).await;
+    let e = explain(&mut agent, glass(push(true, true, true))).await;
     assert_eq!(e.decision, "allow");
     assert_eq!(
         e.determining_policies,
@@ -2235,7 +2248,7 @@ fn inventory_and_policy_reload_from_the_cli() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    assert_eq!(rows.len(), 6, "the six demo identities");
+    assert_eq!(rows.len(), 7, "the seven demo identities");
     let m = rows
         .iter()
         .find(|r| r["spiffe_id"] == MODEL_RUNTIME)
@@ -2354,9 +2367,7 @@ async fn redeeming_an_approval_respects_max_active_leases() {
     // The quota is enforced on plain issuance of this profile...
     let mut agent2 = h.broker_as(DEPLOY_AGENT).await;
     let s = status_of(
-        agent2
-            .issue_credential(glass(push(true, false, true)))
-            .await,
+        agent2.issue_credential(glass(push(true, true, true))).await,
         "break-glass over the quota",
     );
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");

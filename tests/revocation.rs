@@ -1312,7 +1312,7 @@ async fn revocation_feed_is_chained_signed_resumable_and_live() {
     let mut agent = h.broker_as(DEPLOY_AGENT).await;
     let mut runtime = h.broker_as(MODEL_RUNTIME).await;
     let mut root = h.admin_as(ROOT).await;
-    let mut feed = feed_as(&h, MODEL_RUNTIME).await;
+    let mut feed = feed_as(&h, SCHEDULER).await;
     let vkey_path = h.env.state_dir.join("keys").join("revocations.vkey");
     let vkey = VerifierKey::parse(&std::fs::read_to_string(&vkey_path).expect("feed vkey"))
         .expect("feed vkey parses");
@@ -1484,7 +1484,7 @@ async fn http_revocations_match_the_stream_and_forged_heads_fail() {
     let mut prov = h.broker_as(PROVISIONER).await;
     let mut runtime = h.broker_as(MODEL_RUNTIME).await;
     let mut root = h.admin_as(ROOT).await;
-    let mut feed = feed_as(&h, DEPLOY_AGENT).await;
+    let mut feed = feed_as(&h, SCHEDULER).await;
 
     // Nothing yet: no events, and a timed head over the empty feed (size 0).
     let (status, body) = h.http_get("/revocations?since=0").await;

@@ -224,6 +224,7 @@ pub fn intent_to_pb(i: &Intent) -> pb::Intent {
 
 /// An access request as the API shows it.
 pub fn access_request_to_pb(a: &AccessRequest) -> pb::AccessRequest {
+    let bound = a.request.grant.as_ref();
     pb::AccessRequest {
         id: a.id.clone(),
         requester: a.requester.clone(),
@@ -261,6 +262,14 @@ pub fn access_request_to_pb(a: &AccessRequest) -> pb::AccessRequest {
                 post_review: r.post_review,
             })
             .collect(),
+        granted_scopes: bound.map(|g| g.scopes.clone()).unwrap_or_default(),
+        granted_ttl: bound.map(|g| prost_types::Duration {
+            seconds: g.ttl_secs as i64,
+            nanos: 0,
+        }),
+        auth_method: bound.map(|g| g.auth_method.clone()).unwrap_or_default(),
+        key_sha256: bound.and_then(|g| g.key_sha256.clone()).unwrap_or_default(),
+        profile_sha256: bound.map(|g| g.profile_sha256.clone()).unwrap_or_default(),
     }
 }
 

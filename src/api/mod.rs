@@ -9,7 +9,7 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::authn::TransportFacts;
-use crate::broker::{Broker, EntrySelector, IssueOptions, IssueOutcome, RequestListing};
+use crate::broker::{Broker, EntrySelector, FeedItem, IssueOptions, IssueOutcome, RequestListing};
 use crate::domain::LeaseId;
 use crate::domain::Verdict;
 use crate::error::{to_status, BrokerError};
@@ -61,97 +61,45 @@ impl RelyingPartyService {
     }
 }
 
-/// Most events sent between two signed heads.
-const FEED_BATCH: u32 = 1000;
-
 #[tonic::async_trait]
 impl pb::relying_party_server::RelyingParty for RelyingPartyService {
-    type WatchRevocationsStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<pb::RevocationFeedMessage, Status>> + Send>,
-    >;
+    type WatchRevocationsStream = PbStream<pb::RevocationFeedMessage>;
 
     async fn watch_revocations(
         &self,
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        let b = self.broker.clone();
-        b.authenticate(facts(&request), "WatchRevocations")
+        use pb::revocation_feed_message::Item;
+        let b = &self.broker;
+        let caller = b
+            .authenticate(facts(&request), "WatchRevocations")
             .await
             .map_err(to_status)?;
-        let mut since = request.get_ref().since;
-        let mut wake = b.subscribe_revocations();
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(async move {
-            use pb::revocation_feed_message::Item;
-            let mut tick = tokio::time::interval(WATCH_POLL);
-            // Where the consumer is: the chain hash at `since` (zeros at the start).
-            let mut position = [0u8; 32];
-            if since > 0 {
-                match b.revocation_events(since - 1, 1).await {
-                    Ok(e) => {
-                        if let Some(h) = e.first().and_then(|e| hex::decode(&e.chain_hash).ok()) {
-                            position = <[u8; 32]>::try_from(h).unwrap_or([0; 32]);
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(e))).await;
-                        return;
-                    }
-                }
-            }
-            loop {
-                let events = match b.revocation_events(since, FEED_BATCH).await {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(e))).await;
-                        return;
-                    }
-                };
-                for e in &events {
-                    since = e.seq;
-                    if let Some(h) = hex::decode(&e.chain_hash)
-                        .ok()
-                        .and_then(|h| <[u8; 32]>::try_from(h).ok())
-                    {
-                        position = h;
-                    }
-                    if tx
-                        .send(Ok(pb::RevocationFeedMessage {
-                            item: Some(Item::Event(convert::revocation_to_pb(e))),
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                // A signed, timed head after each batch and on every tick: it covers the
-                // consumer's position and is its evidence that the feed is current.
-                if let Some(note) = b.sign_feed_head(since, &position) {
-                    if tx
-                        .send(Ok(pb::RevocationFeedMessage {
-                            item: Some(Item::SignedHead(note)),
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                if events.len() as u32 == FEED_BATCH {
-                    continue;
-                }
-                tokio::select! {
-                    _ = wake.recv() => {}
-                    _ = tick.tick() => {}
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let rx = b
+            .watch_revocations(&caller, request.get_ref().since)
+            .await
+            .map_err(to_status)?;
+        Ok(stream(rx, |item| pb::RevocationFeedMessage {
+            item: Some(match item {
+                FeedItem::Event(e) => Item::Event(convert::revocation_to_pb(&e)),
+                FeedItem::Head(note) => Item::SignedHead(note),
+            }),
+        }))
     }
+}
+
+/// A server-streaming response.
+type PbStream<P> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<P, Status>> + Send>>;
+
+/// A broker stream as a gRPC response stream, each item converted, errors mapped.
+fn stream<T: Send + 'static, P: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<Result<T, BrokerError>>,
+    to_pb: fn(T) -> P,
+) -> Response<PbStream<P>> {
+    use futures::StreamExt;
+    let s = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(move |r| r.map(to_pb).map_err(to_status));
+    Response::new(Box::pin(s))
 }
 
 /// `spiffe_broker.v1.Approvals`.
@@ -324,8 +272,7 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
         .await
     }
 
-    type WatchAccessRequestStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::AccessRequest, Status>> + Send>>;
+    type WatchAccessRequestStream = PbStream<pb::AccessRequest>;
 
     async fn get_access_request(
         &self,
@@ -349,7 +296,7 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
         &self,
         request: Request<pb::GetAccessRequestRequest>,
     ) -> Result<Response<Self::WatchAccessRequestStream>, Status> {
-        let b = self.broker.clone();
+        let b = &self.broker;
         let caller = b
             .authenticate(facts(&request), "WatchAccessRequest")
             .await
@@ -358,41 +305,11 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
             Ok(id) => id.to_string(),
             Err(e) => return Err(to_status(b.reject(&caller, "WatchAccessRequest", e).await)),
         };
-        let first = b.access_request(&caller, &id).await.map_err(to_status)?;
-        let mut changes = b.subscribe();
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        tokio::spawn(async move {
-            let mut last = first;
-            if tx.send(Ok(access_request_to_pb(&last))).await.is_err() {
-                return;
-            }
-            // Changes on this replica arrive at once; the periodic re-read covers
-            // other replicas and missed notifications.
-            let mut tick = tokio::time::interval(WATCH_POLL);
-            while !last.state.is_final() {
-                tokio::select! {
-                    _ = changes.recv() => {}
-                    _ = tick.tick() => {}
-                    _ = tx.closed() => return,
-                }
-                match b.access_request(&caller, &id).await {
-                    Ok(now) if now != last => {
-                        last = now;
-                        if tx.send(Ok(access_request_to_pb(&last))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(e))).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let rx = b
+            .watch_access_request(&caller, &id)
+            .await
+            .map_err(to_status)?;
+        Ok(stream(rx, |ar| access_request_to_pb(&ar)))
     }
 
     async fn explain_decision(
@@ -416,9 +333,6 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
         .await
     }
 }
-
-/// How often a watch re-reads its access request when nothing was announced.
-const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[tonic::async_trait]
 impl pb::approvals_server::Approvals for ApprovalsService {

@@ -221,6 +221,13 @@ pub fn parse_csr(bytes: &[u8]) -> Result<CsrKey, IssueError> {
     })
 }
 
+impl CsrKey {
+    /// The DER SubjectPublicKeyInfo (what an approval of a certificate binds to).
+    pub fn spki(&self) -> &[u8] {
+        &self.spki
+    }
+}
+
 /// Signs client certificates with the issuing CA.
 pub struct X509Issuer {
     ca: IssuingCa,

@@ -14,8 +14,8 @@ use serde_json::json;
 use spiffe::SpiffeId;
 
 use super::{
-    AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Policy,
-    RequestContext,
+    duties, AccessPath, AdminAction, ApprovalNeed, Conflict, Decision, Denial, DenialKind, Grant,
+    Parties, Policy, RequestContext,
 };
 use crate::clock::format_duration;
 use crate::config::{ApproverGroup, Config, Identity, Profile};
@@ -25,6 +25,24 @@ use crate::domain::{CredentialRequest, Scope};
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
 pub struct PolicyError(pub String);
+
+/// Why an evaluation produced no decision: both deny.
+#[derive(Debug)]
+enum EvalError {
+    /// The request could not be formed (a bug or a schema mismatch).
+    Internal(PolicyError),
+    /// Policies (by id) raised evaluation errors, e.g. an overflow on a request value.
+    Errored {
+        ids: Vec<String>,
+        details: Vec<String>,
+    },
+}
+
+impl From<PolicyError> for EvalError {
+    fn from(e: PolicyError) -> Self {
+        Self::Internal(e)
+    }
+}
 
 const NS: &str = "SpiffeBroker";
 
@@ -293,7 +311,7 @@ impl CedarPolicy {
         action: &str,
         resource: EntityUid,
         context: serde_json::Value,
-    ) -> Result<(bool, Vec<PolicyId>), PolicyError> {
+    ) -> Result<(bool, Vec<PolicyId>), EvalError> {
         let action = Self::action(action)?;
         // Built as expressions, not parsed from JSON text: the same values, without a
         // schema-guided JSON parse on every request (Request::new still checks them
@@ -303,7 +321,7 @@ impl CedarPolicy {
                 .into_iter()
                 .map(|(k, v)| Ok((k, restricted(v)?)))
                 .collect::<Result<Vec<_>, PolicyError>>()?,
-            _ => return Err(PolicyError("policy context is not a record".into())),
+            _ => return Err(PolicyError("policy context is not a record".into()).into()),
         };
         let context =
             Context::from_pairs(pairs).map_err(|e| PolicyError(format!("policy context: {e}")))?;
@@ -318,8 +336,19 @@ impl CedarPolicy {
         let response = self
             .authorizer
             .is_authorized(&request, &self.policies, &self.entities);
-        for e in response.diagnostics().errors() {
-            tracing::warn!(error = %e, "a policy errored during evaluation and was skipped");
+        // Cedar skips a policy whose evaluation errors and decides without it: a `forbid`
+        // that overflows on a caller-controlled value would then fail open. Any error
+        // denies instead, naming the policy.
+        let mut errored = response.diagnostics().errors().peekable();
+        if errored.peek().is_some() {
+            let (ids, details): (Vec<String>, Vec<String>) = errored
+                .map(
+                    |cedar_policy::AuthorizationError::PolicyEvaluationError(e)| {
+                        (e.policy_id().to_string(), e.inner().to_string())
+                    },
+                )
+                .unzip();
+            return Err(EvalError::Errored { ids, details });
         }
         let ids = response.diagnostics().reason().cloned().collect();
         Ok((response.decision() == cedar_policy::Decision::Allow, ids))
@@ -338,13 +367,30 @@ impl CedarPolicy {
         }
     }
 
-    fn internal(e: PolicyError) -> Denial {
-        tracing::error!(error = %e, "policy evaluation failed; denying");
-        Denial {
-            kind: DenialKind::NotPermitted,
-            reason: "policy evaluation failed".into(),
-            rule: None,
-            violations: Vec::new(),
+    fn internal(e: impl Into<EvalError>) -> Denial {
+        match e.into() {
+            EvalError::Internal(e) => {
+                tracing::error!(error = %e, "policy evaluation failed; denying");
+                Denial {
+                    kind: DenialKind::NotPermitted,
+                    reason: "policy evaluation failed".into(),
+                    rule: None,
+                    violations: Vec::new(),
+                }
+            }
+            EvalError::Errored { ids, details } => {
+                let ids = ids.join(",");
+                tracing::warn!(policies = %ids, errors = ?details, "a policy errored during evaluation; denying");
+                Denial {
+                    kind: DenialKind::NotPermitted,
+                    reason: format!(
+                        "policy {ids} failed to evaluate ({}); denied (an erroring policy never allows)",
+                        details.join("; ")
+                    ),
+                    rule: Some(ids),
+                    violations: Vec::new(),
+                }
+            }
         }
     }
 
@@ -361,6 +407,25 @@ impl CedarPolicy {
             v.push(format!(
                 "profile {name:?} requires a stated intent (action and target)"
             ));
+        }
+        if let Some(intent) = &request.intent {
+            let missing: Vec<&str> = profile
+                .require_intent_fields
+                .iter()
+                .map(String::as_str)
+                .filter(|f| match *f {
+                    "ticket" => intent.ticket.is_none(),
+                    "artifact_digest" => intent.artifact_digest.is_none(),
+                    "justification" => intent.justification.is_none(),
+                    _ => true,
+                })
+                .collect();
+            if !missing.is_empty() {
+                v.push(format!(
+                    "profile {name:?} requires the intent to state {}",
+                    missing.join(", ")
+                ));
+            }
         }
         let scopes = if request.scopes.is_empty() {
             if profile.default_scopes.is_empty() {
@@ -535,10 +600,17 @@ impl Policy for CedarPolicy {
             approvers: Vec::new(),
             break_glass: ctx.break_glass,
         };
-        // Valid approvals: distinct, never the requester, and each approver may review.
+        // Valid approvals: distinct, never the requester or anyone it acts for, and each
+        // approver may review.
+        let chain = request
+            .intent
+            .as_ref()
+            .map(|i| i.on_behalf_of.as_slice())
+            .unwrap_or_default();
+        let requester = caller.to_string();
         let valid: Vec<String> = approvers
             .iter()
-            .filter(|a| a.as_str() != caller.to_string())
+            .filter(|a| a.as_str() != requester && !chain.contains(a))
             .filter(|a| {
                 SpiffeId::new(a.as_str())
                     .ok()
@@ -592,7 +664,17 @@ impl Policy for CedarPolicy {
         };
         grant.rule = rule.clone();
         let members = self.group_members(&group);
-        let counted: Vec<String> = valid.into_iter().filter(|a| members.contains(a)).collect();
+        // Separation of duties, with the group now known: an approval on record from
+        // someone barred (the owner rule may depend on the group) does not count.
+        let parties = Parties {
+            requester: &requester,
+            chain,
+            group: &group,
+        };
+        let counted: Vec<String> = valid
+            .into_iter()
+            .filter(|a| members.contains(a) && self.review_conflict(parties, a).is_none())
+            .collect();
         if ctx.break_glass {
             return Decision::Deny(Denial {
                 kind: DenialKind::NotPermitted,
@@ -608,14 +690,15 @@ impl Policy for CedarPolicy {
             grant.approvers = counted;
             return Decision::Allow(grant);
         }
+        let eligible = members
+            .into_iter()
+            .filter(|m| self.review_conflict(parties, m).is_none())
+            .collect();
         let need = ApprovalNeed {
             group,
             threshold,
             have: counted.len() as u32,
-            eligible: members
-                .into_iter()
-                .filter(|m| m != &caller.to_string())
-                .collect(),
+            eligible,
             rule,
             policy_hash: self.hash.clone(),
         };
@@ -680,6 +763,10 @@ impl Policy for CedarPolicy {
                 violations: Vec::new(),
             })
         }
+    }
+
+    fn review_conflict(&self, parties: Parties<'_>, reviewer: &str) -> Option<Conflict> {
+        duties::conflict(&self.identities, &self.groups, parties, reviewer)
     }
 
     fn profile(&self, name: &str) -> Option<Arc<Profile>> {

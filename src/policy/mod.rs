@@ -7,6 +7,7 @@
 //! policy can widen a grant beyond it.
 
 mod cedar;
+pub mod duties;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use crate::config::{Identity, Profile};
 use crate::domain::{CredentialRequest, Intent, Scope};
 
 pub use cedar::{CedarPolicy, PolicyError};
+pub use duties::{Conflict, Parties};
 
 /// Facts about the request that are not the request itself.
 #[derive(Debug, Clone)]
@@ -155,6 +157,8 @@ pub trait Policy: Send + Sync + 'static {
     fn authorize_admin(&self, caller: &SpiffeId, action: AdminAction) -> Result<String, Denial>;
     /// Whether `reviewer` may review requests for `profile`; `Ok` carries the rule id.
     fn authorize_review(&self, reviewer: &SpiffeId, profile: &str) -> Result<String, Denial>;
+    /// The separation-of-duties conflict that bars `reviewer` from one request, if any.
+    fn review_conflict(&self, parties: Parties<'_>, reviewer: &str) -> Option<Conflict>;
     /// A profile by name.
     fn profile(&self, name: &str) -> Option<Arc<Profile>>;
     /// All profiles.

@@ -101,35 +101,28 @@ struct Since {
     limit: Option<u32>,
 }
 
-/// The revocation feed over HTTP: events after `since` and a signed head over the last
-/// one (the same feed as `RelyingParty.WatchRevocations`).
+/// The revocation feed over HTTP: events after `since` and a head signed over the feed's
+/// tail (the same feed as `RelyingParty.WatchRevocations`). Public, like the JWKS: a head
+/// proves only where the feed ended and when, and a `since` past the tail is refused
+/// (416), so nothing here lets anyone keep a relying party's stale view looking fresh.
 async fn revocations(
     State(s): State<HttpState>,
     axum::extract::Query(q): axum::extract::Query<Since>,
 ) -> axum::response::Response {
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
-    // The tail first, then the events up to it: the signed head always covers exactly
-    // the feed as of this answer, and says when (a `time` line).
-    let page = async {
-        let (tail_seq, tail_hash) = s.broker.revocation_tail().await?;
-        let mut events = s.broker.revocation_events(q.since, limit).await?;
-        events.retain(|e| e.seq <= tail_seq);
-        let more = events.last().map_or(q.since, |e| e.seq) < tail_seq;
-        Ok::<_, crate::error::BrokerError>((
-            events,
-            more,
-            s.broker.sign_feed_head(tail_seq, &tail_hash),
-        ))
-    };
-    match page.await {
-        Ok((events, more, head)) => Json(serde_json::json!({
+    match s.broker.revocation_page(q.since, limit).await {
+        Ok(page) => Json(serde_json::json!({
             "since": q.since,
-            "events": events,
-            "more": more,
-            "signed_head": head,
+            "tail": page.tail,
+            "events": page.events,
+            "more": page.more,
+            "signed_head": page.signed_head,
             "feed_key": s.broker.feed_vkey(),
         }))
         .into_response(),
+        Err(crate::error::BrokerError::OutOfRange(m)) => {
+            (StatusCode::RANGE_NOT_SATISFIABLE, format!("{m}\n")).into_response()
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot read the revocation feed");
             (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable\n").into_response()

@@ -230,6 +230,7 @@ pub async fn assemble(
     )
     .with_notifier(notifier)
     .with_max_in_flight(config.max_in_flight)
+    .with_limits(config.limits)
     .with_log_signer(log_signer.clone())
     .with_feed_signer(Arc::new(
         LogSigner::load_or_create_as(

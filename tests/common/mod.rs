@@ -20,6 +20,8 @@ use tonic::transport::Channel;
 pub const DEPLOY_AGENT: &str = "spiffe://example.org/ci/deploy-agent";
 pub const MODEL_RUNTIME: &str = "spiffe://example.org/ml/model-runtime";
 pub const PROVISIONER: &str = "spiffe://example.org/gpu/provisioner";
+/// A relying party (role `relying-party`): may watch the revocation feed.
+pub const SCHEDULER: &str = "spiffe://example.org/gpu/scheduler";
 pub const ALICE: &str = "spiffe://example.org/ops/alice";
 pub const ROOT: &str = "spiffe://example.org/ops/root";
 

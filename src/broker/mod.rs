@@ -1,6 +1,15 @@
 //! The request path, wired: authn → policy → (approval) → issuer → ledger.
 //! Transport-agnostic: the gRPC adapters in `api` call these methods with parsed values.
 
+mod access_watch;
+mod feed;
+mod streams;
+mod throttle;
+
+pub use feed::{FeedItem, FeedPage, RELYING_PARTY_ROLE};
+pub use streams::StreamSlot;
+pub use throttle::Throttled;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -12,11 +21,10 @@ use crate::audit::{AuditEvent, EventKind, RequestRecord};
 use crate::authn::{Authenticator, AuthnError, TransportFacts, VerifiedCaller};
 use crate::checkpoint::LogSigner;
 use crate::clock::{unix_millis, Clock};
-use crate::config::CredentialKind;
-use crate::config::Profile;
+use crate::config::{CredentialKind, Limits, Profile};
 use crate::domain::{
-    AccessFilter, AccessRequest, AccessState, CredentialRequest, Lease, LeaseFilter, LeaseId,
-    LeaseState, Lock, RequestSpec, RevocationEvent, RevokeSelector, Verdict,
+    AccessFilter, AccessRequest, AccessState, BoundGrant, CredentialRequest, Lease, LeaseFilter,
+    LeaseId, LeaseState, Lock, RequestSpec, RevokeSelector, Verdict,
 };
 use crate::error::BrokerError;
 use crate::idempotency::{self, IdempotencyRecord};
@@ -24,10 +32,11 @@ use crate::issuer::{Credential, Issuer, LeaseTerms, Material, Minted};
 use crate::metrics::Metrics;
 use crate::notify::{Notification, Notifier};
 use crate::policy::{
-    AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Policy,
+    AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Parties, Policy,
     RequestContext,
 };
 use crate::store::{Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store, StoredCheckpoint};
+use throttle::RateLimiter;
 
 /// A credential handed out, with its lease and ledger receipt.
 #[derive(Debug, Clone)]
@@ -231,34 +240,26 @@ fn refusal_error(r: &Refusal) -> BrokerError {
     }
 }
 
-/// A token bucket per (identity, profile): `requests_per_minute`, burst of the same size.
-#[derive(Default)]
-struct RateLimiter {
-    buckets: Mutex<HashMap<(String, String), (f64, i64)>>,
-}
-
-impl RateLimiter {
-    /// Takes one token; `false` if the bucket is empty.
-    fn take(&self, who: &str, profile: &str, per_minute: u32, now_ms: i64) -> bool {
-        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if b.len() > 100_000 {
-            // Bounded memory: forget idle buckets (they refill to full anyway).
-            b.retain(|_, (_, at)| now_ms - *at < 60_000);
+/// What approving `grant` for `caller` commits to (see [`BoundGrant`]).
+fn bind(
+    caller: &VerifiedCaller,
+    grant: &Grant,
+    material: &Material,
+) -> Result<BoundGrant, BrokerError> {
+    let sha256 = |b: &[u8]| hex::encode(ring::digest::digest(&ring::digest::SHA256, b));
+    let key_sha256 = match (&material.csr_der, grant.profile.kind) {
+        (Some(csr), CredentialKind::X509) => {
+            Some(sha256(crate::issuer::x509::parse_csr(csr)?.spki()))
         }
-        let cap = f64::from(per_minute);
-        let (tokens, at) = b
-            .entry((who.to_owned(), profile.to_owned()))
-            .or_insert((cap, now_ms));
-        let refill = (now_ms - *at).max(0) as f64 * cap / 60_000.0;
-        *tokens = (*tokens + refill).min(cap);
-        *at = now_ms;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+        _ => None,
+    };
+    Ok(BoundGrant {
+        scopes: grant.scopes.iter().map(|s| s.to_string()).collect(),
+        ttl_secs: grant.ttl.as_secs(),
+        profile_sha256: sha256(format!("{:?}", grant.profile).as_bytes()),
+        auth_method: caller.method().as_str().to_owned(),
+        key_sha256,
+    })
 }
 
 /// Authentication failures recorded in the ledger per peer address and minute.
@@ -310,10 +311,17 @@ pub struct Broker {
     redeemed: Mutex<HashMap<String, (String, Issued)>>,
     log_signer: Option<Arc<LogSigner>>,
     in_flight: Arc<tokio::sync::Semaphore>,
-    feed_signer: Option<Arc<LogSigner>>,
+    heads: Arc<feed::HeadSigner>,
+    tail_hub: feed::TailHub,
+    access_hub: access_watch::AccessHub,
+    streams: streams::StreamCounts,
+    throttle: throttle::Throttle,
     revocations: broadcast::Sender<()>,
     changes: broadcast::Sender<String>,
 }
+
+/// How often watchers' shared pollers re-read the store (changes made on other replicas).
+const WATCH_POLL: Duration = Duration::from_secs(1);
 
 impl Broker {
     /// Wires the seams together.
@@ -331,7 +339,7 @@ impl Broker {
             loader: None,
             issuers,
             store,
-            clock,
+            clock: clock.clone(),
             metrics,
             notifier: Notifier::noop(),
             limiter: RateLimiter::default(),
@@ -339,7 +347,11 @@ impl Broker {
             redeemed: Mutex::new(HashMap::new()),
             log_signer: None,
             in_flight: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
-            feed_signer: None,
+            heads: Arc::new(feed::HeadSigner::new(None, clock.clone())),
+            tail_hub: feed::TailHub::default(),
+            access_hub: access_watch::AccessHub::default(),
+            streams: streams::StreamCounts::default(),
+            throttle: throttle::Throttle::new(Limits::default()),
             revocations: broadcast::channel(64).0,
             changes: broadcast::channel(1024).0,
         }
@@ -363,13 +375,18 @@ impl Broker {
 
     /// Sets the key that signs revocation feed heads.
     pub fn with_feed_signer(mut self, signer: Arc<LogSigner>) -> Self {
-        self.feed_signer = Some(signer);
+        self.heads = Arc::new(feed::HeadSigner::new(Some(signer), self.clock.clone()));
         self
     }
 
-    /// The revocation feed's verifier key.
-    pub fn feed_vkey(&self) -> Option<String> {
-        self.feed_signer.as_ref().map(|s| s.vkey())
+    /// Sets the per-caller limits: call rates, renewals, streams, open break-glass uses.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.throttle = throttle::Throttle::new(limits);
+        self
+    }
+
+    fn limits(&self) -> &Limits {
+        self.throttle.limits()
     }
 
     /// Sets the key that signs audit log checkpoints.
@@ -544,6 +561,15 @@ impl Broker {
         &self.metrics
     }
 
+    /// The caller's entry in the inventory, if it is registered.
+    fn registered(&self, caller: &VerifiedCaller) -> Option<crate::config::Identity> {
+        self.policy()
+            .identities()
+            .iter()
+            .find(|i| &i.spiffe_id == caller.spiffe_id())
+            .cloned()
+    }
+
     /// The policy in force (a snapshot: a reload swaps it atomically).
     pub fn policy(&self) -> Arc<dyn Policy> {
         self.policy
@@ -586,7 +612,10 @@ impl Broker {
         rpc: &str,
     ) -> Result<VerifiedCaller, BrokerError> {
         match self.authn.authenticate(&facts) {
-            Ok(c) => Ok(c),
+            Ok(c) => {
+                self.throttle_call(&c, facts.peer_ip, rpc).await?;
+                Ok(c)
+            }
             Err(err) => {
                 self.metrics.authn_failures.inc();
                 let AuthnError {
@@ -913,19 +942,18 @@ impl Broker {
                     unix_millis(self.clock.now()),
                 )
             {
-                self.metrics.denied("rate_limited");
-                let msg = format!(
-                    "rate limit: at most {} requests per minute per identity on profile {:?}",
-                    profile.requests_per_minute,
-                    profile.name.as_str()
-                );
-                let mut e = self.event(EventKind::Deny, "deny", Some(caller));
-                e.request = Some(request_record("IssueCredential", &req));
-                e.reason = Some(msg.clone());
-                e.rule = Some(format!("profile:{}/requests_per_minute", profile.name));
-                e.policy_hash = Some(policy.hash().to_owned());
-                self.record_best_effort(e).await;
-                return Err(BrokerError::ResourceExhausted(msg));
+                let t = Throttled {
+                    rule: format!("profile:{}/requests_per_minute", profile.name),
+                    message: format!(
+                        "rate limit: at most {} requests per minute per identity on profile {:?}",
+                        profile.requests_per_minute,
+                        profile.name.as_str()
+                    ),
+                };
+                let key = format!("{who}#{}", profile.name);
+                return Err(self
+                    .refuse_throttled(caller, &key, "IssueCredential", t)
+                    .await);
             }
         }
         if let Some(key) = &opts.idempotency_key {
@@ -950,9 +978,14 @@ impl Broker {
                 )
                 .await),
             Decision::RequireApproval(grant, need) => {
-                self.open_request(caller, &req, &grant, need).await
+                self.open_request(caller, &req, &grant, need, &opts.material)
+                    .await
             }
             Decision::Allow(grant) => {
+                if grant.break_glass {
+                    self.break_glass_allowance(caller, &req, policy.hash())
+                        .await?;
+                }
                 let (credential, lease, mut e) = self
                     .prepare(caller, &req, &grant, &opts.material, "IssueCredential")
                     .await?;
@@ -1043,6 +1076,48 @@ impl Broker {
             }
         }
     }
+    /// Break-glass is for emergencies, not a way around approval: an identity may hold
+    /// only so many break-glass issuances of a profile that nobody has post-reviewed yet.
+    async fn break_glass_allowance(
+        &self,
+        caller: &VerifiedCaller,
+        req: &CredentialRequest,
+        policy_hash: &str,
+    ) -> Result<(), BrokerError> {
+        let limit = self.limits().open_break_glass_per_identity;
+        let open = self
+            .store
+            .access_requests(AccessFilter {
+                state: None,
+                profiles: Some(vec![req.profile.to_string()]),
+                awaiting_post_review: true,
+                requester: Some(caller.spiffe_id().to_string()),
+                limit,
+            })
+            .await?;
+        if (open.len() as u32) < limit {
+            return Ok(());
+        }
+        let d = Denial {
+            kind: DenialKind::NotPermitted,
+            reason: format!(
+                "break-glass for profile {:?} already used {} time(s) awaiting post-review (at most {limit}); ask an approver to post-review first",
+                req.profile.as_str(),
+                open.len()
+            ),
+            rule: Some("limits/open-break-glass".into()),
+            violations: Vec::new(),
+        };
+        Err(self
+            .deny(
+                caller,
+                request_record("IssueCredential", req),
+                &d,
+                policy_hash,
+            )
+            .await)
+    }
+
     /// The credential an earlier request with this idempotency key received, if any.
     async fn replay(
         &self,
@@ -1144,9 +1219,14 @@ impl Broker {
         req: &CredentialRequest,
         grant: &Grant,
         need: ApprovalNeed,
+        material: &Material,
     ) -> Result<IssueOutcome, BrokerError> {
         let now = self.clock.unix_seconds();
-        let spec = RequestSpec::of(req);
+        let bound = match bind(caller, grant, material) {
+            Ok(b) => b,
+            Err(e) => return Err(self.reject(caller, "IssueCredential", e).await),
+        };
+        let spec = RequestSpec::of(req).bound(bound);
         let ar = AccessRequest {
             id: LeaseId::generate(unix_millis(self.clock.now()))?.to_string(),
             requester: caller.spiffe_id().to_string(),
@@ -1239,7 +1319,11 @@ impl Broker {
             self.metrics.denied("access_request_state");
             return Err(refusal_error(&Refusal::RequestNotFound));
         };
-        if digest != ar.digest {
+        let asked = RequestSpec {
+            grant: None,
+            ..ar.request.clone()
+        };
+        if asked.digest(req.profile.as_str()) != digest || ar.profile != req.profile {
             self.record_best_effort(refuse(Refusal::DigestMismatch, Some(ar.id.clone())))
                 .await;
             self.metrics.denied("approval_mismatch");
@@ -1291,6 +1375,28 @@ impl Broker {
                     .await);
             }
         };
+        // The approval covers the grant as resolved when it was asked for, and how it is
+        // held: defaults changed by a reload, another key or another auth method void it.
+        let now_bound = match bind(caller, &grant, material) {
+            Ok(b) => b,
+            Err(e) => return Err(self.reject(caller, "IssueCredential", e).await),
+        };
+        let differences = match &ar.request.grant {
+            Some(approved) => approved.differences(&now_bound),
+            None => vec!["the approval predates grant binding; ask again".into()],
+        };
+        if !differences.is_empty() {
+            let why = format!(
+                "the approval was for a different grant: {}",
+                differences.join("; ")
+            );
+            let mut e = refuse(Refusal::DigestMismatch, Some(ar.id.clone()));
+            e.reason = Some(why.clone());
+            self.record_best_effort(e).await;
+            self.metrics.denied("approval_mismatch");
+            return Err(BrokerError::PermissionDenied(why));
+        }
+        let bound_digest = asked.bound(now_bound).digest(req.profile.as_str());
         let (credential, lease, mut e) = self
             .prepare(caller, &req, &grant, material, "IssueCredential")
             .await?;
@@ -1307,7 +1413,7 @@ impl Broker {
             .apply(LedgerOp::Redeem {
                 id: ar.id.clone(),
                 requester: ar.requester.clone(),
-                digest,
+                digest: bound_digest,
                 max_active: Some(grant.profile.max_active_leases).filter(|m| *m > 0),
                 lease,
                 now: self.clock.unix_seconds(),
@@ -1325,7 +1431,7 @@ impl Broker {
         let now = self.clock.unix_seconds();
         cache.retain(|_, (_, i)| i.lease.expires_at > now);
         if cache.len() < REDEEM_CACHE_MAX {
-            cache.insert(ar.id.clone(), (ar.digest.clone(), issued.clone()));
+            cache.insert(ar.id.clone(), (digest, issued.clone()));
         }
         Ok(issued)
     }
@@ -1377,6 +1483,17 @@ impl Broker {
                     })
                 }
             });
+        let allowed = allowed.and_then(|rule| {
+            match policy.review_conflict(Parties::of(&ar), &caller.spiffe_id().to_string()) {
+                None => Ok(rule),
+                Some(c) => Err(Denial {
+                    kind: DenialKind::NotPermitted,
+                    reason: format!("{} ({})", c.reason, c.rule),
+                    rule: Some(c.rule.to_owned()),
+                    violations: Vec::new(),
+                }),
+            }
+        });
         let rule = match allowed {
             Ok(r) => r,
             Err(d) => {
@@ -1385,6 +1502,14 @@ impl Broker {
                     .await)
             }
         };
+        if ar.break_glass
+            && verdict == Verdict::Deny
+            && ar.post_review.as_deref() == Some("pending")
+        {
+            // The issuance is judged wrong: its credential stops working now, before the
+            // verdict is on record (a failure here leaves the post-review pending, to retry).
+            self.revoke_break_glass(caller, &ar, &reason).await?;
+        }
         let mut e = self.event(EventKind::Review, verdict.as_str(), Some(caller));
         e.request = Some(rec);
         e.rule = Some(rule);
@@ -1418,6 +1543,45 @@ impl Broker {
         };
         self.notify_request(&ar, event, &[], Some(reason));
         Ok(ar)
+    }
+
+    /// Revokes the lease of a break-glass issuance whose post-review denies it (and its
+    /// backend credential, through the revocation queue). Already ended: nothing to do.
+    async fn revoke_break_glass(
+        &self,
+        reviewer: &VerifiedCaller,
+        ar: &AccessRequest,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let mut e = self.event(EventKind::Revoke, "allow", Some(reviewer));
+        e.request = Some(record("ReviewAccessRequest"));
+        e.access_request_id = Some(ar.id.clone());
+        e.lease_id = ar.lease_id.clone();
+        e.rule = Some("break-glass/post-review-denied".into());
+        let why = format!("break-glass post-review denied: {reason}");
+        e.reason = Some(why.clone());
+        let applied = self
+            .store
+            .apply(LedgerOp::Revoke {
+                selector: RevokeSelector::AccessRequest(ar.id.clone()),
+                issued_before: None,
+                reason: why,
+                now: self.clock.unix_seconds(),
+                dry_run: false,
+                chunk: None,
+                event: e,
+            })
+            .await?;
+        if !applied.affected.is_empty() {
+            tracing::warn!(
+                access_request = %ar.id,
+                lease = ?ar.lease_id,
+                reviewer = %reviewer.spiffe_id(),
+                "break-glass issuance denied at post-review; its lease is revoked"
+            );
+            self.revocations_changed();
+        }
+        Ok(())
     }
 
     /// One access request, for its requester, its reviewers and operators.
@@ -1482,7 +1646,7 @@ impl Broker {
         let mut rows = self.store.access_requests(filter).await?;
         if listing == RequestListing::ToReview {
             rows.retain(|r| {
-                r.requester != me
+                policy.review_conflict(Parties::of(r), &me).is_none()
                     && policy.group_members(&r.group).contains(&me)
                     && !r.reviews.iter().any(|v| v.reviewer == me)
             });
@@ -1524,6 +1688,7 @@ impl Broker {
                 return Err(refusal_error(&Refusal::NotFound));
             }
         };
+        self.throttle_renewal(caller, id.as_str()).await?;
         // Renewal re-runs policy on the original grant. Leases issued on an approval
         // or under break-glass are not renewable: a new request goes through approval again.
         let renewable = policy
@@ -1735,7 +1900,7 @@ impl Broker {
                 return Err(BrokerError::NotFound("lease not found".into()));
             }
             if !dry_run {
-                let _ = self.revocations.send(());
+                self.revocations_changed();
             }
             return Ok(Revoked {
                 lease_ids: applied.affected,
@@ -1772,7 +1937,7 @@ impl Broker {
             let n = applied.affected.len();
             all.extend(applied.affected);
             first_receipt = first_receipt.or(applied.receipt);
-            let _ = self.revocations.send(());
+            self.revocations_changed();
             if n < REVOKE_CHUNK as usize {
                 break;
             }
@@ -1898,36 +2063,6 @@ impl Broker {
         self.admin(caller, AdminAction::ListLeases, "ListLocks")
             .await?;
         Ok(self.store.locks(self.clock.unix_seconds()).await?)
-    }
-
-    /// Revocation feed events after `after` (any authenticated caller: relying parties).
-    pub async fn revocation_events(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> Result<Vec<RevocationEvent>, BrokerError> {
-        Ok(self.store.revocations(after, limit).await?)
-    }
-
-    /// Wakes up revocation feed watchers on this replica.
-    pub fn subscribe_revocations(&self) -> broadcast::Receiver<()> {
-        self.revocations.subscribe()
-    }
-
-    /// A signed head of the revocation feed as of `events`: a signed note over
-    /// (last sequence, last chain hash) under the feed key, with the time it was signed.
-    pub fn sign_feed_head(&self, seq: u64, chain_hash: &[u8; 32]) -> Option<String> {
-        // The time line makes every head fresh evidence: a replayed old head (or a page
-        // with no new events) cannot keep a relying party's feed from going stale.
-        let time = format!("time {}", self.clock.unix_seconds());
-        self.feed_signer
-            .as_ref()
-            .map(|s| s.sign_with(seq, chain_hash, vec![time]))
-    }
-
-    /// The feed's current end: last sequence and chain hash (0 and zeros when empty).
-    pub async fn revocation_tail(&self) -> Result<(u64, [u8; 32]), BrokerError> {
-        Ok(self.store.revocation_tail().await?.unwrap_or((0, [0; 32])))
     }
 
     /// Lists leases (platform admin only).
