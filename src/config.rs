@@ -312,6 +312,9 @@ struct RawNotifications {
     hmac_key_file: PathBuf,
 }
 
+/// Requests in flight at once when the config does not say.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+
 /// The optional intent fields a profile can require.
 const INTENT_FIELDS: [&str; 3] = ["ticket", "artifact_digest", "justification"];
 
@@ -542,10 +545,7 @@ impl Config {
                 Duration::from_secs(10),
             )?,
             log_origin: raw.log_origin,
-            max_in_flight: raw
-                .max_in_flight
-                .unwrap_or(crate::broker::DEFAULT_MAX_IN_FLIGHT)
-                .max(1),
+            max_in_flight: raw.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT).max(1),
             limits: raw.limits.resolve()?,
             max_streams_per_connection: raw.max_streams_per_connection.unwrap_or(128).max(1),
             max_connections_per_peer: raw.max_connections_per_peer.unwrap_or(512).max(1),
@@ -634,7 +634,7 @@ impl Config {
     fn profile(p: RawProfile, quotas: (u32, u32)) -> Result<Profile, ConfigError> {
         let name =
             ProfileName::parse(&p.name).map_err(|e| ConfigError(format!("profiles: {e}")))?;
-        let ctx = |e: crate::error::BrokerError| ConfigError(format!("profile {}: {e}", p.name));
+        let ctx = |e: crate::domain::DomainError| ConfigError(format!("profile {}: {e}", p.name));
         if let Some(f) = p
             .require_intent_fields
             .iter()

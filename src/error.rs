@@ -8,6 +8,8 @@
 use tonic::{Code, Status};
 
 use crate::authn::AuthnError;
+use crate::domain::DomainError;
+use crate::issuer::IssueError;
 use crate::store::StoreError;
 
 /// Everything the request path can refuse with.
@@ -43,6 +45,25 @@ pub enum BrokerError {
     /// A bug or a broken invariant.
     #[error("internal: {0}")]
     Internal(String),
+}
+
+impl From<DomainError> for BrokerError {
+    fn from(e: DomainError) -> Self {
+        match e {
+            DomainError::Invalid(m) => BrokerError::InvalidArgument(m),
+            DomainError::Internal(m) => BrokerError::Internal(m),
+        }
+    }
+}
+
+impl From<IssueError> for BrokerError {
+    fn from(e: IssueError) -> Self {
+        match e {
+            IssueError::Refused(m) => BrokerError::FailedPrecondition(m),
+            IssueError::Unavailable(m) => BrokerError::BackendUnavailable(m),
+            IssueError::Internal(m) => BrokerError::Internal(m),
+        }
+    }
 }
 
 impl From<StoreError> for BrokerError {

@@ -2,10 +2,14 @@
 //! verification with ring. Shared by the JWT issuer, the JWT-SVID authenticator and the
 //! dev Workload API.
 
+use std::collections::BTreeMap;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use ring::signature::{self, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
+
+use crate::domain::Intent;
 
 /// Largest compact JWS the broker will parse (bytes).
 pub const MAX_JWT_LEN: usize = 16 * 1024;
@@ -199,4 +203,33 @@ pub fn signing_input(
     let h = serde_json::to_vec(header).map_err(|e| JoseError(e.to_string()))?;
     let p = serde_json::to_vec(payload).map_err(|e| JoseError(e.to_string()))?;
     Ok(format!("{}.{}", b64(&h), b64(&p)))
+}
+
+/// Claims of a broker-minted JWT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JwtClaims {
+    /// The broker's issuer URL.
+    pub iss: String,
+    /// The holder's SPIFFE ID.
+    pub sub: String,
+    /// The profile's audience.
+    pub aud: String,
+    /// Granted scopes, space-separated (RFC 8693 style).
+    pub scope: String,
+    /// Issued at.
+    pub iat: i64,
+    /// Not before.
+    pub nbf: i64,
+    /// Expiry.
+    pub exp: i64,
+    /// Lease id.
+    pub jti: String,
+    /// Profile name.
+    pub profile: String,
+    /// Confirmation: `x5t#S256` of the holder's mTLS certificate (RFC 8705).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<BTreeMap<String, String>>,
+    /// The stated intent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intent: Option<Intent>,
 }

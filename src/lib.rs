@@ -1,7 +1,7 @@
 //! spiffe-broker: workloads prove who they are with a SPIFFE SVID and receive a
 //! short-lived, scope-limited credential; every decision lands in a hash-chained ledger.
 //!
-//! The request path, one module per step (see `DESIGN.md` §2):
+//! The request path, one module per step:
 //!
 //! ```text
 //! api (tonic adapters, proto ⇄ domain)
@@ -11,11 +11,31 @@
 //!   → store   one durable commit: lease + audit entry     (store/, audit.rs)
 //! ```
 //!
-//! Around it: `broker` wires the steps together, `server` owns the listeners (mTLS gRPC
-//! and plain HTTP), `error` is the one place a domain error becomes a gRPC status,
-//! `clock` is the only reader of wall time, `workload` is the dev SPIFFE Workload API
-//! and dev CA, `dev` assembles the embedded default, `client` is what the CLI and the
-//! examples use to reach a broker.
+//! `broker` wires the steps together, one module per use case; `server` owns the
+//! listeners (mTLS gRPC and plain HTTP); `error` is the one place a domain error becomes
+//! a gRPC status; `clock` is the only reader of wall time; `workload` is the dev SPIFFE
+//! Workload API and dev CA; `dev` assembles the embedded default; `client` is what the CLI
+//! and the examples use to reach a broker; `relying_party` is the library a relying party
+//! embeds (it needs nothing of the broker's internals).
+//!
+//! # Layers
+//!
+//! A module imports (`use crate::…`) only modules of its own layer or below, and the
+//! imports have no cycle; `tests/layers.rs` reads this map and the sources and fails on
+//! an upward arrow, a cycle, or a module missing from the map.
+//!
+//! ```text
+//! layer 0: domain proto
+//! layer 1: clock merkle metrics jose
+//! layer 2: crypto checkpoint audit config
+//! layer 3: authn store notify relying_party
+//! layer 4: policy workload client
+//! layer 5: issuer
+//! layer 6: broker error
+//! layer 7: api
+//! layer 8: server
+//! layer 9: dev
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -30,7 +50,6 @@ pub mod crypto;
 pub mod dev;
 pub mod domain;
 pub mod error;
-pub mod idempotency;
 pub mod issuer;
 pub mod jose;
 pub mod merkle;

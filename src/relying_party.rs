@@ -29,8 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::checkpoint::VerifierKey;
 use crate::clock::{Clock, SystemClock};
 use crate::domain::RevocationEvent;
-use crate::issuer::JwtClaims;
-use crate::jose::{self, b64, Alg, Jwk, JwkSet};
+use crate::jose::{self, b64, Alg, Jwk, JwkSet, JwtClaims};
 
 /// Why a token (or the feed) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -111,11 +111,14 @@ pub fn check(r: &pb::IssueCredentialRequest) {
                             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
                 );
             }
-            Err(e) => assert!(matches!(e, BrokerError::InvalidArgument(_)), "{e:?}"),
+            Err(e) => assert!(
+                matches!(e, spiffe_broker::domain::DomainError::Invalid(_)),
+                "{e:?}"
+            ),
         }
     }
     if !r.idempotency_key.is_empty() {
-        if let Err(e) = spiffe_broker::idempotency::validate(&r.idempotency_key) {
+        if let Err(e) = spiffe_broker::broker::idempotency::validate(&r.idempotency_key) {
             assert!(matches!(e, BrokerError::InvalidArgument(_)), "{e:?}");
         }
     }

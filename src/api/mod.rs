@@ -8,13 +8,12 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use crate::authn::TransportFacts;
+use crate::authn::{PeerInfo, TransportFacts};
 use crate::broker::{Broker, EntrySelector, FeedItem, IssueOptions, IssueOutcome, RequestListing};
 use crate::domain::LeaseId;
 use crate::domain::Verdict;
 use crate::error::{to_status, BrokerError};
 use crate::proto::v1 as pb;
-use crate::server::tls::PeerInfo;
 
 pub use convert::{access_request_to_pb, explanation_to_pb, lease_to_pb, parse_issue_request};
 
@@ -185,7 +184,7 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
                 Err(e) => return Err(b.reject(&caller, "IssueCredential", e).await),
             };
             if !r.idempotency_key.is_empty() {
-                if let Err(e) = crate::idempotency::validate(&r.idempotency_key) {
+                if let Err(e) = crate::broker::idempotency::validate(&r.idempotency_key) {
                     return Err(b.reject(&caller, "IssueCredential", e).await);
                 }
             }
@@ -499,7 +498,9 @@ impl pb::admin_server::Admin for AdminService {
             use pb::get_inclusion_proof_request::Entry;
             let selector = match &r.entry {
                 Some(Entry::Sequence(n)) if *n > 0 => Ok(EntrySelector::Sequence(*n)),
-                Some(Entry::LeaseId(id)) => LeaseId::parse(id).map(EntrySelector::Lease),
+                Some(Entry::LeaseId(id)) => LeaseId::parse(id)
+                    .map(EntrySelector::Lease)
+                    .map_err(BrokerError::from),
                 _ => Err(BrokerError::InvalidArgument(
                     "a sequence (> 0) or a lease_id is required".into(),
                 )),

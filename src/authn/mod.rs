@@ -5,6 +5,7 @@ mod jwt_svid;
 mod trust;
 mod x509_svid;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,6 +90,15 @@ impl AuthnError {
         self.method = Some(m);
         self
     }
+}
+
+/// What the transport learned about the peer; inserted into every request's extensions.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Remote address.
+    pub remote: Option<SocketAddr>,
+    /// The client's certificate chain, leaf first (absent for bearer-token callers).
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
 /// What the transport knows about the caller.

@@ -7,38 +7,10 @@ use serde::{Deserialize, Serialize};
 use super::{BoxFuture, Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
 use crate::config::CredentialKind;
 use crate::crypto::KeyRing;
-use crate::domain::Intent;
 use crate::jose::{self, b64, Alg};
 use crate::policy::Grant;
 
-/// Claims of a broker-minted JWT.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JwtClaims {
-    /// The broker's issuer URL.
-    pub iss: String,
-    /// The holder's SPIFFE ID.
-    pub sub: String,
-    /// The profile's audience.
-    pub aud: String,
-    /// Granted scopes, space-separated (RFC 8693 style).
-    pub scope: String,
-    /// Issued at.
-    pub iat: i64,
-    /// Not before.
-    pub nbf: i64,
-    /// Expiry.
-    pub exp: i64,
-    /// Lease id.
-    pub jti: String,
-    /// Profile name.
-    pub profile: String,
-    /// Confirmation: `x5t#S256` of the holder's mTLS certificate (RFC 8705).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cnf: Option<BTreeMap<String, String>>,
-    /// The stated intent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub intent: Option<Intent>,
-}
+pub use crate::jose::JwtClaims;
 
 #[derive(Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

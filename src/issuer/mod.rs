@@ -26,7 +26,6 @@ use zeroize::Zeroizing;
 
 use crate::config::CredentialKind;
 use crate::domain::LeaseId;
-use crate::error::BrokerError;
 use crate::policy::Grant;
 
 pub use jwt::{JwtClaims, JwtIssuer};
@@ -196,16 +195,6 @@ pub enum IssueError {
     /// A bug, a bad configuration, or a minted credential that failed validation.
     #[error("issuer: {0}")]
     Internal(String),
-}
-
-impl From<IssueError> for BrokerError {
-    fn from(e: IssueError) -> Self {
-        match e {
-            IssueError::Refused(m) => BrokerError::FailedPrecondition(m),
-            IssueError::Unavailable(m) => BrokerError::BackendUnavailable(m),
-            IssueError::Internal(m) => BrokerError::Internal(m),
-        }
-    }
 }
 
 /// A credential backend.

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -26,14 +26,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
-/// What the transport learned about the peer; inserted into every request's extensions.
-#[derive(Debug, Clone)]
-pub struct PeerInfo {
-    /// Remote address.
-    pub remote: Option<SocketAddr>,
-    /// The client's certificate chain, leaf first (absent for bearer-token callers).
-    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
-}
+pub use crate::authn::PeerInfo;
 
 /// Accepts any client certificate for which the peer proves key possession; `authn`
 /// decides whether it is a valid SVID.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use crate::checkpoint::LogSigner;
-use crate::idempotency::IdempotencyRecord;
+use crate::domain::IdempotencyRecord;
 use crate::merkle::Hash as MerkleHash;
 
 use crate::audit::{AuditEvent, StoredEntry};

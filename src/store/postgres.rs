@@ -39,12 +39,12 @@ use super::{
 };
 use crate::audit::{entry_hash, AuditEvent, EventKind, StoredEntry};
 use crate::config::LedgerConfig;
+use crate::domain::IdempotencyRecord;
 use crate::domain::{
     AccessFilter, AccessRequest, AccessState, BackendHandle, BackendRevocation, Intent, Lease,
     LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RequestSpec, Review, RevocationEvent,
     RevokeSelector, Scope, Verdict,
 };
-use crate::idempotency::IdempotencyRecord;
 use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
 use crate::metrics::Metrics;
 

@@ -22,12 +22,12 @@ use crate::audit::EventKind;
 use crate::audit::{entry_hash, AuditEvent, LogError, LogReport, LogVerifier, StoredEntry};
 use crate::checkpoint::VerifierKey;
 use crate::config::LedgerConfig;
+use crate::domain::IdempotencyRecord;
 use crate::domain::{
     AccessFilter, AccessRequest, AccessState, BackendHandle, BackendRevocation, Intent, Lease,
     LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RequestSpec, Review, RevocationEvent,
     RevokeSelector, Scope, Verdict,
 };
-use crate::idempotency::IdempotencyRecord;
 use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
 use crate::metrics::Metrics;
 

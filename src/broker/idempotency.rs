@@ -21,23 +21,6 @@ pub const MIN_KEY_LEN: usize = 22;
 /// Longest accepted idempotency key.
 pub const MAX_KEY_LEN: usize = 256;
 
-/// A stored idempotency record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencyRecord {
-    /// Who made the request.
-    pub caller: String,
-    /// Hex SHA-256 of the idempotency key.
-    pub key_hash: String,
-    /// Digest of the request it was used for.
-    pub digest: String,
-    /// The lease issued.
-    pub lease_id: String,
-    /// Nonce ‖ sealed credential.
-    pub sealed: Vec<u8>,
-    /// When the record may be dropped (the credential's expiry).
-    pub expires_at: i64,
-}
-
 /// Parses an idempotency key from the network.
 pub fn validate(key: &str) -> Result<(), BrokerError> {
     if key.len() < MIN_KEY_LEN

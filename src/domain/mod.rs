@@ -7,7 +7,17 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::BrokerError;
+/// Why a value could not be made into a domain type. The edge maps `Invalid` to
+/// INVALID_ARGUMENT and `Internal` to INTERNAL (`crate::error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    /// The input is not a valid value (the message names what and why).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// The system could not make one (a random source failed).
+    #[error("internal: {0}")]
+    Internal(String),
+}
 
 fn printable(s: &str) -> bool {
     s.bytes().all(|b| (0x21..=0x7e).contains(&b))
@@ -22,10 +32,10 @@ macro_rules! validated_string {
 
         impl $name {
             /// Parses, refusing anything outside the documented alphabet and length.
-            pub fn parse(s: &str) -> Result<Self, BrokerError> {
+            pub fn parse(s: &str) -> Result<Self, DomainError> {
                 let check: fn(&str) -> bool = $check;
                 if s.is_empty() || s.len() > $max || !check(s) {
-                    return Err(BrokerError::InvalidArgument(format!(
+                    return Err(DomainError::Invalid(format!(
                         concat!("invalid ", $what, " {:?}: expected ", $rule),
                         truncate(s)
                     )));
@@ -87,11 +97,11 @@ impl LeaseId {
     /// (48 bits, big-endian) then 80 random bits. Still unguessable, and time-ordered, so
     /// the ledger's indexes on it grow at their end instead of touching a random page per
     /// insert (two fewer pages written per issuance at every commit).
-    pub fn generate(unix_ms: i64) -> Result<Self, BrokerError> {
+    pub fn generate(unix_ms: i64) -> Result<Self, DomainError> {
         let mut b = [0u8; 16];
         b[..6].copy_from_slice(&(unix_ms.max(0) as u64).to_be_bytes()[2..]);
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b[6..])
-            .map_err(|_| BrokerError::Internal("system random source failed".into()))?;
+            .map_err(|_| DomainError::Internal("system random source failed".into()))?;
         Ok(Self(hex::encode(b)))
     }
 }
@@ -117,7 +127,7 @@ pub struct Intent {
     pub on_behalf_of: Vec<String>,
 }
 
-fn opt(field: &str, v: &str, max: usize, spaces: bool) -> Result<Option<String>, BrokerError> {
+fn opt(field: &str, v: &str, max: usize, spaces: bool) -> Result<Option<String>, DomainError> {
     if v.is_empty() {
         return Ok(None);
     }
@@ -127,7 +137,7 @@ fn opt(field: &str, v: &str, max: usize, spaces: bool) -> Result<Option<String>,
         && !v.starts_with(' ')
         && !v.ends_with(' ');
     if !ok {
-        return Err(BrokerError::InvalidArgument(format!(
+        return Err(DomainError::Invalid(format!(
             "invalid intent {field} {:?}: expected at most {max} printable ASCII characters",
             truncate(v)
         )));
@@ -140,7 +150,7 @@ pub const MAX_DELEGATION_CHAIN: usize = 8;
 
 impl Intent {
     /// Parses both fields: printable ASCII (spaces allowed inside), bounded length.
-    pub fn parse(action: &str, target: &str) -> Result<Self, BrokerError> {
+    pub fn parse(action: &str, target: &str) -> Result<Self, DomainError> {
         fn ok(s: &str, max: usize) -> bool {
             !s.is_empty()
                 && s.len() <= max
@@ -149,13 +159,13 @@ impl Intent {
                 && !s.ends_with(' ')
         }
         if !ok(action, 128) {
-            return Err(BrokerError::InvalidArgument(format!(
+            return Err(DomainError::Invalid(format!(
                 "invalid intent action {:?}: expected 1..=128 printable ASCII characters",
                 truncate(action)
             )));
         }
         if !ok(target, 256) {
-            return Err(BrokerError::InvalidArgument(format!(
+            return Err(DomainError::Invalid(format!(
                 "invalid intent target {:?}: expected 1..=256 printable ASCII characters",
                 truncate(target)
             )));
@@ -177,7 +187,7 @@ impl Intent {
         ticket: &str,
         justification: &str,
         on_behalf_of: &[String],
-    ) -> Result<Self, BrokerError> {
+    ) -> Result<Self, DomainError> {
         if let Some(d) = opt("artifact_digest", artifact_digest, 200, false)? {
             let valid = d.split_once(':').is_some_and(|(alg, hex)| {
                 matches!(alg, "sha256" | "sha384" | "sha512")
@@ -187,7 +197,7 @@ impl Intent {
                         .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             });
             if !valid {
-                return Err(BrokerError::InvalidArgument(format!(
+                return Err(DomainError::Invalid(format!(
                     "invalid intent artifact_digest {:?}: expected sha256:<hex>",
                     truncate(&d)
                 )));
@@ -197,16 +207,15 @@ impl Intent {
         self.ticket = opt("ticket", ticket, 64, false)?;
         self.justification = opt("justification", justification, 512, true)?;
         if on_behalf_of.len() > MAX_DELEGATION_CHAIN {
-            return Err(BrokerError::InvalidArgument(format!(
+            return Err(DomainError::Invalid(format!(
                 "intent on_behalf_of: at most {MAX_DELEGATION_CHAIN} entries"
             )));
         }
         self.on_behalf_of = on_behalf_of
             .iter()
             .map(|o| {
-                opt("on_behalf_of", o, 256, false)?.ok_or_else(|| {
-                    BrokerError::InvalidArgument("intent on_behalf_of: empty entry".into())
-                })
+                opt("on_behalf_of", o, 256, false)?
+                    .ok_or_else(|| DomainError::Invalid("intent on_behalf_of: empty entry".into()))
             })
             .collect::<Result<_, _>>()?;
         Ok(self)
@@ -230,9 +239,9 @@ pub struct CredentialRequest {
 }
 
 /// Parses a requested TTL: positive, whole seconds, bounded.
-pub fn parse_ttl(secs: i64, nanos: i32) -> Result<Duration, BrokerError> {
+pub fn parse_ttl(secs: i64, nanos: i32) -> Result<Duration, DomainError> {
     if secs <= 0 || nanos != 0 || secs as u64 > MAX_REQUESTABLE_TTL.as_secs() {
-        return Err(BrokerError::InvalidArgument(format!(
+        return Err(DomainError::Invalid(format!(
             "invalid ttl: expected whole seconds between 1s and {}s",
             MAX_REQUESTABLE_TTL.as_secs()
         )));
@@ -715,6 +724,23 @@ pub struct LeaseFilter {
     pub limit: u32,
     /// Only leases issued strictly before this cursor `(issued_at, id)`.
     pub before: Option<(i64, String)>,
+}
+
+/// A stored idempotency record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    /// Who made the request.
+    pub caller: String,
+    /// Hex SHA-256 of the idempotency key.
+    pub key_hash: String,
+    /// Digest of the request it was used for.
+    pub digest: String,
+    /// The lease issued.
+    pub lease_id: String,
+    /// Nonce ‖ sealed credential.
+    pub sealed: Vec<u8>,
+    /// When the record may be dropped (the credential's expiry).
+    pub expires_at: i64,
 }
 
 #[cfg(test)]
