@@ -146,6 +146,14 @@ pub struct LedgerConfig {
     pub busy_timeout: Duration,
     /// Most operations sharing one commit (one fsync).
     pub max_batch: usize,
+    /// `[ledger] postgres_sslmode`: libpq's `sslmode` for the PostgreSQL link when the
+    /// connection string names none, and the least it may name (a URL in a secret cannot
+    /// weaken what the reviewed config asks for). `None`: the string's, else `prefer`.
+    pub postgres_sslmode: Option<crate::store::pg_tls::SslMode>,
+    /// `[ledger] postgres_ca_file`: the CA (PEM) that `sslmode=verify-full`/`verify-ca`
+    /// checks the PostgreSQL server's certificate against, when the connection string has
+    /// no `sslrootcert` (a URL from a secret and a CA from a config map both work).
+    pub postgres_ca_file: Option<PathBuf>,
 }
 
 /// A PostgreSQL connection string, URL (`postgres://user:password@host:port/db`) or
@@ -219,7 +227,8 @@ pub struct Config {
     pub ledger: LedgerConfig,
     /// `[ledger] postgres_url`: the ledger lives in this PostgreSQL database, which several
     /// broker replicas may share (one chain, background work done once); `None` keeps the
-    /// embedded SQLite ledger in `state_dir`. No TLS: loopback or the cluster's network.
+    /// embedded SQLite ledger in `state_dir`. TLS as libpq's `sslmode` says (use
+    /// `verify-full` off loopback; see `store::pg_tls`).
     pub postgres_url: Option<PostgresUrl>,
     /// `[ledger] postgres_url_file`: the same, read from a file at start (a mounted
     /// secret), so the password is not in the config file.
@@ -315,6 +324,8 @@ struct RawLedger {
     max_batch: Option<usize>,
     postgres_url: Option<String>,
     postgres_url_file: Option<PathBuf>,
+    postgres_sslmode: Option<String>,
+    postgres_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -414,10 +425,31 @@ impl Config {
         if raw.ledger.postgres_url.is_some() && raw.ledger.postgres_url_file.is_some() {
             return err("ledger: set postgres_url or postgres_url_file, not both");
         }
+        let ledger = LedgerConfig {
+            commit_timeout: duration(
+                "ledger.commit_timeout",
+                raw.ledger.commit_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
+            busy_timeout: duration(
+                "ledger.busy_timeout",
+                raw.ledger.busy_timeout.as_deref(),
+                Duration::from_secs(2),
+            )?,
+            max_batch,
+            postgres_sslmode: raw
+                .ledger
+                .postgres_sslmode
+                .as_deref()
+                .map(crate::store::pg_tls::SslMode::parse)
+                .transpose()
+                .map_err(|e| ConfigError(format!("ledger.postgres_sslmode: {e}")))?,
+            postgres_ca_file: raw.ledger.postgres_ca_file,
+        };
         let postgres_url = match raw.ledger.postgres_url {
             None => None,
             Some(url) => {
-                crate::store::postgres::parse_url(&url)
+                crate::store::postgres::parse_url(&url, &ledger)
                     .map_err(|e| ConfigError(format!("ledger.postgres_url: {e}")))?;
                 Some(PostgresUrl(url))
             }
@@ -465,19 +497,7 @@ impl Config {
                 raw.handshake_timeout.as_deref(),
                 Duration::from_secs(10),
             )?,
-            ledger: LedgerConfig {
-                commit_timeout: duration(
-                    "ledger.commit_timeout",
-                    raw.ledger.commit_timeout.as_deref(),
-                    Duration::from_secs(5),
-                )?,
-                busy_timeout: duration(
-                    "ledger.busy_timeout",
-                    raw.ledger.busy_timeout.as_deref(),
-                    Duration::from_secs(2),
-                )?,
-                max_batch,
-            },
+            ledger,
             postgres_url,
             postgres_url_file: raw.ledger.postgres_url_file,
             profiles,
@@ -666,6 +686,9 @@ impl Config {
         if let Some(f) = &mut c.postgres_url_file {
             *f = base.join(&*f);
         }
+        if let Some(f) = &mut c.ledger.postgres_ca_file {
+            *f = base.join(&*f);
+        }
         if let Some(x) = &mut c.x509 {
             x.cert = base.join(&x.cert);
             x.key = base.join(&x.key);
@@ -686,7 +709,7 @@ impl Config {
             ConfigError(format!("ledger.postgres_url_file {}: {e}", path.display()))
         })?;
         let url = text.trim().to_owned();
-        crate::store::postgres::parse_url(&url).map_err(|e| {
+        crate::store::postgres::parse_url(&url, &self.ledger).map_err(|e| {
             ConfigError(format!("ledger.postgres_url_file {}: {e}", path.display()))
         })?;
         Ok(Some(PostgresUrl(url)))
@@ -789,10 +812,45 @@ default_ttl = "10m"
         );
         Config::from_toml(&with("host=db user=broker password=s3cret dbname=ledger"))
             .expect("key=value form");
-        let e = Config::from_toml(&with("postgres://broker:s3cret@db/ledger?sslmode=require"))
-            .expect_err("TLS required is refused");
+        Config::from_toml(&with("postgres://broker:s3cret@db/ledger?sslmode=require"))
+            .expect("sslmode=require");
+        let e = Config::from_toml(&with(
+            "postgres://broker:s3cret@db/ledger?sslmode=verify-full",
+        ))
+        .expect_err("verify-full without a CA is refused");
         assert!(e.to_string().contains("ledger.postgres_url"), "{e}");
+        assert!(e.to_string().contains("postgres_ca_file"), "{e}");
         assert!(!e.to_string().contains("s3cret"), "{e}");
+        let c = Config::from_toml(&format!(
+            "{}postgres_ca_file = \"/etc/pg/ca.crt\"\n",
+            with("postgres://broker:s3cret@db/ledger?sslmode=verify-full")
+        ))
+        .expect("verify-full with a CA file");
+        assert_eq!(
+            c.ledger.postgres_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/pg/ca.crt"))
+        );
+        // postgres_sslmode: the mode when the URL names none, and a floor.
+        let floor = |url: &str, mode: &str| {
+            Config::from_toml(&format!(
+                "{}postgres_sslmode = \"{mode}\"\npostgres_ca_file = \"/etc/pg/ca.crt\"\n",
+                with(url)
+            ))
+        };
+        let c = floor("postgres://broker:s3cret@db/ledger", "verify-full").expect("floor");
+        assert_eq!(
+            c.ledger.postgres_sslmode,
+            Some(crate::store::pg_tls::SslMode::VerifyFull)
+        );
+        let e = floor(
+            "postgres://broker:s3cret@db/ledger?sslmode=disable",
+            "verify-full",
+        )
+        .expect_err("a URL weaker than the floor");
+        assert!(e.to_string().contains("postgres_sslmode"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = floor("postgres://broker@db/ledger", "allow").expect_err("unknown mode");
+        assert!(e.to_string().contains("ledger.postgres_sslmode"), "{e}");
         let e = Config::from_toml(&format!("{GOOD}\n[ledger]\npostgres = \"x\"\n"))
             .expect_err("unknown ledger field");
         assert!(e.to_string().contains("postgres"), "{e}");

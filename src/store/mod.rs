@@ -6,6 +6,8 @@
 //! so a revoked lease can never come back, whatever the interleaving.
 
 pub mod export;
+mod pg_conninfo;
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 

@@ -18,8 +18,10 @@
 //! connection is replaced on the next batch or read, so the store recovers by itself
 //! when the database comes back.
 //!
-//! Connections use no TLS: the database is expected on loopback or on the cluster's own
-//! network (a URL with `sslmode=require` is refused when the config loads).
+//! TLS: libpq's `sslmode` (`disable`, `prefer` (the default), `require`, `verify-ca`,
+//! `verify-full`) with `sslrootcert` or `[ledger] postgres_ca_file`, over rustls
+//! ([`super::pg_tls`]). Anything weaker than `verify-full` on a non-loopback host is
+//! logged as such when the store opens.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -27,12 +29,13 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ::postgres::config::{Host, SslMode};
+use ::postgres::config::Host;
 use ::postgres::types::{FromSql, ToSql};
 use ::postgres::{Client, NoTls, Row, SimpleQueryMessage, Statement};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::pg_tls::{PgTls, Policy, SslMode};
 use super::{
     guard_holder, unavailable, Applied, FeedTail, IdentityStats, LedgerOp, Receipt, Refusal, Store,
     StoreError, StoredCheckpoint,
@@ -257,32 +260,71 @@ fn describe(pg: &::postgres::Config) -> String {
     )
 }
 
-/// Parses a connection string (URL or key=value form) as the broker uses it: without
-/// TLS, so a string that requires TLS is refused. Errors never contain the password.
-pub fn parse_url(url: &str) -> Result<::postgres::Config, String> {
-    let pg = ::postgres::Config::from_str(url).map_err(|e| {
+/// A connection string as the broker uses it: what the `postgres` crate connects with,
+/// and the TLS policy the broker applies on top.
+pub struct ParsedUrl {
+    /// Everything but TLS (`sslmode` is set to what the crate understands).
+    pub pg: ::postgres::Config,
+    /// `sslmode`, and the roots `verify-*` checks against.
+    pub tls: Policy,
+}
+
+/// Parses a connection string (URL or key=value form). `sslmode` and `sslrootcert` are the
+/// broker's (the crate knows neither `verify-ca`/`verify-full` nor `sslrootcert`), and so
+/// are `[ledger] postgres_sslmode` / `postgres_ca_file` from `ledger`. Errors never
+/// contain the password.
+pub fn parse_url(url: &str, ledger: &LedgerConfig) -> Result<ParsedUrl, String> {
+    let split = super::pg_conninfo::split(url).map_err(|e| format!("{}: {e}", redact(url)))?;
+    let tls = Policy::resolve(
+        split.sslmode.as_deref(),
+        split.sslrootcert.as_deref(),
+        ledger.postgres_sslmode,
+        ledger.postgres_ca_file.as_deref(),
+    )
+    .map_err(|e| format!("{}: {e}", redact(url)))?;
+    let mut pg = ::postgres::Config::from_str(&split.rest).map_err(|e| {
         format!(
             "{} is not a PostgreSQL connection string: {}",
             redact(url),
             with_causes(&e)
         )
     })?;
-    if matches!(pg.get_ssl_mode(), SslMode::Require) {
-        return Err(format!(
-            "{}: sslmode=require is not supported: the broker connects without TLS, to a \
-             database on loopback or on the cluster's own network",
-            redact(url)
-        ));
-    }
+    pg.ssl_mode(tls.mode.wire());
     if pg.get_hosts().is_empty() {
         return Err(format!("{}: no host", redact(url)));
     }
-    Ok(pg)
+    let unix_only = pg.get_hosts().iter().all(|h| matches!(h, Host::Unix(_)));
+    if unix_only && tls.mode.wire() == ::postgres::config::SslMode::Require {
+        return Err(format!(
+            "{}: sslmode={} needs a TCP host: PostgreSQL does not speak TLS on a Unix socket",
+            redact(url),
+            tls.mode
+        ));
+    }
+    Ok(ParsedUrl { pg, tls })
+}
+
+/// Whether every host is this machine (loopback or a Unix socket): there a weak
+/// `sslmode` is not worth a warning.
+fn local_only(pg: &::postgres::Config) -> bool {
+    pg.get_hosts().iter().all(|h| match h {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    })
 }
 
 /// How to open a connection, and the session every connection gets.
 struct Settings {
     pg: ::postgres::Config,
+    /// The TLS connector (unused with `sslmode=disable`).
+    tls: PgTls,
+    /// For messages.
+    mode: SslMode,
     /// The server, for messages (no password).
     desc: String,
     /// Run once per new connection.
@@ -291,7 +333,18 @@ struct Settings {
 
 impl Settings {
     fn new(url: &str, cfg: &LedgerConfig) -> Result<Self, StoreError> {
-        let mut pg = parse_url(url).map_err(StoreError::Unavailable)?;
+        let ParsedUrl { mut pg, tls } = parse_url(url, cfg).map_err(StoreError::Unavailable)?;
+        let connector = PgTls::new(&tls)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", describe(&pg))))?;
+        if let Some(why) = tls.weakness() {
+            if !local_only(&pg) {
+                tracing::warn!(
+                    server = %describe(&pg),
+                    sslmode = %tls.mode,
+                    "PostgreSQL ledger link: {why}"
+                );
+            }
+        }
         let bound = cfg.commit_timeout.max(Duration::from_secs(1));
         // Connecting must fail within the time a caller waits; a connection whose peer
         // vanished must be noticed (keepalives, unacknowledged data) rather than hang.
@@ -324,19 +377,26 @@ impl Settings {
         Ok(Self {
             desc: describe(&pg),
             pg,
+            tls: connector,
+            mode: tls.mode,
             session,
         })
     }
 
     fn connect(&self) -> Result<Conn, PgError> {
         let fail = |e: ::postgres::Error| {
-            PgError::Connect(format!(
-                "cannot connect to {}: {}",
-                self.desc,
-                PgError::Db(e)
-            ))
+            let mut why = PgError::Db(e).to_string();
+            // The crate's words for a server that answered the TLS request with "no".
+            if why.ends_with("server does not support TLS") {
+                why.push_str(&format!(", but sslmode={} requires it", self.mode));
+            }
+            PgError::Connect(format!("cannot connect to {}: {why}", self.desc))
         };
-        let mut client = self.pg.connect(NoTls).map_err(fail)?;
+        let client = match self.mode {
+            SslMode::Disable => self.pg.connect(NoTls),
+            _ => self.pg.connect(self.tls.clone()),
+        };
+        let mut client = client.map_err(fail)?;
         client.batch_execute(&self.session).map_err(fail)?;
         Ok(Conn {
             client,
@@ -2243,6 +2303,17 @@ impl Store for PostgresStore {
 mod tests {
     use super::*;
 
+    /// A ledger config with no TLS settings of its own.
+    fn no_tls_config() -> LedgerConfig {
+        LedgerConfig {
+            commit_timeout: Duration::from_secs(5),
+            busy_timeout: Duration::from_secs(2),
+            max_batch: 1,
+            postgres_sslmode: None,
+            postgres_ca_file: None,
+        }
+    }
+
     #[test]
     fn passwords_never_show() {
         for (url, want) in [
@@ -2270,21 +2341,69 @@ mod tests {
         ] {
             assert_eq!(redact(url), want, "{url}");
         }
-        let e = parse_url("postgres://broker:s3cret@db/ledger?sslmode=require")
-            .expect_err("TLS is refused");
-        assert!(
-            !e.contains("s3cret") && e.contains("sslmode=require"),
-            "{e}"
-        );
-        let e = parse_url("postgres://broker:s3cret@db:notaport/ledger").expect_err("bad port");
-        assert!(!e.contains("s3cret"), "{e}");
+        for (url, says) in [
+            (
+                "postgres://broker:s3cret@db/ledger?sslmode=verify-full",
+                "sslrootcert",
+            ),
+            (
+                "postgres://broker:s3cret@db/ledger?sslmode=allow",
+                "not supported",
+            ),
+            (
+                "postgres://broker:s3cret@db:notaport/ledger",
+                "not a PostgreSQL",
+            ),
+            (
+                "host=/run/pg password=s3cret sslmode=require",
+                "Unix socket",
+            ),
+            (
+                "host=db password=s3cret sslmode=verify-ca sslrootcert='/ca",
+                "unterminated",
+            ),
+        ] {
+            let e = parse_url(url, &no_tls_config()).err().expect("refused");
+            assert!(!e.contains("s3cret") && e.contains(says), "{url}: {e}");
+        }
     }
 
     #[test]
     fn descriptions_name_the_server_only() {
-        let pg = parse_url("host=db port=5433 user=broker password=s3cret dbname=ledger")
-            .expect("parses");
-        assert_eq!(describe(&pg), "postgres://broker@db:5433/ledger");
+        let parsed = parse_url(
+            "host=db port=5433 user=broker password=s3cret dbname=ledger",
+            &no_tls_config(),
+        )
+        .expect("parses");
+        assert_eq!(describe(&parsed.pg), "postgres://broker@db:5433/ledger");
+    }
+
+    #[test]
+    fn tls_modes_reach_the_driver() {
+        let parsed = parse_url(
+            "postgres://broker:s3cret@db/ledger?sslmode=verify-full&sslrootcert=/etc/ca.pem&connect_timeout=3",
+            &no_tls_config(),
+        )
+        .expect("parses");
+        assert_eq!(parsed.tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            parsed.pg.get_ssl_mode(),
+            ::postgres::config::SslMode::Require
+        );
+        assert_eq!(
+            parsed.pg.get_connect_timeout(),
+            Some(&Duration::from_secs(3))
+        );
+        let default =
+            parse_url("postgres://broker@127.0.0.1/ledger", &no_tls_config()).expect("parses");
+        assert_eq!(default.tls.mode, SslMode::Prefer);
+        assert!(local_only(&default.pg));
+        let plain = parse_url("host=db sslmode=disable", &no_tls_config()).expect("parses");
+        assert_eq!(
+            plain.pg.get_ssl_mode(),
+            ::postgres::config::SslMode::Disable
+        );
+        assert!(!local_only(&plain.pg));
     }
 
     #[test]
