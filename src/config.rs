@@ -175,6 +175,17 @@ impl std::fmt::Debug for PostgresUrl {
     }
 }
 
+/// `[http_tls]`: the HTTP listener serves TLS with this certificate chain and key (PEM),
+/// re-read when the files change (`server::https`), so a rotation tool can replace them
+/// in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, SEC1 or PKCS#1).
+    pub key_file: PathBuf,
+}
+
 /// Where approval notifications go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotificationConfig {
@@ -191,8 +202,11 @@ pub struct Config {
     pub issuer_url: String,
     /// gRPC (mTLS) listener.
     pub grpc_addr: SocketAddr,
-    /// Plain HTTP listener (discovery, JWKS, health, metrics).
+    /// HTTP listener (discovery, JWKS, health, metrics, revocation feed): plain, or TLS
+    /// with `http_tls`.
     pub http_addr: SocketAddr,
+    /// `[http_tls]`: TLS on the HTTP listener.
+    pub http_tls: Option<HttpTlsConfig>,
     /// Where the ledger and signing keys live.
     pub state_dir: PathBuf,
     /// Workload API endpoint for the broker's own SVID (`unix:///path`); `None` reads
@@ -249,6 +263,7 @@ struct RawConfig {
     issuer_url: String,
     grpc_addr: String,
     http_addr: String,
+    http_tls: Option<RawHttpTls>,
     state_dir: PathBuf,
     workload_api_socket: Option<String>,
     policy: RawPolicy,
@@ -274,6 +289,13 @@ struct RawConfig {
     vault: Option<backend::RawVault>,
     aws_sts: Option<backend::RawAwsSts>,
     x509: Option<backend::RawX509Ca>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -458,6 +480,10 @@ impl Config {
             issuer_url: raw.issuer_url,
             grpc_addr: addr("grpc_addr", &raw.grpc_addr)?,
             http_addr: addr("http_addr", &raw.http_addr)?,
+            http_tls: raw.http_tls.map(|t| HttpTlsConfig {
+                cert_file: t.cert_file,
+                key_file: t.key_file,
+            }),
             state_dir: raw.state_dir,
             workload_api_socket: raw.workload_api_socket,
             policy: PolicyFiles {
@@ -689,6 +715,10 @@ impl Config {
         if let Some(f) = &mut c.ledger.postgres_ca_file {
             *f = base.join(&*f);
         }
+        if let Some(t) = &mut c.http_tls {
+            t.cert_file = base.join(&t.cert_file);
+            t.key_file = base.join(&t.key_file);
+        }
         if let Some(x) = &mut c.x509 {
             x.cert = base.join(&x.cert);
             x.key = base.join(&x.key);
@@ -793,6 +823,25 @@ default_ttl = "10m"
         assert!(Config::from_toml(&bad).is_err());
         let bad = GOOD.replace("roles = [\"deployer\"]", "roles = [\"Bad Role\"]");
         assert!(Config::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn http_tls_names_a_certificate_and_key() {
+        assert!(Config::from_toml(GOOD).expect("config").http_tls.is_none());
+        let c = Config::from_toml(&format!(
+            "{GOOD}\n[http_tls]\ncert_file = \"/etc/tls/tls.crt\"\nkey_file = \"/etc/tls/tls.key\"\n"
+        ))
+        .expect("http_tls");
+        assert_eq!(
+            c.http_tls,
+            Some(HttpTlsConfig {
+                cert_file: "/etc/tls/tls.crt".into(),
+                key_file: "/etc/tls/tls.key".into(),
+            })
+        );
+        let e = Config::from_toml(&format!("{GOOD}\n[http_tls]\ncert_file = \"/x\"\n"))
+            .expect_err("no key");
+        assert!(e.to_string().contains("key_file"), "{e}");
     }
 
     #[test]
