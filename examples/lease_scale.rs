@@ -57,6 +57,8 @@ async fn fill(path: &std::path::Path, n: u64) -> Result<(), Box<dyn std::error::
         commit_timeout: Duration::from_secs(60),
         busy_timeout: Duration::from_secs(5),
         max_batch: 1024,
+        postgres_sslmode: None,
+        postgres_ca_file: None,
     };
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path, &cfg, Arc::new(Metrics::new()))?);
     let now = SystemClock.unix_seconds();

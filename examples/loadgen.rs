@@ -173,6 +173,8 @@ async fn ledger_rate(seconds: f64) -> Result<f64, Box<dyn std::error::Error>> {
         commit_timeout: Duration::from_secs(30),
         busy_timeout: Duration::from_secs(5),
         max_batch: 256,
+        postgres_sslmode: None,
+        postgres_ca_file: None,
     };
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
         &dir.path().join("l.db"),

@@ -14,6 +14,8 @@ use crate::clock::parse_duration;
 use crate::domain::{ProfileName, Scope};
 
 mod backend;
+mod pg_conninfo;
+pub mod postgres;
 
 pub use backend::{
     AwsStsConfig, BackendProfile, VaultConfig, X509CaConfig, DEFAULT_BACKEND_DEADLINE, STS_MIN_TTL,
@@ -152,6 +154,14 @@ pub struct LedgerConfig {
     pub busy_timeout: Duration,
     /// Most operations sharing one commit (one fsync).
     pub max_batch: usize,
+    /// `[ledger] postgres_sslmode`: libpq's `sslmode` for the PostgreSQL link when the
+    /// connection string names none, and the least it may name (a URL in a secret cannot
+    /// weaken what the reviewed config asks for). `None`: the string's, else `prefer`.
+    pub postgres_sslmode: Option<postgres::SslMode>,
+    /// `[ledger] postgres_ca_file`: the CA (PEM) that `sslmode=verify-full`/`verify-ca`
+    /// checks the PostgreSQL server's certificate against, when the connection string has
+    /// no `sslrootcert` (a URL from a secret and a CA from a config map both work).
+    pub postgres_ca_file: Option<PathBuf>,
 }
 
 /// A PostgreSQL connection string, URL (`postgres://user:password@host:port/db`) or
@@ -169,8 +179,19 @@ impl PostgresUrl {
 
 impl std::fmt::Debug for PostgresUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&crate::store::postgres::redact(&self.0))
+        f.write_str(&postgres::redact(&self.0))
     }
+}
+
+/// `[http_tls]`: the HTTP listener serves TLS with this certificate chain and key (PEM),
+/// re-read when the files change (`server::https`), so a rotation tool can replace them
+/// in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, SEC1 or PKCS#1).
+    pub key_file: PathBuf,
 }
 
 /// Where approval notifications go.
@@ -189,8 +210,11 @@ pub struct Config {
     pub issuer_url: String,
     /// gRPC (mTLS) listener.
     pub grpc_addr: SocketAddr,
-    /// Plain HTTP listener (discovery, JWKS, health, metrics).
+    /// HTTP listener (discovery, JWKS, health, metrics, revocation feed): plain, or TLS
+    /// with `http_tls`.
     pub http_addr: SocketAddr,
+    /// `[http_tls]`: TLS on the HTTP listener.
+    pub http_tls: Option<HttpTlsConfig>,
     /// Where the ledger and signing keys live.
     pub state_dir: PathBuf,
     /// Workload API endpoint for the broker's own SVID (`unix:///path`); `None` reads
@@ -227,7 +251,8 @@ pub struct Config {
     pub ledger: LedgerConfig,
     /// `[ledger] postgres_url`: the ledger lives in this PostgreSQL database, which several
     /// broker replicas may share (one chain, background work done once); `None` keeps the
-    /// embedded SQLite ledger in `state_dir`. No TLS: loopback or the cluster's network.
+    /// embedded SQLite ledger in `state_dir`. TLS as libpq's `sslmode` says (use
+    /// `verify-full` off loopback; see `store::pg_tls`).
     pub postgres_url: Option<PostgresUrl>,
     /// `[ledger] postgres_url_file`: the same, read from a file at start (a mounted
     /// secret), so the password is not in the config file.
@@ -248,6 +273,7 @@ struct RawConfig {
     issuer_url: String,
     grpc_addr: String,
     http_addr: String,
+    http_tls: Option<RawHttpTls>,
     state_dir: PathBuf,
     workload_api_socket: Option<String>,
     policy: RawPolicy,
@@ -275,6 +301,13 @@ struct RawConfig {
     vault: Option<backend::RawVault>,
     aws_sts: Option<backend::RawAwsSts>,
     x509: Option<backend::RawX509Ca>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -404,6 +437,8 @@ struct RawLedger {
     max_batch: Option<usize>,
     postgres_url: Option<String>,
     postgres_url_file: Option<PathBuf>,
+    postgres_sslmode: Option<String>,
+    postgres_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -505,10 +540,31 @@ impl Config {
         if raw.ledger.postgres_url.is_some() && raw.ledger.postgres_url_file.is_some() {
             return err("ledger: set postgres_url or postgres_url_file, not both");
         }
+        let ledger = LedgerConfig {
+            commit_timeout: duration(
+                "ledger.commit_timeout",
+                raw.ledger.commit_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
+            busy_timeout: duration(
+                "ledger.busy_timeout",
+                raw.ledger.busy_timeout.as_deref(),
+                Duration::from_secs(2),
+            )?,
+            max_batch,
+            postgres_sslmode: raw
+                .ledger
+                .postgres_sslmode
+                .as_deref()
+                .map(postgres::SslMode::parse)
+                .transpose()
+                .map_err(|e| ConfigError(format!("ledger.postgres_sslmode: {e}")))?,
+            postgres_ca_file: raw.ledger.postgres_ca_file,
+        };
         let postgres_url = match raw.ledger.postgres_url {
             None => None,
             Some(url) => {
-                crate::store::postgres::parse_url(&url)
+                postgres::parse_url(&url, &ledger)
                     .map_err(|e| ConfigError(format!("ledger.postgres_url: {e}")))?;
                 Some(PostgresUrl(url))
             }
@@ -517,6 +573,10 @@ impl Config {
             issuer_url: raw.issuer_url,
             grpc_addr: addr("grpc_addr", &raw.grpc_addr)?,
             http_addr: addr("http_addr", &raw.http_addr)?,
+            http_tls: raw.http_tls.map(|t| HttpTlsConfig {
+                cert_file: t.cert_file,
+                key_file: t.key_file,
+            }),
             state_dir: raw.state_dir,
             workload_api_socket: raw.workload_api_socket,
             policy: PolicyFiles {
@@ -554,19 +614,7 @@ impl Config {
                 raw.handshake_timeout.as_deref(),
                 Duration::from_secs(10),
             )?,
-            ledger: LedgerConfig {
-                commit_timeout: duration(
-                    "ledger.commit_timeout",
-                    raw.ledger.commit_timeout.as_deref(),
-                    Duration::from_secs(5),
-                )?,
-                busy_timeout: duration(
-                    "ledger.busy_timeout",
-                    raw.ledger.busy_timeout.as_deref(),
-                    Duration::from_secs(2),
-                )?,
-                max_batch,
-            },
+            ledger,
             postgres_url,
             postgres_url_file: raw.ledger.postgres_url_file,
             profiles,
@@ -768,6 +816,13 @@ impl Config {
         if let Some(f) = &mut c.postgres_url_file {
             *f = base.join(&*f);
         }
+        if let Some(f) = &mut c.ledger.postgres_ca_file {
+            *f = base.join(&*f);
+        }
+        if let Some(t) = &mut c.http_tls {
+            t.cert_file = base.join(&t.cert_file);
+            t.key_file = base.join(&t.key_file);
+        }
         if let Some(x) = &mut c.x509 {
             x.cert = base.join(&x.cert);
             x.key = base.join(&x.key);
@@ -788,7 +843,7 @@ impl Config {
             ConfigError(format!("ledger.postgres_url_file {}: {e}", path.display()))
         })?;
         let url = text.trim().to_owned();
-        crate::store::postgres::parse_url(&url).map_err(|e| {
+        postgres::parse_url(&url, &self.ledger).map_err(|e| {
             ConfigError(format!("ledger.postgres_url_file {}: {e}", path.display()))
         })?;
         Ok(Some(PostgresUrl(url)))
@@ -875,6 +930,25 @@ default_ttl = "10m"
     }
 
     #[test]
+    fn http_tls_names_a_certificate_and_key() {
+        assert!(Config::from_toml(GOOD).expect("config").http_tls.is_none());
+        let c = Config::from_toml(&format!(
+            "{GOOD}\n[http_tls]\ncert_file = \"/etc/tls/tls.crt\"\nkey_file = \"/etc/tls/tls.key\"\n"
+        ))
+        .expect("http_tls");
+        assert_eq!(
+            c.http_tls,
+            Some(HttpTlsConfig {
+                cert_file: "/etc/tls/tls.crt".into(),
+                key_file: "/etc/tls/tls.key".into(),
+            })
+        );
+        let e = Config::from_toml(&format!("{GOOD}\n[http_tls]\ncert_file = \"/x\"\n"))
+            .expect_err("no key");
+        assert!(e.to_string().contains("key_file"), "{e}");
+    }
+
+    #[test]
     fn postgres_url_is_checked_and_never_shown() {
         assert!(Config::from_toml(GOOD)
             .expect("config")
@@ -891,10 +965,45 @@ default_ttl = "10m"
         );
         Config::from_toml(&with("host=db user=broker password=s3cret dbname=ledger"))
             .expect("key=value form");
-        let e = Config::from_toml(&with("postgres://broker:s3cret@db/ledger?sslmode=require"))
-            .expect_err("TLS required is refused");
+        Config::from_toml(&with("postgres://broker:s3cret@db/ledger?sslmode=require"))
+            .expect("sslmode=require");
+        let e = Config::from_toml(&with(
+            "postgres://broker:s3cret@db/ledger?sslmode=verify-full",
+        ))
+        .expect_err("verify-full without a CA is refused");
         assert!(e.to_string().contains("ledger.postgres_url"), "{e}");
+        assert!(e.to_string().contains("postgres_ca_file"), "{e}");
         assert!(!e.to_string().contains("s3cret"), "{e}");
+        let c = Config::from_toml(&format!(
+            "{}postgres_ca_file = \"/etc/pg/ca.crt\"\n",
+            with("postgres://broker:s3cret@db/ledger?sslmode=verify-full")
+        ))
+        .expect("verify-full with a CA file");
+        assert_eq!(
+            c.ledger.postgres_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/pg/ca.crt"))
+        );
+        // postgres_sslmode: the mode when the URL names none, and a floor.
+        let floor = |url: &str, mode: &str| {
+            Config::from_toml(&format!(
+                "{}postgres_sslmode = \"{mode}\"\npostgres_ca_file = \"/etc/pg/ca.crt\"\n",
+                with(url)
+            ))
+        };
+        let c = floor("postgres://broker:s3cret@db/ledger", "verify-full").expect("floor");
+        assert_eq!(
+            c.ledger.postgres_sslmode,
+            Some(postgres::SslMode::VerifyFull)
+        );
+        let e = floor(
+            "postgres://broker:s3cret@db/ledger?sslmode=disable",
+            "verify-full",
+        )
+        .expect_err("a URL weaker than the floor");
+        assert!(e.to_string().contains("postgres_sslmode"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = floor("postgres://broker@db/ledger", "allow").expect_err("unknown mode");
+        assert!(e.to_string().contains("ledger.postgres_sslmode"), "{e}");
         let e = Config::from_toml(&format!("{GOOD}\n[ledger]\npostgres = \"x\"\n"))
             .expect_err("unknown ledger field");
         assert!(e.to_string().contains("postgres"), "{e}");

@@ -188,7 +188,8 @@ enum AuditCommand {
         #[arg(long)]
         export: Option<PathBuf>,
         /// Verify the PostgreSQL ledger at this URL instead (opened like a replica; writes
-        /// nothing). The key: --log-key, or STATE_DIR/keys/log.vkey.
+        /// nothing; TLS: `?sslmode=verify-full&sslrootcert=CA.pem`). The key: --log-key, or
+        /// STATE_DIR/keys/log.vkey.
         #[arg(
             long,
             env = "SPIFFE_BROKER_POSTGRES_URL",
@@ -718,8 +719,10 @@ async fn audit_command(command: AuditCommand) -> Result<(), String> {
                 commit_timeout: std::time::Duration::from_secs(30),
                 busy_timeout: std::time::Duration::from_secs(5),
                 max_batch: 1,
+                postgres_sslmode: None,
+                postgres_ca_file: None,
             };
-            let server = spiffe_broker::store::postgres::redact(&url);
+            let server = spiffe_broker::config::postgres::redact(&url);
             let store = tokio::task::spawn_blocking(move || {
                 spiffe_broker::store::PostgresStore::open(
                     &url,

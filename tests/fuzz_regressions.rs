@@ -712,6 +712,8 @@ mod seeds {
                     commit_timeout: Duration::from_secs(5),
                     busy_timeout: Duration::from_secs(2),
                     max_batch: 16,
+                    postgres_sslmode: None,
+                    postgres_ca_file: None,
                 },
                 Arc::new(Metrics::new()),
             )

@@ -377,6 +377,8 @@ fn ledger_cfg(commit_timeout: Duration) -> LedgerConfig {
         commit_timeout,
         busy_timeout: Duration::from_secs(2),
         max_batch: 256,
+        postgres_sslmode: None,
+        postgres_ca_file: None,
     }
 }
 
@@ -563,6 +565,8 @@ async fn sqlite_ledger_files_are_owner_only() {
         commit_timeout: Duration::from_secs(5),
         busy_timeout: Duration::from_secs(2),
         max_batch: 16,
+        postgres_sslmode: None,
+        postgres_ca_file: None,
     };
     let mode = |name: &str| {
         std::fs::metadata(dir.path().join(name))

@@ -2,9 +2,10 @@
 //! Workload API identity, then serves gRPC (mTLS) and HTTP until shutdown.
 
 pub mod http;
+pub mod https;
 pub mod tls;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,8 @@ pub struct BrokerParts {
     pub tls: Arc<rustls::ServerConfig>,
     /// HTTP listener state.
     pub http: http::HttpState,
+    /// TLS for the HTTP listener (`[http_tls]`); `None` serves plain HTTP.
+    pub https: Option<Arc<rustls::ServerConfig>>,
     /// How often the reaper runs.
     pub reaper_interval: Duration,
     /// How often a checkpoint is signed (when the log grew).
@@ -245,6 +248,10 @@ pub async fn assemble(
     }
     let broker = Arc::new(broker);
     let tls = tls::server_config(x509.clone()).map_err(ServeError)?;
+    let https = match &config.http_tls {
+        Some(t) => Some(https::server_config(&t.cert_file, &t.key_file).map_err(ServeError)?),
+        None => None,
+    };
     let ready_source = x509.clone();
     let ready_clock = clock_for_ready;
     Ok(BrokerParts {
@@ -257,6 +264,7 @@ pub async fn assemble(
             ready: Arc::new(move || own_svid_current(&ready_source, ready_clock.as_ref())),
             broker: broker.clone(),
         },
+        https,
         reaper_interval: config.reaper_interval,
         checkpoint_interval: config.checkpoint_interval,
         max_streams: config.max_streams_per_connection,
@@ -433,8 +441,28 @@ pub async fn run(
             ),
             stopped(stop_rx.clone()),
         );
-    let http_server = axum::serve(http_listener, http::router(parts.http.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let router = http::router(parts.http.clone());
+    let http_server: futures::future::BoxFuture<'static, std::io::Result<()>> = match &parts.https {
+        Some(config) => {
+            let listener = https::HttpsListener::new(
+                http_listener,
+                config.clone(),
+                parts.max_connections_per_peer,
+                parts.handshake_timeout,
+            )
+            .map_err(|e| ServeError(format!("HTTPS listener: {e}")))?;
+            Box::pin(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+            )
+        }
+        None => Box::pin(
+            axum::serve(http_listener, router)
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
+        ),
+    };
 
     let (g, h) = tokio::join!(grpc_server, http_server);
     let _ = reaper.await;

@@ -6,6 +6,7 @@
 //! so a revoked lease can never come back, whatever the interleaving.
 
 pub mod export;
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 

@@ -18,26 +18,30 @@
 //! connection is replaced on the next batch or read, so the store recovers by itself
 //! when the database comes back.
 //!
-//! Connections use no TLS: the database is expected on loopback or on the cluster's own
-//! network (a URL with `sslmode=require` is refused when the config loads).
+//! TLS: libpq's `sslmode` (`disable`, `prefer` (the default), `require`, `verify-ca`,
+//! `verify-full`) with `sslrootcert` or `[ledger] postgres_ca_file`, over rustls
+//! ([`super::pg_tls`]). Anything weaker than `verify-full` on a non-loopback host is
+//! logged as such when the store opens.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::str::FromStr;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ::postgres::config::{Host, SslMode};
 use ::postgres::types::{FromSql, ToSql};
 use ::postgres::{Client, NoTls, Row, SimpleQueryMessage, Statement};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::pg_tls::{PgTls, SslMode};
 use super::{
     guard_holder, unavailable, Applied, FeedTail, IdentityStats, LedgerOp, Receipt, Refusal, Store,
     StoreError, StoredCheckpoint,
 };
 use crate::audit::{entry_hash, AuditEvent, EventKind, StoredEntry};
+pub use crate::config::postgres::redact;
+use crate::config::postgres::{describe, local_only, parse_url, with_causes, ParsedUrl};
 use crate::config::LedgerConfig;
 use crate::domain::IdempotencyRecord;
 use crate::domain::{
@@ -144,19 +148,6 @@ impl From<PgError> for StoreError {
     }
 }
 
-/// An error and its causes ("error connecting to server: Connection refused"): the
-/// driver's own `Display` names only the kind.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
 fn corrupt(what: impl Into<String>) -> PgError {
     PgError::Corrupt(what.into())
 }
@@ -179,110 +170,13 @@ fn connection_lost(e: &PgError, client: &Client) -> bool {
     }
 }
 
-/// Replaces the password of a PostgreSQL URL or key=value connection string, for
-/// messages and `Debug` output.
-pub fn redact(url: &str) -> String {
-    let mut out = url.to_owned();
-    // URL form: postgres://user:password@host/db
-    if let Some(scheme_end) = out.find("://") {
-        let start = scheme_end + 3;
-        let rest = &out[start..];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                out.replace_range(start + colon + 1..start + at, "***");
-            }
-        }
-    }
-    // `password=…` as a query parameter (`&`-separated) or a key=value pair.
-    let mut searched = 0;
-    while let Some(found) = out[searched..].to_ascii_lowercase().find("password") {
-        let key_start = searched + found;
-        let mut i = key_start + "password".len();
-        let bytes = out.as_bytes();
-        while i < bytes.len() && bytes[i] == b' ' {
-            i += 1;
-        }
-        if i >= bytes.len() || bytes[i] != b'=' {
-            searched = key_start + "password".len();
-            continue;
-        }
-        i += 1;
-        while i < bytes.len() && bytes[i] == b' ' {
-            i += 1;
-        }
-        let value_start = i;
-        let value_end = if bytes.get(i) == Some(&b'\'') {
-            // Quoted: up to the closing quote that is not escaped.
-            let mut j = i + 1;
-            while j < bytes.len() && bytes[j] != b'\'' {
-                j += if bytes[j] == b'\\' { 2 } else { 1 };
-            }
-            (j + 1).min(bytes.len())
-        } else {
-            let mut j = i;
-            while j < bytes.len() && !matches!(bytes[j], b'&' | b' ' | b'\t' | b'\n') {
-                j += 1;
-            }
-            j
-        };
-        out.replace_range(value_start..value_end, "***");
-        searched = value_start + 3;
-    }
-    out
-}
-
-/// `user@host:port/dbname`, for messages: never the password.
-fn describe(pg: &::postgres::Config) -> String {
-    let hosts: Vec<String> = pg
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let host = match h {
-                Host::Tcp(name) => name.clone(),
-                Host::Unix(path) => path.display().to_string(),
-            };
-            match pg.get_ports().get(i).or(pg.get_ports().first()) {
-                Some(port) => format!("{host}:{port}"),
-                None => host,
-            }
-        })
-        .collect();
-    format!(
-        "postgres://{}@{}/{}",
-        pg.get_user().unwrap_or(""),
-        hosts.join(","),
-        pg.get_dbname().unwrap_or("")
-    )
-}
-
-/// Parses a connection string (URL or key=value form) as the broker uses it: without
-/// TLS, so a string that requires TLS is refused. Errors never contain the password.
-pub fn parse_url(url: &str) -> Result<::postgres::Config, String> {
-    let pg = ::postgres::Config::from_str(url).map_err(|e| {
-        format!(
-            "{} is not a PostgreSQL connection string: {}",
-            redact(url),
-            with_causes(&e)
-        )
-    })?;
-    if matches!(pg.get_ssl_mode(), SslMode::Require) {
-        return Err(format!(
-            "{}: sslmode=require is not supported: the broker connects without TLS, to a \
-             database on loopback or on the cluster's own network",
-            redact(url)
-        ));
-    }
-    if pg.get_hosts().is_empty() {
-        return Err(format!("{}: no host", redact(url)));
-    }
-    Ok(pg)
-}
-
 /// How to open a connection, and the session every connection gets.
 struct Settings {
     pg: ::postgres::Config,
+    /// The TLS connector (unused with `sslmode=disable`).
+    tls: PgTls,
+    /// For messages.
+    mode: SslMode,
     /// The server, for messages (no password).
     desc: String,
     /// Run once per new connection.
@@ -291,7 +185,18 @@ struct Settings {
 
 impl Settings {
     fn new(url: &str, cfg: &LedgerConfig) -> Result<Self, StoreError> {
-        let mut pg = parse_url(url).map_err(StoreError::Unavailable)?;
+        let ParsedUrl { mut pg, tls } = parse_url(url, cfg).map_err(StoreError::Unavailable)?;
+        let connector = PgTls::new(&tls)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", describe(&pg))))?;
+        if let Some(why) = tls.weakness() {
+            if !local_only(&pg) {
+                tracing::warn!(
+                    server = %describe(&pg),
+                    sslmode = %tls.mode,
+                    "PostgreSQL ledger link: {why}"
+                );
+            }
+        }
         let bound = cfg.commit_timeout.max(Duration::from_secs(1));
         // Connecting must fail within the time a caller waits; a connection whose peer
         // vanished must be noticed (keepalives, unacknowledged data) rather than hang.
@@ -324,19 +229,26 @@ impl Settings {
         Ok(Self {
             desc: describe(&pg),
             pg,
+            tls: connector,
+            mode: tls.mode,
             session,
         })
     }
 
     fn connect(&self) -> Result<Conn, PgError> {
         let fail = |e: ::postgres::Error| {
-            PgError::Connect(format!(
-                "cannot connect to {}: {}",
-                self.desc,
-                PgError::Db(e)
-            ))
+            let mut why = PgError::Db(e).to_string();
+            // The crate's words for a server that answered the TLS request with "no".
+            if why.ends_with("server does not support TLS") {
+                why.push_str(&format!(", but sslmode={} requires it", self.mode));
+            }
+            PgError::Connect(format!("cannot connect to {}: {why}", self.desc))
         };
-        let mut client = self.pg.connect(NoTls).map_err(fail)?;
+        let client = match self.mode {
+            SslMode::Disable => self.pg.connect(NoTls),
+            _ => self.pg.connect(self.tls.clone()),
+        };
+        let mut client = client.map_err(fail)?;
         client.batch_execute(&self.session).map_err(fail)?;
         Ok(Conn {
             client,
@@ -2242,50 +2154,6 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_never_show() {
-        for (url, want) in [
-            (
-                "postgres://broker:s3cret@db:5432/ledger",
-                "postgres://broker:***@db:5432/ledger",
-            ),
-            (
-                "postgresql://broker:p%40ss@db/ledger?sslmode=disable",
-                "postgresql://broker:***@db/ledger?sslmode=disable",
-            ),
-            (
-                "postgres://broker@db/ledger?password=s3cret&connect_timeout=2",
-                "postgres://broker@db/ledger?password=***&connect_timeout=2",
-            ),
-            (
-                "host=db user=broker password=s3cret dbname=ledger",
-                "host=db user=broker password=*** dbname=ledger",
-            ),
-            (
-                "host=db password = 'se cr\\'et' dbname=ledger",
-                "host=db password = *** dbname=ledger",
-            ),
-            ("postgres://broker@db/ledger", "postgres://broker@db/ledger"),
-        ] {
-            assert_eq!(redact(url), want, "{url}");
-        }
-        let e = parse_url("postgres://broker:s3cret@db/ledger?sslmode=require")
-            .expect_err("TLS is refused");
-        assert!(
-            !e.contains("s3cret") && e.contains("sslmode=require"),
-            "{e}"
-        );
-        let e = parse_url("postgres://broker:s3cret@db:notaport/ledger").expect_err("bad port");
-        assert!(!e.contains("s3cret"), "{e}");
-    }
-
-    #[test]
-    fn descriptions_name_the_server_only() {
-        let pg = parse_url("host=db port=5433 user=broker password=s3cret dbname=ledger")
-            .expect("parses");
-        assert_eq!(describe(&pg), "postgres://broker@db:5433/ledger");
-    }
 
     #[test]
     fn begin_takes_the_ledger_lock() {

@@ -37,6 +37,8 @@ struct Cluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
     port: u16,
+    /// Serves TLS (`ssl=on`) with `server.crt` / `server.key` in `dir`.
+    ssl: bool,
     /// The `postgres` system user when the tests run as root (PostgreSQL refuses root).
     run_as: Option<(u32, u32)>,
     child: Option<Child>,
@@ -52,6 +54,16 @@ pub fn start() -> PgServer {
 
 /// A new local cluster (tests that stop and start the server need their own).
 pub fn local() -> PgServer {
+    local_with(None)
+}
+
+/// A new local cluster serving TLS (`ssl=on`) with this certificate chain and key (PEM).
+/// Plain connections are still accepted (the tests' own admin connections use them).
+pub fn local_tls(cert_pem: &str, key_pem: &str) -> PgServer {
+    local_with(Some((cert_pem, key_pem)))
+}
+
+fn local_with(tls: Option<(&str, &str)>) -> PgServer {
     let bin = server_bin();
     let dir = tempfile::tempdir().expect("tempdir");
     let run_as = if running_as_root() {
@@ -80,10 +92,24 @@ pub fn local() -> PgServer {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    if let Some((cert, key)) = tls {
+        // PostgreSQL refuses a key readable by others: 0600, owned by the server's user.
+        for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("write TLS file");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod TLS file");
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown TLS file");
+            }
+        }
+    }
     let mut cluster = Cluster {
         dir,
         bin,
         port: 0,
+        ssl: tls.is_some(),
         run_as,
         child: None,
     };
@@ -125,6 +151,14 @@ impl PgServer {
     /// The test database's connection string.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The port of a local cluster (its database is `broker`, its user `postgres`).
+    pub fn port(&self) -> u16 {
+        match &self.kind {
+            Kind::Local(c) => c.port,
+            Kind::External { .. } => panic!("{URL_ENV} names a server, not a local cluster"),
+        }
     }
 
     /// Fast shutdown of the server (a local cluster only).
@@ -173,6 +207,21 @@ impl PgServer {
         assert!(ok, "kill {signal} {pids:?}");
     }
 
+    /// Puts `line` first in `pg_hba.conf` and reloads the configuration (a local cluster
+    /// only): e.g. a `hostssl … scram-sha-256` line ahead of initdb's `trust` ones.
+    pub fn hba_first(&self, line: &str) {
+        let Kind::Local(c) = &self.kind else {
+            panic!("{URL_ENV} names a server whose pg_hba.conf a test cannot change");
+        };
+        let path = c.dir.path().join("data").join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&path).expect("read pg_hba.conf");
+        // Rewritten in place: the file keeps its owner (the server's user).
+        std::fs::write(&path, format!("{line}\n{rules}")).expect("write pg_hba.conf");
+        query(&self.url, "SELECT pg_reload_conf()");
+        // The postmaster rereads the file on SIGHUP, a moment after the call returns.
+        pause(Duration::from_millis(500));
+    }
+
     /// Runs SQL on the test database (simple protocol; for checks and set-up).
     pub fn sql(&self, sql: &str) -> Vec<Vec<Option<String>>> {
         query(&self.url, sql)
@@ -205,6 +254,24 @@ impl Cluster {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "shared_buffers=16MB"])
             .args(["-c", "max_connections=50"])
+            .args(if self.ssl {
+                vec![
+                    "-c".to_owned(),
+                    "ssl=on".to_owned(),
+                    "-c".to_owned(),
+                    format!(
+                        "ssl_cert_file={}",
+                        self.dir.path().join("server.crt").display()
+                    ),
+                    "-c".to_owned(),
+                    format!(
+                        "ssl_key_file={}",
+                        self.dir.path().join("server.key").display()
+                    ),
+                ]
+            } else {
+                Vec::new()
+            })
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

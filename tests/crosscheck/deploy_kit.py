@@ -3,7 +3,8 @@
 
 Every Kubernetes manifest is parsed (PyYAML), and the references between them are
 checked: Service target ports name container ports; probes hit /healthz and /readyz on
-the HTTP port; every volumeMount has a volume; the ConfigMap items the Deployment mounts
+the HTTP port; every volumeMount has a volume; the PostgreSQL link is `verify-full` with a
+CA from a mounted Secret; the ConfigMap items the Deployment mounts
 exist; the Workload API socket the config names lives on the SPIFFE CSI volume; the
 config's listen ports are the container ports; the PodDisruptionBudget, NetworkPolicy,
 Service and ClusterSPIFFEID select the Deployment's pods; the ClusterSPIFFEID gives the
@@ -131,7 +132,12 @@ def main() -> int:
     keys = [n for n, m in mounts.items() if m["mountPath"] == f"{state_dir}/keys"]
     check("the shared signing keys are a Secret mounted at STATE_DIR/keys",
           len(keys) == 1 and "secret" in volumes[keys[0]], str(keys))
-    for key in ("postgres_url_file", "cert", "key"):
+    check("the PostgreSQL link is TLS with the server authenticated (postgres_sslmode = verify-full)",
+          value("postgres_sslmode") == "verify-full", value("postgres_sslmode"))
+    ca_mount = [n for n, m in mounts.items() if value("postgres_ca_file").startswith(m["mountPath"] + "/")]
+    check("the PostgreSQL CA comes from a Secret volume",
+          len(ca_mount) == 1 and "secret" in volumes[ca_mount[0]], str(ca_mount))
+    for key in ("postgres_url_file", "postgres_ca_file", "cert", "key"):
         path = value(key)
         owner = [m["mountPath"] for m in mounts.values() if path.startswith(m["mountPath"] + "/")]
         check(f"{key} = {path} is on a mounted volume", bool(path) and bool(owner))
