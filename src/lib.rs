@@ -21,7 +21,7 @@
 //! # Layers
 //!
 //! A module imports (`use crate::…`) only modules of its own layer or below, and the
-//! imports have no cycle; `tests/layers.rs` reads this map and the sources and fails on
+//! imports have no cycle; `tests/it/layers.rs` reads this map and the sources and fails on
 //! an upward arrow, a cycle, or a module missing from the map.
 //!
 //! ```text

@@ -4,7 +4,7 @@
 //! trusted nowhere) so the seeds in `fuzz/corpus/` — real SVIDs it signed — verify, and
 //! the fuzzer explores the whole validation path, signature checks included. The clock
 //! is fixed at `fuzz/fixtures/now` (written when the seeds were minted), so the seeds
-//! never expire. `tests/fuzz_regressions.rs` (`regenerate_fuzz_corpus`, ignored) remints
+//! never expire. `tests/it/fuzz_regressions.rs` (`regenerate_fuzz_corpus`, ignored) remints
 //! all of it.
 
 use std::net::SocketAddr;

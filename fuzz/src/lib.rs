@@ -3,7 +3,7 @@
 //! or a failed assertion is a finding).
 //!
 //! The same source is compiled twice: into the cargo-fuzz crate (`fuzz/fuzz_targets/*`
-//! call `run`), and into the main crate's `tests/fuzz_regressions.rs` (which replays
+//! call `run`), and into the main crate's `tests/it/fuzz_regressions.rs` (which replays
 //! `fuzz/corpus/` and `fuzz/regressions/` through the same `run` on every `cargo test`).
 //! So it may only use crates the main crate depends on, and no `cfg(fuzzing)`.
 //!

@@ -1,6 +1,6 @@
 //! A structured credential request → the demo Cedar policy's `decide`.
 //!
-//! Input format (a small, stable byte encoding, so `tests/fuzz_regressions.rs` replays
+//! Input format (a small, stable byte encoding, so `tests/it/fuzz_regressions.rs` replays
 //! exactly what the fuzzer ran, and [`Case::encode`] writes real seeds). A *choice* is
 //! one byte: an index into a table of known values (callers, profiles, scopes, intent
 //! fields — the tables come from the demo config, so most inputs reach Cedar), or any

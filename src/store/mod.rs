@@ -395,7 +395,7 @@ pub struct IdentityStats {
 /// (fsync'd, or committed on PostgreSQL); it returns `Unavailable` within the configured
 /// commit timeout otherwise, having applied nothing visible. Audit entries form one
 /// gap-free hash chain, also when several brokers share one database. Implementations
-/// pass the shared conformance suite in `tests/store_conformance.rs`.
+/// pass the shared conformance suite in `tests/it/store_conformance.rs`.
 pub trait Store: Send + Sync + 'static {
     /// Applies one op durably.
     fn apply(&self, op: LedgerOp) -> BoxFuture<'_, Result<Applied, StoreError>>;

@@ -5,7 +5,7 @@
 //! A last run ends in SIGTERM under the same load: a clean exit whose final signed
 //! checkpoint covers the whole log.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};

@@ -1,7 +1,7 @@
 //! The `spiffe-broker` binary as a user runs it: `dev`, `request`, `leases`, `revoke`,
 //! `dev mint-svid`, `audit verify`, and `serve --config` against a Workload API.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

@@ -1,7 +1,7 @@
 //! End to end over real sockets: a real client over SPIFFE mTLS against a running
 //! broker; tokens verified against the JWKS found through OIDC discovery.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

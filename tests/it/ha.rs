@@ -6,7 +6,7 @@
 //! Merkle tree), the survivors carried on, and a revocation through one replica holds on
 //! the others.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;

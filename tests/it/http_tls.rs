@@ -3,7 +3,7 @@
 //! handshakes get the new certificate without a restart. A half-done rotation (new
 //! certificate, old key) keeps the old pair in service.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! and create no lease. Each corpus ends with a control that succeeds, so the corpus
 //! cannot pass merely because the client-side machinery is broken.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! locks, and the signed, hash-chained revocation feed (gRPC stream and `/revocations`).
 //! Every revocation also checks the one ledger entry it leaves: who, why, which leases.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

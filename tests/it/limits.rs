@@ -4,7 +4,7 @@
 //! speak HTTP/2 frames and TCP directly. The in-flight cap and connections per peer are
 //! in `lifecycle.rs`; message and header sizes in `hostile_input.rs`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

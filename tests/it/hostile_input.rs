@@ -11,7 +11,7 @@
 //! Tests marked `#[ignore = "BUG: …"]` expose defects in `src/`; run them with
 //! `cargo test --test hostile_input -- --ignored`.
 
-mod common;
+use crate::common;
 
 use spiffe_broker::broker::AUTHN_FAILURE_RECORDS_PER_MINUTE;
 use std::future::Future;

@@ -2,7 +2,7 @@
 //! duties), redemption bound to the exact request, expiry, break-glass and watching.
 //! Every flow also checks the ledger entries it leaves.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -15,7 +15,7 @@
 //! broker, and the ledger verifies. Every wait is bounded polling of something the test
 //! observes (a source's bundle, a probe's answer, a handshake), never a fixed sleep.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

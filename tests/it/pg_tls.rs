@@ -4,7 +4,7 @@
 //! host name and a server without TLS are each refused, with a message that says which
 //! and never the password.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

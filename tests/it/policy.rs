@@ -3,7 +3,7 @@
 //! `Admin.ReloadPolicy` (a bad policy is refused and the old one stays); quotas and rate
 //! limits; the non-human identity inventory; `ExplainDecision` as a dry run.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 //! concurrency cap; Cedar policies that error being skipped; approvals bound to the
 //! request instead of the grant; break-glass without limits or teeth.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

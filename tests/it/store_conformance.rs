@@ -3,7 +3,7 @@
 //! own throwaway server (`common::pg`; Debian's `postgresql` package) or use
 //! `SPIFFE_BROKER_TEST_PG_URL`; without either they fail, naming the package.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! and a manifest there, and is refused elsewhere; a pull-only token cannot push.
 //! `.ci/run` installs the package; the test starts the registry on a free port.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};

@@ -3,7 +3,7 @@
 //! ledger files (and the tampering each one catches, naming the entry or checkpoint),
 //! the `audit` CLI, and a restart in the middle of the tree.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -8,7 +8,7 @@
 //! JWT key, log key and fixed clock), then, after that rebuild,
 //! `cargo test --test fuzz_regressions -- --ignored regenerate_fuzz_corpus` (the seeds).
 
-#[path = "../fuzz/src/lib.rs"]
+#[path = "../../fuzz/src/lib.rs"]
 mod harness;
 
 use std::path::{Path, PathBuf};

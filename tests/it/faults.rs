@@ -5,7 +5,7 @@
 //!
 //! Mounting needs root (CI runs as root); without the privilege the test says so and fails.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! (JWKS, audience, expiry, `cnf` binding), the signed revocation feed, a forged feed,
 //! and failing closed when the feed goes stale.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! names, SANs and extensions come from the profile and the caller's SPIFFE ID, and the
 //! certificate chains to the broker's own client-certificate root, never to the SPIFFE CA.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,5 +1,5 @@
 //! The Vault backend end to end: model-runtime asks the broker for `feature-db` over
-//! SPIFFE mTLS; the broker logs into a Vault double (tests/common/vault_double.rs, Vault's
+//! SPIFFE mTLS; the broker logs into a Vault double (tests/it/common/vault_double.rs, Vault's
 //! documented API) with its own JWT-SVID, hands back the database secret, renews it in
 //! Vault, and revokes it in Vault when the broker lease ends (release, revocation,
 //! expiry), retrying with back-off while Vault fails. A sealed or slow Vault fails only
@@ -9,7 +9,7 @@
 //! a time with `revoke_in_backends()` (the server's own 1 s poll runs as well, so every
 //! assertion holds whichever pass got there first).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -1,0 +1,29 @@
+//! Every integration test in one binary: each module below was its own test crate, and
+//! each of those linked tonic, Cedar, rusqlite and postgres again. Run one area with
+//! `cargo test --test it approvals::` (module path as a filter).
+
+mod common;
+
+mod approvals;
+mod authn_attacks;
+mod backend_oci;
+mod backend_vault;
+mod backend_x509;
+mod bundle_rotation;
+mod cli;
+mod crash;
+mod faults;
+mod fuzz_regressions;
+mod ha;
+mod hostile_input;
+mod http_tls;
+mod layers;
+mod lifecycle;
+mod limits;
+mod pg_tls;
+mod policy;
+mod relying_party;
+mod revocation;
+mod security_review;
+mod store_conformance;
+mod verifiable_log;
