@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit};
 
 use super::streams::StreamSlot;
 use super::Broker;
@@ -34,8 +34,11 @@ impl Broker {
         self: &Arc<Self>,
         caller: &VerifiedCaller,
         id: &str,
+        admitted: Option<OwnedSemaphorePermit>,
     ) -> Result<mpsc::Receiver<Result<AccessRequest, BrokerError>>, BrokerError> {
-        let slot = self.stream_slot(caller, "WatchAccessRequest").await?;
+        let slot = self
+            .stream_slot(caller, "WatchAccessRequest", admitted)
+            .await?;
         let first = self.access_request(caller, id).await?;
         let changes = {
             let mut w = self.access_hub.0.lock().unwrap_or_else(|p| p.into_inner());

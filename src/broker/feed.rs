@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit};
 
 use super::streams::StreamSlot;
 use super::Broker;
@@ -167,7 +167,8 @@ impl Broker {
         Err(self.reject(caller, "WatchRevocations", err).await)
     }
 
-    /// Streams the feed from `since`: every event in order, and a signed head each time
+    /// Streams the feed from `since` (holding `admitted`, the in-flight slot the call came in
+    /// with, or a new one): every event in order, and a signed head each time
     /// the watcher has reached the tail (at least once per poll interval, as evidence that
     /// the feed is current). The stream holds an in-flight slot and one of the caller's
     /// stream slots while it is open.
@@ -175,9 +176,12 @@ impl Broker {
         self: &Arc<Self>,
         caller: &VerifiedCaller,
         since: u64,
+        admitted: Option<OwnedSemaphorePermit>,
     ) -> Result<mpsc::Receiver<Result<FeedItem, BrokerError>>, BrokerError> {
         self.authorize_watch(caller).await?;
-        let slot = self.stream_slot(caller, "WatchRevocations").await?;
+        let slot = self
+            .stream_slot(caller, "WatchRevocations", admitted)
+            .await?;
         let (tail, _) = self.store.revocation_tail().await?.unwrap_or((0, [0; 32]));
         if since > tail {
             return Err(self

@@ -41,6 +41,7 @@ impl Broker {
         &self,
         caller: &VerifiedCaller,
         rpc: &str,
+        admitted: Option<OwnedSemaphorePermit>,
     ) -> Result<StreamSlot, BrokerError> {
         let who = caller.spiffe_id().to_string();
         if self.registered(caller).is_none() {
@@ -49,7 +50,7 @@ impl Broker {
             ));
             return Err(self.reject(caller, rpc, err).await);
         }
-        let Some(permit) = self.admit() else {
+        let Some(permit) = admitted.or_else(|| self.admit()) else {
             self.metrics.denied("overloaded");
             return Err(BrokerError::ResourceExhausted(
                 "the broker is at its concurrent request limit; retry with back-off".into(),

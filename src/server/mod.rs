@@ -410,6 +410,7 @@ pub async fn run(
     };
 
     let grpc_server = tonic::transport::Server::builder()
+        .layer(crate::api::EdgeLayer::new(broker.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(parts.max_streams))
         // Room for the largest JWT-SVID authn accepts plus the other headers, so an
