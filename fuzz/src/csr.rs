@@ -50,6 +50,7 @@ fn accepted(bytes: &[u8]) {
     let fx = fixture::get();
     let profile = fx
         .policy
+        .directory()
         .profile("gpu-node-cert")
         .expect("demo profile gpu-node-cert");
     let now = fixture::now_unix();

@@ -67,8 +67,9 @@ impl Broker {
         profile: &str,
         group: Option<&str>,
     ) -> Vec<String> {
-        let members = group.map(|g| policy.group_members(g));
+        let members = group.map(|g| policy.directory().group_members(g));
         policy
+            .directory()
             .identities()
             .iter()
             .filter(|i| policy.authorize_review(&i.spiffe_id, profile).is_ok())
@@ -351,6 +352,7 @@ impl Broker {
             .and_then(|rule| {
                 if ar.break_glass
                     || policy
+                        .directory()
                         .group_members(&ar.group)
                         .contains(&caller.spiffe_id().to_string())
                 {
@@ -369,7 +371,10 @@ impl Broker {
                 }
             });
         let allowed = allowed.and_then(|rule| {
-            match policy.review_conflict(Parties::of(&ar), &caller.spiffe_id().to_string()) {
+            match policy
+                .directory()
+                .review_conflict(Parties::of(&ar), &caller.spiffe_id().to_string())
+            {
                 None => Ok(rule),
                 Some(c) => Err(Denial {
                     kind: DenialKind::NotPermitted,
@@ -512,6 +517,7 @@ impl Broker {
                 .await?);
         }
         let reviewable: Vec<String> = policy
+            .directory()
             .profiles()
             .iter()
             .filter(|p| {
@@ -531,8 +537,11 @@ impl Broker {
         let mut rows = self.store.access_requests(filter).await?;
         if listing == RequestListing::ToReview {
             rows.retain(|r| {
-                policy.review_conflict(Parties::of(r), &me).is_none()
-                    && policy.group_members(&r.group).contains(&me)
+                policy
+                    .directory()
+                    .review_conflict(Parties::of(r), &me)
+                    .is_none()
+                    && policy.directory().group_members(&r.group).contains(&me)
                     && !r.reviews.iter().any(|v| v.reviewer == me)
             });
         }

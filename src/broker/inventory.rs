@@ -47,10 +47,10 @@ pub fn inventory_rows(
     stats: &HashMap<String, IdentityStats>,
 ) -> Vec<InventoryEntry> {
     let mut rows = Vec::new();
-    for i in policy.identities() {
+    for i in policy.directory().identities() {
         let id = i.spiffe_id.to_string();
         let s = stats.get(&id);
-        let groups = policy.groups_of(&i.spiffe_id);
+        let groups = policy.directory().groups_of(&i.spiffe_id);
         let mut flags = Vec::new();
         if i.owner.trim().is_empty() {
             flags.push("no owner".into());
@@ -73,6 +73,7 @@ pub fn inventory_rows(
     }
     for (id, s) in stats {
         if policy
+            .directory()
             .identities()
             .iter()
             .any(|i| &i.spiffe_id.to_string() == id)

@@ -234,7 +234,7 @@ impl Broker {
         opts: IssueOptions,
     ) -> Result<IssueOutcome, BrokerError> {
         let policy = self.policy();
-        if let Some(profile) = policy.profile(req.profile.as_str()) {
+        if let Some(profile) = policy.directory().profile(req.profile.as_str()) {
             let who = caller.spiffe_id().to_string();
             if profile.requests_per_minute > 0
                 && !self.limiter.take(

@@ -43,6 +43,7 @@ impl Broker {
         // Renewal re-runs policy on the original grant. Leases issued on an approval
         // or under break-glass are not renewable: a new request goes through approval again.
         let renewable = policy
+            .directory()
             .profile(lease.profile.as_str())
             .is_some_and(|p| p.scope_template.is_none());
         let req = CredentialRequest {

@@ -258,6 +258,7 @@ impl Broker {
     /// The caller's entry in the inventory, if it is registered.
     fn registered(&self, caller: &VerifiedCaller) -> Option<crate::config::Identity> {
         self.policy()
+            .directory()
             .identities()
             .iter()
             .find(|i| &i.spiffe_id == caller.spiffe_id())

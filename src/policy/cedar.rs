@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use cedar_policy::{
     Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
@@ -14,12 +13,12 @@ use serde_json::json;
 use spiffe::SpiffeId;
 
 use super::{
-    duties, AccessPath, AdminAction, ApprovalNeed, Conflict, Decision, Denial, DenialKind, Grant,
+    ceiling, AccessPath, AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Directory, Grant,
     Parties, Policy, RequestContext,
 };
-use crate::clock::format_duration;
-use crate::config::{ApproverGroup, Config, Identity, Profile};
-use crate::domain::{CredentialRequest, Scope};
+
+use crate::config::{Config, Identity};
+use crate::domain::CredentialRequest;
 
 /// A policy that failed to load, with the location of the problem.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -111,9 +110,7 @@ pub struct CedarPolicy {
     schema: Schema,
     policies: PolicySet,
     entities: Entities,
-    profiles: Vec<Arc<Profile>>,
-    identities: Vec<Identity>,
-    groups: Vec<ApproverGroup>,
+    directory: Directory,
     hash: String,
     authorizer: Authorizer,
     /// Each approval-gated permit's (`@approval_group`, `@approvals`), read once at load:
@@ -222,9 +219,7 @@ impl CedarPolicy {
             schema,
             policies,
             entities,
-            profiles: config.profiles.iter().cloned().map(Arc::new).collect(),
-            identities: config.identities.clone(),
-            groups: config.approver_groups.clone(),
+            directory: Directory::new(config),
             hash: hex::encode(hasher.finish().as_ref()),
             authorizer: Authorizer::new(),
             approval_rules,
@@ -355,7 +350,7 @@ impl CedarPolicy {
     }
 
     fn registered(&self, id: &SpiffeId) -> Option<&Identity> {
-        self.identities.iter().find(|i| &i.spiffe_id == id)
+        self.directory.identity(id)
     }
 
     fn unregistered(id: &SpiffeId) -> Denial {
@@ -393,127 +388,6 @@ impl CedarPolicy {
             }
         }
     }
-
-    /// The profile ceiling: every way the request exceeds it.
-    fn ceiling(
-        profile: &Profile,
-        request: &CredentialRequest,
-        ctx: &RequestContext,
-    ) -> (Vec<String>, bool, BTreeSet<Scope>, std::time::Duration) {
-        let name = profile.name.as_str();
-        let mut v = Vec::new();
-        let mut permission = false;
-        if profile.require_intent && request.intent.is_none() {
-            v.push(format!(
-                "profile {name:?} requires a stated intent (action and target)"
-            ));
-        }
-        if let Some(intent) = &request.intent {
-            let missing: Vec<&str> = profile
-                .require_intent_fields
-                .iter()
-                .map(String::as_str)
-                .filter(|f| match *f {
-                    "ticket" => intent.ticket.is_none(),
-                    "artifact_digest" => intent.artifact_digest.is_none(),
-                    "justification" => intent.justification.is_none(),
-                    _ => true,
-                })
-                .collect();
-            if !missing.is_empty() {
-                v.push(format!(
-                    "profile {name:?} requires the intent to state {}",
-                    missing.join(", ")
-                ));
-            }
-        }
-        let scopes = if request.scopes.is_empty() {
-            if profile.default_scopes.is_empty() {
-                v.push(format!(
-                    "profile {name:?} has no default scopes; name at least one"
-                ));
-            }
-            profile.default_scopes.clone()
-        } else {
-            request.scopes.clone()
-        };
-        let beyond: Vec<&str> = scopes
-            .difference(&profile.scopes)
-            .map(|s| s.as_str())
-            .collect();
-        if !beyond.is_empty() {
-            permission = true;
-            v.push(format!(
-                "scope {} exceeds the ceiling of profile {name:?}",
-                beyond.join(", ")
-            ));
-        }
-        let mut max = profile.max_ttl;
-        let mut default = profile.default_ttl;
-        if ctx.break_glass {
-            match profile.break_glass_max_ttl {
-                None => v.push(format!("profile {name:?} does not allow break-glass")),
-                Some(bg) => {
-                    max = bg;
-                    default = default.min(bg);
-                }
-            }
-            if request
-                .intent
-                .as_ref()
-                .and_then(|i| i.justification.as_ref())
-                .is_none()
-            {
-                v.push("break-glass requires an intent justification".into());
-            }
-        }
-        let ttl = request.ttl.unwrap_or(default);
-        if ttl > max {
-            v.push(format!(
-                "ttl {} exceeds the {} {} of profile {name:?}",
-                format_duration(ttl),
-                if ctx.break_glass {
-                    "break_glass_max_ttl"
-                } else {
-                    "max_ttl"
-                },
-                format_duration(max),
-            ));
-        }
-        if profile
-            .scope_template
-            .as_deref()
-            .is_some_and(|t| t.contains("{target}"))
-            && request.intent.is_none()
-        {
-            v.push(format!(
-                "profile {name:?} derives scopes from the intent target; state an intent"
-            ));
-        }
-        (v, permission, scopes, ttl)
-    }
-
-    fn render_scopes(
-        profile: &Profile,
-        scopes: &BTreeSet<Scope>,
-        request: &CredentialRequest,
-    ) -> Result<Vec<Scope>, String> {
-        let Some(t) = &profile.scope_template else {
-            return Ok(scopes.iter().cloned().collect());
-        };
-        let target = request
-            .intent
-            .as_ref()
-            .map(|i| i.target.as_str())
-            .unwrap_or_default();
-        scopes
-            .iter()
-            .map(|s| {
-                let rendered = t.replace("{scope}", s.as_str()).replace("{target}", target);
-                Scope::parse(&rendered).map_err(|e| e.to_string())
-            })
-            .collect()
-    }
 }
 
 impl Policy for CedarPolicy {
@@ -526,7 +400,7 @@ impl Policy for CedarPolicy {
         if self.registered(caller).is_none() {
             return Decision::Deny(Self::unregistered(caller));
         }
-        let Some(profile) = self.profile(request.profile.as_str()) else {
+        let Some(profile) = self.directory.profile(request.profile.as_str()) else {
             return Decision::Deny(Denial {
                 kind: DenialKind::UnknownProfile,
                 reason: format!("unknown profile {:?}", request.profile.as_str()),
@@ -534,7 +408,7 @@ impl Policy for CedarPolicy {
                 violations: Vec::new(),
             });
         };
-        let (violations, permission, scopes, ttl) = Self::ceiling(&profile, request, ctx);
+        let (violations, permission, scopes, ttl) = ceiling::ceiling(&profile, request, ctx);
         if !violations.is_empty() {
             return Decision::Deny(Denial {
                 kind: if permission {
@@ -547,7 +421,7 @@ impl Policy for CedarPolicy {
                 violations,
             });
         }
-        let rendered = match Self::render_scopes(&profile, &scopes, request) {
+        let rendered = match ceiling::render_scopes(&profile, &scopes, request) {
             Ok(r) => r,
             Err(e) => {
                 return Decision::Deny(Denial {
@@ -663,7 +537,7 @@ impl Policy for CedarPolicy {
             )));
         };
         grant.rule = rule.clone();
-        let members = self.group_members(&group);
+        let members = self.directory.group_members(&group);
         // Separation of duties, with the group now known: an approval on record from
         // someone barred (the owner rule may depend on the group) does not count.
         let parties = Parties {
@@ -673,7 +547,7 @@ impl Policy for CedarPolicy {
         };
         let counted: Vec<String> = valid
             .into_iter()
-            .filter(|a| members.contains(a) && self.review_conflict(parties, a).is_none())
+            .filter(|a| members.contains(a) && self.directory.review_conflict(parties, a).is_none())
             .collect();
         if ctx.break_glass {
             return Decision::Deny(Denial {
@@ -692,7 +566,7 @@ impl Policy for CedarPolicy {
         }
         let eligible = members
             .into_iter()
-            .filter(|m| self.review_conflict(parties, m).is_none())
+            .filter(|m| self.directory.review_conflict(parties, m).is_none())
             .collect();
         let need = ApprovalNeed {
             group,
@@ -765,41 +639,6 @@ impl Policy for CedarPolicy {
         }
     }
 
-    fn review_conflict(&self, parties: Parties<'_>, reviewer: &str) -> Option<Conflict> {
-        duties::conflict(&self.identities, &self.groups, parties, reviewer)
-    }
-
-    fn profile(&self, name: &str) -> Option<Arc<Profile>> {
-        self.profiles
-            .iter()
-            .find(|p| p.name.as_str() == name)
-            .cloned()
-    }
-
-    fn profiles(&self) -> Vec<Arc<Profile>> {
-        self.profiles.clone()
-    }
-
-    fn identities(&self) -> &[Identity] {
-        &self.identities
-    }
-
-    fn group_members(&self, group: &str) -> Vec<String> {
-        self.groups
-            .iter()
-            .filter(|g| g.name == group)
-            .flat_map(|g| g.members.iter().map(|m| m.to_string()))
-            .collect()
-    }
-
-    fn groups_of(&self, id: &SpiffeId) -> Vec<String> {
-        self.groups
-            .iter()
-            .filter(|g| g.members.contains(id))
-            .map(|g| g.name.clone())
-            .collect()
-    }
-
     fn paths(&self, id: &SpiffeId) -> Vec<AccessPath> {
         use cedar_policy::{ActionConstraint, Effect, PrincipalConstraint, ResourceConstraint};
         let Some(identity) = self.registered(id) else {
@@ -811,10 +650,10 @@ impl Policy for CedarPolicy {
         let mut mine = vec![me.clone()];
         mine.extend(identity.roles.iter().filter_map(|r| uid("Role", r).ok()));
         mine.extend(
-            self.groups
+            self.directory
+                .groups_of(id)
                 .iter()
-                .filter(|g| g.members.contains(id))
-                .filter_map(|g| uid("ApproverGroup", &g.name).ok()),
+                .filter_map(|g| uid("ApproverGroup", g).ok()),
         );
         let workload_type = EntityTypeName::from_str(&format!("{NS}::Workload")).ok();
         let mut out = Vec::new();
@@ -868,6 +707,10 @@ impl Policy for CedarPolicy {
             (&a.action, &a.resource, &a.policy).cmp(&(&b.action, &b.resource, &b.policy))
         });
         out
+    }
+
+    fn directory(&self) -> &Directory {
+        &self.directory
     }
 
     fn hash(&self) -> &str {

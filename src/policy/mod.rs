@@ -7,6 +7,8 @@
 //! policy can widen a grant beyond it.
 
 mod cedar;
+mod ceiling;
+mod directory;
 pub mod duties;
 
 use std::sync::Arc;
@@ -15,10 +17,11 @@ use std::time::Duration;
 use spiffe::SpiffeId;
 
 use crate::authn::AuthMethod;
-use crate::config::{Identity, Profile};
+use crate::config::Profile;
 use crate::domain::{CredentialRequest, Intent, Scope};
 
 pub use cedar::{CedarPolicy, PolicyError};
+pub use directory::Directory;
 pub use duties::{Conflict, Parties};
 
 /// Facts about the request that are not the request itself.
@@ -157,20 +160,10 @@ pub trait Policy: Send + Sync + 'static {
     fn authorize_admin(&self, caller: &SpiffeId, action: AdminAction) -> Result<String, Denial>;
     /// Whether `reviewer` may review requests for `profile`; `Ok` carries the rule id.
     fn authorize_review(&self, reviewer: &SpiffeId, profile: &str) -> Result<String, Denial>;
-    /// The separation-of-duties conflict that bars `reviewer` from one request, if any.
-    fn review_conflict(&self, parties: Parties<'_>, reviewer: &str) -> Option<Conflict>;
-    /// A profile by name.
-    fn profile(&self, name: &str) -> Option<Arc<Profile>>;
-    /// All profiles.
-    fn profiles(&self) -> Vec<Arc<Profile>>;
-    /// The registered identities.
-    fn identities(&self) -> &[Identity];
-    /// Members of an approver group.
-    fn group_members(&self, group: &str) -> Vec<String>;
-    /// The approver groups an identity belongs to.
-    fn groups_of(&self, id: &SpiffeId) -> Vec<String>;
     /// Every permit path of an identity (who may request, approve and revoke what).
     fn paths(&self, id: &SpiffeId) -> Vec<AccessPath>;
+    /// The profiles, identities and approver groups this policy was loaded with.
+    fn directory(&self) -> &Directory;
     /// Hash identifying the policy set in force (schema, policies, entities).
     fn hash(&self) -> &str;
 }

@@ -878,12 +878,12 @@ fn admin_review_rights_groups_and_paths_by_role() {
         DenialKind::Unregistered
     );
 
-    assert_eq!(p.group_members("registry-approvers"), vec![ALICE, BOB]);
-    assert!(p.group_members("no-such-group").is_empty());
-    assert_eq!(p.groups_of(&sid(ALICE)), vec!["registry-approvers"]);
-    assert!(p.groups_of(&sid(ROOT)).is_empty());
-    assert_eq!(p.identities().len(), 7);
-    assert_eq!(p.profiles().len(), 9);
+    assert_eq!(p.directory().group_members("registry-approvers"), vec![ALICE, BOB]);
+    assert!(p.directory().group_members("no-such-group").is_empty());
+    assert_eq!(p.directory().groups_of(&sid(ALICE)), vec!["registry-approvers"]);
+    assert!(p.directory().groups_of(&sid(ROOT)).is_empty());
+    assert_eq!(p.directory().identities().len(), 7);
+    assert_eq!(p.directory().profiles().len(), 9);
 
     assert_eq!(
         p.paths(&sid(ROOT)),
