@@ -878,9 +878,15 @@ fn admin_review_rights_groups_and_paths_by_role() {
         DenialKind::Unregistered
     );
 
-    assert_eq!(p.directory().group_members("registry-approvers"), vec![ALICE, BOB]);
+    assert_eq!(
+        p.directory().group_members("registry-approvers"),
+        vec![ALICE, BOB]
+    );
     assert!(p.directory().group_members("no-such-group").is_empty());
-    assert_eq!(p.directory().groups_of(&sid(ALICE)), vec!["registry-approvers"]);
+    assert_eq!(
+        p.directory().groups_of(&sid(ALICE)),
+        vec!["registry-approvers"]
+    );
     assert!(p.directory().groups_of(&sid(ROOT)).is_empty());
     assert_eq!(p.directory().identities().len(), 7);
     assert_eq!(p.directory().profiles().len(), 9);
