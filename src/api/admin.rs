@@ -74,10 +74,7 @@ impl pb::admin_server::Admin for AdminService {
             async {
                 let caller = &call.caller;
                 let r = request.get_ref();
-                let id = match LeaseId::parse(&r.id) {
-                    Ok(id) => id,
-                    Err(e) => return Err(call.reject(b, e).await),
-                };
+                let id = call.id(b, &r.id).await?;
                 b.unlock(caller, id.to_string(), r.reason.clone()).await?;
                 Ok(pb::DeleteLockResponse {})
             }
@@ -232,10 +229,7 @@ impl pb::admin_server::Admin for AdminService {
             async {
                 let caller = &call.caller;
                 let r = request.get_ref();
-                let id = match LeaseId::parse(&r.lease_id) {
-                    Ok(id) => id,
-                    Err(e) => return Err(call.reject(b, e).await),
-                };
+                let id = call.id(b, &r.lease_id).await?;
                 let receipt = b
                     .force_remove_backend_revocation(caller, id, r.reason.clone())
                     .await?;

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::convert::access_request_to_pb;
 use super::{respond, Call, DEFAULT_PAGE_SIZE};
 use crate::broker::{Broker, RequestListing};
-use crate::domain::{LeaseId, Verdict};
+use crate::domain::Verdict;
 use crate::error::BrokerError;
 use crate::proto::v1 as pb;
 
@@ -80,10 +80,7 @@ impl pb::approvals_server::Approvals for ApprovalsService {
             async {
                 let caller = &call.caller;
                 let r = request.get_ref();
-                let id = match LeaseId::parse(&r.id) {
-                    Ok(id) => id,
-                    Err(e) => return Err(call.reject(b, e).await),
-                };
+                let id = call.id(b, &r.id).await?;
                 let verdict = if r.approve {
                     Verdict::Approve
                 } else {

@@ -144,10 +144,7 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
         respond(
             async {
                 let caller = &call.caller;
-                let id = match LeaseId::parse(&request.get_ref().lease_id) {
-                    Ok(id) => id,
-                    Err(e) => return Err(call.reject(b, e).await),
-                };
+                let id = call.id(b, &request.get_ref().lease_id).await?;
                 let (lease, receipt) = b.release(caller, id).await?;
                 Ok(pb::ReleaseLeaseResponse {
                     lease: Some(lease_to_pb(&lease)),
@@ -169,10 +166,7 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
         respond(
             async {
                 let caller = &call.caller;
-                let id = match LeaseId::parse(&request.get_ref().id) {
-                    Ok(id) => id,
-                    Err(e) => return Err(call.reject(b, e).await),
-                };
+                let id = call.id(b, &request.get_ref().id).await?;
                 Ok(access_request_to_pb(
                     &b.access_request(caller, id.as_str()).await?,
                 ))
@@ -187,10 +181,11 @@ impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService 
     ) -> Result<Response<Self::WatchAccessRequestStream>, Status> {
         let b = &self.broker;
         let call = Call::of(&request)?;
-        let id = match LeaseId::parse(&request.get_ref().id) {
-            Ok(id) => id.to_string(),
-            Err(e) => return Err(to_status(call.reject(b, e).await)),
-        };
+        let id = call
+            .id(b, &request.get_ref().id)
+            .await
+            .map_err(to_status)?
+            .to_string();
         let rx = b
             .watch_access_request(&call.caller, &id, call.take_admission())
             .await

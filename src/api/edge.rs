@@ -14,6 +14,7 @@ use tonic::{Request, Status};
 
 use crate::authn::{PeerInfo, TransportFacts, VerifiedCaller};
 use crate::broker::Broker;
+use crate::domain::LeaseId;
 use crate::error::{to_status, BrokerError};
 
 /// The package whose methods the edge guards.
@@ -47,6 +48,14 @@ impl Call {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+    }
+
+    /// A lease or request id from the request; a malformed one is recorded and refused.
+    pub async fn id(&self, broker: &Broker, text: &str) -> Result<LeaseId, BrokerError> {
+        match LeaseId::parse(text) {
+            Ok(id) => Ok(id),
+            Err(e) => Err(self.reject(broker, e).await),
+        }
     }
 
     /// Records a request this caller sent malformed, and returns the error.

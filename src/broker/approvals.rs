@@ -229,36 +229,24 @@ impl Broker {
         }
         // Policy is re-checked at redemption with the approvals collected.
         let ctx = self.context(caller, false, ar.approvers());
-        let grant = match policy.decide(caller.spiffe_id(), &req, &ctx) {
-            Decision::Allow(g) => g,
-            Decision::Deny(d) => {
-                return Err(self
-                    .deny(
-                        caller,
-                        request_record("IssueCredential", &req),
-                        &d,
-                        policy.hash(),
-                    )
-                    .await)
-            }
-            Decision::RequireApproval(_, need) => {
-                let d = Denial {
-                    kind: DenialKind::NotPermitted,
-                    reason: format!(
-                        "approvals no longer satisfy policy: need {} from {}",
-                        need.threshold, need.group
-                    ),
-                    rule: Some(need.rule),
-                    violations: Vec::new(),
-                };
-                return Err(self
-                    .deny(
-                        caller,
-                        request_record("IssueCredential", &req),
-                        &d,
-                        policy.hash(),
-                    )
-                    .await);
+        let decided = match policy.decide(caller.spiffe_id(), &req, &ctx) {
+            Decision::Allow(g) => Ok(g),
+            Decision::Deny(d) => Err(d),
+            Decision::RequireApproval(_, need) => Err(Denial {
+                kind: DenialKind::NotPermitted,
+                reason: format!(
+                    "approvals no longer satisfy policy: need {} from {}",
+                    need.threshold, need.group
+                ),
+                rule: Some(need.rule),
+                violations: Vec::new(),
+            }),
+        };
+        let grant = match decided {
+            Ok(g) => g,
+            Err(d) => {
+                let rec = request_record("IssueCredential", &req);
+                return Err(self.deny(caller, rec, &d, policy.hash()).await);
             }
         };
         // The approval covers the grant as resolved when it was asked for, and how it is

@@ -349,6 +349,30 @@ impl CedarPolicy {
         Ok((response.decision() == cedar_policy::Decision::Allow, ids))
     }
 
+    /// A yes/no Cedar question with no context (admin actions, reviewing): `Ok` carries
+    /// the permitting policy ids, a refusal is built by `deny` from the deciding ids.
+    fn permit(
+        &self,
+        principal: &SpiffeId,
+        action: &str,
+        resource: EntityUid,
+        deny: impl FnOnce(&str) -> Denial,
+    ) -> Result<String, Denial> {
+        let (allowed, ids) = self
+            .evaluate(principal, action, resource, json!({}))
+            .map_err(Self::internal)?;
+        let ids = ids
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        if allowed {
+            Ok(ids)
+        } else {
+            Err(deny(&ids))
+        }
+    }
+
     fn registered(&self, id: &SpiffeId) -> Option<&Identity> {
         self.directory.identity(id)
     }
@@ -591,28 +615,12 @@ impl Policy for CedarPolicy {
             | AdminAction::ReadLog => "administer",
         };
         let resource = uid("Broker", "broker").map_err(Self::internal)?;
-        let (allowed, ids) = self
-            .evaluate(caller, name, resource, json!({}))
-            .map_err(Self::internal)?;
-        if allowed {
-            Ok(ids
-                .iter()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(","))
-        } else {
-            Err(Denial {
-                kind: DenialKind::NotPermitted,
-                reason: format!("{caller} is not a platform admin ({action:?} refused)"),
-                rule: (!ids.is_empty()).then(|| {
-                    ids.iter()
-                        .map(|i| i.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                }),
-                violations: Vec::new(),
-            })
-        }
+        self.permit(caller, name, resource, |ids| Denial {
+            kind: DenialKind::NotPermitted,
+            reason: format!("{caller} is not a platform admin ({action:?} refused)"),
+            rule: (!ids.is_empty()).then(|| ids.to_owned()),
+            violations: Vec::new(),
+        })
     }
 
     fn authorize_review(&self, reviewer: &SpiffeId, profile: &str) -> Result<String, Denial> {
@@ -620,23 +628,12 @@ impl Policy for CedarPolicy {
             return Err(Self::unregistered(reviewer));
         }
         let resource = uid("Profile", profile).map_err(Self::internal)?;
-        let (allowed, ids) = self
-            .evaluate(reviewer, "review", resource, json!({}))
-            .map_err(Self::internal)?;
-        if allowed {
-            Ok(ids
-                .iter()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(","))
-        } else {
-            Err(Denial {
-                kind: DenialKind::NotPermitted,
-                reason: format!("{reviewer} may not review requests for profile {profile:?}"),
-                rule: None,
-                violations: Vec::new(),
-            })
-        }
+        self.permit(reviewer, "review", resource, |_| Denial {
+            kind: DenialKind::NotPermitted,
+            reason: format!("{reviewer} may not review requests for profile {profile:?}"),
+            rule: None,
+            violations: Vec::new(),
+        })
     }
 
     fn paths(&self, id: &SpiffeId) -> Vec<AccessPath> {
