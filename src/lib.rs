@@ -20,7 +20,7 @@
 //!
 //! # Layers
 //!
-//! A module imports (`use crate::…`) only modules of its own layer or below, and the
+//! (`cli` is the binary's: `src/main.rs` and `src/cli/`.) A module imports (`use crate::…`) only modules of its own layer or below, and the
 //! imports have no cycle; `tests/it/layers.rs` reads this map and the sources and fails on
 //! an upward arrow, a cycle, or a module missing from the map.
 //!
@@ -35,6 +35,7 @@
 //! layer 7: api
 //! layer 8: server
 //! layer 9: dev
+//! layer 10: cli
 //! ```
 #![forbid(unsafe_code)]
 

@@ -1,0 +1,249 @@
+//! `revoke`, `locks`, `leases`, `inventory`: what a platform admin runs.
+
+use serde_json::json;
+
+use spiffe_broker::clock::{parse_duration, rfc3339, SystemClock};
+use spiffe_broker::proto::v1 as pb;
+
+use super::args::*;
+use super::output::*;
+
+pub async fn backend_revocations(conn: &ConnArgs, stuck: bool) -> Result<(), String> {
+    let ch = channel(conn).await?;
+    let resp = pb::admin_client::AdminClient::new(ch)
+        .list_backend_revocations(pb::ListBackendRevocationsRequest {
+            min_attempts: if stuck {
+                spiffe_broker::broker::STUCK_AFTER_ATTEMPTS
+            } else {
+                0
+            },
+            page_size: 1000,
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    for r in &resp.revocations {
+        out!(
+            "{}",
+            json!({
+                "lease_id": r.lease_id, "backend": r.backend, "backend_handle": r.backend_handle,
+                "queued_at_unix": r.queued_at.as_ref().map(|t| t.seconds),
+                "attempts": r.attempts,
+                "next_attempt_at_unix": r.next_attempt_at.as_ref().map(|t| t.seconds),
+                "last_error": r.last_error,
+            })
+        );
+    }
+    Ok(())
+}
+
+pub async fn revoke(a: RevokeArgs) -> Result<(), String> {
+    use pb::revoke_request::Selector;
+    let selector = if let Some(l) = a.lease {
+        Selector::LeaseId(l)
+    } else if let Some(s) = a.spiffe_id {
+        Selector::SpiffeId(s)
+    } else if let Some(p) = a.prefix {
+        Selector::SpiffeIdPrefix(p)
+    } else if let Some(p) = a.profile {
+        Selector::Profile(p)
+    } else if let Some(ap) = a.approver {
+        Selector::Approver(ap)
+    } else if let Some(r) = a.access_request {
+        Selector::AccessRequestId(r)
+    } else if a.all {
+        Selector::All(true)
+    } else {
+        return Err("a selector is required (see --help)".into());
+    };
+    let issued_before = a
+        .issued_before
+        .as_deref()
+        .map(|t| parse_instant(t, "--issued-before"))
+        .transpose()?;
+    let ch = channel(&a.conn).await?;
+    let resp = pb::admin_client::AdminClient::new(ch)
+        .revoke(pb::RevokeRequest {
+            selector: Some(selector),
+            issued_before: issued_before
+                .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+            dry_run: a.dry_run,
+            reason: a.reason,
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    out!(
+        "{}",
+        json!({
+            "dry_run": resp.dry_run,
+            (if resp.dry_run { "would_revoke" } else { "revoked" }): resp.revoked_lease_ids,
+            "receipt": resp.receipt.map(|r| json!({"sequence": r.sequence, "entry_hash": r.entry_hash})),
+        })
+    );
+    Ok(())
+}
+
+pub async fn locks(command: Option<LockCommand>, conn: ConnArgs) -> Result<(), String> {
+    let ch = channel(&conn).await?;
+    let mut admin = pb::admin_client::AdminClient::new(ch);
+    let lock_json = |l: &pb::Lock| {
+        json!({
+            "id": l.id, "kind": l.kind, "value": l.value,
+            "until": l.until.map(|t| rfc3339(t.seconds)), "reason": l.reason,
+            "created_by": l.created_by, "created_at": l.created_at.map(|t| rfc3339(t.seconds)),
+        })
+    };
+    match command {
+        None | Some(LockCommand::List) => {
+            let resp = admin
+                .list_locks(pb::ListLocksRequest {})
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            for l in &resp.locks {
+                out!("{}", lock_json(l));
+            }
+        }
+        Some(LockCommand::Add {
+            kind,
+            value,
+            for_,
+            reason,
+        }) => {
+            use spiffe_broker::clock::Clock as _;
+            let d = parse_duration(&for_).map_err(|e| format!("--for: {e}"))?;
+            let until = SystemClock.unix_seconds() + d.as_secs() as i64;
+            let l = admin
+                .create_lock(pb::CreateLockRequest {
+                    kind,
+                    value,
+                    until: Some(prost_types::Timestamp {
+                        seconds: until,
+                        nanos: 0,
+                    }),
+                    reason,
+                })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            out!("{}", lock_json(&l));
+        }
+        Some(LockCommand::Remove { id, reason }) => {
+            admin
+                .delete_lock(pb::DeleteLockRequest {
+                    id: id.clone(),
+                    reason,
+                })
+                .await
+                .map_err(status_msg)?;
+            out!("{}", json!({"removed": id}));
+        }
+    }
+    Ok(())
+}
+
+pub async fn lease_show(id: String, conn: ConnArgs) -> Result<(), String> {
+    let ch = channel(&conn).await?;
+    let resp = pb::admin_client::AdminClient::new(ch)
+        .list_leases(pb::ListLeasesRequest {
+            lease_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    let lease = resp
+        .leases
+        .first()
+        .ok_or_else(|| format!("no lease {id}"))?;
+    out!(
+        "{}",
+        serde_json::to_string_pretty(&lease_json(lease)).map_err(fail)?
+    );
+    Ok(())
+}
+
+pub async fn force_remove(id: String, reason: String, conn: ConnArgs) -> Result<(), String> {
+    let ch = channel(&conn).await?;
+    let resp = pb::admin_client::AdminClient::new(ch)
+        .force_remove_backend_revocation(pb::ForceRemoveBackendRevocationRequest {
+            lease_id: id.clone(),
+            reason,
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    out!(
+        "{}",
+        json!({"ok": true, "lease_id": id, "receipt": resp.receipt.map(|r| json!({"sequence": r.sequence, "entry_hash": r.entry_hash}))})
+    );
+    Ok(())
+}
+
+pub async fn leases(
+    spiffe_id: Option<String>,
+    state: Option<String>,
+    limit: u32,
+    conn: ConnArgs,
+) -> Result<(), String> {
+    let state = match state.as_deref() {
+        None => pb::LeaseState::Unspecified,
+        Some("active") => pb::LeaseState::Active,
+        Some("released") => pb::LeaseState::Released,
+        Some("revoked") => pb::LeaseState::Revoked,
+        Some("expired") => pb::LeaseState::Expired,
+        Some(other) => return Err(format!("--state: unknown state {other:?}")),
+    };
+    let ch = channel(&conn).await?;
+    let resp = pb::admin_client::AdminClient::new(ch)
+        .list_leases(pb::ListLeasesRequest {
+            spiffe_id: spiffe_id.unwrap_or_default(),
+            state: state as i32,
+            page_size: limit,
+            page_token: String::new(),
+            lease_id: String::new(),
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    for l in &resp.leases {
+        out!("{}", lease_json(l));
+    }
+    Ok(())
+}
+
+pub async fn inventory(conn: ConnArgs) -> Result<(), String> {
+    let ch = channel(&conn).await?;
+    let resp = pb::admin_client::AdminClient::new(ch)
+        .list_identities(pb::ListIdentitiesRequest {})
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    for i in &resp.identities {
+        let t = |ts: &Option<prost_types::Timestamp>| ts.as_ref().map(|t| rfc3339(t.seconds));
+        out!(
+            "{}",
+            json!({
+                "spiffe_id": i.spiffe_id,
+                "registered": i.registered,
+                "owner": i.owner,
+                "environment": i.environment,
+                "roles": i.roles,
+                "approver_groups": i.approver_groups,
+                "may": i.paths.iter().map(|p| json!({
+                    "action": p.action, "resource": p.resource, "policy": p.policy,
+                    "conditional": p.conditional,
+                    "approvals": (p.approvals > 0).then(|| json!({"group": p.approval_group, "count": p.approvals})),
+                })).collect::<Vec<_>>(),
+                "active_leases": i.active_leases,
+                "issued": i.issued,
+                "denied": i.denied,
+                "last_seen": t(&i.last_seen),
+                "last_issued": t(&i.last_issued),
+                "flags": i.flags,
+            })
+        );
+    }
+    Ok(())
+}

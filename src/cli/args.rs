@@ -1,0 +1,414 @@
+//! The command line's arguments: subcommands, how a client connects, what it asks for.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use spiffe_broker::clock::{parse_duration, rfc3339};
+use spiffe_broker::dev;
+use spiffe_broker::proto::v1 as pb;
+
+#[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
+pub enum PolicyCommand {
+    /// Validate the config and its Cedar policies against the schema; exits non-zero
+    /// with the error location.
+    Check {
+        /// The broker config (its [policy] section names the schema and policy files).
+        #[arg(long, default_value = "spiffe-broker-dev/config.toml")]
+        config: PathBuf,
+    },
+    /// Dry run: what policy would decide, and why. With --config, offline for any
+    /// --spiffe-id; otherwise asks the broker as the caller (ExplainDecision).
+    Explain {
+        /// Evaluate offline against this config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The requester to evaluate for (offline mode).
+        #[arg(long, requires = "config")]
+        spiffe_id: Option<String>,
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Ask the broker to reload its policy (platform admin).
+    Reload {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Verify the whole log offline: entry encoding, hash chain, Merkle tree, every
+    /// signed checkpoint; names the first bad entry.
+    Verify {
+        /// The broker's state dir (reads STATE_DIR/ledger.db).
+        #[arg(long, default_value = "spiffe-broker-dev", conflicts_with = "export")]
+        state_dir: PathBuf,
+        /// Verify an export directory instead (from `audit export`).
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// Verify the PostgreSQL ledger at this URL instead (opened like a replica; writes
+        /// nothing; TLS: `?sslmode=verify-full&sslrootcert=CA.pem`). The key: --log-key, or
+        /// STATE_DIR/keys/log.vkey.
+        #[arg(
+            long,
+            env = "SPIFFE_BROKER_POSTGRES_URL",
+            conflicts_with = "export",
+            hide_env_values = true
+        )]
+        postgres_url: Option<String>,
+        /// The log's verifier key, pinned out of band (a file, or the key itself).
+        /// Default: STATE_DIR/keys/log.vkey, or the export's log.vkey.
+        #[arg(long)]
+        log_key: Option<String>,
+    },
+    /// Export the log (JSON Lines entries, signed checkpoints, the log key and a sample
+    /// inclusion proof) for a SIEM or an auditor.
+    Export {
+        /// The broker's state dir.
+        #[arg(long, default_value = "spiffe-broker-dev")]
+        state_dir: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Fetch the inclusion proof of a lease's issuance (or an entry) and verify it
+    /// locally against the signed checkpoint.
+    Proof {
+        /// A lease id (a token's jti).
+        #[arg(
+            long,
+            conflicts_with = "sequence",
+            required_unless_present = "sequence"
+        )]
+        lease: Option<String>,
+        /// An entry's sequence number.
+        #[arg(long)]
+        sequence: Option<u64>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create every key a broker needs in STATE_DIR/keys (token ES256 key, RS256 key for
+    /// slurm profiles, audit-log key, revocation-feed key), to be shared by replicas
+    /// (e.g. as a Kubernetes Secret). Existing keys are kept. Prints the JWKS.
+    Init {
+        /// Where to write (keys in STATE_DIR/keys, mode 0600).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The trust domain naming the log and feed keys (as the broker's SPIFFE ID's).
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+    },
+    /// Make a new signing key current; the old one stays published as previous.
+    /// Takes effect at the broker's next start.
+    Rotate {
+        /// The broker's state dir (keys in STATE_DIR/keys).
+        #[arg(long, default_value = "spiffe-broker-dev")]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DevArgs {
+    #[command(subcommand)]
+    pub command: Option<DevCommand>,
+    /// State directory (ledger, keys, dev CA, Workload API sockets).
+    #[arg(long, default_value = "spiffe-broker-dev")]
+    pub state_dir: PathBuf,
+    /// gRPC (mTLS) listen address.
+    #[arg(long, default_value = dev::DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: String,
+    /// HTTP listen address.
+    #[arg(long, default_value = dev::DEFAULT_HTTP_ADDR)]
+    pub http_addr: String,
+    /// Lifetime of dev X.509-SVIDs (rotated at half-life).
+    #[arg(long, default_value = "1h")]
+    pub svid_ttl: String,
+    /// Vault address of the demo's `feature-db` profile.
+    #[arg(long, default_value = dev::DEFAULT_VAULT_ADDR)]
+    pub vault_addr: String,
+    /// STS endpoint of the demo's `s3-datasets` profile.
+    #[arg(long, default_value = dev::DEFAULT_STS_ENDPOINT)]
+    pub aws_sts_endpoint: String,
+}
+
+#[derive(Subcommand)]
+pub enum DevCommand {
+    /// Mint a test X.509-SVID from the dev CA: writes svid.pem, svid.key, bundle.pem.
+    MintSvid {
+        /// The SPIFFE ID to mint.
+        spiffe_id: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// The dev state dir holding the dev CA.
+        #[arg(long, default_value = "spiffe-broker-dev")]
+        state_dir: PathBuf,
+        /// Lifetime.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+/// How a client reaches the broker and proves who it is.
+#[derive(Args)]
+pub struct ConnArgs {
+    /// Broker gRPC address.
+    #[arg(long, env = "SPIFFE_BROKER_ADDR", default_value = dev::DEFAULT_GRPC_ADDR)]
+    pub broker: String,
+    /// The broker's expected SPIFFE ID.
+    #[arg(long, env = "SPIFFE_BROKER_ID", default_value = dev::BROKER_ID)]
+    pub broker_id: String,
+    /// SVID certificate (PEM) instead of the Workload API.
+    #[arg(long, requires_all = ["svid_key", "bundle"])]
+    pub svid_cert: Option<PathBuf>,
+    /// SVID private key (PKCS#8 PEM).
+    #[arg(long, requires = "svid_cert")]
+    pub svid_key: Option<PathBuf>,
+    /// Trust bundle (PEM).
+    #[arg(long, requires = "svid_cert")]
+    pub bundle: Option<PathBuf>,
+}
+
+/// Which leases to revoke: exactly one selector, optionally with a cut-off.
+#[derive(Args)]
+pub struct RevokeArgs {
+    /// One lease.
+    #[arg(long, group = "selector")]
+    pub lease: Option<String>,
+    /// Every active lease of this SPIFFE ID.
+    #[arg(long, group = "selector")]
+    pub spiffe_id: Option<String>,
+    /// Every active lease under this SPIFFE ID prefix, e.g. spiffe://example.org/ci/.
+    #[arg(long, group = "selector")]
+    pub prefix: Option<String>,
+    /// Every active lease of this profile.
+    #[arg(long, group = "selector")]
+    pub profile: Option<String>,
+    /// Everything this approver approved.
+    #[arg(long, group = "selector")]
+    pub approver: Option<String>,
+    /// The lease issued on this access request.
+    #[arg(long, group = "selector")]
+    pub access_request: Option<String>,
+    /// Every active lease (needs --issued-before).
+    #[arg(long, group = "selector", requires = "issued_before")]
+    pub all: bool,
+    /// Only leases issued before this instant (RFC 3339, e.g. 2026-11-26T12:00:00Z, or Unix seconds).
+    #[arg(long)]
+    pub issued_before: Option<String>,
+    /// Show what would be revoked; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Why (recorded in the ledger).
+    #[arg(long, default_value = "revoked by operator")]
+    pub reason: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Subcommand)]
+pub enum LeasesCommand {
+    /// One lease in full.
+    Show {
+        /// Lease id.
+        id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Backend revocations still owed (e.g. Vault leases); `--stuck` only those failing
+    /// repeatedly.
+    Backend {
+        /// Only those that failed at least 5 times.
+        #[arg(long)]
+        stuck: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Stop retrying the backend revocation of a lease (platform-admin; recorded).
+    ForceRemove {
+        /// Lease id.
+        id: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LockCommand {
+    /// List locks in force (the default).
+    List,
+    /// Lock issuance for a spiffe_id, prefix or profile.
+    Add {
+        /// spiffe_id, prefix or profile.
+        #[arg(long)]
+        kind: String,
+        /// The SPIFFE ID, prefix or profile name.
+        #[arg(long)]
+        value: String,
+        /// How long, e.g. 2h.
+        #[arg(long = "for")]
+        for_: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Remove a lock.
+    Remove {
+        /// Lock id.
+        id: String,
+        /// Why.
+        #[arg(long, default_value = "lifted by operator")]
+        reason: String,
+    },
+}
+
+/// What is asked for (shared by `request` and `policy explain`).
+#[derive(Args)]
+pub struct SpecArgs {
+    /// Profile name.
+    #[arg(long)]
+    pub profile: String,
+    /// A scope (repeat for several).
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// Lifetime, e.g. 10m.
+    #[arg(long)]
+    pub ttl: Option<String>,
+    /// What you will do, e.g. submit-training.
+    #[arg(long, requires = "intent_target")]
+    pub intent_action: Option<String>,
+    /// What you will do it to, e.g. queue/a100.
+    #[arg(long, requires = "intent_action")]
+    pub intent_target: Option<String>,
+    /// Digest of the artifact concerned, e.g. sha256:….
+    #[arg(long, requires = "intent_action")]
+    pub artifact_digest: Option<String>,
+    /// Change ticket.
+    #[arg(long, requires = "intent_action")]
+    pub ticket: Option<String>,
+    /// Why (mandatory for --break-glass).
+    #[arg(long, requires = "intent_action")]
+    pub justification: Option<String>,
+    /// On whose behalf (repeat for a delegation chain, nearest first).
+    #[arg(long = "on-behalf-of", requires = "intent_action")]
+    pub on_behalf_of: Vec<String>,
+    /// Break-glass: self-approve with --justification; capped TTL; reviewed afterwards.
+    #[arg(long)]
+    pub break_glass: bool,
+}
+
+impl SpecArgs {
+    pub fn to_pb(&self) -> Result<pb::IssueCredentialRequest, String> {
+        let intent = match (&self.intent_action, &self.intent_target) {
+            (Some(action), Some(target)) => Some(pb::Intent {
+                action: action.clone(),
+                target: target.clone(),
+                artifact_digest: self.artifact_digest.clone().unwrap_or_default(),
+                ticket: self.ticket.clone().unwrap_or_default(),
+                justification: self.justification.clone().unwrap_or_default(),
+                on_behalf_of: self.on_behalf_of.clone(),
+            }),
+            _ => None,
+        };
+        Ok(pb::IssueCredentialRequest {
+            profile: self.profile.clone(),
+            scopes: self.scopes.clone(),
+            ttl: duration_pb(&self.ttl)?,
+            intent,
+            break_glass: self.break_glass,
+            access_request_id: String::new(),
+            idempotency_key: String::new(),
+            csr: Vec::new(),
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct RequestArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// If approval is required, wait until the request is decided, then print the credential.
+    #[arg(long)]
+    pub wait: bool,
+    /// Redeem this approved access request (send the same request as approved).
+    #[arg(long)]
+    pub access_request: Option<String>,
+    /// Idempotency key (22+ random characters): retrying with it returns the same credential.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// For x509 profiles: a PKCS#10 CSR file (PEM or DER); your private key stays with you.
+    #[arg(long)]
+    pub csr: Option<std::path::PathBuf>,
+    /// `json` (default): the lease and credential; `env`: shell `export` lines
+    /// (AWS_* for cloud credentials, the secret's fields upper-cased for Vault, or
+    /// SPIFFE_BROKER_TOKEN / SPIFFE_BROKER_CERT_CHAIN).
+    #[arg(long, default_value = "json")]
+    pub output: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// Parses RFC 3339 (UTC, `Z`) or Unix seconds.
+pub fn parse_instant(s: &str, flag: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let bad = || format!("{flag}: {s:?} is not RFC 3339 (YYYY-MM-DDTHH:MM:SSZ) or Unix seconds");
+    let b = s.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| s[r].parse::<i64>().map_err(|_| bad());
+    let (y, m, d, hh, mm, ss) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
+    // Days from civil (Howard Hinnant), the inverse of clock::rfc3339.
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let t = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    if rfc3339(t) != s {
+        return Err(bad());
+    }
+    Ok(t)
+}
+
+pub fn duration_pb(s: &Option<String>) -> Result<Option<prost_types::Duration>, String> {
+    s.as_deref()
+        .map(|t| {
+            parse_duration(t).map(|d| prost_types::Duration {
+                seconds: d.as_secs() as i64,
+                nanos: 0,
+            })
+        })
+        .transpose()
+        .map_err(|e| format!("--ttl: {e}"))
+}

@@ -1,0 +1,186 @@
+//! `audit verify | export | proof`: the verifiable log, offline or from a broker.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use spiffe_broker::checkpoint::VerifierKey;
+use spiffe_broker::proto::v1 as pb;
+
+use super::args::*;
+use super::output::*;
+
+pub fn load_vkey(
+    arg: &Option<String>,
+    default: &std::path::Path,
+) -> Result<Option<VerifierKey>, String> {
+    let text = match arg {
+        Some(a) if std::path::Path::new(a).exists() => std::fs::read_to_string(a).map_err(fail)?,
+        Some(a) => a.clone(),
+        None if default.exists() => std::fs::read_to_string(default).map_err(fail)?,
+        None => return Ok(None),
+    };
+    VerifierKey::parse(&text)
+        .map(Some)
+        .map_err(|e| format!("log key: {e}"))
+}
+
+pub async fn audit_command(command: AuditCommand) -> Result<(), String> {
+    match command {
+        AuditCommand::Verify {
+            export: Some(dir),
+            log_key,
+            ..
+        } => {
+            let vkey = load_vkey(&log_key, &dir.join("log.vkey"))?;
+            let r =
+                spiffe_broker::store::export::verify_export(&dir, vkey.as_ref()).map_err(fail)?;
+            out!(
+                "{}",
+                json!({"ok": true, "export": dir, "entries": r.entries, "head_hash": r.head_hash, "root": r.root, "checkpoints_verified": r.checkpoints, "latest_checkpoint": r.latest_checkpoint})
+            );
+            Ok(())
+        }
+        AuditCommand::Verify {
+            postgres_url: Some(url),
+            state_dir,
+            log_key,
+            ..
+        } => {
+            let vkey = load_vkey(&log_key, &state_dir.join("keys").join("log.vkey"))?
+                .ok_or("no log key: pass --log-key (the broker writes STATE_DIR/keys/log.vkey)")?;
+            let ledger = spiffe_broker::config::LedgerConfig {
+                commit_timeout: std::time::Duration::from_secs(30),
+                busy_timeout: std::time::Duration::from_secs(5),
+                max_batch: 1,
+                postgres_sslmode: None,
+                postgres_ca_file: None,
+            };
+            let server = spiffe_broker::config::postgres::redact(&url);
+            let store = tokio::task::spawn_blocking(move || {
+                spiffe_broker::store::PostgresStore::open(
+                    &url,
+                    &ledger,
+                    Arc::new(spiffe_broker::metrics::Metrics::new()),
+                )
+            })
+            .await
+            .map_err(fail)?
+            .map_err(fail)?;
+            let r = spiffe_broker::store::verify_store(&store, &vkey)
+                .await
+                .map_err(fail)?;
+            out!(
+                "{}",
+                json!({"ok": true, "ledger": server, "entries": r.entries, "head_hash": r.head_hash, "root": r.root, "checkpoints_verified": r.checkpoints, "latest_checkpoint": r.latest_checkpoint})
+            );
+            Ok(())
+        }
+        AuditCommand::Verify {
+            state_dir, log_key, ..
+        } => {
+            let path = state_dir.join("ledger.db");
+            if !path.exists() {
+                return Err(format!("no ledger at {}", path.display()));
+            }
+            let vkey = load_vkey(&log_key, &state_dir.join("keys").join("log.vkey"))?
+                .ok_or("no log key: pass --log-key (the broker writes STATE_DIR/keys/log.vkey)")?;
+            let v = spiffe_broker::store::sqlite::SqliteStore::verify_file_with(&path, &vkey)
+                .map_err(fail)?;
+            out!(
+                "{}",
+                json!({"ok": true, "ledger": v.path, "entries": v.entries, "head_hash": v.head_hash, "root": v.report.root, "checkpoints_verified": v.report.checkpoints, "latest_checkpoint": v.report.latest_checkpoint})
+            );
+            Ok(())
+        }
+        AuditCommand::Export { state_dir, out } => {
+            let vkey = std::fs::read_to_string(state_dir.join("keys").join("log.vkey"))
+                .map_err(|e| format!("{}: {e}", state_dir.join("keys/log.vkey").display()))?;
+            let s = spiffe_broker::store::export::export(&state_dir.join("ledger.db"), &vkey, &out)
+                .map_err(fail)?;
+            out!(
+                "{}",
+                json!({"ok": true, "out": s.dir, "entries": s.entries, "checkpoints": s.checkpoints})
+            );
+            Ok(())
+        }
+        AuditCommand::Proof {
+            lease,
+            sequence,
+            conn,
+        } => {
+            use pb::get_inclusion_proof_request::Entry;
+            let entry = match (lease, sequence) {
+                (Some(l), _) => Entry::LeaseId(l),
+                (None, Some(n)) => Entry::Sequence(n),
+                (None, None) => return Err("one of --lease or --sequence is required".into()),
+            };
+            let ch = channel(&conn).await?;
+            let mut admin = pb::admin_client::AdminClient::new(ch);
+            let p = admin
+                .get_inclusion_proof(pb::GetInclusionProofRequest {
+                    entry: Some(entry),
+                    tree_size: 0,
+                })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            // Verify locally: the note's signature with the log key, then the path.
+            let key = http_log_key(&conn).await;
+            let cp_ok = key.as_ref().map(|k| {
+                k.verify(&p.checkpoint)
+                    .map(|c| c.size == p.tree_size && hex::encode(c.root) == p.root_hash)
+            });
+            let hash = |h: &str| -> Result<[u8; 32], String> {
+                hex::decode(h)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| "bad hash in proof".to_string())
+            };
+            let path = p
+                .proof
+                .iter()
+                .map(|h| hash(h))
+                .collect::<Result<Vec<_>, _>>()?;
+            let leaf = spiffe_broker::merkle::leaf_hash(p.entry.as_bytes());
+            let included = hex::encode(leaf) == p.leaf_hash
+                && spiffe_broker::merkle::verify_inclusion(
+                    &leaf,
+                    p.leaf_index,
+                    p.tree_size,
+                    &path,
+                    &hash(&p.root_hash)?,
+                )
+                .is_ok();
+            out!(
+                "{}",
+                json!({
+                    "included": included,
+                    "checkpoint_signature_ok": cp_ok.as_ref().map(|r| matches!(r, Ok(true))),
+                    "sequence": p.sequence,
+                    "leaf_index": p.leaf_index,
+                    "tree_size": p.tree_size,
+                    "root_hash": p.root_hash,
+                    "entry": serde_json::from_str::<serde_json::Value>(&p.entry).unwrap_or_default(),
+                    "checkpoint": p.checkpoint,
+                })
+            );
+            if included {
+                Ok(())
+            } else {
+                Err("the inclusion proof does not verify".into())
+            }
+        }
+    }
+}
+
+/// The log key from the broker's GetCheckpoint (an auditor should pin it instead).
+pub async fn http_log_key(conn: &ConnArgs) -> Option<VerifierKey> {
+    let ch = channel(conn).await.ok()?;
+    let cp = pb::admin_client::AdminClient::new(ch)
+        .get_checkpoint(pb::GetCheckpointRequest::default())
+        .await
+        .ok()?
+        .into_inner();
+    VerifierKey::parse(&cp.log_key).ok()
+}

@@ -1,0 +1,12 @@
+//! The `spiffe-broker` command line, one module per family of subcommands; `main.rs`
+//! parses the arguments and dispatches here.
+
+pub mod admin;
+pub mod args;
+pub mod audit;
+pub mod keys;
+pub mod output;
+pub mod policy;
+pub mod review;
+pub mod serve;
+pub mod workload;

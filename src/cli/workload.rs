@@ -1,0 +1,129 @@
+//! `request`, `renew`, `release`: what a workload runs.
+
+use serde_json::json;
+
+use spiffe_broker::proto::v1 as pb;
+
+use super::args::*;
+use super::output::*;
+
+pub async fn request(a: RequestArgs) -> Result<(), String> {
+    let mut req = a.spec.to_pb()?;
+    req.access_request_id = a.access_request.clone().unwrap_or_default();
+    req.idempotency_key = a.idempotency_key.clone().unwrap_or_default();
+    if let Some(path) = &a.csr {
+        req.csr = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let env = match a.output.as_str() {
+        "json" => false,
+        "env" => true,
+        other => return Err(format!("--output: {other:?} is not json or env")),
+    };
+    let ch = channel(&a.conn).await?;
+    let mut client = pb::credential_broker_client::CredentialBrokerClient::new(ch);
+    let resp = client
+        .issue_credential(req.clone())
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    let Some(pending) = resp
+        .access_request
+        .clone()
+        .filter(|_| resp.credential.is_none())
+    else {
+        if env {
+            out!("{}", env_lines(resp.credential.as_ref())?);
+            return Ok(());
+        }
+        out!(
+            "{}",
+            issued_json(
+                resp.credential,
+                resp.lease,
+                resp.receipt,
+                resp.access_request
+            )
+        );
+        return Ok(());
+    };
+    if !a.wait {
+        out!(
+            "{}",
+            json!({"status": "pending", "access_request": access_request_json(&pending)})
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "waiting for {} approval(s) from {} on access request {} …",
+        pending.threshold, pending.approver_group, pending.id
+    );
+    let mut stream = client
+        .watch_access_request(pb::GetAccessRequestRequest {
+            id: pending.id.clone(),
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    let mut last = pending;
+    while let Some(next) = stream.message().await.map_err(status_msg)? {
+        last = next;
+        if last.state != pb::AccessRequestState::Pending as i32 {
+            break;
+        }
+    }
+    if last.state != pb::AccessRequestState::Approved as i32 {
+        return Err(format!(
+            "access request {} ended {}",
+            last.id,
+            state_name(last.state)
+        ));
+    }
+    req.access_request_id = last.id.clone();
+    let resp = client
+        .issue_credential(req)
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    if env {
+        out!("{}", env_lines(resp.credential.as_ref())?);
+        return Ok(());
+    }
+    out!(
+        "{}",
+        issued_json(
+            resp.credential,
+            resp.lease,
+            resp.receipt,
+            resp.access_request
+        )
+    );
+    Ok(())
+}
+
+pub async fn renew(lease: String, ttl: Option<String>, conn: ConnArgs) -> Result<(), String> {
+    let ch = channel(&conn).await?;
+    let resp = pb::credential_broker_client::CredentialBrokerClient::new(ch)
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: lease,
+            ttl: duration_pb(&ttl)?,
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    out!(
+        "{}",
+        issued_json(resp.credential, resp.lease, resp.receipt, None)
+    );
+    Ok(())
+}
+
+pub async fn release(lease: String, conn: ConnArgs) -> Result<(), String> {
+    let ch = channel(&conn).await?;
+    let resp = pb::credential_broker_client::CredentialBrokerClient::new(ch)
+        .release_lease(pb::ReleaseLeaseRequest { lease_id: lease })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    out!("{}", issued_json(None, resp.lease, resp.receipt, None));
+    Ok(())
+}
