@@ -20,9 +20,10 @@
 //!
 //! # Layers
 //!
-//! (`cli` is the binary's: `src/main.rs` and `src/cli/`.) A module imports (`use crate::…`) only modules of its own layer or below, and the
+//! A module imports (`use crate::…`) only modules of its own layer or below, and the
 //! imports have no cycle; `tests/it/layers.rs` reads this map and the sources and fails on
-//! an upward arrow, a cycle, or a module missing from the map.
+//! an upward arrow, a cycle, or a module missing from the map. `cli` is the binary's
+//! (`src/main.rs` and `src/cli/`), on top.
 //!
 //! ```text
 //! layer 0: domain proto
