@@ -19,6 +19,7 @@ macro_rules! out {
 mod cli;
 
 use cli::args::*;
+use cli::error::CliError;
 
 #[derive(Parser)]
 #[command(
@@ -49,8 +50,8 @@ enum Command {
         #[arg(long)]
         lease: String,
         /// New lifetime, e.g. 10m.
-        #[arg(long)]
-        ttl: Option<String>,
+        #[arg(long, value_parser = duration_arg)]
+        ttl: Option<std::time::Duration>,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -79,9 +80,9 @@ enum Command {
         /// Only this holder.
         #[arg(long)]
         spiffe_id: Option<String>,
-        /// Only this state: active, released, revoked, expired.
-        #[arg(long)]
-        state: Option<String>,
+        /// Only this state.
+        #[arg(long, value_enum)]
+        state: Option<LeaseStateArg>,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
@@ -113,9 +114,9 @@ enum Command {
     },
     /// List access requests; prints JSON lines.
     Requests {
-        /// pending, to-review, mine, post-review.
-        #[arg(long, default_value = "to-review")]
-        filter: String,
+        /// Which requests.
+        #[arg(long, value_enum, default_value_t = RequestFilter::ToReview)]
+        filter: RequestFilter,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -141,7 +142,7 @@ enum Command {
     },
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli) -> Result<(), CliError> {
     use cli::{admin, audit, keys, policy, review, serve, workload};
     match cli.command {
         Command::Serve { config } => serve::serve(config).await,
@@ -221,7 +222,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -2,13 +2,14 @@
 
 use serde_json::json;
 
-use spiffe_broker::clock::{parse_duration, rfc3339, SystemClock};
+use spiffe_broker::clock::{rfc3339, SystemClock};
 use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
+use super::error::CliError;
 use super::output::*;
 
-pub async fn backend_revocations(conn: &ConnArgs, stuck: bool) -> Result<(), String> {
+pub async fn backend_revocations(conn: &ConnArgs, stuck: bool) -> Result<(), CliError> {
     let ch = channel(conn).await?;
     let resp = pb::admin_client::AdminClient::new(ch)
         .list_backend_revocations(pb::ListBackendRevocationsRequest {
@@ -19,8 +20,7 @@ pub async fn backend_revocations(conn: &ConnArgs, stuck: bool) -> Result<(), Str
             },
             page_size: 1000,
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     for r in &resp.revocations {
         out!(
@@ -37,7 +37,7 @@ pub async fn backend_revocations(conn: &ConnArgs, stuck: bool) -> Result<(), Str
     Ok(())
 }
 
-pub async fn revoke(a: RevokeArgs) -> Result<(), String> {
+pub async fn revoke(a: RevokeArgs) -> Result<(), CliError> {
     use pb::revoke_request::Selector;
     let selector = if let Some(l) = a.lease {
         Selector::LeaseId(l)
@@ -70,8 +70,7 @@ pub async fn revoke(a: RevokeArgs) -> Result<(), String> {
             dry_run: a.dry_run,
             reason: a.reason,
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     out!(
         "{}",
@@ -84,7 +83,7 @@ pub async fn revoke(a: RevokeArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub async fn locks(command: Option<LockCommand>, conn: ConnArgs) -> Result<(), String> {
+pub async fn locks(command: Option<LockCommand>, conn: ConnArgs) -> Result<(), CliError> {
     let ch = channel(&conn).await?;
     let mut admin = pb::admin_client::AdminClient::new(ch);
     let lock_json = |l: &pb::Lock| {
@@ -98,8 +97,7 @@ pub async fn locks(command: Option<LockCommand>, conn: ConnArgs) -> Result<(), S
         None | Some(LockCommand::List) => {
             let resp = admin
                 .list_locks(pb::ListLocksRequest {})
-                .await
-                .map_err(status_msg)?
+                .await?
                 .into_inner();
             for l in &resp.locks {
                 out!("{}", lock_json(l));
@@ -112,11 +110,10 @@ pub async fn locks(command: Option<LockCommand>, conn: ConnArgs) -> Result<(), S
             reason,
         }) => {
             use spiffe_broker::clock::Clock as _;
-            let d = parse_duration(&for_).map_err(|e| format!("--for: {e}"))?;
-            let until = SystemClock.unix_seconds() + d.as_secs() as i64;
+            let until = SystemClock.unix_seconds() + for_.as_secs() as i64;
             let l = admin
                 .create_lock(pb::CreateLockRequest {
-                    kind,
+                    kind: kind.as_str().to_owned(),
                     value,
                     until: Some(prost_types::Timestamp {
                         seconds: until,
@@ -124,8 +121,7 @@ pub async fn locks(command: Option<LockCommand>, conn: ConnArgs) -> Result<(), S
                     }),
                     reason,
                 })
-                .await
-                .map_err(status_msg)?
+                .await?
                 .into_inner();
             out!("{}", lock_json(&l));
         }
@@ -135,23 +131,21 @@ pub async fn locks(command: Option<LockCommand>, conn: ConnArgs) -> Result<(), S
                     id: id.clone(),
                     reason,
                 })
-                .await
-                .map_err(status_msg)?;
+                .await?;
             out!("{}", json!({"removed": id}));
         }
     }
     Ok(())
 }
 
-pub async fn lease_show(id: String, conn: ConnArgs) -> Result<(), String> {
+pub async fn lease_show(id: String, conn: ConnArgs) -> Result<(), CliError> {
     let ch = channel(&conn).await?;
     let resp = pb::admin_client::AdminClient::new(ch)
         .list_leases(pb::ListLeasesRequest {
             lease_id: id.clone(),
             ..Default::default()
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     let lease = resp
         .leases
@@ -164,15 +158,14 @@ pub async fn lease_show(id: String, conn: ConnArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub async fn force_remove(id: String, reason: String, conn: ConnArgs) -> Result<(), String> {
+pub async fn force_remove(id: String, reason: String, conn: ConnArgs) -> Result<(), CliError> {
     let ch = channel(&conn).await?;
     let resp = pb::admin_client::AdminClient::new(ch)
         .force_remove_backend_revocation(pb::ForceRemoveBackendRevocationRequest {
             lease_id: id.clone(),
             reason,
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     out!(
         "{}",
@@ -183,17 +176,16 @@ pub async fn force_remove(id: String, reason: String, conn: ConnArgs) -> Result<
 
 pub async fn leases(
     spiffe_id: Option<String>,
-    state: Option<String>,
+    state: Option<LeaseStateArg>,
     limit: u32,
     conn: ConnArgs,
-) -> Result<(), String> {
-    let state = match state.as_deref() {
+) -> Result<(), CliError> {
+    let state = match state {
         None => pb::LeaseState::Unspecified,
-        Some("active") => pb::LeaseState::Active,
-        Some("released") => pb::LeaseState::Released,
-        Some("revoked") => pb::LeaseState::Revoked,
-        Some("expired") => pb::LeaseState::Expired,
-        Some(other) => return Err(format!("--state: unknown state {other:?}")),
+        Some(LeaseStateArg::Active) => pb::LeaseState::Active,
+        Some(LeaseStateArg::Released) => pb::LeaseState::Released,
+        Some(LeaseStateArg::Revoked) => pb::LeaseState::Revoked,
+        Some(LeaseStateArg::Expired) => pb::LeaseState::Expired,
     };
     let ch = channel(&conn).await?;
     let resp = pb::admin_client::AdminClient::new(ch)
@@ -204,8 +196,7 @@ pub async fn leases(
             page_token: String::new(),
             lease_id: String::new(),
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     for l in &resp.leases {
         out!("{}", lease_json(l));
@@ -213,12 +204,11 @@ pub async fn leases(
     Ok(())
 }
 
-pub async fn inventory(conn: ConnArgs) -> Result<(), String> {
+pub async fn inventory(conn: ConnArgs) -> Result<(), CliError> {
     let ch = channel(&conn).await?;
     let resp = pb::admin_client::AdminClient::new(ch)
         .list_identities(pb::ListIdentitiesRequest {})
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     for i in &resp.identities {
         let t = |ts: &Option<prost_types::Timestamp>| ts.as_ref().map(|t| rfc3339(t.seconds));

@@ -1,12 +1,15 @@
 //! The command line's arguments: subcommands, how a client connects, what it asks for.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 
 use spiffe_broker::clock::{parse_duration, rfc3339};
 use spiffe_broker::dev;
 use spiffe_broker::proto::v1 as pb;
+
+use super::error::CliError;
 
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
@@ -130,8 +133,8 @@ pub struct DevArgs {
     #[arg(long, default_value = dev::DEFAULT_HTTP_ADDR)]
     pub http_addr: String,
     /// Lifetime of dev X.509-SVIDs (rotated at half-life).
-    #[arg(long, default_value = "1h")]
-    pub svid_ttl: String,
+    #[arg(long, default_value = "1h", value_parser = duration_arg)]
+    pub svid_ttl: Duration,
     /// Vault address of the demo's `feature-db` profile.
     #[arg(long, default_value = dev::DEFAULT_VAULT_ADDR)]
     pub vault_addr: String,
@@ -153,8 +156,8 @@ pub enum DevCommand {
         #[arg(long, default_value = "spiffe-broker-dev")]
         state_dir: PathBuf,
         /// Lifetime.
-        #[arg(long, default_value = "1h")]
-        ttl: String,
+        #[arg(long, default_value = "1h", value_parser = duration_arg)]
+        ttl: Duration,
     },
 }
 
@@ -251,15 +254,15 @@ pub enum LockCommand {
     List,
     /// Lock issuance for a spiffe_id, prefix or profile.
     Add {
-        /// spiffe_id, prefix or profile.
-        #[arg(long)]
-        kind: String,
+        /// What it covers.
+        #[arg(long, value_enum)]
+        kind: LockKind,
         /// The SPIFFE ID, prefix or profile name.
         #[arg(long)]
         value: String,
         /// How long, e.g. 2h.
-        #[arg(long = "for")]
-        for_: String,
+        #[arg(long = "for", value_parser = duration_arg)]
+        for_: Duration,
         /// Why (required).
         #[arg(long)]
         reason: String,
@@ -284,8 +287,8 @@ pub struct SpecArgs {
     #[arg(long = "scope")]
     pub scopes: Vec<String>,
     /// Lifetime, e.g. 10m.
-    #[arg(long)]
-    pub ttl: Option<String>,
+    #[arg(long, value_parser = duration_arg)]
+    pub ttl: Option<Duration>,
     /// What you will do, e.g. submit-training.
     #[arg(long, requires = "intent_target")]
     pub intent_action: Option<String>,
@@ -310,7 +313,7 @@ pub struct SpecArgs {
 }
 
 impl SpecArgs {
-    pub fn to_pb(&self) -> Result<pb::IssueCredentialRequest, String> {
+    pub fn to_pb(&self) -> Result<pb::IssueCredentialRequest, CliError> {
         let intent = match (&self.intent_action, &self.intent_target) {
             (Some(action), Some(target)) => Some(pb::Intent {
                 action: action.clone(),
@@ -325,7 +328,7 @@ impl SpecArgs {
         Ok(pb::IssueCredentialRequest {
             profile: self.profile.clone(),
             scopes: self.scopes.clone(),
-            ttl: duration_pb(&self.ttl)?,
+            ttl: duration_pb(self.ttl),
             intent,
             break_glass: self.break_glass,
             access_request_id: String::new(),
@@ -354,14 +357,14 @@ pub struct RequestArgs {
     /// `json` (default): the lease and credential; `env`: shell `export` lines
     /// (AWS_* for cloud credentials, the secret's fields upper-cased for Vault, or
     /// SPIFFE_BROKER_TOKEN / SPIFFE_BROKER_CERT_CHAIN).
-    #[arg(long, default_value = "json")]
-    pub output: String,
+    #[arg(long, value_enum, default_value_t = RequestOutput::Json)]
+    pub output: RequestOutput,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
 
 /// Parses RFC 3339 (UTC, `Z`) or Unix seconds.
-pub fn parse_instant(s: &str, flag: &str) -> Result<i64, String> {
+pub fn parse_instant(s: &str, flag: &str) -> Result<i64, CliError> {
     if let Ok(n) = s.parse::<i64>() {
         return Ok(n);
     }
@@ -375,7 +378,7 @@ pub fn parse_instant(s: &str, flag: &str) -> Result<i64, String> {
         || b[16] != b':'
         || b[19] != b'Z'
     {
-        return Err(bad());
+        return Err(bad().into());
     }
     let num = |r: std::ops::Range<usize>| s[r].parse::<i64>().map_err(|_| bad());
     let (y, m, d, hh, mm, ss) = (
@@ -396,19 +399,78 @@ pub fn parse_instant(s: &str, flag: &str) -> Result<i64, String> {
     let days = era * 146_097 + doe - 719_468;
     let t = days * 86_400 + hh * 3600 + mm * 60 + ss;
     if rfc3339(t) != s {
-        return Err(bad());
+        return Err(bad().into());
     }
     Ok(t)
 }
 
-pub fn duration_pb(s: &Option<String>) -> Result<Option<prost_types::Duration>, String> {
-    s.as_deref()
-        .map(|t| {
-            parse_duration(t).map(|d| prost_types::Duration {
-                seconds: d.as_secs() as i64,
-                nanos: 0,
-            })
-        })
-        .transpose()
-        .map_err(|e| format!("--ttl: {e}"))
+/// A duration option (`90s`, `10m`, `1h30m`, `7d`), checked when the command line is parsed.
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+/// A lifetime as the proto carries it.
+pub fn duration_pb(d: Option<Duration>) -> Option<prost_types::Duration> {
+    d.map(|d| prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: 0,
+    })
+}
+
+/// How `request` prints what it got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RequestOutput {
+    /// The lease and credential as JSON.
+    Json,
+    /// Shell `export` lines.
+    Env,
+}
+
+/// Which access requests `requests` lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RequestFilter {
+    /// Pending requests you may review.
+    Pending,
+    /// Pending requests you may review and have not.
+    ToReview,
+    /// Your own requests.
+    Mine,
+    /// Break-glass issuances awaiting post-review.
+    PostReview,
+}
+
+/// A lease state to list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LeaseStateArg {
+    /// In force.
+    Active,
+    /// Given back early.
+    Released,
+    /// Revoked by an operator.
+    Revoked,
+    /// Past its expiry.
+    Expired,
+}
+
+/// What a lock covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LockKind {
+    /// One SPIFFE ID.
+    #[value(name = "spiffe_id")]
+    SpiffeId,
+    /// A SPIFFE ID path prefix.
+    Prefix,
+    /// A profile.
+    Profile,
+}
+
+impl LockKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockKind::SpiffeId => "spiffe_id",
+            LockKind::Prefix => "prefix",
+            LockKind::Profile => "profile",
+        }
+    }
 }

@@ -8,12 +8,13 @@ use spiffe_broker::checkpoint::VerifierKey;
 use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
+use super::error::CliError;
 use super::output::*;
 
 pub fn load_vkey(
     arg: &Option<String>,
     default: &std::path::Path,
-) -> Result<Option<VerifierKey>, String> {
+) -> Result<Option<VerifierKey>, CliError> {
     let text = match arg {
         Some(a) if std::path::Path::new(a).exists() => std::fs::read_to_string(a).map_err(fail)?,
         Some(a) => a.clone(),
@@ -22,10 +23,10 @@ pub fn load_vkey(
     };
     VerifierKey::parse(&text)
         .map(Some)
-        .map_err(|e| format!("log key: {e}"))
+        .map_err(|e| format!("log key: {e}").into())
 }
 
-pub async fn audit_command(command: AuditCommand) -> Result<(), String> {
+pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
     match command {
         AuditCommand::Verify {
             export: Some(dir),
@@ -81,7 +82,7 @@ pub async fn audit_command(command: AuditCommand) -> Result<(), String> {
         } => {
             let path = state_dir.join("ledger.db");
             if !path.exists() {
-                return Err(format!("no ledger at {}", path.display()));
+                return Err(format!("no ledger at {}", path.display()).into());
             }
             let vkey = load_vkey(&log_key, &state_dir.join("keys").join("log.vkey"))?
                 .ok_or("no log key: pass --log-key (the broker writes STATE_DIR/keys/log.vkey)")?;
@@ -122,8 +123,7 @@ pub async fn audit_command(command: AuditCommand) -> Result<(), String> {
                     entry: Some(entry),
                     tree_size: 0,
                 })
-                .await
-                .map_err(status_msg)?
+                .await?
                 .into_inner();
             // Verify locally: the note's signature with the log key, then the path.
             let key = http_log_key(&conn).await;
@@ -131,11 +131,11 @@ pub async fn audit_command(command: AuditCommand) -> Result<(), String> {
                 k.verify(&p.checkpoint)
                     .map(|c| c.size == p.tree_size && hex::encode(c.root) == p.root_hash)
             });
-            let hash = |h: &str| -> Result<[u8; 32], String> {
+            let hash = |h: &str| -> Result<[u8; 32], CliError> {
                 hex::decode(h)
                     .ok()
                     .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| "bad hash in proof".to_string())
+                    .ok_or_else(|| CliError::from("bad hash in proof"))
             };
             let path = p
                 .proof

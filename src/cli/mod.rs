@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod args;
 pub mod audit;
+pub mod error;
 pub mod keys;
 pub mod output;
 pub mod policy;

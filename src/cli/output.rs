@@ -9,16 +9,13 @@ use spiffe_broker::clock::rfc3339;
 use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
+use super::error::CliError;
 
-pub fn fail(msg: impl std::fmt::Display) -> String {
-    msg.to_string()
+pub fn fail(msg: impl std::fmt::Display) -> CliError {
+    CliError::Failed(msg.to_string())
 }
 
-pub fn status_msg(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
-}
-
-pub async fn channel(conn: &ConnArgs) -> Result<tonic::transport::Channel, String> {
+pub async fn channel(conn: &ConnArgs) -> Result<tonic::transport::Channel, CliError> {
     let identity = match (&conn.svid_cert, &conn.svid_key, &conn.bundle) {
         (Some(c), Some(k), Some(b)) => ClientIdentity::from_files(c, k, b).map_err(fail)?,
         _ => ClientIdentity::Workload(client::workload_source(None).await.map_err(fail)?),
@@ -162,7 +159,7 @@ pub fn issued_json(
 }
 
 /// `export NAME='value'` lines for a credential (`--output env`).
-pub fn env_lines(c: Option<&pb::Credential>) -> Result<String, String> {
+pub fn env_lines(c: Option<&pb::Credential>) -> Result<String, CliError> {
     let c = c.ok_or("no credential in the answer")?;
     let quote = |v: &str| format!("'{}'", v.replace('\'', r"'\''"));
     let mut lines = Vec::new();

@@ -7,9 +7,10 @@ use spiffe_broker::config::Config;
 use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
+use super::error::CliError;
 use super::output::*;
 
-pub async fn policy_command(command: PolicyCommand) -> Result<(), String> {
+pub async fn policy_command(command: PolicyCommand) -> Result<(), CliError> {
     match command {
         PolicyCommand::Check { config } => {
             let c = Config::load(&config).map_err(fail)?;
@@ -59,8 +60,7 @@ pub async fn policy_command(command: PolicyCommand) -> Result<(), String> {
                 .explain_decision(pb::ExplainDecisionRequest {
                     request: Some(spec.to_pb()?),
                 })
-                .await
-                .map_err(status_msg)?
+                .await?
                 .into_inner();
             out!("{}", explanation_json(&resp));
             Ok(())
@@ -69,8 +69,7 @@ pub async fn policy_command(command: PolicyCommand) -> Result<(), String> {
             let ch = channel(&conn).await?;
             let resp = pb::admin_client::AdminClient::new(ch)
                 .reload_policy(pb::ReloadPolicyRequest {})
-                .await
-                .map_err(status_msg)?
+                .await?
                 .into_inner();
             out!("{}", json!({"ok": true, "policy_hash": resp.policy_hash}));
             Ok(())

@@ -3,6 +3,7 @@
 use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
+use super::error::CliError;
 use super::output::*;
 
 pub async fn review(
@@ -10,7 +11,7 @@ pub async fn review(
     id: String,
     approve: bool,
     reason: String,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let ch = channel(conn).await?;
     let resp = pb::approvals_client::ApprovalsClient::new(ch)
         .review_access_request(pb::ReviewAccessRequestRequest {
@@ -18,8 +19,7 @@ pub async fn review(
             approve,
             reason,
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     let r = resp
         .access_request
@@ -28,18 +28,13 @@ pub async fn review(
     Ok(())
 }
 
-pub async fn requests(filter: String, conn: ConnArgs) -> Result<(), String> {
+pub async fn requests(filter: RequestFilter, conn: ConnArgs) -> Result<(), CliError> {
     use pb::list_access_requests_request::Filter;
-    let filter = match filter.as_str() {
-        "pending" => Filter::Pending,
-        "to-review" => Filter::ToReview,
-        "mine" => Filter::Mine,
-        "post-review" => Filter::AwaitingPostReview,
-        other => {
-            return Err(format!(
-                "--filter: unknown filter {other:?} (pending, to-review, mine, post-review)"
-            ))
-        }
+    let filter = match filter {
+        RequestFilter::Pending => Filter::Pending,
+        RequestFilter::ToReview => Filter::ToReview,
+        RequestFilter::Mine => Filter::Mine,
+        RequestFilter::PostReview => Filter::AwaitingPostReview,
     };
     let ch = channel(&conn).await?;
     let resp = pb::approvals_client::ApprovalsClient::new(ch)
@@ -47,8 +42,7 @@ pub async fn requests(filter: String, conn: ConnArgs) -> Result<(), String> {
             filter: filter as i32,
             page_size: 0,
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     for r in &resp.access_requests {
         out!("{}", access_request_json(r));

@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use spiffe_broker::clock::{parse_duration, rfc3339, SystemClock};
+use spiffe_broker::clock::{rfc3339, SystemClock};
 use spiffe_broker::config::Config;
 use spiffe_broker::{dev, server};
 
 use super::args::*;
+use super::error::CliError;
 use super::output::*;
 
 /// SIGHUP reloads the policy; a bad policy is refused and the old one stays in force.
@@ -44,7 +45,7 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down: draining in-flight requests");
 }
 
-pub async fn serve(path: PathBuf) -> Result<(), String> {
+pub async fn serve(path: PathBuf) -> Result<(), CliError> {
     let config = Config::load(&path).map_err(fail)?;
     let parts = server::assemble(&config, Some(&path), Arc::new(SystemClock))
         .await
@@ -62,7 +63,7 @@ pub async fn serve(path: PathBuf) -> Result<(), String> {
         .map_err(fail)
 }
 
-pub async fn dev(args: DevArgs) -> Result<(), String> {
+pub async fn dev(args: DevArgs) -> Result<(), CliError> {
     match args.command {
         Some(DevCommand::MintSvid {
             spiffe_id,
@@ -71,7 +72,6 @@ pub async fn dev(args: DevArgs) -> Result<(), String> {
             ttl,
         }) => {
             let id = spiffe::SpiffeId::new(&spiffe_id).map_err(|e| format!("{spiffe_id}: {e}"))?;
-            let ttl = parse_duration(&ttl).map_err(|e| format!("--ttl: {e}"))?;
             let ca =
                 spiffe_broker::workload::DevCa::load_or_create(&state_dir, id.trust_domain_name())
                     .map_err(fail)?;
@@ -104,7 +104,7 @@ pub async fn dev(args: DevArgs) -> Result<(), String> {
                 state_dir: args.state_dir.clone(),
                 grpc_addr: parse(&args.grpc_addr, "--grpc-addr")?,
                 http_addr: parse(&args.http_addr, "--http-addr")?,
-                svid_ttl: parse_duration(&args.svid_ttl).map_err(|e| format!("--svid-ttl: {e}"))?,
+                svid_ttl: args.svid_ttl,
                 clock: Arc::new(SystemClock),
                 config: None,
                 vault_addr: Some(args.vault_addr.clone()),

@@ -1,31 +1,26 @@
 //! `request`, `renew`, `release`: what a workload runs.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
+use super::error::CliError;
 use super::output::*;
 
-pub async fn request(a: RequestArgs) -> Result<(), String> {
+pub async fn request(a: RequestArgs) -> Result<(), CliError> {
     let mut req = a.spec.to_pb()?;
     req.access_request_id = a.access_request.clone().unwrap_or_default();
     req.idempotency_key = a.idempotency_key.clone().unwrap_or_default();
     if let Some(path) = &a.csr {
         req.csr = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    let env = match a.output.as_str() {
-        "json" => false,
-        "env" => true,
-        other => return Err(format!("--output: {other:?} is not json or env")),
-    };
+    let env = a.output == RequestOutput::Env;
     let ch = channel(&a.conn).await?;
     let mut client = pb::credential_broker_client::CredentialBrokerClient::new(ch);
-    let resp = client
-        .issue_credential(req.clone())
-        .await
-        .map_err(status_msg)?
-        .into_inner();
+    let resp = client.issue_credential(req.clone()).await?.into_inner();
     let Some(pending) = resp
         .access_request
         .clone()
@@ -61,11 +56,10 @@ pub async fn request(a: RequestArgs) -> Result<(), String> {
         .watch_access_request(pb::GetAccessRequestRequest {
             id: pending.id.clone(),
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     let mut last = pending;
-    while let Some(next) = stream.message().await.map_err(status_msg)? {
+    while let Some(next) = stream.message().await? {
         last = next;
         if last.state != pb::AccessRequestState::Pending as i32 {
             break;
@@ -76,14 +70,11 @@ pub async fn request(a: RequestArgs) -> Result<(), String> {
             "access request {} ended {}",
             last.id,
             state_name(last.state)
-        ));
+        )
+        .into());
     }
     req.access_request_id = last.id.clone();
-    let resp = client
-        .issue_credential(req)
-        .await
-        .map_err(status_msg)?
-        .into_inner();
+    let resp = client.issue_credential(req).await?.into_inner();
     if env {
         out!("{}", env_lines(resp.credential.as_ref())?);
         return Ok(());
@@ -100,15 +91,14 @@ pub async fn request(a: RequestArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub async fn renew(lease: String, ttl: Option<String>, conn: ConnArgs) -> Result<(), String> {
+pub async fn renew(lease: String, ttl: Option<Duration>, conn: ConnArgs) -> Result<(), CliError> {
     let ch = channel(&conn).await?;
     let resp = pb::credential_broker_client::CredentialBrokerClient::new(ch)
         .renew_lease(pb::RenewLeaseRequest {
             lease_id: lease,
-            ttl: duration_pb(&ttl)?,
+            ttl: duration_pb(ttl),
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     out!(
         "{}",
@@ -117,12 +107,11 @@ pub async fn renew(lease: String, ttl: Option<String>, conn: ConnArgs) -> Result
     Ok(())
 }
 
-pub async fn release(lease: String, conn: ConnArgs) -> Result<(), String> {
+pub async fn release(lease: String, conn: ConnArgs) -> Result<(), CliError> {
     let ch = channel(&conn).await?;
     let resp = pb::credential_broker_client::CredentialBrokerClient::new(ch)
         .release_lease(pb::ReleaseLeaseRequest { lease_id: lease })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     out!("{}", issued_json(None, resp.lease, resp.receipt, None));
     Ok(())

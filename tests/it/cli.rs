@@ -30,7 +30,13 @@ fn json(o: &Output) -> serde_json::Value {
 fn one_error_line(o: &Output, needle: &str) {
     assert!(!o.status.success(), "should fail");
     let err = String::from_utf8_lossy(&o.stderr);
-    let lines: Vec<_> = err.lines().filter(|l| !l.starts_with('{')).collect();
+    // JSON log lines and clap's "try '--help'" hint aside.
+    let lines: Vec<_> = err
+        .lines()
+        .filter(|l| {
+            !l.starts_with('{') && !l.trim().is_empty() && !l.starts_with("For more information")
+        })
+        .collect();
     assert_eq!(lines.len(), 1, "one clear line: {err}");
     assert!(
         lines[0].starts_with("error: ") && lines[0].contains(needle),
