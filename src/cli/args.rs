@@ -356,7 +356,9 @@ pub struct RequestArgs {
     pub csr: Option<std::path::PathBuf>,
     /// `json` (default): the lease and credential; `env`: shell `export` lines
     /// (AWS_* for cloud credentials, the secret's fields upper-cased for Vault, or
-    /// SPIFFE_BROKER_TOKEN / SPIFFE_BROKER_CERT_CHAIN).
+    /// SPIFFE_BROKER_TOKEN / SPIFFE_BROKER_CERT_CHAIN); `credential-process`: what an AWS
+    /// profile's `credential_process` prints (Version, AccessKeyId, SecretAccessKey,
+    /// SessionToken, Expiration).
     #[arg(long, value_enum, default_value_t = RequestOutput::Json)]
     pub output: RequestOutput,
     #[command(flatten)]
@@ -424,6 +426,8 @@ pub enum RequestOutput {
     Json,
     /// Shell `export` lines.
     Env,
+    /// The JSON the AWS SDKs read from a `credential_process` (AWS credentials only).
+    CredentialProcess,
 }
 
 /// Which access requests `requests` lists.

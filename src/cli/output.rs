@@ -200,3 +200,32 @@ pub fn env_lines(c: Option<&pb::Credential>) -> Result<String, CliError> {
     }
     Ok(lines.join("\n"))
 }
+
+/// The credential as an AWS `credential_process` answer: the SDKs (boto3, the AWS CLI,
+/// every AWS SDK) run `credential_process = spiffe-broker request … --output
+/// credential-process` and refresh before `Expiration`.
+pub fn credential_process_json(c: Option<&pb::Credential>) -> Result<String, CliError> {
+    let c = c.ok_or("no credential in the answer")?;
+    let (Some(pb::credential::Kind::Secret(sec)), "aws_sts") = (&c.kind, c.backend.as_str())
+    else {
+        return Err("--output credential-process needs an AWS credential (an aws_sts profile)".into());
+    };
+    let field = |k: &str| {
+        sec.data
+            .get(k)
+            .cloned()
+            .ok_or_else(|| CliError::Failed(format!("the AWS credential has no {k}")))
+    };
+    let expires = c
+        .expires_at
+        .as_ref()
+        .ok_or("the AWS credential has no expiry")?;
+    Ok(json!({
+        "Version": 1,
+        "AccessKeyId": field("aws_access_key_id")?,
+        "SecretAccessKey": field("aws_secret_access_key")?,
+        "SessionToken": field("aws_session_token")?,
+        "Expiration": spiffe_broker::clock::rfc3339(expires.seconds),
+    })
+    .to_string())
+}

@@ -17,7 +17,6 @@ pub async fn request(a: RequestArgs) -> Result<(), CliError> {
     if let Some(path) = &a.csr {
         req.csr = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    let env = a.output == RequestOutput::Env;
     let ch = channel(&a.conn).await?;
     let mut client = pb::credential_broker_client::CredentialBrokerClient::new(ch);
     let resp = client.issue_credential(req.clone()).await?.into_inner();
@@ -26,20 +25,7 @@ pub async fn request(a: RequestArgs) -> Result<(), CliError> {
         .clone()
         .filter(|_| resp.credential.is_none())
     else {
-        if env {
-            out!("{}", env_lines(resp.credential.as_ref())?);
-            return Ok(());
-        }
-        out!(
-            "{}",
-            issued_json(
-                resp.credential,
-                resp.lease,
-                resp.receipt,
-                resp.access_request
-            )
-        );
-        return Ok(());
+        return print_issued(a.output, resp);
     };
     if !a.wait {
         out!(
@@ -75,19 +61,23 @@ pub async fn request(a: RequestArgs) -> Result<(), CliError> {
     }
     req.access_request_id = last.id.clone();
     let resp = client.issue_credential(req).await?.into_inner();
-    if env {
-        out!("{}", env_lines(resp.credential.as_ref())?);
-        return Ok(());
-    }
-    out!(
-        "{}",
-        issued_json(
+    print_issued(a.output, resp)
+}
+
+/// Prints an issued credential the way `--output` asks.
+fn print_issued(output: RequestOutput, resp: pb::IssueCredentialResponse) -> Result<(), CliError> {
+    let text = match output {
+        RequestOutput::Env => env_lines(resp.credential.as_ref())?,
+        RequestOutput::CredentialProcess => credential_process_json(resp.credential.as_ref())?,
+        RequestOutput::Json => issued_json(
             resp.credential,
             resp.lease,
             resp.receipt,
-            resp.access_request
+            resp.access_request,
         )
-    );
+        .to_string(),
+    };
+    out!("{text}");
     Ok(())
 }
 

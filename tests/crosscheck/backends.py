@@ -45,6 +45,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -1210,14 +1211,17 @@ class Cli:
     binary: Path
     grpc_addr: str
 
+    def command(self, files: Path, *args: str) -> list[str]:
+        return [str(self.binary), "request", *args, "--broker", self.grpc_addr,
+                "--svid-cert", str(files / "svid.pem"), "--svid-key", str(files / "svid.key"),
+                "--bundle", str(files / "bundle.pem")]
+
     def run(self, files: Path, *args: str) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items()
                if k not in ("SPIFFE_ENDPOINT_SOCKET", "SPIFFE_BROKER_ADDR", "SPIFFE_BROKER_ID")}
         env["RUST_LOG"] = "warn"
-        cmd = [str(self.binary), "request", *args, "--broker", self.grpc_addr,
-               "--svid-cert", str(files / "svid.pem"), "--svid-key", str(files / "svid.key"),
-               "--bundle", str(files / "bundle.pem")]
-        return subprocess.run(cmd, capture_output=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+        return subprocess.run(self.command(files, *args), capture_output=True, env=env, timeout=60,
+                              stdin=subprocess.DEVNULL)
 
 
 def issued(r: cc.Report, what: str, p: subprocess.CompletedProcess) -> dict | None:
@@ -1467,6 +1471,47 @@ def e2e_s3(r: cc.Report, cli: Cli, files: Path, issuer: str, jwks: dict, moto: M
                 moto.url, got["AWS_ACCESS_KEY_ID"], got["AWS_SECRET_ACCESS_KEY"], got["AWS_SESSION_TOKEN"]))
             r.check("env credentials are the assumed role", ident is not None
                     and ":assumed-role/model-runtime-datasets/" in ident.get("Arn", ""), repr(ident and ident.get("Arn")))
+
+    # credential_process: an AWS profile whose credentials come from the broker, used by
+    # boto3 unchanged (it runs the command, reads Version/AccessKeyId/…/Expiration).
+    p = cli.run(files, *args, "--output", "credential-process")
+    def credential_process_json() -> dict:
+        if p.returncode != 0:
+            raise Rejected(p.stderr.decode("utf-8", "replace").strip())
+        return json.loads(p.stdout.decode())
+    cp = expect_ok(r, "--output credential-process prints the AWS credential_process JSON",
+                   credential_process_json)
+    if cp is not None:
+        r.check("credential_process JSON: Version 1 and the four fields",
+                cp.get("Version") == 1 and all(isinstance(cp.get(k), str) and cp.get(k)
+                                               for k in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")),
+                repr(sorted(cp)))
+        r.check("credential_process Expiration is RFC 3339 UTC",
+                bool(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cp.get("Expiration", ""))), cp.get("Expiration"))
+    with tempfile.TemporaryDirectory() as aws_dir:
+        cmd = " ".join(shlex.quote(x) for x in cli.command(files, *args, "--output", "credential-process"))
+        config = Path(aws_dir) / "config"
+        config.write_text(f"[profile broker]\ncredential_process = {cmd}\n")
+        def boto3_session() -> dict:
+            import boto3
+            saved = {k: os.environ.pop(k) for k in list(os.environ)
+                     if k.startswith("AWS_") or k in ("SPIFFE_ENDPOINT_SOCKET",)}
+            os.environ["AWS_CONFIG_FILE"] = str(config)
+            os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(Path(aws_dir) / "credentials")
+            try:
+                session = boto3.Session(profile_name="broker", region_name="us-east-1")
+                s3 = session.client("s3", endpoint_url=moto.url)
+                s3.create_bucket(Bucket="training-data")
+                s3.list_objects_v2(Bucket="training-data")
+                return session.client("sts", endpoint_url=moto.url).get_caller_identity()
+            finally:
+                for k in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+                    os.environ.pop(k, None)
+                os.environ.update(saved)
+        ident = expect_ok(r, "boto3.Session(profile_name=…) with credential_process = spiffe-broker request … "
+                             "lists a bucket at moto", boto3_session)
+        r.check("boto3's credentials are the assumed role", ident is not None
+                and ":assumed-role/model-runtime-datasets/" in ident.get("Arn", ""), repr(ident and ident.get("Arn")))
 
     proxy.clear()
     p = cli.run(files, "--profile", S3_PROFILE, *READ_INTENT, "--scope", S3_ACTIONS[0], "--ttl", "5m", "--output", "json")
