@@ -206,9 +206,10 @@ pub fn env_lines(c: Option<&pb::Credential>) -> Result<String, CliError> {
 /// credential-process` and refresh before `Expiration`.
 pub fn credential_process_json(c: Option<&pb::Credential>) -> Result<String, CliError> {
     let c = c.ok_or("no credential in the answer")?;
-    let (Some(pb::credential::Kind::Secret(sec)), "aws_sts") = (&c.kind, c.backend.as_str())
-    else {
-        return Err("--output credential-process needs an AWS credential (an aws_sts profile)".into());
+    let (Some(pb::credential::Kind::Secret(sec)), "aws_sts") = (&c.kind, c.backend.as_str()) else {
+        return Err(
+            "--output credential-process needs an AWS credential (an aws_sts profile)".into(),
+        );
     };
     let field = |k: &str| {
         sec.data
