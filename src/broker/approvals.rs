@@ -113,22 +113,14 @@ impl Broker {
             Err(e) => return Err(self.reject(caller, "IssueCredential", e).await),
         };
         let spec = RequestSpec::of(req).bound(bound);
+        let id = LeaseId::generate(unix_millis(self.clock.now()))?.to_string();
+        let requester = caller.spiffe_id().to_string();
         let ar = AccessRequest {
-            id: LeaseId::generate(unix_millis(self.clock.now()))?.to_string(),
-            requester: caller.spiffe_id().to_string(),
-            profile: req.profile.clone(),
-            digest: spec.digest(req.profile.as_str()),
-            request: spec,
             group: need.group.clone(),
             threshold: need.threshold,
-            state: AccessState::Pending,
-            created_at: now,
             expires_at: now + grant.profile.approval_ttl.as_secs() as i64,
             deny_ends: grant.profile.deny_ends,
-            break_glass: false,
-            post_review: None,
-            lease_id: None,
-            reviews: Vec::new(),
+            ..AccessRequest::new(id, requester, req.profile.clone(), spec, now)
         };
         let mut e = self.event(EventKind::AccessRequest, "require_approval", Some(caller));
         e.request = Some(request_record("IssueCredential", req));

@@ -294,23 +294,17 @@ impl Broker {
                 let minted_lease = lease.clone();
                 let break_glass = if grant.break_glass {
                     let now = self.clock.unix_seconds();
+                    let id = LeaseId::generate(unix_millis(self.clock.now()))?.to_string();
+                    let requester = caller.spiffe_id().to_string();
                     let spec = RequestSpec::of(&req);
                     let ar = AccessRequest {
-                        id: LeaseId::generate(unix_millis(self.clock.now()))?.to_string(),
-                        requester: caller.spiffe_id().to_string(),
-                        profile: req.profile.clone(),
-                        digest: spec.digest(req.profile.as_str()),
-                        request: spec,
                         group: "break-glass".into(),
-                        threshold: 0,
                         state: AccessState::Issued,
-                        created_at: now,
                         expires_at: lease.expires_at,
-                        deny_ends: true,
                         break_glass: true,
                         post_review: Some("pending".into()),
                         lease_id: Some(lease.id.to_string()),
-                        reviews: Vec::new(),
+                        ..AccessRequest::new(id, requester, req.profile.clone(), spec, now)
                     };
                     e.access_request_id = Some(ar.id.clone());
                     e.reason = req.intent.as_ref().and_then(|i| i.justification.clone());

@@ -572,6 +572,36 @@ pub struct AccessRequest {
 }
 
 impl AccessRequest {
+    /// A new pending access request for `spec` by `requester`, with no reviews; the
+    /// approval terms (group, threshold, expiry) are the caller's to set.
+    pub fn new(
+        id: String,
+        requester: String,
+        profile: ProfileName,
+        spec: RequestSpec,
+        now: i64,
+    ) -> Self {
+        Self {
+            digest: spec.digest(profile.as_str()),
+            id,
+            requester,
+            profile,
+            request: spec,
+            group: String::new(),
+            threshold: 0,
+            state: AccessState::Pending,
+            created_at: now,
+            expires_at: now,
+            deny_ends: true,
+            break_glass: false,
+            post_review: None,
+            lease_id: None,
+            reviews: Vec::new(),
+        }
+    }
+}
+
+impl AccessRequest {
     /// Distinct approvers that approved (before any post-review).
     pub fn approvers(&self) -> Vec<String> {
         let mut v: Vec<String> = self
