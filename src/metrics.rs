@@ -36,6 +36,10 @@ pub struct Metrics {
     /// Backend revocations that failed at least `STUCK_AFTER_ATTEMPTS` times and are
     /// still being retried (`spiffe-broker leases --stuck`).
     pub backend_revocations_stuck: Gauge,
+    /// 1 while the broker can serve (its own SVID is valid), else 0.
+    pub ready: Gauge,
+    /// When the broker's own SVID expires (Unix seconds; 0: it has none).
+    pub own_svid_expiry: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -71,6 +75,18 @@ impl Metrics {
         let break_glass = Counter::default();
         let backend_failures = Counter::default();
         let backend_revocations_stuck = Gauge::default();
+        let ready = Gauge::default();
+        let own_svid_expiry = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while the broker can serve (its own SVID is valid), else 0",
+            ready.clone(),
+        );
+        registry.register(
+            "own_svid_expiry_timestamp_seconds",
+            "When the broker's own X.509-SVID expires (Unix seconds; 0 without one)",
+            own_svid_expiry.clone(),
+        );
         registry.register(
             "backend_failures",
             "Issuances or renewals a credential backend failed or refused",
@@ -145,6 +161,8 @@ impl Metrics {
             break_glass,
             backend_failures,
             backend_revocations_stuck,
+            ready,
+            own_svid_expiry,
         }
     }
 

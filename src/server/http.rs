@@ -26,6 +26,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Whether the broker can serve (own SVID present, ledger open).
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// When the broker's own SVID expires (Unix seconds), if it has one.
+    pub svid_expiry: Arc<dyn Fn() -> Option<i64> + Send + Sync>,
     /// The broker (for the audit log's public checkpoint).
     pub broker: Arc<crate::broker::Broker>,
 }
@@ -147,6 +149,11 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    // Read at scrape time, so the alert on an SVID near expiry sees the SVID in use now.
+    s.metrics.ready.set(i64::from((s.ready)()));
+    s.metrics
+        .own_svid_expiry
+        .set((s.svid_expiry)().unwrap_or(0));
     (
         [(
             header::CONTENT_TYPE,

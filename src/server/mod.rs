@@ -261,7 +261,11 @@ pub async fn assemble(
             keys,
             issuer_url: config.issuer_url.clone(),
             metrics,
-            ready: Arc::new(move || own_svid_current(&ready_source, ready_clock.as_ref())),
+            ready: {
+                let source = ready_source.clone();
+                Arc::new(move || own_svid_current(&source, ready_clock.as_ref()))
+            },
+            svid_expiry: Arc::new(move || own_svid_window(&ready_source).map(|(_, until)| until)),
             broker: broker.clone(),
         },
         https,
@@ -279,15 +283,19 @@ pub async fn assemble(
 /// last SVID when the Workload API goes away; once that one expires, no client will
 /// accept the broker's handshake, so it reports not ready rather than serving on.
 fn own_svid_current(source: &X509Source, clock: &dyn Clock) -> bool {
-    let Ok(svid) = source.svid() else {
-        return false;
-    };
-    let Ok((_, leaf)) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()) else {
-        return false;
-    };
     let now = clock.unix_seconds();
+    own_svid_window(source).is_some_and(|(from, until)| from <= now && now < until)
+}
+
+/// The validity window (Unix seconds) of the broker's own SVID, if it has one.
+fn own_svid_window(source: &X509Source) -> Option<(i64, i64)> {
+    let svid = source.svid().ok()?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).ok()?;
     let validity = leaf.validity();
-    validity.not_before.timestamp() <= now && now < validity.not_after.timestamp()
+    Some((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
 }
 
 /// Serves gRPC on `grpc` and HTTP on `http` until `shutdown` resolves, then drains

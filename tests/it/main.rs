@@ -12,6 +12,7 @@ mod backend_x509;
 mod bundle_rotation;
 mod cli;
 mod crash;
+mod deploy_monitoring;
 mod faults;
 mod fuzz_regressions;
 mod ha;
