@@ -84,29 +84,34 @@ pub fn from_unix_seconds(secs: i64) -> SystemTime {
     }
 }
 
-/// RFC 3339 in UTC with second precision, e.g. `2026-11-26T11:13:46Z`.
+/// RFC 3339 in UTC with second precision, e.g. `2026-11-26T11:13:46Z`, formatted by the
+/// `time` crate. RFC 3339 has four-digit years only: an instant outside years 0000–9999
+/// (which no lease, lock or certificate reaches) is written as its Unix seconds instead.
 pub fn rfc3339(unix_secs: i64) -> String {
-    let days = unix_secs.div_euclid(86_400);
-    let rem = unix_secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    time::OffsetDateTime::from_unix_timestamp(unix_secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix_secs.to_string())
+}
+
+/// Unix seconds of an RFC 3339 timestamp (any offset; fractions of a second dropped), as
+/// the `time` crate parses it; `None` if it is not one.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
 }
 
 /// Parses a duration such as `90s`, `10m`, `1h30m` or `7d`.
+///
+/// Hand-written on purpose, not `humantime`: humantime also accepts `ms`/`us`/`ns`, `w`,
+/// `M` (months), `y` and spelled-out units (`2 hours`), and its `format_duration` writes
+/// `1h 30m`. The config, the CLI and policy messages speak exactly `N{s,m,h,d}…`, and
+/// widening that would silently change what a config means (sub-second TTLs, a month of
+/// 30.44 days).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s.is_empty() {
@@ -182,6 +187,24 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
+        // Past RFC 3339's four-digit years: the Unix seconds.
+        assert_eq!(rfc3339(253_402_300_800), "253402300800");
+        assert_eq!(rfc3339(i64::MIN), i64::MIN.to_string());
+    }
+
+    #[test]
+    fn rfc3339_parses_what_it_formats_and_offsets() {
+        for t in [0, 1_795_000_000, 951_782_400, -1, 253_402_300_799] {
+            assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        }
+        assert_eq!(
+            parse_rfc3339("2026-11-18T12:06:40.5+01:00"),
+            Some(1_795_000_000)
+        );
+        assert_eq!(parse_rfc3339("2026-11-18"), None);
+        assert_eq!(parse_rfc3339("1795000000"), None);
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! a gRPC status; `clock` is the only reader of wall time; `workload` is the dev SPIFFE
 //! Workload API and dev CA; `dev` assembles the embedded default; `client` is what the CLI
 //! and the examples use to reach a broker; `relying_party` is the library a relying party
-//! embeds (it needs nothing of the broker's internals).
+//! embeds (it needs nothing of the broker's internals); `http_client` is the one outbound
+//! HTTP(S) client (Vault, STS, webhooks, the relying party's fetches).
 //!
 //! # Layers
 //!
@@ -27,7 +28,7 @@
 //!
 //! ```text
 //! layer 0: domain proto
-//! layer 1: clock merkle metrics jose
+//! layer 1: clock merkle metrics jose http_client
 //! layer 2: crypto checkpoint audit config
 //! layer 3: authn store notify relying_party
 //! layer 4: policy workload client
@@ -52,6 +53,7 @@ pub mod crypto;
 pub mod dev;
 pub mod domain;
 pub mod error;
+pub mod http_client;
 pub mod issuer;
 pub mod jose;
 pub mod merkle;

@@ -15,20 +15,24 @@
 //! # fn token_from_request() -> String { String::new() }
 //! ```
 //!
-//! Only `http://` issuer URLs are fetched by this module's small HTTP client; behind TLS,
-//! fetch the same documents with your own client and call [`RelyingParty::set_keys`] and
-//! [`RelyingParty::apply_feed`].
+//! Discovery, the JWKS and the feed are fetched with the broker's outbound client
+//! (`crate::http_client`): `http://` or `https://` issuers (the broker's HTTP listener with
+//! `[http_tls]`), trusting the platform's store or [`RpConfig::ca_file`], honouring
+//! `HTTPS_PROXY` / `NO_PROXY`, with a 10 s bound per fetch and 16 MiB per document. To
+//! fetch them some other way, call [`RelyingParty::set_keys`] and
+//! [`RelyingParty::apply_feed`] with what you fetched.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::checkpoint::VerifierKey;
 use crate::clock::{Clock, SystemClock};
 use crate::domain::RevocationEvent;
+use crate::http_client::{HttpClient, Options, Trust};
 use crate::jose::{self, b64, Alg, Jwk, JwkSet, JwtClaims};
 
 /// Why a token (or the feed) was refused.
@@ -71,10 +75,14 @@ pub struct RpConfig {
     pub leeway: Duration,
     /// Time source (tests use a manual clock).
     pub clock: Arc<dyn Clock>,
+    /// PEM bundle of the CAs trusted for an `https` issuer, instead of the platform's
+    /// trust store (e.g. the private CA of the broker's `[http_tls]` certificate).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RpConfig {
-    /// Defaults: 60 s staleness bound, 30 s leeway, the system clock.
+    /// Defaults: 60 s staleness bound, 30 s leeway, the system clock, the platform's
+    /// trust store.
     pub fn new(issuer_url: &str, audience: &str, feed_key: &str) -> Result<Self, RpError> {
         Ok(Self {
             issuer_url: issuer_url.trim_end_matches('/').to_owned(),
@@ -84,6 +92,7 @@ impl RpConfig {
             max_staleness: Duration::from_secs(60),
             leeway: Duration::from_secs(30),
             clock: Arc::new(SystemClock),
+            ca_file: None,
         })
     }
 }
@@ -122,6 +131,8 @@ fn chain_hash(e: &RevocationEvent) -> Result<[u8; 32], RpError> {
 pub struct RelyingParty {
     cfg: RpConfig,
     state: Mutex<State>,
+    /// Built once, from `cfg.ca_file`; a CA file that cannot be used fails every fetch.
+    http: Result<HttpClient, String>,
 }
 
 #[derive(Deserialize)]
@@ -135,7 +146,14 @@ struct FeedPage {
 impl RelyingParty {
     /// A relying party with no keys and no feed yet (everything is refused until both).
     pub fn new(cfg: RpConfig) -> Self {
+        let options = Options {
+            timeout: FETCH_TIMEOUT,
+            max_body: MAX_BODY,
+            ..Options::new(Trust::from_ca_file(cfg.ca_file.as_deref()))
+        };
+        let http = HttpClient::new(&options).map_err(|e| e.to_string());
         Self {
+            http,
             cfg,
             state: Mutex::new(State {
                 keys: HashMap::new(),
@@ -165,11 +183,12 @@ impl RelyingParty {
     /// Fetches the JWKS through OIDC discovery.
     pub async fn refresh_keys(&self) -> Result<(), RpError> {
         let disc: serde_json::Value = serde_json::from_slice(
-            &http_get(&format!(
-                "{}/.well-known/openid-configuration",
-                self.cfg.issuer_url
-            ))
-            .await?,
+            &self
+                .get(&format!(
+                    "{}/.well-known/openid-configuration",
+                    self.cfg.issuer_url
+                ))
+                .await?,
         )
         .map_err(|e| RpError::Broker(format!("discovery: {e}")))?;
         if disc["issuer"].as_str() != Some(self.cfg.issuer_url.as_str()) {
@@ -178,7 +197,7 @@ impl RelyingParty {
         let uri = disc["jwks_uri"]
             .as_str()
             .ok_or_else(|| RpError::Broker("discovery has no jwks_uri".into()))?;
-        let jwks: JwkSet = serde_json::from_slice(&http_get(uri).await?)
+        let jwks: JwkSet = serde_json::from_slice(&self.get(uri).await?)
             .map_err(|e| RpError::Broker(format!("JWKS: {e}")))?;
         self.set_keys(jwks);
         Ok(())
@@ -192,11 +211,12 @@ impl RelyingParty {
         let mut applied = 0;
         loop {
             let since = self.state().tip()?.0;
-            let body = http_get(&format!(
-                "{}/revocations?since={since}",
-                self.cfg.issuer_url
-            ))
-            .await?;
+            let body = self
+                .get(&format!(
+                    "{}/revocations?since={since}",
+                    self.cfg.issuer_url
+                ))
+                .await?;
             let page: FeedPage = serde_json::from_slice(&body)
                 .map_err(|e| RpError::Broker(format!("revocation feed: {e}")))?;
             applied += self.apply_feed(&page.events, page.signed_head.as_deref(), page.more)?;
@@ -384,51 +404,26 @@ const MAX_PENDING: usize = 1_000_000;
 /// Upper bound on a broker document.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
-/// A minimal HTTP/1.1 GET for `http://` URLs.
-async fn http_get(url: &str) -> Result<Vec<u8>, RpError> {
-    let err = |m: String| RpError::Broker(m);
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| err(format!("only http:// URLs are fetched here: {url}")))?;
-    let (host, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(host)
+/// Upper bound on one fetch, from connecting to the last byte.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl RelyingParty {
+    /// GETs a broker document: `200` and its body, anything else is an error.
+    async fn get(&self, url: &str) -> Result<Vec<u8>, RpError> {
+        let http = self
+            .http
+            .as_ref()
+            .map_err(|e| RpError::Broker(format!("HTTP client: {e}")))?;
+        let req = http::Request::get(url)
+            .body(Vec::new())
+            .map_err(|e| RpError::Broker(format!("{url}: {e}")))?;
+        let resp = http
+            .send(req)
             .await
-            .map_err(|e| err(format!("{host}: {e}")))?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .map_err(|e| err(e.to_string()))?;
-        let mut buf = Vec::new();
-        s.take(MAX_BODY as u64 + 8192)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        Ok::<_, RpError>(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(10), fetch)
-        .await
-        .map_err(|_| err(format!("{url}: timed out")))??;
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| err("malformed HTTP response".into()))?;
-    let head = String::from_utf8_lossy(&buf[..split]);
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(err(format!(
-            "{url}: {}",
-            head.lines().next().unwrap_or_default()
-        )));
+            .map_err(|e| RpError::Broker(e.to_string()))?;
+        if resp.status != http::StatusCode::OK {
+            return Err(RpError::Broker(format!("{url}: HTTP {}", resp.status)));
+        }
+        Ok(resp.body.to_vec())
     }
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Err(err("chunked responses are not supported".into()));
-    }
-    Ok(buf[split + 4..].to_vec())
 }

@@ -371,39 +371,12 @@ pub fn parse_instant(s: &str, flag: &str) -> Result<i64, CliError> {
         return Ok(n);
     }
     let bad = || format!("{flag}: {s:?} is not RFC 3339 (YYYY-MM-DDTHH:MM:SSZ) or Unix seconds");
-    let b = s.as_bytes();
-    if b.len() != 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-        || b[19] != b'Z'
-    {
-        return Err(bad().into());
+    // Parsed by `time`; only the one form `rfc3339` writes (UTC, `Z`, whole seconds) is
+    // taken: an offset or a fraction would make the echoed instant differ.
+    match spiffe_broker::clock::parse_rfc3339(s) {
+        Some(t) if rfc3339(t) == s => Ok(t),
+        _ => Err(bad().into()),
     }
-    let num = |r: std::ops::Range<usize>| s[r].parse::<i64>().map_err(|_| bad());
-    let (y, m, d, hh, mm, ss) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    // Days from civil (Howard Hinnant), the inverse of clock::rfc3339.
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let t = days * 86_400 + hh * 3600 + mm * 60 + ss;
-    if rfc3339(t) != s {
-        return Err(bad().into());
-    }
-    Ok(t)
 }
 
 /// A duration option (`90s`, `10m`, `1h30m`, `7d`), checked when the command line is parsed.

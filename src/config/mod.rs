@@ -102,7 +102,8 @@ pub struct HttpTlsConfig {
 /// Where approval notifications go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotificationConfig {
-    /// `http://host:port/path` receiving signed JSON POSTs.
+    /// `https://host[:port]/path` (or `http://…`) receiving signed JSON POSTs; checked by
+    /// `notify::Notifier::spawn` when the server starts.
     pub webhook_url: String,
     /// File holding the HMAC key (its bytes, trimmed).
     pub hmac_key_file: PathBuf,

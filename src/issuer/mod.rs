@@ -9,7 +9,6 @@
 //! | `vault` | [`vault`] | Vault (dynamic secrets, JWT auth) |
 //! | `x509` | [`x509`] | any TLS server trusting the issuing CA |
 
-mod http;
 mod jwt;
 pub mod oci;
 pub mod sts;

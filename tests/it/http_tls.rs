@@ -142,3 +142,77 @@ async fn http_listener_serves_tls_and_follows_replaced_certificate_files() {
     );
     drop(h);
 }
+
+/// The relying-party library against a broker whose HTTP listener is TLS with a private CA
+/// (`RpConfig::ca_file`): discovery, JWKS and the feed are fetched over https, and a token
+/// then verifies up to its certificate binding. Without the CA (the platform's trust store
+/// only) nothing is fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relying_party_follows_a_broker_over_https() {
+    use common::{gpu_request, token_of, DEPLOY_AGENT};
+    use spiffe_broker::relying_party::{RelyingParty, RpConfig, RpError};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "relying-party test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_pem = ca_params.self_signed(&ca_key).expect("CA").pem();
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let (cert, key, _) = server_pair(&ca, "broker-http");
+    let (cert_path, key_path, ca_path) = (
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        dir.path().join("ca.crt"),
+    );
+    std::fs::write(&cert_path, &cert).expect("cert");
+    std::fs::write(&key_path, &key).expect("key");
+    std::fs::write(&ca_path, &ca_pem).expect("CA file");
+    let section = format!(
+        "\n[http_tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert_path.display(),
+        key_path.display()
+    );
+    let h = common::start_with(Some(Box::new(move |text: String| {
+        assert!(text.contains("issuer_url = \"http://"), "{text}");
+        text.replacen("issuer_url = \"http://", "issuer_url = \"https://", 1) + &section
+    })))
+    .await;
+    let issuer = h.env.config.issuer_url.clone();
+    assert!(issuer.starts_with("https://"), "{issuer}");
+    let feed_key =
+        std::fs::read_to_string(h.env.state_dir.join("keys/revocations.vkey")).expect("feed key");
+
+    // The platform's trust store does not know the private CA.
+    let stranger =
+        RelyingParty::new(RpConfig::new(&issuer, "gpu-scheduler", &feed_key).expect("config"));
+    match stranger.refresh_keys().await {
+        Err(RpError::Broker(why)) => assert!(why.contains("certificate"), "{why}"),
+        other => panic!("fetched without trusting the CA: {other:?}"),
+    }
+
+    let mut cfg = RpConfig::new(&issuer, "gpu-scheduler", &feed_key).expect("config");
+    cfg.ca_file = Some(ca_path);
+    let rp = RelyingParty::new(cfg);
+    rp.refresh_keys()
+        .await
+        .expect("discovery and JWKS over https");
+    rp.sync_revocations().await.expect("the feed over https");
+
+    let mut broker = h.broker_as(DEPLOY_AGENT).await;
+    let resp = broker
+        .issue_credential(gpu_request(600))
+        .await
+        .expect("issued")
+        .into_inner();
+    // Keys, issuer, audience, times and freshness pass; only the `cnf` binding to the
+    // caller's certificate (not presented here) is left.
+    assert_eq!(
+        rp.verify(&token_of(&resp.credential), None).map(|_| ()),
+        Err(RpError::CnfMismatch)
+    );
+    drop(h);
+}
