@@ -36,8 +36,13 @@ struct Cli {
 enum Command {
     /// Run the broker from a config file.
     Serve {
-        /// Path of the TOML config.
-        #[arg(long)]
+        /// Path of the TOML config: --config, else $SPIFFE_BROKER_CONFIG, else
+        /// /etc/spiffe-broker/config.toml.
+        #[arg(
+            long,
+            env = "SPIFFE_BROKER_CONFIG",
+            default_value = "/etc/spiffe-broker/config.toml"
+        )]
         config: PathBuf,
     },
     /// Run everything on the embedded default (dev CA, Workload API, SQLite, demo policy).
