@@ -5,9 +5,12 @@
 //! the same holder can be renewed or released) are checked inside the same transaction,
 //! so a revoked lease can never come back, whatever the interleaving.
 
+pub(crate) mod engine;
 pub mod export;
+pub(crate) mod ops;
 pub mod pg_tls;
 pub mod postgres;
+pub(crate) mod sql;
 pub mod sqlite;
 
 use std::sync::Arc;

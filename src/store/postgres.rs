@@ -29,12 +29,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ::postgres::types::{FromSql, ToSql};
+use ::postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use ::postgres::{Client, NoTls, Row, SimpleQueryMessage, Statement};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::ops::log::{self as oplog, Head};
 use super::pg_tls::{PgTls, SslMode};
+use super::sql::{corrupt, Cell, DbError, Dialect, Row as SqlRow, Tx, Value};
 use super::{
     guard_holder, unavailable, Applied, FeedTail, IdentityStats, LedgerOp, Receipt, Refusal, Store,
     StoreError, StoredCheckpoint,
@@ -109,54 +111,11 @@ pub struct PostgresStore {
     commit_timeout: Duration,
 }
 
-/// Why a database step failed.
-#[derive(Debug)]
-enum PgError {
-    /// The database refused a statement, or the connection failed or is gone.
-    Db(::postgres::Error),
-    /// Could not connect; the message names the server, never its password.
-    Connect(String),
-    /// A stored value violates an invariant.
-    Corrupt(String),
-}
-
-impl From<::postgres::Error> for PgError {
-    fn from(e: ::postgres::Error) -> Self {
-        PgError::Db(e)
-    }
-}
-
-impl std::fmt::Display for PgError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            // `Error`'s Display says only "db error"; the server's message is the cause.
-            PgError::Db(e) => match e.as_db_error() {
-                Some(db) => write!(f, "{} ({})", db.message(), db.code().code()),
-                None => f.write_str(&with_causes(e)),
-            },
-            PgError::Connect(s) | PgError::Corrupt(s) => f.write_str(s),
-        }
-    }
-}
-
-impl From<PgError> for StoreError {
-    fn from(e: PgError) -> Self {
-        match e {
-            PgError::Corrupt(s) => StoreError::Corrupt(s),
-            other => StoreError::Unavailable(other.to_string()),
-        }
-    }
-}
-
-fn corrupt(what: impl Into<String>) -> PgError {
-    PgError::Corrupt(what.into())
-}
-
 /// Whether an error means the connection itself is gone (server restarted, network
 /// dropped), as opposed to a statement the server refused.
-fn connection_lost(e: &PgError, client: &Client) -> bool {
+fn connection_lost(e: &DbError, client: &Client) -> bool {
     match e {
-        PgError::Db(e) => {
+        DbError::Postgres(e) => {
             client.is_closed()
                 || e.is_closed()
                 || match e.code() {
@@ -165,8 +124,8 @@ fn connection_lost(e: &PgError, client: &Client) -> bool {
                     None => e.as_db_error().is_none(),
                 }
         }
-        PgError::Connect(_) => true,
-        PgError::Corrupt(_) => false,
+        DbError::Connect(_) => true,
+        DbError::Corrupt(_) | DbError::Sqlite(_) => false,
     }
 }
 
@@ -235,14 +194,14 @@ impl Settings {
         })
     }
 
-    fn connect(&self) -> Result<Conn, PgError> {
+    fn connect(&self) -> Result<Conn, DbError> {
         let fail = |e: ::postgres::Error| {
-            let mut why = PgError::Db(e).to_string();
+            let mut why = DbError::Postgres(e).to_string();
             // The crate's words for a server that answered the TLS request with "no".
             if why.ends_with("server does not support TLS") {
                 why.push_str(&format!(", but sslmode={} requires it", self.mode));
             }
-            PgError::Connect(format!("cannot connect to {}: {why}", self.desc))
+            DbError::Connect(format!("cannot connect to {}: {why}", self.desc))
         };
         let client = match self.mode {
             SslMode::Disable => self.pg.connect(NoTls),
@@ -267,7 +226,7 @@ struct Conn {
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 impl Conn {
-    fn statement(&mut self, sql: &str) -> Result<Statement, PgError> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, DbError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
@@ -276,29 +235,129 @@ impl Conn {
         Ok(s)
     }
 
-    fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, PgError> {
+    fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
         let s = self.statement(sql)?;
         Ok(self.client.query(&s, params)?)
     }
 
-    fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>, PgError> {
+    fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
         let s = self.statement(sql)?;
         Ok(self.client.query_opt(&s, params)?)
     }
 
-    fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, PgError> {
+    fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
         let s = self.statement(sql)?;
         Ok(self.client.query_one(&s, params)?)
     }
 
-    fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, PgError> {
+    fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
         let s = self.statement(sql)?;
         Ok(self.client.execute(&s, params)?)
     }
 
     /// Several statements in one round trip (simple protocol; rows are discarded).
-    fn batch(&mut self, sql: &str) -> Result<(), PgError> {
+    fn batch(&mut self, sql: &str) -> Result<(), DbError> {
         Ok(self.client.batch_execute(sql)?)
+    }
+}
+
+impl ToSql for Value<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            // An integer parameter is BIGINT everywhere in the schema; narrower ones (a
+            // function's INT argument) take it if it fits.
+            Value::Int(v) if *ty == Type::INT4 => i32::try_from(*v)?.to_sql_checked(ty, out),
+            Value::Int(v) => v.to_sql_checked(ty, out),
+            Value::Bool(v) => v.to_sql_checked(ty, out),
+            Value::Text(v) => v.to_sql_checked(ty, out),
+            Value::Bytes(v) => v.to_sql_checked(ty, out),
+            Value::List(v) => v.to_sql_checked(ty, out),
+        }
+    }
+
+    /// Any: which types a value takes is up to its variant, checked in `to_sql`.
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// Reads a column as the [`Cell`] its type maps to.
+fn cell(row: &Row, idx: usize) -> Result<Cell, DbError> {
+    fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<Option<T>, DbError> {
+        row.try_get(idx).map_err(|e| {
+            let name = row.columns().get(idx).map_or("?", |c| c.name());
+            corrupt(format!("column {name}: {e}"))
+        })
+    }
+    let ty = row.columns().get(idx).map(|c| c.type_().clone());
+    let cell = match ty {
+        Some(t) if t == Type::INT8 => get::<i64>(row, idx)?.map(Cell::Int),
+        Some(t) if t == Type::INT4 => get::<i32>(row, idx)?.map(|v| Cell::Int(v.into())),
+        Some(t) if t == Type::INT2 => get::<i16>(row, idx)?.map(|v| Cell::Int(v.into())),
+        Some(t) if t == Type::BOOL => get::<bool>(row, idx)?.map(Cell::Bool),
+        Some(t) if t == Type::BYTEA => get::<Vec<u8>>(row, idx)?.map(Cell::Bytes),
+        Some(t) if t == Type::FLOAT8 => get::<f64>(row, idx)?.map(Cell::Real),
+        // TEXT, VARCHAR, NAME and the like.
+        _ => get::<String>(row, idx)?.map(Cell::Text),
+    };
+    Ok(cell.unwrap_or(Cell::Null))
+}
+
+/// A result row as read, for the shared decoders.
+fn to_row(row: &Row, names: &Arc<[String]>) -> Result<SqlRow, DbError> {
+    let cells = (0..row.len())
+        .map(|i| cell(row, i))
+        .collect::<Result<_, _>>()?;
+    Ok(SqlRow::new(names.clone(), cells))
+}
+
+/// The column names of a statement's result.
+fn column_names(s: &Statement) -> Arc<[String]> {
+    s.columns()
+        .iter()
+        .map(|c| c.name().to_owned())
+        .collect::<Vec<_>>()
+        .into()
+}
+
+fn params<'a>(args: &'a [Value<'_>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    args.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
+}
+
+impl Tx for Conn {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    fn query(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Vec<SqlRow>, DbError> {
+        let s = self.statement(sql)?;
+        let names = column_names(&s);
+        self.client
+            .query(&s, &params(args))?
+            .iter()
+            .map(|r| to_row(r, &names))
+            .collect()
+    }
+
+    fn query_opt(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Option<SqlRow>, DbError> {
+        let s = self.statement(sql)?;
+        let names = column_names(&s);
+        self.client
+            .query_opt(&s, &params(args))?
+            .map(|r| to_row(&r, &names))
+            .transpose()
+    }
+
+    fn execute(&mut self, sql: &str, args: &[Value<'_>]) -> Result<u64, DbError> {
+        let s = self.statement(sql)?;
+        Ok(self.client.execute(&s, &params(args))?)
     }
 }
 
@@ -312,7 +371,7 @@ struct Pool {
 impl Pool {
     /// Runs `f` on a pooled connection. A pooled connection may have died while idle (the
     /// database restarted): then `f` runs once more on a new one.
-    fn run<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, PgError> {
+    fn run<T>(&self, f: impl Fn(&mut Conn) -> Result<T, DbError>) -> Result<T, DbError> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let (mut conn, was_idle) = match pooled {
             Some(c) if !c.client.is_closed() => (c, true),
@@ -361,126 +420,37 @@ impl Drop for Pool {
     }
 }
 
-/// The chain head and Merkle frontier a batch appends to.
-#[derive(Clone)]
-struct Head {
-    seq: u64,
-    hash: [u8; 32],
-    tree: Frontier,
-}
-
-fn hash32(v: Vec<u8>, what: &str) -> Result<[u8; 32], PgError> {
+fn hash32(v: Vec<u8>, what: &str) -> Result<[u8; 32], DbError> {
     v.try_into()
         .map_err(|_| corrupt(format!("{what} is not 32 bytes")))
-}
-
-/// Merkle nodes fetched in one query. A walk over the tree (frontier, proofs) asks for
-/// nodes by position only, never by value, so it runs once recording what it needs, the
-/// nodes are fetched together, and it runs again on them: one round trip, not O(log n).
-#[derive(Default)]
-struct Prefetch {
-    wanted: RefCell<Vec<(u32, u64)>>,
-    nodes: Option<HashMap<(u32, u64), MerkleHash>>,
-}
-
-impl NodeSource for Prefetch {
-    type Error = PgError;
-    fn node(&self, level: u32, index: u64) -> Result<MerkleHash, PgError> {
-        match &self.nodes {
-            None => {
-                self.wanted.borrow_mut().push((level, index));
-                Ok([0; 32])
-            }
-            Some(nodes) => nodes.get(&(level, index)).copied().ok_or_else(|| {
-                corrupt(format!(
-                    "merkle node (level {level}, index {index}) is missing"
-                ))
-            }),
-        }
-    }
-}
-
-impl Prefetch {
-    fn fill(&mut self, c: &mut Conn) -> Result<(), PgError> {
-        let wanted = self.wanted.take();
-        if wanted.is_empty() {
-            self.nodes = Some(HashMap::new());
-            return Ok(());
-        }
-        let levels: Vec<i64> = wanted.iter().map(|(l, _)| i64::from(*l)).collect();
-        let idxs: Vec<i64> = wanted.iter().map(|(_, i)| *i as i64).collect();
-        let rows = c.query(
-            "SELECT n.level, n.idx, n.hash FROM merkle_nodes n
-             JOIN unnest($1::bigint[], $2::bigint[]) AS w(level, idx)
-               ON n.level = w.level AND n.idx = w.idx",
-            &[&levels, &idxs],
-        )?;
-        let mut nodes = HashMap::with_capacity(rows.len());
-        for r in &rows {
-            let level: i64 = col(r, 0)?;
-            let idx: i64 = col(r, 1)?;
-            nodes.insert(
-                (level as u32, idx as u64),
-                hash32(col(r, 2)?, "merkle node")?,
-            );
-        }
-        self.nodes = Some(nodes);
-        Ok(())
-    }
-}
-
-/// Runs a tree walk on nodes prefetched in one query (see [`Prefetch`]).
-fn with_nodes<T>(
-    c: &mut Conn,
-    walk: impl Fn(&Prefetch) -> Result<T, PgError>,
-) -> Result<T, PgError> {
-    let mut p = Prefetch::default();
-    walk(&p)?;
-    p.fill(c)?;
-    walk(&p)
-}
-
-/// The last entry: sequence and hash.
-fn chain_top(c: &mut Conn) -> Result<(u64, [u8; 32]), PgError> {
-    let row = c.query_opt(
-        "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-        &[],
-    )?;
-    match row {
-        None => Ok((0, [0; 32])),
-        Some(r) => Ok((
-            col::<i64>(&r, 0)? as u64,
-            hash32(col(&r, 1)?, "entry hash")?,
-        )),
-    }
 }
 
 /// The head at `top`: the cached one if nobody appended since (the common case with one
 /// replica), else the frontier read fresh. Every entry's leaf is written in the same
 /// transaction as the entry, so the tree has exactly `seq` leaves.
-fn head_at(c: &mut Conn, top: (u64, [u8; 32]), cached: Option<Head>) -> Result<Head, PgError> {
+fn head_at(c: &mut Conn, top: (u64, [u8; 32]), cached: Option<Head>) -> Result<Head, DbError> {
     let (seq, hash) = top;
     if let Some(h) = cached.filter(|h| h.seq == seq && h.hash == hash) {
         return Ok(h);
     }
-    let tree = with_nodes(c, |src| Frontier::load(src, seq))?;
+    let tree = oplog::frontier(c, seq)?;
     Ok(Head { seq, hash, tree })
 }
 
 /// Converts a column, naming it when the stored value does not fit.
-fn col<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, PgError> {
+fn col<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, DbError> {
     row.try_get(idx).map_err(|e| {
         let name = row.columns().get(idx).map_or("?", |c| c.name());
         corrupt(format!("column {name}: {e}"))
     })
 }
 
-fn col_u32(row: &Row, idx: usize) -> Result<u32, PgError> {
+fn col_u32(row: &Row, idx: usize) -> Result<u32, DbError> {
     let v: i64 = col(row, idx)?;
     u32::try_from(v).map_err(|_| corrupt(format!("column {idx}: {v} out of range")))
 }
 
-fn migrate(c: &mut Conn) -> Result<(), PgError> {
+fn migrate(c: &mut Conn) -> Result<(), DbError> {
     c.batch(&format!(
         "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = 0;
          SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
@@ -488,7 +458,7 @@ fn migrate(c: &mut Conn) -> Result<(), PgError> {
              version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
         MIGRATION_WAIT.as_millis()
     ))?;
-    let run = |c: &mut Conn| -> Result<(), PgError> {
+    let run = |c: &mut Conn| -> Result<(), DbError> {
         for (version, name, sql) in MIGRATIONS {
             let done = c
                 .client
@@ -532,7 +502,7 @@ impl PostgresStore {
             .spawn(move || {
                 let started = writer_settings.connect().and_then(|mut c| {
                     migrate(&mut c)?;
-                    let top = chain_top(&mut c)?;
+                    let top = oplog::chain_top(&mut c)?;
                     let head = head_at(&mut c, top, None)?;
                     Ok((c, head))
                 });
@@ -558,8 +528,8 @@ impl PostgresStore {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(match e {
-                    PgError::Corrupt(s) => StoreError::Corrupt(s),
-                    PgError::Connect(s) => StoreError::Unavailable(s),
+                    DbError::Corrupt(s) => StoreError::Corrupt(s),
+                    DbError::Connect(s) => StoreError::Unavailable(s),
                     other => StoreError::Unavailable(format!(
                         "ledger {} could not be opened: {other}",
                         settings.desc
@@ -581,7 +551,7 @@ impl PostgresStore {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl Fn(&mut Conn) -> Result<T, PgError> + Send + 'static,
+        f: impl Fn(&mut Conn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let deadline = tokio::time::Instant::now() + self.commit_timeout;
         let permit = tokio::time::timeout_at(deadline, self.pool.permits.clone().acquire_owned())
@@ -601,23 +571,12 @@ impl PostgresStore {
     }
 }
 
-fn entry_from_row(r: &Row) -> Result<StoredEntry, PgError> {
-    Ok(StoredEntry {
-        seq: col::<i64>(r, 0)? as u64,
-        kind: col(r, 1)?,
-        lease_id: col(r, 2)?,
-        body: col(r, 3)?,
-        prev_hash: col(r, 4)?,
-        hash: col(r, 5)?,
-    })
-}
-
 const LEASE_COLUMNS: &str =
     "id, profile, spiffe_id, scopes, audience, state, issued_at, expires_at, \
      max_expires_at, credential_sha256, renewals, ended_at, end_reason, intent, \
      backend_kind, backend_handle, backend_revocable";
 
-fn lease_from_row(r: &Row) -> Result<Lease, PgError> {
+fn lease_from_row(r: &Row) -> Result<Lease, DbError> {
     let id: String = col(r, 0)?;
     let profile: String = col(r, 1)?;
     let scopes: String = col(r, 3)?;
@@ -660,7 +619,7 @@ fn lease_from_row(r: &Row) -> Result<Lease, PgError> {
 const BACKEND_REVOCATION_COLUMNS: &str =
     "lease_id, kind, handle, queued_at, attempts, next_attempt_at, last_error";
 
-fn backend_revocation_from_row(r: &Row) -> Result<BackendRevocation, PgError> {
+fn backend_revocation_from_row(r: &Row) -> Result<BackendRevocation, DbError> {
     Ok(BackendRevocation {
         lease_id: col(r, 0)?,
         kind: col(r, 1)?,
@@ -672,7 +631,7 @@ fn backend_revocation_from_row(r: &Row) -> Result<BackendRevocation, PgError> {
     })
 }
 
-fn select_lease(c: &mut Conn, id: &str) -> Result<Option<Lease>, PgError> {
+fn select_lease(c: &mut Conn, id: &str) -> Result<Option<Lease>, DbError> {
     c.query_opt(
         &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"),
         &[&id],
@@ -681,49 +640,9 @@ fn select_lease(c: &mut Conn, id: &str) -> Result<Option<Lease>, PgError> {
     .transpose()
 }
 
-fn insert_nodes(c: &mut Conn, nodes: &[(u32, u64, MerkleHash)]) -> Result<(), PgError> {
-    let levels: Vec<i64> = nodes.iter().map(|(l, _, _)| i64::from(*l)).collect();
-    let idxs: Vec<i64> = nodes.iter().map(|(_, i, _)| *i as i64).collect();
-    let hashes: Vec<&[u8]> = nodes.iter().map(|(_, _, h)| h.as_slice()).collect();
-    c.execute(
-        "INSERT INTO merkle_nodes (level, idx, hash)
-         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[])",
-        &[&levels, &idxs, &hashes],
-    )?;
-    Ok(())
-}
-
-fn append(c: &mut Conn, head: &mut Head, event: &AuditEvent) -> Result<Receipt, PgError> {
-    let seq = head.seq + 1;
-    let body = event.canonical();
-    let hash = entry_hash(seq, &head.hash, &body);
-    // The primary key on seq is the last line of defence: were two replicas ever to append
-    // at the same head, the second insert fails instead of forking the chain.
-    c.execute(
-        "INSERT INTO audit_log (seq, time_ms, kind, caller, lease_id, body, prev_hash, hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        &[
-            &(seq as i64),
-            &event.time_ms,
-            &event.kind.as_str(),
-            &event.caller,
-            &event.lease_id,
-            &body,
-            &head.hash.as_slice(),
-            &hash.as_slice(),
-        ],
-    )?;
-    let leaf = leaf_hash(body.as_bytes());
-    let nodes = head.tree.append(leaf);
-    insert_nodes(c, &nodes)?;
-    head.seq = seq;
-    head.hash = hash;
-    Ok(Receipt {
-        sequence: seq,
-        entry_hash: hex::encode(hash),
-        leaf_index: seq - 1,
-        leaf_hash: hex::encode(leaf),
-    })
+/// Step shim: the log family lives in `ops::log`.
+fn append(c: &mut Conn, head: &mut Head, event: &AuditEvent) -> Result<Receipt, DbError> {
+    oplog::append(c, head, event)
 }
 
 /// Records a refused transition: the same event, marked as a denial with the reason.
@@ -736,7 +655,7 @@ fn end_backend_revocation(
     now: i64,
     outcome: &str,
     event: &AuditEvent,
-) -> Result<Option<Receipt>, PgError> {
+) -> Result<Option<Receipt>, DbError> {
     let n = c.execute(
         "UPDATE backend_revocations SET done_at = $2, outcome = $3
          WHERE lease_id = $1 AND done_at IS NULL",
@@ -753,7 +672,7 @@ fn refuse(
     head: &mut Head,
     mut event: AuditEvent,
     refusal: Refusal,
-) -> Result<Applied, PgError> {
+) -> Result<Applied, DbError> {
     event.decision = "deny".into();
     event.reason = Some(refusal.describe());
     event.credential_sha256 = None;
@@ -770,14 +689,14 @@ fn refuse_new_lease(
     head: &mut Head,
     mut event: AuditEvent,
     refusal: Refusal,
-) -> Result<Applied, PgError> {
+) -> Result<Applied, DbError> {
     event.lease_id = None;
     event.granted_scopes.clear();
     event.credential_sha256 = None;
     refuse(c, head, event, refusal)
 }
 
-fn insert_lease(c: &mut Conn, lease: &Lease) -> Result<(), PgError> {
+fn insert_lease(c: &mut Conn, lease: &Lease) -> Result<(), DbError> {
     let scopes = serde_json::to_string(&lease.scopes).unwrap_or_default();
     let intent = lease
         .intent
@@ -811,7 +730,7 @@ fn insert_lease(c: &mut Conn, lease: &Lease) -> Result<(), PgError> {
     Ok(())
 }
 
-fn insert_access_request(c: &mut Conn, r: &AccessRequest) -> Result<(), PgError> {
+fn insert_access_request(c: &mut Conn, r: &AccessRequest) -> Result<(), DbError> {
     c.execute(
         "INSERT INTO access_requests (id, requester, profile, request, request_digest, approver_group,
              threshold, state, created_at, expires_at, deny_ends, break_glass, post_review, lease_id)
@@ -840,7 +759,7 @@ const REQUEST_COLUMNS: &str =
     "id, requester, profile, request, request_digest, approver_group, threshold, state, \
      created_at, expires_at, deny_ends, break_glass, post_review, lease_id";
 
-fn request_from_row(r: &Row) -> Result<AccessRequest, PgError> {
+fn request_from_row(r: &Row) -> Result<AccessRequest, DbError> {
     let id: String = col(r, 0)?;
     let profile: String = col(r, 2)?;
     let request: String = col(r, 3)?;
@@ -867,7 +786,7 @@ fn request_from_row(r: &Row) -> Result<AccessRequest, PgError> {
     })
 }
 
-fn with_reviews(c: &mut Conn, mut r: AccessRequest) -> Result<AccessRequest, PgError> {
+fn with_reviews(c: &mut Conn, mut r: AccessRequest) -> Result<AccessRequest, DbError> {
     let rows = c.query(
         "SELECT reviewer, verdict, reason, at, post_review FROM access_reviews
          WHERE request_id = $1 ORDER BY at, reviewer",
@@ -889,11 +808,11 @@ fn with_reviews(c: &mut Conn, mut r: AccessRequest) -> Result<AccessRequest, PgE
                 post_review: col(row, 4)?,
             })
         })
-        .collect::<Result<_, PgError>>()?;
+        .collect::<Result<_, DbError>>()?;
     Ok(r)
 }
 
-fn select_request(c: &mut Conn, id: &str) -> Result<Option<AccessRequest>, PgError> {
+fn select_request(c: &mut Conn, id: &str) -> Result<Option<AccessRequest>, DbError> {
     let row = c.query_opt(
         &format!("SELECT {REQUEST_COLUMNS} FROM access_requests WHERE id = $1"),
         &[&id],
@@ -908,7 +827,7 @@ fn select_request(c: &mut Conn, id: &str) -> Result<Option<AccessRequest>, PgErr
 }
 
 /// Counts traffic per identity, inside the same transaction as the entry.
-fn note_identity(c: &mut Conn, event: &AuditEvent) -> Result<(), PgError> {
+fn note_identity(c: &mut Conn, event: &AuditEvent) -> Result<(), DbError> {
     let Some(caller) = &event.caller else {
         return Ok(());
     };
@@ -931,7 +850,7 @@ fn note_identity(c: &mut Conn, event: &AuditEvent) -> Result<(), PgError> {
 
 /// Whether a new lease may be recorded: no lock or revocation covers it and the holder
 /// is under its quota.
-fn admit(c: &mut Conn, lease: &Lease, max_active: Option<u32>) -> Result<Option<Refusal>, PgError> {
+fn admit(c: &mut Conn, lease: &Lease, max_active: Option<u32>) -> Result<Option<Refusal>, DbError> {
     if let Some(refusal) = barred(c, lease)? {
         return Ok(Some(refusal));
     }
@@ -942,7 +861,7 @@ fn admit(c: &mut Conn, lease: &Lease, max_active: Option<u32>) -> Result<Option<
 }
 
 /// Whether the lease's holder already has `max` active leases on its profile.
-fn over_quota(c: &mut Conn, lease: &Lease, max: Option<u32>) -> Result<bool, PgError> {
+fn over_quota(c: &mut Conn, lease: &Lease, max: Option<u32>) -> Result<bool, DbError> {
     let Some(max) = max else {
         return Ok(false);
     };
@@ -972,7 +891,7 @@ type RevokedRow = (String, String, String, i64, Option<String>);
 const REVOKED_COLUMNS: &str = "id, spiffe_id, profile, expires_at, \
      CASE WHEN backend_kind = 'x509' THEN backend_handle END";
 
-fn revoked_from_row(r: &Row) -> Result<RevokedRow, PgError> {
+fn revoked_from_row(r: &Row) -> Result<RevokedRow, DbError> {
     Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?, col(r, 3)?, col(r, 4)?))
 }
 
@@ -981,7 +900,7 @@ fn append_revocation_events(
     rows: &[RevokedRow],
     now: i64,
     reason: &str,
-) -> Result<(), PgError> {
+) -> Result<(), DbError> {
     // Under the ledger lock: the feed, like the chain, has one writer at a time.
     let (mut seq, mut prev): (i64, [u8; 32]) = match c.query_opt(
         "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
@@ -1052,7 +971,7 @@ fn locked(
     spiffe_id: &str,
     profile: &str,
     at: i64,
-) -> Result<Option<Refusal>, PgError> {
+) -> Result<Option<Refusal>, DbError> {
     let row = c.query_opt(
         &format!(
             "SELECT reason, until FROM locks WHERE until > $3 AND ({MATCHES}) ORDER BY until DESC LIMIT 1"
@@ -1073,7 +992,7 @@ fn locked(
 }
 
 /// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
-fn barred(c: &mut Conn, lease: &Lease) -> Result<Option<Refusal>, PgError> {
+fn barred(c: &mut Conn, lease: &Lease) -> Result<Option<Refusal>, DbError> {
     if let Some(r) = locked(c, &lease.spiffe_id, lease.profile.as_str(), lease.issued_at)? {
         return Ok(Some(r));
     }
@@ -1087,7 +1006,7 @@ fn barred(c: &mut Conn, lease: &Lease) -> Result<Option<Refusal>, PgError> {
     Ok(revoked.then_some(Refusal::RevokedBefore))
 }
 
-fn apply_op(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, PgError> {
+fn apply_op(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
     let event = op.event().cloned();
     let applied = apply_guarded(c, head, op)?;
     if let Some(mut e) = event {
@@ -1099,7 +1018,7 @@ fn apply_op(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, PgEr
     Ok(applied)
 }
 
-fn expire_request(c: &mut Conn, id: &str, now: i64) -> Result<(), PgError> {
+fn expire_request(c: &mut Conn, id: &str, now: i64) -> Result<(), DbError> {
     c.execute(
         "UPDATE access_requests SET state = 'expired', decided_at = $2 WHERE id = $1",
         &[&id, &now],
@@ -1107,7 +1026,7 @@ fn expire_request(c: &mut Conn, id: &str, now: i64) -> Result<(), PgError> {
     Ok(())
 }
 
-fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, PgError> {
+fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
     match op {
         LedgerOp::Issue {
             lease,
@@ -1397,40 +1316,9 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             let receipt = append(c, head, &event)?;
             Ok(Applied::recorded(Some(receipt)))
         }
-        LedgerOp::Checkpoint { signer, time_ms } => {
-            // Under the ledger lock, with the head read fresh: every replica signs the
-            // same tree at a size, and a size already signed (by any replica) is reused.
-            let size = head.tree.size();
-            if size == 0 {
-                return Ok(Applied::recorded(None));
-            }
-            let row = c.query_one("SELECT max(size) FROM checkpoints", &[])?;
-            let last: Option<i64> = col(&row, 0)?;
-            let mut a = Applied::recorded(None);
-            if last == Some(size as i64) {
-                a.checkpoint = c
-                    .query_opt(
-                        "SELECT size, root, time_ms, note FROM checkpoints WHERE size = $1",
-                        &[&(size as i64)],
-                    )?
-                    .map(|r| checkpoint_from_row(&r))
-                    .transpose()?;
-                return Ok(a);
-            }
-            let root = head.tree.root();
-            let note = signer.sign(size, &root);
-            c.execute(
-                "INSERT INTO checkpoints (size, root, time_ms, note) VALUES ($1, $2, $3, $4)",
-                &[&(size as i64), &root.as_slice(), &time_ms, &note],
-            )?;
-            a.checkpoint = Some(StoredCheckpoint {
-                size,
-                root,
-                time_ms,
-                note,
-            });
-            Ok(a)
-        }
+        // Under the ledger lock, with the head read fresh: every replica signs the same
+        // tree at a size, and a size already signed (by any replica) is reused.
+        LedgerOp::Checkpoint { signer, time_ms } => oplog::checkpoint(c, head, &signer, time_ms),
     }
 }
 
@@ -1449,7 +1337,7 @@ fn revoke(
     head: &mut Head,
     op: Revocation,
     mut event: AuditEvent,
-) -> Result<Applied, PgError> {
+) -> Result<Applied, DbError> {
     let Revocation {
         selector,
         issued_before,
@@ -1577,7 +1465,7 @@ fn expire(
     now: i64,
     limit: u32,
     mut event: AuditEvent,
-) -> Result<Applied, PgError> {
+) -> Result<Applied, DbError> {
     // Sealed credentials are kept no longer than the credentials live.
     c.execute("DELETE FROM idempotency WHERE expires_at <= $1", &[&now])?;
     let limit = i64::from(limit);
@@ -1627,21 +1515,6 @@ fn expire(
     Ok(a)
 }
 
-fn checkpoint_from_row(r: &Row) -> Result<StoredCheckpoint, PgError> {
-    Ok(StoredCheckpoint {
-        size: col::<i64>(r, 0)? as u64,
-        root: hash32(col(r, 1)?, "checkpoint root")?,
-        time_ms: col(r, 2)?,
-        note: col(r, 3)?,
-    })
-}
-
-/// Leaves in the tree: one per entry, written in the entry's transaction.
-fn tree_size(c: &mut Conn) -> Result<u64, PgError> {
-    let row = c.query_one("SELECT COALESCE(max(seq), 0) FROM audit_log", &[])?;
-    Ok(col::<i64>(&row, 0)? as u64)
-}
-
 /// The writer thread's state.
 struct Writer {
     settings: Arc<Settings>,
@@ -1666,7 +1539,7 @@ fn begin_sql() -> String {
     )
 }
 
-fn parse_top(messages: &[SimpleQueryMessage]) -> Result<(u64, [u8; 32]), PgError> {
+fn parse_top(messages: &[SimpleQueryMessage]) -> Result<(u64, [u8; 32]), DbError> {
     // The lock's row (one void column) comes first; the head's row has two columns.
     let row = messages.iter().rev().find_map(|m| match m {
         SimpleQueryMessage::Row(r) if r.len() == 2 => Some(r),
@@ -1726,7 +1599,7 @@ impl Writer {
     }
 
     /// The writer's connection, made again if it was lost.
-    fn conn(&mut self) -> Result<&mut Conn, PgError> {
+    fn conn(&mut self) -> Result<&mut Conn, DbError> {
         if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
             self.conn = None;
         }
@@ -1735,13 +1608,13 @@ impl Writer {
         }
         self.conn
             .as_mut()
-            .ok_or_else(|| PgError::Connect("no ledger connection".into()))
+            .ok_or_else(|| DbError::Connect("no ledger connection".into()))
     }
 
     /// Opens the batch's transaction. A connection that died while idle (the database
     /// restarted) fails here before anything was sent in the transaction, so the batch
     /// moves to a new connection instead of failing.
-    fn begin(&mut self) -> Result<(u64, [u8; 32]), PgError> {
+    fn begin(&mut self) -> Result<(u64, [u8; 32]), DbError> {
         let reused = self.conn.is_some();
         let sql = std::mem::take(&mut self.begin);
         let r = self.begin_with(&sql, reused);
@@ -1749,12 +1622,12 @@ impl Writer {
         r
     }
 
-    fn begin_with(&mut self, sql: &str, reused: bool) -> Result<(u64, [u8; 32]), PgError> {
+    fn begin_with(&mut self, sql: &str, reused: bool) -> Result<(u64, [u8; 32]), DbError> {
         let conn = self.conn()?;
         match conn.client.simple_query(sql) {
             Ok(messages) => parse_top(&messages),
             Err(e) => {
-                let e = PgError::Db(e);
+                let e = DbError::Postgres(e);
                 if !(reused && connection_lost(&e, &conn.client)) {
                     return Err(e);
                 }
@@ -1768,7 +1641,7 @@ impl Writer {
     /// Applies a batch in one transaction. An op whose SQL fails is rolled back to its
     /// savepoint and answered with the error; the others still commit. A failure of the
     /// transaction itself (begin, lock, commit, a lost connection) fails the whole batch.
-    fn commit_batch(&mut self, batch: &[Job]) -> Result<Vec<Result<Applied, StoreError>>, PgError> {
+    fn commit_batch(&mut self, batch: &[Job]) -> Result<Vec<Result<Applied, StoreError>>, DbError> {
         let result = self.try_batch(batch);
         if result.is_err() {
             if let Some(conn) = self.conn.as_mut() {
@@ -1780,7 +1653,7 @@ impl Writer {
         result
     }
 
-    fn try_batch(&mut self, batch: &[Job]) -> Result<Vec<Result<Applied, StoreError>>, PgError> {
+    fn try_batch(&mut self, batch: &[Job]) -> Result<Vec<Result<Applied, StoreError>>, DbError> {
         let top = self.begin()?;
         let cached = self.cached.take();
         let conn = self.conn()?;
@@ -1897,27 +1770,11 @@ impl Store for PostgresStore {
         &self,
         size: Option<u64>,
     ) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.query_opt(
-                "SELECT size, root, time_ms, note FROM checkpoints
-                 WHERE ($1::bigint IS NULL OR size = $1) ORDER BY size DESC LIMIT 1",
-                &[&size.map(|s| s as i64)],
-            )?
-            .map(|r| checkpoint_from_row(&r))
-            .transpose()
-        }))
+        Box::pin(self.read(move |c| oplog::stored_checkpoint(c, size)))
     }
 
     fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read(|c| {
-            c.query(
-                "SELECT size, root, time_ms, note FROM checkpoints ORDER BY size",
-                &[],
-            )?
-            .iter()
-            .map(checkpoint_from_row)
-            .collect()
-        }))
+        Box::pin(self.read(|c| oplog::checkpoints(c)))
     }
 
     fn inclusion_proof(
@@ -1925,12 +1782,7 @@ impl Store for PostgresStore {
         index: u64,
         size: u64,
     ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            if index >= size || size > tree_size(c)? {
-                return Ok(None);
-            }
-            with_nodes(c, |src| crate::merkle::inclusion_proof(src, index, size)).map(Some)
-        }))
+        Box::pin(self.read(move |c| oplog::inclusion_proof(c, index, size)))
     }
 
     fn consistency_proof(
@@ -1938,12 +1790,7 @@ impl Store for PostgresStore {
         old: u64,
         new: u64,
     ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            if old > new || new > tree_size(c)? {
-                return Ok(None);
-            }
-            with_nodes(c, |src| crate::merkle::consistency_proof(src, old, new)).map(Some)
-        }))
+        Box::pin(self.read(move |c| oplog::consistency_proof(c, old, new)))
     }
 
     fn idempotency(
@@ -2067,7 +1914,7 @@ impl Store for PostgresStore {
             let mut claimed = rows
                 .iter()
                 .map(|r| Ok((col::<i64>(r, 7)?, backend_revocation_from_row(r)?)))
-                .collect::<Result<Vec<_>, PgError>>()?;
+                .collect::<Result<Vec<_>, DbError>>()?;
             claimed.sort_by(|a, b| (a.0, &a.1.lease_id).cmp(&(b.0, &b.1.lease_id)));
             Ok(claimed.into_iter().map(|(_, r)| r).collect())
         }))
@@ -2097,16 +1944,7 @@ impl Store for PostgresStore {
         lease_id: &str,
     ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
         let id = lease_id.to_owned();
-        Box::pin(self.read(move |c| {
-            c.query(
-                "SELECT seq, kind, lease_id, body, prev_hash, hash FROM audit_log
-                 WHERE lease_id = $1 ORDER BY seq",
-                &[&id],
-            )?
-            .iter()
-            .map(entry_from_row)
-            .collect()
-        }))
+        Box::pin(self.read(move |c| oplog::entries_for_lease(c, &id)))
     }
 
     fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>> {
@@ -2138,16 +1976,7 @@ impl Store for PostgresStore {
         after: u64,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.query(
-                "SELECT seq, kind, lease_id, body, prev_hash, hash FROM audit_log
-                 WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[&(after as i64), &i64::from(limit)],
-            )?
-            .iter()
-            .map(entry_from_row)
-            .collect()
-        }))
+        Box::pin(self.read(move |c| oplog::entries(c, after, limit)))
     }
 }
 

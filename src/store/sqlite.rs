@@ -14,12 +14,15 @@ use futures::future::BoxFuture;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::ops::log::{self as oplog, Head};
+use super::ops::rows;
+use super::sql::{self, Cell, DbError, Dialect, Row, Tx, Value};
 use super::{
     guard_holder, unavailable, Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store,
     StoreError, StoredCheckpoint,
 };
 use crate::audit::EventKind;
-use crate::audit::{entry_hash, AuditEvent, LogError, LogReport, LogVerifier, StoredEntry};
+use crate::audit::{AuditEvent, LogError, LogReport, LogVerifier, StoredEntry};
 use crate::checkpoint::VerifierKey;
 use crate::config::LedgerConfig;
 use crate::domain::IdempotencyRecord;
@@ -28,7 +31,7 @@ use crate::domain::{
     LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RequestSpec, Review, RevocationEvent,
     RevokeSelector, Scope, Verdict,
 };
-use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
+use crate::merkle::{leaf_hash, Hash as MerkleHash};
 use crate::metrics::Metrics;
 
 /// Numbered migrations; `schema_migrations` records which ran.
@@ -130,71 +133,110 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// The chain head and Merkle frontier the writer appends to.
-#[derive(Clone)]
-struct Head {
-    seq: u64,
-    hash: [u8; 32],
-    tree: Frontier,
-}
+/// SQLite's [`Tx`]: a connection, or a transaction or savepoint on one (they deref to
+/// it). Statements are prepared once per connection (`prepare_cached`).
+pub(crate) struct SqliteTx<'c>(pub(crate) &'c Connection);
 
-/// Complete subtree hashes read from `merkle_nodes`.
-struct SqlNodes<'a>(&'a Connection);
-
-impl NodeSource for SqlNodes<'_> {
-    type Error = rusqlite::Error;
-    fn node(&self, level: u32, index: u64) -> rusqlite::Result<MerkleHash> {
-        let h: Vec<u8> = self
-            .0
-            .prepare_cached("SELECT hash FROM merkle_nodes WHERE level = ?1 AND idx = ?2")?
-            .query_row(params![level, index as i64], |r| r.get(0))?;
-        h.try_into().map_err(|_| {
-            rusqlite::Error::FromSqlConversionFailure(
-                0,
-                rusqlite::types::Type::Blob,
-                "merkle node is not 32 bytes".into(),
-            )
+impl rusqlite::ToSql for Value<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(match self {
+            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Value::Int(v) => ToSqlOutput::Borrowed(ValueRef::Integer(*v)),
+            // SQLite has no boolean type: 0 or 1, as the schema's triggers expect.
+            Value::Bool(v) => ToSqlOutput::Borrowed(ValueRef::Integer(i64::from(*v))),
+            Value::Text(v) => ToSqlOutput::Borrowed(ValueRef::Text(v.as_bytes())),
+            Value::Bytes(v) => ToSqlOutput::Borrowed(ValueRef::Blob(v)),
+            Value::List(_) => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    "SQLite has no arrays (a PostgreSQL-only statement ran on SQLite)".into(),
+                ))
+            }
         })
     }
 }
 
-fn insert_nodes(conn: &Connection, nodes: &[(u32, u64, MerkleHash)]) -> rusqlite::Result<()> {
-    let mut stmt =
-        conn.prepare_cached("INSERT INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
-    for (level, idx, hash) in nodes {
-        stmt.execute(params![level, *idx as i64, hash.as_slice()])?;
+/// A result row as read, for the shared decoders.
+fn to_row(r: &rusqlite::Row<'_>, names: &Arc<[String]>) -> rusqlite::Result<Row> {
+    use rusqlite::types::ValueRef;
+    let cells = (0..names.len())
+        .map(|i| {
+            Ok(match r.get_ref(i)? {
+                ValueRef::Null => Cell::Null,
+                ValueRef::Integer(v) => Cell::Int(v),
+                ValueRef::Real(v) => Cell::Real(v),
+                ValueRef::Text(t) => match std::str::from_utf8(t) {
+                    Ok(t) => Cell::Text(t.to_owned()),
+                    // Not text after all: the decoder reports it as the wrong type.
+                    Err(_) => Cell::Bytes(t.to_vec()),
+                },
+                ValueRef::Blob(b) => Cell::Bytes(b.to_vec()),
+            })
+        })
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Row::new(names.clone(), cells))
+}
+
+fn column_names(stmt: &rusqlite::Statement<'_>) -> Arc<[String]> {
+    stmt.column_names()
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+        .into()
+}
+
+impl Tx for SqliteTx<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
     }
-    Ok(())
+
+    fn query(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Vec<Row>, DbError> {
+        let mut stmt = self.0.prepare_cached(&sql::to_sqlite_placeholders(sql))?;
+        let names = column_names(&stmt);
+        let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(to_row(r, &names)?);
+        }
+        Ok(out)
+    }
+
+    fn query_opt(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Option<Row>, DbError> {
+        let mut stmt = self.0.prepare_cached(&sql::to_sqlite_placeholders(sql))?;
+        let names = column_names(&stmt);
+        let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+        Ok(match rows.next()? {
+            Some(r) => Some(to_row(r, &names)?),
+            None => None,
+        })
+    }
+
+    fn execute(&mut self, sql: &str, args: &[Value<'_>]) -> Result<u64, DbError> {
+        let mut stmt = self.0.prepare_cached(&sql::to_sqlite_placeholders(sql))?;
+        Ok(stmt.execute(rusqlite::params_from_iter(args))? as u64)
+    }
 }
 
 /// Loads the chain head and the tree frontier, first hashing any entries that have no
-/// leaf yet (a ledger created before the Merkle tree existed).
-fn load_head(conn: &Connection) -> rusqlite::Result<Head> {
-    let leaves: i64 = conn.query_row(
-        "SELECT count(*) FROM merkle_nodes WHERE level = 0",
-        [],
-        |r| r.get(0),
-    )?;
-    let mut tree = Frontier::load(&SqlNodes(conn), leaves as u64)?;
-    {
-        let mut stmt = conn.prepare("SELECT body FROM audit_log WHERE seq > ?1 ORDER BY seq")?;
-        let bodies = stmt.query_map([leaves], |r| r.get::<_, String>(0))?;
-        for body in bodies {
-            let nodes = tree.append(leaf_hash(body?.as_bytes()));
-            insert_nodes(conn, &nodes)?;
+/// leaf yet (a ledger created before the Merkle tree existed), a page at a time.
+fn load_head(conn: &Connection) -> Result<Head, DbError> {
+    let tx = &mut SqliteTx(conn);
+    let leaves = oplog::tree_size(tx)?;
+    let mut tree = oplog::frontier(tx, leaves)?;
+    loop {
+        let page = tx.query(
+            "SELECT body FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT 1000",
+            &[Value::Int(tree.size() as i64)],
+        )?;
+        if page.is_empty() {
+            break;
+        }
+        for r in &page {
+            let nodes = tree.append(leaf_hash(r.text(0)?.as_bytes()));
+            oplog::insert_nodes(tx, &nodes)?;
         }
     }
-    let row: Option<(i64, Vec<u8>)> = conn
-        .query_row(
-            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    let (seq, hash) = match row {
-        None => (0, [0; 32]),
-        Some((seq, h)) => (seq as u64, h.try_into().unwrap_or([0; 32])),
-    };
+    let (seq, hash) = oplog::chain_top(tx)?;
     Ok(Head { seq, hash, tree })
 }
 
@@ -232,7 +274,7 @@ impl SqliteStore {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let reader = self.reader.clone();
         let work = tokio::task::spawn_blocking(move || {
@@ -240,10 +282,18 @@ impl SqliteStore {
             f(&conn)
         });
         match tokio::time::timeout(self.commit_timeout, work).await {
-            Ok(Ok(r)) => r.map_err(unavailable),
+            Ok(Ok(r)) => r.map_err(StoreError::from),
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(unavailable("ledger read timed out")),
         }
+    }
+
+    /// [`Self::read`] through the shared [`Tx`].
+    async fn read_tx<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.read(move |c| f(&mut SqliteTx(c))).await
     }
 
     /// [`Self::verify_file_with`] with the log key the broker wrote next to the ledger
@@ -308,15 +358,17 @@ impl SqliteStore {
                  ORDER BY a.seq",
             )
             .map_err(open)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((entry_from_row(r)?, r.get::<_, Option<Vec<u8>>>(6)?))
-            })
-            .map_err(open)?;
-        for row in rows {
-            let (e, leaf) = row.map_err(open)?;
-            v.push(&e, Some(leaf.as_deref().unwrap_or_default()))
-                .map_err(VerifyError::Log)?;
+        let names = column_names(&stmt);
+        let mut cursor = stmt.query([]).map_err(open)?;
+        let bad = |e: DbError| VerifyError::Open(e.to_string());
+        while let Some(r) = cursor.next().map_err(open)? {
+            let row = to_row(r, &names).map_err(open)?;
+            let leaf = row.opt_bytes(6).map_err(bad)?;
+            v.push(
+                &rows::entry(&row).map_err(bad)?,
+                Some(leaf.as_deref().unwrap_or_default()),
+            )
+            .map_err(VerifyError::Log)?;
         }
         let report = v.finish().map_err(VerifyError::Log)?;
         Ok(VerifyReport {
@@ -350,17 +402,6 @@ pub enum VerifyError {
     /// The log is inconsistent; names the first bad entry or checkpoint.
     #[error("{0}")]
     Log(LogError),
-}
-
-fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
-    Ok(StoredEntry {
-        seq: r.get::<_, i64>(0)? as u64,
-        kind: r.get(1)?,
-        lease_id: r.get(2)?,
-        body: r.get(3)?,
-        prev_hash: r.get(4)?,
-        hash: r.get(5)?,
-    })
 }
 
 /// A stored text column that does not parse as its domain type.
@@ -424,7 +465,7 @@ fn end_backend_revocation(
     now: i64,
     outcome: &str,
     event: &AuditEvent,
-) -> rusqlite::Result<Option<Receipt>> {
+) -> Result<Option<Receipt>, DbError> {
     let n = conn
         .prepare_cached(
             "UPDATE backend_revocations SET done_at = ?2, outcome = ?3
@@ -452,44 +493,19 @@ fn backend_revocation_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backen
     })
 }
 
-fn select_lease(conn: &Connection, id: &str) -> rusqlite::Result<Option<Lease>> {
+fn select_lease(conn: &Connection, id: &str) -> Result<Option<Lease>, DbError> {
     conn.query_row(
         &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?1"),
         [id],
         lease_from_row,
     )
     .optional()
+    .map_err(DbError::from)
 }
 
-fn append(conn: &Connection, head: &mut Head, event: &AuditEvent) -> rusqlite::Result<Receipt> {
-    let seq = head.seq + 1;
-    let body = event.canonical();
-    let hash = entry_hash(seq, &head.hash, &body);
-    conn.prepare_cached(
-        "INSERT INTO audit_log (seq, time_ms, kind, caller, lease_id, body, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
-        seq as i64,
-        event.time_ms,
-        event.kind.as_str(),
-        event.caller,
-        event.lease_id,
-        body,
-        head.hash.as_slice(),
-        hash.as_slice()
-    ])?;
-    let leaf = leaf_hash(body.as_bytes());
-    let nodes = head.tree.append(leaf);
-    insert_nodes(conn, &nodes)?;
-    head.seq = seq;
-    head.hash = hash;
-    Ok(Receipt {
-        sequence: seq,
-        entry_hash: hex::encode(hash),
-        leaf_index: seq - 1,
-        leaf_hash: hex::encode(leaf),
-    })
+/// Step shim: the log family lives in `ops::log`.
+fn append(conn: &Connection, head: &mut Head, event: &AuditEvent) -> Result<Receipt, DbError> {
+    oplog::append(&mut SqliteTx(conn), head, event)
 }
 
 /// Records a refused transition: the same event, marked as a denial with the reason.
@@ -498,7 +514,7 @@ fn refuse(
     head: &mut Head,
     mut event: AuditEvent,
     refusal: Refusal,
-) -> rusqlite::Result<Applied> {
+) -> Result<Applied, DbError> {
     event.decision = "deny".into();
     event.reason = Some(refusal.describe());
     event.credential_sha256 = None;
@@ -509,7 +525,7 @@ fn refuse(
     Ok(a)
 }
 
-fn insert_lease(conn: &Connection, lease: &Lease) -> rusqlite::Result<()> {
+fn insert_lease(conn: &Connection, lease: &Lease) -> Result<(), DbError> {
     conn.prepare_cached(&format!(
         "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
     ))?
@@ -535,7 +551,7 @@ fn insert_lease(conn: &Connection, lease: &Lease) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn insert_access_request(conn: &Connection, r: &AccessRequest) -> rusqlite::Result<()> {
+fn insert_access_request(conn: &Connection, r: &AccessRequest) -> Result<(), DbError> {
     conn.prepare_cached(
         "INSERT INTO access_requests (id, requester, profile, request, request_digest, approver_group, threshold,
              state, created_at, expires_at, deny_ends, break_glass, post_review, lease_id)
@@ -587,7 +603,7 @@ fn request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccessRequest> {
     })
 }
 
-fn with_reviews(conn: &Connection, mut r: AccessRequest) -> rusqlite::Result<AccessRequest> {
+fn with_reviews(conn: &Connection, mut r: AccessRequest) -> Result<AccessRequest, DbError> {
     let mut stmt = conn.prepare_cached(
         "SELECT reviewer, verdict, reason, at, post_review FROM access_reviews WHERE request_id = ?1 ORDER BY at, reviewer",
     )?;
@@ -610,7 +626,7 @@ fn with_reviews(conn: &Connection, mut r: AccessRequest) -> rusqlite::Result<Acc
     Ok(r)
 }
 
-fn select_request(conn: &Connection, id: &str) -> rusqlite::Result<Option<AccessRequest>> {
+fn select_request(conn: &Connection, id: &str) -> Result<Option<AccessRequest>, DbError> {
     let r = conn
         .query_row(
             &format!("SELECT {REQUEST_COLUMNS} FROM access_requests WHERE id = ?1"),
@@ -622,7 +638,7 @@ fn select_request(conn: &Connection, id: &str) -> rusqlite::Result<Option<Access
 }
 
 /// Counts traffic per identity, inside the same transaction as the entry.
-fn note_identity(conn: &Connection, event: &AuditEvent) -> rusqlite::Result<()> {
+fn note_identity(conn: &Connection, event: &AuditEvent) -> Result<(), DbError> {
     let Some(caller) = &event.caller else {
         return Ok(());
     };
@@ -648,7 +664,7 @@ fn admit(
     conn: &Connection,
     lease: &Lease,
     max_active: Option<u32>,
-) -> rusqlite::Result<Option<Refusal>> {
+) -> Result<Option<Refusal>, DbError> {
     if let Some(refusal) = barred(conn, lease)? {
         return Ok(Some(refusal));
     }
@@ -664,7 +680,7 @@ fn refuse_new_lease(
     head: &mut Head,
     mut event: AuditEvent,
     refusal: Refusal,
-) -> rusqlite::Result<Applied> {
+) -> Result<Applied, DbError> {
     event.lease_id = None;
     event.granted_scopes.clear();
     event.credential_sha256 = None;
@@ -672,7 +688,7 @@ fn refuse_new_lease(
 }
 
 /// Whether the lease's holder already has `max` active leases on its profile.
-fn over_quota(conn: &Connection, lease: &Lease, max: Option<u32>) -> rusqlite::Result<bool> {
+fn over_quota(conn: &Connection, lease: &Lease, max: Option<u32>) -> Result<bool, DbError> {
     let Some(max) = max else {
         return Ok(false);
     };
@@ -702,7 +718,7 @@ fn append_revocation_events(
     rows: &[RevokedRow],
     now: i64,
     reason: &str,
-) -> rusqlite::Result<()> {
+) -> Result<(), DbError> {
     let (mut seq, mut prev): (i64, [u8; 32]) = conn
         .query_row(
             "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
@@ -761,7 +777,7 @@ fn locked(
     spiffe_id: &str,
     profile: &str,
     at: i64,
-) -> rusqlite::Result<Option<Refusal>> {
+) -> Result<Option<Refusal>, DbError> {
     let lock: Option<(String, i64)> = conn
         .prepare_cached(&format!(
             "SELECT reason, until FROM locks WHERE until > ?3 AND {MATCHES}) ORDER BY until DESC LIMIT 1"
@@ -774,7 +790,7 @@ fn locked(
 }
 
 /// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
-fn barred(conn: &Connection, lease: &Lease) -> rusqlite::Result<Option<Refusal>> {
+fn barred(conn: &Connection, lease: &Lease) -> Result<Option<Refusal>, DbError> {
     if let Some(r) = locked(
         conn,
         &lease.spiffe_id,
@@ -791,7 +807,7 @@ fn barred(conn: &Connection, lease: &Lease) -> rusqlite::Result<Option<Refusal>>
     Ok(revoked.then_some(Refusal::RevokedBefore))
 }
 
-fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Result<Applied> {
+fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
     let event = op.event().cloned();
     let applied = apply_guarded(conn, head, op)?;
     if let Some(mut e) = event {
@@ -803,7 +819,7 @@ fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Resul
     Ok(applied)
 }
 
-fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Result<Applied> {
+fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
     match op {
         LedgerOp::Issue {
             lease,
@@ -1211,65 +1227,9 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::
             Ok(Applied::recorded(Some(receipt)))
         }
         LedgerOp::Checkpoint { signer, time_ms } => {
-            let size = head.tree.size();
-            let last: Option<i64> =
-                conn.query_row("SELECT max(size) FROM checkpoints", [], |r| r.get(0))?;
-            if size == 0 {
-                return Ok(Applied::recorded(None));
-            }
-            if last == Some(size as i64) {
-                // Already signed at this size (maybe by a concurrent request): that one.
-                let mut a = Applied::recorded(None);
-                a.checkpoint = conn
-                    .query_row(
-                        "SELECT size, root, time_ms, note FROM checkpoints WHERE size = ?1",
-                        [size as i64],
-                        checkpoint_from_row,
-                    )
-                    .optional()?;
-                return Ok(a);
-            }
-            let root = head.tree.root();
-            let note = signer.sign(size, &root);
-            conn.execute(
-                "INSERT INTO checkpoints (size, root, time_ms, note) VALUES (?1, ?2, ?3, ?4)",
-                params![size as i64, root.as_slice(), time_ms, note],
-            )?;
-            let mut a = Applied::recorded(None);
-            a.checkpoint = Some(StoredCheckpoint {
-                size,
-                root,
-                time_ms,
-                note,
-            });
-            Ok(a)
+            oplog::checkpoint(&mut SqliteTx(conn), head, &signer, time_ms)
         }
     }
-}
-
-fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
-    let root: Vec<u8> = r.get(1)?;
-    Ok(StoredCheckpoint {
-        size: r.get::<_, i64>(0)? as u64,
-        root: root.try_into().map_err(|_| {
-            rusqlite::Error::FromSqlConversionFailure(
-                1,
-                rusqlite::types::Type::Blob,
-                "root is not 32 bytes".into(),
-            )
-        })?,
-        time_ms: r.get(2)?,
-        note: r.get(3)?,
-    })
-}
-
-fn tree_size(conn: &Connection) -> rusqlite::Result<u64> {
-    conn.query_row(
-        "SELECT count(*) FROM merkle_nodes WHERE level = 0",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n as u64)
 }
 
 fn writer_loop(
@@ -1319,7 +1279,7 @@ fn commit_batch(
     conn: &mut Connection,
     head: &mut Head,
     batch: &mut [Job],
-) -> rusqlite::Result<Vec<Result<Applied, StoreError>>> {
+) -> Result<Vec<Result<Applied, StoreError>>, DbError> {
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut tentative = head.clone();
     let mut results = Vec::with_capacity(batch.len());
@@ -1389,7 +1349,7 @@ impl Store for SqliteStore {
                 ],
                 lease_from_row,
             )?;
-            rows.collect()
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         }))
     }
 
@@ -1435,20 +1395,11 @@ impl Store for SqliteStore {
         &self,
         size: Option<u64>,
     ) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let sql = "SELECT size, root, time_ms, note FROM checkpoints WHERE (?1 IS NULL OR size = ?1) ORDER BY size DESC LIMIT 1";
-            c.query_row(sql, params![size.map(|s| s as i64)], checkpoint_from_row).optional()
-        }))
+        Box::pin(self.read_tx(move |tx| oplog::stored_checkpoint(tx, size)))
     }
 
     fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT size, root, time_ms, note FROM checkpoints ORDER BY size",
-            )?;
-            let rows = stmt.query_map([], checkpoint_from_row)?;
-            rows.collect()
-        }))
+        Box::pin(self.read_tx(oplog::checkpoints))
     }
 
     fn inclusion_proof(
@@ -1456,12 +1407,7 @@ impl Store for SqliteStore {
         index: u64,
         size: u64,
     ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            if index >= size || size > tree_size(c)? {
-                return Ok(None);
-            }
-            crate::merkle::inclusion_proof(&SqlNodes(c), index, size).map(Some)
-        }))
+        Box::pin(self.read_tx(move |tx| oplog::inclusion_proof(tx, index, size)))
     }
 
     fn consistency_proof(
@@ -1469,12 +1415,7 @@ impl Store for SqliteStore {
         old: u64,
         new: u64,
     ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            if old > new || new > tree_size(c)? {
-                return Ok(None);
-            }
-            crate::merkle::consistency_proof(&SqlNodes(c), old, new).map(Some)
-        }))
+        Box::pin(self.read_tx(move |tx| oplog::consistency_proof(tx, old, new)))
     }
 
     fn idempotency(
@@ -1500,6 +1441,7 @@ impl Store for SqliteStore {
                 },
             )
             .optional()
+            .map_err(DbError::from)
         }))
     }
 
@@ -1519,7 +1461,7 @@ impl Store for SqliteStore {
                     created_at: r.get(6)?,
                 })
             })?;
-            rows.collect()
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         }))
     }
 
@@ -1536,6 +1478,7 @@ impl Store for SqliteStore {
                 },
             )
             .optional()
+            .map_err(DbError::from)
         }))
     }
 
@@ -1562,7 +1505,7 @@ impl Store for SqliteStore {
                     certificate_serial: r.get(8)?,
                 })
             })?;
-            rows.collect()
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         }))
     }
 
@@ -1613,7 +1556,7 @@ impl Store for SqliteStore {
                  WHERE done_at IS NULL AND attempts >= ?1 ORDER BY queued_at, lease_id LIMIT ?2"
             ))?;
             let rows = stmt.query_map(params![min_attempts, limit], backend_revocation_from_row)?;
-            rows.collect()
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         }))
     }
 
@@ -1622,13 +1565,7 @@ impl Store for SqliteStore {
         lease_id: &str,
     ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
         let id = lease_id.to_owned();
-        Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, kind, lease_id, body, prev_hash, hash FROM audit_log WHERE lease_id = ?1 ORDER BY seq",
-            )?;
-            let rows = stmt.query_map([id], entry_from_row)?;
-            rows.collect()
-        }))
+        Box::pin(self.read_tx(move |tx| oplog::entries_for_lease(tx, &id)))
     }
 
     fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>> {
@@ -1649,7 +1586,7 @@ impl Store for SqliteStore {
                     active_leases: r.get::<_, i64>(6)? as u64,
                 })
             })?;
-            rows.collect()
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         }))
     }
 
@@ -1658,12 +1595,6 @@ impl Store for SqliteStore {
         after: u64,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, kind, lease_id, body, prev_hash, hash FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![after as i64, limit], entry_from_row)?;
-            rows.collect()
-        }))
+        Box::pin(self.read_tx(move |tx| oplog::entries(tx, after, limit)))
     }
 }
