@@ -34,6 +34,7 @@ use ::postgres::{Client, NoTls, Row, SimpleQueryMessage, Statement};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::ops::lease as oplease;
 use super::ops::log::{self as oplog, Head};
 use super::pg_tls::{PgTls, SslMode};
 use super::sql::{corrupt, Cell, DbError, Dialect, Row as SqlRow, Tx, Value};
@@ -1034,43 +1035,7 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             max_active,
             break_glass,
             idempotency,
-        } => {
-            if let Some(rec) = &idempotency {
-                let row = c.query_one(
-                    "SELECT EXISTS (SELECT 1 FROM idempotency WHERE caller = $1 AND key_hash = $2)",
-                    &[&rec.caller, &rec.key_hash],
-                )?;
-                if col::<bool>(&row, 0)? {
-                    return refuse_new_lease(c, head, event, Refusal::Duplicate);
-                }
-            }
-            if let Some(refusal) = admit(c, &lease, max_active)? {
-                return refuse_new_lease(c, head, event, refusal);
-            }
-            insert_lease(c, &lease)?;
-            if let Some(rec) = &idempotency {
-                c.execute(
-                    "INSERT INTO idempotency (caller, key_hash, digest, lease_id, sealed, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[
-                        &rec.caller,
-                        &rec.key_hash,
-                        &rec.digest,
-                        &rec.lease_id,
-                        &rec.sealed,
-                        &rec.expires_at,
-                    ],
-                )?;
-            }
-            if let Some(r) = &break_glass {
-                insert_access_request(c, r)?;
-            }
-            let receipt = append(c, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.lease = Some(lease);
-            a.access_request = break_glass;
-            Ok(a)
-        }
+        } => oplease::issue(c, head, lease, max_active, break_glass, idempotency, event),
         LedgerOp::OpenAccessRequest { request, event } => {
             insert_access_request(c, &request)?;
             let receipt = append(c, head, &event)?;
@@ -1197,45 +1162,22 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             expires_at,
             credential_sha256,
             event,
-        } => match guard_holder(select_lease(c, lease_id.as_str())?, &holder, now) {
-            Err(r) => refuse(c, head, event, r),
-            Ok(lease) => {
-                // A renewal mints a fresh credential: locks apply to it as to issuance.
-                if let Some(r) = locked(c, &lease.spiffe_id, lease.profile.as_str(), now)? {
-                    return refuse(c, head, event, r);
-                }
-                let expires_at = expires_at.min(lease.max_expires_at);
-                c.execute(
-                    "UPDATE leases SET expires_at = $2, credential_sha256 = $3, renewals = renewals + 1
-                     WHERE id = $1 AND state = 'active'",
-                    &[&lease_id.as_str(), &expires_at, &credential_sha256],
-                )?;
-                let receipt = append(c, head, &event)?;
-                let mut a = Applied::recorded(Some(receipt));
-                a.lease = select_lease(c, lease_id.as_str())?;
-                Ok(a)
-            }
-        },
+        } => {
+            let op = oplease::Renewal {
+                lease_id,
+                holder,
+                now,
+                expires_at,
+                credential_sha256,
+            };
+            oplease::renew(c, head, op, event)
+        }
         LedgerOp::Release {
             lease_id,
             holder,
             now,
             event,
-        } => match guard_holder(select_lease(c, lease_id.as_str())?, &holder, now) {
-            Err(r) => refuse(c, head, event, r),
-            Ok(_) => {
-                c.execute(
-                    "UPDATE leases SET state = 'released', ended_at = $2, end_reason = 'released by holder'
-                     WHERE id = $1 AND state = 'active'",
-                    &[&lease_id.as_str(), &now],
-                )?;
-                let receipt = append(c, head, &event)?;
-                let mut a = Applied::recorded(Some(receipt));
-                a.lease = select_lease(c, lease_id.as_str())?;
-                a.affected = vec![lease_id.to_string()];
-                Ok(a)
-            }
-        },
+        } => oplease::release(c, head, &lease_id, &holder, now, event),
         LedgerOp::Revoke {
             selector,
             issued_before,
@@ -1257,31 +1199,8 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             },
             event,
         ),
-        LedgerOp::Lock { lock, event } => {
-            c.execute(
-                "INSERT INTO locks (id, kind, value, until, reason, created_by, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[
-                    &lock.id,
-                    &lock.kind,
-                    &lock.value,
-                    &lock.until,
-                    &lock.reason,
-                    &lock.created_by,
-                    &lock.created_at,
-                ],
-            )?;
-            let receipt = append(c, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
-        LedgerOp::Unlock { id, event } => {
-            let n = c.execute("DELETE FROM locks WHERE id = $1", &[&id])?;
-            if n == 0 {
-                return refuse(c, head, event, Refusal::NothingMatched);
-            }
-            let receipt = append(c, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
+        LedgerOp::Lock { lock, event } => oplease::lock(c, head, &lock, event),
+        LedgerOp::Unlock { id, event } => oplease::unlock(c, head, &id, event),
         LedgerOp::BackendRevoked {
             lease_id,
             now,
@@ -1311,7 +1230,7 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             Some(receipt) => Ok(Applied::recorded(Some(receipt))),
             None => refuse(c, head, event, Refusal::NothingMatched),
         },
-        LedgerOp::Expire { now, limit, event } => expire(c, head, now, limit, event),
+        LedgerOp::Expire { now, limit, event } => oplease::expire(c, head, now, limit, event),
         LedgerOp::Record { event } => {
             let receipt = append(c, head, &event)?;
             Ok(Applied::recorded(Some(receipt)))
@@ -1455,62 +1374,6 @@ fn revoke(
     if let RevokeSelector::Lease(id) = &selector {
         a.lease = select_lease(c, id.as_str())?;
     }
-    a.affected = ids;
-    Ok(a)
-}
-
-fn expire(
-    c: &mut Conn,
-    head: &mut Head,
-    now: i64,
-    limit: u32,
-    mut event: AuditEvent,
-) -> Result<Applied, DbError> {
-    // Sealed credentials are kept no longer than the credentials live.
-    c.execute("DELETE FROM idempotency WHERE expires_at <= $1", &[&now])?;
-    let limit = i64::from(limit);
-    // The ledger lock already serializes replicas; SKIP LOCKED also keeps a batch from
-    // waiting on (or taking) a row some other transaction holds, so each expiry pass
-    // takes its own disjoint batch whatever runs beside it. The batch is a MATERIALIZED
-    // CTE: as `id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)` the subquery may be
-    // rescanned, skip the rows this very statement just updated, and exceed the limit.
-    let mut ids: Vec<String> = c
-        .query(
-            "WITH batch AS MATERIALIZED (
-                 SELECT id FROM leases WHERE state = 'active' AND expires_at <= $1
-                 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-             UPDATE leases l SET state = 'expired', ended_at = l.expires_at, end_reason = 'ttl elapsed'
-             FROM batch WHERE l.id = batch.id AND l.state = 'active'
-             RETURNING l.id",
-            &[&now, &limit],
-        )?
-        .iter()
-        .map(|r| col(r, 0))
-        .collect::<Result<_, _>>()?;
-    ids.sort();
-    let mut requests: Vec<String> = c
-        .query(
-            "WITH batch AS MATERIALIZED (
-                 SELECT id FROM access_requests WHERE state IN ('pending', 'approved')
-                     AND expires_at <= $1
-                 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-             UPDATE access_requests r SET state = 'expired', decided_at = $1
-             FROM batch WHERE r.id = batch.id AND r.state IN ('pending', 'approved')
-             RETURNING r.id",
-            &[&now, &limit],
-        )?
-        .iter()
-        .map(|r| col(r, 0))
-        .collect::<Result<_, _>>()?;
-    requests.sort();
-    if ids.is_empty() && requests.is_empty() {
-        return Ok(Applied::recorded(None));
-    }
-    event.affected_leases = ids.clone();
-    event.affected_requests = requests.clone();
-    let receipt = append(c, head, &event)?;
-    let mut a = Applied::recorded(Some(receipt));
-    ids.extend(requests);
     a.affected = ids;
     Ok(a)
 }
@@ -1702,33 +1565,11 @@ impl Store for PostgresStore {
 
     fn lease(&self, id: &LeaseId) -> BoxFuture<'_, Result<Option<Lease>, StoreError>> {
         let id = id.to_string();
-        Box::pin(self.read(move |c| select_lease(c, &id)))
+        Box::pin(self.read(move |tx| oplease::select(tx, &id)))
     }
 
     fn leases(&self, filter: LeaseFilter) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let (before_at, before_id) = filter.before.clone().unwrap_or((i64::MAX, String::new()));
-            let has_cursor = filter.before.is_some();
-            let rows = c.query(
-                &format!(
-                    "SELECT {LEASE_COLUMNS} FROM leases
-                     WHERE ($1::text IS NULL OR spiffe_id = $1) AND ($2::text IS NULL OR state = $2)
-                       AND ($7::text IS NULL OR id = $7)
-                       AND (NOT $3::bool OR issued_at < $4 OR (issued_at = $4 AND id < $5))
-                     ORDER BY issued_at DESC, id DESC LIMIT $6"
-                ),
-                &[
-                    &filter.spiffe_id,
-                    &filter.state.map(|s| s.as_str()),
-                    &has_cursor,
-                    &before_at,
-                    &before_id,
-                    &i64::from(filter.limit.clamp(1, 1000)),
-                    &filter.lease_id,
-                ],
-            )?;
-            rows.iter().map(lease_from_row).collect()
-        }))
+        Box::pin(self.read(move |tx| oplease::list(tx, &filter)))
     }
 
     fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>> {
@@ -1799,47 +1640,11 @@ impl Store for PostgresStore {
         key_hash: &str,
     ) -> BoxFuture<'_, Result<Option<IdempotencyRecord>, StoreError>> {
         let (caller, key_hash) = (caller.to_owned(), key_hash.to_owned());
-        Box::pin(self.read(move |c| {
-            c.query_opt(
-                "SELECT caller, key_hash, digest, lease_id, sealed, expires_at FROM idempotency
-                 WHERE caller = $1 AND key_hash = $2",
-                &[&caller, &key_hash],
-            )?
-            .map(|r| {
-                Ok(IdempotencyRecord {
-                    caller: col(&r, 0)?,
-                    key_hash: col(&r, 1)?,
-                    digest: col(&r, 2)?,
-                    lease_id: col(&r, 3)?,
-                    sealed: col(&r, 4)?,
-                    expires_at: col(&r, 5)?,
-                })
-            })
-            .transpose()
-        }))
+        Box::pin(self.read(move |tx| oplease::idempotency(tx, &caller, &key_hash)))
     }
 
     fn locks(&self, now: i64) -> BoxFuture<'_, Result<Vec<Lock>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.query(
-                "SELECT id, kind, value, until, reason, created_by, created_at FROM locks
-                 WHERE until > $1 ORDER BY created_at",
-                &[&now],
-            )?
-            .iter()
-            .map(|r| {
-                Ok(Lock {
-                    id: col(r, 0)?,
-                    kind: col(r, 1)?,
-                    value: col(r, 2)?,
-                    until: col(r, 3)?,
-                    reason: col(r, 4)?,
-                    created_by: col(r, 5)?,
-                    created_at: col(r, 6)?,
-                })
-            })
-            .collect()
-        }))
+        Box::pin(self.read(move |tx| oplease::locks(tx, now)))
     }
 
     fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<FeedTail>, StoreError>> {
@@ -1948,27 +1753,7 @@ impl Store for PostgresStore {
     }
 
     fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>> {
-        Box::pin(self.read(|c| {
-            c.query(
-                "SELECT s.spiffe_id, s.first_seen, s.last_seen, s.last_issued, s.issued, s.denied,
-                        (SELECT count(*) FROM leases l WHERE l.spiffe_id = s.spiffe_id AND l.state = 'active')
-                 FROM identities_seen s ORDER BY s.spiffe_id",
-                &[],
-            )?
-            .iter()
-            .map(|r| {
-                Ok(IdentityStats {
-                    spiffe_id: col(r, 0)?,
-                    first_seen_ms: col(r, 1)?,
-                    last_seen_ms: col(r, 2)?,
-                    last_issued_ms: col(r, 3)?,
-                    issued: col::<i64>(r, 4)? as u64,
-                    denied: col::<i64>(r, 5)? as u64,
-                    active_leases: col::<i64>(r, 6)? as u64,
-                })
-            })
-            .collect()
-        }))
+        Box::pin(self.read(|tx| oplease::identity_stats(tx)))
     }
 
     fn audit_entries(

@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::ops::lease as oplease;
 use super::ops::log::{self as oplog, Head};
 use super::ops::rows;
 use super::sql::{self, Cell, DbError, Dialect, Row, Tx, Value};
@@ -827,35 +828,15 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<App
             max_active,
             break_glass,
             idempotency,
-        } => {
-            if let Some(rec) = &idempotency {
-                let used: bool = conn
-                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM idempotency WHERE caller = ?1 AND key_hash = ?2)")?
-                    .query_row(params![rec.caller, rec.key_hash], |r| r.get(0))?;
-                if used {
-                    return refuse_new_lease(conn, head, event, Refusal::Duplicate);
-                }
-            }
-            if let Some(refusal) = admit(conn, &lease, max_active)? {
-                return refuse_new_lease(conn, head, event, refusal);
-            }
-            insert_lease(conn, &lease)?;
-            if let Some(rec) = &idempotency {
-                conn.prepare_cached(
-                    "INSERT INTO idempotency (caller, key_hash, digest, lease_id, sealed, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![rec.caller, rec.key_hash, rec.digest, rec.lease_id, rec.sealed, rec.expires_at])?;
-            }
-            if let Some(r) = &break_glass {
-                insert_access_request(conn, r)?;
-            }
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.lease = Some(lease);
-            a.access_request = break_glass;
-            Ok(a)
-        }
+        } => oplease::issue(
+            &mut SqliteTx(conn),
+            head,
+            lease,
+            max_active,
+            break_glass,
+            idempotency,
+            event,
+        ),
         LedgerOp::OpenAccessRequest { request, event } => {
             insert_access_request(conn, &request)?;
             let receipt = append(conn, head, &event)?;
@@ -988,45 +969,22 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<App
             expires_at,
             credential_sha256,
             event,
-        } => match guard_holder(select_lease(conn, lease_id.as_str())?, &holder, now) {
-            Err(r) => refuse(conn, head, event, r),
-            Ok(lease) => {
-                // A renewal mints a fresh credential: locks apply to it as to issuance.
-                if let Some(r) = locked(conn, &lease.spiffe_id, lease.profile.as_str(), now)? {
-                    return refuse(conn, head, event, r);
-                }
-                let expires_at = expires_at.min(lease.max_expires_at);
-                conn.execute(
-                    "UPDATE leases SET expires_at = ?2, credential_sha256 = ?3, renewals = renewals + 1
-                     WHERE id = ?1 AND state = 'active'",
-                    params![lease_id.as_str(), expires_at, credential_sha256],
-                )?;
-                let receipt = append(conn, head, &event)?;
-                let mut a = Applied::recorded(Some(receipt));
-                a.lease = select_lease(conn, lease_id.as_str())?;
-                Ok(a)
-            }
-        },
+        } => {
+            let op = oplease::Renewal {
+                lease_id,
+                holder,
+                now,
+                expires_at,
+                credential_sha256,
+            };
+            oplease::renew(&mut SqliteTx(conn), head, op, event)
+        }
         LedgerOp::Release {
             lease_id,
             holder,
             now,
             event,
-        } => match guard_holder(select_lease(conn, lease_id.as_str())?, &holder, now) {
-            Err(r) => refuse(conn, head, event, r),
-            Ok(_) => {
-                conn.execute(
-                    "UPDATE leases SET state = 'released', ended_at = ?2, end_reason = 'released by holder'
-                     WHERE id = ?1 AND state = 'active'",
-                    params![lease_id.as_str(), now],
-                )?;
-                let receipt = append(conn, head, &event)?;
-                let mut a = Applied::recorded(Some(receipt));
-                a.lease = select_lease(conn, lease_id.as_str())?;
-                a.affected = vec![lease_id.to_string()];
-                Ok(a)
-            }
-        },
+        } => oplease::release(&mut SqliteTx(conn), head, &lease_id, &holder, now, event),
         LedgerOp::Revoke {
             selector,
             issued_before,
@@ -1138,22 +1096,8 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<App
             a.affected = ids;
             Ok(a)
         }
-        LedgerOp::Lock { lock, event } => {
-            conn.execute(
-                "INSERT INTO locks (id, kind, value, until, reason, created_by, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![lock.id, lock.kind, lock.value, lock.until, lock.reason, lock.created_by, lock.created_at],
-            )?;
-            let receipt = append(conn, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
-        LedgerOp::Unlock { id, event } => {
-            let n = conn.execute("DELETE FROM locks WHERE id = ?1", [&id])?;
-            if n == 0 {
-                return refuse(conn, head, event, Refusal::NothingMatched);
-            }
-            let receipt = append(conn, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
+        LedgerOp::Lock { lock, event } => oplease::lock(&mut SqliteTx(conn), head, &lock, event),
+        LedgerOp::Unlock { id, event } => oplease::unlock(&mut SqliteTx(conn), head, &id, event),
         LedgerOp::BackendRevoked {
             lease_id,
             now,
@@ -1183,44 +1127,8 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<App
             Some(receipt) => Ok(Applied::recorded(Some(receipt))),
             None => refuse(conn, head, event, Refusal::NothingMatched),
         },
-        LedgerOp::Expire {
-            now,
-            limit,
-            mut event,
-        } => {
-            // Sealed credentials are kept no longer than the credentials live.
-            conn.prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")?
-                .execute([now])?;
-            let mut stmt = conn.prepare_cached(
-                "UPDATE leases SET state = 'expired', ended_at = expires_at, end_reason = 'ttl elapsed'
-                 WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND expires_at <= ?1
-                              ORDER BY expires_at LIMIT ?2)
-                 RETURNING id",
-            )?;
-            let mut ids: Vec<String> = stmt
-                .query_map(params![now, limit], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            ids.sort();
-            let mut stmt = conn.prepare_cached(
-                "UPDATE access_requests SET state = 'expired', decided_at = ?1
-                 WHERE id IN (SELECT id FROM access_requests WHERE state IN ('pending', 'approved') AND expires_at <= ?1
-                              ORDER BY expires_at LIMIT ?2)
-                 RETURNING id",
-            )?;
-            let mut requests: Vec<String> = stmt
-                .query_map(params![now, limit], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            requests.sort();
-            if ids.is_empty() && requests.is_empty() {
-                return Ok(Applied::recorded(None));
-            }
-            event.affected_leases = ids.clone();
-            event.affected_requests = requests.clone();
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            ids.extend(requests);
-            a.affected = ids;
-            Ok(a)
+        LedgerOp::Expire { now, limit, event } => {
+            oplease::expire(&mut SqliteTx(conn), head, now, limit, event)
         }
         LedgerOp::Record { event } => {
             let receipt = append(conn, head, &event)?;
@@ -1324,33 +1232,11 @@ impl Store for SqliteStore {
 
     fn lease(&self, id: &LeaseId) -> BoxFuture<'_, Result<Option<Lease>, StoreError>> {
         let id = id.to_string();
-        Box::pin(self.read(move |c| select_lease(c, &id)))
+        Box::pin(self.read_tx(move |tx| oplease::select(tx, &id)))
     }
 
     fn leases(&self, filter: LeaseFilter) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let (before_at, before_id) = filter.before.clone().unwrap_or((i64::MAX, String::new()));
-            let has_cursor = filter.before.is_some();
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {LEASE_COLUMNS} FROM leases
-                 WHERE (?1 IS NULL OR spiffe_id = ?1) AND (?2 IS NULL OR state = ?2) AND (?7 IS NULL OR id = ?7)
-                   AND (?3 = 0 OR issued_at < ?4 OR (issued_at = ?4 AND id < ?5))
-                 ORDER BY issued_at DESC, id DESC LIMIT ?6"
-            ))?;
-            let rows = stmt.query_map(
-                params![
-                    filter.spiffe_id,
-                    filter.state.map(|s| s.as_str()),
-                    has_cursor as i64,
-                    before_at,
-                    before_id,
-                    filter.limit.clamp(1, 1000),
-                    filter.lease_id
-                ],
-                lease_from_row,
-            )?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
-        }))
+        Box::pin(self.read_tx(move |tx| oplease::list(tx, &filter)))
     }
 
     fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>> {
@@ -1424,45 +1310,11 @@ impl Store for SqliteStore {
         key_hash: &str,
     ) -> BoxFuture<'_, Result<Option<IdempotencyRecord>, StoreError>> {
         let (caller, key_hash) = (caller.to_owned(), key_hash.to_owned());
-        Box::pin(self.read(move |c| {
-            c.query_row(
-                "SELECT caller, key_hash, digest, lease_id, sealed, expires_at FROM idempotency
-                 WHERE caller = ?1 AND key_hash = ?2",
-                params![caller, key_hash],
-                |r| {
-                    Ok(IdempotencyRecord {
-                        caller: r.get(0)?,
-                        key_hash: r.get(1)?,
-                        digest: r.get(2)?,
-                        lease_id: r.get(3)?,
-                        sealed: r.get(4)?,
-                        expires_at: r.get(5)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(DbError::from)
-        }))
+        Box::pin(self.read_tx(move |tx| oplease::idempotency(tx, &caller, &key_hash)))
     }
 
     fn locks(&self, now: i64) -> BoxFuture<'_, Result<Vec<Lock>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, kind, value, until, reason, created_by, created_at FROM locks WHERE until > ?1 ORDER BY created_at",
-            )?;
-            let rows = stmt.query_map([now], |r| {
-                Ok(Lock {
-                    id: r.get(0)?,
-                    kind: r.get(1)?,
-                    value: r.get(2)?,
-                    until: r.get(3)?,
-                    reason: r.get(4)?,
-                    created_by: r.get(5)?,
-                    created_at: r.get(6)?,
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
-        }))
+        Box::pin(self.read_tx(move |tx| oplease::locks(tx, now)))
     }
 
     fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<super::FeedTail>, StoreError>> {
@@ -1569,25 +1421,7 @@ impl Store for SqliteStore {
     }
 
     fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>> {
-        Box::pin(self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT s.spiffe_id, s.first_seen, s.last_seen, s.last_issued, s.issued, s.denied,
-                        (SELECT count(*) FROM leases l WHERE l.spiffe_id = s.spiffe_id AND l.state = 'active')
-                 FROM identities_seen s ORDER BY s.spiffe_id",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok(IdentityStats {
-                    spiffe_id: r.get(0)?,
-                    first_seen_ms: r.get(1)?,
-                    last_seen_ms: r.get(2)?,
-                    last_issued_ms: r.get(3)?,
-                    issued: r.get::<_, i64>(4)? as u64,
-                    denied: r.get::<_, i64>(5)? as u64,
-                    active_leases: r.get::<_, i64>(6)? as u64,
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
-        }))
+        Box::pin(self.read_tx(|tx| oplease::identity_stats(tx)))
     }
 
     fn audit_entries(

@@ -217,6 +217,8 @@ pub(crate) fn unlock(
 /// PostgreSQL may rescan the subquery, skip the rows this very statement just updated,
 /// and exceed the limit. With SKIP LOCKED (PostgreSQL), a pass also never waits on (or
 /// takes) a row another transaction holds; the ledger lock already serializes replicas.
+/// The batch's column is `batch_id` and `RETURNING` names `id` unqualified: SQLite's
+/// `RETURNING` sees only the updated table, and PostgreSQL's would find `id` ambiguous.
 pub(crate) fn expire(
     tx: &mut dyn Tx,
     head: &mut Head,
@@ -234,23 +236,23 @@ pub(crate) fn expire(
     let leases = tx.query(
         &format!(
             "WITH batch AS MATERIALIZED (
-                 SELECT id FROM leases WHERE state = 'active' AND expires_at <= $1
+                 SELECT id AS batch_id FROM leases WHERE state = 'active' AND expires_at <= $1
                  ORDER BY expires_at LIMIT $2{skip_locked})
-             UPDATE leases AS l SET state = 'expired', ended_at = l.expires_at, end_reason = 'ttl elapsed'
-             FROM batch WHERE l.id = batch.id AND l.state = 'active'
-             RETURNING l.id"
+             UPDATE leases AS l SET state = 'expired', ended_at = expires_at, end_reason = 'ttl elapsed'
+             FROM batch WHERE l.id = batch.batch_id AND l.state = 'active'
+             RETURNING id"
         ),
         &args,
     )?;
     let requests = tx.query(
         &format!(
             "WITH batch AS MATERIALIZED (
-                 SELECT id FROM access_requests WHERE state IN ('pending', 'approved')
+                 SELECT id AS batch_id FROM access_requests WHERE state IN ('pending', 'approved')
                      AND expires_at <= $1
                  ORDER BY expires_at LIMIT $2{skip_locked})
              UPDATE access_requests AS r SET state = 'expired', decided_at = $1
-             FROM batch WHERE r.id = batch.id AND r.state IN ('pending', 'approved')
-             RETURNING r.id"
+             FROM batch WHERE r.id = batch.batch_id AND r.state IN ('pending', 'approved')
+             RETURNING id"
         ),
         &args,
     )?;
