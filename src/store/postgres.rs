@@ -34,6 +34,7 @@ use ::postgres::{Client, NoTls, Row, SimpleQueryMessage, Statement};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::ops::access as opaccess;
 use super::ops::lease as oplease;
 use super::ops::log::{self as oplog, Head};
 use super::pg_tls::{PgTls, SslMode};
@@ -684,149 +685,6 @@ fn refuse(
     Ok(a)
 }
 
-/// Records a refused issuance: the entry names no lease or credential, since none exists.
-fn refuse_new_lease(
-    c: &mut Conn,
-    head: &mut Head,
-    mut event: AuditEvent,
-    refusal: Refusal,
-) -> Result<Applied, DbError> {
-    event.lease_id = None;
-    event.granted_scopes.clear();
-    event.credential_sha256 = None;
-    refuse(c, head, event, refusal)
-}
-
-fn insert_lease(c: &mut Conn, lease: &Lease) -> Result<(), DbError> {
-    let scopes = serde_json::to_string(&lease.scopes).unwrap_or_default();
-    let intent = lease
-        .intent
-        .as_ref()
-        .map(|i| serde_json::to_string(i).unwrap_or_default());
-    c.execute(
-        &format!(
-            "INSERT INTO leases ({LEASE_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
-        ),
-        &[
-            &lease.id.as_str(),
-            &lease.profile.as_str(),
-            &lease.spiffe_id,
-            &scopes,
-            &lease.audience,
-            &lease.state.as_str(),
-            &lease.issued_at,
-            &lease.expires_at,
-            &lease.max_expires_at,
-            &lease.credential_sha256,
-            &i64::from(lease.renewals),
-            &lease.ended_at,
-            &lease.end_reason,
-            &intent,
-            &lease.backend.as_ref().map(|b| b.kind.as_str()),
-            &lease.backend.as_ref().map(|b| b.handle.as_str()),
-            &lease.backend.as_ref().is_some_and(|b| b.revocable),
-        ],
-    )?;
-    Ok(())
-}
-
-fn insert_access_request(c: &mut Conn, r: &AccessRequest) -> Result<(), DbError> {
-    c.execute(
-        "INSERT INTO access_requests (id, requester, profile, request, request_digest, approver_group,
-             threshold, state, created_at, expires_at, deny_ends, break_glass, post_review, lease_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        &[
-            &r.id,
-            &r.requester,
-            &r.profile.as_str(),
-            &r.request.canonical(),
-            &r.digest,
-            &r.group,
-            &i64::from(r.threshold),
-            &r.state.as_str(),
-            &r.created_at,
-            &r.expires_at,
-            &r.deny_ends,
-            &r.break_glass,
-            &r.post_review,
-            &r.lease_id,
-        ],
-    )?;
-    Ok(())
-}
-
-const REQUEST_COLUMNS: &str =
-    "id, requester, profile, request, request_digest, approver_group, threshold, state, \
-     created_at, expires_at, deny_ends, break_glass, post_review, lease_id";
-
-fn request_from_row(r: &Row) -> Result<AccessRequest, DbError> {
-    let id: String = col(r, 0)?;
-    let profile: String = col(r, 2)?;
-    let request: String = col(r, 3)?;
-    let state: String = col(r, 7)?;
-    Ok(AccessRequest {
-        requester: col(r, 1)?,
-        profile: ProfileName::parse(&profile)
-            .map_err(|_| corrupt(format!("access request {id}: profile")))?,
-        request: serde_json::from_str::<RequestSpec>(&request)
-            .map_err(|_| corrupt(format!("access request {id}: request")))?,
-        digest: col(r, 4)?,
-        group: col(r, 5)?,
-        threshold: col_u32(r, 6)?,
-        state: AccessState::from_db(&state)
-            .ok_or_else(|| corrupt(format!("access request {id}: state")))?,
-        created_at: col(r, 8)?,
-        expires_at: col(r, 9)?,
-        deny_ends: col(r, 10)?,
-        break_glass: col(r, 11)?,
-        post_review: col(r, 12)?,
-        lease_id: col(r, 13)?,
-        reviews: Vec::new(),
-        id,
-    })
-}
-
-fn with_reviews(c: &mut Conn, mut r: AccessRequest) -> Result<AccessRequest, DbError> {
-    let rows = c.query(
-        "SELECT reviewer, verdict, reason, at, post_review FROM access_reviews
-         WHERE request_id = $1 ORDER BY at, reviewer",
-        &[&r.id],
-    )?;
-    r.reviews = rows
-        .iter()
-        .map(|row| {
-            let verdict: String = col(row, 1)?;
-            Ok(Review {
-                reviewer: col(row, 0)?,
-                verdict: if verdict == "approve" {
-                    Verdict::Approve
-                } else {
-                    Verdict::Deny
-                },
-                reason: col(row, 2)?,
-                at: col(row, 3)?,
-                post_review: col(row, 4)?,
-            })
-        })
-        .collect::<Result<_, DbError>>()?;
-    Ok(r)
-}
-
-fn select_request(c: &mut Conn, id: &str) -> Result<Option<AccessRequest>, DbError> {
-    let row = c.query_opt(
-        &format!("SELECT {REQUEST_COLUMNS} FROM access_requests WHERE id = $1"),
-        &[&id],
-    )?;
-    match row {
-        None => Ok(None),
-        Some(row) => {
-            let r = request_from_row(&row)?;
-            with_reviews(c, r).map(Some)
-        }
-    }
-}
-
 /// Counts traffic per identity, inside the same transaction as the entry.
 fn note_identity(c: &mut Conn, event: &AuditEvent) -> Result<(), DbError> {
     let Some(caller) = &event.caller else {
@@ -847,38 +705,6 @@ fn note_identity(c: &mut Conn, event: &AuditEvent) -> Result<(), DbError> {
         &[caller, &event.time_ms, &issued, &denied],
     )?;
     Ok(())
-}
-
-/// Whether a new lease may be recorded: no lock or revocation covers it and the holder
-/// is under its quota.
-fn admit(c: &mut Conn, lease: &Lease, max_active: Option<u32>) -> Result<Option<Refusal>, DbError> {
-    if let Some(refusal) = barred(c, lease)? {
-        return Ok(Some(refusal));
-    }
-    if over_quota(c, lease, max_active)? {
-        return Ok(Some(Refusal::QuotaExceeded(max_active.unwrap_or_default())));
-    }
-    Ok(None)
-}
-
-/// Whether the lease's holder already has `max` active leases on its profile.
-fn over_quota(c: &mut Conn, lease: &Lease, max: Option<u32>) -> Result<bool, DbError> {
-    let Some(max) = max else {
-        return Ok(false);
-    };
-    // Bounded by the limit: at most `max` index steps, however many leases the holder has.
-    let row = c.query_one(
-        "SELECT count(*) FROM (SELECT 1 FROM leases WHERE spiffe_id = $1 AND profile = $2
-             AND state = 'active' AND expires_at > $3 LIMIT $4) AS q",
-        &[
-            &lease.spiffe_id,
-            &lease.profile.as_str(),
-            &lease.issued_at,
-            &i64::from(max),
-        ],
-    )?;
-    let active: i64 = col(&row, 0)?;
-    Ok(active >= i64::from(max))
 }
 
 /// Most lease ids listed in one revocation's audit entry; larger revocations record the
@@ -961,52 +787,6 @@ fn append_revocation_events(
     Ok(())
 }
 
-/// Whether a lock or rule row (`kind`, `value`) covers SPIFFE ID `$1` or profile `$2`.
-const MATCHES: &str =
-    "(kind = 'spiffe_id' AND value = $1) OR (kind = 'prefix' AND starts_with($1, value)) \
-                       OR (kind = 'profile' AND value = $2)";
-
-/// An operator lock in force at `at` over this identity or profile.
-fn locked(
-    c: &mut Conn,
-    spiffe_id: &str,
-    profile: &str,
-    at: i64,
-) -> Result<Option<Refusal>, DbError> {
-    let row = c.query_opt(
-        &format!(
-            "SELECT reason, until FROM locks WHERE until > $3 AND ({MATCHES}) ORDER BY until DESC LIMIT 1"
-        ),
-        &[&spiffe_id, &profile, &at],
-    )?;
-    match row {
-        None => Ok(None),
-        Some(r) => {
-            let reason: String = col(&r, 0)?;
-            let until: i64 = col(&r, 1)?;
-            Ok(Some(Refusal::Locked(format!(
-                "{reason} (until {})",
-                crate::clock::rfc3339(until)
-            ))))
-        }
-    }
-}
-
-/// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
-fn barred(c: &mut Conn, lease: &Lease) -> Result<Option<Refusal>, DbError> {
-    if let Some(r) = locked(c, &lease.spiffe_id, lease.profile.as_str(), lease.issued_at)? {
-        return Ok(Some(r));
-    }
-    let row = c.query_one(
-        &format!(
-            "SELECT EXISTS (SELECT 1 FROM revocation_rules WHERE cutoff >= $3 AND ({MATCHES} OR kind = 'all'))"
-        ),
-        &[&lease.spiffe_id, &lease.profile.as_str(), &lease.issued_at],
-    )?;
-    let revoked: bool = col(&row, 0)?;
-    Ok(revoked.then_some(Refusal::RevokedBefore))
-}
-
 fn apply_op(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
     let event = op.event().cloned();
     let applied = apply_guarded(c, head, op)?;
@@ -1019,14 +799,6 @@ fn apply_op(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, DbEr
     Ok(applied)
 }
 
-fn expire_request(c: &mut Conn, id: &str, now: i64) -> Result<(), DbError> {
-    c.execute(
-        "UPDATE access_requests SET state = 'expired', decided_at = $2 WHERE id = $1",
-        &[&id, &now],
-    )?;
-    Ok(())
-}
-
 fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
     match op {
         LedgerOp::Issue {
@@ -1036,13 +808,7 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             break_glass,
             idempotency,
         } => oplease::issue(c, head, lease, max_active, break_glass, idempotency, event),
-        LedgerOp::OpenAccessRequest { request, event } => {
-            insert_access_request(c, &request)?;
-            let receipt = append(c, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.access_request = Some(request);
-            Ok(a)
-        }
+        LedgerOp::OpenAccessRequest { request, event } => opaccess::open(c, head, request, event),
         LedgerOp::Review {
             id,
             reviewer,
@@ -1051,72 +817,14 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             now,
             event,
         } => {
-            let Some(req) = select_request(c, &id)? else {
-                return refuse(c, head, event, Refusal::RequestNotFound);
+            let op = opaccess::ReviewOp {
+                id,
+                reviewer,
+                verdict,
+                reason,
+                now,
             };
-            if req.requester == reviewer {
-                return refuse(c, head, event, Refusal::SelfReview);
-            }
-            let post = req.break_glass;
-            if post {
-                if req.post_review.as_deref() != Some("pending") {
-                    return refuse(c, head, event, Refusal::RequestEnded(req.state));
-                }
-            } else {
-                if req.state != AccessState::Pending {
-                    return refuse(c, head, event, Refusal::RequestEnded(req.state));
-                }
-                if req.expires_at <= now {
-                    expire_request(c, &id, now)?;
-                    return refuse(c, head, event, Refusal::RequestExpired);
-                }
-                if req
-                    .reviews
-                    .iter()
-                    .any(|r| r.reviewer == reviewer && !r.post_review)
-                {
-                    return refuse(c, head, event, Refusal::AlreadyReviewed);
-                }
-            }
-            c.execute(
-                "INSERT INTO access_reviews (request_id, reviewer, verdict, reason, at, post_review)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&id, &reviewer, &verdict.as_str(), &reason, &now, &post],
-            )?;
-            if post {
-                let outcome = if verdict == Verdict::Approve {
-                    "approved"
-                } else {
-                    "denied"
-                };
-                c.execute(
-                    "UPDATE access_requests SET post_review = $2 WHERE id = $1",
-                    &[&id, &outcome],
-                )?;
-            } else {
-                let req = select_request(c, &id)?
-                    .ok_or_else(|| corrupt(format!("access request {id} vanished")))?;
-                let approvals = req.approvers().len() as u32;
-                // One deny ends it unless the profile says otherwise; then denies are
-                // only on record and the request waits for approvals or expiry.
-                let next = if verdict == Verdict::Deny && req.deny_ends {
-                    Some("denied")
-                } else if approvals >= req.threshold {
-                    Some("approved")
-                } else {
-                    None
-                };
-                if let Some(state) = next {
-                    c.execute(
-                        "UPDATE access_requests SET state = $2, decided_at = $3 WHERE id = $1",
-                        &[&id, &state, &now],
-                    )?;
-                }
-            }
-            let receipt = append(c, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.access_request = select_request(c, &id)?;
-            Ok(a)
+            opaccess::review(c, head, op, event)
         }
         LedgerOp::Redeem {
             id,
@@ -1127,33 +835,15 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             now,
             event,
         } => {
-            let req = match select_request(c, &id)? {
-                Some(r) if r.requester == requester => r,
-                _ => return refuse(c, head, event, Refusal::RequestNotFound),
+            let op = opaccess::Redemption {
+                id,
+                requester,
+                digest,
+                max_active,
+                lease,
+                now,
             };
-            if req.digest != digest {
-                return refuse(c, head, event, Refusal::DigestMismatch);
-            }
-            if req.state != AccessState::Approved {
-                return refuse(c, head, event, Refusal::RequestEnded(req.state));
-            }
-            if req.expires_at <= now {
-                expire_request(c, &id, now)?;
-                return refuse(c, head, event, Refusal::RequestExpired);
-            }
-            if let Some(refusal) = admit(c, &lease, max_active)? {
-                return refuse_new_lease(c, head, event, refusal);
-            }
-            insert_lease(c, &lease)?;
-            c.execute(
-                "UPDATE access_requests SET state = 'issued', lease_id = $2 WHERE id = $1 AND state = 'approved'",
-                &[&id, &lease.id.as_str()],
-            )?;
-            let receipt = append(c, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.lease = Some(lease);
-            a.access_request = select_request(c, &id)?;
-            Ok(a)
+            opaccess::redeem(c, head, op, event)
         }
         LedgerOp::Renew {
             lease_id,
@@ -1574,37 +1264,14 @@ impl Store for PostgresStore {
 
     fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>> {
         let id = id.to_owned();
-        Box::pin(self.read(move |c| select_request(c, &id)))
+        Box::pin(self.read(move |tx| opaccess::select(tx, &id)))
     }
 
     fn access_requests(
         &self,
         filter: AccessFilter,
     ) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let rows = c.query(
-                &format!(
-                    "SELECT {REQUEST_COLUMNS} FROM access_requests
-                     WHERE ($1::text IS NULL OR state = $1)
-                       AND ($2::text[] IS NULL OR profile = ANY($2))
-                       AND (NOT $3::bool OR post_review = 'pending')
-                       AND ($4::text IS NULL OR requester = $4)
-                     ORDER BY created_at DESC, id DESC LIMIT $5"
-                ),
-                &[
-                    &filter.state.map(|s| s.as_str()),
-                    &filter.profiles,
-                    &filter.awaiting_post_review,
-                    &filter.requester,
-                    &i64::from(filter.limit.clamp(1, 1000)),
-                ],
-            )?;
-            let requests: Vec<AccessRequest> = rows
-                .iter()
-                .map(request_from_row)
-                .collect::<Result<_, _>>()?;
-            requests.into_iter().map(|r| with_reviews(c, r)).collect()
-        }))
+        Box::pin(self.read(move |tx| opaccess::list(tx, &filter)))
     }
 
     fn checkpoint(

@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::ops::access as opaccess;
 use super::ops::lease as oplease;
 use super::ops::log::{self as oplog, Head};
 use super::ops::rows;
@@ -526,118 +527,6 @@ fn refuse(
     Ok(a)
 }
 
-fn insert_lease(conn: &Connection, lease: &Lease) -> Result<(), DbError> {
-    conn.prepare_cached(&format!(
-        "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
-    ))?
-    .execute(params![
-        lease.id.as_str(),
-        lease.profile.as_str(),
-        lease.spiffe_id,
-        serde_json::to_string(&lease.scopes).unwrap_or_default(),
-        lease.audience,
-        lease.state.as_str(),
-        lease.issued_at,
-        lease.expires_at,
-        lease.max_expires_at,
-        lease.credential_sha256,
-        lease.renewals,
-        lease.ended_at,
-        lease.end_reason,
-        lease.intent.as_ref().map(|i| serde_json::to_string(i).unwrap_or_default()),
-        lease.backend.as_ref().map(|b| b.kind.as_str()),
-        lease.backend.as_ref().map(|b| b.handle.as_str()),
-        lease.backend.as_ref().is_some_and(|b| b.revocable),
-    ])?;
-    Ok(())
-}
-
-fn insert_access_request(conn: &Connection, r: &AccessRequest) -> Result<(), DbError> {
-    conn.prepare_cached(
-        "INSERT INTO access_requests (id, requester, profile, request, request_digest, approver_group, threshold,
-             state, created_at, expires_at, deny_ends, break_glass, post_review, lease_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?
-    .execute(params![
-        r.id,
-        r.requester,
-        r.profile.as_str(),
-        r.request.canonical(),
-        r.digest,
-        r.group,
-        r.threshold,
-        r.state.as_str(),
-        r.created_at,
-        r.expires_at,
-        r.deny_ends,
-        r.break_glass,
-        r.post_review,
-        r.lease_id,
-    ])?;
-    Ok(())
-}
-
-const REQUEST_COLUMNS: &str =
-    "id, requester, profile, request, request_digest, approver_group, threshold, state, \
-     created_at, expires_at, deny_ends, break_glass, post_review, lease_id";
-
-fn request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccessRequest> {
-    let profile: String = r.get(2)?;
-    let request: String = r.get(3)?;
-    let state: String = r.get(7)?;
-    Ok(AccessRequest {
-        id: r.get(0)?,
-        requester: r.get(1)?,
-        profile: ProfileName::parse(&profile).map_err(|_| bad(2, "profile"))?,
-        request: serde_json::from_str::<RequestSpec>(&request).map_err(|_| bad(3, "request"))?,
-        digest: r.get(4)?,
-        group: r.get(5)?,
-        threshold: r.get(6)?,
-        state: AccessState::from_db(&state).ok_or_else(|| bad(7, "state"))?,
-        created_at: r.get(8)?,
-        expires_at: r.get(9)?,
-        deny_ends: r.get(10)?,
-        break_glass: r.get(11)?,
-        post_review: r.get(12)?,
-        lease_id: r.get(13)?,
-        reviews: Vec::new(),
-    })
-}
-
-fn with_reviews(conn: &Connection, mut r: AccessRequest) -> Result<AccessRequest, DbError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT reviewer, verdict, reason, at, post_review FROM access_reviews WHERE request_id = ?1 ORDER BY at, reviewer",
-    )?;
-    r.reviews = stmt
-        .query_map([&r.id], |row| {
-            let verdict: String = row.get(1)?;
-            Ok(Review {
-                reviewer: row.get(0)?,
-                verdict: if verdict == "approve" {
-                    Verdict::Approve
-                } else {
-                    Verdict::Deny
-                },
-                reason: row.get(2)?,
-                at: row.get(3)?,
-                post_review: row.get(4)?,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(r)
-}
-
-fn select_request(conn: &Connection, id: &str) -> Result<Option<AccessRequest>, DbError> {
-    let r = conn
-        .query_row(
-            &format!("SELECT {REQUEST_COLUMNS} FROM access_requests WHERE id = ?1"),
-            [id],
-            request_from_row,
-        )
-        .optional()?;
-    r.map(|r| with_reviews(conn, r)).transpose()
-}
-
 /// Counts traffic per identity, inside the same transaction as the entry.
 fn note_identity(conn: &Connection, event: &AuditEvent) -> Result<(), DbError> {
     let Some(caller) = &event.caller else {
@@ -657,50 +546,6 @@ fn note_identity(conn: &Connection, event: &AuditEvent) -> Result<(), DbError> {
     )?
     .execute(params![caller, event.time_ms, issued as i64, denied as i64])?;
     Ok(())
-}
-
-/// Whether a new lease may be recorded: no lock or revocation covers it and the holder
-/// is under its quota.
-fn admit(
-    conn: &Connection,
-    lease: &Lease,
-    max_active: Option<u32>,
-) -> Result<Option<Refusal>, DbError> {
-    if let Some(refusal) = barred(conn, lease)? {
-        return Ok(Some(refusal));
-    }
-    if over_quota(conn, lease, max_active)? {
-        return Ok(Some(Refusal::QuotaExceeded(max_active.unwrap_or_default())));
-    }
-    Ok(None)
-}
-
-/// Records a refused issuance: the entry names no lease or credential, since none exists.
-fn refuse_new_lease(
-    conn: &Connection,
-    head: &mut Head,
-    mut event: AuditEvent,
-    refusal: Refusal,
-) -> Result<Applied, DbError> {
-    event.lease_id = None;
-    event.granted_scopes.clear();
-    event.credential_sha256 = None;
-    refuse(conn, head, event, refusal)
-}
-
-/// Whether the lease's holder already has `max` active leases on its profile.
-fn over_quota(conn: &Connection, lease: &Lease, max: Option<u32>) -> Result<bool, DbError> {
-    let Some(max) = max else {
-        return Ok(false);
-    };
-    let active: i64 = conn
-        .prepare_cached(
-            // Bounded by the limit: the check costs at most `max` index steps, however many
-            // leases the holder has.
-            "SELECT count(*) FROM (SELECT 1 FROM leases WHERE spiffe_id = ?1 AND profile = ?2 AND state = 'active'
-             AND expires_at > ?3 LIMIT ?4)",
-        )?        .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at, max], |r| r.get(0))?;
-    Ok(active >= i64::from(max))
 }
 
 /// Most lease ids listed in one revocation's audit entry; larger revocations record the
@@ -768,46 +613,6 @@ fn append_revocation_events(
     Ok(())
 }
 
-/// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
-const MATCHES: &str = "((kind = 'spiffe_id' AND value = ?1) OR (kind = 'prefix' AND substr(?1, 1, length(value)) = value)
-                    OR (kind = 'profile' AND value = ?2)";
-
-/// An operator lock in force at `at` over this identity or profile.
-fn locked(
-    conn: &Connection,
-    spiffe_id: &str,
-    profile: &str,
-    at: i64,
-) -> Result<Option<Refusal>, DbError> {
-    let lock: Option<(String, i64)> = conn
-        .prepare_cached(&format!(
-            "SELECT reason, until FROM locks WHERE until > ?3 AND {MATCHES}) ORDER BY until DESC LIMIT 1"
-        ))?
-        .query_row(params![spiffe_id, profile, at], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    Ok(lock.map(|(reason, until)| {
-        Refusal::Locked(format!("{reason} (until {})", crate::clock::rfc3339(until)))
-    }))
-}
-
-/// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
-fn barred(conn: &Connection, lease: &Lease) -> Result<Option<Refusal>, DbError> {
-    if let Some(r) = locked(
-        conn,
-        &lease.spiffe_id,
-        lease.profile.as_str(),
-        lease.issued_at,
-    )? {
-        return Ok(Some(r));
-    }
-    let revoked: bool = conn
-        .prepare_cached(&format!(
-            "SELECT EXISTS (SELECT 1 FROM revocation_rules WHERE cutoff >= ?3 AND ({MATCHES} OR kind = 'all')))"
-        ))?
-        .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at], |r| r.get(0))?;
-    Ok(revoked.then_some(Refusal::RevokedBefore))
-}
-
 fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
     let event = op.event().cloned();
     let applied = apply_guarded(conn, head, op)?;
@@ -838,11 +643,7 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<App
             event,
         ),
         LedgerOp::OpenAccessRequest { request, event } => {
-            insert_access_request(conn, &request)?;
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.access_request = Some(request);
-            Ok(a)
+            opaccess::open(&mut SqliteTx(conn), head, request, event)
         }
         LedgerOp::Review {
             id,
@@ -852,75 +653,14 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<App
             now,
             event,
         } => {
-            let Some(req) = select_request(conn, &id)? else {
-                return refuse(conn, head, event, Refusal::RequestNotFound);
+            let op = opaccess::ReviewOp {
+                id,
+                reviewer,
+                verdict,
+                reason,
+                now,
             };
-            if req.requester == reviewer {
-                return refuse(conn, head, event, Refusal::SelfReview);
-            }
-            let post = req.break_glass;
-            if post {
-                if req.post_review.as_deref() != Some("pending") {
-                    return refuse(conn, head, event, Refusal::RequestEnded(req.state));
-                }
-            } else {
-                if req.state != AccessState::Pending {
-                    return refuse(conn, head, event, Refusal::RequestEnded(req.state));
-                }
-                if req.expires_at <= now {
-                    conn.execute(
-                        "UPDATE access_requests SET state = 'expired', decided_at = ?2 WHERE id = ?1",
-                        params![id, now],
-                    )?;
-                    return refuse(conn, head, event, Refusal::RequestExpired);
-                }
-                if req
-                    .reviews
-                    .iter()
-                    .any(|r| r.reviewer == reviewer && !r.post_review)
-                {
-                    return refuse(conn, head, event, Refusal::AlreadyReviewed);
-                }
-            }
-            conn.execute(
-                "INSERT INTO access_reviews (request_id, reviewer, verdict, reason, at, post_review) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, reviewer, verdict.as_str(), reason, now, post],
-            )?;
-            if post {
-                conn.execute(
-                    "UPDATE access_requests SET post_review = ?2 WHERE id = ?1",
-                    params![
-                        id,
-                        if verdict == Verdict::Approve {
-                            "approved"
-                        } else {
-                            "denied"
-                        }
-                    ],
-                )?;
-            } else {
-                let req = select_request(conn, &id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
-                let approvals = req.approvers().len() as u32;
-                // One deny ends it unless the profile says otherwise; then denies are
-                // only on record and the request waits for approvals or expiry.
-                let next = if verdict == Verdict::Deny && req.deny_ends {
-                    Some("denied")
-                } else if approvals >= req.threshold {
-                    Some("approved")
-                } else {
-                    None
-                };
-                if let Some(state) = next {
-                    conn.execute(
-                        "UPDATE access_requests SET state = ?2, decided_at = ?3 WHERE id = ?1",
-                        params![id, state, now],
-                    )?;
-                }
-            }
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.access_request = select_request(conn, &id)?;
-            Ok(a)
+            opaccess::review(&mut SqliteTx(conn), head, op, event)
         }
         LedgerOp::Redeem {
             id,
@@ -931,36 +671,15 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<App
             now,
             event,
         } => {
-            let req = match select_request(conn, &id)? {
-                Some(r) if r.requester == requester => r,
-                _ => return refuse(conn, head, event, Refusal::RequestNotFound),
+            let op = opaccess::Redemption {
+                id,
+                requester,
+                digest,
+                max_active,
+                lease,
+                now,
             };
-            if req.digest != digest {
-                return refuse(conn, head, event, Refusal::DigestMismatch);
-            }
-            if req.state != AccessState::Approved {
-                return refuse(conn, head, event, Refusal::RequestEnded(req.state));
-            }
-            if req.expires_at <= now {
-                conn.execute(
-                    "UPDATE access_requests SET state = 'expired', decided_at = ?2 WHERE id = ?1",
-                    params![id, now],
-                )?;
-                return refuse(conn, head, event, Refusal::RequestExpired);
-            }
-            if let Some(refusal) = admit(conn, &lease, max_active)? {
-                return refuse_new_lease(conn, head, event, refusal);
-            }
-            insert_lease(conn, &lease)?;
-            conn.execute(
-                "UPDATE access_requests SET state = 'issued', lease_id = ?2 WHERE id = ?1 AND state = 'approved'",
-                params![id, lease.id.as_str()],
-            )?;
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.lease = Some(lease);
-            a.access_request = select_request(conn, &id)?;
-            Ok(a)
+            opaccess::redeem(&mut SqliteTx(conn), head, op, event)
         }
         LedgerOp::Renew {
             lease_id,
@@ -1241,40 +960,14 @@ impl Store for SqliteStore {
 
     fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>> {
         let id = id.to_owned();
-        Box::pin(self.read(move |c| select_request(c, &id)))
+        Box::pin(self.read_tx(move |tx| opaccess::select(tx, &id)))
     }
 
     fn access_requests(
         &self,
         filter: AccessFilter,
     ) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let profiles = filter
-                .profiles
-                .as_ref()
-                .map(|p| serde_json::to_string(p).unwrap_or_default());
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {REQUEST_COLUMNS} FROM access_requests
-                 WHERE (?1 IS NULL OR state = ?1)
-                   AND (?2 IS NULL OR profile IN (SELECT value FROM json_each(?2)))
-                   AND (?3 = 0 OR post_review = 'pending')
-                   AND (?4 IS NULL OR requester = ?4)
-                 ORDER BY created_at DESC, id DESC LIMIT ?5"
-            ))?;
-            let rows: Vec<AccessRequest> = stmt
-                .query_map(
-                    params![
-                        filter.state.map(|s| s.as_str()),
-                        profiles,
-                        filter.awaiting_post_review as i64,
-                        filter.requester,
-                        filter.limit.clamp(1, 1000)
-                    ],
-                    request_from_row,
-                )?
-                .collect::<rusqlite::Result<_>>()?;
-            rows.into_iter().map(|r| with_reviews(c, r)).collect()
-        }))
+        Box::pin(self.read_tx(move |tx| opaccess::list(tx, &filter)))
     }
 
     fn checkpoint(
