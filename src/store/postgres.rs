@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::ops::access as opaccess;
 use super::ops::lease as oplease;
 use super::ops::log::{self as oplog, Head};
+use super::ops::revoke as oprevoke;
 use super::pg_tls::{PgTls, SslMode};
 use super::sql::{corrupt, Cell, DbError, Dialect, Row as SqlRow, Tx, Value};
 use super::{
@@ -573,51 +574,6 @@ impl PostgresStore {
     }
 }
 
-const LEASE_COLUMNS: &str =
-    "id, profile, spiffe_id, scopes, audience, state, issued_at, expires_at, \
-     max_expires_at, credential_sha256, renewals, ended_at, end_reason, intent, \
-     backend_kind, backend_handle, backend_revocable";
-
-fn lease_from_row(r: &Row) -> Result<Lease, DbError> {
-    let id: String = col(r, 0)?;
-    let profile: String = col(r, 1)?;
-    let scopes: String = col(r, 3)?;
-    let state: String = col(r, 5)?;
-    let intent: Option<String> = col(r, 13)?;
-    Ok(Lease {
-        id: LeaseId::parse(&id).map_err(|_| corrupt(format!("lease id {id:?}")))?,
-        profile: ProfileName::parse(&profile)
-            .map_err(|_| corrupt(format!("lease {id}: profile")))?,
-        spiffe_id: col(r, 2)?,
-        scopes: serde_json::from_str::<Vec<Scope>>(&scopes)
-            .map_err(|_| corrupt(format!("lease {id}: scopes")))?,
-        audience: col(r, 4)?,
-        state: LeaseState::from_db(&state).ok_or_else(|| corrupt(format!("lease {id}: state")))?,
-        issued_at: col(r, 6)?,
-        expires_at: col(r, 7)?,
-        max_expires_at: col(r, 8)?,
-        credential_sha256: col(r, 9)?,
-        renewals: col_u32(r, 10)?,
-        ended_at: col(r, 11)?,
-        end_reason: col(r, 12)?,
-        intent: match intent {
-            None => None,
-            Some(s) => Some(
-                serde_json::from_str::<Intent>(&s)
-                    .map_err(|_| corrupt(format!("lease {id}: intent")))?,
-            ),
-        },
-        backend: match (col::<Option<String>>(r, 14)?, col::<Option<String>>(r, 15)?) {
-            (Some(kind), Some(handle)) => Some(BackendHandle {
-                kind,
-                handle,
-                revocable: col(r, 16)?,
-            }),
-            _ => None,
-        },
-    })
-}
-
 const BACKEND_REVOCATION_COLUMNS: &str =
     "lease_id, kind, handle, queued_at, attempts, next_attempt_at, last_error";
 
@@ -631,15 +587,6 @@ fn backend_revocation_from_row(r: &Row) -> Result<BackendRevocation, DbError> {
         next_attempt_at: col(r, 5)?,
         last_error: col(r, 6)?,
     })
-}
-
-fn select_lease(c: &mut Conn, id: &str) -> Result<Option<Lease>, DbError> {
-    c.query_opt(
-        &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"),
-        &[&id],
-    )?
-    .map(|r| lease_from_row(&r))
-    .transpose()
 }
 
 /// Step shim: the log family lives in `ops::log`.
@@ -703,86 +650,6 @@ fn note_identity(c: &mut Conn, event: &AuditEvent) -> Result<(), DbError> {
              issued = s.issued + EXCLUDED.issued,
              denied = s.denied + EXCLUDED.denied",
         &[caller, &event.time_ms, &issued, &denied],
-    )?;
-    Ok(())
-}
-
-/// Most lease ids listed in one revocation's audit entry; larger revocations record the
-/// count and a digest of every id (the feed has each one).
-const MAX_LISTED: usize = 1000;
-
-/// A revoked lease: id, holder, profile, expiry, certificate serial (x509 leases).
-type RevokedRow = (String, String, String, i64, Option<String>);
-
-/// The columns of a [`RevokedRow`].
-const REVOKED_COLUMNS: &str = "id, spiffe_id, profile, expires_at, \
-     CASE WHEN backend_kind = 'x509' THEN backend_handle END";
-
-fn revoked_from_row(r: &Row) -> Result<RevokedRow, DbError> {
-    Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?, col(r, 3)?, col(r, 4)?))
-}
-
-fn append_revocation_events(
-    c: &mut Conn,
-    rows: &[RevokedRow],
-    now: i64,
-    reason: &str,
-) -> Result<(), DbError> {
-    // Under the ledger lock: the feed, like the chain, has one writer at a time.
-    let (mut seq, mut prev): (i64, [u8; 32]) = match c.query_opt(
-        "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
-        &[],
-    )? {
-        None => (0, [0; 32]),
-        Some(r) => (col(&r, 0)?, hash32(col(&r, 1)?, "feed chain hash")?),
-    };
-    let mut sorted: Vec<&RevokedRow> = rows.iter().collect();
-    sorted.sort();
-    let n = sorted.len();
-    let (mut seqs, mut ids, mut holders, mut profiles, mut expiries, mut chains, mut serials) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (lease_id, spiffe_id, profile, expires_at, serial) in sorted {
-        seq += 1;
-        let ev = RevocationEvent {
-            seq: seq as u64,
-            lease_id: lease_id.clone(),
-            spiffe_id: spiffe_id.clone(),
-            profile: profile.clone(),
-            expires_at: *expires_at,
-            revoked_at: now,
-            reason: reason.to_owned(),
-            chain_hash: String::new(),
-            certificate_serial: serial.clone(),
-        };
-        prev = ev.chain(&prev);
-        seqs.push(seq);
-        ids.push(lease_id.as_str());
-        holders.push(spiffe_id.as_str());
-        profiles.push(profile.as_str());
-        expiries.push(*expires_at);
-        chains.push(prev.to_vec());
-        serials.push(serial.as_deref());
-    }
-    if seqs.is_empty() {
-        return Ok(());
-    }
-    // One statement for the whole chunk (up to 500 leases), not one round trip per lease.
-    c.execute(
-        "INSERT INTO revocation_events (seq, lease_id, spiffe_id, profile, expires_at, revoked_at,
-             reason, chain_hash, certificate_serial)
-         SELECT t.seq, t.lease_id, t.spiffe_id, t.profile, t.expires_at, $6, $7, t.chain_hash, t.serial
-         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $8::bytea[], $9::text[])
-             AS t(seq, lease_id, spiffe_id, profile, expires_at, chain_hash, serial)",
-        &[
-            &seqs, &ids, &holders, &profiles, &expiries, &now, &reason, &chains, &serials,
-        ],
     )?;
     Ok(())
 }
@@ -876,19 +743,17 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
             dry_run,
             chunk,
             event,
-        } => revoke(
-            c,
-            head,
-            Revocation {
+        } => {
+            let op = oprevoke::Revocation {
                 selector,
                 issued_before,
                 reason,
                 now,
                 dry_run,
                 chunk,
-            },
-            event,
-        ),
+            };
+            oprevoke::revoke(c, head, op, event)
+        }
         LedgerOp::Lock { lock, event } => oplease::lock(c, head, &lock, event),
         LedgerOp::Unlock { id, event } => oplease::unlock(c, head, &id, event),
         LedgerOp::BackendRevoked {
@@ -929,143 +794,6 @@ fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied,
         // tree at a size, and a size already signed (by any replica) is reused.
         LedgerOp::Checkpoint { signer, time_ms } => oplog::checkpoint(c, head, &signer, time_ms),
     }
-}
-
-/// The parameters of a `Revoke` op, apart from its event.
-struct Revocation {
-    selector: RevokeSelector,
-    issued_before: Option<i64>,
-    reason: String,
-    now: i64,
-    dry_run: bool,
-    chunk: Option<(u32, u32)>,
-}
-
-fn revoke(
-    c: &mut Conn,
-    head: &mut Head,
-    op: Revocation,
-    mut event: AuditEvent,
-) -> Result<Applied, DbError> {
-    let Revocation {
-        selector,
-        issued_before,
-        reason,
-        now,
-        dry_run,
-        chunk,
-    } = op;
-    // One predicate for preview and revocation: what the selector covers.
-    let (filter, value): (&str, String) = match &selector {
-        RevokeSelector::Lease(id) => ("id = $1", id.to_string()),
-        RevokeSelector::SpiffeId(sid) => ("spiffe_id = $1", sid.clone()),
-        // A range on the holder index (byte order: the column's collation is "C"; SPIFFE
-        // IDs are printable ASCII, below 0x7f), so each chunk of a bulk revocation walks
-        // only the covered identities.
-        RevokeSelector::Prefix(p) => (
-            "spiffe_id >= $1 AND spiffe_id < ($1 || chr(127)) AND starts_with(spiffe_id, $1)",
-            p.clone(),
-        ),
-        RevokeSelector::Profile(p) => ("profile = $1", p.to_string()),
-        RevokeSelector::Approver(a) => (
-            "id IN (SELECT r.lease_id FROM access_requests r JOIN access_reviews v ON v.request_id = r.id
-                    WHERE v.reviewer = $1 AND v.verdict = 'approve' AND NOT v.post_review
-                      AND r.lease_id IS NOT NULL)",
-            a.clone(),
-        ),
-        RevokeSelector::AccessRequest(r) => (
-            "id = (SELECT lease_id FROM access_requests WHERE id = $1)",
-            r.clone(),
-        ),
-        RevokeSelector::All => ("$1::text IS NOT NULL", String::new()),
-    };
-    let cut = "($2::bigint IS NULL OR issued_at < $2)";
-    let rows: Vec<RevokedRow> = if dry_run {
-        c.query(
-            &format!(
-                "SELECT {REVOKED_COLUMNS} FROM leases WHERE state = 'active' AND {filter} AND {cut}"
-            ),
-            &[&value, &issued_before],
-        )?
-        .iter()
-        .map(revoked_from_row)
-        .collect::<Result<_, _>>()?
-    } else {
-        // LIMIT NULL is no limit. The chunk is chosen once (MATERIALIZED), so the limit
-        // holds however the planner would otherwise rescan the subquery.
-        let limit: Option<i64> = chunk.map(|(limit, _)| i64::from(limit));
-        let end_reason = format!("revoked: {reason}");
-        c.query(
-            &format!(
-                "WITH chunk AS MATERIALIZED (
-                     SELECT id FROM leases WHERE state = 'active' AND {filter} AND {cut} LIMIT $5)
-                 UPDATE leases SET state = 'revoked', ended_at = $3, end_reason = $4
-                 WHERE id IN (SELECT id FROM chunk) AND state = 'active'
-                 RETURNING {REVOKED_COLUMNS}"
-            ),
-            &[&value, &issued_before, &now, &end_reason, &limit],
-        )?
-        .iter()
-        .map(revoked_from_row)
-        .collect::<Result<_, _>>()?
-    };
-    let mut ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-    ids.sort();
-    if dry_run {
-        let mut a = Applied::recorded(None);
-        a.affected = ids;
-        return Ok(a);
-    }
-    let part = chunk.map_or(1, |(_, part)| part);
-    if part > 1 && ids.is_empty() {
-        return Ok(Applied::recorded(None));
-    }
-    // Identity, prefix and profile revocations also bar in-flight issuance, on every
-    // replica: each one checks the rules inside its own write transaction.
-    if let Some((kind, v)) = selector.rule().filter(|_| part == 1) {
-        let cutoff = issued_before.map_or(now, |cut| cut.min(now));
-        c.execute(
-            "INSERT INTO revocation_rules (kind, value, cutoff, created_at) VALUES ($1, $2, $3, $4)",
-            &[&kind, &v, &cutoff, &now],
-        )?;
-    }
-    append_revocation_events(c, &rows, now, &reason)?;
-    event.affected_leases = ids.iter().take(MAX_LISTED).cloned().collect();
-    if ids.len() > MAX_LISTED {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        for id in &ids {
-            ctx.update(id.as_bytes());
-            ctx.update(b"\n");
-        }
-        event.reason = Some(format!(
-            "{} ({} leases; the first {MAX_LISTED} listed; SHA-256 of all sorted ids: {})",
-            event.reason.clone().unwrap_or_else(|| reason.clone()),
-            ids.len(),
-            hex::encode(ctx.finish().as_ref())
-        ));
-    }
-    if ids.is_empty() {
-        let refusal = match &selector {
-            RevokeSelector::Lease(id) => match select_lease(c, id.as_str())? {
-                None => Refusal::NotFound,
-                Some(l) => Refusal::Ended(l.state),
-            },
-            _ => Refusal::NothingMatched,
-        };
-        // An empty revocation is still an operator action worth recording.
-        event.reason = Some(format!("{reason} ({})", refusal.describe()));
-        let receipt = append(c, head, &event)?;
-        let mut a = Applied::recorded(Some(receipt));
-        a.refused = Some(refusal);
-        return Ok(a);
-    }
-    let receipt = append(c, head, &event)?;
-    let mut a = Applied::recorded(Some(receipt));
-    if let RevokeSelector::Lease(id) = &selector {
-        a.lease = select_lease(c, id.as_str())?;
-    }
-    a.affected = ids;
-    Ok(a)
 }
 
 /// The writer thread's state.
@@ -1314,20 +1042,8 @@ impl Store for PostgresStore {
         Box::pin(self.read(move |tx| oplease::locks(tx, now)))
     }
 
-    fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<FeedTail>, StoreError>> {
-        Box::pin(self.read(|c| {
-            c.query_opt(
-                "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
-                &[],
-            )?
-            .map(|r| {
-                Ok((
-                    col::<i64>(&r, 0)? as u64,
-                    hash32(col(&r, 1)?, "feed chain hash")?,
-                ))
-            })
-            .transpose()
-        }))
+    fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<super::FeedTail>, StoreError>> {
+        Box::pin(self.read(|tx| oprevoke::tail(tx)))
     }
 
     fn revocations(
@@ -1335,29 +1051,7 @@ impl Store for PostgresStore {
         after: u64,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.query(
-                "SELECT seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash,
-                        certificate_serial
-                 FROM revocation_events WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[&(after as i64), &i64::from(limit.clamp(1, 10_000))],
-            )?
-            .iter()
-            .map(|r| {
-                Ok(RevocationEvent {
-                    seq: col::<i64>(r, 0)? as u64,
-                    lease_id: col(r, 1)?,
-                    spiffe_id: col(r, 2)?,
-                    profile: col(r, 3)?,
-                    expires_at: col(r, 4)?,
-                    revoked_at: col(r, 5)?,
-                    reason: col(r, 6)?,
-                    chain_hash: hex::encode(col::<Vec<u8>>(r, 7)?),
-                    certificate_serial: col(r, 8)?,
-                })
-            })
-            .collect()
-        }))
+        Box::pin(self.read(move |tx| oprevoke::events(tx, after, limit)))
     }
 
     fn claim_backend_revocations(

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::ops::access as opaccess;
 use super::ops::lease as oplease;
 use super::ops::log::{self as oplog, Head};
+use super::ops::revoke as oprevoke;
 use super::ops::rows;
 use super::sql::{self, Cell, DbError, Dialect, Row, Tx, Value};
 use super::{
@@ -406,58 +407,6 @@ pub enum VerifyError {
     Log(LogError),
 }
 
-/// A stored text column that does not parse as its domain type.
-fn bad(column: usize, what: &str) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(
-        column,
-        rusqlite::types::Type::Text,
-        what.to_owned().into(),
-    )
-}
-
-const LEASE_COLUMNS: &str =
-    "id, profile, spiffe_id, scopes, audience, state, issued_at, expires_at, \
-     max_expires_at, credential_sha256, renewals, ended_at, end_reason, intent, \
-     backend_kind, backend_handle, backend_revocable";
-
-fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
-    let id: String = r.get(0)?;
-    let profile: String = r.get(1)?;
-    let scopes: String = r.get(3)?;
-    let state: String = r.get(5)?;
-    let intent: Option<String> = r.get(13)?;
-    Ok(Lease {
-        id: LeaseId::parse(&id).map_err(|_| bad(0, "lease id"))?,
-        profile: ProfileName::parse(&profile).map_err(|_| bad(1, "profile"))?,
-        spiffe_id: r.get(2)?,
-        scopes: serde_json::from_str::<Vec<Scope>>(&scopes).map_err(|_| bad(3, "scopes"))?,
-        audience: r.get(4)?,
-        state: LeaseState::from_db(&state).ok_or_else(|| bad(5, "state"))?,
-        issued_at: r.get(6)?,
-        expires_at: r.get(7)?,
-        max_expires_at: r.get(8)?,
-        credential_sha256: r.get(9)?,
-        renewals: r.get(10)?,
-        ended_at: r.get(11)?,
-        end_reason: r.get(12)?,
-        intent: match intent {
-            None => None,
-            Some(s) => Some(serde_json::from_str::<Intent>(&s).map_err(|_| bad(13, "intent"))?),
-        },
-        backend: match (
-            r.get::<_, Option<String>>(14)?,
-            r.get::<_, Option<String>>(15)?,
-        ) {
-            (Some(kind), Some(handle)) => Some(BackendHandle {
-                kind,
-                handle,
-                revocable: r.get::<_, i64>(16)? == 1,
-            }),
-            _ => None,
-        },
-    })
-}
-
 /// Ends a pending backend revocation with `outcome` and records `event`; `None` when
 /// nothing was pending (already done or force-removed).
 fn end_backend_revocation(
@@ -493,16 +442,6 @@ fn backend_revocation_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backen
         next_attempt_at: r.get(5)?,
         last_error: r.get(6)?,
     })
-}
-
-fn select_lease(conn: &Connection, id: &str) -> Result<Option<Lease>, DbError> {
-    conn.query_row(
-        &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?1"),
-        [id],
-        lease_from_row,
-    )
-    .optional()
-    .map_err(DbError::from)
 }
 
 /// Step shim: the log family lives in `ops::log`.
@@ -545,71 +484,6 @@ fn note_identity(conn: &Connection, event: &AuditEvent) -> Result<(), DbError> {
              denied = denied + ?4",
     )?
     .execute(params![caller, event.time_ms, issued as i64, denied as i64])?;
-    Ok(())
-}
-
-/// Most lease ids listed in one revocation's audit entry; larger revocations record the
-/// count and a digest of every id (the feed has each one).
-const MAX_LISTED: usize = 1000;
-
-/// A revoked lease: id, holder, profile, expiry, certificate serial (x509 leases).
-type RevokedRow = (String, String, String, i64, Option<String>);
-
-/// The columns of a [`RevokedRow`].
-const REVOKED_COLUMNS: &str = "id, spiffe_id, profile, expires_at, \
-     CASE WHEN backend_kind = 'x509' THEN backend_handle END";
-
-fn append_revocation_events(
-    conn: &Connection,
-    rows: &[RevokedRow],
-    now: i64,
-    reason: &str,
-) -> Result<(), DbError> {
-    let (mut seq, mut prev): (i64, [u8; 32]) = conn
-        .query_row(
-            "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get::<_, Vec<u8>>(1)?.try_into().unwrap_or([0; 32]),
-                ))
-            },
-        )
-        .optional()?
-        .unwrap_or((0, [0; 32]));
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO revocation_events (seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash, certificate_serial)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
-    let mut sorted: Vec<&RevokedRow> = rows.iter().collect();
-    sorted.sort();
-    for (lease_id, spiffe_id, profile, expires_at, serial) in sorted {
-        seq += 1;
-        let ev = RevocationEvent {
-            seq: seq as u64,
-            lease_id: lease_id.clone(),
-            spiffe_id: spiffe_id.clone(),
-            profile: profile.clone(),
-            expires_at: *expires_at,
-            revoked_at: now,
-            reason: reason.to_owned(),
-            chain_hash: String::new(),
-            certificate_serial: serial.clone(),
-        };
-        prev = ev.chain(&prev);
-        stmt.execute(params![
-            seq,
-            lease_id,
-            spiffe_id,
-            profile,
-            expires_at,
-            now,
-            reason,
-            prev.as_slice(),
-            serial
-        ])?;
-    }
     Ok(())
 }
 
@@ -711,109 +585,17 @@ fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<App
             now,
             dry_run,
             chunk,
-            mut event,
+            event,
         } => {
-            // One predicate for preview and revocation: what the selector covers.
-            let (filter, value): (&str, String) = match &selector {
-                RevokeSelector::Lease(id) => ("id = ?1", id.to_string()),
-                RevokeSelector::SpiffeId(sid) => ("spiffe_id = ?1", sid.clone()),
-                // A range on the holder index (SPIFFE IDs are printable ASCII, below 0x7f), so
-                // each chunk of a bulk revocation walks only the covered identities.
-                RevokeSelector::Prefix(p) => (
-                    "spiffe_id >= ?1 AND spiffe_id < (?1 || char(127)) AND substr(spiffe_id, 1, length(?1)) = ?1",
-                    p.clone(),
-                ),
-                RevokeSelector::Profile(p) => ("profile = ?1", p.to_string()),
-                RevokeSelector::Approver(a) => (
-                    "id IN (SELECT r.lease_id FROM access_requests r JOIN access_reviews v ON v.request_id = r.id
-                            WHERE v.reviewer = ?1 AND v.verdict = 'approve' AND v.post_review = 0
-                              AND r.lease_id IS NOT NULL)",
-                    a.clone(),
-                ),
-                RevokeSelector::AccessRequest(r) => {
-                    ("id = (SELECT lease_id FROM access_requests WHERE id = ?1)", r.clone())
-                }
-                RevokeSelector::All => ("?1 = ?1", String::new()),
+            let op = oprevoke::Revocation {
+                selector,
+                issued_before,
+                reason,
+                now,
+                dry_run,
+                chunk,
             };
-            let cut = "(?2 IS NULL OR issued_at < ?2)";
-            let rows: Vec<RevokedRow> = if dry_run {
-                let mut stmt = conn.prepare(&format!(
-                    "SELECT {REVOKED_COLUMNS} FROM leases WHERE state = 'active' AND {filter} AND {cut}"
-                ))?;
-                let rows = stmt.query_map(params![value, issued_before], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                })?;
-                rows.collect::<rusqlite::Result<_>>()?
-            } else {
-                let limit = chunk.map_or(-1, |(limit, _)| i64::from(limit));
-                let mut stmt = conn.prepare(&format!(
-                    "UPDATE leases SET state = 'revoked', ended_at = ?3, end_reason = ?4
-                     WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND {filter} AND {cut} LIMIT ?5)
-                     RETURNING {REVOKED_COLUMNS}"
-                ))?;
-                let end_reason = format!("revoked: {reason}");
-                let rows = stmt
-                    .query_map(params![value, issued_before, now, end_reason, limit], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                    })?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            let mut ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-            ids.sort();
-            if dry_run {
-                let mut a = Applied::recorded(None);
-                a.affected = ids;
-                return Ok(a);
-            }
-            let part = chunk.map_or(1, |(_, part)| part);
-            if part > 1 && ids.is_empty() {
-                return Ok(Applied::recorded(None));
-            }
-            // Identity, prefix and profile revocations also bar in-flight issuance.
-            if let Some((kind, v)) = selector.rule().filter(|_| part == 1) {
-                let cutoff = issued_before.map_or(now, |c| c.min(now));
-                conn.execute(
-                    "INSERT INTO revocation_rules (kind, value, cutoff, created_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![kind, v, cutoff, now],
-                )?;
-            }
-            append_revocation_events(conn, &rows, now, &reason)?;
-            event.affected_leases = ids.iter().take(MAX_LISTED).cloned().collect();
-            if ids.len() > MAX_LISTED {
-                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-                for id in &ids {
-                    ctx.update(id.as_bytes());
-                    ctx.update(b"\n");
-                }
-                event.reason = Some(format!(
-                    "{} ({} leases; the first {MAX_LISTED} listed; SHA-256 of all sorted ids: {})",
-                    event.reason.clone().unwrap_or_else(|| reason.clone()),
-                    ids.len(),
-                    hex::encode(ctx.finish().as_ref())
-                ));
-            }
-            if ids.is_empty() {
-                let refusal = match &selector {
-                    RevokeSelector::Lease(id) => match select_lease(conn, id.as_str())? {
-                        None => Refusal::NotFound,
-                        Some(l) => Refusal::Ended(l.state),
-                    },
-                    _ => Refusal::NothingMatched,
-                };
-                // An empty revocation is still an operator action worth recording.
-                event.reason = Some(format!("{reason} ({})", refusal.describe()));
-                let receipt = append(conn, head, &event)?;
-                let mut a = Applied::recorded(Some(receipt));
-                a.refused = Some(refusal);
-                return Ok(a);
-            }
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            if let RevokeSelector::Lease(id) = &selector {
-                a.lease = select_lease(conn, id.as_str())?;
-            }
-            a.affected = ids;
-            Ok(a)
+            oprevoke::revoke(&mut SqliteTx(conn), head, op, event)
         }
         LedgerOp::Lock { lock, event } => oplease::lock(&mut SqliteTx(conn), head, &lock, event),
         LedgerOp::Unlock { id, event } => oplease::unlock(&mut SqliteTx(conn), head, &id, event),
@@ -1011,20 +793,7 @@ impl Store for SqliteStore {
     }
 
     fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<super::FeedTail>, StoreError>> {
-        Box::pin(self.read(|c| {
-            c.query_row(
-                "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as u64,
-                        r.get::<_, Vec<u8>>(1)?.try_into().unwrap_or([0u8; 32]),
-                    ))
-                },
-            )
-            .optional()
-            .map_err(DbError::from)
-        }))
+        Box::pin(self.read_tx(|tx| oprevoke::tail(tx)))
     }
 
     fn revocations(
@@ -1032,26 +801,7 @@ impl Store for SqliteStore {
         after: u64,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash, certificate_serial
-                 FROM revocation_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![after as i64, limit.clamp(1, 10_000)], |r| {
-                Ok(RevocationEvent {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    lease_id: r.get(1)?,
-                    spiffe_id: r.get(2)?,
-                    profile: r.get(3)?,
-                    expires_at: r.get(4)?,
-                    revoked_at: r.get(5)?,
-                    reason: r.get(6)?,
-                    chain_hash: hex::encode(r.get::<_, Vec<u8>>(7)?),
-                    certificate_serial: r.get(8)?,
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
-        }))
+        Box::pin(self.read_tx(move |tx| oprevoke::events(tx, after, limit)))
     }
 
     fn claim_backend_revocations(
