@@ -38,6 +38,7 @@ use super::ops::access as opaccess;
 use super::ops::lease as oplease;
 use super::ops::log::{self as oplog, Head};
 use super::ops::revoke as oprevoke;
+use super::ops::{self, backend as opbackend};
 use super::pg_tls::{PgTls, SslMode};
 use super::sql::{corrupt, Cell, DbError, Dialect, Row as SqlRow, Tx, Value};
 use super::{
@@ -226,8 +227,6 @@ struct Conn {
     statements: HashMap<String, Statement>,
 }
 
-type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
-
 impl Conn {
     fn statement(&mut self, sql: &str) -> Result<Statement, DbError> {
         if let Some(s) = self.statements.get(sql) {
@@ -236,26 +235,6 @@ impl Conn {
         let s = self.client.prepare(sql)?;
         self.statements.insert(sql.to_owned(), s.clone());
         Ok(s)
-    }
-
-    fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
-        let s = self.statement(sql)?;
-        Ok(self.client.query(&s, params)?)
-    }
-
-    fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
-        let s = self.statement(sql)?;
-        Ok(self.client.query_opt(&s, params)?)
-    }
-
-    fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
-        let s = self.statement(sql)?;
-        Ok(self.client.query_one(&s, params)?)
-    }
-
-    fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
-        let s = self.statement(sql)?;
-        Ok(self.client.execute(&s, params)?)
     }
 
     /// Several statements in one round trip (simple protocol; rows are discarded).
@@ -440,19 +419,6 @@ fn head_at(c: &mut Conn, top: (u64, [u8; 32]), cached: Option<Head>) -> Result<H
     Ok(Head { seq, hash, tree })
 }
 
-/// Converts a column, naming it when the stored value does not fit.
-fn col<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, DbError> {
-    row.try_get(idx).map_err(|e| {
-        let name = row.columns().get(idx).map_or("?", |c| c.name());
-        corrupt(format!("column {name}: {e}"))
-    })
-}
-
-fn col_u32(row: &Row, idx: usize) -> Result<u32, DbError> {
-    let v: i64 = col(row, idx)?;
-    u32::try_from(v).map_err(|_| corrupt(format!("column {idx}: {v} out of range")))
-}
-
 fn migrate(c: &mut Conn) -> Result<(), DbError> {
     c.batch(&format!(
         "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = 0;
@@ -572,227 +538,15 @@ impl PostgresStore {
             Err(_) => Err(unavailable("ledger read timed out")),
         }
     }
-}
 
-const BACKEND_REVOCATION_COLUMNS: &str =
-    "lease_id, kind, handle, queued_at, attempts, next_attempt_at, last_error";
-
-fn backend_revocation_from_row(r: &Row) -> Result<BackendRevocation, DbError> {
-    Ok(BackendRevocation {
-        lease_id: col(r, 0)?,
-        kind: col(r, 1)?,
-        handle: col(r, 2)?,
-        queued_at: col(r, 3)?,
-        attempts: col_u32(r, 4)?,
-        next_attempt_at: col(r, 5)?,
-        last_error: col(r, 6)?,
-    })
-}
-
-/// Step shim: the log family lives in `ops::log`.
-fn append(c: &mut Conn, head: &mut Head, event: &AuditEvent) -> Result<Receipt, DbError> {
-    oplog::append(c, head, event)
-}
-
-/// Records a refused transition: the same event, marked as a denial with the reason.
-/// Ends a pending backend revocation with `outcome` and records `event`; `None` when
-/// nothing was pending (already done or force-removed).
-fn end_backend_revocation(
-    c: &mut Conn,
-    head: &mut Head,
-    lease_id: &str,
-    now: i64,
-    outcome: &str,
-    event: &AuditEvent,
-) -> Result<Option<Receipt>, DbError> {
-    let n = c.execute(
-        "UPDATE backend_revocations SET done_at = $2, outcome = $3
-         WHERE lease_id = $1 AND done_at IS NULL",
-        &[&lease_id, &now, &outcome],
-    )?;
-    if n == 0 {
-        return Ok(None);
-    }
-    append(c, head, event).map(Some)
-}
-
-fn refuse(
-    c: &mut Conn,
-    head: &mut Head,
-    mut event: AuditEvent,
-    refusal: Refusal,
-) -> Result<Applied, DbError> {
-    event.decision = "deny".into();
-    event.reason = Some(refusal.describe());
-    event.credential_sha256 = None;
-    event.expires_at = None;
-    let receipt = append(c, head, &event)?;
-    let mut a = Applied::recorded(Some(receipt));
-    a.refused = Some(refusal);
-    Ok(a)
-}
-
-/// Counts traffic per identity, inside the same transaction as the entry.
-fn note_identity(c: &mut Conn, event: &AuditEvent) -> Result<(), DbError> {
-    let Some(caller) = &event.caller else {
-        return Ok(());
-    };
-    let issued =
-        matches!(event.kind, EventKind::Issue | EventKind::Renew) && event.decision == "allow";
-    let denied = i64::from(event.decision == "deny");
-    c.execute(
-        "INSERT INTO identities_seen AS s (spiffe_id, first_seen, last_seen, last_issued, issued, denied)
-         VALUES ($1::text, $2::bigint, $2::bigint, CASE WHEN $3::bool THEN $2::bigint END,
-                 CASE WHEN $3::bool THEN 1 ELSE 0 END, $4::bigint)
-         ON CONFLICT (spiffe_id) DO UPDATE SET
-             last_seen = GREATEST(s.last_seen, EXCLUDED.last_seen),
-             last_issued = CASE WHEN $3::bool THEN $2::bigint ELSE s.last_issued END,
-             issued = s.issued + EXCLUDED.issued,
-             denied = s.denied + EXCLUDED.denied",
-        &[caller, &event.time_ms, &issued, &denied],
-    )?;
-    Ok(())
-}
-
-fn apply_op(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
-    let event = op.event().cloned();
-    let applied = apply_guarded(c, head, op)?;
-    if let Some(mut e) = event {
-        if applied.refused.is_some() {
-            e.decision = "deny".into();
-        }
-        note_identity(c, &e)?;
-    }
-    Ok(applied)
-}
-
-fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
-    match op {
-        LedgerOp::Issue {
-            lease,
-            event,
-            max_active,
-            break_glass,
-            idempotency,
-        } => oplease::issue(c, head, lease, max_active, break_glass, idempotency, event),
-        LedgerOp::OpenAccessRequest { request, event } => opaccess::open(c, head, request, event),
-        LedgerOp::Review {
-            id,
-            reviewer,
-            verdict,
-            reason,
-            now,
-            event,
-        } => {
-            let op = opaccess::ReviewOp {
-                id,
-                reviewer,
-                verdict,
-                reason,
-                now,
-            };
-            opaccess::review(c, head, op, event)
-        }
-        LedgerOp::Redeem {
-            id,
-            requester,
-            digest,
-            max_active,
-            lease,
-            now,
-            event,
-        } => {
-            let op = opaccess::Redemption {
-                id,
-                requester,
-                digest,
-                max_active,
-                lease,
-                now,
-            };
-            opaccess::redeem(c, head, op, event)
-        }
-        LedgerOp::Renew {
-            lease_id,
-            holder,
-            now,
-            expires_at,
-            credential_sha256,
-            event,
-        } => {
-            let op = oplease::Renewal {
-                lease_id,
-                holder,
-                now,
-                expires_at,
-                credential_sha256,
-            };
-            oplease::renew(c, head, op, event)
-        }
-        LedgerOp::Release {
-            lease_id,
-            holder,
-            now,
-            event,
-        } => oplease::release(c, head, &lease_id, &holder, now, event),
-        LedgerOp::Revoke {
-            selector,
-            issued_before,
-            reason,
-            now,
-            dry_run,
-            chunk,
-            event,
-        } => {
-            let op = oprevoke::Revocation {
-                selector,
-                issued_before,
-                reason,
-                now,
-                dry_run,
-                chunk,
-            };
-            oprevoke::revoke(c, head, op, event)
-        }
-        LedgerOp::Lock { lock, event } => oplease::lock(c, head, &lock, event),
-        LedgerOp::Unlock { id, event } => oplease::unlock(c, head, &id, event),
-        LedgerOp::BackendRevoked {
-            lease_id,
-            now,
-            event,
-        } => {
-            // Force-removed meanwhile: nothing to record twice.
-            let receipt = end_backend_revocation(c, head, &lease_id, now, "revoked", &event)?;
-            Ok(Applied::recorded(receipt))
-        }
-        LedgerOp::BackendRevokeFailed {
-            lease_id,
-            error,
-            next_attempt_at,
-        } => {
-            c.execute(
-                "UPDATE backend_revocations SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3
-                 WHERE lease_id = $1 AND done_at IS NULL",
-                &[&lease_id, &error, &next_attempt_at],
-            )?;
-            Ok(Applied::recorded(None))
-        }
-        LedgerOp::ForceRemoveBackendRevocation {
-            lease_id,
-            now,
-            event,
-        } => match end_backend_revocation(c, head, &lease_id, now, "force_removed", &event)? {
-            Some(receipt) => Ok(Applied::recorded(Some(receipt))),
-            None => refuse(c, head, event, Refusal::NothingMatched),
-        },
-        LedgerOp::Expire { now, limit, event } => oplease::expire(c, head, now, limit, event),
-        LedgerOp::Record { event } => {
-            let receipt = append(c, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
-        // Under the ledger lock, with the head read fresh: every replica signs the same
-        // tree at a size, and a size already signed (by any replica) is reused.
-        LedgerOp::Checkpoint { signer, time_ms } => oplog::checkpoint(c, head, &signer, time_ms),
+    /// [`Self::read`], for a read that writes what it read (claims). The ops that use it
+    /// are one statement on PostgreSQL, atomic by itself (autocommit), so it needs no
+    /// transaction of its own.
+    async fn read_write<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.read(move |c| f(c)).await
     }
 }
 
@@ -947,7 +701,7 @@ impl Writer {
                 conn.batch("RELEASE SAVEPOINT op; SAVEPOINT op")?;
             }
             let before = head.clone();
-            match apply_op(conn, &mut head, job.op.clone()) {
+            match ops::apply(conn, &mut head, job.op.clone()) {
                 Ok(applied) => results.push(Ok(applied)),
                 Err(e) if connection_lost(&e, &conn.client) => return Err(e),
                 Err(e) => {
@@ -1060,30 +814,7 @@ impl Store for PostgresStore {
         limit: u32,
         hold_secs: u32,
     ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let until = now.saturating_add(i64::from(hold_secs));
-            // One statement: rows another replica is claiming right now are skipped, not
-            // waited for; rows it claimed already are no longer due.
-            let rows = c.query(
-                "WITH due AS MATERIALIZED (
-                     SELECT lease_id, next_attempt_at FROM backend_revocations
-                     WHERE done_at IS NULL AND next_attempt_at <= $1
-                     ORDER BY next_attempt_at, lease_id LIMIT $2
-                     FOR UPDATE SKIP LOCKED)
-                 UPDATE backend_revocations b SET next_attempt_at = $3
-                 FROM due
-                 WHERE b.lease_id = due.lease_id AND b.done_at IS NULL
-                 RETURNING b.lease_id, b.kind, b.handle, b.queued_at, b.attempts, b.next_attempt_at,
-                           b.last_error, due.next_attempt_at",
-                &[&now, &i64::from(limit), &until],
-            )?;
-            let mut claimed = rows
-                .iter()
-                .map(|r| Ok((col::<i64>(r, 7)?, backend_revocation_from_row(r)?)))
-                .collect::<Result<Vec<_>, DbError>>()?;
-            claimed.sort_by(|a, b| (a.0, &a.1.lease_id).cmp(&(b.0, &b.1.lease_id)));
-            Ok(claimed.into_iter().map(|(_, r)| r).collect())
-        }))
+        Box::pin(self.read_write(move |tx| opbackend::claim(tx, now, limit, hold_secs)))
     }
 
     fn pending_backend_revocations(
@@ -1091,18 +822,7 @@ impl Store for PostgresStore {
         min_attempts: u32,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.query(
-                &format!(
-                    "SELECT {BACKEND_REVOCATION_COLUMNS} FROM backend_revocations
-                     WHERE done_at IS NULL AND attempts >= $1 ORDER BY queued_at, lease_id LIMIT $2"
-                ),
-                &[&i64::from(min_attempts), &i64::from(limit)],
-            )?
-            .iter()
-            .map(backend_revocation_from_row)
-            .collect()
-        }))
+        Box::pin(self.read(move |tx| opbackend::pending(tx, min_attempts, limit)))
     }
 
     fn entries_for_lease(

@@ -19,6 +19,7 @@ use super::ops::lease as oplease;
 use super::ops::log::{self as oplog, Head};
 use super::ops::revoke as oprevoke;
 use super::ops::rows;
+use super::ops::{self, backend as opbackend};
 use super::sql::{self, Cell, DbError, Dialect, Row, Tx, Value};
 use super::{
     guard_holder, unavailable, Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store,
@@ -299,6 +300,22 @@ impl SqliteStore {
         self.read(move |c| f(&mut SqliteTx(c))).await
     }
 
+    /// [`Self::read_tx`] as one transaction that holds SQLite's write lock from the start
+    /// (`BEGIN IMMEDIATE`), for a read that then writes what it read (claims): a concurrent
+    /// claimer (another process on the same file) waits, then sees this one's changes.
+    async fn read_write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.read(move |c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
+            let v = f(&mut SqliteTx(&tx))?;
+            tx.commit()?;
+            Ok(v)
+        })
+        .await
+    }
+
     /// [`Self::verify_file_with`] with the log key the broker wrote next to the ledger
     /// (`keys/log.vkey`). An auditor should pin the key instead.
     pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
@@ -407,240 +424,6 @@ pub enum VerifyError {
     Log(LogError),
 }
 
-/// Ends a pending backend revocation with `outcome` and records `event`; `None` when
-/// nothing was pending (already done or force-removed).
-fn end_backend_revocation(
-    conn: &Connection,
-    head: &mut Head,
-    lease_id: &str,
-    now: i64,
-    outcome: &str,
-    event: &AuditEvent,
-) -> Result<Option<Receipt>, DbError> {
-    let n = conn
-        .prepare_cached(
-            "UPDATE backend_revocations SET done_at = ?2, outcome = ?3
-             WHERE lease_id = ?1 AND done_at IS NULL",
-        )?
-        .execute(params![lease_id, now, outcome])?;
-    if n == 0 {
-        return Ok(None);
-    }
-    append(conn, head, event).map(Some)
-}
-
-const BACKEND_REVOCATION_COLUMNS: &str =
-    "lease_id, kind, handle, queued_at, attempts, next_attempt_at, last_error";
-
-fn backend_revocation_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackendRevocation> {
-    Ok(BackendRevocation {
-        lease_id: r.get(0)?,
-        kind: r.get(1)?,
-        handle: r.get(2)?,
-        queued_at: r.get(3)?,
-        attempts: r.get(4)?,
-        next_attempt_at: r.get(5)?,
-        last_error: r.get(6)?,
-    })
-}
-
-/// Step shim: the log family lives in `ops::log`.
-fn append(conn: &Connection, head: &mut Head, event: &AuditEvent) -> Result<Receipt, DbError> {
-    oplog::append(&mut SqliteTx(conn), head, event)
-}
-
-/// Records a refused transition: the same event, marked as a denial with the reason.
-fn refuse(
-    conn: &Connection,
-    head: &mut Head,
-    mut event: AuditEvent,
-    refusal: Refusal,
-) -> Result<Applied, DbError> {
-    event.decision = "deny".into();
-    event.reason = Some(refusal.describe());
-    event.credential_sha256 = None;
-    event.expires_at = None;
-    let receipt = append(conn, head, &event)?;
-    let mut a = Applied::recorded(Some(receipt));
-    a.refused = Some(refusal);
-    Ok(a)
-}
-
-/// Counts traffic per identity, inside the same transaction as the entry.
-fn note_identity(conn: &Connection, event: &AuditEvent) -> Result<(), DbError> {
-    let Some(caller) = &event.caller else {
-        return Ok(());
-    };
-    let issued =
-        matches!(event.kind, EventKind::Issue | EventKind::Renew) && event.decision == "allow";
-    let denied = event.decision == "deny";
-    conn.prepare_cached(
-        "INSERT INTO identities_seen (spiffe_id, first_seen, last_seen, last_issued, issued, denied)
-         VALUES (?1, ?2, ?2, CASE WHEN ?3 THEN ?2 END, ?3, ?4)
-         ON CONFLICT (spiffe_id) DO UPDATE SET
-             last_seen = max(last_seen, excluded.last_seen),
-             last_issued = CASE WHEN ?3 THEN ?2 ELSE last_issued END,
-             issued = issued + ?3,
-             denied = denied + ?4",
-    )?
-    .execute(params![caller, event.time_ms, issued as i64, denied as i64])?;
-    Ok(())
-}
-
-fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
-    let event = op.event().cloned();
-    let applied = apply_guarded(conn, head, op)?;
-    if let Some(mut e) = event {
-        if applied.refused.is_some() {
-            e.decision = "deny".into();
-        }
-        note_identity(conn, &e)?;
-    }
-    Ok(applied)
-}
-
-fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
-    match op {
-        LedgerOp::Issue {
-            lease,
-            event,
-            max_active,
-            break_glass,
-            idempotency,
-        } => oplease::issue(
-            &mut SqliteTx(conn),
-            head,
-            lease,
-            max_active,
-            break_glass,
-            idempotency,
-            event,
-        ),
-        LedgerOp::OpenAccessRequest { request, event } => {
-            opaccess::open(&mut SqliteTx(conn), head, request, event)
-        }
-        LedgerOp::Review {
-            id,
-            reviewer,
-            verdict,
-            reason,
-            now,
-            event,
-        } => {
-            let op = opaccess::ReviewOp {
-                id,
-                reviewer,
-                verdict,
-                reason,
-                now,
-            };
-            opaccess::review(&mut SqliteTx(conn), head, op, event)
-        }
-        LedgerOp::Redeem {
-            id,
-            requester,
-            digest,
-            max_active,
-            lease,
-            now,
-            event,
-        } => {
-            let op = opaccess::Redemption {
-                id,
-                requester,
-                digest,
-                max_active,
-                lease,
-                now,
-            };
-            opaccess::redeem(&mut SqliteTx(conn), head, op, event)
-        }
-        LedgerOp::Renew {
-            lease_id,
-            holder,
-            now,
-            expires_at,
-            credential_sha256,
-            event,
-        } => {
-            let op = oplease::Renewal {
-                lease_id,
-                holder,
-                now,
-                expires_at,
-                credential_sha256,
-            };
-            oplease::renew(&mut SqliteTx(conn), head, op, event)
-        }
-        LedgerOp::Release {
-            lease_id,
-            holder,
-            now,
-            event,
-        } => oplease::release(&mut SqliteTx(conn), head, &lease_id, &holder, now, event),
-        LedgerOp::Revoke {
-            selector,
-            issued_before,
-            reason,
-            now,
-            dry_run,
-            chunk,
-            event,
-        } => {
-            let op = oprevoke::Revocation {
-                selector,
-                issued_before,
-                reason,
-                now,
-                dry_run,
-                chunk,
-            };
-            oprevoke::revoke(&mut SqliteTx(conn), head, op, event)
-        }
-        LedgerOp::Lock { lock, event } => oplease::lock(&mut SqliteTx(conn), head, &lock, event),
-        LedgerOp::Unlock { id, event } => oplease::unlock(&mut SqliteTx(conn), head, &id, event),
-        LedgerOp::BackendRevoked {
-            lease_id,
-            now,
-            event,
-        } => {
-            // Force-removed meanwhile: nothing to record twice.
-            let receipt = end_backend_revocation(conn, head, &lease_id, now, "revoked", &event)?;
-            Ok(Applied::recorded(receipt))
-        }
-        LedgerOp::BackendRevokeFailed {
-            lease_id,
-            error,
-            next_attempt_at,
-        } => {
-            conn.prepare_cached(
-                "UPDATE backend_revocations SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3
-                 WHERE lease_id = ?1 AND done_at IS NULL",
-            )?
-            .execute(params![lease_id, error, next_attempt_at])?;
-            Ok(Applied::recorded(None))
-        }
-        LedgerOp::ForceRemoveBackendRevocation {
-            lease_id,
-            now,
-            event,
-        } => match end_backend_revocation(conn, head, &lease_id, now, "force_removed", &event)? {
-            Some(receipt) => Ok(Applied::recorded(Some(receipt))),
-            None => refuse(conn, head, event, Refusal::NothingMatched),
-        },
-        LedgerOp::Expire { now, limit, event } => {
-            oplease::expire(&mut SqliteTx(conn), head, now, limit, event)
-        }
-        LedgerOp::Record { event } => {
-            let receipt = append(conn, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
-        LedgerOp::Checkpoint { signer, time_ms } => {
-            oplog::checkpoint(&mut SqliteTx(conn), head, &signer, time_ms)
-        }
-    }
-}
-
 fn writer_loop(
     mut conn: Connection,
     mut head: Head,
@@ -695,7 +478,7 @@ fn commit_batch(
     for job in batch.iter() {
         let before = tentative.clone();
         let sp = tx.savepoint()?;
-        match apply_op(&sp, &mut tentative, job.op.clone()) {
+        match ops::apply(&mut SqliteTx(&sp), &mut tentative, job.op.clone()) {
             Ok(applied) => {
                 sp.commit()?;
                 results.push(Ok(applied));
@@ -810,34 +593,7 @@ impl Store for SqliteStore {
         limit: u32,
         hold_secs: u32,
     ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            // One IMMEDIATE transaction holds SQLite's single write lock from the select to
-            // the move: a concurrent claim (another process on the same file) waits, then
-            // finds these rows no longer due.
-            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
-            let until = now.saturating_add(i64::from(hold_secs));
-            let mut rows: Vec<BackendRevocation> = {
-                let mut stmt = tx.prepare_cached(&format!(
-                    "SELECT {BACKEND_REVOCATION_COLUMNS} FROM backend_revocations
-                     WHERE done_at IS NULL AND next_attempt_at <= ?1
-                     ORDER BY next_attempt_at, lease_id LIMIT ?2"
-                ))?;
-                let rows = stmt.query_map(params![now, limit], backend_revocation_from_row)?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            {
-                let mut stmt = tx.prepare_cached(
-                    "UPDATE backend_revocations SET next_attempt_at = ?2
-                     WHERE lease_id = ?1 AND done_at IS NULL",
-                )?;
-                for r in &mut rows {
-                    stmt.execute(params![r.lease_id, until])?;
-                    r.next_attempt_at = until;
-                }
-            }
-            tx.commit()?;
-            Ok(rows)
-        }))
+        Box::pin(self.read_write(move |tx| opbackend::claim(tx, now, limit, hold_secs)))
     }
 
     fn pending_backend_revocations(
@@ -845,14 +601,7 @@ impl Store for SqliteStore {
         min_attempts: u32,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {BACKEND_REVOCATION_COLUMNS} FROM backend_revocations
-                 WHERE done_at IS NULL AND attempts >= ?1 ORDER BY queued_at, lease_id LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![min_attempts, limit], backend_revocation_from_row)?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
-        }))
+        Box::pin(self.read_tx(move |tx| opbackend::pending(tx, min_attempts, limit)))
     }
 
     fn entries_for_lease(
