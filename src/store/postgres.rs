@@ -23,39 +23,22 @@
 //! ([`super::pg_tls`]). Anything weaker than `verify-full` on a non-loopback host is
 //! logged as such when the store opens.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ::postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use ::postgres::{Client, NoTls, Row, SimpleQueryMessage, Statement};
-use futures::future::BoxFuture;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::Semaphore;
 
-use super::ops::access as opaccess;
-use super::ops::lease as oplease;
-use super::ops::log::{self as oplog, Head};
-use super::ops::revoke as oprevoke;
-use super::ops::{self, backend as opbackend};
+use super::engine::{self, Batches, Job, Outcomes, Queue};
+use super::ops::{self, log as oplog, log::Head};
 use super::pg_tls::{PgTls, SslMode};
 use super::sql::{corrupt, Cell, DbError, Dialect, Row as SqlRow, Tx, Value};
-use super::{
-    guard_holder, unavailable, Applied, FeedTail, IdentityStats, LedgerOp, Receipt, Refusal, Store,
-    StoreError, StoredCheckpoint,
-};
-use crate::audit::{entry_hash, AuditEvent, EventKind, StoredEntry};
+use super::{unavailable, StoreError};
 pub use crate::config::postgres::redact;
-use crate::config::postgres::{describe, local_only, parse_url, with_causes, ParsedUrl};
+use crate::config::postgres::{describe, local_only, parse_url, ParsedUrl};
 use crate::config::LedgerConfig;
-use crate::domain::IdempotencyRecord;
-use crate::domain::{
-    AccessFilter, AccessRequest, AccessState, BackendHandle, BackendRevocation, Intent, Lease,
-    LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RequestSpec, Review, RevocationEvent,
-    RevokeSelector, Scope, Verdict,
-};
-use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
 use crate::metrics::Metrics;
 
 /// Numbered migrations, the same numbers and meaning as SQLite's; `schema_migrations`
@@ -103,16 +86,10 @@ const READ_POOL: usize = 4;
 /// How long a starting replica waits for another one's migration.
 const MIGRATION_WAIT: Duration = Duration::from_secs(60);
 
-struct Job {
-    op: LedgerOp,
-    reply: oneshot::Sender<Result<Applied, StoreError>>,
-}
-
 /// The PostgreSQL store.
 pub struct PostgresStore {
-    tx: mpsc::Sender<Job>,
+    queue: Queue,
     pool: Arc<Pool>,
-    commit_timeout: Duration,
 }
 
 /// Whether an error means the connection itself is gone (server restarted, network
@@ -460,7 +437,7 @@ impl PostgresStore {
     /// Blocks until the database answered; call it from a blocking context.
     pub fn open(url: &str, cfg: &LedgerConfig, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let settings = Arc::new(Settings::new(url, cfg)?);
-        let (tx, rx) = mpsc::channel(cfg.max_batch * 16);
+        let (queue, rx) = Queue::new(cfg.max_batch * 16, cfg.commit_timeout);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let max_batch = cfg.max_batch;
         let writer_settings = settings.clone();
@@ -485,10 +462,9 @@ impl PostgresStore {
                             settings: writer_settings,
                             conn: Some(conn),
                             cached: Some(head),
-                            metrics,
                             begin: begin_sql(),
                         };
-                        writer.run(rx, max_batch);
+                        engine::run(writer, rx, max_batch, metrics);
                     }
                 }
             })
@@ -508,21 +484,22 @@ impl PostgresStore {
             Err(_) => return Err(unavailable("ledger writer stopped while opening")),
         }
         Ok(Self {
-            tx,
+            queue,
             pool: Arc::new(Pool {
                 settings,
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(READ_POOL)),
             }),
-            commit_timeout: cfg.commit_timeout,
         })
     }
 
+    /// A read (see `engine::impl_store!`): on a pooled connection, on a blocking thread,
+    /// within the commit timeout (waiting for a pool slot included).
     async fn read<T: Send + 'static>(
         &self,
-        f: impl Fn(&mut Conn) -> Result<T, DbError> + Send + 'static,
+        f: impl Fn(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.commit_timeout;
+        let deadline = tokio::time::Instant::now() + self.queue.commit_timeout();
         let permit = tokio::time::timeout_at(deadline, self.pool.permits.clone().acquire_owned())
             .await
             .map_err(|_| unavailable("ledger read timed out"))?
@@ -530,7 +507,7 @@ impl PostgresStore {
         let pool = self.pool.clone();
         let work = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            pool.run(f)
+            pool.run(|c| f(c))
         });
         match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(r)) => r.map_err(StoreError::from),
@@ -539,14 +516,13 @@ impl PostgresStore {
         }
     }
 
-    /// [`Self::read`], for a read that writes what it read (claims). The ops that use it
-    /// are one statement on PostgreSQL, atomic by itself (autocommit), so it needs no
-    /// transaction of its own.
+    /// A read that writes what it read (claims). The ops that use it are one statement
+    /// on PostgreSQL, atomic by itself (autocommit), so it needs no transaction of its own.
     async fn read_write<T: Send + 'static>(
         &self,
         f: impl Fn(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.read(move |c| f(c)).await
+        self.read(f).await
     }
 }
 
@@ -558,7 +534,6 @@ struct Writer {
     /// The head after this replica's last commit; checked against the database at the
     /// start of every batch.
     cached: Option<Head>,
-    metrics: Arc<Metrics>,
     /// [`begin_sql`].
     begin: String,
 }
@@ -594,45 +569,33 @@ fn parse_top(messages: &[SimpleQueryMessage]) -> Result<(u64, [u8; 32]), DbError
     Ok((seq, hash32(hash, "entry hash")?))
 }
 
-impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
-        let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-        while let Some(first) = rx.blocking_recv() {
-            batch.push(first);
-            while batch.len() < max_batch {
-                match rx.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
-                }
-            }
-            // A caller that stopped waiting was told `Unavailable`: keep it that way
-            // rather than commit its op later (e.g. once the database is back).
-            batch.retain(|j| !j.reply.is_closed());
-            if batch.is_empty() {
-                continue;
-            }
-            let started = Instant::now();
-            let outcome = self.commit_batch(&batch);
-            self.metrics.observe_commit(started.elapsed(), batch.len());
-            match outcome {
-                Ok(results) => {
-                    for (job, r) in batch.drain(..).zip(results) {
-                        let _ = job.reply.send(r);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, batch = batch.len(), "ledger commit failed; refusing the batch");
-                    self.metrics.ledger_failures.inc();
-                    self.cached = None;
-                    let e = StoreError::from(e);
-                    for job in batch.drain(..) {
-                        let _ = job.reply.send(Err(e.clone()));
-                    }
+impl Batches for Writer {
+    /// A caller that stopped waiting was told `Unavailable`: keep it that way rather
+    /// than commit its op later (e.g. once the database is back).
+    const SKIP_ABANDONED: bool = true;
+
+    /// Applies a batch in one transaction. An op whose SQL fails is rolled back to its
+    /// savepoint and answered with the error; the others still commit. A failure of the
+    /// transaction itself (begin, lock, commit, a lost connection) fails the whole batch.
+    fn commit(&mut self, batch: &[Job]) -> Result<Outcomes, DbError> {
+        let result = self.try_batch(batch);
+        if result.is_err() {
+            if let Some(conn) = self.conn.as_mut() {
+                if conn.batch("ROLLBACK").is_err() {
+                    self.conn = None;
                 }
             }
         }
+        result
     }
 
+    /// The next batch reads the head fresh.
+    fn failed(&mut self) {
+        self.cached = None;
+    }
+}
+
+impl Writer {
     /// The writer's connection, made again if it was lost.
     fn conn(&mut self) -> Result<&mut Conn, DbError> {
         if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
@@ -673,22 +636,7 @@ impl Writer {
         }
     }
 
-    /// Applies a batch in one transaction. An op whose SQL fails is rolled back to its
-    /// savepoint and answered with the error; the others still commit. A failure of the
-    /// transaction itself (begin, lock, commit, a lost connection) fails the whole batch.
-    fn commit_batch(&mut self, batch: &[Job]) -> Result<Vec<Result<Applied, StoreError>>, DbError> {
-        let result = self.try_batch(batch);
-        if result.is_err() {
-            if let Some(conn) = self.conn.as_mut() {
-                if conn.batch("ROLLBACK").is_err() {
-                    self.conn = None;
-                }
-            }
-        }
-        result
-    }
-
-    fn try_batch(&mut self, batch: &[Job]) -> Result<Vec<Result<Applied, StoreError>>, DbError> {
+    fn try_batch(&mut self, batch: &[Job]) -> Result<Outcomes, DbError> {
         let top = self.begin()?;
         let cached = self.cached.take();
         let conn = self.conn()?;
@@ -718,133 +666,7 @@ impl Writer {
     }
 }
 
-impl Store for PostgresStore {
-    fn apply(&self, op: LedgerOp) -> BoxFuture<'_, Result<Applied, StoreError>> {
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            let deadline = tokio::time::Instant::now() + self.commit_timeout;
-            tokio::time::timeout_at(deadline, self.tx.send(Job { op, reply }))
-                .await
-                .map_err(|_| unavailable("ledger queue full past the commit timeout"))?
-                .map_err(|_| unavailable("ledger writer stopped"))?;
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(unavailable("ledger writer stopped")),
-                Err(_) => Err(unavailable("ledger commit timed out")),
-            }
-        })
-    }
-
-    fn lease(&self, id: &LeaseId) -> BoxFuture<'_, Result<Option<Lease>, StoreError>> {
-        let id = id.to_string();
-        Box::pin(self.read(move |tx| oplease::select(tx, &id)))
-    }
-
-    fn leases(&self, filter: LeaseFilter) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
-        Box::pin(self.read(move |tx| oplease::list(tx, &filter)))
-    }
-
-    fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>> {
-        let id = id.to_owned();
-        Box::pin(self.read(move |tx| opaccess::select(tx, &id)))
-    }
-
-    fn access_requests(
-        &self,
-        filter: AccessFilter,
-    ) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>> {
-        Box::pin(self.read(move |tx| opaccess::list(tx, &filter)))
-    }
-
-    fn checkpoint(
-        &self,
-        size: Option<u64>,
-    ) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read(move |c| oplog::stored_checkpoint(c, size)))
-    }
-
-    fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read(|c| oplog::checkpoints(c)))
-    }
-
-    fn inclusion_proof(
-        &self,
-        index: u64,
-        size: u64,
-    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read(move |c| oplog::inclusion_proof(c, index, size)))
-    }
-
-    fn consistency_proof(
-        &self,
-        old: u64,
-        new: u64,
-    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read(move |c| oplog::consistency_proof(c, old, new)))
-    }
-
-    fn idempotency(
-        &self,
-        caller: &str,
-        key_hash: &str,
-    ) -> BoxFuture<'_, Result<Option<IdempotencyRecord>, StoreError>> {
-        let (caller, key_hash) = (caller.to_owned(), key_hash.to_owned());
-        Box::pin(self.read(move |tx| oplease::idempotency(tx, &caller, &key_hash)))
-    }
-
-    fn locks(&self, now: i64) -> BoxFuture<'_, Result<Vec<Lock>, StoreError>> {
-        Box::pin(self.read(move |tx| oplease::locks(tx, now)))
-    }
-
-    fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<super::FeedTail>, StoreError>> {
-        Box::pin(self.read(|tx| oprevoke::tail(tx)))
-    }
-
-    fn revocations(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>> {
-        Box::pin(self.read(move |tx| oprevoke::events(tx, after, limit)))
-    }
-
-    fn claim_backend_revocations(
-        &self,
-        now: i64,
-        limit: u32,
-        hold_secs: u32,
-    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read_write(move |tx| opbackend::claim(tx, now, limit, hold_secs)))
-    }
-
-    fn pending_backend_revocations(
-        &self,
-        min_attempts: u32,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read(move |tx| opbackend::pending(tx, min_attempts, limit)))
-    }
-
-    fn entries_for_lease(
-        &self,
-        lease_id: &str,
-    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
-        let id = lease_id.to_owned();
-        Box::pin(self.read(move |c| oplog::entries_for_lease(c, &id)))
-    }
-
-    fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>> {
-        Box::pin(self.read(|tx| oplease::identity_stats(tx)))
-    }
-
-    fn audit_entries(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
-        Box::pin(self.read(move |c| oplog::entries(c, after, limit)))
-    }
-}
+engine::impl_store!(PostgresStore);
 
 #[cfg(test)]
 mod tests {

@@ -8,34 +8,19 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::future::BoxFuture;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot};
 
-use super::ops::access as opaccess;
-use super::ops::lease as oplease;
+use super::engine::{self, Batches, Job, Outcomes, Queue};
 use super::ops::log::{self as oplog, Head};
-use super::ops::revoke as oprevoke;
-use super::ops::rows;
-use super::ops::{self, backend as opbackend};
+use super::ops::{self, rows};
 use super::sql::{self, Cell, DbError, Dialect, Row, Tx, Value};
-use super::{
-    guard_holder, unavailable, Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store,
-    StoreError, StoredCheckpoint,
-};
-use crate::audit::EventKind;
-use crate::audit::{AuditEvent, LogError, LogReport, LogVerifier, StoredEntry};
+use super::{unavailable, StoreError};
+use crate::audit::{LogError, LogReport, LogVerifier};
 use crate::checkpoint::VerifierKey;
 use crate::config::LedgerConfig;
-use crate::domain::IdempotencyRecord;
-use crate::domain::{
-    AccessFilter, AccessRequest, AccessState, BackendHandle, BackendRevocation, Intent, Lease,
-    LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RequestSpec, Review, RevocationEvent,
-    RevokeSelector, Scope, Verdict,
-};
-use crate::merkle::{leaf_hash, Hash as MerkleHash};
+use crate::merkle::leaf_hash;
 use crate::metrics::Metrics;
 
 /// Numbered migrations; `schema_migrations` records which ran.
@@ -55,16 +40,10 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "backends", include_str!("migrations/0005_backends.sql")),
 ];
 
-struct Job {
-    op: LedgerOp,
-    reply: oneshot::Sender<Result<Applied, StoreError>>,
-}
-
 /// The SQLite store.
 pub struct SqliteStore {
-    tx: mpsc::Sender<Job>,
+    queue: Queue,
     reader: Arc<Mutex<Connection>>,
-    commit_timeout: Duration,
 }
 
 fn open(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
@@ -86,6 +65,9 @@ fn open(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
     // WAL grew without bound (27.8 GB in six minutes of load). After a burst, the WAL file
     // is cut back to this size when it restarts.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    // Every statement is prepared once per connection (`prepare_cached`); the ops use
+    // about sixty, more than the default cache of 16 holds.
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
@@ -263,20 +245,21 @@ impl SqliteStore {
             head
         };
         let reader = open(path, cfg.busy_timeout).map_err(unavailable)?;
-        let (tx, rx) = mpsc::channel(cfg.max_batch * 16);
+        let (queue, rx) = Queue::new(cfg.max_batch * 16, cfg.commit_timeout);
         let max_batch = cfg.max_batch;
+        let writer = Writer { conn: writer, head };
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer_loop(writer, head, rx, max_batch, metrics))
+            .spawn(move || engine::run(writer, rx, max_batch, metrics))
             .map_err(unavailable)?;
         Ok(Self {
-            tx,
+            queue,
             reader: Arc::new(Mutex::new(reader)),
-            commit_timeout: cfg.commit_timeout,
         })
     }
 
-    async fn read<T: Send + 'static>(
+    /// Runs `f` on the read connection, on a blocking thread, within the commit timeout.
+    async fn on_reader<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -285,29 +268,29 @@ impl SqliteStore {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
             f(&conn)
         });
-        match tokio::time::timeout(self.commit_timeout, work).await {
+        match tokio::time::timeout(self.queue.commit_timeout(), work).await {
             Ok(Ok(r)) => r.map_err(StoreError::from),
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(unavailable("ledger read timed out")),
         }
     }
 
-    /// [`Self::read`] through the shared [`Tx`].
-    async fn read_tx<T: Send + 'static>(
+    /// A read (see `engine::impl_store!`).
+    async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.read(move |c| f(&mut SqliteTx(c))).await
+        self.on_reader(move |c| f(&mut SqliteTx(c))).await
     }
 
-    /// [`Self::read_tx`] as one transaction that holds SQLite's write lock from the start
-    /// (`BEGIN IMMEDIATE`), for a read that then writes what it read (claims): a concurrent
-    /// claimer (another process on the same file) waits, then sees this one's changes.
+    /// A read that then writes what it read (claims), as one transaction that holds
+    /// SQLite's write lock from the start (`BEGIN IMMEDIATE`): a concurrent claimer
+    /// (another process on the same file) waits, then finds these rows changed.
     async fn read_write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.read(move |c| {
+        self.on_reader(move |c| {
             let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
             let v = f(&mut SqliteTx(&tx))?;
             tx.commit()?;
@@ -424,203 +407,52 @@ pub enum VerifyError {
     Log(LogError),
 }
 
-fn writer_loop(
-    mut conn: Connection,
-    mut head: Head,
-    mut rx: mpsc::Receiver<Job>,
-    max_batch: usize,
-    metrics: Arc<Metrics>,
-) {
-    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+/// The writer thread's state: the write connection and the head after the last commit
+/// (the writer is the only one appending to this file).
+struct Writer {
+    conn: Connection,
+    head: Head,
+}
+
+impl Batches for Writer {
+    const SKIP_ABANDONED: bool = false;
+
+    /// One `BEGIN IMMEDIATE` transaction, each op in its own savepoint; one fsync for
+    /// the whole batch.
+    fn commit(&mut self, batch: &[Job]) -> Result<Outcomes, DbError> {
+        let mut tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut tentative = self.head.clone();
+        let mut results = Vec::with_capacity(batch.len());
+        for job in batch {
+            let before = tentative.clone();
+            let sp = tx.savepoint()?;
+            match ops::apply(&mut SqliteTx(&sp), &mut tentative, job.op.clone()) {
+                Ok(applied) => {
+                    sp.commit()?;
+                    results.push(Ok(applied));
+                }
+                Err(e) => {
+                    drop(sp); // rolls back this op only
+                    tentative = before;
+                    tracing::error!(error = %e, "ledger op failed");
+                    results.push(Err(StoreError::from(e)));
+                }
             }
         }
-        let started = Instant::now();
-        let outcome = commit_batch(&mut conn, &mut head, &mut batch);
-        metrics.observe_commit(started.elapsed(), batch.len());
-        match outcome {
-            Ok(results) => {
-                for (job, r) in batch.drain(..).zip(results) {
-                    let _ = job.reply.send(r);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, batch = batch.len(), "ledger commit failed; refusing the batch");
-                metrics.ledger_failures.inc();
-                // The transaction rolled back: re-read the head so the chain stays exact.
-                if let Ok(h) = load_head(&conn) {
-                    head = h;
-                }
-                for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(unavailable(&e)));
-                }
-            }
+        tx.set_drop_behavior(rusqlite::DropBehavior::Rollback);
+        tx.commit()?;
+        self.head = tentative;
+        Ok(results)
+    }
+
+    /// The transaction rolled back: re-read the head so the chain stays exact.
+    fn failed(&mut self) {
+        if let Ok(h) = load_head(&self.conn) {
+            self.head = h;
         }
     }
 }
 
-/// Applies a batch in one transaction. An op whose SQL fails is rolled back to its
-/// savepoint and answered with `Unavailable`; the others still commit. A failure of the
-/// transaction itself (begin or commit) fails the whole batch.
-fn commit_batch(
-    conn: &mut Connection,
-    head: &mut Head,
-    batch: &mut [Job],
-) -> Result<Vec<Result<Applied, StoreError>>, DbError> {
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut tentative = head.clone();
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch.iter() {
-        let before = tentative.clone();
-        let sp = tx.savepoint()?;
-        match ops::apply(&mut SqliteTx(&sp), &mut tentative, job.op.clone()) {
-            Ok(applied) => {
-                sp.commit()?;
-                results.push(Ok(applied));
-            }
-            Err(e) => {
-                drop(sp); // rolls back this op only
-                tentative = before;
-                tracing::error!(error = %e, "ledger op failed");
-                results.push(Err(unavailable(e)));
-            }
-        }
-    }
-    tx.set_drop_behavior(rusqlite::DropBehavior::Rollback);
-    tx.commit()?;
-    *head = tentative;
-    Ok(results)
-}
-
-impl Store for SqliteStore {
-    fn apply(&self, op: LedgerOp) -> BoxFuture<'_, Result<Applied, StoreError>> {
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            let deadline = tokio::time::Instant::now() + self.commit_timeout;
-            tokio::time::timeout_at(deadline, self.tx.send(Job { op, reply }))
-                .await
-                .map_err(|_| unavailable("ledger queue full past the commit timeout"))?
-                .map_err(|_| unavailable("ledger writer stopped"))?;
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(unavailable("ledger writer stopped")),
-                Err(_) => Err(unavailable("ledger commit timed out")),
-            }
-        })
-    }
-
-    fn lease(&self, id: &LeaseId) -> BoxFuture<'_, Result<Option<Lease>, StoreError>> {
-        let id = id.to_string();
-        Box::pin(self.read_tx(move |tx| oplease::select(tx, &id)))
-    }
-
-    fn leases(&self, filter: LeaseFilter) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
-        Box::pin(self.read_tx(move |tx| oplease::list(tx, &filter)))
-    }
-
-    fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>> {
-        let id = id.to_owned();
-        Box::pin(self.read_tx(move |tx| opaccess::select(tx, &id)))
-    }
-
-    fn access_requests(
-        &self,
-        filter: AccessFilter,
-    ) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>> {
-        Box::pin(self.read_tx(move |tx| opaccess::list(tx, &filter)))
-    }
-
-    fn checkpoint(
-        &self,
-        size: Option<u64>,
-    ) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read_tx(move |tx| oplog::stored_checkpoint(tx, size)))
-    }
-
-    fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read_tx(oplog::checkpoints))
-    }
-
-    fn inclusion_proof(
-        &self,
-        index: u64,
-        size: u64,
-    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read_tx(move |tx| oplog::inclusion_proof(tx, index, size)))
-    }
-
-    fn consistency_proof(
-        &self,
-        old: u64,
-        new: u64,
-    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read_tx(move |tx| oplog::consistency_proof(tx, old, new)))
-    }
-
-    fn idempotency(
-        &self,
-        caller: &str,
-        key_hash: &str,
-    ) -> BoxFuture<'_, Result<Option<IdempotencyRecord>, StoreError>> {
-        let (caller, key_hash) = (caller.to_owned(), key_hash.to_owned());
-        Box::pin(self.read_tx(move |tx| oplease::idempotency(tx, &caller, &key_hash)))
-    }
-
-    fn locks(&self, now: i64) -> BoxFuture<'_, Result<Vec<Lock>, StoreError>> {
-        Box::pin(self.read_tx(move |tx| oplease::locks(tx, now)))
-    }
-
-    fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<super::FeedTail>, StoreError>> {
-        Box::pin(self.read_tx(|tx| oprevoke::tail(tx)))
-    }
-
-    fn revocations(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>> {
-        Box::pin(self.read_tx(move |tx| oprevoke::events(tx, after, limit)))
-    }
-
-    fn claim_backend_revocations(
-        &self,
-        now: i64,
-        limit: u32,
-        hold_secs: u32,
-    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read_write(move |tx| opbackend::claim(tx, now, limit, hold_secs)))
-    }
-
-    fn pending_backend_revocations(
-        &self,
-        min_attempts: u32,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read_tx(move |tx| opbackend::pending(tx, min_attempts, limit)))
-    }
-
-    fn entries_for_lease(
-        &self,
-        lease_id: &str,
-    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
-        let id = lease_id.to_owned();
-        Box::pin(self.read_tx(move |tx| oplog::entries_for_lease(tx, &id)))
-    }
-
-    fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>> {
-        Box::pin(self.read_tx(|tx| oplease::identity_stats(tx)))
-    }
-
-    fn audit_entries(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
-        Box::pin(self.read_tx(move |tx| oplog::entries(tx, after, limit)))
-    }
-}
+engine::impl_store!(SqliteStore);
