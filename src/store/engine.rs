@@ -63,6 +63,19 @@ impl Queue {
     }
 }
 
+/// Waits for a read that runs on a blocking thread, until `deadline` (then `Unavailable`;
+/// the read itself finishes in the background).
+pub(crate) async fn finish_read<T>(
+    deadline: tokio::time::Instant,
+    work: tokio::task::JoinHandle<Result<T, DbError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(Ok(r)) => r.map_err(StoreError::from),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(unavailable("ledger read timed out")),
+    }
+}
+
 /// How an engine's writer commits a batch.
 pub(crate) trait Batches {
     /// Whether jobs whose caller stopped waiting are dropped before the batch commits.

@@ -14,6 +14,10 @@
 //! guards (locks, revocation rules, quotas, lease states) read rows inside that same
 //! transaction, so what one replica committed binds every replica's next batch.
 //!
+//! The ops themselves are shared with SQLite (`super::ops`, over `Tx`); this file is
+//! PostgreSQL's part: connecting (TLS), migrating, the writer's transaction (advisory
+//! lock, fresh head), the read pool, and PostgreSQL's `Tx`.
+//!
 //! Fail closed: a caller waits at most `commit_timeout`, then gets `Unavailable`. A dead
 //! connection is replaced on the next batch or read, so the store recovers by itself
 //! when the database comes back.
@@ -509,11 +513,7 @@ impl PostgresStore {
             let _permit = permit;
             pool.run(|c| f(c))
         });
-        match tokio::time::timeout_at(deadline, work).await {
-            Ok(Ok(r)) => r.map_err(StoreError::from),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable("ledger read timed out")),
-        }
+        engine::finish_read(deadline, work).await
     }
 
     /// A read that writes what it read (claims). The ops that use it are one statement

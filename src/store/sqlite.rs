@@ -5,6 +5,10 @@
 //! savepoint of one `BEGIN IMMEDIATE` transaction, and commits once: many issuances share
 //! one fsync. A caller waits at most `commit_timeout` for its reply and otherwise gets
 //! `Unavailable`; nothing is handed out without a durable record.
+//!
+//! The ops themselves are shared with PostgreSQL (`super::ops`, over `Tx`); this file
+//! is SQLite's part: opening and migrating the file, the writer's transaction, the read
+//! connection, offline verification, and SQLite's `Tx` (`$N` placeholders become `?N`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -263,16 +267,13 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.queue.commit_timeout();
         let reader = self.reader.clone();
         let work = tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
             f(&conn)
         });
-        match tokio::time::timeout(self.queue.commit_timeout(), work).await {
-            Ok(Ok(r)) => r.map_err(StoreError::from),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable("ledger read timed out")),
-        }
+        engine::finish_read(deadline, work).await
     }
 
     /// A read (see `engine::impl_store!`).

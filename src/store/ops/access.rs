@@ -146,17 +146,11 @@ pub(crate) fn review(
     op: ReviewOp,
     event: AuditEvent,
 ) -> Result<Applied, DbError> {
-    let ReviewOp {
-        id,
-        reviewer,
-        verdict,
-        reason,
-        now,
-    } = op;
-    let Some(req) = select(tx, &id)? else {
+    let (id, now) = (op.id.as_str(), op.now);
+    let Some(req) = select(tx, id)? else {
         return refuse(tx, head, event, Refusal::RequestNotFound);
     };
-    if req.requester == reviewer {
+    if req.requester == op.reviewer {
         return refuse(tx, head, event, Refusal::SelfReview);
     }
     let post = req.break_glass;
@@ -169,13 +163,13 @@ pub(crate) fn review(
             return refuse(tx, head, event, Refusal::RequestEnded(req.state));
         }
         if req.expires_at <= now {
-            expire_request(tx, &id, now)?;
+            expire_request(tx, id, now)?;
             return refuse(tx, head, event, Refusal::RequestExpired);
         }
         if req
             .reviews
             .iter()
-            .any(|r| r.reviewer == reviewer && !r.post_review)
+            .any(|r| r.reviewer == op.reviewer && !r.post_review)
         {
             return refuse(tx, head, event, Refusal::AlreadyReviewed);
         }
@@ -185,31 +179,31 @@ pub(crate) fn review(
             "INSERT INTO access_reviews (request_id, {REVIEW_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
         ),
         &[
-            id.as_str().into(),
-            reviewer.as_str().into(),
-            verdict.as_str().into(),
-            reason.as_str().into(),
+            id.into(),
+            op.reviewer.as_str().into(),
+            op.verdict.as_str().into(),
+            op.reason.as_str().into(),
             now.into(),
             post.into(),
         ],
     )?;
     if post {
-        let outcome = if verdict == Verdict::Approve {
+        let outcome = if op.verdict == Verdict::Approve {
             "approved"
         } else {
             "denied"
         };
         tx.execute(
             "UPDATE access_requests SET post_review = $2 WHERE id = $1",
-            &[id.as_str().into(), outcome.into()],
+            &[id.into(), outcome.into()],
         )?;
     } else {
-        let req = select(tx, &id)?
+        let req = select(tx, id)?
             .ok_or_else(|| crate::store::sql::corrupt(format!("access request {id} vanished")))?;
         let approvals = req.approvers().len() as u32;
         // One deny ends it unless the profile says otherwise; then denies are only on
         // record and the request waits for approvals or expiry.
-        let next = if verdict == Verdict::Deny && req.deny_ends {
+        let next = if op.verdict == Verdict::Deny && req.deny_ends {
             Some("denied")
         } else if approvals >= req.threshold {
             Some("approved")
@@ -219,13 +213,13 @@ pub(crate) fn review(
         if let Some(state) = next {
             tx.execute(
                 "UPDATE access_requests SET state = $2, decided_at = $3 WHERE id = $1",
-                &[id.as_str().into(), state.into(), now.into()],
+                &[id.into(), state.into(), now.into()],
             )?;
         }
     }
     let receipt = append(tx, head, &event)?;
     let mut a = Applied::recorded(Some(receipt));
-    a.access_request = select(tx, &id)?;
+    a.access_request = select(tx, id)?;
     Ok(a)
 }
 
@@ -246,39 +240,32 @@ pub(crate) fn redeem(
     op: Redemption,
     event: AuditEvent,
 ) -> Result<Applied, DbError> {
-    let Redemption {
-        id,
-        requester,
-        digest,
-        max_active,
-        lease,
-        now,
-    } = op;
-    let req = match select(tx, &id)? {
-        Some(r) if r.requester == requester => r,
+    let (id, now, lease) = (op.id.as_str(), op.now, op.lease);
+    let req = match select(tx, id)? {
+        Some(r) if r.requester == op.requester => r,
         _ => return refuse(tx, head, event, Refusal::RequestNotFound),
     };
-    if req.digest != digest {
+    if req.digest != op.digest {
         return refuse(tx, head, event, Refusal::DigestMismatch);
     }
     if req.state != AccessState::Approved {
         return refuse(tx, head, event, Refusal::RequestEnded(req.state));
     }
     if req.expires_at <= now {
-        expire_request(tx, &id, now)?;
+        expire_request(tx, id, now)?;
         return refuse(tx, head, event, Refusal::RequestExpired);
     }
-    if let Some(refusal) = admit(tx, &lease, max_active)? {
+    if let Some(refusal) = admit(tx, &lease, op.max_active)? {
         return refuse_new_lease(tx, head, event, refusal);
     }
     lease::insert(tx, &lease)?;
     tx.execute(
         "UPDATE access_requests SET state = 'issued', lease_id = $2 WHERE id = $1 AND state = 'approved'",
-        &[id.as_str().into(), lease.id.as_str().into()],
+        &[id.into(), lease.id.as_str().into()],
     )?;
     let receipt = append(tx, head, &event)?;
     let mut a = Applied::recorded(Some(receipt));
     a.lease = Some(lease);
-    a.access_request = select(tx, &id)?;
+    a.access_request = select(tx, id)?;
     Ok(a)
 }

@@ -82,16 +82,11 @@ pub(crate) fn revoke(
     op: Revocation,
     mut event: AuditEvent,
 ) -> Result<Applied, DbError> {
-    let Revocation {
-        selector,
-        issued_before,
-        reason,
-        now,
-        dry_run,
-        chunk,
-    } = op;
+    let (selector, reason, now, issued_before) =
+        (&op.selector, op.reason.as_str(), op.now, op.issued_before);
+    let (dry_run, chunk) = (op.dry_run, op.chunk);
     // One predicate for preview and revocation: what the selector covers.
-    let (filter, value) = covered(tx, &selector);
+    let (filter, value) = covered(tx, selector);
     let cut = "(CAST($2 AS BIGINT) IS NULL OR issued_at < $2)";
     let rows = if dry_run {
         tx.query(
@@ -143,7 +138,7 @@ pub(crate) fn revoke(
             &[kind.into(), v.as_str().into(), cutoff.into(), now.into()],
         )?;
     }
-    append_feed(tx, &rows, now, &reason)?;
+    append_feed(tx, &rows, now, reason)?;
     event.affected_leases = ids.iter().take(MAX_LISTED).cloned().collect();
     if ids.len() > MAX_LISTED {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -153,13 +148,13 @@ pub(crate) fn revoke(
         }
         event.reason = Some(format!(
             "{} ({} leases; the first {MAX_LISTED} listed; SHA-256 of all sorted ids: {})",
-            event.reason.clone().unwrap_or_else(|| reason.clone()),
+            event.reason.clone().unwrap_or_else(|| reason.to_owned()),
             ids.len(),
             hex::encode(ctx.finish().as_ref())
         ));
     }
     if ids.is_empty() {
-        let refusal = match &selector {
+        let refusal = match selector {
             RevokeSelector::Lease(id) => match lease::select(tx, id.as_str())? {
                 None => Refusal::NotFound,
                 Some(l) => Refusal::Ended(l.state),
@@ -175,7 +170,7 @@ pub(crate) fn revoke(
     }
     let receipt = append(tx, head, &event)?;
     let mut a = Applied::recorded(Some(receipt));
-    if let RevokeSelector::Lease(id) = &selector {
+    if let RevokeSelector::Lease(id) = selector {
         a.lease = lease::select(tx, id.as_str())?;
     }
     a.affected = ids;
@@ -190,10 +185,7 @@ fn append_feed(
     now: i64,
     reason: &str,
 ) -> Result<(), DbError> {
-    let (mut seq, mut prev) = match tail(tx)? {
-        None => (0, [0; 32]),
-        Some(t) => t,
-    };
+    let (mut seq, mut prev) = tail(tx)?.unwrap_or_default();
     let mut sorted: Vec<&RevokedRow> = rows.iter().collect();
     sorted.sort();
     let mut chains = Vec::with_capacity(sorted.len());

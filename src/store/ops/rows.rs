@@ -16,6 +16,7 @@ pub(crate) const LEASE_COLUMNS: &str =
      max_expires_at, credential_sha256, renewals, ended_at, end_reason, intent, \
      backend_kind, backend_handle, backend_revocable";
 
+/// A lease row ([`LEASE_COLUMNS`]).
 pub(crate) fn lease(r: &Row) -> Result<Lease, DbError> {
     let id = r.text(0)?;
     let profile = r.text(1)?;
@@ -61,7 +62,7 @@ pub(crate) const REQUEST_COLUMNS: &str =
     "id, requester, profile, request, request_digest, approver_group, threshold, state, \
      created_at, expires_at, deny_ends, break_glass, post_review, lease_id";
 
-/// An access request without its reviews.
+/// An access request row ([`REQUEST_COLUMNS`]), without its reviews.
 pub(crate) fn access_request(r: &Row) -> Result<AccessRequest, DbError> {
     let id = r.text(0)?;
     let profile = r.text(2)?;
@@ -92,6 +93,7 @@ pub(crate) fn access_request(r: &Row) -> Result<AccessRequest, DbError> {
 /// The columns [`review`] reads, in order.
 pub(crate) const REVIEW_COLUMNS: &str = "reviewer, verdict, reason, at, post_review";
 
+/// An access review row ([`REVIEW_COLUMNS`]).
 pub(crate) fn review(r: &Row) -> Result<Review, DbError> {
     Ok(Review {
         reviewer: r.text(0)?,
@@ -109,6 +111,7 @@ pub(crate) fn review(r: &Row) -> Result<Review, DbError> {
 /// The columns [`entry`] reads, in order.
 pub(crate) const ENTRY_COLUMNS: &str = "seq, kind, lease_id, body, prev_hash, hash";
 
+/// An audit entry row ([`ENTRY_COLUMNS`]).
 pub(crate) fn entry(r: &Row) -> Result<StoredEntry, DbError> {
     Ok(StoredEntry {
         seq: r.u64(0)?,
@@ -124,6 +127,7 @@ pub(crate) fn entry(r: &Row) -> Result<StoredEntry, DbError> {
 pub(crate) const BACKEND_REVOCATION_COLUMNS: &str =
     "lease_id, kind, handle, queued_at, attempts, next_attempt_at, last_error";
 
+/// A backend revocation row ([`BACKEND_REVOCATION_COLUMNS`]).
 pub(crate) fn backend_revocation(r: &Row) -> Result<BackendRevocation, DbError> {
     Ok(BackendRevocation {
         lease_id: r.text(0)?,
@@ -139,6 +143,7 @@ pub(crate) fn backend_revocation(r: &Row) -> Result<BackendRevocation, DbError> 
 /// The columns [`checkpoint`] reads, in order.
 pub(crate) const CHECKPOINT_COLUMNS: &str = "size, root, time_ms, note";
 
+/// A checkpoint row ([`CHECKPOINT_COLUMNS`]).
 pub(crate) fn checkpoint(r: &Row) -> Result<StoredCheckpoint, DbError> {
     Ok(StoredCheckpoint {
         size: r.u64(0)?,
@@ -151,6 +156,7 @@ pub(crate) fn checkpoint(r: &Row) -> Result<StoredCheckpoint, DbError> {
 /// The columns [`lock`] reads, in order.
 pub(crate) const LOCK_COLUMNS: &str = "id, kind, value, until, reason, created_by, created_at";
 
+/// An operator lock row ([`LOCK_COLUMNS`]).
 pub(crate) fn lock(r: &Row) -> Result<Lock, DbError> {
     Ok(Lock {
         id: r.text(0)?,
@@ -168,6 +174,7 @@ pub(crate) const REVOCATION_EVENT_COLUMNS: &str =
     "seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash, \
      certificate_serial";
 
+/// A revocation feed row ([`REVOCATION_EVENT_COLUMNS`]).
 pub(crate) fn revocation_event(r: &Row) -> Result<RevocationEvent, DbError> {
     Ok(RevocationEvent {
         seq: r.u64(0)?,
@@ -186,6 +193,7 @@ pub(crate) fn revocation_event(r: &Row) -> Result<RevocationEvent, DbError> {
 pub(crate) const IDEMPOTENCY_COLUMNS: &str =
     "caller, key_hash, digest, lease_id, sealed, expires_at";
 
+/// An idempotency record row ([`IDEMPOTENCY_COLUMNS`]).
 pub(crate) fn idempotency(r: &Row) -> Result<IdempotencyRecord, DbError> {
     Ok(IdempotencyRecord {
         caller: r.text(0)?,
