@@ -138,219 +138,123 @@ pub(crate) fn run<W: Batches>(
 /// Implements [`Store`](super::Store) for an engine type with
 ///
 /// - a field `queue: Queue` (the writer's queue),
-/// - `fn read<T>(&self, f) -> impl Future<Output = Result<T, StoreError>>`, running
+/// - `async fn read<T>(&self, f) -> Result<T, StoreError>`, running
 ///   `f: Fn(&mut dyn Tx) -> Result<T, DbError>` on its read path within the commit
 ///   timeout, and
-/// - `fn read_write<T>(&self, f)`, the same as one atomic unit that may write (claims).
+/// - `async fn read_write<T>(&self, f)`, the same as one atomic unit that may write (claims).
 ///
 /// A macro rather than a generic type: the two engines stay the public types they are
 /// (`SqliteStore`, `PostgresStore`), and no crate-private trait leaks into a public bound.
+/// The anonymous `const` scopes its imports.
 macro_rules! impl_store {
     ($engine:ty) => {
-        impl $crate::store::Store for $engine {
-            fn apply(
-                &self,
-                op: $crate::store::LedgerOp,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<$crate::store::Applied, $crate::store::StoreError>,
-            > {
-                Box::pin(self.queue.apply(op))
-            }
+        const _: () = {
+            use ::futures::future::BoxFuture;
+            use $crate::audit::StoredEntry;
+            use $crate::domain::{
+                AccessFilter, AccessRequest, BackendRevocation, IdempotencyRecord, Lease,
+                LeaseFilter, LeaseId, Lock, RevocationEvent,
+            };
+            use $crate::merkle::Hash;
+            use $crate::store::ops::{access, backend, lease, log, revoke};
+            use $crate::store::{
+                Applied, FeedTail, IdentityStats, LedgerOp, Store, StoreError, StoredCheckpoint,
+            };
 
-            fn lease(
-                &self,
-                id: &$crate::domain::LeaseId,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Option<$crate::domain::Lease>, $crate::store::StoreError>,
-            > {
-                let id = id.to_string();
-                Box::pin(self.read(move |tx| $crate::store::ops::lease::select(tx, &id)))
-            }
+            /// What every `Store` method returns.
+            type Answer<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 
-            fn leases(
-                &self,
-                filter: $crate::domain::LeaseFilter,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Vec<$crate::domain::Lease>, $crate::store::StoreError>,
-            > {
-                Box::pin(self.read(move |tx| $crate::store::ops::lease::list(tx, &filter)))
-            }
+            impl Store for $engine {
+                fn apply(&self, op: LedgerOp) -> Answer<'_, Applied> {
+                    Box::pin(self.queue.apply(op))
+                }
 
-            fn audit_entries(
-                &self,
-                after: u64,
-                limit: u32,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Vec<$crate::audit::StoredEntry>, $crate::store::StoreError>,
-            > {
-                Box::pin(self.read(move |tx| $crate::store::ops::log::entries(tx, after, limit)))
-            }
+                fn lease(&self, id: &LeaseId) -> Answer<'_, Option<Lease>> {
+                    let id = id.to_string();
+                    Box::pin(self.read(move |tx| lease::select(tx, &id)))
+                }
 
-            fn access_request(
-                &self,
-                id: &str,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Option<$crate::domain::AccessRequest>, $crate::store::StoreError>,
-            > {
-                let id = id.to_owned();
-                Box::pin(self.read(move |tx| $crate::store::ops::access::select(tx, &id)))
-            }
+                fn leases(&self, filter: LeaseFilter) -> Answer<'_, Vec<Lease>> {
+                    Box::pin(self.read(move |tx| lease::list(tx, &filter)))
+                }
 
-            fn access_requests(
-                &self,
-                filter: $crate::domain::AccessFilter,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Vec<$crate::domain::AccessRequest>, $crate::store::StoreError>,
-            > {
-                Box::pin(self.read(move |tx| $crate::store::ops::access::list(tx, &filter)))
-            }
+                fn audit_entries(&self, after: u64, limit: u32) -> Answer<'_, Vec<StoredEntry>> {
+                    Box::pin(self.read(move |tx| log::entries(tx, after, limit)))
+                }
 
-            fn identity_stats(
-                &self,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Vec<$crate::store::IdentityStats>, $crate::store::StoreError>,
-            > {
-                Box::pin(self.read($crate::store::ops::lease::identity_stats))
-            }
+                fn access_request(&self, id: &str) -> Answer<'_, Option<AccessRequest>> {
+                    let id = id.to_owned();
+                    Box::pin(self.read(move |tx| access::select(tx, &id)))
+                }
 
-            fn checkpoint(
-                &self,
-                size: Option<u64>,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Option<$crate::store::StoredCheckpoint>, $crate::store::StoreError>,
-            > {
-                Box::pin(self.read(move |tx| $crate::store::ops::log::stored_checkpoint(tx, size)))
-            }
+                fn access_requests(&self, filter: AccessFilter) -> Answer<'_, Vec<AccessRequest>> {
+                    Box::pin(self.read(move |tx| access::list(tx, &filter)))
+                }
 
-            fn checkpoints(
-                &self,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Vec<$crate::store::StoredCheckpoint>, $crate::store::StoreError>,
-            > {
-                Box::pin(self.read($crate::store::ops::log::checkpoints))
-            }
+                fn identity_stats(&self) -> Answer<'_, Vec<IdentityStats>> {
+                    Box::pin(self.read(lease::identity_stats))
+                }
 
-            fn inclusion_proof(
-                &self,
-                index: u64,
-                size: u64,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Option<Vec<$crate::merkle::Hash>>, $crate::store::StoreError>,
-            > {
-                Box::pin(
-                    self.read(move |tx| $crate::store::ops::log::inclusion_proof(tx, index, size)),
-                )
-            }
+                fn checkpoint(&self, size: Option<u64>) -> Answer<'_, Option<StoredCheckpoint>> {
+                    Box::pin(self.read(move |tx| log::stored_checkpoint(tx, size)))
+                }
 
-            fn consistency_proof(
-                &self,
-                old: u64,
-                new: u64,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Option<Vec<$crate::merkle::Hash>>, $crate::store::StoreError>,
-            > {
-                Box::pin(
-                    self.read(move |tx| $crate::store::ops::log::consistency_proof(tx, old, new)),
-                )
-            }
+                fn checkpoints(&self) -> Answer<'_, Vec<StoredCheckpoint>> {
+                    Box::pin(self.read(log::checkpoints))
+                }
 
-            fn idempotency(
-                &self,
-                caller: &str,
-                key_hash: &str,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Option<$crate::domain::IdempotencyRecord>, $crate::store::StoreError>,
-            > {
-                let (caller, key_hash) = (caller.to_owned(), key_hash.to_owned());
-                Box::pin(
-                    self.read(move |tx| {
-                        $crate::store::ops::lease::idempotency(tx, &caller, &key_hash)
-                    }),
-                )
-            }
+                fn inclusion_proof(&self, index: u64, size: u64) -> Answer<'_, Option<Vec<Hash>>> {
+                    Box::pin(self.read(move |tx| log::inclusion_proof(tx, index, size)))
+                }
 
-            fn locks(
-                &self,
-                now: i64,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Vec<$crate::domain::Lock>, $crate::store::StoreError>,
-            > {
-                Box::pin(self.read(move |tx| $crate::store::ops::lease::locks(tx, now)))
-            }
+                fn consistency_proof(&self, old: u64, new: u64) -> Answer<'_, Option<Vec<Hash>>> {
+                    Box::pin(self.read(move |tx| log::consistency_proof(tx, old, new)))
+                }
 
-            fn revocation_tail(
-                &self,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Option<$crate::store::FeedTail>, $crate::store::StoreError>,
-            > {
-                Box::pin(self.read($crate::store::ops::revoke::tail))
-            }
+                fn idempotency(
+                    &self,
+                    caller: &str,
+                    key_hash: &str,
+                ) -> Answer<'_, Option<IdempotencyRecord>> {
+                    let (caller, key_hash) = (caller.to_owned(), key_hash.to_owned());
+                    Box::pin(self.read(move |tx| lease::idempotency(tx, &caller, &key_hash)))
+                }
 
-            fn revocations(
-                &self,
-                after: u64,
-                limit: u32,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Vec<$crate::domain::RevocationEvent>, $crate::store::StoreError>,
-            > {
-                Box::pin(self.read(move |tx| $crate::store::ops::revoke::events(tx, after, limit)))
-            }
+                fn locks(&self, now: i64) -> Answer<'_, Vec<Lock>> {
+                    Box::pin(self.read(move |tx| lease::locks(tx, now)))
+                }
 
-            fn claim_backend_revocations(
-                &self,
-                now: i64,
-                limit: u32,
-                hold_secs: u32,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Vec<$crate::domain::BackendRevocation>, $crate::store::StoreError>,
-            > {
-                Box::pin(self.read_write(move |tx| {
-                    $crate::store::ops::backend::claim(tx, now, limit, hold_secs)
-                }))
-            }
+                fn revocation_tail(&self) -> Answer<'_, Option<FeedTail>> {
+                    Box::pin(self.read(revoke::tail))
+                }
 
-            fn pending_backend_revocations(
-                &self,
-                min_attempts: u32,
-                limit: u32,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Vec<$crate::domain::BackendRevocation>, $crate::store::StoreError>,
-            > {
-                Box::pin(
-                    self.read(move |tx| {
-                        $crate::store::ops::backend::pending(tx, min_attempts, limit)
-                    }),
-                )
-            }
+                fn revocations(&self, after: u64, limit: u32) -> Answer<'_, Vec<RevocationEvent>> {
+                    Box::pin(self.read(move |tx| revoke::events(tx, after, limit)))
+                }
 
-            fn entries_for_lease(
-                &self,
-                lease_id: &str,
-            ) -> ::futures::future::BoxFuture<
-                '_,
-                Result<Vec<$crate::audit::StoredEntry>, $crate::store::StoreError>,
-            > {
-                let id = lease_id.to_owned();
-                Box::pin(self.read(move |tx| $crate::store::ops::log::entries_for_lease(tx, &id)))
+                fn claim_backend_revocations(
+                    &self,
+                    now: i64,
+                    limit: u32,
+                    hold_secs: u32,
+                ) -> Answer<'_, Vec<BackendRevocation>> {
+                    Box::pin(self.read_write(move |tx| backend::claim(tx, now, limit, hold_secs)))
+                }
+
+                fn pending_backend_revocations(
+                    &self,
+                    min_attempts: u32,
+                    limit: u32,
+                ) -> Answer<'_, Vec<BackendRevocation>> {
+                    Box::pin(self.read(move |tx| backend::pending(tx, min_attempts, limit)))
+                }
+
+                fn entries_for_lease(&self, lease_id: &str) -> Answer<'_, Vec<StoredEntry>> {
+                    let id = lease_id.to_owned();
+                    Box::pin(self.read(move |tx| log::entries_for_lease(tx, &id)))
+                }
             }
-        }
+        };
     };
 }
 pub(crate) use impl_store;
