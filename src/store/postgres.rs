@@ -383,6 +383,7 @@ impl Drop for Pool {
     }
 }
 
+/// A 32-byte hash, or `Corrupt` naming `what`.
 fn hash32(v: Vec<u8>, what: &str) -> Result<[u8; 32], DbError> {
     v.try_into()
         .map_err(|_| corrupt(format!("{what} is not 32 bytes")))
