@@ -4,10 +4,20 @@
 //! together or not at all. State-transition guards (only an active, unexpired lease of
 //! the same holder can be renewed or released) are checked inside the same transaction,
 //! so a revoked lease can never come back, whatever the interleaving.
+//!
+//! Layout: the ops are written once (`ops`, one module per op family) over a small
+//! synchronous transaction trait (`sql`: `Tx`, typed values and rows, the few dialect
+//! differences); `engine` holds the writer's queue and batching loop and the `Store`
+//! implementation both engines share; [`sqlite`] and [`postgres`] keep only what differs
+//! (opening and migrating, how the writer's transaction begins and commits, the read
+//! path, file verification, and their `Tx`).
 
+pub(crate) mod engine;
 pub mod export;
+pub(crate) mod ops;
 pub mod pg_tls;
 pub mod postgres;
+pub(crate) mod sql;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -14,6 +14,10 @@
 //! guards (locks, revocation rules, quotas, lease states) read rows inside that same
 //! transaction, so what one replica committed binds every replica's next batch.
 //!
+//! The ops themselves are shared with SQLite (`super::ops`, over `Tx`); this file is
+//! PostgreSQL's part: connecting (TLS), migrating, the writer's transaction (advisory
+//! lock, fresh head), the read pool, and PostgreSQL's `Tx`.
+//!
 //! Fail closed: a caller waits at most `commit_timeout`, then gets `Unavailable`. A dead
 //! connection is replaced on the next batch or read, so the store recovers by itself
 //! when the database comes back.
@@ -23,33 +27,22 @@
 //! ([`super::pg_tls`]). Anything weaker than `verify-full` on a non-loopback host is
 //! logged as such when the store opens.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ::postgres::types::{FromSql, ToSql};
+use ::postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use ::postgres::{Client, NoTls, Row, SimpleQueryMessage, Statement};
-use futures::future::BoxFuture;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::Semaphore;
 
+use super::engine::{self, Batches, Job, Outcomes, Queue};
+use super::ops::{self, log as oplog, log::Head};
 use super::pg_tls::{PgTls, SslMode};
-use super::{
-    guard_holder, unavailable, Applied, FeedTail, IdentityStats, LedgerOp, Receipt, Refusal, Store,
-    StoreError, StoredCheckpoint,
-};
-use crate::audit::{entry_hash, AuditEvent, EventKind, StoredEntry};
+use super::sql::{corrupt, Cell, DbError, Dialect, Row as SqlRow, Tx, Value};
+use super::{unavailable, StoreError};
 pub use crate::config::postgres::redact;
-use crate::config::postgres::{describe, local_only, parse_url, with_causes, ParsedUrl};
+use crate::config::postgres::{describe, local_only, parse_url, ParsedUrl};
 use crate::config::LedgerConfig;
-use crate::domain::IdempotencyRecord;
-use crate::domain::{
-    AccessFilter, AccessRequest, AccessState, BackendHandle, BackendRevocation, Intent, Lease,
-    LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RequestSpec, Review, RevocationEvent,
-    RevokeSelector, Scope, Verdict,
-};
-use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
 use crate::metrics::Metrics;
 
 /// Numbered migrations, the same numbers and meaning as SQLite's; `schema_migrations`
@@ -97,66 +90,17 @@ const READ_POOL: usize = 4;
 /// How long a starting replica waits for another one's migration.
 const MIGRATION_WAIT: Duration = Duration::from_secs(60);
 
-struct Job {
-    op: LedgerOp,
-    reply: oneshot::Sender<Result<Applied, StoreError>>,
-}
-
 /// The PostgreSQL store.
 pub struct PostgresStore {
-    tx: mpsc::Sender<Job>,
+    queue: Queue,
     pool: Arc<Pool>,
-    commit_timeout: Duration,
-}
-
-/// Why a database step failed.
-#[derive(Debug)]
-enum PgError {
-    /// The database refused a statement, or the connection failed or is gone.
-    Db(::postgres::Error),
-    /// Could not connect; the message names the server, never its password.
-    Connect(String),
-    /// A stored value violates an invariant.
-    Corrupt(String),
-}
-
-impl From<::postgres::Error> for PgError {
-    fn from(e: ::postgres::Error) -> Self {
-        PgError::Db(e)
-    }
-}
-
-impl std::fmt::Display for PgError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            // `Error`'s Display says only "db error"; the server's message is the cause.
-            PgError::Db(e) => match e.as_db_error() {
-                Some(db) => write!(f, "{} ({})", db.message(), db.code().code()),
-                None => f.write_str(&with_causes(e)),
-            },
-            PgError::Connect(s) | PgError::Corrupt(s) => f.write_str(s),
-        }
-    }
-}
-
-impl From<PgError> for StoreError {
-    fn from(e: PgError) -> Self {
-        match e {
-            PgError::Corrupt(s) => StoreError::Corrupt(s),
-            other => StoreError::Unavailable(other.to_string()),
-        }
-    }
-}
-
-fn corrupt(what: impl Into<String>) -> PgError {
-    PgError::Corrupt(what.into())
 }
 
 /// Whether an error means the connection itself is gone (server restarted, network
 /// dropped), as opposed to a statement the server refused.
-fn connection_lost(e: &PgError, client: &Client) -> bool {
+fn connection_lost(e: &DbError, client: &Client) -> bool {
     match e {
-        PgError::Db(e) => {
+        DbError::Postgres(e) => {
             client.is_closed()
                 || e.is_closed()
                 || match e.code() {
@@ -165,8 +109,8 @@ fn connection_lost(e: &PgError, client: &Client) -> bool {
                     None => e.as_db_error().is_none(),
                 }
         }
-        PgError::Connect(_) => true,
-        PgError::Corrupt(_) => false,
+        DbError::Connect(_) => true,
+        DbError::Corrupt(_) | DbError::Sqlite(_) => false,
     }
 }
 
@@ -235,14 +179,14 @@ impl Settings {
         })
     }
 
-    fn connect(&self) -> Result<Conn, PgError> {
+    fn connect(&self) -> Result<Conn, DbError> {
         let fail = |e: ::postgres::Error| {
-            let mut why = PgError::Db(e).to_string();
+            let mut why = DbError::Postgres(e).to_string();
             // The crate's words for a server that answered the TLS request with "no".
             if why.ends_with("server does not support TLS") {
                 why.push_str(&format!(", but sslmode={} requires it", self.mode));
             }
-            PgError::Connect(format!("cannot connect to {}: {why}", self.desc))
+            DbError::Connect(format!("cannot connect to {}: {why}", self.desc))
         };
         let client = match self.mode {
             SslMode::Disable => self.pg.connect(NoTls),
@@ -264,10 +208,8 @@ struct Conn {
     statements: HashMap<String, Statement>,
 }
 
-type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
-
 impl Conn {
-    fn statement(&mut self, sql: &str) -> Result<Statement, PgError> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, DbError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
@@ -276,29 +218,109 @@ impl Conn {
         Ok(s)
     }
 
-    fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, PgError> {
-        let s = self.statement(sql)?;
-        Ok(self.client.query(&s, params)?)
-    }
-
-    fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>, PgError> {
-        let s = self.statement(sql)?;
-        Ok(self.client.query_opt(&s, params)?)
-    }
-
-    fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, PgError> {
-        let s = self.statement(sql)?;
-        Ok(self.client.query_one(&s, params)?)
-    }
-
-    fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, PgError> {
-        let s = self.statement(sql)?;
-        Ok(self.client.execute(&s, params)?)
-    }
-
     /// Several statements in one round trip (simple protocol; rows are discarded).
-    fn batch(&mut self, sql: &str) -> Result<(), PgError> {
+    fn batch(&mut self, sql: &str) -> Result<(), DbError> {
         Ok(self.client.batch_execute(sql)?)
+    }
+}
+
+impl ToSql for Value<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            // An integer parameter is BIGINT everywhere in the schema; narrower ones (a
+            // function's INT argument) take it if it fits.
+            Value::Int(v) if *ty == Type::INT4 => i32::try_from(*v)?.to_sql_checked(ty, out),
+            Value::Int(v) => v.to_sql_checked(ty, out),
+            Value::Bool(v) => v.to_sql_checked(ty, out),
+            Value::Text(v) => v.to_sql_checked(ty, out),
+            Value::Bytes(v) => v.to_sql_checked(ty, out),
+            Value::List(v) => v.to_sql_checked(ty, out),
+        }
+    }
+
+    /// Any: which types a value takes is up to its variant, checked in `to_sql`.
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// Reads a column as the [`Cell`] its type maps to.
+fn cell(row: &Row, idx: usize) -> Result<Cell, DbError> {
+    fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<Option<T>, DbError> {
+        row.try_get(idx).map_err(|e| {
+            let name = row.columns().get(idx).map_or("?", |c| c.name());
+            corrupt(format!("column {name}: {e}"))
+        })
+    }
+    let ty = row.columns().get(idx).map(|c| c.type_().clone());
+    let cell = match ty {
+        Some(t) if t == Type::INT8 => get::<i64>(row, idx)?.map(Cell::Int),
+        Some(t) if t == Type::INT4 => get::<i32>(row, idx)?.map(|v| Cell::Int(v.into())),
+        Some(t) if t == Type::INT2 => get::<i16>(row, idx)?.map(|v| Cell::Int(v.into())),
+        Some(t) if t == Type::BOOL => get::<bool>(row, idx)?.map(Cell::Bool),
+        Some(t) if t == Type::BYTEA => get::<Vec<u8>>(row, idx)?.map(Cell::Bytes),
+        Some(t) if t == Type::FLOAT8 => get::<f64>(row, idx)?.map(Cell::Real),
+        // TEXT, VARCHAR, NAME and the like.
+        _ => get::<String>(row, idx)?.map(Cell::Text),
+    };
+    Ok(cell.unwrap_or(Cell::Null))
+}
+
+/// A result row as read, for the shared decoders.
+fn to_row(row: &Row, names: &Arc<[String]>) -> Result<SqlRow, DbError> {
+    let cells = (0..row.len())
+        .map(|i| cell(row, i))
+        .collect::<Result<_, _>>()?;
+    Ok(SqlRow::new(names.clone(), cells))
+}
+
+/// The column names of a statement's result.
+fn column_names(s: &Statement) -> Arc<[String]> {
+    s.columns()
+        .iter()
+        .map(|c| c.name().to_owned())
+        .collect::<Vec<_>>()
+        .into()
+}
+
+fn params<'a>(args: &'a [Value<'_>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    args.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
+}
+
+impl Tx for Conn {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    fn query(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Vec<SqlRow>, DbError> {
+        let s = self.statement(sql)?;
+        let names = column_names(&s);
+        self.client
+            .query(&s, &params(args))?
+            .iter()
+            .map(|r| to_row(r, &names))
+            .collect()
+    }
+
+    fn query_opt(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Option<SqlRow>, DbError> {
+        let s = self.statement(sql)?;
+        let names = column_names(&s);
+        self.client
+            .query_opt(&s, &params(args))?
+            .map(|r| to_row(&r, &names))
+            .transpose()
+    }
+
+    fn execute(&mut self, sql: &str, args: &[Value<'_>]) -> Result<u64, DbError> {
+        let s = self.statement(sql)?;
+        Ok(self.client.execute(&s, &params(args))?)
     }
 }
 
@@ -312,7 +334,7 @@ struct Pool {
 impl Pool {
     /// Runs `f` on a pooled connection. A pooled connection may have died while idle (the
     /// database restarted): then `f` runs once more on a new one.
-    fn run<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, PgError> {
+    fn run<T>(&self, f: impl Fn(&mut Conn) -> Result<T, DbError>) -> Result<T, DbError> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let (mut conn, was_idle) = match pooled {
             Some(c) if !c.client.is_closed() => (c, true),
@@ -361,126 +383,25 @@ impl Drop for Pool {
     }
 }
 
-/// The chain head and Merkle frontier a batch appends to.
-#[derive(Clone)]
-struct Head {
-    seq: u64,
-    hash: [u8; 32],
-    tree: Frontier,
-}
-
-fn hash32(v: Vec<u8>, what: &str) -> Result<[u8; 32], PgError> {
+/// A 32-byte hash, or `Corrupt` naming `what`.
+fn hash32(v: Vec<u8>, what: &str) -> Result<[u8; 32], DbError> {
     v.try_into()
         .map_err(|_| corrupt(format!("{what} is not 32 bytes")))
-}
-
-/// Merkle nodes fetched in one query. A walk over the tree (frontier, proofs) asks for
-/// nodes by position only, never by value, so it runs once recording what it needs, the
-/// nodes are fetched together, and it runs again on them: one round trip, not O(log n).
-#[derive(Default)]
-struct Prefetch {
-    wanted: RefCell<Vec<(u32, u64)>>,
-    nodes: Option<HashMap<(u32, u64), MerkleHash>>,
-}
-
-impl NodeSource for Prefetch {
-    type Error = PgError;
-    fn node(&self, level: u32, index: u64) -> Result<MerkleHash, PgError> {
-        match &self.nodes {
-            None => {
-                self.wanted.borrow_mut().push((level, index));
-                Ok([0; 32])
-            }
-            Some(nodes) => nodes.get(&(level, index)).copied().ok_or_else(|| {
-                corrupt(format!(
-                    "merkle node (level {level}, index {index}) is missing"
-                ))
-            }),
-        }
-    }
-}
-
-impl Prefetch {
-    fn fill(&mut self, c: &mut Conn) -> Result<(), PgError> {
-        let wanted = self.wanted.take();
-        if wanted.is_empty() {
-            self.nodes = Some(HashMap::new());
-            return Ok(());
-        }
-        let levels: Vec<i64> = wanted.iter().map(|(l, _)| i64::from(*l)).collect();
-        let idxs: Vec<i64> = wanted.iter().map(|(_, i)| *i as i64).collect();
-        let rows = c.query(
-            "SELECT n.level, n.idx, n.hash FROM merkle_nodes n
-             JOIN unnest($1::bigint[], $2::bigint[]) AS w(level, idx)
-               ON n.level = w.level AND n.idx = w.idx",
-            &[&levels, &idxs],
-        )?;
-        let mut nodes = HashMap::with_capacity(rows.len());
-        for r in &rows {
-            let level: i64 = col(r, 0)?;
-            let idx: i64 = col(r, 1)?;
-            nodes.insert(
-                (level as u32, idx as u64),
-                hash32(col(r, 2)?, "merkle node")?,
-            );
-        }
-        self.nodes = Some(nodes);
-        Ok(())
-    }
-}
-
-/// Runs a tree walk on nodes prefetched in one query (see [`Prefetch`]).
-fn with_nodes<T>(
-    c: &mut Conn,
-    walk: impl Fn(&Prefetch) -> Result<T, PgError>,
-) -> Result<T, PgError> {
-    let mut p = Prefetch::default();
-    walk(&p)?;
-    p.fill(c)?;
-    walk(&p)
-}
-
-/// The last entry: sequence and hash.
-fn chain_top(c: &mut Conn) -> Result<(u64, [u8; 32]), PgError> {
-    let row = c.query_opt(
-        "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-        &[],
-    )?;
-    match row {
-        None => Ok((0, [0; 32])),
-        Some(r) => Ok((
-            col::<i64>(&r, 0)? as u64,
-            hash32(col(&r, 1)?, "entry hash")?,
-        )),
-    }
 }
 
 /// The head at `top`: the cached one if nobody appended since (the common case with one
 /// replica), else the frontier read fresh. Every entry's leaf is written in the same
 /// transaction as the entry, so the tree has exactly `seq` leaves.
-fn head_at(c: &mut Conn, top: (u64, [u8; 32]), cached: Option<Head>) -> Result<Head, PgError> {
+fn head_at(c: &mut Conn, top: (u64, [u8; 32]), cached: Option<Head>) -> Result<Head, DbError> {
     let (seq, hash) = top;
     if let Some(h) = cached.filter(|h| h.seq == seq && h.hash == hash) {
         return Ok(h);
     }
-    let tree = with_nodes(c, |src| Frontier::load(src, seq))?;
+    let tree = oplog::frontier(c, seq)?;
     Ok(Head { seq, hash, tree })
 }
 
-/// Converts a column, naming it when the stored value does not fit.
-fn col<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, PgError> {
-    row.try_get(idx).map_err(|e| {
-        let name = row.columns().get(idx).map_or("?", |c| c.name());
-        corrupt(format!("column {name}: {e}"))
-    })
-}
-
-fn col_u32(row: &Row, idx: usize) -> Result<u32, PgError> {
-    let v: i64 = col(row, idx)?;
-    u32::try_from(v).map_err(|_| corrupt(format!("column {idx}: {v} out of range")))
-}
-
-fn migrate(c: &mut Conn) -> Result<(), PgError> {
+fn migrate(c: &mut Conn) -> Result<(), DbError> {
     c.batch(&format!(
         "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = 0;
          SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
@@ -488,7 +409,7 @@ fn migrate(c: &mut Conn) -> Result<(), PgError> {
              version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
         MIGRATION_WAIT.as_millis()
     ))?;
-    let run = |c: &mut Conn| -> Result<(), PgError> {
+    let run = |c: &mut Conn| -> Result<(), DbError> {
         for (version, name, sql) in MIGRATIONS {
             let done = c
                 .client
@@ -521,7 +442,7 @@ impl PostgresStore {
     /// Blocks until the database answered; call it from a blocking context.
     pub fn open(url: &str, cfg: &LedgerConfig, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let settings = Arc::new(Settings::new(url, cfg)?);
-        let (tx, rx) = mpsc::channel(cfg.max_batch * 16);
+        let (queue, rx) = Queue::new(cfg.max_batch * 16, cfg.commit_timeout);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let max_batch = cfg.max_batch;
         let writer_settings = settings.clone();
@@ -532,7 +453,7 @@ impl PostgresStore {
             .spawn(move || {
                 let started = writer_settings.connect().and_then(|mut c| {
                     migrate(&mut c)?;
-                    let top = chain_top(&mut c)?;
+                    let top = oplog::chain_top(&mut c)?;
                     let head = head_at(&mut c, top, None)?;
                     Ok((c, head))
                 });
@@ -546,10 +467,9 @@ impl PostgresStore {
                             settings: writer_settings,
                             conn: Some(conn),
                             cached: Some(head),
-                            metrics,
                             begin: begin_sql(),
                         };
-                        writer.run(rx, max_batch);
+                        engine::run(writer, rx, max_batch, metrics);
                     }
                 }
             })
@@ -558,8 +478,8 @@ impl PostgresStore {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(match e {
-                    PgError::Corrupt(s) => StoreError::Corrupt(s),
-                    PgError::Connect(s) => StoreError::Unavailable(s),
+                    DbError::Corrupt(s) => StoreError::Corrupt(s),
+                    DbError::Connect(s) => StoreError::Unavailable(s),
                     other => StoreError::Unavailable(format!(
                         "ledger {} could not be opened: {other}",
                         settings.desc
@@ -569,21 +489,22 @@ impl PostgresStore {
             Err(_) => return Err(unavailable("ledger writer stopped while opening")),
         }
         Ok(Self {
-            tx,
+            queue,
             pool: Arc::new(Pool {
                 settings,
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(READ_POOL)),
             }),
-            commit_timeout: cfg.commit_timeout,
         })
     }
 
+    /// A read (see `engine::impl_store!`): on a pooled connection, on a blocking thread,
+    /// within the commit timeout (waiting for a pool slot included).
     async fn read<T: Send + 'static>(
         &self,
-        f: impl Fn(&mut Conn) -> Result<T, PgError> + Send + 'static,
+        f: impl Fn(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.commit_timeout;
+        let deadline = tokio::time::Instant::now() + self.queue.commit_timeout();
         let permit = tokio::time::timeout_at(deadline, self.pool.permits.clone().acquire_owned())
             .await
             .map_err(|_| unavailable("ledger read timed out"))?
@@ -591,1055 +512,19 @@ impl PostgresStore {
         let pool = self.pool.clone();
         let work = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            pool.run(f)
+            pool.run(|c| f(c))
         });
-        match tokio::time::timeout_at(deadline, work).await {
-            Ok(Ok(r)) => r.map_err(StoreError::from),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable("ledger read timed out")),
-        }
+        engine::finish_read(deadline, work).await
     }
-}
 
-fn entry_from_row(r: &Row) -> Result<StoredEntry, PgError> {
-    Ok(StoredEntry {
-        seq: col::<i64>(r, 0)? as u64,
-        kind: col(r, 1)?,
-        lease_id: col(r, 2)?,
-        body: col(r, 3)?,
-        prev_hash: col(r, 4)?,
-        hash: col(r, 5)?,
-    })
-}
-
-const LEASE_COLUMNS: &str =
-    "id, profile, spiffe_id, scopes, audience, state, issued_at, expires_at, \
-     max_expires_at, credential_sha256, renewals, ended_at, end_reason, intent, \
-     backend_kind, backend_handle, backend_revocable";
-
-fn lease_from_row(r: &Row) -> Result<Lease, PgError> {
-    let id: String = col(r, 0)?;
-    let profile: String = col(r, 1)?;
-    let scopes: String = col(r, 3)?;
-    let state: String = col(r, 5)?;
-    let intent: Option<String> = col(r, 13)?;
-    Ok(Lease {
-        id: LeaseId::parse(&id).map_err(|_| corrupt(format!("lease id {id:?}")))?,
-        profile: ProfileName::parse(&profile)
-            .map_err(|_| corrupt(format!("lease {id}: profile")))?,
-        spiffe_id: col(r, 2)?,
-        scopes: serde_json::from_str::<Vec<Scope>>(&scopes)
-            .map_err(|_| corrupt(format!("lease {id}: scopes")))?,
-        audience: col(r, 4)?,
-        state: LeaseState::from_db(&state).ok_or_else(|| corrupt(format!("lease {id}: state")))?,
-        issued_at: col(r, 6)?,
-        expires_at: col(r, 7)?,
-        max_expires_at: col(r, 8)?,
-        credential_sha256: col(r, 9)?,
-        renewals: col_u32(r, 10)?,
-        ended_at: col(r, 11)?,
-        end_reason: col(r, 12)?,
-        intent: match intent {
-            None => None,
-            Some(s) => Some(
-                serde_json::from_str::<Intent>(&s)
-                    .map_err(|_| corrupt(format!("lease {id}: intent")))?,
-            ),
-        },
-        backend: match (col::<Option<String>>(r, 14)?, col::<Option<String>>(r, 15)?) {
-            (Some(kind), Some(handle)) => Some(BackendHandle {
-                kind,
-                handle,
-                revocable: col(r, 16)?,
-            }),
-            _ => None,
-        },
-    })
-}
-
-const BACKEND_REVOCATION_COLUMNS: &str =
-    "lease_id, kind, handle, queued_at, attempts, next_attempt_at, last_error";
-
-fn backend_revocation_from_row(r: &Row) -> Result<BackendRevocation, PgError> {
-    Ok(BackendRevocation {
-        lease_id: col(r, 0)?,
-        kind: col(r, 1)?,
-        handle: col(r, 2)?,
-        queued_at: col(r, 3)?,
-        attempts: col_u32(r, 4)?,
-        next_attempt_at: col(r, 5)?,
-        last_error: col(r, 6)?,
-    })
-}
-
-fn select_lease(c: &mut Conn, id: &str) -> Result<Option<Lease>, PgError> {
-    c.query_opt(
-        &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"),
-        &[&id],
-    )?
-    .map(|r| lease_from_row(&r))
-    .transpose()
-}
-
-fn insert_nodes(c: &mut Conn, nodes: &[(u32, u64, MerkleHash)]) -> Result<(), PgError> {
-    let levels: Vec<i64> = nodes.iter().map(|(l, _, _)| i64::from(*l)).collect();
-    let idxs: Vec<i64> = nodes.iter().map(|(_, i, _)| *i as i64).collect();
-    let hashes: Vec<&[u8]> = nodes.iter().map(|(_, _, h)| h.as_slice()).collect();
-    c.execute(
-        "INSERT INTO merkle_nodes (level, idx, hash)
-         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[])",
-        &[&levels, &idxs, &hashes],
-    )?;
-    Ok(())
-}
-
-fn append(c: &mut Conn, head: &mut Head, event: &AuditEvent) -> Result<Receipt, PgError> {
-    let seq = head.seq + 1;
-    let body = event.canonical();
-    let hash = entry_hash(seq, &head.hash, &body);
-    // The primary key on seq is the last line of defence: were two replicas ever to append
-    // at the same head, the second insert fails instead of forking the chain.
-    c.execute(
-        "INSERT INTO audit_log (seq, time_ms, kind, caller, lease_id, body, prev_hash, hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        &[
-            &(seq as i64),
-            &event.time_ms,
-            &event.kind.as_str(),
-            &event.caller,
-            &event.lease_id,
-            &body,
-            &head.hash.as_slice(),
-            &hash.as_slice(),
-        ],
-    )?;
-    let leaf = leaf_hash(body.as_bytes());
-    let nodes = head.tree.append(leaf);
-    insert_nodes(c, &nodes)?;
-    head.seq = seq;
-    head.hash = hash;
-    Ok(Receipt {
-        sequence: seq,
-        entry_hash: hex::encode(hash),
-        leaf_index: seq - 1,
-        leaf_hash: hex::encode(leaf),
-    })
-}
-
-/// Records a refused transition: the same event, marked as a denial with the reason.
-/// Ends a pending backend revocation with `outcome` and records `event`; `None` when
-/// nothing was pending (already done or force-removed).
-fn end_backend_revocation(
-    c: &mut Conn,
-    head: &mut Head,
-    lease_id: &str,
-    now: i64,
-    outcome: &str,
-    event: &AuditEvent,
-) -> Result<Option<Receipt>, PgError> {
-    let n = c.execute(
-        "UPDATE backend_revocations SET done_at = $2, outcome = $3
-         WHERE lease_id = $1 AND done_at IS NULL",
-        &[&lease_id, &now, &outcome],
-    )?;
-    if n == 0 {
-        return Ok(None);
+    /// A read that writes what it read (claims). The ops that use it are one statement
+    /// on PostgreSQL, atomic by itself (autocommit), so it needs no transaction of its own.
+    async fn read_write<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.read(f).await
     }
-    append(c, head, event).map(Some)
-}
-
-fn refuse(
-    c: &mut Conn,
-    head: &mut Head,
-    mut event: AuditEvent,
-    refusal: Refusal,
-) -> Result<Applied, PgError> {
-    event.decision = "deny".into();
-    event.reason = Some(refusal.describe());
-    event.credential_sha256 = None;
-    event.expires_at = None;
-    let receipt = append(c, head, &event)?;
-    let mut a = Applied::recorded(Some(receipt));
-    a.refused = Some(refusal);
-    Ok(a)
-}
-
-/// Records a refused issuance: the entry names no lease or credential, since none exists.
-fn refuse_new_lease(
-    c: &mut Conn,
-    head: &mut Head,
-    mut event: AuditEvent,
-    refusal: Refusal,
-) -> Result<Applied, PgError> {
-    event.lease_id = None;
-    event.granted_scopes.clear();
-    event.credential_sha256 = None;
-    refuse(c, head, event, refusal)
-}
-
-fn insert_lease(c: &mut Conn, lease: &Lease) -> Result<(), PgError> {
-    let scopes = serde_json::to_string(&lease.scopes).unwrap_or_default();
-    let intent = lease
-        .intent
-        .as_ref()
-        .map(|i| serde_json::to_string(i).unwrap_or_default());
-    c.execute(
-        &format!(
-            "INSERT INTO leases ({LEASE_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
-        ),
-        &[
-            &lease.id.as_str(),
-            &lease.profile.as_str(),
-            &lease.spiffe_id,
-            &scopes,
-            &lease.audience,
-            &lease.state.as_str(),
-            &lease.issued_at,
-            &lease.expires_at,
-            &lease.max_expires_at,
-            &lease.credential_sha256,
-            &i64::from(lease.renewals),
-            &lease.ended_at,
-            &lease.end_reason,
-            &intent,
-            &lease.backend.as_ref().map(|b| b.kind.as_str()),
-            &lease.backend.as_ref().map(|b| b.handle.as_str()),
-            &lease.backend.as_ref().is_some_and(|b| b.revocable),
-        ],
-    )?;
-    Ok(())
-}
-
-fn insert_access_request(c: &mut Conn, r: &AccessRequest) -> Result<(), PgError> {
-    c.execute(
-        "INSERT INTO access_requests (id, requester, profile, request, request_digest, approver_group,
-             threshold, state, created_at, expires_at, deny_ends, break_glass, post_review, lease_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        &[
-            &r.id,
-            &r.requester,
-            &r.profile.as_str(),
-            &r.request.canonical(),
-            &r.digest,
-            &r.group,
-            &i64::from(r.threshold),
-            &r.state.as_str(),
-            &r.created_at,
-            &r.expires_at,
-            &r.deny_ends,
-            &r.break_glass,
-            &r.post_review,
-            &r.lease_id,
-        ],
-    )?;
-    Ok(())
-}
-
-const REQUEST_COLUMNS: &str =
-    "id, requester, profile, request, request_digest, approver_group, threshold, state, \
-     created_at, expires_at, deny_ends, break_glass, post_review, lease_id";
-
-fn request_from_row(r: &Row) -> Result<AccessRequest, PgError> {
-    let id: String = col(r, 0)?;
-    let profile: String = col(r, 2)?;
-    let request: String = col(r, 3)?;
-    let state: String = col(r, 7)?;
-    Ok(AccessRequest {
-        requester: col(r, 1)?,
-        profile: ProfileName::parse(&profile)
-            .map_err(|_| corrupt(format!("access request {id}: profile")))?,
-        request: serde_json::from_str::<RequestSpec>(&request)
-            .map_err(|_| corrupt(format!("access request {id}: request")))?,
-        digest: col(r, 4)?,
-        group: col(r, 5)?,
-        threshold: col_u32(r, 6)?,
-        state: AccessState::from_db(&state)
-            .ok_or_else(|| corrupt(format!("access request {id}: state")))?,
-        created_at: col(r, 8)?,
-        expires_at: col(r, 9)?,
-        deny_ends: col(r, 10)?,
-        break_glass: col(r, 11)?,
-        post_review: col(r, 12)?,
-        lease_id: col(r, 13)?,
-        reviews: Vec::new(),
-        id,
-    })
-}
-
-fn with_reviews(c: &mut Conn, mut r: AccessRequest) -> Result<AccessRequest, PgError> {
-    let rows = c.query(
-        "SELECT reviewer, verdict, reason, at, post_review FROM access_reviews
-         WHERE request_id = $1 ORDER BY at, reviewer",
-        &[&r.id],
-    )?;
-    r.reviews = rows
-        .iter()
-        .map(|row| {
-            let verdict: String = col(row, 1)?;
-            Ok(Review {
-                reviewer: col(row, 0)?,
-                verdict: if verdict == "approve" {
-                    Verdict::Approve
-                } else {
-                    Verdict::Deny
-                },
-                reason: col(row, 2)?,
-                at: col(row, 3)?,
-                post_review: col(row, 4)?,
-            })
-        })
-        .collect::<Result<_, PgError>>()?;
-    Ok(r)
-}
-
-fn select_request(c: &mut Conn, id: &str) -> Result<Option<AccessRequest>, PgError> {
-    let row = c.query_opt(
-        &format!("SELECT {REQUEST_COLUMNS} FROM access_requests WHERE id = $1"),
-        &[&id],
-    )?;
-    match row {
-        None => Ok(None),
-        Some(row) => {
-            let r = request_from_row(&row)?;
-            with_reviews(c, r).map(Some)
-        }
-    }
-}
-
-/// Counts traffic per identity, inside the same transaction as the entry.
-fn note_identity(c: &mut Conn, event: &AuditEvent) -> Result<(), PgError> {
-    let Some(caller) = &event.caller else {
-        return Ok(());
-    };
-    let issued =
-        matches!(event.kind, EventKind::Issue | EventKind::Renew) && event.decision == "allow";
-    let denied = i64::from(event.decision == "deny");
-    c.execute(
-        "INSERT INTO identities_seen AS s (spiffe_id, first_seen, last_seen, last_issued, issued, denied)
-         VALUES ($1::text, $2::bigint, $2::bigint, CASE WHEN $3::bool THEN $2::bigint END,
-                 CASE WHEN $3::bool THEN 1 ELSE 0 END, $4::bigint)
-         ON CONFLICT (spiffe_id) DO UPDATE SET
-             last_seen = GREATEST(s.last_seen, EXCLUDED.last_seen),
-             last_issued = CASE WHEN $3::bool THEN $2::bigint ELSE s.last_issued END,
-             issued = s.issued + EXCLUDED.issued,
-             denied = s.denied + EXCLUDED.denied",
-        &[caller, &event.time_ms, &issued, &denied],
-    )?;
-    Ok(())
-}
-
-/// Whether a new lease may be recorded: no lock or revocation covers it and the holder
-/// is under its quota.
-fn admit(c: &mut Conn, lease: &Lease, max_active: Option<u32>) -> Result<Option<Refusal>, PgError> {
-    if let Some(refusal) = barred(c, lease)? {
-        return Ok(Some(refusal));
-    }
-    if over_quota(c, lease, max_active)? {
-        return Ok(Some(Refusal::QuotaExceeded(max_active.unwrap_or_default())));
-    }
-    Ok(None)
-}
-
-/// Whether the lease's holder already has `max` active leases on its profile.
-fn over_quota(c: &mut Conn, lease: &Lease, max: Option<u32>) -> Result<bool, PgError> {
-    let Some(max) = max else {
-        return Ok(false);
-    };
-    // Bounded by the limit: at most `max` index steps, however many leases the holder has.
-    let row = c.query_one(
-        "SELECT count(*) FROM (SELECT 1 FROM leases WHERE spiffe_id = $1 AND profile = $2
-             AND state = 'active' AND expires_at > $3 LIMIT $4) AS q",
-        &[
-            &lease.spiffe_id,
-            &lease.profile.as_str(),
-            &lease.issued_at,
-            &i64::from(max),
-        ],
-    )?;
-    let active: i64 = col(&row, 0)?;
-    Ok(active >= i64::from(max))
-}
-
-/// Most lease ids listed in one revocation's audit entry; larger revocations record the
-/// count and a digest of every id (the feed has each one).
-const MAX_LISTED: usize = 1000;
-
-/// A revoked lease: id, holder, profile, expiry, certificate serial (x509 leases).
-type RevokedRow = (String, String, String, i64, Option<String>);
-
-/// The columns of a [`RevokedRow`].
-const REVOKED_COLUMNS: &str = "id, spiffe_id, profile, expires_at, \
-     CASE WHEN backend_kind = 'x509' THEN backend_handle END";
-
-fn revoked_from_row(r: &Row) -> Result<RevokedRow, PgError> {
-    Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?, col(r, 3)?, col(r, 4)?))
-}
-
-fn append_revocation_events(
-    c: &mut Conn,
-    rows: &[RevokedRow],
-    now: i64,
-    reason: &str,
-) -> Result<(), PgError> {
-    // Under the ledger lock: the feed, like the chain, has one writer at a time.
-    let (mut seq, mut prev): (i64, [u8; 32]) = match c.query_opt(
-        "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
-        &[],
-    )? {
-        None => (0, [0; 32]),
-        Some(r) => (col(&r, 0)?, hash32(col(&r, 1)?, "feed chain hash")?),
-    };
-    let mut sorted: Vec<&RevokedRow> = rows.iter().collect();
-    sorted.sort();
-    let n = sorted.len();
-    let (mut seqs, mut ids, mut holders, mut profiles, mut expiries, mut chains, mut serials) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (lease_id, spiffe_id, profile, expires_at, serial) in sorted {
-        seq += 1;
-        let ev = RevocationEvent {
-            seq: seq as u64,
-            lease_id: lease_id.clone(),
-            spiffe_id: spiffe_id.clone(),
-            profile: profile.clone(),
-            expires_at: *expires_at,
-            revoked_at: now,
-            reason: reason.to_owned(),
-            chain_hash: String::new(),
-            certificate_serial: serial.clone(),
-        };
-        prev = ev.chain(&prev);
-        seqs.push(seq);
-        ids.push(lease_id.as_str());
-        holders.push(spiffe_id.as_str());
-        profiles.push(profile.as_str());
-        expiries.push(*expires_at);
-        chains.push(prev.to_vec());
-        serials.push(serial.as_deref());
-    }
-    if seqs.is_empty() {
-        return Ok(());
-    }
-    // One statement for the whole chunk (up to 500 leases), not one round trip per lease.
-    c.execute(
-        "INSERT INTO revocation_events (seq, lease_id, spiffe_id, profile, expires_at, revoked_at,
-             reason, chain_hash, certificate_serial)
-         SELECT t.seq, t.lease_id, t.spiffe_id, t.profile, t.expires_at, $6, $7, t.chain_hash, t.serial
-         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $8::bytea[], $9::text[])
-             AS t(seq, lease_id, spiffe_id, profile, expires_at, chain_hash, serial)",
-        &[
-            &seqs, &ids, &holders, &profiles, &expiries, &now, &reason, &chains, &serials,
-        ],
-    )?;
-    Ok(())
-}
-
-/// Whether a lock or rule row (`kind`, `value`) covers SPIFFE ID `$1` or profile `$2`.
-const MATCHES: &str =
-    "(kind = 'spiffe_id' AND value = $1) OR (kind = 'prefix' AND starts_with($1, value)) \
-                       OR (kind = 'profile' AND value = $2)";
-
-/// An operator lock in force at `at` over this identity or profile.
-fn locked(
-    c: &mut Conn,
-    spiffe_id: &str,
-    profile: &str,
-    at: i64,
-) -> Result<Option<Refusal>, PgError> {
-    let row = c.query_opt(
-        &format!(
-            "SELECT reason, until FROM locks WHERE until > $3 AND ({MATCHES}) ORDER BY until DESC LIMIT 1"
-        ),
-        &[&spiffe_id, &profile, &at],
-    )?;
-    match row {
-        None => Ok(None),
-        Some(r) => {
-            let reason: String = col(&r, 0)?;
-            let until: i64 = col(&r, 1)?;
-            Ok(Some(Refusal::Locked(format!(
-                "{reason} (until {})",
-                crate::clock::rfc3339(until)
-            ))))
-        }
-    }
-}
-
-/// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
-fn barred(c: &mut Conn, lease: &Lease) -> Result<Option<Refusal>, PgError> {
-    if let Some(r) = locked(c, &lease.spiffe_id, lease.profile.as_str(), lease.issued_at)? {
-        return Ok(Some(r));
-    }
-    let row = c.query_one(
-        &format!(
-            "SELECT EXISTS (SELECT 1 FROM revocation_rules WHERE cutoff >= $3 AND ({MATCHES} OR kind = 'all'))"
-        ),
-        &[&lease.spiffe_id, &lease.profile.as_str(), &lease.issued_at],
-    )?;
-    let revoked: bool = col(&row, 0)?;
-    Ok(revoked.then_some(Refusal::RevokedBefore))
-}
-
-fn apply_op(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, PgError> {
-    let event = op.event().cloned();
-    let applied = apply_guarded(c, head, op)?;
-    if let Some(mut e) = event {
-        if applied.refused.is_some() {
-            e.decision = "deny".into();
-        }
-        note_identity(c, &e)?;
-    }
-    Ok(applied)
-}
-
-fn expire_request(c: &mut Conn, id: &str, now: i64) -> Result<(), PgError> {
-    c.execute(
-        "UPDATE access_requests SET state = 'expired', decided_at = $2 WHERE id = $1",
-        &[&id, &now],
-    )?;
-    Ok(())
-}
-
-fn apply_guarded(c: &mut Conn, head: &mut Head, op: LedgerOp) -> Result<Applied, PgError> {
-    match op {
-        LedgerOp::Issue {
-            lease,
-            event,
-            max_active,
-            break_glass,
-            idempotency,
-        } => {
-            if let Some(rec) = &idempotency {
-                let row = c.query_one(
-                    "SELECT EXISTS (SELECT 1 FROM idempotency WHERE caller = $1 AND key_hash = $2)",
-                    &[&rec.caller, &rec.key_hash],
-                )?;
-                if col::<bool>(&row, 0)? {
-                    return refuse_new_lease(c, head, event, Refusal::Duplicate);
-                }
-            }
-            if let Some(refusal) = admit(c, &lease, max_active)? {
-                return refuse_new_lease(c, head, event, refusal);
-            }
-            insert_lease(c, &lease)?;
-            if let Some(rec) = &idempotency {
-                c.execute(
-                    "INSERT INTO idempotency (caller, key_hash, digest, lease_id, sealed, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[
-                        &rec.caller,
-                        &rec.key_hash,
-                        &rec.digest,
-                        &rec.lease_id,
-                        &rec.sealed,
-                        &rec.expires_at,
-                    ],
-                )?;
-            }
-            if let Some(r) = &break_glass {
-                insert_access_request(c, r)?;
-            }
-            let receipt = append(c, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.lease = Some(lease);
-            a.access_request = break_glass;
-            Ok(a)
-        }
-        LedgerOp::OpenAccessRequest { request, event } => {
-            insert_access_request(c, &request)?;
-            let receipt = append(c, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.access_request = Some(request);
-            Ok(a)
-        }
-        LedgerOp::Review {
-            id,
-            reviewer,
-            verdict,
-            reason,
-            now,
-            event,
-        } => {
-            let Some(req) = select_request(c, &id)? else {
-                return refuse(c, head, event, Refusal::RequestNotFound);
-            };
-            if req.requester == reviewer {
-                return refuse(c, head, event, Refusal::SelfReview);
-            }
-            let post = req.break_glass;
-            if post {
-                if req.post_review.as_deref() != Some("pending") {
-                    return refuse(c, head, event, Refusal::RequestEnded(req.state));
-                }
-            } else {
-                if req.state != AccessState::Pending {
-                    return refuse(c, head, event, Refusal::RequestEnded(req.state));
-                }
-                if req.expires_at <= now {
-                    expire_request(c, &id, now)?;
-                    return refuse(c, head, event, Refusal::RequestExpired);
-                }
-                if req
-                    .reviews
-                    .iter()
-                    .any(|r| r.reviewer == reviewer && !r.post_review)
-                {
-                    return refuse(c, head, event, Refusal::AlreadyReviewed);
-                }
-            }
-            c.execute(
-                "INSERT INTO access_reviews (request_id, reviewer, verdict, reason, at, post_review)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&id, &reviewer, &verdict.as_str(), &reason, &now, &post],
-            )?;
-            if post {
-                let outcome = if verdict == Verdict::Approve {
-                    "approved"
-                } else {
-                    "denied"
-                };
-                c.execute(
-                    "UPDATE access_requests SET post_review = $2 WHERE id = $1",
-                    &[&id, &outcome],
-                )?;
-            } else {
-                let req = select_request(c, &id)?
-                    .ok_or_else(|| corrupt(format!("access request {id} vanished")))?;
-                let approvals = req.approvers().len() as u32;
-                // One deny ends it unless the profile says otherwise; then denies are
-                // only on record and the request waits for approvals or expiry.
-                let next = if verdict == Verdict::Deny && req.deny_ends {
-                    Some("denied")
-                } else if approvals >= req.threshold {
-                    Some("approved")
-                } else {
-                    None
-                };
-                if let Some(state) = next {
-                    c.execute(
-                        "UPDATE access_requests SET state = $2, decided_at = $3 WHERE id = $1",
-                        &[&id, &state, &now],
-                    )?;
-                }
-            }
-            let receipt = append(c, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.access_request = select_request(c, &id)?;
-            Ok(a)
-        }
-        LedgerOp::Redeem {
-            id,
-            requester,
-            digest,
-            max_active,
-            lease,
-            now,
-            event,
-        } => {
-            let req = match select_request(c, &id)? {
-                Some(r) if r.requester == requester => r,
-                _ => return refuse(c, head, event, Refusal::RequestNotFound),
-            };
-            if req.digest != digest {
-                return refuse(c, head, event, Refusal::DigestMismatch);
-            }
-            if req.state != AccessState::Approved {
-                return refuse(c, head, event, Refusal::RequestEnded(req.state));
-            }
-            if req.expires_at <= now {
-                expire_request(c, &id, now)?;
-                return refuse(c, head, event, Refusal::RequestExpired);
-            }
-            if let Some(refusal) = admit(c, &lease, max_active)? {
-                return refuse_new_lease(c, head, event, refusal);
-            }
-            insert_lease(c, &lease)?;
-            c.execute(
-                "UPDATE access_requests SET state = 'issued', lease_id = $2 WHERE id = $1 AND state = 'approved'",
-                &[&id, &lease.id.as_str()],
-            )?;
-            let receipt = append(c, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.lease = Some(lease);
-            a.access_request = select_request(c, &id)?;
-            Ok(a)
-        }
-        LedgerOp::Renew {
-            lease_id,
-            holder,
-            now,
-            expires_at,
-            credential_sha256,
-            event,
-        } => match guard_holder(select_lease(c, lease_id.as_str())?, &holder, now) {
-            Err(r) => refuse(c, head, event, r),
-            Ok(lease) => {
-                // A renewal mints a fresh credential: locks apply to it as to issuance.
-                if let Some(r) = locked(c, &lease.spiffe_id, lease.profile.as_str(), now)? {
-                    return refuse(c, head, event, r);
-                }
-                let expires_at = expires_at.min(lease.max_expires_at);
-                c.execute(
-                    "UPDATE leases SET expires_at = $2, credential_sha256 = $3, renewals = renewals + 1
-                     WHERE id = $1 AND state = 'active'",
-                    &[&lease_id.as_str(), &expires_at, &credential_sha256],
-                )?;
-                let receipt = append(c, head, &event)?;
-                let mut a = Applied::recorded(Some(receipt));
-                a.lease = select_lease(c, lease_id.as_str())?;
-                Ok(a)
-            }
-        },
-        LedgerOp::Release {
-            lease_id,
-            holder,
-            now,
-            event,
-        } => match guard_holder(select_lease(c, lease_id.as_str())?, &holder, now) {
-            Err(r) => refuse(c, head, event, r),
-            Ok(_) => {
-                c.execute(
-                    "UPDATE leases SET state = 'released', ended_at = $2, end_reason = 'released by holder'
-                     WHERE id = $1 AND state = 'active'",
-                    &[&lease_id.as_str(), &now],
-                )?;
-                let receipt = append(c, head, &event)?;
-                let mut a = Applied::recorded(Some(receipt));
-                a.lease = select_lease(c, lease_id.as_str())?;
-                a.affected = vec![lease_id.to_string()];
-                Ok(a)
-            }
-        },
-        LedgerOp::Revoke {
-            selector,
-            issued_before,
-            reason,
-            now,
-            dry_run,
-            chunk,
-            event,
-        } => revoke(
-            c,
-            head,
-            Revocation {
-                selector,
-                issued_before,
-                reason,
-                now,
-                dry_run,
-                chunk,
-            },
-            event,
-        ),
-        LedgerOp::Lock { lock, event } => {
-            c.execute(
-                "INSERT INTO locks (id, kind, value, until, reason, created_by, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[
-                    &lock.id,
-                    &lock.kind,
-                    &lock.value,
-                    &lock.until,
-                    &lock.reason,
-                    &lock.created_by,
-                    &lock.created_at,
-                ],
-            )?;
-            let receipt = append(c, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
-        LedgerOp::Unlock { id, event } => {
-            let n = c.execute("DELETE FROM locks WHERE id = $1", &[&id])?;
-            if n == 0 {
-                return refuse(c, head, event, Refusal::NothingMatched);
-            }
-            let receipt = append(c, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
-        LedgerOp::BackendRevoked {
-            lease_id,
-            now,
-            event,
-        } => {
-            // Force-removed meanwhile: nothing to record twice.
-            let receipt = end_backend_revocation(c, head, &lease_id, now, "revoked", &event)?;
-            Ok(Applied::recorded(receipt))
-        }
-        LedgerOp::BackendRevokeFailed {
-            lease_id,
-            error,
-            next_attempt_at,
-        } => {
-            c.execute(
-                "UPDATE backend_revocations SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3
-                 WHERE lease_id = $1 AND done_at IS NULL",
-                &[&lease_id, &error, &next_attempt_at],
-            )?;
-            Ok(Applied::recorded(None))
-        }
-        LedgerOp::ForceRemoveBackendRevocation {
-            lease_id,
-            now,
-            event,
-        } => match end_backend_revocation(c, head, &lease_id, now, "force_removed", &event)? {
-            Some(receipt) => Ok(Applied::recorded(Some(receipt))),
-            None => refuse(c, head, event, Refusal::NothingMatched),
-        },
-        LedgerOp::Expire { now, limit, event } => expire(c, head, now, limit, event),
-        LedgerOp::Record { event } => {
-            let receipt = append(c, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
-        LedgerOp::Checkpoint { signer, time_ms } => {
-            // Under the ledger lock, with the head read fresh: every replica signs the
-            // same tree at a size, and a size already signed (by any replica) is reused.
-            let size = head.tree.size();
-            if size == 0 {
-                return Ok(Applied::recorded(None));
-            }
-            let row = c.query_one("SELECT max(size) FROM checkpoints", &[])?;
-            let last: Option<i64> = col(&row, 0)?;
-            let mut a = Applied::recorded(None);
-            if last == Some(size as i64) {
-                a.checkpoint = c
-                    .query_opt(
-                        "SELECT size, root, time_ms, note FROM checkpoints WHERE size = $1",
-                        &[&(size as i64)],
-                    )?
-                    .map(|r| checkpoint_from_row(&r))
-                    .transpose()?;
-                return Ok(a);
-            }
-            let root = head.tree.root();
-            let note = signer.sign(size, &root);
-            c.execute(
-                "INSERT INTO checkpoints (size, root, time_ms, note) VALUES ($1, $2, $3, $4)",
-                &[&(size as i64), &root.as_slice(), &time_ms, &note],
-            )?;
-            a.checkpoint = Some(StoredCheckpoint {
-                size,
-                root,
-                time_ms,
-                note,
-            });
-            Ok(a)
-        }
-    }
-}
-
-/// The parameters of a `Revoke` op, apart from its event.
-struct Revocation {
-    selector: RevokeSelector,
-    issued_before: Option<i64>,
-    reason: String,
-    now: i64,
-    dry_run: bool,
-    chunk: Option<(u32, u32)>,
-}
-
-fn revoke(
-    c: &mut Conn,
-    head: &mut Head,
-    op: Revocation,
-    mut event: AuditEvent,
-) -> Result<Applied, PgError> {
-    let Revocation {
-        selector,
-        issued_before,
-        reason,
-        now,
-        dry_run,
-        chunk,
-    } = op;
-    // One predicate for preview and revocation: what the selector covers.
-    let (filter, value): (&str, String) = match &selector {
-        RevokeSelector::Lease(id) => ("id = $1", id.to_string()),
-        RevokeSelector::SpiffeId(sid) => ("spiffe_id = $1", sid.clone()),
-        // A range on the holder index (byte order: the column's collation is "C"; SPIFFE
-        // IDs are printable ASCII, below 0x7f), so each chunk of a bulk revocation walks
-        // only the covered identities.
-        RevokeSelector::Prefix(p) => (
-            "spiffe_id >= $1 AND spiffe_id < ($1 || chr(127)) AND starts_with(spiffe_id, $1)",
-            p.clone(),
-        ),
-        RevokeSelector::Profile(p) => ("profile = $1", p.to_string()),
-        RevokeSelector::Approver(a) => (
-            "id IN (SELECT r.lease_id FROM access_requests r JOIN access_reviews v ON v.request_id = r.id
-                    WHERE v.reviewer = $1 AND v.verdict = 'approve' AND NOT v.post_review
-                      AND r.lease_id IS NOT NULL)",
-            a.clone(),
-        ),
-        RevokeSelector::AccessRequest(r) => (
-            "id = (SELECT lease_id FROM access_requests WHERE id = $1)",
-            r.clone(),
-        ),
-        RevokeSelector::All => ("$1::text IS NOT NULL", String::new()),
-    };
-    let cut = "($2::bigint IS NULL OR issued_at < $2)";
-    let rows: Vec<RevokedRow> = if dry_run {
-        c.query(
-            &format!(
-                "SELECT {REVOKED_COLUMNS} FROM leases WHERE state = 'active' AND {filter} AND {cut}"
-            ),
-            &[&value, &issued_before],
-        )?
-        .iter()
-        .map(revoked_from_row)
-        .collect::<Result<_, _>>()?
-    } else {
-        // LIMIT NULL is no limit. The chunk is chosen once (MATERIALIZED), so the limit
-        // holds however the planner would otherwise rescan the subquery.
-        let limit: Option<i64> = chunk.map(|(limit, _)| i64::from(limit));
-        let end_reason = format!("revoked: {reason}");
-        c.query(
-            &format!(
-                "WITH chunk AS MATERIALIZED (
-                     SELECT id FROM leases WHERE state = 'active' AND {filter} AND {cut} LIMIT $5)
-                 UPDATE leases SET state = 'revoked', ended_at = $3, end_reason = $4
-                 WHERE id IN (SELECT id FROM chunk) AND state = 'active'
-                 RETURNING {REVOKED_COLUMNS}"
-            ),
-            &[&value, &issued_before, &now, &end_reason, &limit],
-        )?
-        .iter()
-        .map(revoked_from_row)
-        .collect::<Result<_, _>>()?
-    };
-    let mut ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-    ids.sort();
-    if dry_run {
-        let mut a = Applied::recorded(None);
-        a.affected = ids;
-        return Ok(a);
-    }
-    let part = chunk.map_or(1, |(_, part)| part);
-    if part > 1 && ids.is_empty() {
-        return Ok(Applied::recorded(None));
-    }
-    // Identity, prefix and profile revocations also bar in-flight issuance, on every
-    // replica: each one checks the rules inside its own write transaction.
-    if let Some((kind, v)) = selector.rule().filter(|_| part == 1) {
-        let cutoff = issued_before.map_or(now, |cut| cut.min(now));
-        c.execute(
-            "INSERT INTO revocation_rules (kind, value, cutoff, created_at) VALUES ($1, $2, $3, $4)",
-            &[&kind, &v, &cutoff, &now],
-        )?;
-    }
-    append_revocation_events(c, &rows, now, &reason)?;
-    event.affected_leases = ids.iter().take(MAX_LISTED).cloned().collect();
-    if ids.len() > MAX_LISTED {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        for id in &ids {
-            ctx.update(id.as_bytes());
-            ctx.update(b"\n");
-        }
-        event.reason = Some(format!(
-            "{} ({} leases; the first {MAX_LISTED} listed; SHA-256 of all sorted ids: {})",
-            event.reason.clone().unwrap_or_else(|| reason.clone()),
-            ids.len(),
-            hex::encode(ctx.finish().as_ref())
-        ));
-    }
-    if ids.is_empty() {
-        let refusal = match &selector {
-            RevokeSelector::Lease(id) => match select_lease(c, id.as_str())? {
-                None => Refusal::NotFound,
-                Some(l) => Refusal::Ended(l.state),
-            },
-            _ => Refusal::NothingMatched,
-        };
-        // An empty revocation is still an operator action worth recording.
-        event.reason = Some(format!("{reason} ({})", refusal.describe()));
-        let receipt = append(c, head, &event)?;
-        let mut a = Applied::recorded(Some(receipt));
-        a.refused = Some(refusal);
-        return Ok(a);
-    }
-    let receipt = append(c, head, &event)?;
-    let mut a = Applied::recorded(Some(receipt));
-    if let RevokeSelector::Lease(id) = &selector {
-        a.lease = select_lease(c, id.as_str())?;
-    }
-    a.affected = ids;
-    Ok(a)
-}
-
-fn expire(
-    c: &mut Conn,
-    head: &mut Head,
-    now: i64,
-    limit: u32,
-    mut event: AuditEvent,
-) -> Result<Applied, PgError> {
-    // Sealed credentials are kept no longer than the credentials live.
-    c.execute("DELETE FROM idempotency WHERE expires_at <= $1", &[&now])?;
-    let limit = i64::from(limit);
-    // The ledger lock already serializes replicas; SKIP LOCKED also keeps a batch from
-    // waiting on (or taking) a row some other transaction holds, so each expiry pass
-    // takes its own disjoint batch whatever runs beside it. The batch is a MATERIALIZED
-    // CTE: as `id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)` the subquery may be
-    // rescanned, skip the rows this very statement just updated, and exceed the limit.
-    let mut ids: Vec<String> = c
-        .query(
-            "WITH batch AS MATERIALIZED (
-                 SELECT id FROM leases WHERE state = 'active' AND expires_at <= $1
-                 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-             UPDATE leases l SET state = 'expired', ended_at = l.expires_at, end_reason = 'ttl elapsed'
-             FROM batch WHERE l.id = batch.id AND l.state = 'active'
-             RETURNING l.id",
-            &[&now, &limit],
-        )?
-        .iter()
-        .map(|r| col(r, 0))
-        .collect::<Result<_, _>>()?;
-    ids.sort();
-    let mut requests: Vec<String> = c
-        .query(
-            "WITH batch AS MATERIALIZED (
-                 SELECT id FROM access_requests WHERE state IN ('pending', 'approved')
-                     AND expires_at <= $1
-                 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-             UPDATE access_requests r SET state = 'expired', decided_at = $1
-             FROM batch WHERE r.id = batch.id AND r.state IN ('pending', 'approved')
-             RETURNING r.id",
-            &[&now, &limit],
-        )?
-        .iter()
-        .map(|r| col(r, 0))
-        .collect::<Result<_, _>>()?;
-    requests.sort();
-    if ids.is_empty() && requests.is_empty() {
-        return Ok(Applied::recorded(None));
-    }
-    event.affected_leases = ids.clone();
-    event.affected_requests = requests.clone();
-    let receipt = append(c, head, &event)?;
-    let mut a = Applied::recorded(Some(receipt));
-    ids.extend(requests);
-    a.affected = ids;
-    Ok(a)
-}
-
-fn checkpoint_from_row(r: &Row) -> Result<StoredCheckpoint, PgError> {
-    Ok(StoredCheckpoint {
-        size: col::<i64>(r, 0)? as u64,
-        root: hash32(col(r, 1)?, "checkpoint root")?,
-        time_ms: col(r, 2)?,
-        note: col(r, 3)?,
-    })
-}
-
-/// Leaves in the tree: one per entry, written in the entry's transaction.
-fn tree_size(c: &mut Conn) -> Result<u64, PgError> {
-    let row = c.query_one("SELECT COALESCE(max(seq), 0) FROM audit_log", &[])?;
-    Ok(col::<i64>(&row, 0)? as u64)
 }
 
 /// The writer thread's state.
@@ -1650,7 +535,6 @@ struct Writer {
     /// The head after this replica's last commit; checked against the database at the
     /// start of every batch.
     cached: Option<Head>,
-    metrics: Arc<Metrics>,
     /// [`begin_sql`].
     begin: String,
 }
@@ -1666,7 +550,7 @@ fn begin_sql() -> String {
     )
 }
 
-fn parse_top(messages: &[SimpleQueryMessage]) -> Result<(u64, [u8; 32]), PgError> {
+fn parse_top(messages: &[SimpleQueryMessage]) -> Result<(u64, [u8; 32]), DbError> {
     // The lock's row (one void column) comes first; the head's row has two columns.
     let row = messages.iter().rev().find_map(|m| match m {
         SimpleQueryMessage::Row(r) if r.len() == 2 => Some(r),
@@ -1686,89 +570,15 @@ fn parse_top(messages: &[SimpleQueryMessage]) -> Result<(u64, [u8; 32]), PgError
     Ok((seq, hash32(hash, "entry hash")?))
 }
 
-impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
-        let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-        while let Some(first) = rx.blocking_recv() {
-            batch.push(first);
-            while batch.len() < max_batch {
-                match rx.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
-                }
-            }
-            // A caller that stopped waiting was told `Unavailable`: keep it that way
-            // rather than commit its op later (e.g. once the database is back).
-            batch.retain(|j| !j.reply.is_closed());
-            if batch.is_empty() {
-                continue;
-            }
-            let started = Instant::now();
-            let outcome = self.commit_batch(&batch);
-            self.metrics.observe_commit(started.elapsed(), batch.len());
-            match outcome {
-                Ok(results) => {
-                    for (job, r) in batch.drain(..).zip(results) {
-                        let _ = job.reply.send(r);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, batch = batch.len(), "ledger commit failed; refusing the batch");
-                    self.metrics.ledger_failures.inc();
-                    self.cached = None;
-                    let e = StoreError::from(e);
-                    for job in batch.drain(..) {
-                        let _ = job.reply.send(Err(e.clone()));
-                    }
-                }
-            }
-        }
-    }
-
-    /// The writer's connection, made again if it was lost.
-    fn conn(&mut self) -> Result<&mut Conn, PgError> {
-        if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
-            self.conn = None;
-        }
-        if self.conn.is_none() {
-            self.conn = Some(self.settings.connect()?);
-        }
-        self.conn
-            .as_mut()
-            .ok_or_else(|| PgError::Connect("no ledger connection".into()))
-    }
-
-    /// Opens the batch's transaction. A connection that died while idle (the database
-    /// restarted) fails here before anything was sent in the transaction, so the batch
-    /// moves to a new connection instead of failing.
-    fn begin(&mut self) -> Result<(u64, [u8; 32]), PgError> {
-        let reused = self.conn.is_some();
-        let sql = std::mem::take(&mut self.begin);
-        let r = self.begin_with(&sql, reused);
-        self.begin = sql;
-        r
-    }
-
-    fn begin_with(&mut self, sql: &str, reused: bool) -> Result<(u64, [u8; 32]), PgError> {
-        let conn = self.conn()?;
-        match conn.client.simple_query(sql) {
-            Ok(messages) => parse_top(&messages),
-            Err(e) => {
-                let e = PgError::Db(e);
-                if !(reused && connection_lost(&e, &conn.client)) {
-                    return Err(e);
-                }
-                self.conn = None;
-                let conn = self.conn()?;
-                parse_top(&conn.client.simple_query(sql)?)
-            }
-        }
-    }
+impl Batches for Writer {
+    /// A caller that stopped waiting was told `Unavailable`: keep it that way rather
+    /// than commit its op later (e.g. once the database is back).
+    const SKIP_ABANDONED: bool = true;
 
     /// Applies a batch in one transaction. An op whose SQL fails is rolled back to its
     /// savepoint and answered with the error; the others still commit. A failure of the
     /// transaction itself (begin, lock, commit, a lost connection) fails the whole batch.
-    fn commit_batch(&mut self, batch: &[Job]) -> Result<Vec<Result<Applied, StoreError>>, PgError> {
+    fn commit(&mut self, batch: &[Job]) -> Result<Outcomes, DbError> {
         let result = self.try_batch(batch);
         if result.is_err() {
             if let Some(conn) = self.conn.as_mut() {
@@ -1780,7 +590,54 @@ impl Writer {
         result
     }
 
-    fn try_batch(&mut self, batch: &[Job]) -> Result<Vec<Result<Applied, StoreError>>, PgError> {
+    /// The next batch reads the head fresh.
+    fn failed(&mut self) {
+        self.cached = None;
+    }
+}
+
+impl Writer {
+    /// The writer's connection, made again if it was lost.
+    fn conn(&mut self) -> Result<&mut Conn, DbError> {
+        if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            self.conn = Some(self.settings.connect()?);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| DbError::Connect("no ledger connection".into()))
+    }
+
+    /// Opens the batch's transaction. A connection that died while idle (the database
+    /// restarted) fails here before anything was sent in the transaction, so the batch
+    /// moves to a new connection instead of failing.
+    fn begin(&mut self) -> Result<(u64, [u8; 32]), DbError> {
+        let reused = self.conn.is_some();
+        let sql = std::mem::take(&mut self.begin);
+        let r = self.begin_with(&sql, reused);
+        self.begin = sql;
+        r
+    }
+
+    fn begin_with(&mut self, sql: &str, reused: bool) -> Result<(u64, [u8; 32]), DbError> {
+        let conn = self.conn()?;
+        match conn.client.simple_query(sql) {
+            Ok(messages) => parse_top(&messages),
+            Err(e) => {
+                let e = DbError::Postgres(e);
+                if !(reused && connection_lost(&e, &conn.client)) {
+                    return Err(e);
+                }
+                self.conn = None;
+                let conn = self.conn()?;
+                parse_top(&conn.client.simple_query(sql)?)
+            }
+        }
+    }
+
+    fn try_batch(&mut self, batch: &[Job]) -> Result<Outcomes, DbError> {
         let top = self.begin()?;
         let cached = self.cached.take();
         let conn = self.conn()?;
@@ -1793,7 +650,7 @@ impl Writer {
                 conn.batch("RELEASE SAVEPOINT op; SAVEPOINT op")?;
             }
             let before = head.clone();
-            match apply_op(conn, &mut head, job.op.clone()) {
+            match ops::apply(conn, &mut head, job.op.clone()) {
                 Ok(applied) => results.push(Ok(applied)),
                 Err(e) if connection_lost(&e, &conn.client) => return Err(e),
                 Err(e) => {
@@ -1810,346 +667,7 @@ impl Writer {
     }
 }
 
-impl Store for PostgresStore {
-    fn apply(&self, op: LedgerOp) -> BoxFuture<'_, Result<Applied, StoreError>> {
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            let deadline = tokio::time::Instant::now() + self.commit_timeout;
-            tokio::time::timeout_at(deadline, self.tx.send(Job { op, reply }))
-                .await
-                .map_err(|_| unavailable("ledger queue full past the commit timeout"))?
-                .map_err(|_| unavailable("ledger writer stopped"))?;
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(unavailable("ledger writer stopped")),
-                Err(_) => Err(unavailable("ledger commit timed out")),
-            }
-        })
-    }
-
-    fn lease(&self, id: &LeaseId) -> BoxFuture<'_, Result<Option<Lease>, StoreError>> {
-        let id = id.to_string();
-        Box::pin(self.read(move |c| select_lease(c, &id)))
-    }
-
-    fn leases(&self, filter: LeaseFilter) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let (before_at, before_id) = filter.before.clone().unwrap_or((i64::MAX, String::new()));
-            let has_cursor = filter.before.is_some();
-            let rows = c.query(
-                &format!(
-                    "SELECT {LEASE_COLUMNS} FROM leases
-                     WHERE ($1::text IS NULL OR spiffe_id = $1) AND ($2::text IS NULL OR state = $2)
-                       AND ($7::text IS NULL OR id = $7)
-                       AND (NOT $3::bool OR issued_at < $4 OR (issued_at = $4 AND id < $5))
-                     ORDER BY issued_at DESC, id DESC LIMIT $6"
-                ),
-                &[
-                    &filter.spiffe_id,
-                    &filter.state.map(|s| s.as_str()),
-                    &has_cursor,
-                    &before_at,
-                    &before_id,
-                    &i64::from(filter.limit.clamp(1, 1000)),
-                    &filter.lease_id,
-                ],
-            )?;
-            rows.iter().map(lease_from_row).collect()
-        }))
-    }
-
-    fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>> {
-        let id = id.to_owned();
-        Box::pin(self.read(move |c| select_request(c, &id)))
-    }
-
-    fn access_requests(
-        &self,
-        filter: AccessFilter,
-    ) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let rows = c.query(
-                &format!(
-                    "SELECT {REQUEST_COLUMNS} FROM access_requests
-                     WHERE ($1::text IS NULL OR state = $1)
-                       AND ($2::text[] IS NULL OR profile = ANY($2))
-                       AND (NOT $3::bool OR post_review = 'pending')
-                       AND ($4::text IS NULL OR requester = $4)
-                     ORDER BY created_at DESC, id DESC LIMIT $5"
-                ),
-                &[
-                    &filter.state.map(|s| s.as_str()),
-                    &filter.profiles,
-                    &filter.awaiting_post_review,
-                    &filter.requester,
-                    &i64::from(filter.limit.clamp(1, 1000)),
-                ],
-            )?;
-            let requests: Vec<AccessRequest> = rows
-                .iter()
-                .map(request_from_row)
-                .collect::<Result<_, _>>()?;
-            requests.into_iter().map(|r| with_reviews(c, r)).collect()
-        }))
-    }
-
-    fn checkpoint(
-        &self,
-        size: Option<u64>,
-    ) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.query_opt(
-                "SELECT size, root, time_ms, note FROM checkpoints
-                 WHERE ($1::bigint IS NULL OR size = $1) ORDER BY size DESC LIMIT 1",
-                &[&size.map(|s| s as i64)],
-            )?
-            .map(|r| checkpoint_from_row(&r))
-            .transpose()
-        }))
-    }
-
-    fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read(|c| {
-            c.query(
-                "SELECT size, root, time_ms, note FROM checkpoints ORDER BY size",
-                &[],
-            )?
-            .iter()
-            .map(checkpoint_from_row)
-            .collect()
-        }))
-    }
-
-    fn inclusion_proof(
-        &self,
-        index: u64,
-        size: u64,
-    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            if index >= size || size > tree_size(c)? {
-                return Ok(None);
-            }
-            with_nodes(c, |src| crate::merkle::inclusion_proof(src, index, size)).map(Some)
-        }))
-    }
-
-    fn consistency_proof(
-        &self,
-        old: u64,
-        new: u64,
-    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            if old > new || new > tree_size(c)? {
-                return Ok(None);
-            }
-            with_nodes(c, |src| crate::merkle::consistency_proof(src, old, new)).map(Some)
-        }))
-    }
-
-    fn idempotency(
-        &self,
-        caller: &str,
-        key_hash: &str,
-    ) -> BoxFuture<'_, Result<Option<IdempotencyRecord>, StoreError>> {
-        let (caller, key_hash) = (caller.to_owned(), key_hash.to_owned());
-        Box::pin(self.read(move |c| {
-            c.query_opt(
-                "SELECT caller, key_hash, digest, lease_id, sealed, expires_at FROM idempotency
-                 WHERE caller = $1 AND key_hash = $2",
-                &[&caller, &key_hash],
-            )?
-            .map(|r| {
-                Ok(IdempotencyRecord {
-                    caller: col(&r, 0)?,
-                    key_hash: col(&r, 1)?,
-                    digest: col(&r, 2)?,
-                    lease_id: col(&r, 3)?,
-                    sealed: col(&r, 4)?,
-                    expires_at: col(&r, 5)?,
-                })
-            })
-            .transpose()
-        }))
-    }
-
-    fn locks(&self, now: i64) -> BoxFuture<'_, Result<Vec<Lock>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.query(
-                "SELECT id, kind, value, until, reason, created_by, created_at FROM locks
-                 WHERE until > $1 ORDER BY created_at",
-                &[&now],
-            )?
-            .iter()
-            .map(|r| {
-                Ok(Lock {
-                    id: col(r, 0)?,
-                    kind: col(r, 1)?,
-                    value: col(r, 2)?,
-                    until: col(r, 3)?,
-                    reason: col(r, 4)?,
-                    created_by: col(r, 5)?,
-                    created_at: col(r, 6)?,
-                })
-            })
-            .collect()
-        }))
-    }
-
-    fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<FeedTail>, StoreError>> {
-        Box::pin(self.read(|c| {
-            c.query_opt(
-                "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
-                &[],
-            )?
-            .map(|r| {
-                Ok((
-                    col::<i64>(&r, 0)? as u64,
-                    hash32(col(&r, 1)?, "feed chain hash")?,
-                ))
-            })
-            .transpose()
-        }))
-    }
-
-    fn revocations(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.query(
-                "SELECT seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash,
-                        certificate_serial
-                 FROM revocation_events WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[&(after as i64), &i64::from(limit.clamp(1, 10_000))],
-            )?
-            .iter()
-            .map(|r| {
-                Ok(RevocationEvent {
-                    seq: col::<i64>(r, 0)? as u64,
-                    lease_id: col(r, 1)?,
-                    spiffe_id: col(r, 2)?,
-                    profile: col(r, 3)?,
-                    expires_at: col(r, 4)?,
-                    revoked_at: col(r, 5)?,
-                    reason: col(r, 6)?,
-                    chain_hash: hex::encode(col::<Vec<u8>>(r, 7)?),
-                    certificate_serial: col(r, 8)?,
-                })
-            })
-            .collect()
-        }))
-    }
-
-    fn claim_backend_revocations(
-        &self,
-        now: i64,
-        limit: u32,
-        hold_secs: u32,
-    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let until = now.saturating_add(i64::from(hold_secs));
-            // One statement: rows another replica is claiming right now are skipped, not
-            // waited for; rows it claimed already are no longer due.
-            let rows = c.query(
-                "WITH due AS MATERIALIZED (
-                     SELECT lease_id, next_attempt_at FROM backend_revocations
-                     WHERE done_at IS NULL AND next_attempt_at <= $1
-                     ORDER BY next_attempt_at, lease_id LIMIT $2
-                     FOR UPDATE SKIP LOCKED)
-                 UPDATE backend_revocations b SET next_attempt_at = $3
-                 FROM due
-                 WHERE b.lease_id = due.lease_id AND b.done_at IS NULL
-                 RETURNING b.lease_id, b.kind, b.handle, b.queued_at, b.attempts, b.next_attempt_at,
-                           b.last_error, due.next_attempt_at",
-                &[&now, &i64::from(limit), &until],
-            )?;
-            let mut claimed = rows
-                .iter()
-                .map(|r| Ok((col::<i64>(r, 7)?, backend_revocation_from_row(r)?)))
-                .collect::<Result<Vec<_>, PgError>>()?;
-            claimed.sort_by(|a, b| (a.0, &a.1.lease_id).cmp(&(b.0, &b.1.lease_id)));
-            Ok(claimed.into_iter().map(|(_, r)| r).collect())
-        }))
-    }
-
-    fn pending_backend_revocations(
-        &self,
-        min_attempts: u32,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.query(
-                &format!(
-                    "SELECT {BACKEND_REVOCATION_COLUMNS} FROM backend_revocations
-                     WHERE done_at IS NULL AND attempts >= $1 ORDER BY queued_at, lease_id LIMIT $2"
-                ),
-                &[&i64::from(min_attempts), &i64::from(limit)],
-            )?
-            .iter()
-            .map(backend_revocation_from_row)
-            .collect()
-        }))
-    }
-
-    fn entries_for_lease(
-        &self,
-        lease_id: &str,
-    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
-        let id = lease_id.to_owned();
-        Box::pin(self.read(move |c| {
-            c.query(
-                "SELECT seq, kind, lease_id, body, prev_hash, hash FROM audit_log
-                 WHERE lease_id = $1 ORDER BY seq",
-                &[&id],
-            )?
-            .iter()
-            .map(entry_from_row)
-            .collect()
-        }))
-    }
-
-    fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>> {
-        Box::pin(self.read(|c| {
-            c.query(
-                "SELECT s.spiffe_id, s.first_seen, s.last_seen, s.last_issued, s.issued, s.denied,
-                        (SELECT count(*) FROM leases l WHERE l.spiffe_id = s.spiffe_id AND l.state = 'active')
-                 FROM identities_seen s ORDER BY s.spiffe_id",
-                &[],
-            )?
-            .iter()
-            .map(|r| {
-                Ok(IdentityStats {
-                    spiffe_id: col(r, 0)?,
-                    first_seen_ms: col(r, 1)?,
-                    last_seen_ms: col(r, 2)?,
-                    last_issued_ms: col(r, 3)?,
-                    issued: col::<i64>(r, 4)? as u64,
-                    denied: col::<i64>(r, 5)? as u64,
-                    active_leases: col::<i64>(r, 6)? as u64,
-                })
-            })
-            .collect()
-        }))
-    }
-
-    fn audit_entries(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.query(
-                "SELECT seq, kind, lease_id, body, prev_hash, hash FROM audit_log
-                 WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[&(after as i64), &i64::from(limit)],
-            )?
-            .iter()
-            .map(entry_from_row)
-            .collect()
-        }))
-    }
-}
+engine::impl_store!(PostgresStore);
 
 #[cfg(test)]
 mod tests {

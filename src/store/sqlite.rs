@@ -5,30 +5,26 @@
 //! savepoint of one `BEGIN IMMEDIATE` transaction, and commits once: many issuances share
 //! one fsync. A caller waits at most `commit_timeout` for its reply and otherwise gets
 //! `Unavailable`; nothing is handed out without a durable record.
+//!
+//! The ops themselves are shared with PostgreSQL (`super::ops`, over `Tx`); this file
+//! is SQLite's part: opening and migrating the file, the writer's transaction, the read
+//! connection, offline verification, and SQLite's `Tx` (`$N` placeholders become `?N`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::future::BoxFuture;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    guard_holder, unavailable, Applied, IdentityStats, LedgerOp, Receipt, Refusal, Store,
-    StoreError, StoredCheckpoint,
-};
-use crate::audit::EventKind;
-use crate::audit::{entry_hash, AuditEvent, LogError, LogReport, LogVerifier, StoredEntry};
+use super::engine::{self, Batches, Job, Outcomes, Queue};
+use super::ops::log::{self as oplog, Head};
+use super::ops::{self, rows};
+use super::sql::{self, Cell, DbError, Dialect, Row, Tx, Value};
+use super::{unavailable, StoreError};
+use crate::audit::{LogError, LogReport, LogVerifier};
 use crate::checkpoint::VerifierKey;
 use crate::config::LedgerConfig;
-use crate::domain::IdempotencyRecord;
-use crate::domain::{
-    AccessFilter, AccessRequest, AccessState, BackendHandle, BackendRevocation, Intent, Lease,
-    LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RequestSpec, Review, RevocationEvent,
-    RevokeSelector, Scope, Verdict,
-};
-use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
+use crate::merkle::leaf_hash;
 use crate::metrics::Metrics;
 
 /// Numbered migrations; `schema_migrations` records which ran.
@@ -48,16 +44,10 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "backends", include_str!("migrations/0005_backends.sql")),
 ];
 
-struct Job {
-    op: LedgerOp,
-    reply: oneshot::Sender<Result<Applied, StoreError>>,
-}
-
 /// The SQLite store.
 pub struct SqliteStore {
-    tx: mpsc::Sender<Job>,
+    queue: Queue,
     reader: Arc<Mutex<Connection>>,
-    commit_timeout: Duration,
 }
 
 fn open(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
@@ -79,6 +69,9 @@ fn open(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
     // WAL grew without bound (27.8 GB in six minutes of load). After a burst, the WAL file
     // is cut back to this size when it restarts.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    // Every statement is prepared once per connection (`prepare_cached`); the ops use
+    // about sixty, more than the default cache of 16 holds.
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
@@ -130,71 +123,110 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// The chain head and Merkle frontier the writer appends to.
-#[derive(Clone)]
-struct Head {
-    seq: u64,
-    hash: [u8; 32],
-    tree: Frontier,
-}
+/// SQLite's [`Tx`]: a connection, or a transaction or savepoint on one (they deref to
+/// it). Statements are prepared once per connection (`prepare_cached`).
+pub(crate) struct SqliteTx<'c>(pub(crate) &'c Connection);
 
-/// Complete subtree hashes read from `merkle_nodes`.
-struct SqlNodes<'a>(&'a Connection);
-
-impl NodeSource for SqlNodes<'_> {
-    type Error = rusqlite::Error;
-    fn node(&self, level: u32, index: u64) -> rusqlite::Result<MerkleHash> {
-        let h: Vec<u8> = self
-            .0
-            .prepare_cached("SELECT hash FROM merkle_nodes WHERE level = ?1 AND idx = ?2")?
-            .query_row(params![level, index as i64], |r| r.get(0))?;
-        h.try_into().map_err(|_| {
-            rusqlite::Error::FromSqlConversionFailure(
-                0,
-                rusqlite::types::Type::Blob,
-                "merkle node is not 32 bytes".into(),
-            )
+impl rusqlite::ToSql for Value<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(match self {
+            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Value::Int(v) => ToSqlOutput::Borrowed(ValueRef::Integer(*v)),
+            // SQLite has no boolean type: 0 or 1, as the schema's triggers expect.
+            Value::Bool(v) => ToSqlOutput::Borrowed(ValueRef::Integer(i64::from(*v))),
+            Value::Text(v) => ToSqlOutput::Borrowed(ValueRef::Text(v.as_bytes())),
+            Value::Bytes(v) => ToSqlOutput::Borrowed(ValueRef::Blob(v)),
+            Value::List(_) => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    "SQLite has no arrays (a PostgreSQL-only statement ran on SQLite)".into(),
+                ))
+            }
         })
     }
 }
 
-fn insert_nodes(conn: &Connection, nodes: &[(u32, u64, MerkleHash)]) -> rusqlite::Result<()> {
-    let mut stmt =
-        conn.prepare_cached("INSERT INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
-    for (level, idx, hash) in nodes {
-        stmt.execute(params![level, *idx as i64, hash.as_slice()])?;
+/// A result row as read, for the shared decoders.
+fn to_row(r: &rusqlite::Row<'_>, names: &Arc<[String]>) -> rusqlite::Result<Row> {
+    use rusqlite::types::ValueRef;
+    let cells = (0..names.len())
+        .map(|i| {
+            Ok(match r.get_ref(i)? {
+                ValueRef::Null => Cell::Null,
+                ValueRef::Integer(v) => Cell::Int(v),
+                ValueRef::Real(v) => Cell::Real(v),
+                ValueRef::Text(t) => match std::str::from_utf8(t) {
+                    Ok(t) => Cell::Text(t.to_owned()),
+                    // Not text after all: the decoder reports it as the wrong type.
+                    Err(_) => Cell::Bytes(t.to_vec()),
+                },
+                ValueRef::Blob(b) => Cell::Bytes(b.to_vec()),
+            })
+        })
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Row::new(names.clone(), cells))
+}
+
+fn column_names(stmt: &rusqlite::Statement<'_>) -> Arc<[String]> {
+    stmt.column_names()
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+        .into()
+}
+
+impl Tx for SqliteTx<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
     }
-    Ok(())
+
+    fn query(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Vec<Row>, DbError> {
+        let mut stmt = self.0.prepare_cached(&sql::to_sqlite_placeholders(sql))?;
+        let names = column_names(&stmt);
+        let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(to_row(r, &names)?);
+        }
+        Ok(out)
+    }
+
+    fn query_opt(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Option<Row>, DbError> {
+        let mut stmt = self.0.prepare_cached(&sql::to_sqlite_placeholders(sql))?;
+        let names = column_names(&stmt);
+        let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+        Ok(match rows.next()? {
+            Some(r) => Some(to_row(r, &names)?),
+            None => None,
+        })
+    }
+
+    fn execute(&mut self, sql: &str, args: &[Value<'_>]) -> Result<u64, DbError> {
+        let mut stmt = self.0.prepare_cached(&sql::to_sqlite_placeholders(sql))?;
+        Ok(stmt.execute(rusqlite::params_from_iter(args))? as u64)
+    }
 }
 
 /// Loads the chain head and the tree frontier, first hashing any entries that have no
-/// leaf yet (a ledger created before the Merkle tree existed).
-fn load_head(conn: &Connection) -> rusqlite::Result<Head> {
-    let leaves: i64 = conn.query_row(
-        "SELECT count(*) FROM merkle_nodes WHERE level = 0",
-        [],
-        |r| r.get(0),
-    )?;
-    let mut tree = Frontier::load(&SqlNodes(conn), leaves as u64)?;
-    {
-        let mut stmt = conn.prepare("SELECT body FROM audit_log WHERE seq > ?1 ORDER BY seq")?;
-        let bodies = stmt.query_map([leaves], |r| r.get::<_, String>(0))?;
-        for body in bodies {
-            let nodes = tree.append(leaf_hash(body?.as_bytes()));
-            insert_nodes(conn, &nodes)?;
+/// leaf yet (a ledger created before the Merkle tree existed), a page at a time.
+fn load_head(conn: &Connection) -> Result<Head, DbError> {
+    let tx = &mut SqliteTx(conn);
+    let leaves = oplog::tree_size(tx)?;
+    let mut tree = oplog::frontier(tx, leaves)?;
+    loop {
+        let page = tx.query(
+            "SELECT body FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT 1000",
+            &[Value::Int(tree.size() as i64)],
+        )?;
+        if page.is_empty() {
+            break;
+        }
+        for r in &page {
+            let nodes = tree.append(leaf_hash(r.text(0)?.as_bytes()));
+            oplog::insert_nodes(tx, &nodes)?;
         }
     }
-    let row: Option<(i64, Vec<u8>)> = conn
-        .query_row(
-            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    let (seq, hash) = match row {
-        None => (0, [0; 32]),
-        Some((seq, h)) => (seq as u64, h.try_into().unwrap_or([0; 32])),
-    };
+    let (seq, hash) = oplog::chain_top(tx)?;
     Ok(Head { seq, hash, tree })
 }
 
@@ -217,33 +249,55 @@ impl SqliteStore {
             head
         };
         let reader = open(path, cfg.busy_timeout).map_err(unavailable)?;
-        let (tx, rx) = mpsc::channel(cfg.max_batch * 16);
+        let (queue, rx) = Queue::new(cfg.max_batch * 16, cfg.commit_timeout);
         let max_batch = cfg.max_batch;
+        let writer = Writer { conn: writer, head };
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer_loop(writer, head, rx, max_batch, metrics))
+            .spawn(move || engine::run(writer, rx, max_batch, metrics))
             .map_err(unavailable)?;
         Ok(Self {
-            tx,
+            queue,
             reader: Arc::new(Mutex::new(reader)),
-            commit_timeout: cfg.commit_timeout,
         })
     }
 
-    async fn read<T: Send + 'static>(
+    /// Runs `f` on the read connection, on a blocking thread, within the commit timeout.
+    async fn on_reader<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.queue.commit_timeout();
         let reader = self.reader.clone();
         let work = tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
             f(&conn)
         });
-        match tokio::time::timeout(self.commit_timeout, work).await {
-            Ok(Ok(r)) => r.map_err(unavailable),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable("ledger read timed out")),
-        }
+        engine::finish_read(deadline, work).await
+    }
+
+    /// A read (see `engine::impl_store!`).
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.on_reader(move |c| f(&mut SqliteTx(c))).await
+    }
+
+    /// A read that then writes what it read (claims), as one transaction that holds
+    /// SQLite's write lock from the start (`BEGIN IMMEDIATE`): a concurrent claimer
+    /// (another process on the same file) waits, then finds these rows changed.
+    async fn read_write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.on_reader(move |c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
+            let v = f(&mut SqliteTx(&tx))?;
+            tx.commit()?;
+            Ok(v)
+        })
+        .await
     }
 
     /// [`Self::verify_file_with`] with the log key the broker wrote next to the ledger
@@ -308,15 +362,17 @@ impl SqliteStore {
                  ORDER BY a.seq",
             )
             .map_err(open)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((entry_from_row(r)?, r.get::<_, Option<Vec<u8>>>(6)?))
-            })
-            .map_err(open)?;
-        for row in rows {
-            let (e, leaf) = row.map_err(open)?;
-            v.push(&e, Some(leaf.as_deref().unwrap_or_default()))
-                .map_err(VerifyError::Log)?;
+        let names = column_names(&stmt);
+        let mut cursor = stmt.query([]).map_err(open)?;
+        let bad = |e: DbError| VerifyError::Open(e.to_string());
+        while let Some(r) = cursor.next().map_err(open)? {
+            let row = to_row(r, &names).map_err(open)?;
+            let leaf = row.opt_bytes(6).map_err(bad)?;
+            v.push(
+                &rows::entry(&row).map_err(bad)?,
+                Some(leaf.as_deref().unwrap_or_default()),
+            )
+            .map_err(VerifyError::Log)?;
         }
         let report = v.finish().map_err(VerifyError::Log)?;
         Ok(VerifyReport {
@@ -352,1318 +408,52 @@ pub enum VerifyError {
     Log(LogError),
 }
 
-fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
-    Ok(StoredEntry {
-        seq: r.get::<_, i64>(0)? as u64,
-        kind: r.get(1)?,
-        lease_id: r.get(2)?,
-        body: r.get(3)?,
-        prev_hash: r.get(4)?,
-        hash: r.get(5)?,
-    })
+/// The writer thread's state: the write connection and the head after the last commit
+/// (the writer is the only one appending to this file).
+struct Writer {
+    conn: Connection,
+    head: Head,
 }
 
-/// A stored text column that does not parse as its domain type.
-fn bad(column: usize, what: &str) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(
-        column,
-        rusqlite::types::Type::Text,
-        what.to_owned().into(),
-    )
-}
+impl Batches for Writer {
+    const SKIP_ABANDONED: bool = false;
 
-const LEASE_COLUMNS: &str =
-    "id, profile, spiffe_id, scopes, audience, state, issued_at, expires_at, \
-     max_expires_at, credential_sha256, renewals, ended_at, end_reason, intent, \
-     backend_kind, backend_handle, backend_revocable";
-
-fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
-    let id: String = r.get(0)?;
-    let profile: String = r.get(1)?;
-    let scopes: String = r.get(3)?;
-    let state: String = r.get(5)?;
-    let intent: Option<String> = r.get(13)?;
-    Ok(Lease {
-        id: LeaseId::parse(&id).map_err(|_| bad(0, "lease id"))?,
-        profile: ProfileName::parse(&profile).map_err(|_| bad(1, "profile"))?,
-        spiffe_id: r.get(2)?,
-        scopes: serde_json::from_str::<Vec<Scope>>(&scopes).map_err(|_| bad(3, "scopes"))?,
-        audience: r.get(4)?,
-        state: LeaseState::from_db(&state).ok_or_else(|| bad(5, "state"))?,
-        issued_at: r.get(6)?,
-        expires_at: r.get(7)?,
-        max_expires_at: r.get(8)?,
-        credential_sha256: r.get(9)?,
-        renewals: r.get(10)?,
-        ended_at: r.get(11)?,
-        end_reason: r.get(12)?,
-        intent: match intent {
-            None => None,
-            Some(s) => Some(serde_json::from_str::<Intent>(&s).map_err(|_| bad(13, "intent"))?),
-        },
-        backend: match (
-            r.get::<_, Option<String>>(14)?,
-            r.get::<_, Option<String>>(15)?,
-        ) {
-            (Some(kind), Some(handle)) => Some(BackendHandle {
-                kind,
-                handle,
-                revocable: r.get::<_, i64>(16)? == 1,
-            }),
-            _ => None,
-        },
-    })
-}
-
-/// Ends a pending backend revocation with `outcome` and records `event`; `None` when
-/// nothing was pending (already done or force-removed).
-fn end_backend_revocation(
-    conn: &Connection,
-    head: &mut Head,
-    lease_id: &str,
-    now: i64,
-    outcome: &str,
-    event: &AuditEvent,
-) -> rusqlite::Result<Option<Receipt>> {
-    let n = conn
-        .prepare_cached(
-            "UPDATE backend_revocations SET done_at = ?2, outcome = ?3
-             WHERE lease_id = ?1 AND done_at IS NULL",
-        )?
-        .execute(params![lease_id, now, outcome])?;
-    if n == 0 {
-        return Ok(None);
-    }
-    append(conn, head, event).map(Some)
-}
-
-const BACKEND_REVOCATION_COLUMNS: &str =
-    "lease_id, kind, handle, queued_at, attempts, next_attempt_at, last_error";
-
-fn backend_revocation_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackendRevocation> {
-    Ok(BackendRevocation {
-        lease_id: r.get(0)?,
-        kind: r.get(1)?,
-        handle: r.get(2)?,
-        queued_at: r.get(3)?,
-        attempts: r.get(4)?,
-        next_attempt_at: r.get(5)?,
-        last_error: r.get(6)?,
-    })
-}
-
-fn select_lease(conn: &Connection, id: &str) -> rusqlite::Result<Option<Lease>> {
-    conn.query_row(
-        &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?1"),
-        [id],
-        lease_from_row,
-    )
-    .optional()
-}
-
-fn append(conn: &Connection, head: &mut Head, event: &AuditEvent) -> rusqlite::Result<Receipt> {
-    let seq = head.seq + 1;
-    let body = event.canonical();
-    let hash = entry_hash(seq, &head.hash, &body);
-    conn.prepare_cached(
-        "INSERT INTO audit_log (seq, time_ms, kind, caller, lease_id, body, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
-        seq as i64,
-        event.time_ms,
-        event.kind.as_str(),
-        event.caller,
-        event.lease_id,
-        body,
-        head.hash.as_slice(),
-        hash.as_slice()
-    ])?;
-    let leaf = leaf_hash(body.as_bytes());
-    let nodes = head.tree.append(leaf);
-    insert_nodes(conn, &nodes)?;
-    head.seq = seq;
-    head.hash = hash;
-    Ok(Receipt {
-        sequence: seq,
-        entry_hash: hex::encode(hash),
-        leaf_index: seq - 1,
-        leaf_hash: hex::encode(leaf),
-    })
-}
-
-/// Records a refused transition: the same event, marked as a denial with the reason.
-fn refuse(
-    conn: &Connection,
-    head: &mut Head,
-    mut event: AuditEvent,
-    refusal: Refusal,
-) -> rusqlite::Result<Applied> {
-    event.decision = "deny".into();
-    event.reason = Some(refusal.describe());
-    event.credential_sha256 = None;
-    event.expires_at = None;
-    let receipt = append(conn, head, &event)?;
-    let mut a = Applied::recorded(Some(receipt));
-    a.refused = Some(refusal);
-    Ok(a)
-}
-
-fn insert_lease(conn: &Connection, lease: &Lease) -> rusqlite::Result<()> {
-    conn.prepare_cached(&format!(
-        "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
-    ))?
-    .execute(params![
-        lease.id.as_str(),
-        lease.profile.as_str(),
-        lease.spiffe_id,
-        serde_json::to_string(&lease.scopes).unwrap_or_default(),
-        lease.audience,
-        lease.state.as_str(),
-        lease.issued_at,
-        lease.expires_at,
-        lease.max_expires_at,
-        lease.credential_sha256,
-        lease.renewals,
-        lease.ended_at,
-        lease.end_reason,
-        lease.intent.as_ref().map(|i| serde_json::to_string(i).unwrap_or_default()),
-        lease.backend.as_ref().map(|b| b.kind.as_str()),
-        lease.backend.as_ref().map(|b| b.handle.as_str()),
-        lease.backend.as_ref().is_some_and(|b| b.revocable),
-    ])?;
-    Ok(())
-}
-
-fn insert_access_request(conn: &Connection, r: &AccessRequest) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO access_requests (id, requester, profile, request, request_digest, approver_group, threshold,
-             state, created_at, expires_at, deny_ends, break_glass, post_review, lease_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?
-    .execute(params![
-        r.id,
-        r.requester,
-        r.profile.as_str(),
-        r.request.canonical(),
-        r.digest,
-        r.group,
-        r.threshold,
-        r.state.as_str(),
-        r.created_at,
-        r.expires_at,
-        r.deny_ends,
-        r.break_glass,
-        r.post_review,
-        r.lease_id,
-    ])?;
-    Ok(())
-}
-
-const REQUEST_COLUMNS: &str =
-    "id, requester, profile, request, request_digest, approver_group, threshold, state, \
-     created_at, expires_at, deny_ends, break_glass, post_review, lease_id";
-
-fn request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccessRequest> {
-    let profile: String = r.get(2)?;
-    let request: String = r.get(3)?;
-    let state: String = r.get(7)?;
-    Ok(AccessRequest {
-        id: r.get(0)?,
-        requester: r.get(1)?,
-        profile: ProfileName::parse(&profile).map_err(|_| bad(2, "profile"))?,
-        request: serde_json::from_str::<RequestSpec>(&request).map_err(|_| bad(3, "request"))?,
-        digest: r.get(4)?,
-        group: r.get(5)?,
-        threshold: r.get(6)?,
-        state: AccessState::from_db(&state).ok_or_else(|| bad(7, "state"))?,
-        created_at: r.get(8)?,
-        expires_at: r.get(9)?,
-        deny_ends: r.get(10)?,
-        break_glass: r.get(11)?,
-        post_review: r.get(12)?,
-        lease_id: r.get(13)?,
-        reviews: Vec::new(),
-    })
-}
-
-fn with_reviews(conn: &Connection, mut r: AccessRequest) -> rusqlite::Result<AccessRequest> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT reviewer, verdict, reason, at, post_review FROM access_reviews WHERE request_id = ?1 ORDER BY at, reviewer",
-    )?;
-    r.reviews = stmt
-        .query_map([&r.id], |row| {
-            let verdict: String = row.get(1)?;
-            Ok(Review {
-                reviewer: row.get(0)?,
-                verdict: if verdict == "approve" {
-                    Verdict::Approve
-                } else {
-                    Verdict::Deny
-                },
-                reason: row.get(2)?,
-                at: row.get(3)?,
-                post_review: row.get(4)?,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(r)
-}
-
-fn select_request(conn: &Connection, id: &str) -> rusqlite::Result<Option<AccessRequest>> {
-    let r = conn
-        .query_row(
-            &format!("SELECT {REQUEST_COLUMNS} FROM access_requests WHERE id = ?1"),
-            [id],
-            request_from_row,
-        )
-        .optional()?;
-    r.map(|r| with_reviews(conn, r)).transpose()
-}
-
-/// Counts traffic per identity, inside the same transaction as the entry.
-fn note_identity(conn: &Connection, event: &AuditEvent) -> rusqlite::Result<()> {
-    let Some(caller) = &event.caller else {
-        return Ok(());
-    };
-    let issued =
-        matches!(event.kind, EventKind::Issue | EventKind::Renew) && event.decision == "allow";
-    let denied = event.decision == "deny";
-    conn.prepare_cached(
-        "INSERT INTO identities_seen (spiffe_id, first_seen, last_seen, last_issued, issued, denied)
-         VALUES (?1, ?2, ?2, CASE WHEN ?3 THEN ?2 END, ?3, ?4)
-         ON CONFLICT (spiffe_id) DO UPDATE SET
-             last_seen = max(last_seen, excluded.last_seen),
-             last_issued = CASE WHEN ?3 THEN ?2 ELSE last_issued END,
-             issued = issued + ?3,
-             denied = denied + ?4",
-    )?
-    .execute(params![caller, event.time_ms, issued as i64, denied as i64])?;
-    Ok(())
-}
-
-/// Whether a new lease may be recorded: no lock or revocation covers it and the holder
-/// is under its quota.
-fn admit(
-    conn: &Connection,
-    lease: &Lease,
-    max_active: Option<u32>,
-) -> rusqlite::Result<Option<Refusal>> {
-    if let Some(refusal) = barred(conn, lease)? {
-        return Ok(Some(refusal));
-    }
-    if over_quota(conn, lease, max_active)? {
-        return Ok(Some(Refusal::QuotaExceeded(max_active.unwrap_or_default())));
-    }
-    Ok(None)
-}
-
-/// Records a refused issuance: the entry names no lease or credential, since none exists.
-fn refuse_new_lease(
-    conn: &Connection,
-    head: &mut Head,
-    mut event: AuditEvent,
-    refusal: Refusal,
-) -> rusqlite::Result<Applied> {
-    event.lease_id = None;
-    event.granted_scopes.clear();
-    event.credential_sha256 = None;
-    refuse(conn, head, event, refusal)
-}
-
-/// Whether the lease's holder already has `max` active leases on its profile.
-fn over_quota(conn: &Connection, lease: &Lease, max: Option<u32>) -> rusqlite::Result<bool> {
-    let Some(max) = max else {
-        return Ok(false);
-    };
-    let active: i64 = conn
-        .prepare_cached(
-            // Bounded by the limit: the check costs at most `max` index steps, however many
-            // leases the holder has.
-            "SELECT count(*) FROM (SELECT 1 FROM leases WHERE spiffe_id = ?1 AND profile = ?2 AND state = 'active'
-             AND expires_at > ?3 LIMIT ?4)",
-        )?        .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at, max], |r| r.get(0))?;
-    Ok(active >= i64::from(max))
-}
-
-/// Most lease ids listed in one revocation's audit entry; larger revocations record the
-/// count and a digest of every id (the feed has each one).
-const MAX_LISTED: usize = 1000;
-
-/// A revoked lease: id, holder, profile, expiry, certificate serial (x509 leases).
-type RevokedRow = (String, String, String, i64, Option<String>);
-
-/// The columns of a [`RevokedRow`].
-const REVOKED_COLUMNS: &str = "id, spiffe_id, profile, expires_at, \
-     CASE WHEN backend_kind = 'x509' THEN backend_handle END";
-
-fn append_revocation_events(
-    conn: &Connection,
-    rows: &[RevokedRow],
-    now: i64,
-    reason: &str,
-) -> rusqlite::Result<()> {
-    let (mut seq, mut prev): (i64, [u8; 32]) = conn
-        .query_row(
-            "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get::<_, Vec<u8>>(1)?.try_into().unwrap_or([0; 32]),
-                ))
-            },
-        )
-        .optional()?
-        .unwrap_or((0, [0; 32]));
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO revocation_events (seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash, certificate_serial)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
-    let mut sorted: Vec<&RevokedRow> = rows.iter().collect();
-    sorted.sort();
-    for (lease_id, spiffe_id, profile, expires_at, serial) in sorted {
-        seq += 1;
-        let ev = RevocationEvent {
-            seq: seq as u64,
-            lease_id: lease_id.clone(),
-            spiffe_id: spiffe_id.clone(),
-            profile: profile.clone(),
-            expires_at: *expires_at,
-            revoked_at: now,
-            reason: reason.to_owned(),
-            chain_hash: String::new(),
-            certificate_serial: serial.clone(),
-        };
-        prev = ev.chain(&prev);
-        stmt.execute(params![
-            seq,
-            lease_id,
-            spiffe_id,
-            profile,
-            expires_at,
-            now,
-            reason,
-            prev.as_slice(),
-            serial
-        ])?;
-    }
-    Ok(())
-}
-
-/// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
-const MATCHES: &str = "((kind = 'spiffe_id' AND value = ?1) OR (kind = 'prefix' AND substr(?1, 1, length(value)) = value)
-                    OR (kind = 'profile' AND value = ?2)";
-
-/// An operator lock in force at `at` over this identity or profile.
-fn locked(
-    conn: &Connection,
-    spiffe_id: &str,
-    profile: &str,
-    at: i64,
-) -> rusqlite::Result<Option<Refusal>> {
-    let lock: Option<(String, i64)> = conn
-        .prepare_cached(&format!(
-            "SELECT reason, until FROM locks WHERE until > ?3 AND {MATCHES}) ORDER BY until DESC LIMIT 1"
-        ))?
-        .query_row(params![spiffe_id, profile, at], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    Ok(lock.map(|(reason, until)| {
-        Refusal::Locked(format!("{reason} (until {})", crate::clock::rfc3339(until)))
-    }))
-}
-
-/// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
-fn barred(conn: &Connection, lease: &Lease) -> rusqlite::Result<Option<Refusal>> {
-    if let Some(r) = locked(
-        conn,
-        &lease.spiffe_id,
-        lease.profile.as_str(),
-        lease.issued_at,
-    )? {
-        return Ok(Some(r));
-    }
-    let revoked: bool = conn
-        .prepare_cached(&format!(
-            "SELECT EXISTS (SELECT 1 FROM revocation_rules WHERE cutoff >= ?3 AND ({MATCHES} OR kind = 'all')))"
-        ))?
-        .query_row(params![lease.spiffe_id, lease.profile.as_str(), lease.issued_at], |r| r.get(0))?;
-    Ok(revoked.then_some(Refusal::RevokedBefore))
-}
-
-fn apply_op(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Result<Applied> {
-    let event = op.event().cloned();
-    let applied = apply_guarded(conn, head, op)?;
-    if let Some(mut e) = event {
-        if applied.refused.is_some() {
-            e.decision = "deny".into();
-        }
-        note_identity(conn, &e)?;
-    }
-    Ok(applied)
-}
-
-fn apply_guarded(conn: &Connection, head: &mut Head, op: LedgerOp) -> rusqlite::Result<Applied> {
-    match op {
-        LedgerOp::Issue {
-            lease,
-            event,
-            max_active,
-            break_glass,
-            idempotency,
-        } => {
-            if let Some(rec) = &idempotency {
-                let used: bool = conn
-                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM idempotency WHERE caller = ?1 AND key_hash = ?2)")?
-                    .query_row(params![rec.caller, rec.key_hash], |r| r.get(0))?;
-                if used {
-                    return refuse_new_lease(conn, head, event, Refusal::Duplicate);
+    /// One `BEGIN IMMEDIATE` transaction, each op in its own savepoint; one fsync for
+    /// the whole batch.
+    fn commit(&mut self, batch: &[Job]) -> Result<Outcomes, DbError> {
+        let mut tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut tentative = self.head.clone();
+        let mut results = Vec::with_capacity(batch.len());
+        for job in batch {
+            let before = tentative.clone();
+            let sp = tx.savepoint()?;
+            match ops::apply(&mut SqliteTx(&sp), &mut tentative, job.op.clone()) {
+                Ok(applied) => {
+                    sp.commit()?;
+                    results.push(Ok(applied));
                 }
-            }
-            if let Some(refusal) = admit(conn, &lease, max_active)? {
-                return refuse_new_lease(conn, head, event, refusal);
-            }
-            insert_lease(conn, &lease)?;
-            if let Some(rec) = &idempotency {
-                conn.prepare_cached(
-                    "INSERT INTO idempotency (caller, key_hash, digest, lease_id, sealed, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![rec.caller, rec.key_hash, rec.digest, rec.lease_id, rec.sealed, rec.expires_at])?;
-            }
-            if let Some(r) = &break_glass {
-                insert_access_request(conn, r)?;
-            }
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.lease = Some(lease);
-            a.access_request = break_glass;
-            Ok(a)
-        }
-        LedgerOp::OpenAccessRequest { request, event } => {
-            insert_access_request(conn, &request)?;
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.access_request = Some(request);
-            Ok(a)
-        }
-        LedgerOp::Review {
-            id,
-            reviewer,
-            verdict,
-            reason,
-            now,
-            event,
-        } => {
-            let Some(req) = select_request(conn, &id)? else {
-                return refuse(conn, head, event, Refusal::RequestNotFound);
-            };
-            if req.requester == reviewer {
-                return refuse(conn, head, event, Refusal::SelfReview);
-            }
-            let post = req.break_glass;
-            if post {
-                if req.post_review.as_deref() != Some("pending") {
-                    return refuse(conn, head, event, Refusal::RequestEnded(req.state));
-                }
-            } else {
-                if req.state != AccessState::Pending {
-                    return refuse(conn, head, event, Refusal::RequestEnded(req.state));
-                }
-                if req.expires_at <= now {
-                    conn.execute(
-                        "UPDATE access_requests SET state = 'expired', decided_at = ?2 WHERE id = ?1",
-                        params![id, now],
-                    )?;
-                    return refuse(conn, head, event, Refusal::RequestExpired);
-                }
-                if req
-                    .reviews
-                    .iter()
-                    .any(|r| r.reviewer == reviewer && !r.post_review)
-                {
-                    return refuse(conn, head, event, Refusal::AlreadyReviewed);
-                }
-            }
-            conn.execute(
-                "INSERT INTO access_reviews (request_id, reviewer, verdict, reason, at, post_review) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, reviewer, verdict.as_str(), reason, now, post],
-            )?;
-            if post {
-                conn.execute(
-                    "UPDATE access_requests SET post_review = ?2 WHERE id = ?1",
-                    params![
-                        id,
-                        if verdict == Verdict::Approve {
-                            "approved"
-                        } else {
-                            "denied"
-                        }
-                    ],
-                )?;
-            } else {
-                let req = select_request(conn, &id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
-                let approvals = req.approvers().len() as u32;
-                // One deny ends it unless the profile says otherwise; then denies are
-                // only on record and the request waits for approvals or expiry.
-                let next = if verdict == Verdict::Deny && req.deny_ends {
-                    Some("denied")
-                } else if approvals >= req.threshold {
-                    Some("approved")
-                } else {
-                    None
-                };
-                if let Some(state) = next {
-                    conn.execute(
-                        "UPDATE access_requests SET state = ?2, decided_at = ?3 WHERE id = ?1",
-                        params![id, state, now],
-                    )?;
-                }
-            }
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.access_request = select_request(conn, &id)?;
-            Ok(a)
-        }
-        LedgerOp::Redeem {
-            id,
-            requester,
-            digest,
-            max_active,
-            lease,
-            now,
-            event,
-        } => {
-            let req = match select_request(conn, &id)? {
-                Some(r) if r.requester == requester => r,
-                _ => return refuse(conn, head, event, Refusal::RequestNotFound),
-            };
-            if req.digest != digest {
-                return refuse(conn, head, event, Refusal::DigestMismatch);
-            }
-            if req.state != AccessState::Approved {
-                return refuse(conn, head, event, Refusal::RequestEnded(req.state));
-            }
-            if req.expires_at <= now {
-                conn.execute(
-                    "UPDATE access_requests SET state = 'expired', decided_at = ?2 WHERE id = ?1",
-                    params![id, now],
-                )?;
-                return refuse(conn, head, event, Refusal::RequestExpired);
-            }
-            if let Some(refusal) = admit(conn, &lease, max_active)? {
-                return refuse_new_lease(conn, head, event, refusal);
-            }
-            insert_lease(conn, &lease)?;
-            conn.execute(
-                "UPDATE access_requests SET state = 'issued', lease_id = ?2 WHERE id = ?1 AND state = 'approved'",
-                params![id, lease.id.as_str()],
-            )?;
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            a.lease = Some(lease);
-            a.access_request = select_request(conn, &id)?;
-            Ok(a)
-        }
-        LedgerOp::Renew {
-            lease_id,
-            holder,
-            now,
-            expires_at,
-            credential_sha256,
-            event,
-        } => match guard_holder(select_lease(conn, lease_id.as_str())?, &holder, now) {
-            Err(r) => refuse(conn, head, event, r),
-            Ok(lease) => {
-                // A renewal mints a fresh credential: locks apply to it as to issuance.
-                if let Some(r) = locked(conn, &lease.spiffe_id, lease.profile.as_str(), now)? {
-                    return refuse(conn, head, event, r);
-                }
-                let expires_at = expires_at.min(lease.max_expires_at);
-                conn.execute(
-                    "UPDATE leases SET expires_at = ?2, credential_sha256 = ?3, renewals = renewals + 1
-                     WHERE id = ?1 AND state = 'active'",
-                    params![lease_id.as_str(), expires_at, credential_sha256],
-                )?;
-                let receipt = append(conn, head, &event)?;
-                let mut a = Applied::recorded(Some(receipt));
-                a.lease = select_lease(conn, lease_id.as_str())?;
-                Ok(a)
-            }
-        },
-        LedgerOp::Release {
-            lease_id,
-            holder,
-            now,
-            event,
-        } => match guard_holder(select_lease(conn, lease_id.as_str())?, &holder, now) {
-            Err(r) => refuse(conn, head, event, r),
-            Ok(_) => {
-                conn.execute(
-                    "UPDATE leases SET state = 'released', ended_at = ?2, end_reason = 'released by holder'
-                     WHERE id = ?1 AND state = 'active'",
-                    params![lease_id.as_str(), now],
-                )?;
-                let receipt = append(conn, head, &event)?;
-                let mut a = Applied::recorded(Some(receipt));
-                a.lease = select_lease(conn, lease_id.as_str())?;
-                a.affected = vec![lease_id.to_string()];
-                Ok(a)
-            }
-        },
-        LedgerOp::Revoke {
-            selector,
-            issued_before,
-            reason,
-            now,
-            dry_run,
-            chunk,
-            mut event,
-        } => {
-            // One predicate for preview and revocation: what the selector covers.
-            let (filter, value): (&str, String) = match &selector {
-                RevokeSelector::Lease(id) => ("id = ?1", id.to_string()),
-                RevokeSelector::SpiffeId(sid) => ("spiffe_id = ?1", sid.clone()),
-                // A range on the holder index (SPIFFE IDs are printable ASCII, below 0x7f), so
-                // each chunk of a bulk revocation walks only the covered identities.
-                RevokeSelector::Prefix(p) => (
-                    "spiffe_id >= ?1 AND spiffe_id < (?1 || char(127)) AND substr(spiffe_id, 1, length(?1)) = ?1",
-                    p.clone(),
-                ),
-                RevokeSelector::Profile(p) => ("profile = ?1", p.to_string()),
-                RevokeSelector::Approver(a) => (
-                    "id IN (SELECT r.lease_id FROM access_requests r JOIN access_reviews v ON v.request_id = r.id
-                            WHERE v.reviewer = ?1 AND v.verdict = 'approve' AND v.post_review = 0
-                              AND r.lease_id IS NOT NULL)",
-                    a.clone(),
-                ),
-                RevokeSelector::AccessRequest(r) => {
-                    ("id = (SELECT lease_id FROM access_requests WHERE id = ?1)", r.clone())
-                }
-                RevokeSelector::All => ("?1 = ?1", String::new()),
-            };
-            let cut = "(?2 IS NULL OR issued_at < ?2)";
-            let rows: Vec<RevokedRow> = if dry_run {
-                let mut stmt = conn.prepare(&format!(
-                    "SELECT {REVOKED_COLUMNS} FROM leases WHERE state = 'active' AND {filter} AND {cut}"
-                ))?;
-                let rows = stmt.query_map(params![value, issued_before], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                })?;
-                rows.collect::<rusqlite::Result<_>>()?
-            } else {
-                let limit = chunk.map_or(-1, |(limit, _)| i64::from(limit));
-                let mut stmt = conn.prepare(&format!(
-                    "UPDATE leases SET state = 'revoked', ended_at = ?3, end_reason = ?4
-                     WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND {filter} AND {cut} LIMIT ?5)
-                     RETURNING {REVOKED_COLUMNS}"
-                ))?;
-                let end_reason = format!("revoked: {reason}");
-                let rows = stmt
-                    .query_map(params![value, issued_before, now, end_reason, limit], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                    })?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            let mut ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-            ids.sort();
-            if dry_run {
-                let mut a = Applied::recorded(None);
-                a.affected = ids;
-                return Ok(a);
-            }
-            let part = chunk.map_or(1, |(_, part)| part);
-            if part > 1 && ids.is_empty() {
-                return Ok(Applied::recorded(None));
-            }
-            // Identity, prefix and profile revocations also bar in-flight issuance.
-            if let Some((kind, v)) = selector.rule().filter(|_| part == 1) {
-                let cutoff = issued_before.map_or(now, |c| c.min(now));
-                conn.execute(
-                    "INSERT INTO revocation_rules (kind, value, cutoff, created_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![kind, v, cutoff, now],
-                )?;
-            }
-            append_revocation_events(conn, &rows, now, &reason)?;
-            event.affected_leases = ids.iter().take(MAX_LISTED).cloned().collect();
-            if ids.len() > MAX_LISTED {
-                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-                for id in &ids {
-                    ctx.update(id.as_bytes());
-                    ctx.update(b"\n");
-                }
-                event.reason = Some(format!(
-                    "{} ({} leases; the first {MAX_LISTED} listed; SHA-256 of all sorted ids: {})",
-                    event.reason.clone().unwrap_or_else(|| reason.clone()),
-                    ids.len(),
-                    hex::encode(ctx.finish().as_ref())
-                ));
-            }
-            if ids.is_empty() {
-                let refusal = match &selector {
-                    RevokeSelector::Lease(id) => match select_lease(conn, id.as_str())? {
-                        None => Refusal::NotFound,
-                        Some(l) => Refusal::Ended(l.state),
-                    },
-                    _ => Refusal::NothingMatched,
-                };
-                // An empty revocation is still an operator action worth recording.
-                event.reason = Some(format!("{reason} ({})", refusal.describe()));
-                let receipt = append(conn, head, &event)?;
-                let mut a = Applied::recorded(Some(receipt));
-                a.refused = Some(refusal);
-                return Ok(a);
-            }
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            if let RevokeSelector::Lease(id) = &selector {
-                a.lease = select_lease(conn, id.as_str())?;
-            }
-            a.affected = ids;
-            Ok(a)
-        }
-        LedgerOp::Lock { lock, event } => {
-            conn.execute(
-                "INSERT INTO locks (id, kind, value, until, reason, created_by, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![lock.id, lock.kind, lock.value, lock.until, lock.reason, lock.created_by, lock.created_at],
-            )?;
-            let receipt = append(conn, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
-        LedgerOp::Unlock { id, event } => {
-            let n = conn.execute("DELETE FROM locks WHERE id = ?1", [&id])?;
-            if n == 0 {
-                return refuse(conn, head, event, Refusal::NothingMatched);
-            }
-            let receipt = append(conn, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
-        LedgerOp::BackendRevoked {
-            lease_id,
-            now,
-            event,
-        } => {
-            // Force-removed meanwhile: nothing to record twice.
-            let receipt = end_backend_revocation(conn, head, &lease_id, now, "revoked", &event)?;
-            Ok(Applied::recorded(receipt))
-        }
-        LedgerOp::BackendRevokeFailed {
-            lease_id,
-            error,
-            next_attempt_at,
-        } => {
-            conn.prepare_cached(
-                "UPDATE backend_revocations SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3
-                 WHERE lease_id = ?1 AND done_at IS NULL",
-            )?
-            .execute(params![lease_id, error, next_attempt_at])?;
-            Ok(Applied::recorded(None))
-        }
-        LedgerOp::ForceRemoveBackendRevocation {
-            lease_id,
-            now,
-            event,
-        } => match end_backend_revocation(conn, head, &lease_id, now, "force_removed", &event)? {
-            Some(receipt) => Ok(Applied::recorded(Some(receipt))),
-            None => refuse(conn, head, event, Refusal::NothingMatched),
-        },
-        LedgerOp::Expire {
-            now,
-            limit,
-            mut event,
-        } => {
-            // Sealed credentials are kept no longer than the credentials live.
-            conn.prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")?
-                .execute([now])?;
-            let mut stmt = conn.prepare_cached(
-                "UPDATE leases SET state = 'expired', ended_at = expires_at, end_reason = 'ttl elapsed'
-                 WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND expires_at <= ?1
-                              ORDER BY expires_at LIMIT ?2)
-                 RETURNING id",
-            )?;
-            let mut ids: Vec<String> = stmt
-                .query_map(params![now, limit], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            ids.sort();
-            let mut stmt = conn.prepare_cached(
-                "UPDATE access_requests SET state = 'expired', decided_at = ?1
-                 WHERE id IN (SELECT id FROM access_requests WHERE state IN ('pending', 'approved') AND expires_at <= ?1
-                              ORDER BY expires_at LIMIT ?2)
-                 RETURNING id",
-            )?;
-            let mut requests: Vec<String> = stmt
-                .query_map(params![now, limit], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            requests.sort();
-            if ids.is_empty() && requests.is_empty() {
-                return Ok(Applied::recorded(None));
-            }
-            event.affected_leases = ids.clone();
-            event.affected_requests = requests.clone();
-            let receipt = append(conn, head, &event)?;
-            let mut a = Applied::recorded(Some(receipt));
-            ids.extend(requests);
-            a.affected = ids;
-            Ok(a)
-        }
-        LedgerOp::Record { event } => {
-            let receipt = append(conn, head, &event)?;
-            Ok(Applied::recorded(Some(receipt)))
-        }
-        LedgerOp::Checkpoint { signer, time_ms } => {
-            let size = head.tree.size();
-            let last: Option<i64> =
-                conn.query_row("SELECT max(size) FROM checkpoints", [], |r| r.get(0))?;
-            if size == 0 {
-                return Ok(Applied::recorded(None));
-            }
-            if last == Some(size as i64) {
-                // Already signed at this size (maybe by a concurrent request): that one.
-                let mut a = Applied::recorded(None);
-                a.checkpoint = conn
-                    .query_row(
-                        "SELECT size, root, time_ms, note FROM checkpoints WHERE size = ?1",
-                        [size as i64],
-                        checkpoint_from_row,
-                    )
-                    .optional()?;
-                return Ok(a);
-            }
-            let root = head.tree.root();
-            let note = signer.sign(size, &root);
-            conn.execute(
-                "INSERT INTO checkpoints (size, root, time_ms, note) VALUES (?1, ?2, ?3, ?4)",
-                params![size as i64, root.as_slice(), time_ms, note],
-            )?;
-            let mut a = Applied::recorded(None);
-            a.checkpoint = Some(StoredCheckpoint {
-                size,
-                root,
-                time_ms,
-                note,
-            });
-            Ok(a)
-        }
-    }
-}
-
-fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
-    let root: Vec<u8> = r.get(1)?;
-    Ok(StoredCheckpoint {
-        size: r.get::<_, i64>(0)? as u64,
-        root: root.try_into().map_err(|_| {
-            rusqlite::Error::FromSqlConversionFailure(
-                1,
-                rusqlite::types::Type::Blob,
-                "root is not 32 bytes".into(),
-            )
-        })?,
-        time_ms: r.get(2)?,
-        note: r.get(3)?,
-    })
-}
-
-fn tree_size(conn: &Connection) -> rusqlite::Result<u64> {
-    conn.query_row(
-        "SELECT count(*) FROM merkle_nodes WHERE level = 0",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n as u64)
-}
-
-fn writer_loop(
-    mut conn: Connection,
-    mut head: Head,
-    mut rx: mpsc::Receiver<Job>,
-    max_batch: usize,
-    metrics: Arc<Metrics>,
-) {
-    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
-        let started = Instant::now();
-        let outcome = commit_batch(&mut conn, &mut head, &mut batch);
-        metrics.observe_commit(started.elapsed(), batch.len());
-        match outcome {
-            Ok(results) => {
-                for (job, r) in batch.drain(..).zip(results) {
-                    let _ = job.reply.send(r);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, batch = batch.len(), "ledger commit failed; refusing the batch");
-                metrics.ledger_failures.inc();
-                // The transaction rolled back: re-read the head so the chain stays exact.
-                if let Ok(h) = load_head(&conn) {
-                    head = h;
-                }
-                for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(unavailable(&e)));
+                Err(e) => {
+                    drop(sp); // rolls back this op only
+                    tentative = before;
+                    tracing::error!(error = %e, "ledger op failed");
+                    results.push(Err(StoreError::from(e)));
                 }
             }
         }
+        tx.set_drop_behavior(rusqlite::DropBehavior::Rollback);
+        tx.commit()?;
+        self.head = tentative;
+        Ok(results)
     }
-}
 
-/// Applies a batch in one transaction. An op whose SQL fails is rolled back to its
-/// savepoint and answered with `Unavailable`; the others still commit. A failure of the
-/// transaction itself (begin or commit) fails the whole batch.
-fn commit_batch(
-    conn: &mut Connection,
-    head: &mut Head,
-    batch: &mut [Job],
-) -> rusqlite::Result<Vec<Result<Applied, StoreError>>> {
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut tentative = head.clone();
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch.iter() {
-        let before = tentative.clone();
-        let sp = tx.savepoint()?;
-        match apply_op(&sp, &mut tentative, job.op.clone()) {
-            Ok(applied) => {
-                sp.commit()?;
-                results.push(Ok(applied));
-            }
-            Err(e) => {
-                drop(sp); // rolls back this op only
-                tentative = before;
-                tracing::error!(error = %e, "ledger op failed");
-                results.push(Err(unavailable(e)));
-            }
+    /// The transaction rolled back: re-read the head so the chain stays exact.
+    fn failed(&mut self) {
+        if let Ok(h) = load_head(&self.conn) {
+            self.head = h;
         }
     }
-    tx.set_drop_behavior(rusqlite::DropBehavior::Rollback);
-    tx.commit()?;
-    *head = tentative;
-    Ok(results)
 }
 
-impl Store for SqliteStore {
-    fn apply(&self, op: LedgerOp) -> BoxFuture<'_, Result<Applied, StoreError>> {
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            let deadline = tokio::time::Instant::now() + self.commit_timeout;
-            tokio::time::timeout_at(deadline, self.tx.send(Job { op, reply }))
-                .await
-                .map_err(|_| unavailable("ledger queue full past the commit timeout"))?
-                .map_err(|_| unavailable("ledger writer stopped"))?;
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(unavailable("ledger writer stopped")),
-                Err(_) => Err(unavailable("ledger commit timed out")),
-            }
-        })
-    }
-
-    fn lease(&self, id: &LeaseId) -> BoxFuture<'_, Result<Option<Lease>, StoreError>> {
-        let id = id.to_string();
-        Box::pin(self.read(move |c| select_lease(c, &id)))
-    }
-
-    fn leases(&self, filter: LeaseFilter) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let (before_at, before_id) = filter.before.clone().unwrap_or((i64::MAX, String::new()));
-            let has_cursor = filter.before.is_some();
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {LEASE_COLUMNS} FROM leases
-                 WHERE (?1 IS NULL OR spiffe_id = ?1) AND (?2 IS NULL OR state = ?2) AND (?7 IS NULL OR id = ?7)
-                   AND (?3 = 0 OR issued_at < ?4 OR (issued_at = ?4 AND id < ?5))
-                 ORDER BY issued_at DESC, id DESC LIMIT ?6"
-            ))?;
-            let rows = stmt.query_map(
-                params![
-                    filter.spiffe_id,
-                    filter.state.map(|s| s.as_str()),
-                    has_cursor as i64,
-                    before_at,
-                    before_id,
-                    filter.limit.clamp(1, 1000),
-                    filter.lease_id
-                ],
-                lease_from_row,
-            )?;
-            rows.collect()
-        }))
-    }
-
-    fn access_request(&self, id: &str) -> BoxFuture<'_, Result<Option<AccessRequest>, StoreError>> {
-        let id = id.to_owned();
-        Box::pin(self.read(move |c| select_request(c, &id)))
-    }
-
-    fn access_requests(
-        &self,
-        filter: AccessFilter,
-    ) -> BoxFuture<'_, Result<Vec<AccessRequest>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let profiles = filter
-                .profiles
-                .as_ref()
-                .map(|p| serde_json::to_string(p).unwrap_or_default());
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {REQUEST_COLUMNS} FROM access_requests
-                 WHERE (?1 IS NULL OR state = ?1)
-                   AND (?2 IS NULL OR profile IN (SELECT value FROM json_each(?2)))
-                   AND (?3 = 0 OR post_review = 'pending')
-                   AND (?4 IS NULL OR requester = ?4)
-                 ORDER BY created_at DESC, id DESC LIMIT ?5"
-            ))?;
-            let rows: Vec<AccessRequest> = stmt
-                .query_map(
-                    params![
-                        filter.state.map(|s| s.as_str()),
-                        profiles,
-                        filter.awaiting_post_review as i64,
-                        filter.requester,
-                        filter.limit.clamp(1, 1000)
-                    ],
-                    request_from_row,
-                )?
-                .collect::<rusqlite::Result<_>>()?;
-            rows.into_iter().map(|r| with_reviews(c, r)).collect()
-        }))
-    }
-
-    fn checkpoint(
-        &self,
-        size: Option<u64>,
-    ) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let sql = "SELECT size, root, time_ms, note FROM checkpoints WHERE (?1 IS NULL OR size = ?1) ORDER BY size DESC LIMIT 1";
-            c.query_row(sql, params![size.map(|s| s as i64)], checkpoint_from_row).optional()
-        }))
-    }
-
-    fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<StoredCheckpoint>, StoreError>> {
-        Box::pin(self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT size, root, time_ms, note FROM checkpoints ORDER BY size",
-            )?;
-            let rows = stmt.query_map([], checkpoint_from_row)?;
-            rows.collect()
-        }))
-    }
-
-    fn inclusion_proof(
-        &self,
-        index: u64,
-        size: u64,
-    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            if index >= size || size > tree_size(c)? {
-                return Ok(None);
-            }
-            crate::merkle::inclusion_proof(&SqlNodes(c), index, size).map(Some)
-        }))
-    }
-
-    fn consistency_proof(
-        &self,
-        old: u64,
-        new: u64,
-    ) -> BoxFuture<'_, Result<Option<Vec<MerkleHash>>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            if old > new || new > tree_size(c)? {
-                return Ok(None);
-            }
-            crate::merkle::consistency_proof(&SqlNodes(c), old, new).map(Some)
-        }))
-    }
-
-    fn idempotency(
-        &self,
-        caller: &str,
-        key_hash: &str,
-    ) -> BoxFuture<'_, Result<Option<IdempotencyRecord>, StoreError>> {
-        let (caller, key_hash) = (caller.to_owned(), key_hash.to_owned());
-        Box::pin(self.read(move |c| {
-            c.query_row(
-                "SELECT caller, key_hash, digest, lease_id, sealed, expires_at FROM idempotency
-                 WHERE caller = ?1 AND key_hash = ?2",
-                params![caller, key_hash],
-                |r| {
-                    Ok(IdempotencyRecord {
-                        caller: r.get(0)?,
-                        key_hash: r.get(1)?,
-                        digest: r.get(2)?,
-                        lease_id: r.get(3)?,
-                        sealed: r.get(4)?,
-                        expires_at: r.get(5)?,
-                    })
-                },
-            )
-            .optional()
-        }))
-    }
-
-    fn locks(&self, now: i64) -> BoxFuture<'_, Result<Vec<Lock>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, kind, value, until, reason, created_by, created_at FROM locks WHERE until > ?1 ORDER BY created_at",
-            )?;
-            let rows = stmt.query_map([now], |r| {
-                Ok(Lock {
-                    id: r.get(0)?,
-                    kind: r.get(1)?,
-                    value: r.get(2)?,
-                    until: r.get(3)?,
-                    reason: r.get(4)?,
-                    created_by: r.get(5)?,
-                    created_at: r.get(6)?,
-                })
-            })?;
-            rows.collect()
-        }))
-    }
-
-    fn revocation_tail(&self) -> BoxFuture<'_, Result<Option<super::FeedTail>, StoreError>> {
-        Box::pin(self.read(|c| {
-            c.query_row(
-                "SELECT seq, chain_hash FROM revocation_events ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as u64,
-                        r.get::<_, Vec<u8>>(1)?.try_into().unwrap_or([0u8; 32]),
-                    ))
-                },
-            )
-            .optional()
-        }))
-    }
-
-    fn revocations(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<RevocationEvent>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, lease_id, spiffe_id, profile, expires_at, revoked_at, reason, chain_hash, certificate_serial
-                 FROM revocation_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![after as i64, limit.clamp(1, 10_000)], |r| {
-                Ok(RevocationEvent {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    lease_id: r.get(1)?,
-                    spiffe_id: r.get(2)?,
-                    profile: r.get(3)?,
-                    expires_at: r.get(4)?,
-                    revoked_at: r.get(5)?,
-                    reason: r.get(6)?,
-                    chain_hash: hex::encode(r.get::<_, Vec<u8>>(7)?),
-                    certificate_serial: r.get(8)?,
-                })
-            })?;
-            rows.collect()
-        }))
-    }
-
-    fn claim_backend_revocations(
-        &self,
-        now: i64,
-        limit: u32,
-        hold_secs: u32,
-    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            // One IMMEDIATE transaction holds SQLite's single write lock from the select to
-            // the move: a concurrent claim (another process on the same file) waits, then
-            // finds these rows no longer due.
-            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
-            let until = now.saturating_add(i64::from(hold_secs));
-            let mut rows: Vec<BackendRevocation> = {
-                let mut stmt = tx.prepare_cached(&format!(
-                    "SELECT {BACKEND_REVOCATION_COLUMNS} FROM backend_revocations
-                     WHERE done_at IS NULL AND next_attempt_at <= ?1
-                     ORDER BY next_attempt_at, lease_id LIMIT ?2"
-                ))?;
-                let rows = stmt.query_map(params![now, limit], backend_revocation_from_row)?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            {
-                let mut stmt = tx.prepare_cached(
-                    "UPDATE backend_revocations SET next_attempt_at = ?2
-                     WHERE lease_id = ?1 AND done_at IS NULL",
-                )?;
-                for r in &mut rows {
-                    stmt.execute(params![r.lease_id, until])?;
-                    r.next_attempt_at = until;
-                }
-            }
-            tx.commit()?;
-            Ok(rows)
-        }))
-    }
-
-    fn pending_backend_revocations(
-        &self,
-        min_attempts: u32,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<BackendRevocation>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {BACKEND_REVOCATION_COLUMNS} FROM backend_revocations
-                 WHERE done_at IS NULL AND attempts >= ?1 ORDER BY queued_at, lease_id LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![min_attempts, limit], backend_revocation_from_row)?;
-            rows.collect()
-        }))
-    }
-
-    fn entries_for_lease(
-        &self,
-        lease_id: &str,
-    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
-        let id = lease_id.to_owned();
-        Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, kind, lease_id, body, prev_hash, hash FROM audit_log WHERE lease_id = ?1 ORDER BY seq",
-            )?;
-            let rows = stmt.query_map([id], entry_from_row)?;
-            rows.collect()
-        }))
-    }
-
-    fn identity_stats(&self) -> BoxFuture<'_, Result<Vec<IdentityStats>, StoreError>> {
-        Box::pin(self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT s.spiffe_id, s.first_seen, s.last_seen, s.last_issued, s.issued, s.denied,
-                        (SELECT count(*) FROM leases l WHERE l.spiffe_id = s.spiffe_id AND l.state = 'active')
-                 FROM identities_seen s ORDER BY s.spiffe_id",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok(IdentityStats {
-                    spiffe_id: r.get(0)?,
-                    first_seen_ms: r.get(1)?,
-                    last_seen_ms: r.get(2)?,
-                    last_issued_ms: r.get(3)?,
-                    issued: r.get::<_, i64>(4)? as u64,
-                    denied: r.get::<_, i64>(5)? as u64,
-                    active_leases: r.get::<_, i64>(6)? as u64,
-                })
-            })?;
-            rows.collect()
-        }))
-    }
-
-    fn audit_entries(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, kind, lease_id, body, prev_hash, hash FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![after as i64, limit], entry_from_row)?;
-            rows.collect()
-        }))
-    }
-}
+engine::impl_store!(SqliteStore);

@@ -14,8 +14,8 @@ use spiffe_broker::audit::{AuditEvent, ChainVerifier, EventKind, LogReport, LogV
 use spiffe_broker::checkpoint::{LogSigner, VerifierKey};
 use spiffe_broker::config::LedgerConfig;
 use spiffe_broker::domain::{
-    BackendHandle, Lease, LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RevokeSelector,
-    Scope,
+    AccessFilter, AccessRequest, AccessState, BackendHandle, IdempotencyRecord, Lease, LeaseFilter,
+    LeaseId, LeaseState, Lock, ProfileName, RequestSpec, RevokeSelector, Scope, Verdict,
 };
 use spiffe_broker::merkle::{leaf_hash, verify_consistency, verify_inclusion};
 use spiffe_broker::metrics::Metrics;
@@ -370,6 +370,575 @@ async fn conformance(store: Arc<dyn Store>) {
             .all(|r| r.lease_id != v1.id.as_str()),
         "a confirmed revocation is never claimed again"
     );
+
+    guards_and_access(s, now + 20_000).await;
+}
+
+fn access_request(id: &str, requester: &str, profile: &str, at: i64) -> AccessRequest {
+    AccessRequest {
+        id: id.to_owned(),
+        requester: requester.to_owned(),
+        profile: ProfileName::parse(profile).expect("profile"),
+        request: RequestSpec {
+            scopes: vec!["job:submit".into()],
+            ttl_secs: Some(600),
+            intent: None,
+            grant: None,
+        },
+        digest: format!("digest-of-{id}"),
+        group: "approvers".into(),
+        threshold: 2,
+        state: AccessState::Pending,
+        created_at: at,
+        expires_at: at + 3600,
+        deny_ends: true,
+        break_glass: false,
+        post_review: None,
+        lease_id: None,
+        reviews: Vec::new(),
+    }
+}
+
+/// Locks, revocation rules, quotas, idempotency, access requests (reviews, redemption,
+/// break-glass post-review), the other revocation selectors, the revocation feed and the
+/// per-identity counters: every op family through the trait, on every backend.
+async fn guards_and_access(s: &dyn Store, now: i64) {
+    const ALICE: &str = "spiffe://example.org/team-a/alice";
+    const BOB: &str = "spiffe://example.org/team-b/bob";
+    let issue_op = |l: Lease, max_active: Option<u32>| {
+        let id = l.id.clone();
+        LedgerOp::Issue {
+            lease: l,
+            event: ev(EventKind::Issue, Some(&id)),
+            max_active,
+            break_glass: None,
+            idempotency: None,
+        }
+    };
+
+    // An operator lock on a prefix bars issuance and renewal under it, until unlocked.
+    let held = issue(s, lease(ALICE, now, 600)).await;
+    let lock = Lock {
+        id: "lock-1".into(),
+        kind: "prefix".into(),
+        value: "spiffe://example.org/team-a/".into(),
+        until: now + 500,
+        reason: "incident 42".into(),
+        created_by: "spiffe://example.org/ops".into(),
+        created_at: now,
+    };
+    s.apply(LedgerOp::Lock {
+        lock: lock.clone(),
+        event: ev(EventKind::Lock, None),
+    })
+    .await
+    .expect("lock");
+    assert_eq!(s.locks(now + 1).await.expect("locks"), vec![lock.clone()]);
+    assert!(s.locks(now + 500).await.expect("locks").is_empty(), "ended");
+    let r = s
+        .apply(issue_op(lease(ALICE, now + 1, 600), None))
+        .await
+        .expect("commit");
+    match r.refused {
+        Some(Refusal::Locked(why)) => assert!(why.starts_with("incident 42 (until "), "{why}"),
+        other => panic!("expected a lock refusal, got {other:?}"),
+    }
+    assert!(r.lease.is_none() && r.receipt.is_some());
+    let r = s
+        .apply(issue_op(lease(BOB, now + 1, 600), None))
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, None, "the lock covers only its prefix");
+    let r = s
+        .apply(LedgerOp::Renew {
+            lease_id: held.id.clone(),
+            holder: ALICE.into(),
+            now: now + 2,
+            expires_at: now + 900,
+            credential_sha256: "22".repeat(32),
+            event: ev(EventKind::Renew, Some(&held.id)),
+        })
+        .await
+        .expect("commit");
+    assert!(matches!(r.refused, Some(Refusal::Locked(_))), "{r:?}");
+    let unlock = || LedgerOp::Unlock {
+        id: "lock-1".into(),
+        event: ev(EventKind::Lock, None),
+    };
+    assert_eq!(s.apply(unlock()).await.expect("unlock").refused, None);
+    assert_eq!(
+        s.apply(unlock()).await.expect("unlock").refused,
+        Some(Refusal::NothingMatched)
+    );
+
+    // Quotas count the holder's active leases on the profile.
+    let r = s
+        .apply(issue_op(lease(BOB, now + 3, 600), Some(1)))
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, Some(Refusal::QuotaExceeded(1)));
+    let r = s
+        .apply(issue_op(lease(BOB, now + 3, 600), Some(2)))
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, None);
+
+    // Idempotent issuance: the record is kept with the lease; the key cannot be reused;
+    // expiry forgets it once it has expired.
+    let record = IdempotencyRecord {
+        caller: BOB.into(),
+        key_hash: "k".repeat(64),
+        digest: "d".repeat(64),
+        lease_id: "lease-of-the-key".into(),
+        sealed: vec![0, 1, 2, 255],
+        expires_at: now + 50,
+    };
+    let keyed = |l: Lease| {
+        let id = l.id.clone();
+        LedgerOp::Issue {
+            lease: l,
+            event: ev(EventKind::Issue, Some(&id)),
+            max_active: None,
+            break_glass: None,
+            idempotency: Some(record.clone()),
+        }
+    };
+    assert_eq!(
+        s.apply(keyed(lease(BOB, now + 4, 600)))
+            .await
+            .expect("commit")
+            .refused,
+        None
+    );
+    assert_eq!(
+        s.idempotency(BOB, &record.key_hash).await.expect("read"),
+        Some(record.clone())
+    );
+    assert_eq!(
+        s.idempotency(ALICE, &record.key_hash).await.expect("read"),
+        None
+    );
+    assert_eq!(
+        s.apply(keyed(lease(BOB, now + 5, 600)))
+            .await
+            .expect("commit")
+            .refused,
+        Some(Refusal::Duplicate)
+    );
+    s.apply(LedgerOp::Expire {
+        now: now + 50,
+        limit: 10,
+        event: ev(EventKind::Expire, None),
+    })
+    .await
+    .expect("expire");
+    assert_eq!(
+        s.idempotency(BOB, &record.key_hash).await.expect("read"),
+        None
+    );
+
+    // Access requests: reviews count toward the threshold; the requester redeems once,
+    // bound to the approved digest.
+    let req = access_request("req-1", ALICE, "gpu-scheduler-submit", now);
+    let r = s
+        .apply(LedgerOp::OpenAccessRequest {
+            request: req.clone(),
+            event: ev(EventKind::AccessRequest, None),
+        })
+        .await
+        .expect("open");
+    assert_eq!(r.access_request, Some(req.clone()));
+    let other = access_request("req-2", BOB, "other-profile", now + 1);
+    s.apply(LedgerOp::OpenAccessRequest {
+        request: other.clone(),
+        event: ev(EventKind::AccessRequest, None),
+    })
+    .await
+    .expect("open");
+    let review = |reviewer: &str, verdict: Verdict, id: &str| LedgerOp::Review {
+        id: id.to_owned(),
+        reviewer: reviewer.to_owned(),
+        verdict,
+        reason: "looks right".into(),
+        now: now + 10,
+        event: ev(EventKind::Review, None),
+    };
+    let r = s
+        .apply(review(ALICE, Verdict::Approve, "req-1"))
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, Some(Refusal::SelfReview));
+    let r = s
+        .apply(review(
+            "spiffe://example.org/approver/1",
+            Verdict::Approve,
+            "req-1",
+        ))
+        .await
+        .expect("commit");
+    let pending = r.access_request.expect("request");
+    assert_eq!(pending.state, AccessState::Pending, "one of two approvals");
+    assert_eq!(pending.reviews.len(), 1);
+    assert_eq!(pending.reviews[0].verdict, Verdict::Approve);
+    assert!(!pending.reviews[0].post_review);
+    let r = s
+        .apply(review(
+            "spiffe://example.org/approver/1",
+            Verdict::Approve,
+            "req-1",
+        ))
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, Some(Refusal::AlreadyReviewed));
+    let r = s
+        .apply(review(
+            "spiffe://example.org/approver/2",
+            Verdict::Approve,
+            "req-1",
+        ))
+        .await
+        .expect("commit");
+    assert_eq!(
+        r.access_request.expect("request").state,
+        AccessState::Approved
+    );
+    let r = s
+        .apply(review(
+            "spiffe://example.org/approver/1",
+            Verdict::Deny,
+            "req-2",
+        ))
+        .await
+        .expect("commit");
+    assert_eq!(
+        r.access_request.expect("request").state,
+        AccessState::Denied
+    );
+    assert_eq!(
+        s.apply(review(
+            "spiffe://example.org/approver/1",
+            Verdict::Deny,
+            "nope"
+        ))
+        .await
+        .expect("commit")
+        .refused,
+        Some(Refusal::RequestNotFound)
+    );
+    let listed = |filter: AccessFilter| async move {
+        s.access_requests(filter)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(AccessFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await,
+        ["req-2", "req-1"],
+        "newest first"
+    );
+    assert_eq!(
+        listed(AccessFilter {
+            profiles: Some(vec!["gpu-scheduler-submit".into(), "third".into()]),
+            limit: 10,
+            ..Default::default()
+        })
+        .await,
+        ["req-1"]
+    );
+    assert!(listed(AccessFilter {
+        profiles: Some(Vec::new()),
+        limit: 10,
+        ..Default::default()
+    })
+    .await
+    .is_empty());
+    assert_eq!(
+        listed(AccessFilter {
+            state: Some(AccessState::Denied),
+            limit: 10,
+            ..Default::default()
+        })
+        .await,
+        ["req-2"]
+    );
+    assert_eq!(
+        listed(AccessFilter {
+            requester: Some(ALICE.into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await,
+        ["req-1"]
+    );
+    let redeem = |requester: &str, digest: &str, l: Lease| {
+        let id = l.id.clone();
+        LedgerOp::Redeem {
+            id: "req-1".into(),
+            requester: requester.to_owned(),
+            digest: digest.to_owned(),
+            max_active: None,
+            lease: l,
+            now: now + 20,
+            event: ev(EventKind::Issue, Some(&id)),
+        }
+    };
+    assert_eq!(
+        s.apply(redeem(BOB, &req.digest, lease(BOB, now + 20, 600)))
+            .await
+            .expect("commit")
+            .refused,
+        Some(Refusal::RequestNotFound),
+        "only its requester redeems it"
+    );
+    assert_eq!(
+        s.apply(redeem(ALICE, "other", lease(ALICE, now + 20, 600)))
+            .await
+            .expect("commit")
+            .refused,
+        Some(Refusal::DigestMismatch)
+    );
+    let r = s
+        .apply(redeem(ALICE, &req.digest, lease(ALICE, now + 20, 600)))
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, None);
+    let redeemed = r.lease.expect("lease");
+    let issued = r.access_request.expect("request");
+    assert_eq!(issued.state, AccessState::Issued);
+    assert_eq!(issued.lease_id.as_deref(), Some(redeemed.id.as_str()));
+    assert_eq!(
+        s.access_request("req-1").await.expect("read"),
+        Some(issued.clone())
+    );
+    assert_eq!(
+        s.apply(redeem(ALICE, &req.digest, lease(ALICE, now + 21, 600)))
+            .await
+            .expect("commit")
+            .refused,
+        Some(Refusal::RequestEnded(AccessState::Issued)),
+        "exactly once"
+    );
+
+    // A pending request past its expiry expires when reviewed.
+    let mut late = access_request("req-3", BOB, "gpu-scheduler-submit", now);
+    late.expires_at = now + 5;
+    s.apply(LedgerOp::OpenAccessRequest {
+        request: late,
+        event: ev(EventKind::AccessRequest, None),
+    })
+    .await
+    .expect("open");
+    assert_eq!(
+        s.apply(review(
+            "spiffe://example.org/approver/1",
+            Verdict::Approve,
+            "req-3"
+        ))
+        .await
+        .expect("commit")
+        .refused,
+        Some(Refusal::RequestExpired)
+    );
+    assert_eq!(
+        s.access_request("req-3")
+            .await
+            .expect("read")
+            .expect("request")
+            .state,
+        AccessState::Expired
+    );
+
+    // Break-glass: issued at once with its request, post-reviewed after.
+    let mut glass = access_request("req-4", BOB, "gpu-scheduler-submit", now + 30);
+    glass.state = AccessState::Issued;
+    glass.break_glass = true;
+    glass.post_review = Some("pending".into());
+    let urgent = lease(BOB, now + 30, 600);
+    glass.lease_id = Some(urgent.id.to_string());
+    let id = urgent.id.clone();
+    let r = s
+        .apply(LedgerOp::Issue {
+            lease: urgent,
+            event: ev(EventKind::Issue, Some(&id)),
+            max_active: None,
+            break_glass: Some(glass.clone()),
+            idempotency: None,
+        })
+        .await
+        .expect("commit");
+    assert_eq!(r.access_request, Some(glass.clone()));
+    assert_eq!(
+        listed(AccessFilter {
+            awaiting_post_review: true,
+            limit: 10,
+            ..Default::default()
+        })
+        .await,
+        ["req-4"]
+    );
+    let r = s
+        .apply(review(
+            "spiffe://example.org/approver/1",
+            Verdict::Deny,
+            "req-4",
+        ))
+        .await
+        .expect("commit");
+    let reviewed = r.access_request.expect("request");
+    assert_eq!(reviewed.post_review.as_deref(), Some("denied"));
+    assert!(reviewed.reviews[0].post_review);
+    assert!(listed(AccessFilter {
+        awaiting_post_review: true,
+        limit: 10,
+        ..Default::default()
+    })
+    .await
+    .is_empty());
+
+    // The other selectors: by approver, by access request, by profile; a dry run changes
+    // nothing; a revocation by prefix leaves a rule that bars what it covers.
+    let revoke =
+        |selector: RevokeSelector, dry_run: bool, issued_before: Option<i64>| LedgerOp::Revoke {
+            selector,
+            issued_before,
+            reason: "conformance".into(),
+            now: now + 40,
+            dry_run,
+            chunk: None,
+            event: ev(EventKind::Revoke, None),
+        };
+    let r = s
+        .apply(revoke(RevokeSelector::All, true, Some(now + 40)))
+        .await
+        .expect("dry run");
+    assert!(r.receipt.is_none() && r.affected.contains(&redeemed.id.to_string()));
+    let r = s
+        .apply(revoke(
+            RevokeSelector::Approver("spiffe://example.org/approver/2".into()),
+            false,
+            None,
+        ))
+        .await
+        .expect("commit");
+    assert_eq!(r.affected, vec![redeemed.id.to_string()]);
+    let r = s
+        .apply(revoke(
+            RevokeSelector::AccessRequest("req-1".into()),
+            false,
+            None,
+        ))
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, Some(Refusal::NothingMatched), "already revoked");
+    let before = s
+        .leases(LeaseFilter {
+            spiffe_id: Some(BOB.into()),
+            state: Some(LeaseState::Active),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert!(!before.is_empty());
+    let r = s
+        .apply(revoke(
+            RevokeSelector::Prefix("spiffe://example.org/team-b/".into()),
+            false,
+            None,
+        ))
+        .await
+        .expect("commit");
+    let mut ids: Vec<String> = before.iter().map(|l| l.id.to_string()).collect();
+    ids.sort();
+    assert_eq!(r.affected, ids);
+    let r = s
+        .apply(issue_op(lease(BOB, now + 40, 600), None))
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, Some(Refusal::RevokedBefore));
+    let r = s
+        .apply(issue_op(lease(BOB, now + 41, 600), None))
+        .await
+        .expect("commit");
+    assert_eq!(
+        r.refused, None,
+        "the rule covers only what was issued before it"
+    );
+    let one = s
+        .leases(LeaseFilter {
+            lease_id: Some(held.id.to_string()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(one.len(), 1);
+    let r = s
+        .apply(revoke(
+            RevokeSelector::Profile(ProfileName::parse("gpu-scheduler-submit").expect("p")),
+            false,
+            Some(now + 40),
+        ))
+        .await
+        .expect("commit");
+    assert!(r.affected.contains(&held.id.to_string()));
+
+    // The revocation feed: one event per revoked lease, sequenced and chained.
+    let feed = s.revocations(0, 10_000).await.expect("feed");
+    assert!(feed.len() >= 4);
+    assert!(feed.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+    assert!(feed.iter().any(|e| e.lease_id == redeemed.id.as_str()));
+    let (seq, hash) = s.revocation_tail().await.expect("tail").expect("events");
+    let last = feed.last().expect("last");
+    assert_eq!(
+        (seq, hex::encode(hash)),
+        (last.seq, last.chain_hash.clone())
+    );
+    assert_eq!(s.revocations(seq, 10).await.expect("feed").len(), 0);
+
+    // Force-removing a backend revocation that is not pending is refused (and recorded).
+    let r = s
+        .apply(LedgerOp::ForceRemoveBackendRevocation {
+            lease_id: redeemed.id.to_string(),
+            now: now + 50,
+            event: ev(EventKind::BackendRevoke, Some(&redeemed.id)),
+        })
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, Some(Refusal::NothingMatched));
+
+    // A plain record, the entries of one lease, the per-identity counters.
+    let r = s
+        .apply(LedgerOp::Record {
+            event: ev(EventKind::Deny, None),
+        })
+        .await
+        .expect("record");
+    assert!(r.receipt.is_some());
+    let entries = s
+        .entries_for_lease(redeemed.id.as_str())
+        .await
+        .expect("entries");
+    assert!(
+        entries.len() >= 2,
+        "the issuance and the refused force-removal"
+    );
+    assert!(entries.windows(2).all(|w| w[0].seq < w[1].seq));
+    let stats = s.identity_stats().await.expect("stats");
+    let holder = stats
+        .iter()
+        .find(|i| i.spiffe_id == HOLDER)
+        .expect("the caller of every entry");
+    assert!(holder.issued > 0 && holder.denied > 0);
+    assert!(holder.first_seen_ms <= holder.last_seen_ms);
+    assert_eq!(holder.last_issued_ms, Some(1_000));
+    assert_chain(s).await;
 }
 
 fn ledger_cfg(commit_timeout: Duration) -> LedgerConfig {
