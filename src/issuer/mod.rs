@@ -218,7 +218,13 @@ pub trait Issuer: Send + Sync + 'static {
         terms: &'a LeaseTerms,
         material: &'a Material,
     ) -> BoxFuture<'a, Result<Minted, IssueError>>;
-    /// Renews a credential issued earlier under `handle`: by default, a fresh one.
+    /// Why credentials of this backend cannot be renewed, if they cannot (a renewal is
+    /// then refused with this reason); `None`: a renewal issues a fresh credential.
+    fn not_renewable(&self) -> Option<&'static str> {
+        None
+    }
+    /// Renews a credential issued earlier under `handle`: by default, a fresh one (or the
+    /// refusal of [`Issuer::not_renewable`]).
     fn renew<'a>(
         &'a self,
         grant: &'a Grant,
@@ -227,6 +233,9 @@ pub trait Issuer: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Minted, IssueError>> {
         let _ = handle;
         Box::pin(async move {
+            if let Some(why) = self.not_renewable() {
+                return Err(IssueError::Refused(why.into()));
+            }
             static NONE: Material = Material { csr_der: None };
             self.issue(grant, terms, &NONE).await
         })

@@ -327,17 +327,8 @@ impl Issuer for StsIssuer {
         })
     }
 
-    fn renew<'a>(
-        &'a self,
-        _grant: &'a Grant,
-        _terms: &'a LeaseTerms,
-        _handle: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Minted, IssueError>> {
-        Box::pin(async {
-            Err(IssueError::Refused(
-                "AWS temporary credentials cannot be extended: request new ones".into(),
-            ))
-        })
+    fn not_renewable(&self) -> Option<&'static str> {
+        Some("AWS temporary credentials cannot be extended: request new ones")
     }
 }
 

@@ -380,16 +380,7 @@ impl Issuer for X509Issuer {
         })
     }
 
-    fn renew<'a>(
-        &'a self,
-        _grant: &'a Grant,
-        _terms: &'a LeaseTerms,
-        _handle: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Minted, IssueError>> {
-        Box::pin(async {
-            Err(IssueError::Refused(
-                "certificates are not renewed: request a new one with a fresh CSR".into(),
-            ))
-        })
+    fn not_renewable(&self) -> Option<&'static str> {
+        Some("certificates are not renewed: request a new one with a fresh CSR")
     }
 }
