@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BoxFuture, Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
+use super::{Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
 use crate::config::CredentialKind;
 use crate::crypto::KeyRing;
 use crate::jose::{self, b64, Alg};
@@ -88,23 +88,22 @@ impl JwtIssuer {
     }
 }
 
+#[async_trait::async_trait]
 impl Issuer for JwtIssuer {
     fn kind(&self) -> CredentialKind {
         CredentialKind::Jwt
     }
 
-    fn issue<'a>(
-        &'a self,
-        grant: &'a Grant,
-        terms: &'a LeaseTerms,
-        _material: &'a Material,
-    ) -> BoxFuture<'a, Result<Minted, IssueError>> {
-        Box::pin(async move {
-            self.mint(grant, terms).map(|credential| Minted {
-                credential,
-                expires_at: terms.expires_at,
-                handle: None,
-            })
+    async fn issue(
+        &self,
+        grant: &Grant,
+        terms: &LeaseTerms,
+        _material: &Material,
+    ) -> Result<Minted, IssueError> {
+        self.mint(grant, terms).map(|credential| Minted {
+            credential,
+            expires_at: terms.expires_at,
+            handle: None,
         })
     }
 }

@@ -204,6 +204,7 @@ pub enum IssueError {
 /// credential. `renew` extends what `issue` returned (same handle) or says it cannot.
 /// `revoke` ends the credential in the backend; it is idempotent (revoking what is
 /// already gone succeeds) and is retried by the broker until it succeeds.
+#[async_trait::async_trait]
 pub trait Issuer: Send + Sync + 'static {
     /// The profile kind this backend serves.
     fn kind(&self) -> CredentialKind;
@@ -212,12 +213,12 @@ pub trait Issuer: Send + Sync + 'static {
         false
     }
     /// Mints a credential.
-    fn issue<'a>(
-        &'a self,
-        grant: &'a Grant,
-        terms: &'a LeaseTerms,
-        material: &'a Material,
-    ) -> BoxFuture<'a, Result<Minted, IssueError>>;
+    async fn issue(
+        &self,
+        grant: &Grant,
+        terms: &LeaseTerms,
+        material: &Material,
+    ) -> Result<Minted, IssueError>;
     /// Why credentials of this backend cannot be renewed, if they cannot (a renewal is
     /// then refused with this reason); `None`: a renewal issues a fresh credential.
     fn not_renewable(&self) -> Option<&'static str> {
@@ -225,24 +226,22 @@ pub trait Issuer: Send + Sync + 'static {
     }
     /// Renews a credential issued earlier under `handle`: by default, a fresh one (or the
     /// refusal of [`Issuer::not_renewable`]).
-    fn renew<'a>(
-        &'a self,
-        grant: &'a Grant,
-        terms: &'a LeaseTerms,
-        handle: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Minted, IssueError>> {
+    async fn renew(
+        &self,
+        grant: &Grant,
+        terms: &LeaseTerms,
+        handle: Option<&str>,
+    ) -> Result<Minted, IssueError> {
         let _ = handle;
-        Box::pin(async move {
-            if let Some(why) = self.not_renewable() {
-                return Err(IssueError::Refused(why.into()));
-            }
-            static NONE: Material = Material { csr_der: None };
-            self.issue(grant, terms, &NONE).await
-        })
+        if let Some(why) = self.not_renewable() {
+            return Err(IssueError::Refused(why.into()));
+        }
+        static NONE: Material = Material { csr_der: None };
+        self.issue(grant, terms, &NONE).await
     }
     /// Ends the credential behind `handle` in the backend (stateless backends: nothing).
-    fn revoke<'a>(&'a self, handle: &'a str) -> BoxFuture<'a, Result<(), IssueError>> {
+    async fn revoke(&self, handle: &str) -> Result<(), IssueError> {
         let _ = handle;
-        Box::pin(async { Ok(()) })
+        Ok(())
     }
 }

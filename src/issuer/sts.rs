@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::token::{registered_claims, sign_and_check};
-use super::{BoxFuture, Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
+use super::{Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
 use crate::config::{AwsStsConfig, BackendProfile, CredentialKind, STS_MIN_TTL};
 use crate::crypto::KeyRing;
 use crate::http_client::{HttpClient, Options, Trust};
@@ -243,6 +243,7 @@ impl StsIssuer {
     }
 }
 
+#[async_trait::async_trait]
 impl Issuer for StsIssuer {
     fn kind(&self) -> CredentialKind {
         CredentialKind::AwsSts
@@ -252,78 +253,76 @@ impl Issuer for StsIssuer {
         true
     }
 
-    fn issue<'a>(
-        &'a self,
-        grant: &'a Grant,
-        terms: &'a LeaseTerms,
-        _material: &'a Material,
-    ) -> BoxFuture<'a, Result<Minted, IssueError>> {
-        Box::pin(async move {
-            let form = self.template(grant, terms)?;
-            let token_terms = LeaseTerms {
-                expires_at: terms.issued_at + WEB_IDENTITY_TOKEN_TTL,
-                ..terms.clone()
-            };
-            let claims = registered_claims(&self.issuer_url, &self.cfg.audience, &token_terms);
-            let signer = self.keys.current();
-            let token = sign_and_check(signer.as_ref(), signer.key_id(), &claims)?.token;
-            let body = {
-                let mut body = form_urlencoded::Serializer::new(String::new());
-                for (k, v) in &form {
-                    body.append_pair(k, v);
-                }
-                body.append_pair("WebIdentityToken", token.expose());
-                zeroize::Zeroizing::new(body.finish())
-            };
-            let req = http::Request::post(format!("{}/", self.cfg.endpoint))
-                .header(
-                    http::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded; charset=utf-8",
-                )
-                .body(body.as_bytes().to_vec())
-                .map_err(|e| IssueError::Internal(format!("sts request: {e}")))?;
-            let resp = self
-                .http
-                .send(req)
-                .await
-                .map_err(|e| IssueError::Unavailable(format!("sts: {e}")))?;
-            let text = String::from_utf8_lossy(&resp.body);
-            if resp.status != StatusCode::OK {
-                let (code, message) = ErrorResponse::parse(&text);
-                let message: String = message.chars().take(300).collect();
-                let why = format!("HTTP {} {code}: {message}", resp.status.as_u16());
-                return Err(
-                    if resp.status.is_server_error()
-                        || code == "Throttling"
-                        || code == "IDPCommunicationError"
-                    {
-                        IssueError::Unavailable(format!("sts: {why}"))
-                    } else {
-                        IssueError::Refused(format!("AWS STS refused the role: {why}"))
-                    },
-                );
+    async fn issue(
+        &self,
+        grant: &Grant,
+        terms: &LeaseTerms,
+        _material: &Material,
+    ) -> Result<Minted, IssueError> {
+        let form = self.template(grant, terms)?;
+        let token_terms = LeaseTerms {
+            expires_at: terms.issued_at + WEB_IDENTITY_TOKEN_TTL,
+            ..terms.clone()
+        };
+        let claims = registered_claims(&self.issuer_url, &self.cfg.audience, &token_terms);
+        let signer = self.keys.current();
+        let token = sign_and_check(signer.as_ref(), signer.key_id(), &claims)?.token;
+        let body = {
+            let mut body = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in &form {
+                body.append_pair(k, v);
             }
-            let issued = Issued::parse(&text)?;
-            let expiration = issued.expiration;
-            let expires = crate::clock::parse_rfc3339(&expiration)
-                .ok_or_else(|| IssueError::Unavailable("sts answer: bad Expiration".into()))?;
-            // Validate what was obtained: never longer-lived than the grant (one minute of
-            // slack for STS rounding), never already expired.
-            if expires > terms.expires_at + 60 || expires <= terms.issued_at {
-                return Err(IssueError::Internal(format!(
-                    "sts granted credentials until {expiration}, outside the lease"
-                )));
-            }
-            let data = BTreeMap::from([
-                ("aws_access_key_id".to_owned(), issued.access_key_id),
-                ("aws_secret_access_key".to_owned(), issued.secret_access_key),
-                ("aws_session_token".to_owned(), issued.session_token),
-            ]);
-            Ok(Minted {
-                credential: Credential::KeyValue { data },
-                expires_at: expires.min(terms.expires_at),
-                handle: issued.assumed_role_id,
-            })
+            body.append_pair("WebIdentityToken", token.expose());
+            zeroize::Zeroizing::new(body.finish())
+        };
+        let req = http::Request::post(format!("{}/", self.cfg.endpoint))
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded; charset=utf-8",
+            )
+            .body(body.as_bytes().to_vec())
+            .map_err(|e| IssueError::Internal(format!("sts request: {e}")))?;
+        let resp = self
+            .http
+            .send(req)
+            .await
+            .map_err(|e| IssueError::Unavailable(format!("sts: {e}")))?;
+        let text = String::from_utf8_lossy(&resp.body);
+        if resp.status != StatusCode::OK {
+            let (code, message) = ErrorResponse::parse(&text);
+            let message: String = message.chars().take(300).collect();
+            let why = format!("HTTP {} {code}: {message}", resp.status.as_u16());
+            return Err(
+                if resp.status.is_server_error()
+                    || code == "Throttling"
+                    || code == "IDPCommunicationError"
+                {
+                    IssueError::Unavailable(format!("sts: {why}"))
+                } else {
+                    IssueError::Refused(format!("AWS STS refused the role: {why}"))
+                },
+            );
+        }
+        let issued = Issued::parse(&text)?;
+        let expiration = issued.expiration;
+        let expires = crate::clock::parse_rfc3339(&expiration)
+            .ok_or_else(|| IssueError::Unavailable("sts answer: bad Expiration".into()))?;
+        // Validate what was obtained: never longer-lived than the grant (one minute of
+        // slack for STS rounding), never already expired.
+        if expires > terms.expires_at + 60 || expires <= terms.issued_at {
+            return Err(IssueError::Internal(format!(
+                "sts granted credentials until {expiration}, outside the lease"
+            )));
+        }
+        let data = BTreeMap::from([
+            ("aws_access_key_id".to_owned(), issued.access_key_id),
+            ("aws_secret_access_key".to_owned(), issued.secret_access_key),
+            ("aws_session_token".to_owned(), issued.session_token),
+        ]);
+        Ok(Minted {
+            credential: Credential::KeyValue { data },
+            expires_at: expires.min(terms.expires_at),
+            handle: issued.assumed_role_id,
         })
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::{oci, BoxFuture, Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
+use super::{oci, Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
 use crate::config::{BackendProfile, CredentialKind};
 use crate::crypto::{libtrust_key_id, KeyRing, Signer};
 use crate::jose::{self, b64, Alg};
@@ -177,29 +177,28 @@ impl TokenIssuer {
     }
 }
 
+#[async_trait::async_trait]
 impl Issuer for TokenIssuer {
     fn kind(&self) -> CredentialKind {
         self.kind
     }
 
-    fn issue<'a>(
-        &'a self,
-        grant: &'a Grant,
-        terms: &'a LeaseTerms,
-        _material: &'a Material,
-    ) -> BoxFuture<'a, Result<Minted, IssueError>> {
-        Box::pin(async move {
-            let claims = self.template(grant, terms)?;
-            let (signer, kid) = self.signer()?;
-            let signed = sign_and_check(signer.as_ref(), &kid, &claims)?;
-            Ok(Minted {
-                credential: Credential::Jwt {
-                    token: signed.token,
-                    key_id: signed.key_id,
-                },
-                expires_at: terms.expires_at,
-                handle: None,
-            })
+    async fn issue(
+        &self,
+        grant: &Grant,
+        terms: &LeaseTerms,
+        _material: &Material,
+    ) -> Result<Minted, IssueError> {
+        let claims = self.template(grant, terms)?;
+        let (signer, kid) = self.signer()?;
+        let signed = sign_and_check(signer.as_ref(), &kid, &claims)?;
+        Ok(Minted {
+            credential: Credential::Jwt {
+                token: signed.token,
+                key_id: signed.key_id,
+            },
+            expires_at: terms.expires_at,
+            handle: None,
         })
     }
 }

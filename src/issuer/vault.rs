@@ -396,6 +396,7 @@ impl VaultIssuer {
     }
 }
 
+#[async_trait::async_trait]
 impl Issuer for VaultIssuer {
     fn kind(&self) -> CredentialKind {
         CredentialKind::Vault
@@ -405,117 +406,111 @@ impl Issuer for VaultIssuer {
         true
     }
 
-    fn issue<'a>(
-        &'a self,
-        grant: &'a Grant,
-        terms: &'a LeaseTerms,
-        _material: &'a Material,
-    ) -> BoxFuture<'a, Result<Minted, IssueError>> {
-        Box::pin(async move {
-            let BackendProfile::Vault { path } = &grant.profile.backend else {
-                return Err(IssueError::Internal("not a vault profile".into()));
-            };
-            let read = ReadSecret { path: path.clone() };
-            let what = format!("the read of {path}");
-            let result = self
-                .call(&read)
-                .await?
-                .map_err(|f| Self::classify(f, &what))?;
-            let parsed = result.wrap::<EndpointResult<BTreeMap<String, Value>>>();
-            // The body holds the secret: wiped once parsed.
-            result.response.into_body().zeroize();
-            let answer = parsed
-                .map_err(|e| unavailable(format!("answer for {path}: {}", Failure::from(e))))?;
-            let data = answer.data.unwrap_or_default();
-            if data.is_empty() {
-                return Err(IssueError::Internal(format!(
-                    "vault returned no data for {path}"
-                )));
-            }
-            let data = data
-                .into_iter()
-                .map(|(k, v)| {
-                    let v = match v {
-                        Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    (k, Secret::new(v))
-                })
-                .collect();
-            // The secret stops working when Vault's lease ends, if that is sooner.
-            let expires_at = if answer.lease_duration > 0 {
-                terms
-                    .expires_at
-                    .min(terms.issued_at + i64::from(answer.lease_duration))
-            } else {
-                terms.expires_at
-            };
-            Ok(Minted {
-                credential: Credential::KeyValue { data },
-                expires_at,
-                handle: Some(answer.lease_id).filter(|l| !l.is_empty()),
+    async fn issue(
+        &self,
+        grant: &Grant,
+        terms: &LeaseTerms,
+        _material: &Material,
+    ) -> Result<Minted, IssueError> {
+        let BackendProfile::Vault { path } = &grant.profile.backend else {
+            return Err(IssueError::Internal("not a vault profile".into()));
+        };
+        let read = ReadSecret { path: path.clone() };
+        let what = format!("the read of {path}");
+        let result = self
+            .call(&read)
+            .await?
+            .map_err(|f| Self::classify(f, &what))?;
+        let parsed = result.wrap::<EndpointResult<BTreeMap<String, Value>>>();
+        // The body holds the secret: wiped once parsed.
+        result.response.into_body().zeroize();
+        let answer =
+            parsed.map_err(|e| unavailable(format!("answer for {path}: {}", Failure::from(e))))?;
+        let data = answer.data.unwrap_or_default();
+        if data.is_empty() {
+            return Err(IssueError::Internal(format!(
+                "vault returned no data for {path}"
+            )));
+        }
+        let data = data
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (k, Secret::new(v))
             })
+            .collect();
+        // The secret stops working when Vault's lease ends, if that is sooner.
+        let expires_at = if answer.lease_duration > 0 {
+            terms
+                .expires_at
+                .min(terms.issued_at + i64::from(answer.lease_duration))
+        } else {
+            terms.expires_at
+        };
+        Ok(Minted {
+            credential: Credential::KeyValue { data },
+            expires_at,
+            handle: Some(answer.lease_id).filter(|l| !l.is_empty()),
         })
     }
 
-    fn renew<'a>(
-        &'a self,
-        _grant: &'a Grant,
-        terms: &'a LeaseTerms,
-        handle: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Minted, IssueError>> {
-        Box::pin(async move {
-            let Some(lease_id) = handle else {
-                return Err(IssueError::Refused(
-                    "this secret has no Vault lease to renew".into(),
-                ));
-            };
-            let increment = (terms.expires_at - terms.issued_at).max(1);
-            let renew = RenewLease {
-                lease_id: lease_id.to_owned(),
-                increment,
-            };
-            let result = self
-                .call(&renew)
-                .await?
-                .map_err(|f| Self::classify(f, "the lease renewal"))?;
-            let answer = result
-                .wrap::<EndpointResult<Value>>()
-                .map_err(|e| unavailable(format!("renew answer: {}", Failure::from(e))))?;
-            if answer.lease_id != lease_id {
-                return Err(IssueError::Internal(
-                    "vault renewed a different lease".into(),
-                ));
-            }
-            Ok(Minted {
-                // The holder keeps the secret it has; only its lifetime changes.
-                credential: Credential::KeyValue {
-                    data: BTreeMap::new(),
-                },
-                expires_at: terms
-                    .expires_at
-                    .min(terms.issued_at + i64::from(answer.lease_duration)),
-                handle: Some(answer.lease_id),
-            })
+    async fn renew(
+        &self,
+        _grant: &Grant,
+        terms: &LeaseTerms,
+        handle: Option<&str>,
+    ) -> Result<Minted, IssueError> {
+        let Some(lease_id) = handle else {
+            return Err(IssueError::Refused(
+                "this secret has no Vault lease to renew".into(),
+            ));
+        };
+        let increment = (terms.expires_at - terms.issued_at).max(1);
+        let renew = RenewLease {
+            lease_id: lease_id.to_owned(),
+            increment,
+        };
+        let result = self
+            .call(&renew)
+            .await?
+            .map_err(|f| Self::classify(f, "the lease renewal"))?;
+        let answer = result
+            .wrap::<EndpointResult<Value>>()
+            .map_err(|e| unavailable(format!("renew answer: {}", Failure::from(e))))?;
+        if answer.lease_id != lease_id {
+            return Err(IssueError::Internal(
+                "vault renewed a different lease".into(),
+            ));
+        }
+        Ok(Minted {
+            // The holder keeps the secret it has; only its lifetime changes.
+            credential: Credential::KeyValue {
+                data: BTreeMap::new(),
+            },
+            expires_at: terms
+                .expires_at
+                .min(terms.issued_at + i64::from(answer.lease_duration)),
+            handle: Some(answer.lease_id),
         })
     }
 
-    fn revoke<'a>(&'a self, handle: &'a str) -> BoxFuture<'a, Result<(), IssueError>> {
-        Box::pin(async move {
-            let revoke = RevokeLease {
-                lease_id: handle.to_owned(),
-            };
-            match self.call(&revoke).await? {
-                Ok(_) => Ok(()),
-                // Already gone (revoked or expired in Vault): the goal is reached.
-                Err(Failure::Status { status, errors })
-                    if status == StatusCode::BAD_REQUEST && errors.contains("invalid lease") =>
-                {
-                    Ok(())
-                }
-                Err(f) => Err(unavailable(format!("revoke: {f}"))),
+    async fn revoke(&self, handle: &str) -> Result<(), IssueError> {
+        let revoke = RevokeLease {
+            lease_id: handle.to_owned(),
+        };
+        match self.call(&revoke).await? {
+            Ok(_) => Ok(()),
+            // Already gone (revoked or expired in Vault): the goal is reached.
+            Err(Failure::Status { status, errors })
+                if status == StatusCode::BAD_REQUEST && errors.contains("invalid lease") =>
+            {
+                Ok(())
             }
-        })
+            Err(f) => Err(unavailable(format!("revoke: {f}"))),
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use rustls::pki_types::{pem::PemObject as _, CertificateDer, CertificateSigningR
 use x509_parser::prelude::{FromDer as _, GeneralName, ParsedExtension, X509Certificate};
 use zeroize::Zeroizing;
 
-use super::{BoxFuture, Credential, IssueError, Issuer, LeaseTerms, Material, Minted};
+use super::{Credential, IssueError, Issuer, LeaseTerms, Material, Minted};
 use crate::config::{BackendProfile, CredentialKind, X509CaConfig};
 use crate::policy::Grant;
 
@@ -345,38 +345,37 @@ impl X509Issuer {
     }
 }
 
+#[async_trait::async_trait]
 impl Issuer for X509Issuer {
     fn kind(&self) -> CredentialKind {
         CredentialKind::X509
     }
 
-    fn issue<'a>(
-        &'a self,
-        grant: &'a Grant,
-        terms: &'a LeaseTerms,
-        material: &'a Material,
-    ) -> BoxFuture<'a, Result<Minted, IssueError>> {
-        Box::pin(async move {
-            let key = parse_csr(material.csr_der.as_deref().unwrap_or_default())?;
-            let mut serial = [0u8; 16];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
-                .map_err(|_| internal("rng"))?;
-            serial[0] &= 0x7f;
-            serial[0] |= 0x01; // positive and exactly 16 bytes in DER
-            let cert = Self::template(grant, terms, serial)?
-                .signed_by(&key, &self.ca.issuer)
-                .map_err(internal)?;
-            self.validate(cert.der(), terms, &serial, &key)?;
-            let chain_pem = format!("{}{}", cert.pem(), self.ca.chain_pem);
-            let serial = hex::encode(serial);
-            Ok(Minted {
-                credential: Credential::Certificate {
-                    chain_pem,
-                    serial: serial.clone(),
-                },
-                expires_at: terms.expires_at,
-                handle: Some(serial),
-            })
+    async fn issue(
+        &self,
+        grant: &Grant,
+        terms: &LeaseTerms,
+        material: &Material,
+    ) -> Result<Minted, IssueError> {
+        let key = parse_csr(material.csr_der.as_deref().unwrap_or_default())?;
+        let mut serial = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+            .map_err(|_| internal("rng"))?;
+        serial[0] &= 0x7f;
+        serial[0] |= 0x01; // positive and exactly 16 bytes in DER
+        let cert = Self::template(grant, terms, serial)?
+            .signed_by(&key, &self.ca.issuer)
+            .map_err(internal)?;
+        self.validate(cert.der(), terms, &serial, &key)?;
+        let chain_pem = format!("{}{}", cert.pem(), self.ca.chain_pem);
+        let serial = hex::encode(serial);
+        Ok(Minted {
+            credential: Credential::Certificate {
+                chain_pem,
+                serial: serial.clone(),
+            },
+            expires_at: terms.expires_at,
+            handle: Some(serial),
         })
     }
 
