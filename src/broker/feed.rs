@@ -156,7 +156,8 @@ impl Broker {
     /// role. Refusals are recorded.
     async fn authorize_watch(&self, caller: &VerifiedCaller) -> Result<(), BrokerError> {
         let id = caller.spiffe_id();
-        let reason = match self.registered(caller) {
+        let policy = self.policy();
+        let reason = match policy.directory().identity(id) {
             None => format!("{id} is not a registered identity"),
             Some(i) if !i.roles.iter().any(|r| r == RELYING_PARTY_ROLE) => format!(
                 "{id} does not hold the {RELYING_PARTY_ROLE:?} role needed to watch the revocation feed"

@@ -255,14 +255,12 @@ impl Broker {
         &self.metrics
     }
 
-    /// The caller's entry in the inventory, if it is registered.
-    fn registered(&self, caller: &VerifiedCaller) -> Option<crate::config::Identity> {
+    /// Whether the caller is in the inventory.
+    fn is_registered(&self, caller: &VerifiedCaller) -> bool {
         self.policy()
             .directory()
-            .identities()
-            .iter()
-            .find(|i| &i.spiffe_id == caller.spiffe_id())
-            .cloned()
+            .identity(caller.spiffe_id())
+            .is_some()
     }
 
     /// The policy in force (a snapshot: a reload swaps it atomically).

@@ -44,7 +44,7 @@ impl Broker {
         admitted: Option<OwnedSemaphorePermit>,
     ) -> Result<StreamSlot, BrokerError> {
         let who = caller.spiffe_id().to_string();
-        if self.registered(caller).is_none() {
+        if !self.is_registered(caller) {
             let err = BrokerError::PermissionDenied(format!(
                 "{who} is not a registered identity; only registered identities open streams"
             ));

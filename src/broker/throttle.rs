@@ -112,7 +112,7 @@ impl Broker {
         rpc: &str,
     ) -> Result<(), BrokerError> {
         let limits = self.throttle.limits;
-        let registered = self.registered(caller).is_some();
+        let registered = self.is_registered(caller);
         let (key, per_minute, what) = if registered {
             (
                 caller.spiffe_id().to_string(),
