@@ -28,21 +28,45 @@ pub struct Throttled {
 /// Token buckets keyed by (who, what), `per_minute` tokens, burst of the same size.
 #[derive(Default)]
 pub(super) struct RateLimiter {
-    buckets: Mutex<HashMap<(String, String), (f64, i64)>>,
+    /// `what` (a handful: "calls", "renew", profile names) → its buckets by `who`.
+    tables: Mutex<HashMap<String, Buckets>>,
 }
 
+/// One kind of bucket, by `who`: (tokens, last update in Unix ms).
+#[derive(Default)]
+struct Buckets {
+    by_who: HashMap<String, (f64, i64)>,
+    /// Size at which idle buckets are next forgotten (amortised: it doubles with what is
+    /// still live, so a flood of distinct keys costs O(1) per call, not a sweep per call).
+    sweep_at: usize,
+}
+
+/// Buckets kept before the first sweep.
+const SWEEP_FLOOR: usize = 100_000;
+
 impl RateLimiter {
-    /// Takes one token; `false` if the bucket is empty.
+    /// Takes one token; `false` if the bucket is empty. A hit allocates nothing.
     pub(super) fn take(&self, who: &str, what: &str, per_minute: u32, now_ms: i64) -> bool {
-        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if b.len() > 100_000 {
-            // Bounded memory: forget idle buckets (they refill to full anyway).
-            b.retain(|_, (_, at)| now_ms - *at < 60_000);
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if !tables.contains_key(what) {
+            tables.insert(what.to_owned(), Buckets::default());
         }
+        let Some(t) = tables.get_mut(what) else {
+            return false;
+        };
         let cap = f64::from(per_minute);
-        let (tokens, at) = b
-            .entry((who.to_owned(), what.to_owned()))
-            .or_insert((cap, now_ms));
+        if t.by_who.len() >= t.sweep_at.max(SWEEP_FLOOR) {
+            // Bounded memory: a bucket idle for a minute has refilled; forgetting it
+            // changes nothing.
+            t.by_who.retain(|_, (_, at)| now_ms - *at < 60_000);
+            t.sweep_at = (t.by_who.len() * 2).max(SWEEP_FLOOR);
+        }
+        if !t.by_who.contains_key(who) {
+            t.by_who.insert(who.to_owned(), (cap, now_ms));
+        }
+        let Some((tokens, at)) = t.by_who.get_mut(who) else {
+            return false;
+        };
         let refill = (now_ms - *at).max(0) as f64 * cap / 60_000.0;
         *tokens = (*tokens + refill).min(cap);
         *at = now_ms;
@@ -225,6 +249,23 @@ mod tests {
         assert_eq!(s.count("b", 10, minute), Some(1), "keys are independent");
         assert_eq!(s.count("a", 60_000, minute), Some(1000));
         assert_eq!(s.count("a", 60_001, minute), None);
+    }
+
+    #[test]
+    fn idle_buckets_are_forgotten_in_amortised_sweeps() {
+        let r = RateLimiter::default();
+        for i in 0..SWEEP_FLOOR {
+            assert!(r.take(&format!("lease-{i}"), "renew", 6, 0));
+        }
+        let size = |r: &RateLimiter| {
+            r.tables
+                .lock()
+                .map_or(0, |t| t.get("renew").map_or(0, |b| b.by_who.len()))
+        };
+        assert_eq!(size(&r), SWEEP_FLOOR);
+        // A minute later the next new key sweeps the idle ones away.
+        assert!(r.take("fresh", "renew", 6, 61_000));
+        assert_eq!(size(&r), 1);
     }
 
     #[test]
