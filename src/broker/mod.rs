@@ -48,7 +48,6 @@ use throttle::RateLimiter;
 /// Loads a fresh policy (the config and `.cedar` files) for a reload.
 pub type PolicyLoader = Box<dyn Fn() -> Result<Arc<dyn Policy>, String> + Send + Sync>;
 
-pub use crate::config::DEFAULT_MAX_IN_FLIGHT;
 /// An operator's or approver's reason: 1..=512 printable characters (it goes into the
 /// ledger and the revocation feed, so no control characters).
 fn valid_reason(r: &str) -> bool {
@@ -190,7 +189,9 @@ impl Broker {
             failure_records: FailureRecords::default(),
             redeemed: Mutex::new(HashMap::new()),
             log_signer: None,
-            in_flight: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                crate::config::DEFAULT_MAX_IN_FLIGHT,
+            )),
             heads: Arc::new(feed::HeadSigner::new(None, clock.clone())),
             tail_hub: feed::TailHub::default(),
             access_hub: access_watch::AccessHub::default(),

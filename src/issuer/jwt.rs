@@ -10,7 +10,7 @@ use crate::crypto::KeyRing;
 use crate::jose::{self, b64, Alg};
 use crate::policy::Grant;
 
-pub use crate::jose::JwtClaims;
+use crate::jose::JwtClaims;
 
 #[derive(Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -27,7 +27,7 @@ use crate::config::CredentialKind;
 use crate::domain::LeaseId;
 use crate::policy::Grant;
 
-pub use jwt::{JwtClaims, JwtIssuer};
+pub use jwt::JwtIssuer;
 pub use token::TokenIssuer;
 
 /// Every backend the config needs, each ready to issue.

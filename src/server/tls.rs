@@ -26,7 +26,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
-pub use crate::authn::PeerInfo;
+use crate::authn::PeerInfo;
 
 /// Accepts any client certificate for which the peer proves key possession; `authn`
 /// decides whether it is a valid SVID.

@@ -26,7 +26,7 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::postgres::Check;
-pub use crate::config::postgres::{Policy, Roots, SslMode, SYSTEM_BUNDLE};
+use crate::config::postgres::{Policy, Roots, SslMode, SYSTEM_BUNDLE};
 
 /// The `postgres` crate's TLS connector: one rustls config, shared by every connection.
 #[derive(Clone)]

@@ -37,10 +37,10 @@ use tokio::sync::Semaphore;
 
 use super::engine::{self, Batches, Job, Outcomes, Queue};
 use super::ops::{self, log as oplog, log::Head};
-use super::pg_tls::{PgTls, SslMode};
+use super::pg_tls::PgTls;
 use super::sql::{corrupt, Cell, DbError, Dialect, Row as SqlRow, Tx, Value};
 use super::{unavailable, StoreError};
-pub use crate::config::postgres::redact;
+use crate::config::postgres::SslMode;
 use crate::config::postgres::{describe, local_only, parse_url, ParsedUrl};
 use crate::config::LedgerConfig;
 use crate::metrics::Metrics;
