@@ -164,7 +164,11 @@ pub async fn start(opts: DevOptions) -> Result<DevEnv, ServeError> {
         .iter()
         .map(|s| SpiffeId::new(s).map_err(|e| ServeError(e.to_string())))
         .collect::<Result<_, _>>()?;
-    ids.push(SpiffeId::new(BROKER_ID).map_err(|e| ServeError(e.to_string()))?);
+    let broker_id = SpiffeId::new(BROKER_ID).map_err(|e| ServeError(e.to_string()))?;
+    // Stock gRPC clients (grpcio, grpc-go, grpc-java) check a host name before anything
+    // else; SPIRE entries carry DNS names for the same reason.
+    ca.set_dns_names(&broker_id, &["localhost"]);
+    ids.push(broker_id);
     let workload_api =
         DevWorkloadApi::start(ca.clone(), &dir.join("workloads"), &ids, opts.svid_ttl)
             .map_err(|e| ServeError(format!("cannot start the dev Workload API: {e}")))?;

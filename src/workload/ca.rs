@@ -100,6 +100,10 @@ pub struct DevCa {
     /// Bumped after every rotation step (the dev Workload API pushes the change).
     changes: watch::Sender<u64>,
     jwt: EcdsaP256Signer,
+    /// DNS names an identity's X.509-SVIDs carry beside its SPIFFE ID (SPIRE's
+    /// registration-entry `dnsNames`): the broker's own, so stock TLS clients that check
+    /// a host name can connect.
+    dns_names: RwLock<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 fn ca_params(trust_domain: &str) -> Result<CertificateParams, CaError> {
@@ -252,7 +256,28 @@ impl DevCa {
             }),
             changes: watch::channel(0).0,
             jwt,
+            dns_names: RwLock::default(),
         })
+    }
+
+    /// X.509-SVIDs minted for `id` from now on also carry `names` as DNS SANs.
+    pub fn set_dns_names(&self, id: &SpiffeId, names: &[&str]) {
+        self.dns_names
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.to_string(),
+                names.iter().map(|n| n.to_string()).collect(),
+            );
+    }
+
+    fn dns_names(&self, id: &SpiffeId) -> Vec<String> {
+        self.dns_names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id.to_string())
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Authorities> {
@@ -385,7 +410,7 @@ impl DevCa {
     /// Mints an X.509-SVID for `id` valid for `ttl`, signed by the active CA.
     pub fn mint_x509_svid(&self, id: &SpiffeId, ttl: Duration) -> Result<MintedSvid, CaError> {
         let active = self.read().active.clone();
-        mint(&active, id, ttl)
+        mint(&active, id, &self.dns_names(id), ttl)
     }
 
     /// Mints an X.509-SVID signed by the trusted authority with certificate `ca`, active
@@ -401,7 +426,7 @@ impl DevCa {
             .read()
             .trusted(ca)
             .ok_or_else(|| CaError("no trusted authority with that certificate".into()))?;
-        mint(&authority, id, ttl)
+        mint(&authority, id, &self.dns_names(id), ttl)
     }
 
     /// What the Workload API sends `id`: `held` again while the active authority signed
@@ -413,10 +438,11 @@ impl DevCa {
         ttl: Duration,
         held: Option<MintedSvid>,
     ) -> Result<(MintedSvid, Vec<CertificateDer<'static>>), CaError> {
+        let dns = self.dns_names(id);
         let a = self.read();
         let svid = match held {
             Some(s) if s.issuer.as_ref() == a.active.der.as_ref() => s,
-            _ => mint(&a.active, id, ttl)?,
+            _ => mint(&a.active, id, &dns, ttl)?,
         };
         Ok((svid, a.bundle.iter().map(|x| x.der.clone()).collect()))
     }
@@ -462,11 +488,21 @@ impl DevCa {
 }
 
 /// Mints an X.509-SVID for `id` valid for `ttl`, signed by `authority`.
-fn mint(authority: &Authority, id: &SpiffeId, ttl: Duration) -> Result<MintedSvid, CaError> {
+fn mint(
+    authority: &Authority,
+    id: &SpiffeId,
+    dns_names: &[String],
+    ttl: Duration,
+) -> Result<MintedSvid, CaError> {
     let now = crate::clock::SystemClock.now();
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
     let not_after = now + ttl;
-    let params = svid_params(&id.to_string(), now - Duration::from_secs(30), not_after)?;
+    let mut params = svid_params(&id.to_string(), now - Duration::from_secs(30), not_after)?;
+    for name in dns_names {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(name.as_str().try_into().map_err(ca_err)?));
+    }
     let cert = params.signed_by(&key, &authority.issuer).map_err(ca_err)?;
     Ok(MintedSvid {
         chain: vec![cert.der().clone()],
