@@ -15,7 +15,8 @@
 //! listeners (mTLS gRPC and plain HTTP); `error` is the one place a domain error becomes
 //! a gRPC status; `clock` is the only reader of wall time; `workload` is the dev SPIFFE
 //! Workload API and dev CA; `dev` assembles the embedded default; `client` is what the CLI
-//! and the examples use to reach a broker; `relying_party` is the library a relying party
+//! and the examples use to reach a broker; `agent` keeps a workload's credentials fresh on
+//! disk (`spiffe-broker agent`); `relying_party` is the library a relying party
 //! embeds (it needs nothing of the broker's internals); `http_client` is the one outbound
 //! HTTP(S) client (Vault, STS, webhooks, the relying party's fetches).
 //!
@@ -32,7 +33,7 @@
 //! layer 2: crypto checkpoint audit config
 //! layer 3: authn store notify relying_party
 //! layer 4: policy workload client
-//! layer 5: issuer
+//! layer 5: issuer agent
 //! layer 6: broker error
 //! layer 7: api
 //! layer 8: server
@@ -41,6 +42,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod audit;
 pub mod authn;

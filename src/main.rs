@@ -97,6 +97,16 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Keep credentials fresh on disk beside a workload (a sidecar or a systemd unit):
+    /// request, write atomically, renew, re-request, release at shutdown.
+    Agent {
+        /// The helper's TOML config: --config, else $SPIFFE_BROKER_AGENT_CONFIG.
+        #[arg(long, env = "SPIFFE_BROKER_AGENT_CONFIG")]
+        config: PathBuf,
+        /// Only check the config (and that every path can be written); ask for nothing.
+        #[arg(long)]
+        check: bool,
+    },
     /// Approve an access request (approvers).
     Approve {
         /// Access request id.
@@ -148,13 +158,14 @@ enum Command {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
-    use cli::{admin, audit, keys, policy, review, serve, workload};
+    use cli::{admin, agent, audit, keys, policy, review, serve, workload};
     match cli.command {
         Command::Serve { config } => serve::serve(config).await,
         Command::Dev(args) => serve::dev(args).await,
         Command::Request(a) => workload::request(a).await,
         Command::Renew { lease, ttl, conn } => workload::renew(lease, ttl, conn).await,
         Command::Release { lease, conn } => workload::release(lease, conn).await,
+        Command::Agent { config, check } => agent::agent(config, check).await,
         Command::Approve { id, reason, conn } => review::review(&conn, id, true, reason).await,
         Command::Deny { id, reason, conn } => review::review(&conn, id, false, reason).await,
         Command::Requests { filter, conn } => review::requests(filter, conn).await,
@@ -201,7 +212,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Serve { .. } | Command::Dev(DevArgs { command: None, .. }) => "info",
+        Command::Serve { .. }
+        | Command::Dev(DevArgs { command: None, .. })
+        | Command::Agent { check: false, .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()

@@ -384,13 +384,7 @@ pub fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
-/// A lifetime as the proto carries it.
-pub fn duration_pb(d: Option<Duration>) -> Option<prost_types::Duration> {
-    d.map(|d| prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: 0,
-    })
-}
+pub use spiffe_broker::client::duration_pb;
 
 /// How `request` prints what it got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -20,6 +20,12 @@ impl From<tonic::Status> for CliError {
     }
 }
 
+impl From<spiffe_broker::client::render::RenderError> for CliError {
+    fn from(e: spiffe_broker::client::render::RenderError) -> Self {
+        CliError::Failed(e.0)
+    }
+}
+
 impl From<String> for CliError {
     fn from(s: String) -> Self {
         CliError::Failed(s)

@@ -2,6 +2,7 @@
 //! parses the arguments and dispatches here.
 
 pub mod admin;
+pub mod agent;
 pub mod args;
 pub mod audit;
 pub mod error;

@@ -1,6 +1,8 @@
 //! Reaching a broker: SPIFFE mTLS (or a JWT-SVID bearer over server-authenticated TLS)
 //! to a gRPC channel. The CLI, the examples and the tests use this.
 
+pub mod render;
+
 use crate::clock::Clock as _;
 use std::sync::Arc;
 
@@ -17,8 +19,52 @@ use crate::authn::{validate_x509_svid, StaticTrust, SvidRole, TrustSource, Workl
 
 /// Why a client could not connect.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ClientError(pub String);
+#[error("{message}")]
+pub struct ClientError {
+    message: String,
+    transient: bool,
+}
+
+impl ClientError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            transient: false,
+        }
+    }
+
+    fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            transient: true,
+        }
+    }
+
+    /// True when trying again later may succeed: the broker or the Workload API cannot be
+    /// reached now. False when something was refused (the broker presented another SPIFFE
+    /// ID or an untrusted certificate, or refused ours) or the input is bad.
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+}
+
+/// Whether a connection failed in the TLS handshake (a certificate refused on either side)
+/// rather than for want of a peer. `io::Error::source` skips the error it wraps, so each
+/// link is also looked into.
+fn tls_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        if e.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
 
 /// Where the client's SVID and trust bundle come from.
 #[derive(Clone)]
@@ -51,19 +97,20 @@ impl ClientIdentity {
     ) -> Result<Self, ClientError> {
         use rustls::pki_types::pem::PemObject;
         let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| ClientError(format!("{}: {e}", p.display())))
+            std::fs::read(p).map_err(|e| ClientError::new(format!("{}: {e}", p.display())))
         };
         let chain = CertificateDer::pem_slice_iter(&read(cert)?)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ClientError(format!("{}: {e:?}", cert.display())))?;
-        let key_der = PrivatePkcs8KeyDer::from_pem_slice(&read(key)?)
-            .map_err(|e| ClientError(format!("{}: not a PKCS#8 PEM key: {e:?}", key.display())))?;
+            .map_err(|e| ClientError::new(format!("{}: {e:?}", cert.display())))?;
+        let key_der = PrivatePkcs8KeyDer::from_pem_slice(&read(key)?).map_err(|e| {
+            ClientError::new(format!("{}: not a PKCS#8 PEM key: {e:?}", key.display()))
+        })?;
         let bundle_certs = CertificateDer::pem_slice_iter(&read(bundle)?)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ClientError(format!("{}: {e:?}", bundle.display())))?;
+            .map_err(|e| ClientError::new(format!("{}: {e:?}", bundle.display())))?;
         if chain.is_empty() || bundle_certs.is_empty() {
-            return Err(ClientError(
-                "certificate or bundle file holds no certificate".into(),
+            return Err(ClientError::new(
+                "certificate or bundle file holds no certificate",
             ));
         }
         Ok(ClientIdentity::Files {
@@ -83,6 +130,14 @@ impl ClientIdentity {
             }
         }
     }
+}
+
+/// A lifetime as the proto carries it.
+pub fn duration_pb(d: Option<std::time::Duration>) -> Option<prost_types::Duration> {
+    d.map(|d| prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: 0,
+    })
 }
 
 /// Verifies the broker's X.509-SVID: chain to the bundle, and exactly the expected ID.
@@ -167,7 +222,7 @@ fn certified(
 ) -> Result<Arc<CertifiedKey>, ClientError> {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec()));
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| ClientError(format!("unusable SVID key: {e}")))?;
+        .map_err(|e| ClientError::new(format!("unusable SVID key: {e}")))?;
     Ok(Arc::new(CertifiedKey::new(chain, signer)))
 }
 
@@ -204,7 +259,7 @@ pub fn tls_config(
     });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError(e.to_string()))?
+        .map_err(|e| ClientError::new(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut cfg = match identity {
@@ -225,11 +280,12 @@ pub async fn connect(
     broker_id: &str,
     identity: &ClientIdentity,
 ) -> Result<Channel, ClientError> {
-    let broker_id = SpiffeId::new(broker_id).map_err(|e| ClientError(format!("broker id: {e}")))?;
+    let broker_id =
+        SpiffeId::new(broker_id).map_err(|e| ClientError::new(format!("broker id: {e}")))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(identity, &broker_id)?));
     let target = addr.to_owned();
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| ClientError(format!("bad broker address {addr:?}: {e}")))?
+        .map_err(|e| ClientError::new(format!("bad broker address {addr:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(10));
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -246,7 +302,14 @@ pub async fn connect(
             }
         }))
         .await
-        .map_err(|e| ClientError(format!("cannot connect to the broker at {addr}: {e}")))
+        .map_err(|e| {
+            let message = format!("cannot connect to the broker at {addr}: {e}");
+            if tls_refused(&e) {
+                ClientError::new(message)
+            } else {
+                ClientError::transient(message)
+            }
+        })
 }
 
 /// An `X509Source` from a Workload API endpoint (`unix:///path`), or from
@@ -259,8 +322,10 @@ pub async fn workload_source(endpoint: Option<&str>) -> Result<X509Source, Clien
     };
     tokio::time::timeout(std::time::Duration::from_secs(15), builder.build())
         .await
-        .map_err(|_| ClientError("timed out fetching an SVID from the Workload API".into()))?
-        .map_err(|e| ClientError(format!("cannot fetch an SVID from the Workload API: {e}")))
+        .map_err(|_| ClientError::transient("timed out fetching an SVID from the Workload API"))?
+        .map_err(|e| {
+            ClientError::transient(format!("cannot fetch an SVID from the Workload API: {e}"))
+        })
 }
 
 /// A channel to the broker that follows the client's own SVID rotation.
@@ -283,7 +348,7 @@ fn current_leaf(source: &X509Source) -> Result<Vec<u8>, ClientError> {
     source
         .svid()
         .map(|s| s.leaf().as_ref().to_vec())
-        .map_err(|e| ClientError(format!("no SVID from the Workload API: {e}")))
+        .map_err(|e| ClientError::new(format!("no SVID from the Workload API: {e}")))
 }
 
 impl SvidChannel {
