@@ -342,6 +342,7 @@ impl Keeper {
             expires,
             key_pem,
         });
+        let problems = self.after_write().await;
         self.status.send_modify(|s| {
             s.state = State::Fresh;
             s.on_disk = true;
@@ -349,15 +350,14 @@ impl Keeper {
             s.expires_at = Some(rfc3339(unix_seconds(expires)));
             s.writes += 1;
             s.access_request = None;
-            s.message = None;
+            s.message = problems;
         });
-        self.after_write().await;
         Ok(())
     }
 
     /// The command and the signal after a write; their failures are reported, not fatal
     /// (the credential is on disk either way).
-    async fn after_write(&self) {
+    async fn after_write(&self) -> Option<String> {
         let mut problems = Vec::new();
         if let Some(argv) = &self.spec.command {
             if let Err(e) = files::run_command(argv).await {
@@ -369,11 +369,12 @@ impl Keeper {
                 problems.push(format!("signal: {e}"));
             }
         }
-        if !problems.is_empty() {
-            let text = problems.join("; ");
-            tracing::warn!(credential = self.name(), problem = %text, "after the write");
-            self.status.send_modify(|s| s.message = Some(text));
+        if problems.is_empty() {
+            return None;
         }
+        let text = problems.join("; ");
+        tracing::warn!(credential = self.name(), problem = %text, "after the write");
+        Some(text)
     }
 
     fn until_renewal(&self) -> Duration {

@@ -48,6 +48,22 @@ impl ClientError {
     }
 }
 
+/// An error with its causes, `outer: inner: innermost` (tonic's transport error alone says
+/// only "transport error"). `io::Error::source` skips the error it wraps, so that one is
+/// shown too.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut next = e.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 /// Whether a connection failed in the TLS handshake (a certificate refused on either side)
 /// rather than for want of a peer. `io::Error::source` skips the error it wraps, so each
 /// link is also looked into.
@@ -303,7 +319,7 @@ pub async fn connect(
         }))
         .await
         .map_err(|e| {
-            let message = format!("cannot connect to the broker at {addr}: {e}");
+            let message = format!("cannot connect to the broker at {addr}: {}", causes(&e));
             if tls_refused(&e) {
                 ClientError::new(message)
             } else {

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod agent;
 mod approvals;
 mod authn_attacks;
 mod backend_oci;
