@@ -6,15 +6,24 @@ set -eu
 TD=${TRUST_DOMAIN:-example.org}
 PARENT=${PARENT:-spiffe://$TD/spire/agent/k8s_psat/prod/node-1}
 
-entry() { # spiffe-id selector...
+entry() { # spiffe-id selector... [dns:NAME...]
     id=$1; shift
-    set -- spire-server entry create -parentID "$PARENT" -spiffeID "spiffe://$TD/$id" \
-        -x509SVIDTTL 3600 -jwtSVIDTTL 300 $(printf -- '-selector %s ' "$@")
-    "$@"
+    args=""
+    for a in "$@"; do
+        case $a in
+            dns:*) args="$args -dns ${a#dns:}" ;;
+            *) args="$args -selector $a" ;;
+        esac
+    done
+    # $args is split on purpose: one word per flag and value.
+    spire-server entry create -parentID "$PARENT" -spiffeID "spiffe://$TD/$id" \
+        -x509SVIDTTL 3600 -jwtSVIDTTL 300 $args
 }
 
-# The broker itself (its SVID serves gRPC mTLS; its JWT-SVID logs into Vault).
-entry spiffe-broker k8s:ns:spiffe-broker k8s:sa:spiffe-broker
+# The broker itself (its SVID serves gRPC mTLS; its JWT-SVID logs into Vault). Its DNS
+# names let stock gRPC clients, which check a host name first, connect (docs/clients.md).
+entry spiffe-broker k8s:ns:spiffe-broker k8s:sa:spiffe-broker \
+    dns:spiffe-broker.spiffe-broker.svc dns:spiffe-broker.spiffe-broker.svc.cluster.local
 # Demo workloads (deploy/demo-config.toml identities).
 entry ci/deploy-agent k8s:ns:ci k8s:sa:deploy-agent
 entry ml/model-runtime k8s:ns:serving k8s:sa:model-runtime

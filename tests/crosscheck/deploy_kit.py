@@ -11,7 +11,11 @@ Service and ClusterSPIFFEID select the Deployment's pods; the ClusterSPIFFEID gi
 broker the SPIFFE ID clients pin by default; secrets are mounted read-only, 0400. Then the
 ConfigMap's config.toml and policy files are written out and loaded by the broker binary
 itself (`spiffe-broker policy check`): the binary refuses unknown keys, so a key it does
-not read fails here. The container file and the systemd unit are checked for their
+not read fails here. The credential-helper sidecar (sidecar-agent.yaml) is checked the same way: a native
+sidecar sharing an in-memory emptyDir (read-only in the workload), its identity from the
+CSI volume, probes on its health port, the broker pinned by SPIFFE ID and dialled by a
+Service name its SVID carries, and its helper.toml loaded by `spiffe-broker agent --check`
+(an unwritable path refused). The container file and the systemd unit are checked for their
 invariants (non-root, no shell at run time; hardening options; the config path).
 
 Usage:  python3 tests/crosscheck/deploy_kit.py      (SPIFFE_BROKER_BIN as in crosscheck.py)
@@ -178,6 +182,9 @@ def main() -> int:
     sa = pod["spec"].get("serviceAccountName")
     check("the pod's ServiceAccount is in the kit", ("ServiceAccount", sa) in objs)
 
+    print("[the credential helper as a sidecar (sidecar-agent.yaml)]")
+    check_sidecar(objs, sid)
+
     print("[Containerfile]")
     cf = (KIT / "Containerfile").read_text()
     stages = re.findall(r"^FROM\s+(\S+)", cf, re.M)
@@ -217,6 +224,83 @@ def main() -> int:
           f'audience = "{tok["service"]}"' in text)
     print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
+
+
+def check_sidecar(objs: dict, broker_sid: dict) -> None:
+    app = objs.get(("Deployment", "model-runtime"))
+    check("a workload Deployment with the helper beside it", app is not None)
+    if app is None:
+        return
+    pod = app["spec"]["template"]
+    helpers = [c for c in pod["spec"].get("initContainers", []) if "agent" in c.get("args", [])]
+    check("the helper is a native sidecar (init container, restartPolicy Always)",
+          len(helpers) == 1 and helpers[0].get("restartPolicy") == "Always")
+    if not helpers:
+        return
+    h = helpers[0]
+    (workload,) = pod["spec"]["containers"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    hm = {m["name"]: m for m in h["volumeMounts"]}
+    wm = {m["name"]: m for m in workload["volumeMounts"]}
+    check("every mount of both containers has a volume", set(hm) | set(wm) <= set(volumes))
+    shared = [n for n in hm if n in wm and "emptyDir" in volumes[n]]
+    check("one in-memory emptyDir shared by helper and workload",
+          len(shared) == 1 and volumes[shared[0]]["emptyDir"].get("medium") == "Memory", str(shared))
+    if len(shared) != 1:
+        return
+    cred_dir = hm[shared[0]]["mountPath"]
+    check("the workload mounts the credentials read-only at the same path",
+          wm[shared[0]].get("readOnly") is True and wm[shared[0]]["mountPath"] == cred_dir)
+    check("the helper's root filesystem is read-only, no privilege escalation",
+          h["securityContext"].get("readOnlyRootFilesystem") is True
+          and h["securityContext"].get("allowPrivilegeEscalation") is False)
+    csi = [n for n, v in volumes.items() if v.get("csi", {}).get("driver") == "csi.spiffe.io"]
+    check("the helper's identity comes from the SPIFFE CSI volume, read-only",
+          len(csi) == 1 and hm.get(csi[0], {}).get("readOnly") is True)
+    (cm_vol,) = [n for n in hm if "configMap" in volumes[n]]
+    cm = objs.get(("ConfigMap", volumes[cm_vol]["configMap"]["name"]))
+    args = h["args"]
+    check("the helper runs `agent --config` on the mounted helper.toml",
+          args[:2] == ["agent", "--config"] and args[2] == f"{hm[cm_vol]['mountPath']}/helper.toml", str(args))
+    text = cm["data"]["helper.toml"]
+    def value(key: str) -> str:
+        m = re.search(rf'^{re.escape(key)}\s*=\s*"([^"]*)"', text, re.M)
+        return m.group(1) if m else ""
+    check("the helper pins the broker's SPIFFE ID", value("broker_id") == BROKER_ID)
+    host, port = value("broker").rsplit(":", 1)
+    svc = objs[("Service", "spiffe-broker")]
+    check("the helper reaches the broker's Service on its grpc port",
+          host.split(".")[:2] == [svc["metadata"]["name"], svc["metadata"]["namespace"]]
+          and int(port) in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"], value("broker"))
+    check("the broker's SVID carries the Service name the helper dials (stock clients too)",
+          host in broker_sid["spec"].get("dnsNameTemplates", []), host)
+    check("the helper's Workload API socket is on the CSI volume",
+          value("workload_api").startswith("unix://" + hm[csi[0]]["mountPath"] + "/"))
+    paths = re.findall(r'^path\s*=\s*"([^"]*)"', text, re.M)
+    check("every credential is written into the shared volume",
+          bool(paths) and all(p.startswith(cred_dir + "/") for p in paths), str(paths))
+    health_port = int(value("health_addr").rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in h["ports"]}
+    for probe, path in (("startupProbe", "/ready"), ("livenessProbe", "/live"), ("readinessProbe", "/ready")):
+        p = h.get(probe, {}).get("httpGet", {})
+        check(f"helper {probe} GET {path} on its health port",
+              p.get("path") == path and ports.get(p.get("port"), p.get("port")) == health_port, str(p))
+    wsid = [o for (k, _), o in objs.items() if k == "ClusterSPIFFEID"
+            and labels_match(o["spec"]["podSelector"]["matchLabels"], pod["metadata"]["labels"])]
+    check("a ClusterSPIFFEID gives the workload's pods their SPIFFE ID", len(wsid) == 1)
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "helper.toml"
+        cfg.write_text(text.replace(cred_dir + "/", d + "/"))
+        out = subprocess.run([BIN, "agent", "--config", str(cfg), "--check"],
+                             capture_output=True, text=True, timeout=60)
+        check("the binary loads the helper's config (agent --check)",
+              out.returncode == 0, out.stderr.strip() or out.stdout.strip())
+        bad = Path(d) / "bad.toml"
+        bad.write_text(text.replace(cred_dir + "/", d + "/missing/"))
+        out = subprocess.run([BIN, "agent", "--config", str(bad), "--check"],
+                             capture_output=True, text=True, timeout=60)
+        check("an unwritable credential path is refused by agent --check",
+              out.returncode != 0 and "missing" in out.stderr, out.stderr.strip())
 
 
 if __name__ == "__main__":
