@@ -29,7 +29,7 @@
 //!
 //! ```text
 //! layer 0: domain proto
-//! layer 1: clock merkle metrics jose http_client
+//! layer 1: clock merkle metrics jose http_client files
 //! layer 2: crypto checkpoint audit config
 //! layer 3: authn store notify relying_party
 //! layer 4: policy workload client
@@ -41,6 +41,83 @@
 //! layer 10: cli
 //! ```
 #![forbid(unsafe_code)]
+
+/// The handshake-signature methods of a rustls certificate verifier
+/// (`ServerCertVerifier`, `ClientCertVerifier`): every verifier here checks them the same
+/// way, with the algorithms at `self.<path>` (a `WebPkiSupportedAlgorithms`). Only the
+/// certificate check differs, and each verifier writes that itself.
+macro_rules! handshake_signatures {
+    ($($algs:ident).+) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.$($algs).+)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.$($algs).+)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.$($algs).+.supported_schemes()
+        }
+    };
+}
+
+/// `AsyncWrite` for a wrapper whose writes all go to `self.<field>` unchanged (TLS
+/// connections that carry peer facts, the Workload API's header shim).
+macro_rules! delegate_async_write {
+    ($field:ident) => {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.$field).poll_write(cx, buf)
+        }
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.$field).poll_write_vectored(cx, bufs)
+        }
+        fn is_write_vectored(&self) -> bool {
+            self.$field.is_write_vectored()
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.$field).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.$field).poll_shutdown(cx)
+        }
+    };
+}
+
+/// `AsyncRead` for a wrapper whose reads all come from `self.<field>` unchanged.
+macro_rules! delegate_async_read {
+    ($field:ident) => {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.$field).poll_read(cx, buf)
+        }
+    };
+}
 
 pub mod agent;
 pub mod api;
@@ -55,6 +132,7 @@ pub mod crypto;
 pub mod dev;
 pub mod domain;
 pub mod error;
+pub mod files;
 pub mod http_client;
 pub mod issuer;
 pub mod jose;

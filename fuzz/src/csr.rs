@@ -10,7 +10,7 @@ use std::time::Duration;
 use rustls::pki_types::{pem::PemObject as _, CertificateDer, CertificateSigningRequestDer};
 use spiffe_broker::domain::{LeaseId, Scope};
 use spiffe_broker::issuer::x509::parse_csr;
-use spiffe_broker::issuer::{Credential, IssueError, Issuer as _, LeaseTerms, Material};
+use spiffe_broker::issuer::{Credential, IssueError, Issuer as _, LeaseTerms, Material, Order};
 use spiffe_broker::policy::{Grant, Policy as _};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
@@ -74,8 +74,12 @@ fn accepted(bytes: &[u8]) {
     let material = Material {
         csr_der: Some(bytes.to_vec()),
     };
-    let minted = futures::executor::block_on(fx.x509.issue(&grant, &terms, &material))
-        .unwrap_or_else(|e| panic!("parse_csr accepted a CSR the backend cannot mint: {e}"));
+    let minted = futures::executor::block_on(fx.x509.issue(Order {
+        grant: &grant,
+        terms: &terms,
+        material: &material,
+    }))
+    .unwrap_or_else(|e| panic!("parse_csr accepted a CSR the backend cannot mint: {e}"));
     let Credential::Certificate { chain_pem, .. } = minted.credential else {
         panic!("x509 backend returned a non-certificate");
     };

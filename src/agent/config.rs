@@ -263,7 +263,7 @@ impl AgentConfig {
     pub fn check_paths(&self) -> Result<(), ConfigError> {
         for c in &self.credentials {
             for path in c.paths() {
-                super::files::check_writable(path).map_err(|e| {
+                crate::files::check_writable(path).map_err(|e| {
                     ConfigError(format!("credential {:?}: cannot write: {e}", c.name()))
                 })?;
             }

@@ -13,9 +13,10 @@ use zeroize::Zeroizing;
 
 use super::config::{CredentialSpec, Format};
 use super::connection::{CallError, Connection};
-use super::files;
+use super::hooks;
 use crate::client::render;
 use crate::clock::{from_unix_seconds, rfc3339, unix_seconds, Clock};
+use crate::files;
 use crate::proto::v1 as pb;
 
 /// The longest a keeper sleeps without looking at the clock again (a suspended machine
@@ -360,12 +361,12 @@ impl Keeper {
     async fn after_write(&self) -> Option<String> {
         let mut problems = Vec::new();
         if let Some(argv) = &self.spec.command {
-            if let Err(e) = files::run_command(argv).await {
+            if let Err(e) = hooks::run_command(argv).await {
                 problems.push(format!("command: {e}"));
             }
         }
         if let Some(s) = &self.spec.signal {
-            if let Err(e) = files::send_signal(&s.pid_file, &s.signal) {
+            if let Err(e) = hooks::send_signal(&s.pid_file, &s.signal) {
                 problems.push(format!("signal: {e}"));
             }
         }

@@ -2,7 +2,7 @@
 //! credentials fresh on disk, as SPIRE's spiffe-helper does for SVIDs.
 //!
 //! For each `[[credential]]` of its config a [`keeper::Keeper`] asks the broker, writes
-//! the credential atomically (`files`), renews it once a fraction of its lifetime has
+//! the credential atomically (`crate::files`), renews it once a fraction of its lifetime has
 //! passed, asks again when renewal is refused, keeps the last one while the broker is away
 //! (never past its expiry), and releases it at shutdown. `GET /live` and `GET /ready` on
 //! `health_addr` say how it stands.
@@ -13,7 +13,7 @@
 
 pub mod config;
 pub mod connection;
-pub mod files;
+pub mod hooks;
 pub mod keeper;
 
 use std::net::SocketAddr;

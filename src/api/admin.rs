@@ -1,31 +1,16 @@
 //! `spiffe_broker.v1.Admin`: what platform admins call.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, lease_to_pb};
-use super::{respond, Call, DEFAULT_PAGE_SIZE};
-use crate::broker::{Broker, EntrySelector};
+use super::{respond, Api, Call, DEFAULT_PAGE_SIZE};
+use crate::broker::EntrySelector;
 use crate::domain::LeaseId;
 use crate::error::BrokerError;
 use crate::proto::v1 as pb;
 
-/// `spiffe_broker.v1.Admin`.
-#[derive(Clone)]
-pub struct AdminService {
-    broker: Arc<Broker>,
-}
-
-impl AdminService {
-    /// Serves `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
-    }
-}
-
 #[tonic::async_trait]
-impl pb::admin_server::Admin for AdminService {
+impl pb::admin_server::Admin for Api {
     async fn create_lock(
         &self,
         request: Request<pb::CreateLockRequest>,

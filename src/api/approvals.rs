@@ -1,31 +1,16 @@
 //! `spiffe_broker.v1.Approvals`: what approvers call.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
 use super::convert::access_request_to_pb;
-use super::{respond, Call, DEFAULT_PAGE_SIZE};
-use crate::broker::{Broker, RequestListing};
+use super::{respond, Api, Call, DEFAULT_PAGE_SIZE};
+use crate::broker::RequestListing;
 use crate::domain::Verdict;
 use crate::error::BrokerError;
 use crate::proto::v1 as pb;
 
-/// `spiffe_broker.v1.Approvals`.
-#[derive(Clone)]
-pub struct ApprovalsService {
-    broker: Arc<Broker>,
-}
-
-impl ApprovalsService {
-    /// Serves `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
-    }
-}
-
 #[tonic::async_trait]
-impl pb::approvals_server::Approvals for ApprovalsService {
+impl pb::approvals_server::Approvals for Api {
     async fn list_access_requests(
         &self,
         request: Request<pb::ListAccessRequestsRequest>,

@@ -1,28 +1,13 @@
 //! `spiffe_broker.v1.CredentialBroker`: what workloads call.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, access_request_to_pb, lease_to_pb, parse_issue_request};
-use super::{respond, stream, Call, PbStream};
-use crate::broker::{Broker, IssueOptions, IssueOutcome};
+use super::{respond, stream, Api, Call, PbStream};
+use crate::broker::{IssueOptions, IssueOutcome};
 use crate::domain::LeaseId;
 use crate::error::to_status;
 use crate::proto::v1 as pb;
-
-/// `spiffe_broker.v1.CredentialBroker`.
-#[derive(Clone)]
-pub struct CredentialBrokerService {
-    broker: Arc<Broker>,
-}
-
-impl CredentialBrokerService {
-    /// Serves `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
-    }
-}
 
 fn issued_to_pb(
     i: crate::broker::Issued,
@@ -39,7 +24,7 @@ fn issued_to_pb(
 }
 
 #[tonic::async_trait]
-impl pb::credential_broker_server::CredentialBroker for CredentialBrokerService {
+impl pb::credential_broker_server::CredentialBroker for Api {
     async fn issue_credential(
         &self,
         request: Request<pb::IssueCredentialRequest>,

@@ -9,16 +9,29 @@ mod credential_broker;
 mod edge;
 mod relying_party;
 
-pub use admin::AdminService;
-pub use approvals::ApprovalsService;
 pub use convert::{access_request_to_pb, explanation_to_pb, lease_to_pb, parse_issue_request};
-pub use credential_broker::CredentialBrokerService;
 pub use edge::{Call, EdgeLayer};
-pub use relying_party::RelyingPartyService;
+
+use std::sync::Arc;
 
 use tonic::{Response, Status};
 
+use crate::broker::Broker;
 use crate::error::{to_status, BrokerError};
+
+/// The gRPC services over one broker: `Api` implements `CredentialBroker`
+/// (`credential_broker.rs`), `Approvals`, `Admin` and `RelyingParty`, each in its file.
+#[derive(Clone)]
+pub struct Api {
+    broker: Arc<Broker>,
+}
+
+impl Api {
+    /// Serves `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
 
 /// A server-streaming response.
 pub(crate) type PbStream<P> =

@@ -1,30 +1,15 @@
 //! `spiffe_broker.v1.RelyingParty`: the revocation feed for relying parties.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::{stream, Call, PbStream};
-use crate::broker::{Broker, FeedItem};
+use super::{stream, Api, Call, PbStream};
+use crate::broker::FeedItem;
 use crate::error::to_status;
 use crate::proto::v1 as pb;
 
-/// `spiffe_broker.v1.RelyingParty`.
-#[derive(Clone)]
-pub struct RelyingPartyService {
-    broker: Arc<Broker>,
-}
-
-impl RelyingPartyService {
-    /// Serves `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
-    }
-}
-
 #[tonic::async_trait]
-impl pb::relying_party_server::RelyingParty for RelyingPartyService {
+impl pb::relying_party_server::RelyingParty for Api {
     type WatchRevocationsStream = PbStream<pb::RevocationFeedMessage>;
 
     async fn watch_revocations(

@@ -8,7 +8,7 @@ use crate::authn::VerifiedCaller;
 use crate::config::{CredentialKind, Profile};
 use crate::domain::Lease;
 use crate::error::BrokerError;
-use crate::issuer::{Issuer, LeaseTerms, Material, Minted};
+use crate::issuer::{Issuer, LeaseTerms, Material, Minted, Order};
 use crate::policy::Grant;
 
 use super::backend_revocations::BACKEND_REVOKE_TIMEOUT;
@@ -92,7 +92,11 @@ impl Broker {
         } else {
             // Signing in-process: nothing to wait for, nothing to abandon.
             issuer
-                .issue(grant, terms, material)
+                .issue(Order {
+                    grant,
+                    terms,
+                    material,
+                })
                 .await
                 .map_err(BrokerError::from)
         };
@@ -121,7 +125,15 @@ impl Broker {
                 terms.clone(),
                 material.clone(),
             );
-            tokio::spawn(async move { issuer.issue(&grant, &terms, &material).await })
+            tokio::spawn(async move {
+                issuer
+                    .issue(Order {
+                        grant: &grant,
+                        terms: &terms,
+                        material: &material,
+                    })
+                    .await
+            })
         };
         match tokio::time::timeout(grant.profile.deadline, &mut call).await {
             Ok(Ok(r)) => r.map_err(BrokerError::from),

@@ -78,18 +78,8 @@ pub async fn dev(args: DevArgs) -> Result<(), CliError> {
             let svid = ca.mint_x509_svid(&id, ttl).map_err(fail)?;
             std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
             std::fs::write(out.join("svid.pem"), &svid.cert_pem).map_err(fail)?;
-            {
-                use std::io::Write as _;
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(out.join("svid.key"))
-                    .map_err(fail)?;
-                f.write_all(svid.key_pem.as_bytes()).map_err(fail)?;
-            }
+            spiffe_broker::files::write_private(&out.join("svid.key"), svid.key_pem.as_bytes())
+                .map_err(fail)?;
             std::fs::write(out.join("bundle.pem"), ca.ca_pem()).map_err(fail)?;
             out!(
                 "{}",

@@ -45,6 +45,11 @@ impl CredentialKind {
     pub fn revocable_in_backend(self) -> bool {
         self == CredentialKind::Vault
     }
+
+    /// Whether issuing calls another service (and so runs under the profile's deadline).
+    pub fn remote(self) -> bool {
+        matches!(self, CredentialKind::Vault | CredentialKind::AwsSts)
+    }
 }
 /// A credential profile: what can be asked for, by whom, and the ceiling.
 #[derive(Debug, Clone)]

@@ -6,8 +6,7 @@
 //! after ring has parsed them; nothing here ever logs key material.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -272,18 +271,7 @@ impl std::fmt::Debug for KeyRing {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SignError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| SignError(format!("cannot write {}: {e}", tmp.display())))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| SignError(format!("cannot write {}: {e}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(|e| SignError(format!("cannot write {}: {e}", path.display())))
+    crate::files::write_private(path, bytes).map_err(|e| SignError(format!("cannot write {e}")))
 }
 
 fn read_key(path: &Path) -> Result<Option<EcdsaP256Signer>, SignError> {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
+use super::{Credential, IssueError, Issuer, LeaseTerms, Minted, Order, Secret};
 use crate::config::CredentialKind;
 use crate::crypto::KeyRing;
 use crate::jose::{self, b64, Alg};
@@ -94,12 +94,7 @@ impl Issuer for JwtIssuer {
         CredentialKind::Jwt
     }
 
-    async fn issue(
-        &self,
-        grant: &Grant,
-        terms: &LeaseTerms,
-        _material: &Material,
-    ) -> Result<Minted, IssueError> {
+    async fn issue(&self, Order { grant, terms, .. }: Order<'_>) -> Result<Minted, IssueError> {
         self.mint(grant, terms).map(|credential| Minted {
             credential,
             expires_at: terms.expires_at,

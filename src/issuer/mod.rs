@@ -182,6 +182,17 @@ pub struct Material {
     pub csr_der: Option<Vec<u8>>,
 }
 
+/// What a backend is asked to mint.
+#[derive(Clone, Copy)]
+pub struct Order<'a> {
+    /// What policy granted.
+    pub grant: &'a Grant,
+    /// The lease's terms (times, id).
+    pub terms: &'a LeaseTerms,
+    /// What the caller sent along (a CSR).
+    pub material: &'a Material,
+}
+
 /// Why a backend could not issue.
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
@@ -210,15 +221,10 @@ pub trait Issuer: Send + Sync + 'static {
     fn kind(&self) -> CredentialKind;
     /// Whether issuing calls another service (and so runs under the profile's deadline).
     fn remote(&self) -> bool {
-        false
+        self.kind().remote()
     }
     /// Mints a credential.
-    async fn issue(
-        &self,
-        grant: &Grant,
-        terms: &LeaseTerms,
-        material: &Material,
-    ) -> Result<Minted, IssueError>;
+    async fn issue(&self, order: Order<'_>) -> Result<Minted, IssueError>;
     /// Why credentials of this backend cannot be renewed, if they cannot (a renewal is
     /// then refused with this reason); `None`: a renewal issues a fresh credential.
     fn not_renewable(&self) -> Option<&'static str> {
@@ -237,7 +243,12 @@ pub trait Issuer: Send + Sync + 'static {
             return Err(IssueError::Refused(why.into()));
         }
         static NONE: Material = Material { csr_der: None };
-        self.issue(grant, terms, &NONE).await
+        self.issue(Order {
+            grant,
+            terms,
+            material: &NONE,
+        })
+        .await
     }
     /// Ends the credential behind `handle` in the backend (stateless backends: nothing).
     async fn revoke(&self, handle: &str) -> Result<(), IssueError> {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::token::{registered_claims, sign_and_check};
-use super::{Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
+use super::{Credential, IssueError, Issuer, LeaseTerms, Minted, Order, Secret};
 use crate::config::{AwsStsConfig, BackendProfile, CredentialKind, STS_MIN_TTL};
 use crate::crypto::KeyRing;
 use crate::http_client::{HttpClient, Options, Trust};
@@ -249,16 +249,7 @@ impl Issuer for StsIssuer {
         CredentialKind::AwsSts
     }
 
-    fn remote(&self) -> bool {
-        true
-    }
-
-    async fn issue(
-        &self,
-        grant: &Grant,
-        terms: &LeaseTerms,
-        _material: &Material,
-    ) -> Result<Minted, IssueError> {
+    async fn issue(&self, Order { grant, terms, .. }: Order<'_>) -> Result<Minted, IssueError> {
         let form = self.template(grant, terms)?;
         let token_terms = LeaseTerms {
             expires_at: terms.issued_at + WEB_IDENTITY_TOKEN_TTL,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::{oci, Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
+use super::{oci, Credential, IssueError, Issuer, LeaseTerms, Minted, Order, Secret};
 use crate::config::{BackendProfile, CredentialKind};
 use crate::crypto::{libtrust_key_id, KeyRing, Signer};
 use crate::jose::{self, b64, Alg};
@@ -183,12 +183,7 @@ impl Issuer for TokenIssuer {
         self.kind
     }
 
-    async fn issue(
-        &self,
-        grant: &Grant,
-        terms: &LeaseTerms,
-        _material: &Material,
-    ) -> Result<Minted, IssueError> {
+    async fn issue(&self, Order { grant, terms, .. }: Order<'_>) -> Result<Minted, IssueError> {
         let claims = self.template(grant, terms)?;
         let (signer, kid) = self.signer()?;
         let signed = sign_and_check(signer.as_ref(), &kid, &claims)?;

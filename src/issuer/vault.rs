@@ -48,7 +48,7 @@ use vaultrs::api::auth::oidc::requests::JWTLoginRequest;
 use vaultrs::api::{EndpointError, EndpointResult};
 use zeroize::Zeroize as _;
 
-use super::{BoxFuture, Credential, IssueError, Issuer, LeaseTerms, Material, Minted, Secret};
+use super::{BoxFuture, Credential, IssueError, Issuer, LeaseTerms, Minted, Order, Secret};
 use crate::config::{BackendProfile, CredentialKind, VaultConfig};
 use crate::http_client::{HttpClient, Options, Trust};
 use crate::policy::Grant;
@@ -402,16 +402,7 @@ impl Issuer for VaultIssuer {
         CredentialKind::Vault
     }
 
-    fn remote(&self) -> bool {
-        true
-    }
-
-    async fn issue(
-        &self,
-        grant: &Grant,
-        terms: &LeaseTerms,
-        _material: &Material,
-    ) -> Result<Minted, IssueError> {
+    async fn issue(&self, Order { grant, terms, .. }: Order<'_>) -> Result<Minted, IssueError> {
         let BackendProfile::Vault { path } = &grant.profile.backend else {
             return Err(IssueError::Internal("not a vault profile".into()));
         };

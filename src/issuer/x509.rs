@@ -8,8 +8,6 @@
 //! a PKI separate from the SPIFFE trust domain, so these certificates are never SVIDs.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -20,7 +18,7 @@ use rustls::pki_types::{pem::PemObject as _, CertificateDer, CertificateSigningR
 use x509_parser::prelude::{FromDer as _, GeneralName, ParsedExtension, X509Certificate};
 use zeroize::Zeroizing;
 
-use super::{Credential, IssueError, Issuer, LeaseTerms, Material, Minted};
+use super::{Credential, IssueError, Issuer, LeaseTerms, Minted, Order};
 use crate::config::{BackendProfile, CredentialKind, X509CaConfig};
 use crate::policy::Grant;
 
@@ -122,15 +120,7 @@ impl IssuingCa {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IssueError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
-    f.write_all(bytes)
-        .map_err(|e| internal(format!("{}: {e}", path.display())))
+    crate::files::write_private(path, bytes).map_err(internal)
 }
 
 /// The public key of a verified CSR: exactly the key the caller holds.
@@ -351,12 +341,12 @@ impl Issuer for X509Issuer {
         CredentialKind::X509
     }
 
-    async fn issue(
-        &self,
-        grant: &Grant,
-        terms: &LeaseTerms,
-        material: &Material,
-    ) -> Result<Minted, IssueError> {
+    async fn issue(&self, order: Order<'_>) -> Result<Minted, IssueError> {
+        let Order {
+            grant,
+            terms,
+            material,
+        } = order;
         let key = parse_csr(material.csr_der.as_deref().unwrap_or_default())?;
         let mut serial = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)

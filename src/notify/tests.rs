@@ -417,44 +417,31 @@ async fn interim_1xx_is_skipped_and_non_http_answer_retried() {
 #[test]
 fn url_parsing() {
     let ok = |url: &str| Endpoint::parse(url).unwrap();
-    let shape = |url: &str| {
+    // (url, scheme, authority, path); https: port 443 by default, and a default port is
+    // not repeated.
+    for (url, scheme, authority, path) in [
+        ("http://example.com", "http", "example.com", "/"),
+        (
+            "HTTP://hooks.internal:8080/a/b?x=1",
+            "http",
+            "hooks.internal:8080",
+            "/a/b?x=1",
+        ),
+        ("http://127.0.0.1:9/", "http", "127.0.0.1:9", "/"),
+        ("http://[::1]:8443/h", "http", "[::1]:8443", "/h"),
+        ("https://example.com", "https", "example.com", "/"),
+        ("HTTPS://example.com:443/h", "https", "example.com", "/h"),
+        ("https://h:8443/x?t=1", "https", "h:8443", "/x?t=1"),
+        ("http://h:443/", "http", "h:443", "/"),
+        ("https://h:80/", "https", "h:80", "/"),
+    ] {
         let e = ok(url);
-        (e.scheme, e.authority, e.path)
-    };
-    let expect = |scheme: &'static str, authority: &str, path: &str| {
-        (scheme, authority.to_owned(), path.to_owned())
-    };
-    assert_eq!(
-        shape("http://example.com"),
-        expect("http", "example.com", "/")
-    );
-    assert_eq!(
-        shape("HTTP://hooks.internal:8080/a/b?x=1"),
-        expect("http", "hooks.internal:8080", "/a/b?x=1")
-    );
-    assert_eq!(
-        shape("http://127.0.0.1:9/"),
-        expect("http", "127.0.0.1:9", "/")
-    );
-    assert_eq!(
-        shape("http://[::1]:8443/h"),
-        expect("http", "[::1]:8443", "/h")
-    );
-    // https: port 443 by default, and the default port is not repeated.
-    assert_eq!(
-        shape("https://example.com"),
-        expect("https", "example.com", "/")
-    );
-    assert_eq!(
-        shape("HTTPS://example.com:443/h"),
-        expect("https", "example.com", "/h")
-    );
-    assert_eq!(
-        shape("https://h:8443/x?t=1"),
-        expect("https", "h:8443", "/x?t=1")
-    );
-    assert_eq!(shape("http://h:443/"), expect("http", "h:443", "/"));
-    assert_eq!(shape("https://h:80/"), expect("https", "h:80", "/"));
+        assert_eq!(
+            (e.scheme, e.authority.as_str(), e.path.as_str()),
+            (scheme, authority, path),
+            "{url}"
+        );
+    }
     let e = ok("http://h?q");
     assert_eq!(e.path, "/?q");
 

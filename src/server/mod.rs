@@ -13,7 +13,7 @@ use spiffe::{JwtSource, X509Source};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{AdminService, ApprovalsService, CredentialBrokerService, RelyingPartyService};
+use crate::api::Api;
 use crate::authn::{SpiffeAuthenticator, WorkloadTrust};
 use crate::broker::Broker;
 use crate::checkpoint::LogSigner;
@@ -76,10 +76,10 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
     };
     for name in [
         "",
-        <CredentialBrokerServer<CredentialBrokerService> as tonic::server::NamedService>::NAME,
-        <AdminServer<AdminService> as tonic::server::NamedService>::NAME,
-        <ApprovalsServer<ApprovalsService> as tonic::server::NamedService>::NAME,
-        <RelyingPartyServer<RelyingPartyService> as tonic::server::NamedService>::NAME,
+        <CredentialBrokerServer<Api> as tonic::server::NamedService>::NAME,
+        <AdminServer<Api> as tonic::server::NamedService>::NAME,
+        <ApprovalsServer<Api> as tonic::server::NamedService>::NAME,
+        <RelyingPartyServer<Api> as tonic::server::NamedService>::NAME,
     ] {
         health.set_service_status(name, status).await;
     }
@@ -316,16 +316,10 @@ pub async fn run(
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CredentialBrokerServer<CredentialBrokerService>>()
-        .await;
-    health.set_serving::<AdminServer<AdminService>>().await;
-    health
-        .set_serving::<ApprovalsServer<ApprovalsService>>()
-        .await;
-    health
-        .set_serving::<RelyingPartyServer<RelyingPartyService>>()
-        .await;
+    health.set_serving::<CredentialBrokerServer<Api>>().await;
+    health.set_serving::<AdminServer<Api>>().await;
+    health.set_serving::<ApprovalsServer<Api>>().await;
+    health.set_serving::<RelyingPartyServer<Api>>().await;
     // gRPC health follows readiness (the broker's own SVID current): a gRPC-aware load
     // balancer stops sending when /readyz would say 503.
     let health_follower = {
@@ -426,19 +420,18 @@ pub async fn run(
         .http2_max_header_list_size(Some((crate::jose::MAX_JWT_LEN + 8 * 1024) as u32))
         .add_service(health_service)
         .add_service(
-            CredentialBrokerServer::new(CredentialBrokerService::new(broker.clone()))
+            CredentialBrokerServer::new(Api::new(broker.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            AdminServer::new(AdminService::new(broker.clone()))
+            AdminServer::new(Api::new(broker.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ApprovalsServer::new(Api::new(broker.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            ApprovalsServer::new(ApprovalsService::new(broker.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            RelyingPartyServer::new(RelyingPartyService::new(broker.clone()))
+            RelyingPartyServer::new(Api::new(broker.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(

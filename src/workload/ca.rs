@@ -16,8 +16,6 @@
 //! chains to.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -127,31 +125,14 @@ fn ca_params(trust_domain: &str) -> Result<CertificateParams, CaError> {
 }
 
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| CaError(format!("{}: {e}", path.display())))?;
-    f.write_all(bytes)
-        .map_err(|e| CaError(format!("{}: {e}", path.display())))
+    crate::files::write_private(path, bytes).map_err(ca_err)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so a crash never leaves
-/// a half-written CA certificate or key behind.
+/// Replaces `path` atomically, so a crash never leaves a half-written CA certificate or
+/// key behind.
 fn replace_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CaError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    // A stale temporary file would keep its old mode (the mode applies on creation only).
-    let _ = fs::remove_file(&tmp);
-    if secret {
-        write_secret(&tmp, bytes)?;
-    } else {
-        fs::write(&tmp, bytes).map_err(|e| CaError(format!("{}: {e}", tmp.display())))?;
-    }
-    fs::rename(&tmp, path).map_err(|e| CaError(format!("{}: {e}", path.display())))
+    let mode = if secret { 0o600 } else { 0o644 };
+    crate::files::write_atomic(path, bytes, mode).map_err(ca_err)
 }
 
 /// A new authority for `trust_domain`: P-256 key, self-signed CA certificate valid for

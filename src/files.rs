@@ -1,16 +1,16 @@
-//! Files on disk: written whole or not at all, and what runs after a write.
+//! Files that must never be seen half-written or by the wrong reader: keys, certificates,
+//! credentials, bundles.
 //!
-//! A reader (a training job, the AWS SDK, nginx) may open the file at any instant: it must
-//! see the old credential or the new one, never a torn or empty file. So every write goes
-//! to a new temporary file in the same directory (created with its final mode, never
-//! readable by others in between), is flushed to disk, and is renamed over the old one;
-//! the directory is flushed too, so the rename survives a crash.
+//! A reader (a training job, the AWS SDK, a broker restarting after a crash) may open the
+//! file at any instant: it must see the old content or the new one, never a torn or empty
+//! file. So every write goes to a new temporary file in the same directory (created with
+//! its final mode, never readable by others in between), is flushed to disk, and is
+//! renamed over the old one; the directory is flushed too, so the rename survives a crash.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// A file operation that failed, with the path.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +72,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileErro
     result
 }
 
+/// [`write_atomic`] with mode 0600: a private key or a credential.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    write_atomic(path, bytes, 0o600)
+}
+
 /// Removes `path`; a file already gone is not an error.
 pub fn remove(path: &Path) -> Result<(), FileError> {
     match fs::remove_file(path) {
@@ -91,50 +96,6 @@ pub fn check_writable(path: &Path) -> Result<(), FileError> {
         .open(&tmp)
         .map_err(at(&tmp))?;
     fs::remove_file(&tmp).map_err(at(&tmp))
-}
-
-/// How long a post-write command may run before it is killed.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Runs `argv` (no shell) and waits for it, at most [`COMMAND_TIMEOUT`].
-pub async fn run_command(argv: &[String]) -> Result<(), String> {
-    let (program, args) = argv.split_first().ok_or("empty command")?;
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("{program}: {e}"))?;
-    match tokio::time::timeout(COMMAND_TIMEOUT, child.wait()).await {
-        Ok(Ok(s)) if s.success() => Ok(()),
-        Ok(Ok(s)) => Err(format!("{program} exited with {s}")),
-        Ok(Err(e)) => Err(format!("{program}: {e}")),
-        Err(_) => Err(format!(
-            "{program} ran longer than {COMMAND_TIMEOUT:?}; killed"
-        )),
-    }
-}
-
-/// Sends `signal` (one of [`super::config::SIGNALS`]) to the process whose id is in
-/// `pid_file`.
-pub fn send_signal(pid_file: &Path, signal: &str) -> Result<(), String> {
-    use rustix::process::{kill_process, Pid, Signal};
-    let text = fs::read_to_string(pid_file).map_err(|e| format!("{}: {e}", pid_file.display()))?;
-    let pid = text
-        .trim()
-        .parse::<i32>()
-        .ok()
-        .and_then(Pid::from_raw)
-        .ok_or_else(|| format!("{}: not a process id", pid_file.display()))?;
-    let sig = match signal {
-        "HUP" => Signal::HUP,
-        "USR1" => Signal::USR1,
-        "USR2" => Signal::USR2,
-        "INT" => Signal::INT,
-        "TERM" => Signal::TERM,
-        other => return Err(format!("unknown signal {other}")),
-    };
-    kill_process(pid, sig).map_err(|e| format!("signal {signal} to {pid:?}: {e}"))
 }
 
 #[cfg(test)]
