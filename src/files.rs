@@ -125,6 +125,6 @@ mod tests {
         let err = write_atomic(&path, b"x", 0o600).expect_err("no directory");
         assert!(err.to_string().contains("nope"), "{err}");
         assert!(check_writable(&path).is_err());
-        assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 1);
+        assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 0);
     }
 }
