@@ -25,6 +25,9 @@ pub enum BackendProfile {
     Slurm {
         /// SPIFFE ID → Slurm user name (`sun`); callers without an entry are refused.
         users: BTreeMap<String, String>,
+        /// Users no token may name: Slurm lets a token for root or the SlurmUser act as
+        /// any user, so the broker never mints one, whatever `users` says.
+        forbidden_users: Vec<String>,
     },
     /// AWS STS `AssumeRoleWithWebIdentity`.
     AwsSts {
@@ -52,11 +55,27 @@ pub(super) struct RawKubernetes {
     groups: Vec<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSlurm {
     #[serde(default)]
     users: BTreeMap<String, String>,
+    /// The cluster's SlurmUser (`slurm.conf`), refused like root.
+    #[serde(default = "default_slurm_user")]
+    slurm_user: String,
+}
+
+impl Default for RawSlurm {
+    fn default() -> Self {
+        Self {
+            users: BTreeMap::new(),
+            slurm_user: default_slurm_user(),
+        }
+    }
+}
+
+fn default_slurm_user() -> String {
+    "slurm".into()
 }
 
 #[derive(Deserialize)]
@@ -142,8 +161,14 @@ impl RawSections {
                 BackendProfile::Kubernetes { groups }
             }
             CredentialKind::Slurm => {
-                let users = self.slurm.unwrap_or_default().users;
+                let RawSlurm { users, slurm_user } = self.slurm.unwrap_or_default();
+                let forbidden_users = vec!["root".to_owned(), slurm_user];
                 for (id, user) in &users {
+                    if forbidden_users.contains(user) {
+                        return err(format!(
+                            "profile {profile}: slurm.users: {id} maps to {user:?}, which Slurm lets act as any user (root or the SlurmUser); the broker never mints such a token"
+                        ));
+                    }
                     SpiffeId::new(id).map_err(|e| {
                         ConfigError(format!("profile {profile}: slurm.users: {id:?}: {e}"))
                     })?;
@@ -158,7 +183,10 @@ impl RawSections {
                         ));
                     }
                 }
-                BackendProfile::Slurm { users }
+                BackendProfile::Slurm {
+                    users,
+                    forbidden_users,
+                }
             }
             CredentialKind::AwsSts => {
                 let Some(s) = self.aws_sts else {

@@ -155,7 +155,13 @@ impl TokenIssuer {
             (CredentialKind::KubernetesOidc, BackendProfile::Kubernetes { groups }) => {
                 claims.insert("groups".into(), json!(groups));
             }
-            (CredentialKind::Slurm, BackendProfile::Slurm { users }) => {
+            (
+                CredentialKind::Slurm,
+                BackendProfile::Slurm {
+                    users,
+                    forbidden_users,
+                },
+            ) => {
                 let user = users.get(&terms.subject).ok_or_else(|| {
                     IssueError::Refused(format!(
                         "no Slurm user is mapped to {} on profile {:?}",
@@ -163,6 +169,12 @@ impl TokenIssuer {
                         grant.profile.name.as_str()
                     ))
                 })?;
+                // Config loading already refuses such a map; this holds even if it did not.
+                if forbidden_users.contains(user) {
+                    return Err(IssueError::Refused(format!(
+                        "no Slurm token for {user:?}: Slurm lets it act as any user"
+                    )));
+                }
                 claims.insert("sun".into(), json!(user));
             }
             (kind, _) => {
