@@ -10,7 +10,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-pkg="$here/src/spiffe_broker_client/_proto"
+pkg="$here/src/spiffe_broker_client/proto"
 python="${PYTHON:-python3}"
 
 tmp="$(mktemp -d)"
