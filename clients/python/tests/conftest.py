@@ -24,6 +24,8 @@ from typing import Iterator, List, Optional
 
 import pytest
 
+from spiffe_broker_client import BrokerClient
+
 REPO = Path(__file__).resolve().parents[3]
 READY_TIMEOUT = float(os.environ.get("BROKER_READY_TIMEOUT", "60"))
 
@@ -166,9 +168,7 @@ def rotating_broker() -> Iterator[DevBroker]:
 
 
 @pytest.fixture
-def agent(broker: DevBroker) -> Iterator["BrokerClient"]:  # noqa: F821
+def agent(broker: DevBroker) -> Iterator[BrokerClient]:
     """A BrokerClient as the CI pipeline agent `ci/deploy-agent`."""
-    from spiffe_broker_client import BrokerClient
-
     with BrokerClient(broker.addr, socket=broker.socket("deploy-agent")) as c:
         yield c

@@ -33,6 +33,7 @@ import ssl
 import struct
 import tempfile
 import threading
+import weakref
 from typing import Callable, Optional, Set
 
 import grpc
@@ -74,6 +75,8 @@ class TlsBridge:
         self.directory = tempfile.mkdtemp(prefix="spiffe-broker-client-")
         os.chmod(self.directory, 0o700)
         self.socket_path = os.path.join(self.directory, "grpc.sock")
+        # Removed even if close() is never called (at garbage collection or exit).
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
         self._lock = threading.Lock()
         self._last_failure: Optional[Callable[[str], BrokerError]] = None
         self.connections = 0  # connections verified and forwarded so far
@@ -111,7 +114,7 @@ class TlsBridge:
             self._thread.join(timeout=5)
         if not self._thread.is_alive() and not self._loop.is_closed():
             self._loop.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self._cleanup()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -235,4 +238,4 @@ def _same_process(sock: Optional[socket.socket]) -> bool:
         pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, peercred, 12))
     except OSError:
         return False
-    return pid == os.getpid() and uid == os.getuid()
+    return bool(pid == os.getpid() and uid == os.getuid())

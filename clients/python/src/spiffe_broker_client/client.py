@@ -63,8 +63,8 @@ class _Generation:
         self.number = number
         self.channel = channel
         self.material = material
-        self.broker = pb_grpc.CredentialBrokerStub(channel)
-        self.approvals = pb_grpc.ApprovalsStub(channel)
+        self.broker: Any = pb_grpc.CredentialBrokerStub(channel)  # type: ignore[no-untyped-call]
+        self.approvals: Any = pb_grpc.ApprovalsStub(channel)  # type: ignore[no-untyped-call]
         self.users = 0
         self.retired = False
 
@@ -173,6 +173,8 @@ class BrokerClient:
 
     def _on_source_update(self) -> None:
         """py-spiffe calls this (on its watcher thread) for every Workload API update."""
+        if self._closed:
+            return
         try:
             self._refresh()
         except Exception:
@@ -227,8 +229,9 @@ class BrokerClient:
     # -- errors ------------------------------------------------------------------------
 
     def _error(self, e: grpc.RpcError, rpc: str) -> BrokerError:
-        code: grpc.StatusCode = e.code()  # type: ignore[attr-defined]
-        reason: str = e.details() or ""  # type: ignore[attr-defined]
+        # grpcio's RpcError raised by a call is also a grpc.Call: it has code() and details().
+        code: grpc.StatusCode = e.code()
+        reason: str = e.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE and self._bridge is not None:
             # grpcio only saw the bridge close the connection; say why it did.
             failure = self._bridge.last_failure(rpc)
@@ -413,13 +416,14 @@ class BrokerClient:
                 stream = gen.broker.WatchAccessRequest(pb.GetAccessRequestRequest(id=ar_id), timeout=left)
                 try:
                     for msg in stream:
+                        assert isinstance(msg, pb.AccessRequest)
                         last = msg
                         if on_update is not None:
                             on_update(conv.access_request(msg))
                         if msg.state != pb.ACCESS_REQUEST_STATE_PENDING:
                             return msg
                 except grpc.RpcError as e:
-                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:  # type: ignore[attr-defined]
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
                         raise ApprovalTimeout(ar_id, timeout or 0.0) from None
                     raise self._error(e, "WatchAccessRequest") from None
                 finally:
