@@ -161,6 +161,8 @@ def access_request(r: pb.AccessRequest) -> AccessRequest:
         lease_id=r.lease_id,
         request_digest=r.request_digest,
         auth_method=r.auth_method,
+        key_sha256=r.key_sha256,
+        profile_sha256=r.profile_sha256,
     )
 
 

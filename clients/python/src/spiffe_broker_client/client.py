@@ -161,6 +161,10 @@ class BrokerClient:
         channel = grpc.insecure_channel(
             f"unix:{self._bridge.socket_path}",
             options=[
+                # Never share a connection with another channel: grpcio's global subchannel
+                # pool would hand this new channel the old channel's connection (same
+                # socket path, same args), i.e. one that presented the previous SVID.
+                ("grpc.use_local_subchannel_pool", 1),
                 # The broker sees its own address as :authority, not the bridge's path.
                 ("grpc.default_authority", self._authority),
                 # Don't let grpcio tear down connections on its own schedule: the broker

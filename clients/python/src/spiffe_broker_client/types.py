@@ -113,7 +113,9 @@ class AccessRequest:
     post_review: str = ""
     lease_id: str = ""
     request_digest: str = ""
-    auth_method: str = ""
+    auth_method: str = ""  # "x509-svid" (token bound to the requester's certificate) or "jwt-svid"
+    key_sha256: str = ""  # x509 profiles: the public key the certificate will certify
+    profile_sha256: str = ""  # a policy reload that changes the profile voids the approval
 
 
 @dataclass(frozen=True, repr=False)
