@@ -85,3 +85,11 @@ def test_what_stock_grpcio_cannot_check(broker, tmp_path: Path) -> None:
         assert imp.received[len(sent):] and not any(imp.received[len(sent):])
     finally:
         imp.close()
+
+
+def test_docs_show_the_example_verbatim() -> None:
+    """docs/clients.md's stock grpcio block is this file's code (after the docstring)."""
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "clients.md").read_text("utf-8")
+    code = EXAMPLE.read_text("utf-8")
+    code = code[code.index("import os\n"):]
+    assert f"```python\n{code}```\n" in doc
