@@ -172,3 +172,10 @@ def agent(broker: DevBroker) -> Iterator[BrokerClient]:
     """A BrokerClient as the CI pipeline agent `ci/deploy-agent`."""
     with BrokerClient(broker.addr, socket=broker.socket("deploy-agent")) as c:
         yield c
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which copy of the package is under test (CI: the installed wheel)."""
+    import spiffe_broker_client
+
+    return f"spiffe_broker_client {spiffe_broker_client.__version__} from {Path(spiffe_broker_client.__file__).parent}"

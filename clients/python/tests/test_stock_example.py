@@ -20,13 +20,12 @@ from spiffe_broker_client import BrokerClient, BrokerIdentityMismatch
 from test_broker_identity import Impostor
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "stock_grpcio.py"
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def run_example(socket: str, addr: str) -> subprocess.CompletedProcess:
+    # The same interpreter and environment: spiffe_broker_client.proto comes from the
+    # installed wheel in CI, from PYTHONPATH=src in a source checkout.
     env = dict(os.environ, SPIFFE_ENDPOINT_SOCKET=socket, SPIFFE_BROKER_ADDR=addr)
-    # Works from the installed wheel (CI) as from the source tree.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(SRC)) if p)
     return subprocess.run([sys.executable, str(EXAMPLE)], env=env, capture_output=True,
                           text=True, timeout=60)
 
