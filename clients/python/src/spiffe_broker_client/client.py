@@ -167,8 +167,8 @@ class BrokerClient:
                 ("grpc.use_local_subchannel_pool", 1),
                 # The broker sees its own address as :authority, not the bridge's path.
                 ("grpc.default_authority", self._authority),
-                # Don't let grpcio tear down connections on its own schedule: the broker
-                # answers keepalive pings, and streams (approval waits) may be long.
+                # Pings during long calls (an approval wait can last hours) notice a dead
+                # connection to the broker instead of waiting forever.
                 ("grpc.keepalive_time_ms", 60_000),
             ],
         )
