@@ -509,6 +509,31 @@ default_ttl = "10m"
     }
 
     #[test]
+    fn no_slurm_user_map_may_name_root_or_the_slurm_user() {
+        let addr = "127.0.0.1:1".parse().expect("addr");
+        let demo = crate::dev::demo_config(std::path::Path::new("/tmp/x"), addr, addr);
+        for (from, to) in [
+            ("= \"gpu-prov\"", "= \"root\""),
+            ("= \"gpu-prov\"", "= \"slurm\""),
+            (
+                "= \"gpu-prov\", ",
+                "= \"gpu-prov\", \"spiffe://example.org/x\" = \"slurmadm\", ",
+            ),
+        ] {
+            let mut bad = demo.replace(from, to);
+            if to.contains("slurmadm") {
+                bad = bad.replace(
+                    "[profiles.slurm]\n",
+                    "[profiles.slurm]\nslurm_user = \"slurmadm\"\n",
+                );
+            }
+            assert_ne!(bad, demo, "{to}");
+            let e = Config::from_toml(&bad).expect_err(to);
+            assert!(e.to_string().contains("act as any user"), "{e}");
+        }
+    }
+
+    #[test]
     fn refuses_bad_fields_with_their_name() {
         let bad = GOOD.replace("max_ttl = \"1h\"", "max_ttl = \"1x\"");
         let e = Config::from_toml(&bad).expect_err("bad ttl");
