@@ -61,7 +61,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import crosscheck as cc  # noqa: E402  (Report, Broker, free_port, http_json, REPO)
-import backends as be  # noqa: E402  (Children, jwt_parts, slurm_key_table)
+import backends as be  # noqa: E402  (Children, stop_group, jwt_parts, slurm_key_table)
 
 REPO = cc.REPO
 WAIT = float(os.environ.get("SLURM_REAL_TIMEOUT", "30"))
@@ -225,17 +225,8 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=10 State=UP
     def stop(self) -> None:
         for name in ("slurmrestd", "slurmd", "slurmctld", "munged"):
             p = self.procs.get(name)
-            if p is None or p.poll() is not None:
-                continue
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+            if p is not None:
+                be.stop_group(p)
 
     # -- slurmctld's log: where a refused token's reason ends up ---------------------------
 
