@@ -7,8 +7,8 @@ use std::time::Duration;
 use spiffe::X509Source;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
+use tonic::Code;
 
-use super::keeper::transient;
 use crate::client::{self, ClientError, ClientIdentity, SvidChannel};
 use crate::proto::v1 as pb;
 use crate::proto::v1::credential_broker_client::CredentialBrokerClient;
@@ -22,6 +22,20 @@ pub enum CallError {
     /// The broker said no, or the helper cannot use what it got; with the reason.
     #[error("{0}")]
     Refused(String),
+}
+
+/// Whether trying again later may help.
+fn transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::Internal
+    )
 }
 
 impl From<tonic::Status> for CallError {

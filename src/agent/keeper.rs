@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::watch;
-use tonic::Code;
 use zeroize::Zeroizing;
 
 use super::config::{CredentialSpec, Format};
@@ -275,7 +274,8 @@ impl Keeper {
     async fn renew(&mut self, lease: &str) -> Result<Duration, CallError> {
         match self.conn.renew(lease, self.spec.ttl).await {
             Ok(resp) => {
-                let key = self.held.as_mut().and_then(|h| h.key_pem.take());
+                // Cloned, not taken: a write that fails keeps the key for the next try.
+                let key = self.held.as_ref().and_then(|h| h.key_pem.clone());
                 self.write(resp.credential, resp.lease, resp.receipt, key)
                     .await?;
                 Ok(self.until_renewal())
@@ -464,18 +464,4 @@ fn new_csr() -> Result<(Vec<u8>, Zeroizing<String>), CallError> {
         .and_then(|r| r.pem())
         .map_err(|e| CallError::Refused(format!("cannot make a CSR: {e}")))?;
     Ok((csr.into_bytes(), Zeroizing::new(key.serialize_pem())))
-}
-
-/// Whether trying again later may help.
-pub fn transient(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::ResourceExhausted
-            | Code::DeadlineExceeded
-            | Code::Aborted
-            | Code::Cancelled
-            | Code::Unknown
-            | Code::Internal
-    )
 }
