@@ -1,5 +1,6 @@
 //! Compiles the broker's gRPC API and the public SPIFFE Workload API with protox,
-//! so no `protoc` binary is needed on the build machine.
+//! so no `protoc` binary is needed on the build machine, and keeps their descriptors for
+//! gRPC reflection.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -8,6 +9,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let includes = ["proto", "proto/spiffe/workload"];
     let fds = protox::compile(protos, includes)?;
+    // The broker's own API (not the Workload API, served elsewhere), for gRPC reflection.
+    let api = protox::compile([protos[0]], includes)?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("descriptors.bin"),
+        prost::Message::encode_to_vec(&api),
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

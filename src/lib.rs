@@ -156,4 +156,6 @@ pub mod proto {
     pub mod workload {
         tonic::include_proto!("_");
     }
+    /// The broker API's descriptors (an encoded `FileDescriptorSet`), served by gRPC reflection.
+    pub const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 }

@@ -2,7 +2,7 @@
 //! cap answers RESOURCE_EXHAUSTED at once instead of queueing), timing, and
 //! authentication — all keyed on the gRPC method read from the request path. A handler
 //! finds the verified caller in the request's extensions ([`Call`]) and never names its
-//! own RPC. Other services on the listener (health, reflection) pass through untouched.
+//! own RPC. Reflection is authenticated here too; health passes through untouched (probes).
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -64,9 +64,19 @@ impl Call {
     }
 }
 
-/// The RPC name of a broker method path (`/spiffe_broker.v1.Admin/Revoke` → `Revoke`).
+/// Reflection describes the API to any authenticated caller, never to an anonymous one.
+const REFLECTION: [&str; 2] = [
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
+
+/// The RPC name of a guarded method path (`/spiffe_broker.v1.Admin/Revoke` → `Revoke`;
+/// reflection's `ServerReflectionInfo`); `None` for the services that pass untouched.
 fn method_of(path: &str) -> Option<&str> {
-    let (_, method) = path.strip_prefix(PACKAGE)?.split_once('/')?;
+    let method = match path.strip_prefix(PACKAGE) {
+        Some(rest) => rest.split_once('/')?.1,
+        None => REFLECTION.iter().find_map(|p| path.strip_prefix(p))?,
+    };
     (!method.is_empty()).then_some(method)
 }
 
@@ -180,6 +190,14 @@ mod tests {
         );
         assert_eq!(method_of("/spiffe_broker.v1.Admin/Revoke"), Some("Revoke"));
         assert_eq!(method_of("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(
+            method_of("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            Some("ServerReflectionInfo")
+        );
+        assert_eq!(
+            method_of("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Some("ServerReflectionInfo")
+        );
         assert_eq!(method_of("/spiffe_broker.v1.Admin/"), None);
         assert_eq!(method_of("/spiffe_broker.v1.Admin"), None);
     }

@@ -411,6 +411,17 @@ pub async fn run(
         })
     };
 
+    // Reflection for generic gRPC tools: the broker's services and health, on the same
+    // mTLS listener as everything else. Both versions: grpcurl and grpcio's client still
+    // ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::DESCRIPTORS)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e| ServeError(format!("gRPC reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
     let grpc_server = tonic::transport::Server::builder()
         .layer(crate::api::EdgeLayer::new(broker.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -419,6 +430,8 @@ pub async fn run(
         // oversized token is refused by authn (clearly, and recorded), not by h2.
         .http2_max_header_list_size(Some((crate::jose::MAX_JWT_LEN + 8 * 1024) as u32))
         .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             CredentialBrokerServer::new(Api::new(broker.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

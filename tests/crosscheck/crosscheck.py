@@ -167,6 +167,44 @@ class Broker:
         self._stderr.close()
 
 
+def check_reflection(r: Report, grpc_port: int, files: Path) -> None:
+    """grpcio's own reflection client lists and describes the broker's services over mTLS,
+    with py-spiffe's SVID files; without a client certificate the handshake is refused."""
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    print("[gRPC reflection with grpcio-reflection's client]")
+    root = (files / "bundle.pem").read_bytes()
+    creds = grpc.ssl_channel_credentials(root_certificates=root,
+                                         private_key=(files / "svid.key").read_bytes(),
+                                         certificate_chain=(files / "svid.pem").read_bytes())
+
+    def ask(credentials, *requests):
+        with grpc.secure_channel(f"localhost:{grpc_port}", credentials) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            return list(stub.ServerReflectionInfo(iter(requests), timeout=CALL_TIMEOUT))
+
+    answers = ask(creds, reflection_pb2.ServerReflectionRequest(list_services=""),
+                  reflection_pb2.ServerReflectionRequest(
+                      file_containing_symbol="spiffe_broker.v1.CredentialBroker"))
+    names = {s.name for s in answers[0].list_services_response.service}
+    print(f"        services: {sorted(names)}")
+    r.check("reflection lists the four broker services and health, not the Workload API",
+            {"spiffe_broker.v1.CredentialBroker", "spiffe_broker.v1.Admin",
+             "spiffe_broker.v1.Approvals", "spiffe_broker.v1.RelyingParty",
+             "grpc.health.v1.Health"} <= names and "SpiffeWorkloadAPI" not in names,
+            repr(sorted(names)))
+    from google.protobuf import descriptor_pb2
+    fd = descriptor_pb2.FileDescriptorProto.FromString(
+        answers[1].file_descriptor_response.file_descriptor_proto[0])
+    methods = {m.name for svc in fd.service if svc.name == "CredentialBroker" for m in svc.method}
+    r.check("reflection describes CredentialBroker.IssueCredential",
+            "IssueCredential" in methods, repr(sorted(methods)))
+    anonymous = grpc.ssl_channel_credentials(root_certificates=root)
+    r.expect_raises("reflection without a client SVID is refused", grpc.RpcError,
+                    lambda: ask(anonymous, reflection_pb2.ServerReflectionRequest(list_services="")))
+
+
 def run(r: Report) -> None:
     # Imported here so a missing package gives one clear message.
     try:
@@ -301,6 +339,8 @@ def run(r: Report) -> None:
             r.check("response scopes == [job:submit]", issued.get("scopes") == [SCOPE], repr(issued.get("scopes")))
             r.check("response spiffe_id is the deploy agent", issued.get("spiffe_id") == AGENT_ID,
                     repr(issued.get("spiffe_id")))
+
+            check_reflection(r, grpc_port, files)
 
             # ---- discovery, JWKS, PyJWT verification -------------------------------
             print("[token verified by PyJWT]")
