@@ -20,6 +20,7 @@ mod cli;
 
 use cli::args::*;
 use cli::error::CliError;
+use cli::listing::ListOutput;
 
 #[derive(Parser)]
 #[command(
@@ -75,9 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: Option<LockCommand>,
         #[command(flatten)]
+        output: ListOutput,
+        #[command(flatten)]
         conn: ConnArgs,
     },
-    /// List leases (platform admin); prints JSON lines.
+    /// List leases (platform admin).
     #[command(args_conflicts_with_subcommands = true)]
     Leases {
         #[command(subcommand)]
@@ -94,6 +97,8 @@ enum Command {
         /// List backend revocations that keep failing instead (same as `leases backend --stuck`).
         #[arg(long)]
         stuck: bool,
+        #[command(flatten)]
+        output: ListOutput,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -127,16 +132,20 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// List access requests; prints JSON lines.
+    /// List access requests.
     Requests {
         /// Which requests.
         #[arg(long, value_enum, default_value_t = RequestFilter::ToReview)]
         filter: RequestFilter,
         #[command(flatten)]
+        output: ListOutput,
+        #[command(flatten)]
         conn: ConnArgs,
     },
-    /// The non-human identity inventory (platform admin); prints JSON lines.
+    /// The non-human identity inventory (platform admin).
     Inventory {
+        #[command(flatten)]
+        output: ListOutput,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -155,6 +164,46 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Print a shell completion script: `source <(spiffe-broker completion bash)`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or with --out write one page per command into a directory.
+    Man {
+        /// Write spiffe-broker.1, spiffe-broker-serve.1, … here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `completion` and `man`: generated from the same definitions clap parses with.
+fn generated_docs(command: &Command) -> Result<(), CliError> {
+    use clap::CommandFactory;
+    use std::io::Write as _;
+    let mut cmd = Cli::command();
+    // Written whole, so a closed pipe (`| head`) ends quietly.
+    let mut text = Vec::new();
+    match command {
+        Command::Completion { shell } => {
+            clap_complete::generate(*shell, &mut cmd, "spiffe-broker", &mut text);
+            let _ = std::io::stdout().write_all(&text);
+            Ok(())
+        }
+        Command::Man { out: Some(dir) } => {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir).map_err(|e| format!("{}: {e}", dir.display()).into())
+        }
+        Command::Man { out: None } => {
+            clap_mangen::Man::new(cmd)
+                .render(&mut text)
+                .map_err(|e| format!("man page: {e}"))?;
+            let _ = std::io::stdout().write_all(&text);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
@@ -168,22 +217,38 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent { config, check } => agent::agent(config, check).await,
         Command::Approve { id, reason, conn } => review::review(&conn, id, true, reason).await,
         Command::Deny { id, reason, conn } => review::review(&conn, id, false, reason).await,
-        Command::Requests { filter, conn } => review::requests(filter, conn).await,
-        Command::Inventory { conn } => admin::inventory(conn).await,
+        Command::Requests {
+            filter,
+            output,
+            conn,
+        } => review::requests(filter, output, conn).await,
+        Command::Inventory { output, conn } => admin::inventory(output, conn).await,
         Command::Policy { command } => policy::policy_command(command).await,
         Command::Revoke(a) => admin::revoke(a).await,
-        Command::Locks { command, conn } => admin::locks(command, conn).await,
+        Command::Locks {
+            command,
+            output,
+            conn,
+        } => admin::locks(command, output, conn).await,
         Command::Leases {
             command: Some(LeasesCommand::Show { id, conn }),
             ..
         } => admin::lease_show(id, conn).await,
         Command::Leases {
-            command: Some(LeasesCommand::Backend { stuck, conn }),
+            command:
+                Some(LeasesCommand::Backend {
+                    stuck,
+                    output,
+                    conn,
+                }),
             ..
-        } => admin::backend_revocations(&conn, stuck).await,
+        } => admin::backend_revocations(&conn, stuck, output).await,
         Command::Leases {
-            stuck: true, conn, ..
-        } => admin::backend_revocations(&conn, true).await,
+            stuck: true,
+            output,
+            conn,
+            ..
+        } => admin::backend_revocations(&conn, true, output).await,
         Command::Leases {
             command: Some(LeasesCommand::ForceRemove { id, reason, conn }),
             ..
@@ -192,9 +257,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             spiffe_id,
             state,
             limit,
+            output,
             conn,
             ..
-        } => admin::leases(spiffe_id, state, limit, conn).await,
+        } => admin::leases(spiffe_id, state, limit, output, conn).await,
         Command::Audit { command } => audit::audit_command(command).await,
         Command::Keys {
             command:
@@ -206,6 +272,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Keys {
             command: KeysCommand::Rotate { state_dir },
         } => keys::keys_rotate(state_dir),
+        c @ (Command::Completion { .. } | Command::Man { .. }) => generated_docs(&c),
     }
 }
 

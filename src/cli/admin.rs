@@ -7,9 +7,14 @@ use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
 use super::error::CliError;
+use super::listing::ListOutput;
 use super::output::*;
 
-pub async fn backend_revocations(conn: &ConnArgs, stuck: bool) -> Result<(), CliError> {
+pub async fn backend_revocations(
+    conn: &ConnArgs,
+    stuck: bool,
+    output: ListOutput,
+) -> Result<(), CliError> {
     let ch = channel(conn).await?;
     let resp = pb::admin_client::AdminClient::new(ch)
         .list_backend_revocations(pb::ListBackendRevocationsRequest {
@@ -22,9 +27,10 @@ pub async fn backend_revocations(conn: &ConnArgs, stuck: bool) -> Result<(), Cli
         })
         .await?
         .into_inner();
-    for r in &resp.revocations {
-        out!(
-            "{}",
+    let rows: Vec<_> = resp
+        .revocations
+        .iter()
+        .map(|r| {
             json!({
                 "lease_id": r.lease_id, "backend": r.backend, "backend_handle": r.backend_handle,
                 "queued_at_unix": r.queued_at.as_ref().map(|t| t.seconds),
@@ -32,8 +38,17 @@ pub async fn backend_revocations(conn: &ConnArgs, stuck: bool) -> Result<(), Cli
                 "next_attempt_at_unix": r.next_attempt_at.as_ref().map(|t| t.seconds),
                 "last_error": r.last_error,
             })
-        );
-    }
+        })
+        .collect();
+    output.print(
+        &rows,
+        &[
+            ("LEASE", "/lease_id"),
+            ("BACKEND", "/backend"),
+            ("ATTEMPTS", "/attempts"),
+            ("LAST ERROR", "/last_error"),
+        ],
+    );
     Ok(())
 }
 
@@ -83,7 +98,11 @@ pub async fn revoke(a: RevokeArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn locks(command: Option<LockCommand>, conn: ConnArgs) -> Result<(), CliError> {
+pub async fn locks(
+    command: Option<LockCommand>,
+    output: ListOutput,
+    conn: ConnArgs,
+) -> Result<(), CliError> {
     let ch = channel(&conn).await?;
     let mut admin = pb::admin_client::AdminClient::new(ch);
     let lock_json = |l: &pb::Lock| {
@@ -99,9 +118,18 @@ pub async fn locks(command: Option<LockCommand>, conn: ConnArgs) -> Result<(), C
                 .list_locks(pb::ListLocksRequest {})
                 .await?
                 .into_inner();
-            for l in &resp.locks {
-                out!("{}", lock_json(l));
-            }
+            let rows: Vec<_> = resp.locks.iter().map(lock_json).collect();
+            output.print(
+                &rows,
+                &[
+                    ("ID", "/id"),
+                    ("KIND", "/kind"),
+                    ("VALUE", "/value"),
+                    ("UNTIL", "/until"),
+                    ("BY", "/created_by"),
+                    ("REASON", "/reason"),
+                ],
+            );
         }
         Some(LockCommand::Add {
             kind,
@@ -178,6 +206,7 @@ pub async fn leases(
     spiffe_id: Option<String>,
     state: Option<LeaseStateArg>,
     limit: u32,
+    output: ListOutput,
     conn: ConnArgs,
 ) -> Result<(), CliError> {
     let state = match state {
@@ -198,22 +227,29 @@ pub async fn leases(
         })
         .await?
         .into_inner();
-    for l in &resp.leases {
-        out!("{}", lease_json(l));
-    }
+    let rows: Vec<_> = resp.leases.iter().map(lease_json).collect();
+    output.print(
+        &rows,
+        &[
+            ("LEASE", "/lease_id"),
+            ("STATE", "/state"),
+            ("PROFILE", "/profile"),
+            ("SPIFFE ID", "/spiffe_id"),
+            ("SCOPES", "/scopes"),
+            ("EXPIRES", "/expires_at"),
+        ],
+    );
     Ok(())
 }
 
-pub async fn inventory(conn: ConnArgs) -> Result<(), CliError> {
+pub async fn inventory(output: ListOutput, conn: ConnArgs) -> Result<(), CliError> {
     let ch = channel(&conn).await?;
     let resp = pb::admin_client::AdminClient::new(ch)
         .list_identities(pb::ListIdentitiesRequest {})
         .await?
         .into_inner();
-    for i in &resp.identities {
-        let t = |ts: &Option<prost_types::Timestamp>| ts.as_ref().map(|t| rfc3339(t.seconds));
-        out!(
-            "{}",
+    let t = |ts: &Option<prost_types::Timestamp>| ts.as_ref().map(|t| rfc3339(t.seconds));
+    let rows: Vec<_> = resp.identities.iter().map(|i| {
             json!({
                 "spiffe_id": i.spiffe_id,
                 "registered": i.registered,
@@ -233,7 +269,19 @@ pub async fn inventory(conn: ConnArgs) -> Result<(), CliError> {
                 "last_issued": t(&i.last_issued),
                 "flags": i.flags,
             })
-        );
-    }
+    }).collect();
+    output.print(
+        &rows,
+        &[
+            ("SPIFFE ID", "/spiffe_id"),
+            ("OWNER", "/owner"),
+            ("ROLES", "/roles"),
+            ("ACTIVE", "/active_leases"),
+            ("ISSUED", "/issued"),
+            ("DENIED", "/denied"),
+            ("LAST SEEN", "/last_seen"),
+            ("FLAGS", "/flags"),
+        ],
+    );
     Ok(())
 }

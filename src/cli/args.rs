@@ -234,6 +234,8 @@ pub enum LeasesCommand {
         #[arg(long)]
         stuck: bool,
         #[command(flatten)]
+        output: super::listing::ListOutput,
+        #[command(flatten)]
         conn: ConnArgs,
     },
     /// Stop retrying the backend revocation of a lease (platform-admin; recorded).

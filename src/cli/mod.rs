@@ -7,6 +7,7 @@ pub mod args;
 pub mod audit;
 pub mod error;
 pub mod keys;
+pub mod listing;
 pub mod output;
 pub mod policy;
 pub mod review;

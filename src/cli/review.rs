@@ -4,6 +4,7 @@ use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
 use super::error::CliError;
+use super::listing::ListOutput;
 use super::output::*;
 
 pub async fn review(
@@ -28,7 +29,11 @@ pub async fn review(
     Ok(())
 }
 
-pub async fn requests(filter: RequestFilter, conn: ConnArgs) -> Result<(), CliError> {
+pub async fn requests(
+    filter: RequestFilter,
+    output: ListOutput,
+    conn: ConnArgs,
+) -> Result<(), CliError> {
     use pb::list_access_requests_request::Filter;
     let filter = match filter {
         RequestFilter::Pending => Filter::Pending,
@@ -44,8 +49,24 @@ pub async fn requests(filter: RequestFilter, conn: ConnArgs) -> Result<(), CliEr
         })
         .await?
         .into_inner();
-    for r in &resp.access_requests {
-        out!("{}", access_request_json(r));
-    }
+    let rows: Vec<_> = resp
+        .access_requests
+        .iter()
+        .map(access_request_json)
+        .collect();
+    output.print(
+        &rows,
+        &[
+            ("ID", "/id"),
+            ("STATE", "/state"),
+            ("REQUESTER", "/requester"),
+            ("PROFILE", "/profile"),
+            ("ACTION", "/intent/action"),
+            ("TARGET", "/intent/target"),
+            ("APPROVALS", "/approvals"),
+            ("NEEDED", "/threshold"),
+            ("EXPIRES", "/expires_at"),
+        ],
+    );
     Ok(())
 }

@@ -205,6 +205,29 @@ def check_reflection(r: Report, grpc_port: int, files: Path) -> None:
                     lambda: ask(anonymous, reflection_pb2.ServerReflectionRequest(list_services="")))
 
 
+def check_listing_yaml(r: Report, binary: Path, state: Path, grpc_addr: str) -> None:
+    """`leases --output yaml` reads back (PyYAML) as exactly what `--output json` prints."""
+    import yaml
+
+    print("[leases --output yaml read by PyYAML]")
+    env = {k: v for k, v in os.environ.items() if k not in ("SPIFFE_BROKER_ADDR", "SPIFFE_BROKER_ID")}
+    env["SPIFFE_ENDPOINT_SOCKET"] = f"unix://{state / 'workloads' / 'root.sock'}"
+    env["RUST_LOG"] = "warn"
+
+    def leases(fmt: str) -> str:
+        p = subprocess.run([str(binary), "leases", "--broker", grpc_addr, "--output", fmt],
+                           capture_output=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr.decode("utf-8", "replace"))
+        return p.stdout.decode()
+
+    as_json = [json.loads(line) for line in leases("json").splitlines() if line.strip()]
+    as_yaml = yaml.safe_load(leases("yaml"))
+    print(f"        {len(as_json)} leases")
+    r.check("leases --output yaml == --output json (PyYAML safe_load)",
+            bool(as_json) and as_yaml == as_json, f"{as_yaml!r} != {as_json!r}")
+
+
 def run(r: Report) -> None:
     # Imported here so a missing package gives one clear message.
     try:
@@ -341,6 +364,7 @@ def run(r: Report) -> None:
                     repr(issued.get("spiffe_id")))
 
             check_reflection(r, grpc_port, files)
+            check_listing_yaml(r, binary, state, grpc_addr)
 
             # ---- discovery, JWKS, PyJWT verification -------------------------------
             print("[token verified by PyJWT]")

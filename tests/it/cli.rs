@@ -133,6 +133,45 @@ fn dev_request_revoke_leases_and_audit_verify() {
     );
     assert!(listed.status.success());
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&lease));
+    // Piped, a listing is JSON lines; a person asks for a table or YAML.
+    let lines = String::from_utf8_lossy(&listed.stdout).to_string();
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().expect("a line"))
+        .expect("JSON lines when stdout is not a terminal");
+    assert_eq!(first["state"], "active");
+    for (format, expect) in [
+        (
+            "table",
+            vec!["LEASE".to_owned(), "STATE".to_owned(), lease.clone()],
+        ),
+        (
+            "yaml",
+            vec![
+                "- lease_id: ".to_owned(),
+                lease.clone(),
+                "  state: active".to_owned(),
+            ],
+        ),
+    ] {
+        let o = cli(
+            &[&["leases", "--state", "active", "--output", format][..], &b].concat(),
+            Some(&root),
+        );
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && expect.iter().all(|e| text.contains(e.as_str())),
+            "{format}: {text}"
+        );
+    }
+    let bad = cli(
+        &[&["leases", "--output", "xml"][..], &b].concat(),
+        Some(&root),
+    );
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "a usage error: {err}");
+    assert!(
+        err.contains("invalid value 'xml'") && err.contains("json, table, yaml"),
+        "{err}"
+    );
     let revoked = json(&cli(
         &[
             &["revoke", "--lease", lease.as_str(), "--reason", "test"][..],
