@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/spiffe_broker/v1/broker.proto",
         "proto/spiffe/workload/workload.proto",
+        // OTLP (the audit sink's exporter; the tests' receiver).
+        "proto/opentelemetry/proto/collector/logs/v1/logs_service.proto",
+        "proto/opentelemetry/proto/collector/trace/v1/trace_service.proto",
     ];
     let includes = ["proto", "proto/spiffe/workload"];
     let fds = protox::compile(protos, includes)?;
@@ -20,8 +23,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
-    for p in protos {
-        println!("cargo:rerun-if-changed={p}");
-    }
+    println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -97,6 +97,16 @@ pub fn rfc3339(unix_secs: i64) -> String {
         .unwrap_or_else(|| unix_secs.to_string())
 }
 
+/// RFC 3339 in UTC with milliseconds, e.g. `2026-11-26T11:13:46.120Z` (syslog's
+/// TIMESTAMP); Unix milliseconds outside years 0000–9999.
+pub fn rfc3339_millis(unix_ms: i64) -> String {
+    let (secs, ms) = (unix_ms.div_euclid(1000), unix_ms.rem_euclid(1000));
+    match rfc3339(secs).strip_suffix('Z') {
+        Some(base) => format!("{base}.{ms:03}Z"),
+        None => unix_ms.to_string(),
+    }
+}
+
 /// Unix seconds of an RFC 3339 timestamp (any offset; fractions of a second dropped), as
 /// the `time` crate parses it; `None` if it is not one.
 pub fn parse_rfc3339(s: &str) -> Option<i64> {

@@ -45,6 +45,26 @@ pub enum Trust {
 }
 
 impl Trust {
+    /// The trusted CAs (a CA file is read on every call, so a replaced file is picked up
+    /// by the next client built).
+    pub fn roots(&self) -> Result<Arc<RootCertStore>, HttpError> {
+        match self {
+            Trust::System => Ok(system_roots()),
+            Trust::CaFile(path) => file_roots(path),
+        }
+    }
+
+    /// A TLS client config (ring, TLS 1.2+) that trusts these CAs and presents no
+    /// certificate: every outbound TLS connection (HTTPS, syslog, OTLP) starts here.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, HttpError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| HttpError(format!("TLS: {e}")))?
+            .with_root_certificates(self.roots()?)
+            .with_no_client_auth())
+    }
+
     /// `CaFile` when a file is configured, else `System`.
     pub fn from_ca_file(ca_file: Option<&std::path::Path>) -> Self {
         match ca_file {
@@ -184,17 +204,8 @@ fn describe(e: reqwest::Error) -> String {
 impl HttpClient {
     /// A client as `options` say. Fails if a CA file cannot be read or holds no certificate.
     pub fn new(options: &Options) -> Result<Self, HttpError> {
-        let roots = match &options.trust {
-            Trust::System => system_roots(),
-            Trust::CaFile(path) => file_roots(path)?,
-        };
-        let anchors = roots.len();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| HttpError(format!("TLS: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut tls = options.trust.client_config()?;
+        let anchors = options.trust.roots()?.len();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let inner = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)

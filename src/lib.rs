@@ -18,7 +18,8 @@
 //! and the examples use to reach a broker; `agent` keeps a workload's credentials fresh on
 //! disk (`spiffe-broker agent`); `relying_party` is the library a relying party
 //! embeds (it needs nothing of the broker's internals); `http_client` is the one outbound
-//! HTTP(S) client (Vault, STS, webhooks, the relying party's fetches).
+//! HTTP(S) client (Vault, STS, webhooks, the relying party's fetches); `sinks` ship
+//! committed audit entries to a file, syslog or an OpenTelemetry collector.
 //!
 //! # Layers
 //!
@@ -32,7 +33,7 @@
 //! layer 1: clock merkle metrics jose http_client files
 //! layer 2: crypto checkpoint audit config
 //! layer 3: authn store notify relying_party
-//! layer 4: policy workload client
+//! layer 4: policy workload client sinks
 //! layer 5: issuer agent
 //! layer 6: broker error
 //! layer 7: api
@@ -142,6 +143,7 @@ pub mod notify;
 pub mod policy;
 pub mod relying_party;
 pub mod server;
+pub mod sinks;
 pub mod store;
 pub mod workload;
 
@@ -155,6 +157,44 @@ pub mod proto {
     #[allow(clippy::all, missing_docs)]
     pub mod workload {
         tonic::include_proto!("_");
+    }
+    /// OpenTelemetry's OTLP (`proto/opentelemetry/`): log records for the audit sink.
+    #[allow(clippy::all, missing_docs)]
+    pub mod opentelemetry {
+        pub mod proto {
+            pub mod common {
+                pub mod v1 {
+                    tonic::include_proto!("opentelemetry.proto.common.v1");
+                }
+            }
+            pub mod resource {
+                pub mod v1 {
+                    tonic::include_proto!("opentelemetry.proto.resource.v1");
+                }
+            }
+            pub mod logs {
+                pub mod v1 {
+                    tonic::include_proto!("opentelemetry.proto.logs.v1");
+                }
+            }
+            pub mod trace {
+                pub mod v1 {
+                    tonic::include_proto!("opentelemetry.proto.trace.v1");
+                }
+            }
+            pub mod collector {
+                pub mod logs {
+                    pub mod v1 {
+                        tonic::include_proto!("opentelemetry.proto.collector.logs.v1");
+                    }
+                }
+                pub mod trace {
+                    pub mod v1 {
+                        tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+                    }
+                }
+            }
+        }
     }
     /// The broker API's descriptors (an encoded `FileDescriptorSet`), served by gRPC reflection.
     pub const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

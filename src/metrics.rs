@@ -40,6 +40,9 @@ pub struct Metrics {
     pub ready: Gauge,
     /// When the broker's own SVID expires (Unix seconds; 0: it has none).
     pub own_svid_expiry: Gauge,
+    sink_lag: Family<Labels, Gauge>,
+    sink_shipped: Family<Labels, Counter>,
+    sink_failures: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -77,6 +80,24 @@ impl Metrics {
         let backend_revocations_stuck = Gauge::default();
         let ready = Gauge::default();
         let own_svid_expiry = Gauge::default();
+        let sink_lag = Family::<Labels, Gauge>::default();
+        let sink_shipped = Family::<Labels, Counter>::default();
+        let sink_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "audit_sink_lag_entries",
+            "Committed audit entries an audit sink does not have yet",
+            sink_lag.clone(),
+        );
+        registry.register(
+            "audit_sink_shipped_entries",
+            "Audit entries delivered to an audit sink",
+            sink_shipped.clone(),
+        );
+        registry.register(
+            "audit_sink_failures",
+            "Failed deliveries to an audit sink (retried from the same entry)",
+            sink_failures.clone(),
+        );
         registry.register(
             "ready",
             "1 while the broker can serve (its own SVID is valid), else 0",
@@ -163,7 +184,26 @@ impl Metrics {
             backend_revocations_stuck,
             ready,
             own_svid_expiry,
+            sink_lag,
+            sink_shipped,
+            sink_failures,
         }
+    }
+
+    /// An audit sink's state after a pass: entries it lacks, entries it just got.
+    pub fn observe_sink(&self, sink: &str, lag: u64, shipped: u64) {
+        let l = vec![("sink".to_owned(), sink.to_owned())];
+        self.sink_lag
+            .get_or_create(&l)
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        self.sink_shipped.get_or_create(&l).inc_by(shipped);
+    }
+
+    /// Counts a failed delivery to an audit sink.
+    pub fn sink_failed(&self, sink: &str) {
+        self.sink_failures
+            .get_or_create(&vec![("sink".to_owned(), sink.to_owned())])
+            .inc();
     }
 
     /// Counts an issued credential.

@@ -51,7 +51,8 @@ impl ClientError {
 /// An error with its causes, `outer: inner: innermost` (tonic's transport error alone says
 /// only "transport error"). `io::Error::source` skips the error it wraps, so that one is
 /// shown too.
-fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its chain of causes, one line (`a: b: c`), repeats dropped.
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![e.to_string()];
     let mut next = e.source();
     while let Some(e) = next {

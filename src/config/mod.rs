@@ -18,6 +18,9 @@ mod limits;
 mod pg_conninfo;
 pub mod postgres;
 mod profile;
+mod sinks;
+
+pub use sinks::{AuditSinkConfig, SinkKind, SinkTls};
 
 pub use inventory::{ApproverGroup, Identity};
 use inventory::{RawGroup, RawIdentity};
@@ -171,6 +174,8 @@ pub struct Config {
     pub aws_sts: Option<AwsStsConfig>,
     /// The issuing CA for `kind = "x509"` profiles.
     pub x509: Option<X509CaConfig>,
+    /// `[[audit_sinks]]`: where committed audit entries are shipped.
+    pub audit_sinks: Vec<AuditSinkConfig>,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +212,8 @@ struct RawConfig {
     vault: Option<backend::RawVault>,
     aws_sts: Option<backend::RawAwsSts>,
     x509: Option<backend::RawX509Ca>,
+    #[serde(default)]
+    audit_sinks: Vec<sinks::RawSink>,
 }
 
 #[derive(Deserialize)]
@@ -391,6 +398,19 @@ impl Config {
             vault,
             aws_sts,
             x509: raw.x509.map(backend::RawX509Ca::resolve),
+            audit_sinks: {
+                let sinks = raw
+                    .audit_sinks
+                    .into_iter()
+                    .map(sinks::RawSink::resolve)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut names: Vec<_> = sinks.iter().map(|s| s.name.as_str()).collect();
+                names.sort_unstable();
+                if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+                    return err(format!("audit_sinks: two sinks named {:?}", w[0]));
+                }
+                sinks
+            },
         })
     }
 
@@ -419,6 +439,9 @@ impl Config {
         if let Some(x) = &mut c.x509 {
             x.cert = base.join(&x.cert);
             x.key = base.join(&x.key);
+        }
+        for sink in &mut c.audit_sinks {
+            sink.kind.resolve_paths(base);
         }
         Ok(c)
     }

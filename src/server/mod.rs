@@ -59,6 +59,8 @@ pub struct BrokerParts {
     pub handshake_timeout: Duration,
     /// The broker's own SPIFFE ID.
     pub spiffe_id: String,
+    /// One shipper per configured audit sink.
+    pub audit_sinks: Vec<crate::sinks::Shipper>,
     /// Kept alive for the lifetime of the server (rotation watchers).
     _sources: (X509Source, JwtSource),
 }
@@ -252,6 +254,21 @@ pub async fn assemble(
         Some(t) => Some(https::server_config(&t.cert_file, &t.key_file).map_err(ServeError)?),
         None => None,
     };
+    let holder = crate::sinks::holder_name();
+    let audit_sinks = config
+        .audit_sinks
+        .iter()
+        .map(|s| {
+            crate::sinks::Shipper::new(
+                s.clone(),
+                broker.store().clone(),
+                metrics.clone(),
+                clock_for_ready.clone(),
+                holder.clone(),
+            )
+            .map_err(|e| ServeError(format!("audit sink {}: {e}", s.name)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let ready_source = x509.clone();
     let ready_clock = clock_for_ready;
     Ok(BrokerParts {
@@ -275,6 +292,7 @@ pub async fn assemble(
         max_connections_per_peer: config.max_connections_per_peer,
         handshake_timeout: config.handshake_timeout,
         spiffe_id,
+        audit_sinks,
         _sources: (x509, jwt),
     })
 }
@@ -301,7 +319,7 @@ fn own_svid_window(source: &X509Source) -> Option<(i64, i64)> {
 /// Serves gRPC on `grpc` and HTTP on `http` until `shutdown` resolves, then drains
 /// in-flight requests. Bind port 0 in tests and read the listeners' addresses.
 pub async fn run(
-    parts: BrokerParts,
+    mut parts: BrokerParts,
     grpc: TcpListener,
     http_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -422,6 +440,10 @@ pub async fn run(
     let reflection_error = |e| ServeError(format!("gRPC reflection: {e}"));
     let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+    let shippers: Vec<_> = std::mem::take(&mut parts.audit_sinks)
+        .into_iter()
+        .map(|s| tokio::spawn(s.run(crate::sinks::POLL, stop_rx.clone())))
+        .collect();
     let grpc_server = tonic::transport::Server::builder()
         .layer(crate::api::EdgeLayer::new(broker.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -484,6 +506,9 @@ pub async fn run(
     let _ = checkpointer.await;
     let _ = health_follower.await;
     let _ = backend_revoker.await;
+    for s in shippers {
+        let _ = s.await;
+    }
     // One last checkpoint once in-flight requests have drained, so it covers every
     // entry behind an answer the broker gave.
     if let Err(e) = broker.checkpoint().await {

@@ -156,9 +156,10 @@ macro_rules! impl_store {
                 LeaseFilter, LeaseId, Lock, RevocationEvent,
             };
             use $crate::merkle::Hash;
-            use $crate::store::ops::{access, backend, lease, log, revoke};
+            use $crate::store::ops::{access, backend, lease, log, revoke, sink};
             use $crate::store::{
-                Applied, FeedTail, IdentityStats, LedgerOp, Store, StoreError, StoredCheckpoint,
+                Applied, FeedTail, IdentityStats, LedgerOp, SinkClaim, SinkPosition, Store,
+                StoreError, StoredCheckpoint,
             };
 
             /// What every `Store` method returns.
@@ -252,6 +253,10 @@ macro_rules! impl_store {
                 fn entries_for_lease(&self, lease_id: &str) -> Answer<'_, Vec<StoredEntry>> {
                     let id = lease_id.to_owned();
                     Box::pin(self.read(move |tx| log::entries_for_lease(tx, &id)))
+                }
+
+                fn audit_sink(&self, claim: SinkClaim) -> Answer<'_, Option<SinkPosition>> {
+                    Box::pin(self.read_write(move |tx| sink::claim(tx, &claim)))
                 }
             }
         };

@@ -36,6 +36,20 @@ pub struct ExportEntry {
     pub leaf_hash: String,
 }
 
+impl From<&StoredEntry> for ExportEntry {
+    fn from(e: &StoredEntry) -> Self {
+        Self {
+            seq: e.seq,
+            kind: e.kind.clone(),
+            lease_id: e.lease_id.clone(),
+            body: e.body.clone(),
+            prev_hash: hex::encode(&e.prev_hash),
+            hash: hex::encode(&e.hash),
+            leaf_hash: hex::encode(merkle::leaf_hash(e.body.as_bytes())),
+        }
+    }
+}
+
 /// One exported checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExportCheckpoint {

@@ -399,6 +399,30 @@ pub struct IdentityStats {
     pub active_leases: u64,
 }
 
+/// An audit sink's claim on its position (see [`Store::audit_sink`]).
+#[derive(Debug, Clone)]
+pub struct SinkClaim {
+    /// The sink's configured name.
+    pub name: String,
+    /// Who ships it (this broker process).
+    pub holder: String,
+    /// Now (Unix ms).
+    pub now_ms: i64,
+    /// The hold lasts until then (Unix ms), unless renewed.
+    pub held_until_ms: i64,
+    /// The last entry the sink now has, to record (`None`: only claim or renew).
+    pub shipped: Option<u64>,
+}
+
+/// Where an audit sink stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkPosition {
+    /// The last entry the sink has.
+    pub shipped: u64,
+    /// The log's last entry.
+    pub log_size: u64,
+}
+
 /// The store seam.
 ///
 /// Contract: `apply` returns `Ok` only after the op and its audit entry are durable
@@ -486,6 +510,12 @@ pub trait Store: Send + Sync + 'static {
         &self,
         lease_id: &str,
     ) -> BoxFuture<'_, Result<Vec<StoredEntry>, StoreError>>;
+    /// Takes or keeps an audit sink for `claim.holder` and records how far it got, in one
+    /// atomic step; `None` while another holder (replica) ships it.
+    fn audit_sink(
+        &self,
+        claim: SinkClaim,
+    ) -> BoxFuture<'_, Result<Option<SinkPosition>, StoreError>>;
 }
 
 /// Why a log read through the `Store` seam does not verify.

@@ -73,6 +73,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "backends",
         include_str!("migrations/postgres/0005_backends.sql"),
     ),
+    (
+        6,
+        "audit_sinks",
+        include_str!("migrations/postgres/0006_audit_sinks.sql"),
+    ),
 ];
 
 /// Advisory lock key held while migrating ("SBMIGRAT"): replicas starting together

@@ -42,6 +42,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("migrations/0004_revocation.sql"),
     ),
     (5, "backends", include_str!("migrations/0005_backends.sql")),
+    (
+        6,
+        "audit_sinks",
+        include_str!("migrations/0006_audit_sinks.sql"),
+    ),
 ];
 
 /// The SQLite store.

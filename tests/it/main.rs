@@ -6,6 +6,7 @@ mod common;
 
 mod agent;
 mod approvals;
+mod audit_sinks;
 mod authn_attacks;
 mod backend_oci;
 mod backend_vault;

@@ -18,6 +18,7 @@ pub(crate) mod lease;
 pub(crate) mod log;
 pub(crate) mod revoke;
 pub(crate) mod rows;
+pub(crate) mod sink;
 
 use self::log::{append, Head};
 use super::sql::{DbError, Tx, Value};
