@@ -29,4 +29,5 @@ mod relying_party;
 mod revocation;
 mod security_review;
 mod store_conformance;
+mod syslog_rsyslog;
 mod verifiable_log;

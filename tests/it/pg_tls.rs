@@ -5,13 +5,13 @@
 //! and never the password.
 
 use crate::common;
+use common::pki::{ca, pki, write};
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::pg;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use spiffe_broker::audit::{AuditEvent, EventKind};
 use spiffe_broker::config::LedgerConfig;
 use spiffe_broker::domain::{Lease, LeaseId, LeaseState, ProfileName, Scope};
@@ -21,45 +21,6 @@ use spiffe_broker::store::{LedgerOp, PostgresStore, Store, StoreError};
 const HOLDER: &str = "spiffe://example.org/ci/deploy-agent";
 /// A password in every URL (the clusters trust any): no message may show it.
 const PASSWORD: &str = "s3cret-pw";
-
-/// A test CA and a server certificate it signed.
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
-    let key = KeyPair::generate().expect("CA key");
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let pem = p.self_signed(&key).expect("CA cert").pem();
-    (p, key, pem)
-}
-
-/// A CA, and a server certificate for `names` (DNS names or IP addresses).
-fn pki(names: &[&str]) -> Pki {
-    let (ca_params, ca_key, ca_pem) = ca("pg-tls test CA");
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().expect("server key");
-    let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-        .expect("server params");
-    p.distinguished_name.push(DnType::CommonName, names[0]);
-    let cert = p.signed_by(&key, &issuer).expect("server cert");
-    Pki {
-        ca_pem,
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    }
-}
-
-fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, pem).expect("write PEM");
-    path
-}
 
 fn cfg(ca_file: Option<PathBuf>) -> LedgerConfig {
     LedgerConfig {

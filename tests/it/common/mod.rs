@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod pki;
 pub mod process;
 pub mod vault_double;
 
