@@ -26,7 +26,7 @@ struct Rsyslog {
 }
 
 impl Rsyslog {
-    fn start(dir: &Path, port: u16, pki: &common::pki::Pki) -> Self {
+    async fn start(dir: &Path, port: u16, pki: &common::pki::Pki) -> Self {
         assert!(
             Path::new(RSYSLOGD).exists(),
             "{RSYSLOGD} missing: apt-get install rsyslog rsyslog-gnutls (.ci/run does)"
@@ -56,11 +56,11 @@ action(type="omfile" file="{dir}/received.log" template="entry" flushOnTXEnd="on
             port,
             child: None,
         };
-        r.run();
+        r.run().await;
         r
     }
 
-    fn run(&mut self) {
+    async fn run(&mut self) {
         let child = Command::new(RSYSLOGD)
             .arg("-n")
             .arg("-f")
@@ -75,7 +75,7 @@ action(type="omfile" file="{dir}/received.log" template="entry" flushOnTXEnd="on
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "rsyslogd listens");
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -112,14 +112,14 @@ action(type="omfile" file="{dir}/received.log" template="entry" flushOnTXEnd="on
     }
 
     /// Waits (bounded) until rsyslog has written `size` distinct entries.
-    fn wait_for(&self, size: u64) -> BTreeMap<u64, (usize, ExportEntry)> {
+    async fn wait_for(&self, size: u64) -> BTreeMap<u64, (usize, ExportEntry)> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let got = self.received();
             if got.len() as u64 >= size || Instant::now() > deadline {
                 return got;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -143,7 +143,7 @@ async fn rsyslog_over_tls_gets_every_entry_once_across_its_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = pki(&["localhost"]);
     let port = free_port();
-    let mut rsyslog = Rsyslog::start(dir.path(), port, &pki);
+    let mut rsyslog = Rsyslog::start(dir.path(), port, &pki).await;
     let kind = SinkKind::Syslog {
         address: format!("127.0.0.1:{port}"),
         tls: Some(SinkTls {
@@ -157,7 +157,7 @@ async fn rsyslog_over_tls_gets_every_entry_once_across_its_restart() {
     issue(&h, 2).await;
     drain(&mut s).await;
     let size = log_size(&h).await;
-    assert_eq!(rsyslog.wait_for(size).len() as u64, size);
+    assert_eq!(rsyslog.wait_for(size).await.len() as u64, size);
 
     // rsyslog goes away; entries are committed meanwhile; delivery fails and the
     // position stays where it was.
@@ -165,10 +165,10 @@ async fn rsyslog_over_tls_gets_every_entry_once_across_its_restart() {
     issue(&h, 3).await;
     assert!(s.pass().await.is_err(), "rsyslog is down");
     assert!(s.pass().await.is_err(), "still down");
-    rsyslog.run();
+    rsyslog.run().await;
     drain(&mut s).await;
     let size = log_size(&h).await;
-    let got = rsyslog.wait_for(size);
+    let got = rsyslog.wait_for(size).await;
     assert_eq!(
         got.keys().copied().collect::<Vec<_>>(),
         (1..=size).collect::<Vec<_>>(),
