@@ -71,9 +71,17 @@ pub enum AuditCommand {
     /// Export the log (JSON Lines entries, signed checkpoints, the log key and a sample
     /// inclusion proof) for a SIEM or an auditor.
     Export {
-        /// The broker's state dir.
+        /// The broker's state dir (reads STATE_DIR/ledger.db and STATE_DIR/keys/log.vkey).
         #[arg(long, default_value = "spiffe-broker-dev")]
         state_dir: PathBuf,
+        /// Export the PostgreSQL ledger at this URL instead (TLS:
+        /// `?sslmode=verify-full&sslrootcert=CA.pem`).
+        #[arg(long, env = "SPIFFE_BROKER_POSTGRES_URL", hide_env_values = true)]
+        postgres_url: Option<String>,
+        /// The log's verifier key written into the export (a file, or the key itself).
+        /// Default: STATE_DIR/keys/log.vkey.
+        #[arg(long)]
+        log_key: Option<String>,
         /// Output directory.
         #[arg(long)]
         out: PathBuf,

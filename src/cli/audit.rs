@@ -11,19 +11,53 @@ use super::args::*;
 use super::error::CliError;
 use super::output::*;
 
+/// The log key's text: `arg` (a file, or the key itself), else the `default` file.
+fn vkey_text(arg: &Option<String>, default: &std::path::Path) -> Result<Option<String>, CliError> {
+    Ok(match arg {
+        Some(a) if std::path::Path::new(a).exists() => {
+            Some(std::fs::read_to_string(a).map_err(fail)?)
+        }
+        Some(a) => Some(a.clone()),
+        None if default.exists() => Some(std::fs::read_to_string(default).map_err(fail)?),
+        None => None,
+    })
+}
+
 pub fn load_vkey(
     arg: &Option<String>,
     default: &std::path::Path,
 ) -> Result<Option<VerifierKey>, CliError> {
-    let text = match arg {
-        Some(a) if std::path::Path::new(a).exists() => std::fs::read_to_string(a).map_err(fail)?,
-        Some(a) => a.clone(),
-        None if default.exists() => std::fs::read_to_string(default).map_err(fail)?,
-        None => return Ok(None),
-    };
-    VerifierKey::parse(&text)
-        .map(Some)
-        .map_err(|e| format!("log key: {e}").into())
+    vkey_text(arg, default)?
+        .map(|text| VerifierKey::parse(&text).map_err(|e| format!("log key: {e}").into()))
+        .transpose()
+}
+
+/// How a CLI command opens a ledger: it reads; a long busy wait rather than a failure
+/// beside a running broker.
+fn reader_config() -> spiffe_broker::config::LedgerConfig {
+    spiffe_broker::config::LedgerConfig {
+        commit_timeout: std::time::Duration::from_secs(30),
+        busy_timeout: std::time::Duration::from_secs(5),
+        max_batch: 1,
+        postgres_sslmode: None,
+        postgres_ca_file: None,
+    }
+}
+
+/// The PostgreSQL ledger at `url`, opened like a replica (it writes nothing but its
+/// own migrations check). Errors name the server, never the password.
+async fn open_postgres(url: String) -> Result<Arc<dyn spiffe_broker::store::Store>, CliError> {
+    let store = tokio::task::spawn_blocking(move || {
+        spiffe_broker::store::PostgresStore::open(
+            &url,
+            &reader_config(),
+            Arc::new(spiffe_broker::metrics::Metrics::new()),
+        )
+    })
+    .await
+    .map_err(fail)?
+    .map_err(fail)?;
+    Ok(Arc::new(store))
 }
 
 pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
@@ -50,25 +84,9 @@ pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
         } => {
             let vkey = load_vkey(&log_key, &state_dir.join("keys").join("log.vkey"))?
                 .ok_or("no log key: pass --log-key (the broker writes STATE_DIR/keys/log.vkey)")?;
-            let ledger = spiffe_broker::config::LedgerConfig {
-                commit_timeout: std::time::Duration::from_secs(30),
-                busy_timeout: std::time::Duration::from_secs(5),
-                max_batch: 1,
-                postgres_sslmode: None,
-                postgres_ca_file: None,
-            };
             let server = spiffe_broker::config::postgres::redact(&url);
-            let store = tokio::task::spawn_blocking(move || {
-                spiffe_broker::store::PostgresStore::open(
-                    &url,
-                    &ledger,
-                    Arc::new(spiffe_broker::metrics::Metrics::new()),
-                )
-            })
-            .await
-            .map_err(fail)?
-            .map_err(fail)?;
-            let r = spiffe_broker::store::verify_store(&store, &vkey)
+            let store = open_postgres(url).await?;
+            let r = spiffe_broker::store::verify_store(store.as_ref(), &vkey)
                 .await
                 .map_err(fail)?;
             out!(
@@ -94,10 +112,34 @@ pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
             );
             Ok(())
         }
-        AuditCommand::Export { state_dir, out } => {
-            let vkey = std::fs::read_to_string(state_dir.join("keys").join("log.vkey"))
-                .map_err(|e| format!("{}: {e}", state_dir.join("keys/log.vkey").display()))?;
-            let s = spiffe_broker::store::export::export(&state_dir.join("ledger.db"), &vkey, &out)
+        AuditCommand::Export {
+            state_dir,
+            postgres_url,
+            log_key,
+            out,
+        } => {
+            let vkey = vkey_text(&log_key, &state_dir.join("keys").join("log.vkey"))?
+                .ok_or("no log key: pass --log-key (the broker writes STATE_DIR/keys/log.vkey)")?;
+            VerifierKey::parse(&vkey).map_err(|e| format!("log key: {e}"))?;
+            let store: Arc<dyn spiffe_broker::store::Store> = match postgres_url {
+                Some(url) => open_postgres(url).await?,
+                None => {
+                    let path = state_dir.join("ledger.db");
+                    if !path.exists() {
+                        return Err(format!("no ledger at {}", path.display()).into());
+                    }
+                    Arc::new(
+                        spiffe_broker::store::SqliteStore::open(
+                            &path,
+                            &reader_config(),
+                            Arc::new(spiffe_broker::metrics::Metrics::new()),
+                        )
+                        .map_err(fail)?,
+                    )
+                }
+            };
+            let s = spiffe_broker::store::export::export(store.as_ref(), &vkey, &out)
+                .await
                 .map_err(fail)?;
             out!(
                 "{}",

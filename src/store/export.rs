@@ -10,12 +10,12 @@
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{LogError, LogReport, LogVerifier, StoredEntry};
 use crate::checkpoint::VerifierKey;
-use crate::merkle::{self, Hash, NodeSource};
+use crate::merkle::{self, Hash};
+use crate::store::Store;
 
 /// One exported entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,26 +97,6 @@ fn io(e: impl std::fmt::Display) -> ExportError {
     ExportError::Io(e.to_string())
 }
 
-struct Nodes<'a>(&'a Connection);
-
-impl NodeSource for Nodes<'_> {
-    type Error = rusqlite::Error;
-    fn node(&self, level: u32, index: u64) -> rusqlite::Result<Hash> {
-        let h: Vec<u8> = self.0.query_row(
-            "SELECT hash FROM merkle_nodes WHERE level = ?1 AND idx = ?2",
-            rusqlite::params![level, index as i64],
-            |r| r.get(0),
-        )?;
-        h.try_into().map_err(|_| {
-            rusqlite::Error::FromSqlConversionFailure(
-                0,
-                rusqlite::types::Type::Blob,
-                "bad node".into(),
-            )
-        })
-    }
-}
-
 /// What an export wrote.
 #[derive(Debug, Clone)]
 pub struct ExportSummary {
@@ -128,81 +108,71 @@ pub struct ExportSummary {
     pub checkpoints: u64,
 }
 
-/// Exports the ledger at `db` (read-only) into `out`; `vkey` is the log's verifier key.
-pub fn export(db: &Path, vkey: &str, out: &Path) -> Result<ExportSummary, ExportError> {
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(io)?;
+/// Exports a ledger, through the `Store` seam whatever the engine (SQLite or
+/// PostgreSQL), into `out`; `vkey` is the log's verifier key.
+pub async fn export(
+    store: &dyn Store,
+    vkey: &str,
+    out: &Path,
+) -> Result<ExportSummary, ExportError> {
     std::fs::create_dir_all(out).map_err(io)?;
+    // The checkpoints first: every entry they cover is in the pages read after them.
+    let checkpoints = store.checkpoints().await.map_err(io)?;
     let mut entries = 0;
+    let mut sample = None;
+    let proven = checkpoints.last().map(|c| c.size.div_ceil(2));
     {
         let mut w = BufWriter::new(std::fs::File::create(out.join("entries.jsonl")).map_err(io)?);
-        let mut stmt = conn
-            .prepare(
-                "SELECT a.seq, a.kind, a.lease_id, a.body, a.prev_hash, a.hash, m.hash
-                 FROM audit_log a LEFT JOIN merkle_nodes m ON m.level = 0 AND m.idx = a.seq - 1 ORDER BY a.seq",
-            )
-            .map_err(io)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(ExportEntry {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    kind: r.get(1)?,
-                    lease_id: r.get(2)?,
-                    body: r.get(3)?,
-                    prev_hash: hex::encode(r.get::<_, Vec<u8>>(4)?),
-                    hash: hex::encode(r.get::<_, Vec<u8>>(5)?),
-                    leaf_hash: hex::encode(r.get::<_, Option<Vec<u8>>>(6)?.unwrap_or_default()),
-                })
-            })
-            .map_err(io)?;
-        for e in rows {
-            serde_json::to_writer(&mut w, &e.map_err(io)?).map_err(io)?;
-            w.write_all(b"\n").map_err(io)?;
-            entries += 1;
+        loop {
+            let page = store.audit_entries(entries, 1000).await.map_err(io)?;
+            if page.is_empty() {
+                break;
+            }
+            for e in &page {
+                let e = ExportEntry::from(e);
+                serde_json::to_writer(&mut w, &e).map_err(io)?;
+                w.write_all(b"\n").map_err(io)?;
+                entries = e.seq;
+                if Some(e.seq) == proven {
+                    sample = Some(e.leaf_hash);
+                }
+            }
         }
         w.flush().map_err(io)?;
     }
-    let mut checkpoints = Vec::new();
     {
-        let mut stmt = conn
-            .prepare("SELECT size, root, time_ms, note FROM checkpoints ORDER BY size")
-            .map_err(io)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(ExportCheckpoint {
-                    size: r.get::<_, i64>(0)? as u64,
-                    root: hex::encode(r.get::<_, Vec<u8>>(1)?),
-                    time_ms: r.get(2)?,
-                    note: r.get(3)?,
-                })
-            })
-            .map_err(io)?;
         let mut w =
             BufWriter::new(std::fs::File::create(out.join("checkpoints.jsonl")).map_err(io)?);
-        for c in rows {
-            let c = c.map_err(io)?;
+        for c in &checkpoints {
+            let c = ExportCheckpoint {
+                size: c.size,
+                root: hex::encode(c.root),
+                time_ms: c.time_ms,
+                note: c.note.clone(),
+            };
             serde_json::to_writer(&mut w, &c).map_err(io)?;
             w.write_all(b"\n").map_err(io)?;
-            checkpoints.push(c);
         }
         w.flush().map_err(io)?;
     }
     std::fs::write(out.join("log.vkey"), format!("{}\n", vkey.trim())).map_err(io)?;
-    if let Some(last) = checkpoints.last() {
-        let seq = last.size.div_ceil(2);
-        let proof = merkle::inclusion_proof(&Nodes(&conn), seq - 1, last.size).map_err(io)?;
-        let leaf: Vec<u8> = conn
-            .query_row(
-                "SELECT hash FROM merkle_nodes WHERE level = 0 AND idx = ?1",
-                [seq as i64 - 1],
-                |r| r.get(0),
-            )
-            .map_err(io)?;
+    if let (Some(last), Some(seq), Some(leaf_hash)) = (checkpoints.last(), proven, sample) {
+        let proof = store
+            .inclusion_proof(seq - 1, last.size)
+            .await
+            .map_err(io)?
+            .ok_or_else(|| {
+                io(format!(
+                    "no inclusion proof of entry {seq} in {}",
+                    last.size
+                ))
+            })?;
         let p = ExportProof {
             sequence: seq,
             leaf_index: seq - 1,
-            leaf_hash: hex::encode(leaf),
+            leaf_hash,
             tree_size: last.size,
-            root: last.root.clone(),
+            root: hex::encode(last.root),
             proof: proof.iter().map(hex::encode).collect(),
             checkpoint: last.note.clone(),
         };

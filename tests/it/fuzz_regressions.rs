@@ -796,7 +796,9 @@ mod seeds {
                 .await
                 .expect("checkpoint");
             let out = dir.path().join("export");
-            export::export(&db, &signer.vkey(), &out).expect("export");
+            export::export(&store, &signer.vkey(), &out)
+                .await
+                .expect("export");
             export::verify_export(&out, None).expect("the export verifies");
             seed_files(&out);
         });

@@ -339,6 +339,37 @@ async fn three_replicas_on_one_database_survive_a_sigkill() {
         !String::from_utf8_lossy(&out.stdout).contains("password"),
         "the URL is shown without credentials"
     );
+    // `audit export` from the database, then verified offline from the files alone.
+    let export = shared.join("export");
+    let out = Command::new(BIN)
+        .args(["audit", "export", "--postgres-url", pg.url(), "--log-key"])
+        .arg(shared.join("keys").join("log.vkey"))
+        .arg("--out")
+        .arg(&export)
+        .output()
+        .expect("audit export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exported: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(exported["entries"].as_u64(), Some(entries));
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--export"])
+        .arg(&export)
+        .arg("--log-key")
+        .arg(shared.join("keys").join("log.vkey"))
+        .output()
+        .expect("audit verify --export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verified: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(verified["entries"].as_u64(), Some(entries));
+    assert_eq!(exported["checkpoints"], verified["checkpoints_verified"]);
     // Someone with database access rewrites an entry: the verifier names it.
     pg.sql(
         "ALTER TABLE audit_log DISABLE TRIGGER USER;

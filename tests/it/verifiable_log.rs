@@ -623,7 +623,9 @@ async fn export_verifies_offline_and_names_each_tampering() {
     let vtext = vkey_text(&h);
     let vkey = VerifierKey::parse(&vtext).expect("vkey");
     let out = h.dir.path().join("export");
-    let summary = export::export(&h.ledger_path(), &vtext, &out).expect("export");
+    let summary = export::export(h.env.broker.store().as_ref(), &vtext, &out)
+        .await
+        .expect("export");
     assert_eq!((summary.entries, summary.checkpoints), (7, 2));
     for f in [
         "entries.jsonl",
