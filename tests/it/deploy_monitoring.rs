@@ -1,7 +1,7 @@
 //! The alerting rules and the Grafana dashboard in `deploy/` name only metrics the broker
 //! exports: a running broker's `/metrics`, after it has issued, refused and failed an
-//! authentication (labelled families appear once used), is the list every `spiffe_broker_`
-//! name in them must be on. (`promtool check rules` and `promtool test rules` run in CI.)
+//! authentication, with one working and one unreachable audit sink (labelled families appear
+//! once used), is the list every `spiffe_broker_` name in them must be on. (`promtool check rules` and `promtool test rules` run in CI.)
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -33,7 +33,16 @@ fn names(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn alerts_and_dashboard_name_only_exported_metrics() {
-    let h = start().await;
+    // An audit sink that works and one that cannot connect, so their metrics exist.
+    let sinks_dir = tempfile::tempdir().expect("tempdir");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    let sinks = format!(
+        "\n[[audit_sinks]]\nname = \"siem\"\ntype = \"file\"\npath = \"{}\"\n\n[[audit_sinks]]\nname = \"down\"\ntype = \"syslog\"\naddress = \"{dead_addr}\"\n",
+        sinks_dir.path().join("audit.jsonl").display()
+    );
+    let h = start_with(Some(Box::new(move |c| c + &sinks))).await;
     let mut agent = h.broker_as(DEPLOY_AGENT).await;
     agent
         .issue_credential(gpu_request(600))
@@ -52,7 +61,17 @@ async fn alerts_and_dashboard_name_only_exported_metrics() {
         pb::credential_broker_client::CredentialBrokerClient::new(h.channel_as(&anonymous).await)
             .issue_credential(gpu_request(600))
             .await;
-    let (status, metrics) = h.http_get("/metrics").await;
+    // The sinks' first passes run as the broker starts; wait (bounded) for the failure.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (status, metrics) = loop {
+        let (status, metrics) = h.http_get("/metrics").await;
+        if metrics.contains("spiffe_broker_audit_sink_failures_total")
+            || std::time::Instant::now() > deadline
+        {
+            break (status, metrics);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(status, 200);
     let exported: BTreeSet<String> = metrics
         .lines()
