@@ -142,6 +142,9 @@ pub struct AuditEvent {
     /// Access requests changed by a bulk operation (expiry).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub affected_requests: Vec<String>,
+    /// The W3C trace id of the request that caused it (its spans, its log lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 impl AuditEvent {
@@ -168,6 +171,7 @@ impl AuditEvent {
             approvals: Vec::new(),
             break_glass: false,
             affected_requests: Vec::new(),
+            trace_id: crate::traceparent::TraceContext::current().map(|t| t.trace_id_hex()),
         }
     }
 

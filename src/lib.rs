@@ -30,10 +30,10 @@
 //!
 //! ```text
 //! layer 0: domain proto
-//! layer 1: clock merkle metrics jose http_client files
+//! layer 1: clock merkle metrics jose http_client files traceparent
 //! layer 2: crypto checkpoint audit config
 //! layer 3: authn store notify relying_party
-//! layer 4: policy workload client sinks
+//! layer 4: policy workload client otlp sinks telemetry
 //! layer 5: issuer agent
 //! layer 6: broker error
 //! layer 7: api
@@ -140,11 +140,14 @@ pub mod jose;
 pub mod merkle;
 pub mod metrics;
 pub mod notify;
+pub mod otlp;
 pub mod policy;
 pub mod relying_party;
 pub mod server;
 pub mod sinks;
 pub mod store;
+pub mod telemetry;
+pub mod traceparent;
 pub mod workload;
 
 /// Generated protobuf and gRPC code.

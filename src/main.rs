@@ -284,14 +284,24 @@ fn main() -> ExitCode {
         | Command::Agent { check: false, .. } => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .json()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        use tracing_subscriber::Layer as _;
+        let logs = tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+            );
+        // The broker's own spans, exported once `[tracing]` starts the exporter.
+        let spans = spiffe_broker::telemetry::OtlpLayer.with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("spiffe_broker", tracing::Level::INFO),
+        );
+        tracing_subscriber::registry().with(logs).with(spans).init();
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

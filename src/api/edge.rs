@@ -16,6 +16,8 @@ use crate::authn::{PeerInfo, TransportFacts, VerifiedCaller};
 use crate::broker::Broker;
 use crate::domain::LeaseId;
 use crate::error::{to_status, BrokerError};
+use crate::traceparent::TraceContext;
+use tracing::Instrument as _;
 
 /// The package whose methods the edge guards.
 const PACKAGE: &str = "/spiffe_broker.v1.";
@@ -141,40 +143,70 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
         // The service that was polled ready serves this call; a fresh clone waits for the next.
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
         let broker = self.broker.clone();
-        Box::pin(async move {
-            let Some(method) = method_of(req.uri().path()).map(Arc::<str>::from) else {
-                return inner.call(req).await;
-            };
-            let Some(permit) = broker.admit() else {
-                broker.metrics().denied("overloaded");
-                return Ok(to_status(BrokerError::ResourceExhausted(
-                    "the broker is at its concurrent request limit; retry with back-off".into(),
-                ))
-                .into_http());
-            };
-            let started = Instant::now();
-            let authenticated = broker.authenticate(facts(&req), &method).await;
-            let caller = match authenticated {
-                Ok(c) => c,
-                Err(e) => {
-                    broker.metrics().observe_rpc(&method, started.elapsed());
-                    return Ok(to_status(e).into_http());
-                }
-            };
-            req.extensions_mut().insert(Call {
-                caller,
-                method: method.clone(),
-                admission: Arc::new(Mutex::new(Some(permit))),
-            });
-            let out = inner.call(req).await;
-            broker.metrics().observe_rpc(&method, started.elapsed());
-            out
-        })
+        let Some(method) = method_of(req.uri().path()).map(Arc::<str>::from) else {
+            return Box::pin(inner.call(req));
+        };
+        // The request's trace: the caller's W3C `traceparent`, else a fresh one. The ledger
+        // entry, the JSON logs and the exported spans all carry its id.
+        let trace = TraceContext::from_header(
+            req.headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+        );
+        Box::pin(trace.scope(async move {
+            let span =
+                tracing::info_span!("rpc", rpc.method = %method, trace_id = %trace.trace_id_hex());
+            Self::admit_and_authenticate(broker, inner, req, method)
+                .instrument(span)
+                .await
+        }))
+    }
+}
+
+impl<S> Edge<S> {
+    /// Admission, authentication, then the handler, with the caller in the request.
+    async fn admit_and_authenticate<B, R>(
+        broker: Arc<Broker>,
+        mut inner: S,
+        mut req: http::Request<B>,
+        method: Arc<str>,
+    ) -> Result<http::Response<R>, S::Error>
+    where
+        S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+        R: Default,
+    {
+        let Some(permit) = broker.admit() else {
+            broker.metrics().denied("overloaded");
+            return Ok(to_status(BrokerError::ResourceExhausted(
+                "the broker is at its concurrent request limit; retry with back-off".into(),
+            ))
+            .into_http());
+        };
+        let started = Instant::now();
+        let authenticated = broker
+            .authenticate(facts(&req), &method)
+            .instrument(tracing::info_span!("authn"))
+            .await;
+        let caller = match authenticated {
+            Ok(c) => c,
+            Err(e) => {
+                broker.metrics().observe_rpc(&method, started.elapsed());
+                return Ok(to_status(e).into_http());
+            }
+        };
+        req.extensions_mut().insert(Call {
+            caller,
+            method: method.clone(),
+            admission: Arc::new(Mutex::new(Some(permit))),
+        });
+        let out = inner.call(req).await;
+        broker.metrics().observe_rpc(&method, started.elapsed());
+        out
     }
 }
 

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument as _;
+
 use crate::authn::VerifiedCaller;
 use crate::config::{CredentialKind, Profile};
 use crate::domain::Lease;
@@ -87,19 +89,25 @@ impl Broker {
         rpc: &str,
     ) -> Result<Minted, BrokerError> {
         let issuer = self.issuer_for(grant.profile.kind)?.clone();
-        let result = if issuer.remote() {
-            Self::mint_remote(issuer, grant, terms, material).await
-        } else {
-            // Signing in-process: nothing to wait for, nothing to abandon.
-            issuer
-                .issue(Order {
-                    grant,
-                    terms,
-                    material,
-                })
-                .await
-                .map_err(BrokerError::from)
-        };
+        let span =
+            tracing::info_span!("backend", profile = %grant.profile.name, remote = issuer.remote());
+        let result = async {
+            if issuer.remote() {
+                Self::mint_remote(issuer, grant, terms, material).await
+            } else {
+                // Signing in-process: nothing to wait for, nothing to abandon.
+                issuer
+                    .issue(Order {
+                        grant,
+                        terms,
+                        material,
+                    })
+                    .await
+                    .map_err(BrokerError::from)
+            }
+        }
+        .instrument(span)
+        .await;
         match result {
             Ok(m) => Ok(m),
             Err(e) => {
@@ -125,15 +133,18 @@ impl Broker {
                 terms.clone(),
                 material.clone(),
             );
-            tokio::spawn(async move {
-                issuer
-                    .issue(Order {
-                        grant: &grant,
-                        terms: &terms,
-                        material: &material,
-                    })
-                    .await
-            })
+            tokio::spawn(
+                async move {
+                    issuer
+                        .issue(Order {
+                            grant: &grant,
+                            terms: &terms,
+                            material: &material,
+                        })
+                        .await
+                }
+                .in_current_span(),
+            )
         };
         match tokio::time::timeout(grant.profile.deadline, &mut call).await {
             Ok(Ok(r)) => r.map_err(BrokerError::from),

@@ -176,6 +176,17 @@ pub struct Config {
     pub x509: Option<X509CaConfig>,
     /// `[[audit_sinks]]`: where committed audit entries are shipped.
     pub audit_sinks: Vec<AuditSinkConfig>,
+    /// `[tracing]`: OpenTelemetry span export (off when absent).
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `[tracing]`: where spans are exported (OTLP/gRPC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracingConfig {
+    /// `http://host:port` or `https://host:port`.
+    pub otlp_endpoint: String,
+    /// For https: the CA file (default: the platform's trust store).
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +225,14 @@ struct RawConfig {
     x509: Option<backend::RawX509Ca>,
     #[serde(default)]
     audit_sinks: Vec<sinks::RawSink>,
+    tracing: Option<RawTracing>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTracing {
+    otlp_endpoint: String,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -411,6 +430,27 @@ impl Config {
                 }
                 sinks
             },
+            tracing: match raw.tracing {
+                None => None,
+                Some(t) => {
+                    let https = t.otlp_endpoint.starts_with("https://");
+                    if !(https || t.otlp_endpoint.starts_with("http://"))
+                        || t.otlp_endpoint.parse::<http::Uri>().is_err()
+                    {
+                        return err(format!(
+                            "tracing.otlp_endpoint: {:?} is not http://host:port or https://host:port",
+                            t.otlp_endpoint
+                        ));
+                    }
+                    if !https && t.ca_file.is_some() {
+                        return err("tracing.ca_file: only for an https endpoint");
+                    }
+                    Some(TracingConfig {
+                        otlp_endpoint: t.otlp_endpoint,
+                        ca_file: t.ca_file,
+                    })
+                }
+            },
         })
     }
 
@@ -442,6 +482,9 @@ impl Config {
         }
         for sink in &mut c.audit_sinks {
             sink.kind.resolve_paths(base);
+        }
+        if let Some(f) = c.tracing.as_mut().and_then(|t| t.ca_file.as_mut()) {
+            *f = base.join(&*f);
         }
         Ok(c)
     }

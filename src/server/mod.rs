@@ -254,6 +254,10 @@ pub async fn assemble(
         Some(t) => Some(https::server_config(&t.cert_file, &t.key_file).map_err(ServeError)?),
         None => None,
     };
+    if let Some(t) = &config.tracing {
+        crate::telemetry::start(&t.otlp_endpoint, t.ca_file.as_deref())
+            .map_err(|e| ServeError(format!("tracing: {e}")))?;
+    }
     let holder = crate::sinks::holder_name();
     let audit_sinks = config
         .audit_sinks

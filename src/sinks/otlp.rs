@@ -6,35 +6,26 @@
 //! The collector's answer acknowledges the batch; records it reports as rejected
 //! (partial success) are not retried, as OTLP asks, but logged and counted.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use futures::future::BoxFuture;
-use rustls::pki_types::ServerName;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::{Facts, Sink, SinkError};
 use crate::audit::StoredEntry;
 use crate::clock::{unix_millis, Clock, SystemClock};
 use crate::config::{AuditSinkConfig, SinkKind};
-use crate::http_client::Trust;
+use crate::otlp::{int, resource, text, OtlpEndpoint};
 use crate::proto::opentelemetry::proto::collector::logs::v1::{
     logs_service_client::LogsServiceClient, ExportLogsServiceRequest,
 };
-use crate::proto::opentelemetry::proto::common::v1::{
-    any_value, AnyValue, InstrumentationScope, KeyValue,
-};
+use crate::proto::opentelemetry::proto::common::v1::{any_value, AnyValue, InstrumentationScope};
 use crate::proto::opentelemetry::proto::logs::v1::{
     LogRecord, ResourceLogs, ScopeLogs, SeverityNumber,
 };
-use crate::proto::opentelemetry::proto::resource::v1::Resource;
 
 /// The OTLP sink.
 pub(super) struct OtlpSink {
     name: String,
-    endpoint: Endpoint,
-    shown: String,
-    tls: Option<tokio_rustls::TlsConnector>,
+    endpoint: OtlpEndpoint,
     client: Option<LogsServiceClient<Channel>>,
 }
 
@@ -43,71 +34,11 @@ impl OtlpSink {
         let SinkKind::Otlp { endpoint, ca_file } = &config.kind else {
             unreachable!("an otlp sink's config")
         };
-        let tls = if endpoint.starts_with("https://") {
-            let mut tls = Trust::from_ca_file(ca_file.as_deref())
-                .client_config()
-                .map_err(|e| SinkError(format!("OTLP TLS: {e}")))?;
-            tls.alpn_protocols = vec![b"h2".to_vec()];
-            Some(tokio_rustls::TlsConnector::from(Arc::new(tls)))
-        } else {
-            None
-        };
-        let plain = endpoint.replacen("https://", "http://", 1);
-        let endpoint_config = Endpoint::from_shared(plain)
-            .map_err(|e| SinkError(format!("OTLP endpoint {endpoint:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(25));
         Ok(Self {
             name: config.name.clone(),
-            endpoint: endpoint_config,
-            shown: endpoint.clone(),
-            tls,
+            endpoint: OtlpEndpoint::new(endpoint, ca_file.as_deref()).map_err(SinkError)?,
             client: None,
         })
-    }
-
-    async fn connect(&self) -> Result<LogsServiceClient<Channel>, SinkError> {
-        let fail = |e: tonic::transport::Error| {
-            SinkError(format!(
-                "OTLP {}: {}",
-                self.shown,
-                crate::client::causes(&e)
-            ))
-        };
-        let channel = match &self.tls {
-            None => self.endpoint.connect().await.map_err(fail)?,
-            Some(connector) => {
-                let connector = connector.clone();
-                self.endpoint
-                    .connect_with_connector(tower::service_fn(move |uri: Uri| {
-                        let connector = connector.clone();
-                        async move {
-                            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
-                            let port = uri.port_u16().unwrap_or(443);
-                            let name = ServerName::try_from(host.to_owned()).map_err(|e| {
-                                std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
-                            })?;
-                            let tcp = tokio::net::TcpStream::connect((host, port)).await?;
-                            tcp.set_nodelay(true)?;
-                            let tls = connector.connect(name, tcp).await?;
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-                        }
-                    }))
-                    .await
-                    .map_err(fail)?
-            }
-        };
-        Ok(LogsServiceClient::new(channel))
-    }
-}
-
-fn text(key: &str, value: impl Into<String>) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-        ..Default::default()
     }
 }
 
@@ -122,13 +53,7 @@ pub(crate) fn record(e: &StoredEntry, observed_ms: i64) -> LogRecord {
     };
     let nanos = |ms: i64| u64::try_from(ms).unwrap_or(0).saturating_mul(1_000_000);
     let mut attributes = vec![
-        KeyValue {
-            key: "audit.seq".into(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::IntValue(e.seq as i64)),
-            }),
-            ..Default::default()
-        },
+        int("audit.seq", e.seq as i64),
         text("audit.kind", e.kind.clone()),
         text("audit.hash", export.hash),
         text("audit.prev_hash", export.prev_hash),
@@ -160,10 +85,7 @@ impl Sink for OtlpSink {
             let observed = unix_millis(SystemClock.now());
             let request = ExportLogsServiceRequest {
                 resource_logs: vec![ResourceLogs {
-                    resource: Some(Resource {
-                        attributes: vec![text("service.name", "spiffe-broker")],
-                        ..Default::default()
-                    }),
+                    resource: Some(resource()),
                     scope_logs: vec![ScopeLogs {
                         scope: Some(InstrumentationScope {
                             name: "spiffe-broker.audit".into(),
@@ -178,12 +100,12 @@ impl Sink for OtlpSink {
             };
             let mut client = match self.client.take() {
                 Some(c) => c,
-                None => self.connect().await?,
+                None => LogsServiceClient::new(self.endpoint.channel().await.map_err(SinkError)?),
             };
             let answer = client.export(request).await.map_err(|s| {
                 SinkError(format!(
                     "OTLP {}: {:?}: {}",
-                    self.shown,
+                    self.endpoint.shown,
                     s.code(),
                     s.message()
                 ))

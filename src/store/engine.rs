@@ -49,6 +49,13 @@ impl Queue {
     /// Queues `op` and waits for its durable result, at most the commit timeout (then
     /// `Unavailable`: nothing is handed out without a durable record).
     pub(crate) async fn apply(&self, op: LedgerOp) -> Result<Applied, StoreError> {
+        use tracing::Instrument as _;
+        self.commit(op)
+            .instrument(tracing::info_span!("ledger.commit"))
+            .await
+    }
+
+    async fn commit(&self, op: LedgerOp) -> Result<Applied, StoreError> {
         let (reply, rx) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + self.commit_timeout;
         tokio::time::timeout_at(deadline, self.jobs.send(Job { op, reply }))

@@ -30,4 +30,5 @@ mod revocation;
 mod security_review;
 mod store_conformance;
 mod syslog_rsyslog;
+mod tracing_export;
 mod verifiable_log;

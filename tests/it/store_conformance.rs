@@ -1235,10 +1235,10 @@ fn postgres_replicas_starting_together_migrate_once() {
     // one, the second would have failed to open.
     let ran = "SELECT count(*), count(DISTINCT version), min(version), max(version) FROM schema_migrations";
     let once = vec![vec![
-        Some("5".to_owned()),
-        Some("5".to_owned()),
+        Some("6".to_owned()),
+        Some("6".to_owned()),
         Some("1".to_owned()),
-        Some("5".to_owned()),
+        Some("6".to_owned()),
     ]];
     assert_eq!(server.sql(ran), once);
     // A replica restarting later finds nothing to do.
