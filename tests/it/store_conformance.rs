@@ -20,7 +20,8 @@ use spiffe_broker::domain::{
 use spiffe_broker::merkle::{leaf_hash, verify_consistency, verify_inclusion};
 use spiffe_broker::metrics::Metrics;
 use spiffe_broker::store::{
-    LedgerOp, PostgresStore, Refusal, SqliteStore, Store, StoreError, StoredCheckpoint,
+    LedgerOp, PostgresStore, Refusal, SinkClaim, SinkPosition, SqliteStore, Store, StoreError,
+    StoredCheckpoint,
 };
 
 const HOLDER: &str = "spiffe://example.org/ci/deploy-agent";
@@ -938,7 +939,75 @@ async fn guards_and_access(s: &dyn Store, now: i64) {
     assert!(holder.issued > 0 && holder.denied > 0);
     assert!(holder.first_seen_ms <= holder.last_seen_ms);
     assert_eq!(holder.last_issued_ms, Some(1_000));
-    assert_chain(s).await;
+    let size = assert_chain(s).await;
+
+    // Audit sinks: one holder at a time, taken over once the hold lapses, and a position
+    // that only moves forward.
+    let claim = |holder: &str, now_ms: i64, shipped: Option<u64>| SinkClaim {
+        name: "siem".into(),
+        holder: holder.into(),
+        now_ms,
+        held_until_ms: now_ms + 60_000,
+        shipped,
+    };
+    let at = |shipped| {
+        Some(SinkPosition {
+            shipped,
+            log_size: size,
+        })
+    };
+    assert_eq!(
+        s.audit_sink(claim("a", 0, None)).await.expect("claim"),
+        at(0)
+    );
+    assert_eq!(
+        s.audit_sink(claim("b", 1_000, None)).await.expect("claim"),
+        None
+    );
+    assert_eq!(
+        s.audit_sink(claim("a", 2_000, Some(3)))
+            .await
+            .expect("advance"),
+        at(3)
+    );
+    assert_eq!(
+        s.audit_sink(claim("b", 3_000, Some(9)))
+            .await
+            .expect("refused"),
+        None
+    );
+    // `a` renewed at 2 s: held until 62 s.
+    assert_eq!(
+        s.audit_sink(claim("b", 61_000, None)).await.expect("claim"),
+        None
+    );
+    assert_eq!(
+        s.audit_sink(claim("b", 62_001, None))
+            .await
+            .expect("take over"),
+        at(3)
+    );
+    assert_eq!(
+        s.audit_sink(claim("a", 63_000, Some(2)))
+            .await
+            .expect("late"),
+        None
+    );
+    assert_eq!(
+        s.audit_sink(claim("b", 64_000, Some(2)))
+            .await
+            .expect("back"),
+        at(3)
+    );
+    assert_eq!(
+        s.audit_sink(SinkClaim {
+            name: "other".into(),
+            ..claim("a", 64_000, None)
+        })
+        .await
+        .expect("another sink"),
+        at(0)
+    );
 }
 
 fn ledger_cfg(commit_timeout: Duration) -> LedgerConfig {

@@ -61,6 +61,12 @@ async fn a_traced_issuance_is_one_trace_from_the_rpc_to_the_ledger_commit() {
     spiffe_broker::telemetry::start(&endpoint, None).expect("exporter starts");
 
     let h = common::start().await;
+    // This thread's subscriber came after the other tests' threads (no subscriber) began
+    // registering the broker's callsites: a callsite registered concurrently with
+    // `set_default` keeps the interest computed without it. `serve` installs its
+    // subscriber before any span exists; here the cache is rebuilt once every callsite
+    // the test uses has registered.
+    tracing::callsite::rebuild_interest_cache();
     let mut client = h.broker_as(DEPLOY_AGENT).await;
     let mut request = tonic::Request::new(gpu_request(600));
     request.metadata_mut().insert(
@@ -99,8 +105,15 @@ async fn a_traced_issuance_is_one_trace_from_the_rpc_to_the_ledger_commit() {
     };
     let named = |n: &str| {
         spans.iter().find(|s| s.name == n).unwrap_or_else(|| {
+            let all: Vec<_> = receiver
+                .0
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|s| (s.name.clone(), hex::encode(&s.trace_id)))
+                .collect();
             panic!(
-                "no {n} span in {:?}",
+                "no {n} span in {:?}; all received: {all:?}",
                 spans.iter().map(|s| &s.name).collect::<Vec<_>>()
             )
         })
