@@ -84,6 +84,8 @@ pub struct DevEnv {
     pub workload_api: DevWorkloadApi,
     /// The broker core (tests drive the reaper through it).
     pub broker: Arc<Broker>,
+    /// The token-signing keys (every issuer and the JWKS share them).
+    pub keys: crate::crypto::KeyRing,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), ServeError>>,
 }
@@ -200,6 +202,7 @@ pub async fn start(opts: DevOptions) -> Result<DevEnv, ServeError> {
 
     let parts = server::assemble(&config, Some(&config_path), opts.clock.clone()).await?;
     let broker = parts.broker.clone();
+    let keys = parts.http.keys.clone();
     let (stop, mut stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::run(parts, grpc, http, async move {
         let _ = stop_rx.wait_for(|v| *v).await;
@@ -212,6 +215,7 @@ pub async fn start(opts: DevOptions) -> Result<DevEnv, ServeError> {
         ca,
         workload_api,
         broker,
+        keys,
         stop,
         server,
     })

@@ -270,8 +270,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 },
         } => keys::keys_init(state_dir, trust_domain),
         Command::Keys {
-            command: KeysCommand::Rotate { state_dir },
-        } => keys::keys_rotate(state_dir),
+            command:
+                KeysCommand::Rotate {
+                    state_dir,
+                    publish_ahead,
+                    retain,
+                },
+        } => keys::keys_rotate(state_dir, publish_ahead, retain),
         c @ (Command::Completion { .. } | Command::Man { .. }) => generated_docs(&c),
     }
 }

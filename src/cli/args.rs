@@ -117,12 +117,22 @@ pub enum KeysCommand {
         #[arg(long, default_value = "example.org")]
         trust_domain: String,
     },
-    /// Make a new signing key current; the old one stays published as previous.
-    /// Takes effect at the broker's next start.
+    /// Stage a new token-signing key: published in the JWKS at once, signing after
+    /// --publish-ahead; running brokers follow within a second, no restart. Settles the
+    /// last rotation first (refused while it is under way, or while its retired key may
+    /// still verify live tokens).
     Rotate {
         /// The broker's state dir (keys in STATE_DIR/keys).
         #[arg(long, default_value = "spiffe-broker-dev")]
         state_dir: PathBuf,
+        /// How long the new key is published before it signs (relying parties' JWKS
+        /// refresh interval, at least).
+        #[arg(long, default_value = "10m", value_parser = duration_arg)]
+        publish_ahead: Duration,
+        /// How long a retired key stays published: the longest token lifetime (the
+        /// config's largest max_ttl).
+        #[arg(long, default_value = "7d", value_parser = duration_arg)]
+        retain: Duration,
     },
 }
 

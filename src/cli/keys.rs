@@ -25,8 +25,15 @@ pub fn keys_init(state_dir: PathBuf, trust_domain: String) -> Result<(), CliErro
     Ok(())
 }
 
-pub fn keys_rotate(state_dir: PathBuf) -> Result<(), CliError> {
-    let ring = spiffe_broker::crypto::KeyRing::rotate(&state_dir.join("keys")).map_err(fail)?;
-    out!("{}", serde_json::to_string(&ring.jwks()).map_err(fail)?);
+pub fn keys_rotate(
+    state_dir: PathBuf,
+    publish_ahead: std::time::Duration,
+    retain: std::time::Duration,
+) -> Result<(), CliError> {
+    use spiffe_broker::clock::Clock as _;
+    let now = spiffe_broker::clock::SystemClock.unix_seconds();
+    let r = spiffe_broker::crypto::rotate(&state_dir.join("keys"), now, publish_ahead, retain)
+        .map_err(fail)?;
+    out!("{}", serde_json::to_string(&r).map_err(fail)?);
     Ok(())
 }

@@ -178,6 +178,17 @@ pub struct Config {
     pub audit_sinks: Vec<AuditSinkConfig>,
     /// `[tracing]`: OpenTelemetry span export (off when absent).
     pub tracing: Option<TracingConfig>,
+    /// `[keys]`: token-signing key rotation.
+    pub keys: KeysConfig,
+}
+
+/// `[keys]`: how the token-signing key rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeysConfig {
+    /// Rotate on this schedule (`None`: only by `spiffe-broker keys rotate`).
+    pub rotate_every: Option<Duration>,
+    /// How long a new key is published before it signs.
+    pub publish_ahead: Duration,
 }
 
 /// `[tracing]`: where spans are exported (OTLP/gRPC).
@@ -226,6 +237,15 @@ struct RawConfig {
     #[serde(default)]
     audit_sinks: Vec<sinks::RawSink>,
     tracing: Option<RawTracing>,
+    #[serde(default)]
+    keys: RawKeys,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    rotate_every: Option<String>,
+    publish_ahead: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -430,6 +450,28 @@ impl Config {
                 }
                 sinks
             },
+            keys: {
+                let publish_ahead = duration(
+                    "keys.publish_ahead",
+                    raw.keys.publish_ahead.as_deref(),
+                    Duration::from_secs(600),
+                )?;
+                let rotate_every = raw
+                    .keys
+                    .rotate_every
+                    .as_deref()
+                    .map(|r| duration("keys.rotate_every", Some(r), Duration::ZERO))
+                    .transpose()?;
+                if let Some(every) = rotate_every {
+                    if every <= publish_ahead {
+                        return err("keys.rotate_every: must be longer than keys.publish_ahead");
+                    }
+                }
+                KeysConfig {
+                    rotate_every,
+                    publish_ahead,
+                }
+            },
             tracing: match raw.tracing {
                 None => None,
                 Some(t) => {
@@ -519,6 +561,17 @@ impl Config {
     }
 
     /// The signing key directory.
+    /// The longest a token may live (profiles' `max_ttl`, break-glass included): how long
+    /// a retired signing key stays published.
+    pub fn max_token_lifetime(&self) -> Duration {
+        self.profiles
+            .iter()
+            .flat_map(|p| [Some(p.max_ttl), p.break_glass_max_ttl])
+            .flatten()
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
     pub fn keys_dir(&self) -> PathBuf {
         self.state_dir.join("keys")
     }

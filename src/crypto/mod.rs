@@ -1,14 +1,12 @@
 //! The `Signer` seam and the broker's token-signing key ring.
 //!
-//! Keys live in `STATE_DIR/keys/` as PKCS#8 DER with mode 0600: `current.p8` signs,
-//! `previous.p8` (if any) is still published in the JWKS so tokens signed before a
-//! rotation keep verifying until they expire. Key bytes read from disk are zeroized
-//! after ring has parsed them; nothing here ever logs key material.
+//! Keys live in `STATE_DIR/keys/` as PKCS#8 DER with mode 0600 (the ring and its rotation:
+//! [`keyring`]). Key bytes read from disk are zeroized after ring has parsed them;
+//! nothing here ever logs key material.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 
 use ring::rand::SystemRandom;
 use ring::signature::{
@@ -16,7 +14,10 @@ use ring::signature::{
 };
 use zeroize::Zeroizing;
 
-use crate::jose::{b64, Jwk, JwkSet};
+mod keyring;
+pub use keyring::{rotate, KeyRing, Rotation, Schedule, MAX_TOKEN_LIFETIME};
+
+use crate::jose::{b64, Jwk};
 
 /// Why signing or key handling failed.
 #[derive(Debug, thiserror::Error)]
@@ -250,35 +251,15 @@ impl Signer for EcdsaP256Signer {
     }
 }
 
-/// The current signing key and the previous one (published for overlap).
-#[derive(Clone)]
-pub struct KeyRing {
-    current: Arc<dyn Signer>,
-    previous: Option<Arc<dyn Signer>>,
-    rsa: Option<Arc<dyn Signer>>,
-}
-
-impl std::fmt::Debug for KeyRing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyRing")
-            .field("current", &self.current.key_id())
-            .field(
-                "previous",
-                &self.previous.as_ref().map(|p| p.key_id().to_owned()),
-            )
-            .finish()
-    }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SignError> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SignError> {
     crate::files::write_private(path, bytes).map_err(|e| SignError(format!("cannot write {e}")))
 }
 
-fn read_key(path: &Path) -> Result<Option<EcdsaP256Signer>, SignError> {
+pub(crate) fn read_key(path: &Path) -> Result<Option<EcdsaP256Signer>, SignError> {
     read_pkcs8(path, EcdsaP256Signer::from_pkcs8)
 }
 
-fn read_pkcs8<T>(
+pub(crate) fn read_pkcs8<T>(
     path: &Path,
     parse: impl FnOnce(&[u8]) -> Result<T, SignError>,
 ) -> Result<Option<T>, SignError> {
@@ -305,123 +286,13 @@ fn read_pkcs8<T>(
     }
 }
 
-impl KeyRing {
-    /// A ring from explicit signers (tests, KMS-backed signers).
-    pub fn new(current: Arc<dyn Signer>, previous: Option<Arc<dyn Signer>>) -> Self {
-        Self {
-            current,
-            previous,
-            rsa: None,
-        }
-    }
-
-    /// Adds the RS256 key (`dir/rsa.p8`), generating it on first use. Only configs with
-    /// an RS256 profile (slurm) pay for RSA key generation.
-    pub fn with_rsa(mut self, dir: &Path) -> Result<Self, SignError> {
-        let path = dir.join("rsa.p8");
-        let key = match read_pkcs8(&path, RsaSigner::from_pkcs8)? {
-            Some(k) => k,
-            None => {
-                let (k, bytes) = RsaSigner::generate()?;
-                write_private(&path, &bytes)?;
-                tracing::info!(kid = k.key_id(), "generated RS256 signing key");
-                k
-            }
-        };
-        self.rsa = Some(Arc::new(key));
-        Ok(self)
-    }
-
-    /// The RS256 key, if this ring has one.
-    pub fn rsa(&self) -> Option<&Arc<dyn Signer>> {
-        self.rsa.as_ref()
-    }
-
-    /// Every signer whose public key is published: current, previous, RSA.
-    pub fn signers(&self) -> Vec<Arc<dyn Signer>> {
-        std::iter::once(self.current.clone())
-            .chain(self.previous.clone())
-            .chain(self.rsa.clone())
-            .collect()
-    }
-
-    /// Loads `dir/current.p8` (and `dir/previous.p8`), generating the current key on first start.
-    pub fn load_or_create(dir: &Path) -> Result<Self, SignError> {
-        fs::create_dir_all(dir)
-            .map_err(|e| SignError(format!("cannot create {}: {e}", dir.display())))?;
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-        let current_path = dir.join("current.p8");
-        let current = match read_key(&current_path)? {
-            Some(k) => k,
-            None => {
-                let (k, bytes) = EcdsaP256Signer::generate()?;
-                write_private(&current_path, &bytes)?;
-                tracing::info!(kid = k.key_id(), "generated token signing key");
-                k
-            }
-        };
-        let previous = read_key(&dir.join("previous.p8"))?;
-        Ok(Self {
-            current: Arc::new(current),
-            previous: previous.map(|p| Arc::new(p) as Arc<dyn Signer>),
-            rsa: None,
-        })
-    }
-
-    /// Rotates the keys on disk: current becomes previous, a new current is generated.
-    /// A running broker picks the new key up at its next start.
-    pub fn rotate(dir: &Path) -> Result<Self, SignError> {
-        let current_path = dir.join("current.p8");
-        if current_path.exists() {
-            fs::rename(&current_path, dir.join("previous.p8"))
-                .map_err(|e| SignError(format!("cannot rotate: {e}")))?;
-        }
-        Self::load_or_create(dir)
-    }
-
-    /// The key that signs new tokens.
-    pub fn current(&self) -> &Arc<dyn Signer> {
-        &self.current
-    }
-
-    /// The published key set: current first, then previous.
-    pub fn jwks(&self) -> JwkSet {
-        JwkSet {
-            keys: self.signers().iter().map(|s| s.public_jwk()).collect(),
-        }
-    }
-
-    /// The JWKS served to relying parties: [`Self::jwks`] plus, for each ES256 key, the
-    /// same key under its libtrust key id, the `kid` OCI registry tokens carry (a
-    /// registry finds its key that way), so any JWKS consumer can verify those too.
-    pub fn published_jwks(&self) -> JwkSet {
-        let mut set = self.jwks();
-        for s in self.signers() {
-            if s.algorithm() == "ES256" {
-                let mut alias = s.public_jwk();
-                alias.kid = Some(libtrust_key_id(&s.public_spki_der()));
-                set.keys.push(alias);
-            }
-        }
-        set
-    }
-
-    /// The public key for `kid`, if published.
-    pub fn find(&self, kid: &str) -> Option<Jwk> {
-        self.jwks()
-            .keys
-            .into_iter()
-            .find(|k| k.kid.as_deref() == Some(kid))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::jose::{verify, Alg};
 
     #[test]
-    fn keys_persist_with_0600_and_rotate_with_overlap() {
+    fn keys_persist_with_0600() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ring1 = KeyRing::load_or_create(dir.path()).expect("create");
         let kid1 = ring1.current().key_id().to_owned();
@@ -432,16 +303,6 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let again = KeyRing::load_or_create(dir.path()).expect("load");
         assert_eq!(again.current().key_id(), kid1);
-        let rotated = KeyRing::rotate(dir.path()).expect("rotate");
-        let kids: Vec<_> = rotated
-            .jwks()
-            .keys
-            .iter()
-            .filter_map(|k| k.kid.clone())
-            .collect();
-        assert_eq!(kids.len(), 2);
-        assert_ne!(kids[0], kid1);
-        assert_eq!(kids[1], kid1);
     }
 
     #[test]

@@ -61,8 +61,61 @@ pub struct BrokerParts {
     pub spiffe_id: String,
     /// One shipper per configured audit sink.
     pub audit_sinks: Vec<crate::sinks::Shipper>,
+    /// Follows key rotations in the keys directory (and rotates on schedule).
+    pub key_watcher: KeyWatcher,
     /// Kept alive for the lifetime of the server (rotation watchers).
     _sources: (X509Source, JwtSource),
+}
+
+/// Re-reads the keys directory every second, so a rotation (by `spiffe-broker keys
+/// rotate`, another replica, or a replaced Secret) is followed without a restart, and
+/// rotates on `[keys] rotate_every` when that is set.
+#[derive(Clone)]
+pub struct KeyWatcher {
+    keys: KeyRing,
+    dir: std::path::PathBuf,
+    clock: Arc<dyn Clock>,
+    rotate_every: Option<Duration>,
+    publish_ahead: Duration,
+    retain: Duration,
+}
+
+impl KeyWatcher {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_try = 0;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let now = self.clock.unix_seconds();
+            if let Some(every) = self.rotate_every {
+                if now >= next_try && self.keys.rotation_due(now, every) {
+                    match crate::crypto::rotate(&self.dir, now, self.publish_ahead, self.retain) {
+                        Ok(r) => {
+                            tracing::info!(staged = %r.staged_kid, signs_at = r.signs_at, "scheduled key rotation")
+                        }
+                        Err(e) => {
+                            // Read-only keys (a Secret): rotate where they are kept.
+                            tracing::warn!(error = %e, "scheduled key rotation failed; retrying in a minute");
+                            next_try = now + 60;
+                        }
+                    }
+                }
+            }
+            match self.keys.refresh(now) {
+                Ok(true) => {
+                    tracing::info!(kid = %self.keys.current().key_id(), "token signing key changed")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot re-read the signing keys; keeping those in force")
+                }
+            }
+        }
+    }
 }
 
 /// How often gRPC health re-reads readiness.
@@ -141,8 +194,12 @@ pub async fn assemble(
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| ServeError(format!("cannot create {}: {e}", config.state_dir.display())))?;
     let metrics = Arc::new(Metrics::new());
-    let mut keys =
-        KeyRing::load_or_create(&config.keys_dir()).map_err(|e| ServeError(e.to_string()))?;
+    let mut keys = KeyRing::load_or_create_at(
+        &config.keys_dir(),
+        clock.unix_seconds(),
+        config.max_token_lifetime(),
+    )
+    .map_err(|e| ServeError(e.to_string()))?;
     if config
         .profiles
         .iter()
@@ -258,6 +315,7 @@ pub async fn assemble(
         crate::telemetry::start(&t.otlp_endpoint, t.ca_file.as_deref())
             .map_err(|e| ServeError(format!("tracing: {e}")))?;
     }
+    let keys_for_watcher = keys.clone();
     let holder = crate::sinks::holder_name();
     let audit_sinks = config
         .audit_sinks
@@ -274,6 +332,7 @@ pub async fn assemble(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let ready_source = x509.clone();
+    let watcher_clock = clock_for_ready.clone();
     let ready_clock = clock_for_ready;
     Ok(BrokerParts {
         broker: broker.clone(),
@@ -297,6 +356,14 @@ pub async fn assemble(
         handshake_timeout: config.handshake_timeout,
         spiffe_id,
         audit_sinks,
+        key_watcher: KeyWatcher {
+            keys: keys_for_watcher,
+            dir: config.keys_dir(),
+            clock: watcher_clock,
+            rotate_every: config.keys.rotate_every,
+            publish_ahead: config.keys.publish_ahead,
+            retain: config.max_token_lifetime(),
+        },
         _sources: (x509, jwt),
     })
 }
@@ -444,6 +511,7 @@ pub async fn run(
     let reflection_error = |e| ServeError(format!("gRPC reflection: {e}"));
     let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+    let key_watcher = tokio::spawn(parts.key_watcher.clone().run(stop_rx.clone()));
     let shippers: Vec<_> = std::mem::take(&mut parts.audit_sinks)
         .into_iter()
         .map(|s| tokio::spawn(s.run(crate::sinks::POLL, stop_rx.clone())))
@@ -513,6 +581,7 @@ pub async fn run(
     for s in shippers {
         let _ = s.await;
     }
+    let _ = key_watcher.await;
     // One last checkpoint once in-flight requests have drained, so it covers every
     // entry behind an answer the broker gave.
     if let Err(e) = broker.checkpoint().await {

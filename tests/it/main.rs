@@ -20,6 +20,7 @@ mod fuzz_regressions;
 mod ha;
 mod hostile_input;
 mod http_tls;
+mod key_rotation;
 mod layers;
 mod lifecycle;
 mod limits;
