@@ -62,6 +62,16 @@ pub async fn log_size(h: &Harness) -> u64 {
     }
 }
 
+/// Every committed entry (the tests' logs are small).
+pub async fn committed(h: &Harness) -> Vec<spiffe_broker::audit::StoredEntry> {
+    h.env
+        .broker
+        .store()
+        .audit_entries(0, 10_000)
+        .await
+        .expect("read the log")
+}
+
 /// Passes until the sink has nothing left to ship.
 pub async fn drain(s: &mut Shipper) {
     while s.pass().await.expect("delivered") == Pass::More {}
@@ -308,14 +318,7 @@ async fn an_otlp_collector_down_for_a_while_gets_every_entry_exactly_once() {
         got.values().all(|(n, _, _)| *n == 1),
         "exactly once: {got:?}"
     );
-    let stored = h
-        .env
-        .broker
-        .store()
-        .audit_entries(0, 1000)
-        .await
-        .expect("test step");
-    for e in stored {
+    for e in committed(&h).await {
         let (_, kind, body) = &got[&(e.seq as i64)];
         assert_eq!((kind, body), (&e.kind, &e.body), "the entry as committed");
     }

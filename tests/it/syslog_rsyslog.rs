@@ -3,7 +3,7 @@
 //! imtcp/gtls and written by its omfile to a file this test reads. rsyslog is stopped
 //! (SIGTERM) while entries are committed, then started again: it gets each entry once.
 
-use crate::audit_sinks::{drain, issue, log_size, shipper};
+use crate::audit_sinks::{committed, drain, issue, log_size, shipper};
 use crate::common;
 use common::pki::{pki, write};
 
@@ -175,14 +175,7 @@ async fn rsyslog_over_tls_gets_every_entry_once_across_its_restart() {
         "every entry"
     );
     assert!(got.values().all(|(n, _)| *n == 1), "each exactly once");
-    let stored = h
-        .env
-        .broker
-        .store()
-        .audit_entries(0, 1000)
-        .await
-        .expect("read");
-    for e in stored {
+    for e in committed(&h).await {
         assert_eq!(got[&e.seq].1.body, e.body, "the entry as committed");
     }
 
