@@ -40,6 +40,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// When the broker's own SVID expires (Unix seconds; 0: it has none).
     pub own_svid_expiry: Gauge,
+    /// Spans the tracing exporter dropped (queue full, collector down).
+    pub spans_dropped: Counter,
     sink_lag: Family<Labels, Gauge>,
     sink_shipped: Family<Labels, Counter>,
     sink_failures: Family<Labels, Counter>,
@@ -80,6 +82,12 @@ impl Metrics {
         let backend_revocations_stuck = Gauge::default();
         let ready = Gauge::default();
         let own_svid_expiry = Gauge::default();
+        let spans_dropped = Counter::default();
+        registry.register(
+            "tracing_spans_dropped",
+            "Spans the OpenTelemetry exporter dropped (queue full or collector down)",
+            spans_dropped.clone(),
+        );
         let sink_lag = Family::<Labels, Gauge>::default();
         let sink_shipped = Family::<Labels, Counter>::default();
         let sink_failures = Family::<Labels, Counter>::default();
@@ -184,6 +192,7 @@ impl Metrics {
             backend_revocations_stuck,
             ready,
             own_svid_expiry,
+            spans_dropped,
             sink_lag,
             sink_shipped,
             sink_failures,

@@ -151,6 +151,10 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     // Read at scrape time, so the alert on an SVID near expiry sees the SVID in use now.
     s.metrics.ready.set(i64::from((s.ready)()));
+    let dropped = crate::telemetry::dropped();
+    s.metrics
+        .spans_dropped
+        .inc_by(dropped.saturating_sub(s.metrics.spans_dropped.get()));
     s.metrics
         .own_svid_expiry
         .set((s.svid_expiry)().unwrap_or(0));

@@ -150,6 +150,8 @@ impl Shipper {
     async fn ship(&mut self) -> Result<Pass, SinkError> {
         let name = self.config.name.clone();
         let Some(at) = self.store.audit_sink(self.claim(None)).await? else {
+            // Another replica ships it and reports its lag; this one owes nothing.
+            self.metrics.observe_sink(&name, 0, 0);
             return Ok(Pass::Idle);
         };
         let entries = self
