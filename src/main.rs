@@ -300,10 +300,12 @@ fn main() -> ExitCode {
                 tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
             );
-        // The broker's own spans, exported once `[tracing]` starts the exporter.
+        // The broker's own spans, exported once `[tracing]` starts the exporter: the RPC
+        // span at INFO (the JSON logs carry its trace id), its steps at DEBUG (created for
+        // this layer only, never formatted into logs).
         let spans = spiffe_broker::telemetry::OtlpLayer.with_filter(
             tracing_subscriber::filter::Targets::new()
-                .with_target("spiffe_broker", tracing::Level::INFO),
+                .with_target("spiffe_broker", tracing::Level::DEBUG),
         );
         tracing_subscriber::registry().with(logs).with(spans).init();
     }

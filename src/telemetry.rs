@@ -4,6 +4,9 @@
 //! ([`TraceContext`]: the caller's W3C `traceparent`, or a fresh one), so the trace id an
 //! auditor reads in a ledger entry finds the trace.
 //!
+//! The `rpc` span is at INFO (the JSON log lines of a request carry its trace id); its
+//! steps are DEBUG spans, so logging at INFO formats none of them.
+//!
 //! Spans are collected by [`OtlpLayer`] (installed in the `tracing` subscriber; it does
 //! nothing until [`start`] is called) into a bounded queue; one task sends them in batches.
 //! A collector that is down or slow costs dropped spans (counted), never a request.

@@ -190,7 +190,7 @@ impl<S> Edge<S> {
         let started = Instant::now();
         let authenticated = broker
             .authenticate(facts(&req), &method)
-            .instrument(tracing::info_span!("authn"))
+            .instrument(tracing::debug_span!("authn"))
             .await;
         let caller = match authenticated {
             Ok(c) => c,

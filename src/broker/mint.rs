@@ -89,8 +89,7 @@ impl Broker {
         rpc: &str,
     ) -> Result<Minted, BrokerError> {
         let issuer = self.issuer_for(grant.profile.kind)?.clone();
-        let span =
-            tracing::info_span!("backend", profile = %grant.profile.name, remote = issuer.remote());
+        let span = tracing::debug_span!("backend", profile = %grant.profile.name, remote = issuer.remote());
         let result = async {
             if issuer.remote() {
                 Self::mint_remote(issuer, grant, terms, material).await

@@ -421,7 +421,7 @@ impl Policy for CedarPolicy {
         request: &CredentialRequest,
         ctx: &RequestContext,
     ) -> Decision {
-        let _span = tracing::info_span!("policy", policy_hash = %self.hash()).entered();
+        let _span = tracing::debug_span!("policy", policy_hash = %self.hash()).entered();
         if self.registered(caller).is_none() {
             return Decision::Deny(Self::unregistered(caller));
         }

@@ -51,7 +51,7 @@ impl Queue {
     pub(crate) async fn apply(&self, op: LedgerOp) -> Result<Applied, StoreError> {
         use tracing::Instrument as _;
         self.commit(op)
-            .instrument(tracing::info_span!("ledger.commit"))
+            .instrument(tracing::debug_span!("ledger.commit"))
             .await
     }
 

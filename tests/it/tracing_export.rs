@@ -54,7 +54,7 @@ async fn a_traced_issuance_is_one_trace_from_the_rpc_to_the_ledger_commit() {
     let subscriber = tracing_subscriber::registry().with(
         spiffe_broker::telemetry::OtlpLayer.with_filter(
             tracing_subscriber::filter::Targets::new()
-                .with_target("spiffe_broker", tracing::Level::INFO),
+                .with_target("spiffe_broker", tracing::Level::DEBUG),
         ),
     );
     let _guard = tracing::subscriber::set_default(subscriber);
