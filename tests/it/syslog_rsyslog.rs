@@ -35,7 +35,7 @@ impl Rsyslog {
         let cert = write(dir, "server.pem", &pki.cert_pem);
         let key = write(dir, "server.key", &pki.key_pem);
         let conf = format!(
-            r#"global(workDirectory="{dir}" maxMessageSize="64k"
+            r#"global(workDirectory="{dir}" maxMessageSize="256k"
        defaultNetstreamDriver="gtls"
        defaultNetstreamDriverCAFile="{ca}"
        defaultNetstreamDriverCertFile="{cert}"
