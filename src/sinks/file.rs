@@ -92,71 +92,51 @@ impl State {
         self.path.display().to_string()
     }
 
+    /// Writes the entries the file does not have yet. On a failure the file is closed:
+    /// the next try reopens it and reads where it really ends.
     fn write(&mut self, entries: &[StoredEntry]) -> Result<(), SinkError> {
         let shown = self.shown();
         let at = |e: std::io::Error| SinkError(format!("{shown}: {e}"));
-        if self.open.is_none() {
-            self.open = Some(open(&self.path).map_err(at)?);
-        }
+        let mut file = match self.open.take() {
+            Some(f) => f,
+            None => open(&self.path).map_err(at)?,
+        };
         let mut out = Vec::new();
         let mut out_first_ms = None;
         for e in entries {
-            let open = self.open.as_ref().expect("opened above");
-            if e.seq <= open.last_seq {
+            if e.seq <= file.last_seq {
                 continue; // written before a restart, position not stored yet
             }
             let line = serde_json::to_string(&ExportEntry::from(e))
                 .map_err(|e| SinkError(e.to_string()))?;
             let time_ms = Facts::of(e, 0).time_ms;
-            let first_ms = open.first_ms.or(out_first_ms).unwrap_or(time_ms);
-            let too_big = open.size + out.len() as u64 + line.len() as u64 + 1 > self.max_bytes;
+            let first_ms = file.first_ms.or(out_first_ms).unwrap_or(time_ms);
+            let too_big = file.size + out.len() as u64 + line.len() as u64 + 1 > self.max_bytes;
             let too_old = self
                 .max_age
                 .is_some_and(|age| time_ms.saturating_sub(first_ms) >= age.as_millis() as i64);
-            if (too_big || too_old) && open.size + out.len() as u64 > 0 {
-                self.append(&out)?;
+            if (too_big || too_old) && file.size + out.len() as u64 > 0 {
+                append(&mut file, &out).map_err(at)?;
                 out.clear();
                 out_first_ms = None;
-                self.rotate().map_err(at)?;
+                let last_seq = file.last_seq;
+                drop(file);
+                file = self.rotate().map_err(at)?;
+                file.last_seq = last_seq;
             }
             out_first_ms.get_or_insert(time_ms);
             out.extend_from_slice(line.as_bytes());
             out.push(b'\n');
-            let open = self.open.as_mut().expect("open");
-            open.last_seq = e.seq;
+            file.last_seq = e.seq;
         }
-        self.append(&out)?;
-        if let Some(open) = self.open.as_mut() {
-            open.first_ms = open.first_ms.or(out_first_ms);
-        }
-        Ok(())
-    }
-
-    /// Appends `bytes` and makes them durable.
-    fn append(&mut self, bytes: &[u8]) -> Result<(), SinkError> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let shown = self.shown();
-        let open = self.open.as_mut().expect("open");
-        let r = open
-            .file
-            .write_all(bytes)
-            .and_then(|()| open.file.sync_data());
-        if let Err(e) = r {
-            // A half-written line is finished by nothing: reopen, and let the next try
-            // read where the file really ends.
-            self.open = None;
-            return Err(SinkError(format!("{shown}: {e}")));
-        }
-        open.size += bytes.len() as u64;
+        append(&mut file, &out).map_err(at)?;
+        file.first_ms = file.first_ms.or(out_first_ms);
+        self.open = Some(file);
         Ok(())
     }
 
     /// `PATH.k` → `PATH.k+1` (the last dropped), `PATH` → `PATH.1`, a fresh `PATH`.
-    fn rotate(&mut self) -> std::io::Result<()> {
-        let last_seq = self.open.as_ref().map_or(0, |o| o.last_seq);
-        self.open = None;
+    fn rotate(&self) -> std::io::Result<Open> {
         let numbered = |k: u32| PathBuf::from(format!("{}.{k}", self.path.display()));
         if self.keep == 0 {
             std::fs::remove_file(&self.path)?;
@@ -177,11 +157,19 @@ impl State {
             })?
             .sync_all()?;
         }
-        let mut fresh = open(&self.path)?;
-        fresh.last_seq = last_seq;
-        self.open = Some(fresh);
-        Ok(())
+        open(&self.path)
     }
+}
+
+/// Appends `bytes` and makes them durable.
+fn append(file: &mut Open, bytes: &[u8]) -> std::io::Result<()> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    file.file.write_all(bytes)?;
+    file.file.sync_data()?;
+    file.size += bytes.len() as u64;
+    Ok(())
 }
 
 /// Opens (creates, mode 0600) `path` for appending and reads where it stands: its size,
