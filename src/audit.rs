@@ -80,6 +80,10 @@ pub struct RequestRecord {
     /// Stated intent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub intent: Option<Intent>,
+    /// Token exchange: the verified chain (subject, actors, the subject token's hash and,
+    /// for a broker-issued subject token, its lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<crate::domain::Delegation>,
 }
 
 /// One audit entry body. Field order is the canonical encoding.

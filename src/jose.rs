@@ -9,6 +9,7 @@ use base64::Engine as _;
 use ring::signature::{self, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::delegation::{Actor, MayAct};
 use crate::domain::Intent;
 
 /// Largest compact JWS the broker will parse (bytes).
@@ -195,6 +196,75 @@ pub fn split(token: &str) -> Result<Compact<'_>, JoseError> {
     })
 }
 
+/// Why a broker token did not verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// Not a well-formed broker token.
+    Malformed(String),
+    /// Signed under a `kid` the key set does not have.
+    UnknownKey(String),
+    /// Bad signature, issuer, audience or times.
+    Invalid(String),
+}
+
+/// What a broker token must be: issued by `issuer` for `audience`, valid at `now` with
+/// `leeway` seconds either side.
+pub struct Expected<'a> {
+    /// The broker's issuer URL.
+    pub issuer: &'a str,
+    /// The audience the token must name.
+    pub audience: &'a str,
+    /// Unix seconds.
+    pub now: i64,
+    /// Clock tolerance in seconds.
+    pub leeway: i64,
+}
+
+/// Verifies a broker-minted ES256 token: its header, the signature by the key its `kid`
+/// names (`key_of`), issuer, audience and times. Revocation and the `cnf` binding are
+/// for the caller, who knows what they mean to it.
+pub fn verify_broker_token(
+    token: &str,
+    key_of: impl FnOnce(&str) -> Option<Jwk>,
+    expected: &Expected<'_>,
+) -> Result<JwtClaims, TokenRefusal> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Header {
+        alg: String,
+        kid: String,
+        #[allow(dead_code)]
+        typ: Option<String>,
+    }
+    let parts = split(token).map_err(|e| TokenRefusal::Malformed(e.0))?;
+    let header: Header = serde_json::from_slice(&parts.header)
+        .map_err(|e| TokenRefusal::Malformed(format!("header: {e}")))?;
+    if header.alg != "ES256" {
+        return Err(TokenRefusal::Invalid(format!(
+            "unexpected alg {}",
+            header.alg
+        )));
+    }
+    let key = key_of(&header.kid).ok_or_else(|| TokenRefusal::UnknownKey(header.kid.clone()))?;
+    verify(Alg::Es256, &key, parts.signing_input, &parts.signature)
+        .map_err(|_| TokenRefusal::Invalid("bad signature".into()))?;
+    let claims: JwtClaims = serde_json::from_slice(&parts.payload)
+        .map_err(|e| TokenRefusal::Malformed(format!("claims: {e}")))?;
+    if claims.iss != expected.issuer {
+        return Err(TokenRefusal::Invalid("wrong issuer".into()));
+    }
+    if claims.aud != expected.audience {
+        return Err(TokenRefusal::Invalid("wrong audience".into()));
+    }
+    if claims.exp + expected.leeway <= expected.now {
+        return Err(TokenRefusal::Invalid("expired".into()));
+    }
+    if claims.nbf - expected.leeway > expected.now {
+        return Err(TokenRefusal::Invalid("not yet valid".into()));
+    }
+    Ok(claims)
+}
+
 /// Encodes `header.payload` ready for signing.
 pub fn signing_input(
     header: &impl Serialize,
@@ -232,4 +302,11 @@ pub struct JwtClaims {
     /// The stated intent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub intent: Option<Intent>,
+    /// Who acts for the subject, the current actor outermost (RFC 8693 §4.1); set only
+    /// on credentials issued by token exchange.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+    /// Who may exchange this token to act for its subject (RFC 8693 §4.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub may_act: Option<MayAct>,
 }

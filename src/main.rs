@@ -50,6 +50,9 @@ enum Command {
     Dev(DevArgs),
     /// Ask for a credential; prints JSON.
     Request(RequestArgs),
+    /// Token exchange (RFC 8693): act for the subject of a token you were handed; the
+    /// credential carries the verified chain (`act`) and can only narrow.
+    Exchange(ExchangeArgs),
     /// Renew a lease you hold; prints the fresh credential as JSON.
     Renew {
         /// Lease id.
@@ -97,6 +100,9 @@ enum Command {
         /// List backend revocations that keep failing instead (same as `leases backend --stuck`).
         #[arg(long)]
         stuck: bool,
+        /// Show this lease and every lease derived from it by token exchange (its tree).
+        #[arg(long, value_name = "LEASE")]
+        tree: Option<String>,
         #[command(flatten)]
         output: ListOutput,
         #[command(flatten)]
@@ -212,6 +218,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve { config } => serve::serve(config).await,
         Command::Dev(args) => serve::dev(args).await,
         Command::Request(a) => workload::request(a).await,
+        Command::Exchange(a) => workload::exchange(a).await,
         Command::Renew { lease, ttl, conn } => workload::renew(lease, ttl, conn).await,
         Command::Release { lease, conn } => workload::release(lease, conn).await,
         Command::Agent { config, check } => agent::agent(config, check).await,
@@ -253,6 +260,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             command: Some(LeasesCommand::ForceRemove { id, reason, conn }),
             ..
         } => admin::force_remove(id, reason, conn).await,
+        Command::Leases {
+            tree: Some(root),
+            output,
+            conn,
+            ..
+        } => admin::lease_tree(root, output, conn).await,
         Command::Leases {
             spiffe_id,
             state,

@@ -33,7 +33,7 @@ use crate::checkpoint::VerifierKey;
 use crate::clock::{Clock, SystemClock};
 use crate::domain::RevocationEvent;
 use crate::http_client::{HttpClient, Options, Trust};
-use crate::jose::{self, b64, Alg, Jwk, JwkSet, JwtClaims};
+use crate::jose::{self, b64, Jwk, JwkSet, JwtClaims, TokenRefusal};
 
 /// Why a token (or the feed) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -347,41 +347,18 @@ impl RelyingParty {
             }
             _ => {}
         }
-        let parts = jose::split(token).map_err(|e| RpError::Malformed(e.0))?;
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Header {
-            alg: String,
-            kid: String,
-            #[allow(dead_code)]
-            typ: Option<String>,
-        }
-        let header: Header = serde_json::from_slice(&parts.header)
-            .map_err(|e| RpError::Malformed(format!("header: {e}")))?;
-        if header.alg != "ES256" {
-            return Err(RpError::Invalid(format!("unexpected alg {}", header.alg)));
-        }
-        let key = st
-            .keys
-            .get(&header.kid)
-            .ok_or_else(|| RpError::UnknownKey(header.kid.clone()))?;
-        jose::verify(Alg::Es256, key, parts.signing_input, &parts.signature)
-            .map_err(|_| RpError::Invalid("bad signature".into()))?;
-        let claims: JwtClaims = serde_json::from_slice(&parts.payload)
-            .map_err(|e| RpError::Malformed(format!("claims: {e}")))?;
-        if claims.iss != self.cfg.issuer_url {
-            return Err(RpError::Invalid("wrong issuer".into()));
-        }
-        if claims.aud != self.cfg.audience {
-            return Err(RpError::Invalid("wrong audience".into()));
-        }
-        let leeway = self.cfg.leeway.as_secs() as i64;
-        if claims.exp + leeway <= now {
-            return Err(RpError::Invalid("expired".into()));
-        }
-        if claims.nbf - leeway > now {
-            return Err(RpError::Invalid("not yet valid".into()));
-        }
+        let expected = jose::Expected {
+            issuer: &self.cfg.issuer_url,
+            audience: &self.cfg.audience,
+            now,
+            leeway: self.cfg.leeway.as_secs() as i64,
+        };
+        let claims = jose::verify_broker_token(token, |kid| st.keys.get(kid).cloned(), &expected)
+            .map_err(|r| match r {
+                TokenRefusal::Malformed(m) => RpError::Malformed(m),
+                TokenRefusal::UnknownKey(k) => RpError::UnknownKey(k),
+                TokenRefusal::Invalid(m) => RpError::Invalid(m),
+            })?;
         if let Some(cnf) = &claims.cnf {
             let expected = cnf.get("x5t#S256").ok_or(RpError::CnfMismatch)?;
             let presented = peer_cert_der

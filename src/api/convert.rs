@@ -7,9 +7,12 @@ use prost_types::Timestamp;
 use super::DEFAULT_PAGE_SIZE;
 use crate::broker::{Explanation, InventoryEntry};
 use crate::domain::{
-    parse_ttl, AccessRequest, AccessState, CredentialRequest, Intent, Lease, LeaseFilter, LeaseId,
-    LeaseState, Lock, ProfileName, RevocationEvent, RevokeSelector, Scope, Verdict,
+    parse_ttl, AccessRequest, AccessState, CredentialRequest, Delegation, Intent, Lease,
+    LeaseFilter, LeaseId,
+    LeaseState, Lock, ProfileName, RevocationEvent, RevokeSelector, Scope, SubjectTokenType,
+    Verdict,
 };
+use crate::domain::delegation::MayAct;
 use crate::error::BrokerError;
 use crate::issuer::Credential;
 use crate::proto::v1 as pb;
@@ -53,7 +56,45 @@ pub fn parse_issue_request(
         scopes,
         ttl,
         intent,
+        delegation: None,
     })
+}
+
+/// Parses an optional access request id.
+pub fn parse_request_id(id: &str) -> Result<Option<String>, BrokerError> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(LeaseId::parse(id)?.to_string()))
+}
+
+/// Parses an optional `may_act` SPIFFE ID.
+pub fn parse_may_act(id: &str) -> Result<Option<MayAct>, BrokerError> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    let sid = spiffe::SpiffeId::new(id).map_err(|e| invalid(format!("invalid may_act: {e}")))?;
+    Ok(Some(MayAct {
+        sub: sid.to_string(),
+    }))
+}
+
+/// Parses an `ExchangeTokenRequest`: the request to issue and the subject token's type.
+pub fn parse_exchange_request(
+    r: &pb::ExchangeTokenRequest,
+) -> Result<(CredentialRequest, SubjectTokenType), BrokerError> {
+    if r.subject_token.is_empty() {
+        return Err(invalid("subject_token is required"));
+    }
+    let kind = SubjectTokenType::parse(&r.subject_token_type)?;
+    let req = parse_issue_request(&pb::IssueCredentialRequest {
+        profile: r.profile.clone(),
+        scopes: r.scopes.clone(),
+        ttl: r.ttl,
+        intent: r.intent.clone(),
+        ..Default::default()
+    })?;
+    Ok((req, kind))
 }
 
 /// Parses a revocation selector.
@@ -155,10 +196,16 @@ pub fn parse_list_filter(r: &pb::ListLeasesRequest) -> Result<LeaseFilter, Broke
     } else {
         Some(LeaseId::parse(&r.lease_id)?.to_string())
     };
+    let derived_from = if r.derived_from.is_empty() {
+        None
+    } else {
+        Some(LeaseId::parse(&r.derived_from)?.to_string())
+    };
     Ok(LeaseFilter {
         spiffe_id,
         state,
         lease_id,
+        derived_from,
         limit: if r.page_size == 0 {
             DEFAULT_PAGE_SIZE
         } else {
@@ -207,6 +254,12 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
             .as_ref()
             .map(|b| b.kind.clone())
             .unwrap_or_default(),
+        parent_lease_id: l
+            .parent
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        subject: l.subject.clone().unwrap_or_default(),
     }
 }
 
@@ -270,6 +323,21 @@ pub fn access_request_to_pb(a: &AccessRequest) -> pb::AccessRequest {
         auth_method: bound.map(|g| g.auth_method.clone()).unwrap_or_default(),
         key_sha256: bound.and_then(|g| g.key_sha256.clone()).unwrap_or_default(),
         profile_sha256: bound.map(|g| g.profile_sha256.clone()).unwrap_or_default(),
+        delegation: a.request.delegation.as_ref().map(delegation_to_pb),
+    }
+}
+
+/// A verified delegation chain as the API shows it.
+pub fn delegation_to_pb(d: &Delegation) -> pb::Delegation {
+    pb::Delegation {
+        subject: d.subject.id.clone(),
+        subject_type: d.subject.kind.as_str().to_owned(),
+        actors: d.actors.iter().map(|a| a.id.clone()).collect(),
+        parent_lease_id: d
+            .parent_lease
+            .as_ref()
+            .map(|l| l.to_string())
+            .unwrap_or_default(),
     }
 }
 

@@ -36,14 +36,11 @@ impl pb::credential_broker_server::CredentialBroker for Api {
                 let caller = &call.caller;
                 let r = request.get_ref();
                 let parsed = parse_issue_request(r).and_then(|req| {
-                    let id = if r.access_request_id.is_empty() {
-                        None
-                    } else {
-                        Some(LeaseId::parse(&r.access_request_id)?.to_string())
-                    };
-                    Ok((req, id))
+                    let id = convert::parse_request_id(&r.access_request_id)?;
+                    let may_act = convert::parse_may_act(&r.may_act)?;
+                    Ok((req, id, may_act))
                 });
-                let (req, access_request_id) = match parsed {
+                let (req, access_request_id, may_act) = match parsed {
                     Ok(v) => v,
                     Err(e) => return Err(call.reject(b, e).await),
                 };
@@ -60,6 +57,8 @@ impl pb::credential_broker_server::CredentialBroker for Api {
                     material: crate::issuer::Material {
                         csr_der: (!r.csr.is_empty()).then(|| r.csr.clone()),
                     },
+                    may_act,
+                    bounds: None,
                 };
                 Ok(match b.issue(caller, req, opts).await? {
                     IssueOutcome::Issued(i) => {
@@ -80,6 +79,59 @@ impl pb::credential_broker_server::CredentialBroker for Api {
                             lease: None,
                             receipt: None,
                             access_request: Some(pending),
+                        }
+                    }
+                })
+            }
+            .await,
+        )
+    }
+
+    async fn exchange_token(
+        &self,
+        request: Request<pb::ExchangeTokenRequest>,
+    ) -> Result<Response<pb::ExchangeTokenResponse>, Status> {
+        let b = &self.broker;
+        let call = Call::of(&request)?;
+        respond(
+            async {
+                let caller = &call.caller;
+                let r = request.get_ref();
+                let parsed = convert::parse_exchange_request(r).and_then(|(req, kind)| {
+                    Ok((req, kind, convert::parse_request_id(&r.access_request_id)?))
+                });
+                let (req, kind, access_request_id) = match parsed {
+                    Ok(v) => v,
+                    Err(e) => return Err(call.reject(b, e).await),
+                };
+                let opts = IssueOptions {
+                    access_request_id,
+                    ..IssueOptions::default()
+                };
+                let outcome = b.exchange(caller, &r.subject_token, kind, req, opts).await?;
+                let issued_token_type = crate::domain::delegation::ACCESS_TOKEN_TYPE.to_owned();
+                Ok(match outcome {
+                    IssueOutcome::Issued(i) => {
+                        let access_request = i.access_request.as_ref().map(access_request_to_pb);
+                        let delegation = i.delegation.as_ref().map(convert::delegation_to_pb);
+                        let (credential, lease, receipt) = issued_to_pb(*i);
+                        pb::ExchangeTokenResponse {
+                            credential,
+                            lease,
+                            receipt,
+                            access_request,
+                            issued_token_type,
+                            delegation,
+                        }
+                    }
+                    IssueOutcome::Pending(ar, need) => {
+                        let mut pending = access_request_to_pb(&ar);
+                        pending.approvals = need.have;
+                        pb::ExchangeTokenResponse {
+                            delegation: pending.delegation.clone(),
+                            access_request: Some(pending),
+                            issued_token_type: String::new(),
+                            ..Default::default()
                         }
                     }
                 })

@@ -121,6 +121,14 @@ pub struct TransportFacts<'a> {
 pub trait Authenticator: Send + Sync + 'static {
     /// Authenticates one request.
     fn authenticate(&self, facts: &TransportFacts<'_>) -> Result<VerifiedCaller, AuthnError>;
+    /// Verifies a JWT-SVID presented as a token exchange's subject token, exactly as one
+    /// presented to authenticate (trust bundle, signature, audience = this broker, time).
+    fn verify_subject_jwt_svid(
+        &self,
+        token: &str,
+    ) -> Result<(SpiffeId, jwt_svid::JwtSvidClaims), AuthnError>;
+    /// The audience a token must name to be exchanged here: the broker's SPIFFE ID.
+    fn audience(&self) -> &str;
 }
 
 /// SPIFFE authentication against a trust source.
@@ -276,6 +284,24 @@ impl SpiffeAuthenticator {
 }
 
 impl Authenticator for SpiffeAuthenticator {
+    fn verify_subject_jwt_svid(
+        &self,
+        token: &str,
+    ) -> Result<(SpiffeId, jwt_svid::JwtSvidClaims), AuthnError> {
+        jwt_svid::validate(
+            token,
+            self.trust.as_ref(),
+            &self.audience,
+            self.clock.now(),
+            self.skew,
+        )
+        .map(|(id, claims, _)| (id, claims))
+    }
+
+    fn audience(&self) -> &str {
+        &self.audience
+    }
+
     fn authenticate(&self, facts: &TransportFacts<'_>) -> Result<VerifiedCaller, AuthnError> {
         let now = self.clock.now();
         if let Some(value) = facts.authorization {

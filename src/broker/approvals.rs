@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::issue::{IssueOutcome, Issued};
+use super::issue::{IssueOptions, IssueOutcome, Issued};
 use super::{record, refusal_error, request_record, valid_reason, Broker};
 use crate::audit::EventKind;
 use crate::authn::VerifiedCaller;
@@ -110,7 +110,7 @@ impl Broker {
         let now = self.clock.unix_seconds();
         let bound = match bind(caller, grant, material) {
             Ok(b) => b,
-            Err(e) => return Err(self.reject(caller, "IssueCredential", e).await),
+            Err(e) => return Err(self.reject(caller, super::issue::rpc_of(req), e).await),
         };
         let spec = RequestSpec::of(req).bound(bound);
         let id = LeaseId::generate(unix_millis(self.clock.now()))?.to_string();
@@ -123,7 +123,7 @@ impl Broker {
             ..AccessRequest::new(id, requester, req.profile.clone(), spec, now)
         };
         let mut e = self.event(EventKind::AccessRequest, "require_approval", Some(caller));
-        e.request = Some(request_record("IssueCredential", req));
+        e.request = Some(request_record(super::issue::rpc_of(req), req));
         e.rule = Some(need.rule.clone());
         e.policy_hash = Some(need.policy_hash.clone());
         e.access_request_id = Some(ar.id.clone());
@@ -152,8 +152,10 @@ impl Broker {
         req: CredentialRequest,
         id: &str,
         policy: Arc<dyn Policy>,
-        material: &Material,
+        opts: &IssueOptions,
     ) -> Result<Issued, BrokerError> {
+        let material = &opts.material;
+        let rpc = super::issue::rpc_of(&req);
         let digest = RequestSpec::of(&req).digest(req.profile.as_str());
         // A retry of a redemption that already succeeded (same requester, same exact
         // request) gets the same credential while its lease is still active; anything
@@ -181,7 +183,7 @@ impl Broker {
         }
         let refuse = |refusal: Refusal, ar_id: Option<String>| {
             let mut e = self.event(EventKind::Deny, "deny", Some(caller));
-            e.request = Some(request_record("IssueCredential", &req));
+            e.request = Some(request_record(rpc, &req));
             e.access_request_id = ar_id;
             e.reason = Some(refusal.describe());
             e
@@ -237,15 +239,16 @@ impl Broker {
         let grant = match decided {
             Ok(g) => g,
             Err(d) => {
-                let rec = request_record("IssueCredential", &req);
+                let rec = request_record(rpc, &req);
                 return Err(self.deny(caller, rec, &d, policy.hash()).await);
             }
         };
+        self.narrow(caller, &req, &grant, opts).await?;
         // The approval covers the grant as resolved when it was asked for, and how it is
         // held: defaults changed by a reload, another key or another auth method void it.
         let now_bound = match bind(caller, &grant, material) {
             Ok(b) => b,
-            Err(e) => return Err(self.reject(caller, "IssueCredential", e).await),
+            Err(e) => return Err(self.reject(caller, rpc, e).await),
         };
         let differences = match &ar.request.grant {
             Some(approved) => approved.differences(&now_bound),
@@ -264,7 +267,7 @@ impl Broker {
         }
         let bound_digest = asked.bound(now_bound).digest(req.profile.as_str());
         let (credential, lease, mut e) = self
-            .prepare(caller, &req, &grant, material, "IssueCredential")
+            .prepare(caller, &req, &grant, opts)
             .await?;
         let minted_lease = lease.clone();
         e.access_request_id = Some(ar.id.clone());

@@ -1,6 +1,7 @@
 //! `IssueCredential`: policy (rate, ceiling, Cedar), then a pending access request, or
 //! mint + one durable commit + the answer; idempotent retries; `ExplainDecision`.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use spiffe::SpiffeId;
@@ -11,6 +12,7 @@ use super::{refusal_error, request_record, Broker};
 use crate::audit::{AuditEvent, EventKind};
 use crate::authn::VerifiedCaller;
 use crate::clock::unix_millis;
+use crate::domain::delegation::MayAct;
 use crate::domain::IdempotencyRecord;
 use crate::domain::{
     AccessFilter, AccessRequest, AccessState, CredentialRequest, Lease, LeaseId, LeaseState,
@@ -32,6 +34,8 @@ pub struct Issued {
     pub receipt: Receipt,
     /// The access request it was issued on (approved or break-glass).
     pub access_request: Option<AccessRequest>,
+    /// Issued by token exchange: the verified chain.
+    pub delegation: Option<crate::domain::Delegation>,
 }
 
 /// What `IssueCredential` produced.
@@ -54,6 +58,20 @@ pub struct IssueOptions {
     pub idempotency_key: Option<String>,
     /// What the caller brought for the backend (a CSR for `x509` profiles).
     pub material: Material,
+    /// Names the one identity that may exchange the issued token for its subject
+    /// (the token's `may_act` claim, RFC 8693 §4.4).
+    pub may_act: Option<MayAct>,
+    /// Token exchange: what the subject token allows (set by `exchange` only).
+    pub bounds: Option<SubjectBounds>,
+}
+
+/// What a verified subject token allows: the derived credential stays within it.
+#[derive(Debug, Clone)]
+pub struct SubjectBounds {
+    /// The subject token's expiry (Unix seconds): the credential never outlives it.
+    pub not_after: i64,
+    /// The subject's scopes: the grant's must be among them.
+    pub scopes: BTreeSet<String>,
 }
 
 /// A dry-run decision.
@@ -122,6 +140,15 @@ pub fn explain_with(
     }
 }
 
+/// The RPC a credential request came through (what the ledger records).
+pub(super) fn rpc_of(req: &CredentialRequest) -> &'static str {
+    if req.delegation.is_some() {
+        "ExchangeToken"
+    } else {
+        "IssueCredential"
+    }
+}
+
 impl Broker {
     pub(super) fn context(
         &self,
@@ -143,18 +170,31 @@ impl Broker {
         caller: &VerifiedCaller,
         req: &CredentialRequest,
         grant: &Grant,
-        material: &Material,
-        rpc: &str,
+        opts: &IssueOptions,
     ) -> Result<(Credential, Lease, AuditEvent), BrokerError> {
         let now = self.clock.unix_seconds();
+        let rpc = rpc_of(req);
+        let delegation = req.delegation.as_ref();
+        let mut expires_at = now + grant.ttl.as_secs() as i64;
+        if let Some(b) = &opts.bounds {
+            expires_at = expires_at.min(b.not_after);
+        }
         let terms = LeaseTerms {
             lease_id: LeaseId::generate(unix_millis(self.clock.now()))?,
-            subject: caller.spiffe_id().to_string(),
+            // A delegated credential is for the subject; the actors ride in `act`.
+            subject: delegation.map_or_else(
+                || caller.spiffe_id().to_string(),
+                |d| d.subject.id.clone(),
+            ),
             issued_at: now,
-            expires_at: now + grant.ttl.as_secs() as i64,
+            expires_at,
             cnf_x5t_s256: caller.cert_sha256().copied(),
+            act: delegation.and_then(|d| d.act()),
+            may_act: opts.may_act.clone(),
         };
-        let minted = self.mint(caller, grant, &terms, material, rpc).await?;
+        let minted = self
+            .mint(caller, grant, &terms, &opts.material, rpc)
+            .await?;
         let credential = minted.credential;
         let max = if grant.break_glass {
             grant
@@ -167,7 +207,7 @@ impl Broker {
         let lease = Lease {
             id: terms.lease_id.clone(),
             profile: grant.profile.name.clone(),
-            spiffe_id: terms.subject.clone(),
+            spiffe_id: caller.spiffe_id().to_string(),
             scopes: grant.scopes.clone(),
             audience: grant.profile.audience.clone(),
             state: LeaseState::Active,
@@ -184,6 +224,8 @@ impl Broker {
                 handle,
                 revocable: grant.profile.kind.revocable_in_backend(),
             }),
+            parent: delegation.and_then(|d| d.parent_lease.clone()),
+            subject: delegation.map(|d| d.subject.id.clone()),
         };
         let mut e = self.event(EventKind::Issue, "allow", Some(caller));
         e.request = Some(request_record(rpc, req));
@@ -222,6 +264,7 @@ impl Broker {
             lease,
             receipt,
             access_request: applied.access_request,
+            delegation: None,
         })
     }
 
@@ -234,6 +277,7 @@ impl Broker {
         opts: IssueOptions,
     ) -> Result<IssueOutcome, BrokerError> {
         let policy = self.policy();
+        let rpc = rpc_of(&req);
         if let Some(profile) = policy.directory().profile(req.profile.as_str()) {
             let who = caller.spiffe_id().to_string();
             if profile.requests_per_minute > 0
@@ -254,7 +298,7 @@ impl Broker {
                 };
                 let key = format!("{who}#{}", profile.name);
                 return Err(self
-                    .refuse_throttled(caller, &key, "IssueCredential", t)
+                    .refuse_throttled(caller, &key, rpc, t)
                     .await);
             }
         }
@@ -265,31 +309,28 @@ impl Broker {
         }
         if let Some(id) = opts.access_request_id.clone() {
             return self
-                .redeem(caller, req, &id, policy, &opts.material)
+                .redeem(caller, req, &id, policy, &opts)
                 .await
                 .map(|i| IssueOutcome::Issued(Box::new(i)));
         }
         let ctx = self.context(caller, opts.break_glass, Vec::new());
         match policy.decide(caller.spiffe_id(), &req, &ctx) {
             Decision::Deny(d) => Err(self
-                .deny(
-                    caller,
-                    request_record("IssueCredential", &req),
-                    &d,
-                    policy.hash(),
-                )
+                .deny(caller, request_record(rpc, &req), &d, policy.hash())
                 .await),
             Decision::RequireApproval(grant, need) => {
+                self.narrow(caller, &req, &grant, &opts).await?;
                 self.open_request(caller, &req, &grant, need, &opts.material)
                     .await
             }
             Decision::Allow(grant) => {
+                self.narrow(caller, &req, &grant, &opts).await?;
                 if grant.break_glass {
                     self.break_glass_allowance(caller, &req, policy.hash())
                         .await?;
                 }
                 let (credential, lease, mut e) = self
-                    .prepare(caller, &req, &grant, &opts.material, "IssueCredential")
+                    .prepare(caller, &req, &grant, &opts)
                     .await?;
                 let minted_lease = lease.clone();
                 let break_glass = if grant.break_glass {
@@ -372,6 +413,63 @@ impl Broker {
             }
         }
     }
+    /// Token exchange only narrows: every scope granted is one the subject token has,
+    /// and a TTL asked for beyond the subject token's expiry is refused (an unnamed one
+    /// is capped to it when the credential is minted). Refusals are recorded.
+    pub(super) async fn narrow(
+        &self,
+        caller: &VerifiedCaller,
+        req: &CredentialRequest,
+        grant: &Grant,
+        opts: &IssueOptions,
+    ) -> Result<(), BrokerError> {
+        let Some(b) = &opts.bounds else {
+            return Ok(());
+        };
+        let asked: Vec<String> = if req.scopes.is_empty() {
+            grant.profile.default_scopes.iter().map(|s| s.to_string()).collect()
+        } else {
+            req.scopes.iter().map(|s| s.to_string()).collect()
+        };
+        let mut violations = Vec::new();
+        let beyond: Vec<&str> = asked
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !b.scopes.contains(*s))
+            .collect();
+        if !beyond.is_empty() {
+            violations.push(format!(
+                "scope(s) {} beyond the subject token's ({})",
+                beyond.join(" "),
+                b.scopes.iter().cloned().collect::<Vec<_>>().join(" ")
+            ));
+        }
+        let left = b.not_after - self.clock.unix_seconds();
+        if let Some(ttl) = req.ttl {
+            if ttl.as_secs() as i64 > left {
+                violations.push(format!(
+                    "ttl {}s outlives the subject token (it expires in {left}s)",
+                    ttl.as_secs()
+                ));
+            }
+        }
+        if violations.is_empty() {
+            return Ok(());
+        }
+        let d = Denial {
+            kind: DenialKind::OverAsk,
+            reason: format!(
+                "token exchange may only narrow: {}",
+                violations.join("; ")
+            ),
+            rule: Some("delegation/narrowing".into()),
+            violations,
+        };
+        Err(self
+            .deny(caller, request_record(rpc_of(req), req), &d, &grant.policy_hash)
+            .await)
+    }
+
     /// Break-glass is for emergencies, not a way around approval: an identity may hold
     /// only so many break-glass issuances of a profile that nobody has post-reviewed yet.
     pub(super) async fn break_glass_allowance(
@@ -468,6 +566,7 @@ impl Broker {
             lease,
             receipt,
             access_request: None,
+            delegation: None,
         }))
     }
 

@@ -42,15 +42,19 @@ impl Broker {
         self.throttle_renewal(caller, id.as_str()).await?;
         // Renewal re-runs policy on the original grant. Leases issued on an approval
         // or under break-glass are not renewable: a new request goes through approval again.
-        let renewable = policy
-            .directory()
-            .profile(lease.profile.as_str())
-            .is_some_and(|p| p.scope_template.is_none());
+        // A credential issued by token exchange is not renewed either: it may not outlive
+        // its subject token, so the actor exchanges that again.
+        let renewable = lease.subject.is_none()
+            && policy
+                .directory()
+                .profile(lease.profile.as_str())
+                .is_some_and(|p| p.scope_template.is_none());
         let req = CredentialRequest {
             profile: lease.profile.clone(),
             scopes: lease.scopes.iter().cloned().collect(),
             ttl,
             intent: lease.intent.clone(),
+            delegation: None,
         };
         let rec = || {
             let mut r = request_record("RenewLease", &req);
@@ -66,8 +70,11 @@ impl Broker {
             _ => {
                 let d = Denial {
                     kind: DenialKind::NotPermitted,
-                    reason: "this lease needs approval to be issued again; it cannot be renewed"
-                        .into(),
+                    reason: if lease.subject.is_some() {
+                        "this lease was issued by token exchange; exchange the subject token again instead of renewing".into()
+                    } else {
+                        "this lease needs approval to be issued again; it cannot be renewed".into()
+                    },
                     rule: None,
                     violations: Vec::new(),
                 };
@@ -98,6 +105,8 @@ impl Broker {
             issued_at: now,
             expires_at,
             cnf_x5t_s256: caller.cert_sha256().copied(),
+            act: None,
+            may_act: None,
         };
         let issuer = self.issuer_for(grant.profile.kind)?;
         let handle = lease.backend.as_ref().map(|b| b.handle.as_str());
@@ -136,6 +145,7 @@ impl Broker {
             lease,
             receipt,
             access_request: None,
+            delegation: None,
         })
     }
 

@@ -4,6 +4,7 @@
 mod access_watch;
 mod approvals;
 mod backend_revocations;
+mod exchange;
 mod feed;
 pub mod idempotency;
 mod inventory;
@@ -19,7 +20,8 @@ pub use approvals::RequestListing;
 pub use backend_revocations::STUCK_AFTER_ATTEMPTS;
 pub use feed::{FeedItem, FeedPage, RELYING_PARTY_ROLE};
 pub use inventory::{inventory_rows, InventoryEntry};
-pub use issue::{explain_with, Explanation, IssueOptions, IssueOutcome, Issued};
+pub use exchange::ExchangeSettings;
+pub use issue::{explain_with, Explanation, IssueOptions, IssueOutcome, Issued, SubjectBounds};
 pub use log::{EntrySelector, InclusionProof};
 pub use revoke::Revoked;
 pub use streams::StreamSlot;
@@ -61,6 +63,7 @@ fn record(rpc: &str) -> RequestRecord {
         scopes: Vec::new(),
         ttl_secs: None,
         intent: None,
+        delegation: None,
     }
 }
 
@@ -71,6 +74,7 @@ fn request_record(rpc: &str, req: &CredentialRequest) -> RequestRecord {
         scopes: req.scopes.iter().map(|s| s.to_string()).collect(),
         ttl_secs: req.ttl.map(|t| t.as_secs()),
         intent: req.intent.clone(),
+        delegation: req.delegation.clone(),
     }
 }
 
@@ -95,6 +99,7 @@ fn refusal_error(r: &Refusal) -> BrokerError {
         | Refusal::DigestMismatch
         | Refusal::Locked(_)
         | Refusal::RevokedBefore
+        | Refusal::ParentEnded
         | Refusal::Duplicate => BrokerError::PermissionDenied(r.describe()),
         Refusal::Ended(_)
         | Refusal::Expired
@@ -161,6 +166,7 @@ pub struct Broker {
     throttle: throttle::Throttle,
     revocations: broadcast::Sender<()>,
     changes: broadcast::Sender<String>,
+    exchange: Option<ExchangeSettings>,
 }
 
 /// How often watchers' shared pollers re-read the store (changes made on other replicas).
@@ -199,6 +205,7 @@ impl Broker {
             throttle: throttle::Throttle::new(Limits::default()),
             revocations: broadcast::channel(64).0,
             changes: broadcast::channel(1024).0,
+            exchange: None,
         }
     }
 

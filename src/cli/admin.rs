@@ -224,6 +224,7 @@ pub async fn leases(
             page_size: limit,
             page_token: String::new(),
             lease_id: String::new(),
+            derived_from: String::new(),
         })
         .await?
         .into_inner();
@@ -236,6 +237,53 @@ pub async fn leases(
             ("PROFILE", "/profile"),
             ("SPIFFE ID", "/spiffe_id"),
             ("SCOPES", "/scopes"),
+            ("EXPIRES", "/expires_at"),
+        ],
+    );
+    Ok(())
+}
+
+/// `leases --tree LEASE`: the lease and everything derived from it by token exchange,
+/// each under its parent (the table indents by depth).
+pub async fn lease_tree(root: String, output: ListOutput, conn: ConnArgs) -> Result<(), CliError> {
+    let ch = channel(&conn).await?;
+    let resp = pb::admin_client::AdminClient::new(ch)
+        .list_leases(pb::ListLeasesRequest {
+            derived_from: root.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if resp.leases.is_empty() {
+        return Err(format!("no lease {root}").into());
+    }
+    // Oldest first, so each parent comes before its children: depth = parent's + 1.
+    let mut depth: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut children: std::collections::BTreeMap<&str, Vec<&pb::Lease>> = Default::default();
+    for l in &resp.leases {
+        children.entry(&l.parent_lease_id).or_default().push(l);
+    }
+    let mut rows = Vec::new();
+    let mut stack: Vec<&pb::Lease> = resp.leases.iter().filter(|l| l.id == root).collect();
+    while let Some(l) = stack.pop() {
+        let d = depth.get(l.parent_lease_id.as_str()).map_or(0, |p| p + 1);
+        depth.insert(&l.id, d);
+        let mut v = lease_json(l);
+        v["depth"] = json!(d);
+        v["tree"] = json!(format!("{}{}", "  ".repeat(d), l.id));
+        rows.push(v);
+        if let Some(c) = children.get(l.id.as_str()) {
+            stack.extend(c.iter().rev());
+        }
+    }
+    output.print(
+        &rows,
+        &[
+            ("LEASE", "/tree"),
+            ("STATE", "/state"),
+            ("PROFILE", "/profile"),
+            ("HOLDER", "/spiffe_id"),
+            ("SUBJECT", "/subject"),
             ("EXPIRES", "/expires_at"),
         ],
     );

@@ -324,8 +324,9 @@ pub struct SpecArgs {
     /// Why (mandatory for --break-glass).
     #[arg(long, requires = "intent_action")]
     pub justification: Option<String>,
-    /// On whose behalf (repeat for a delegation chain, nearest first).
-    #[arg(long = "on-behalf-of", requires = "intent_action")]
+    /// Deprecated note of on whose behalf (recorded, never verified or used in a
+    /// decision); use `exchange` for a verified chain.
+    #[arg(long = "on-behalf-of", requires = "intent_action", hide = true)]
     pub on_behalf_of: Vec<String>,
     /// Break-glass: self-approve with --justification; capped TTL; reviewed afterwards.
     #[arg(long)]
@@ -354,8 +355,35 @@ impl SpecArgs {
             access_request_id: String::new(),
             idempotency_key: String::new(),
             csr: Vec::new(),
+            may_act: String::new(),
         })
     }
+}
+
+/// RFC 8693 subject token types, by what they are.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SubjectTokenTypeArg {
+    /// A credential this broker issued (urn:ietf:params:oauth:token-type:access_token).
+    AccessToken,
+    /// A JWT-SVID whose audience is the broker (urn:ietf:params:oauth:token-type:jwt).
+    Jwt,
+}
+
+#[derive(Args)]
+pub struct ExchangeArgs {
+    /// File holding the subject token (`-` for stdin). Never on the command line.
+    #[arg(long)]
+    pub subject_token: PathBuf,
+    /// What the subject token is.
+    #[arg(long, value_enum, default_value_t = SubjectTokenTypeArg::AccessToken)]
+    pub subject_token_type: SubjectTokenTypeArg,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Redeem this approved access request (the same request and subject token).
+    #[arg(long)]
+    pub access_request: Option<String>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 #[derive(Args)]
@@ -371,6 +399,10 @@ pub struct RequestArgs {
     /// Idempotency key (22+ random characters): retrying with it returns the same credential.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Token profiles: the one SPIFFE ID that may exchange the token to act for you
+    /// (`may_act`).
+    #[arg(long)]
+    pub may_act: Option<String>,
     /// For x509 profiles: a PKCS#10 CSR file (PEM or DER); your private key stays with you.
     #[arg(long)]
     pub csr: Option<std::path::PathBuf>,

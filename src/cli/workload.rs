@@ -1,9 +1,10 @@
-//! `request`, `renew`, `release`: what a workload runs.
+//! `request`, `exchange`, `renew`, `release`: what a workload runs.
 
 use std::time::Duration;
 
 use serde_json::json;
 
+use spiffe_broker::domain::delegation::{ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE};
 use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
@@ -14,6 +15,7 @@ pub async fn request(a: RequestArgs) -> Result<(), CliError> {
     let mut req = a.spec.to_pb()?;
     req.access_request_id = a.access_request.clone().unwrap_or_default();
     req.idempotency_key = a.idempotency_key.clone().unwrap_or_default();
+    req.may_act = a.may_act.clone().unwrap_or_default();
     if let Some(path) = &a.csr {
         req.csr = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
@@ -62,6 +64,58 @@ pub async fn request(a: RequestArgs) -> Result<(), CliError> {
     req.access_request_id = last.id.clone();
     let resp = client.issue_credential(req).await?.into_inner();
     print_issued(a.output, resp)
+}
+
+/// Token exchange: the subject token is read from a file (or stdin), never argv.
+pub async fn exchange(a: ExchangeArgs) -> Result<(), CliError> {
+    let token = if a.subject_token.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| format!("stdin: {e}"))?;
+        s
+    } else {
+        std::fs::read_to_string(&a.subject_token)
+            .map_err(|e| format!("{}: {e}", a.subject_token.display()))?
+    };
+    let spec = a.spec.to_pb()?;
+    let req = pb::ExchangeTokenRequest {
+        subject_token: token.trim().to_owned(),
+        subject_token_type: match a.subject_token_type {
+            SubjectTokenTypeArg::AccessToken => ACCESS_TOKEN_TYPE,
+            SubjectTokenTypeArg::Jwt => JWT_TOKEN_TYPE,
+        }
+        .to_owned(),
+        profile: spec.profile,
+        scopes: spec.scopes,
+        ttl: spec.ttl,
+        intent: spec.intent,
+        access_request_id: a.access_request.unwrap_or_default(),
+    };
+    let ch = channel(&a.conn).await?;
+    let resp = pb::credential_broker_client::CredentialBrokerClient::new(ch)
+        .exchange_token(req)
+        .await?
+        .into_inner();
+    let chain = resp.delegation.as_ref().map(|d| {
+        json!({
+            "subject": d.subject,
+            "subject_type": d.subject_type,
+            "actors": d.actors,
+            "parent_lease_id": (!d.parent_lease_id.is_empty()).then_some(&d.parent_lease_id),
+        })
+    });
+    let Some(pending) = resp.access_request.clone().filter(|_| resp.credential.is_none()) else {
+        let mut v = issued_json(resp.credential, resp.lease, resp.receipt, resp.access_request);
+        v["issued_token_type"] = json!(resp.issued_token_type);
+        v["delegation"] = json!(chain);
+        out!("{v}");
+        return Ok(());
+    };
+    out!(
+        "{}",
+        json!({"status": "pending", "access_request": access_request_json(&pending), "delegation": chain})
+    );
+    Ok(())
 }
 
 /// Prints an issued credential the way `--output` asks.

@@ -36,6 +36,8 @@ pub fn lease_json(l: &pb::Lease) -> serde_json::Value {
         "intent": l.intent.as_ref().map(intent_json),
         "backend": if l.backend.is_empty() { None } else { Some(&l.backend) },
         "backend_handle": if l.backend_handle.is_empty() { None } else { Some(&l.backend_handle) },
+        "subject": if l.subject.is_empty() { None } else { Some(&l.subject) },
+        "parent_lease_id": if l.parent_lease_id.is_empty() { None } else { Some(&l.parent_lease_id) },
     })
 }
 

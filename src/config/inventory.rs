@@ -6,6 +6,7 @@ use serde::Deserialize;
 use spiffe::SpiffeId;
 
 use super::{err, valid_name, Config, ConfigError};
+use crate::domain::PartyKind;
 
 /// A registered non-human identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,9 @@ pub struct Identity {
     pub environment: String,
     /// Roles it holds.
     pub roles: Vec<String>,
+    /// A workload, or a person (who holds an SVID too, e.g. on a laptop); what Cedar
+    /// sees as `subject_type` and `actor_types` in a delegation chain.
+    pub kind: PartyKind,
 }
 /// A named group of approvers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +44,8 @@ pub(super) struct RawIdentity {
     environment: String,
     #[serde(default)]
     roles: Vec<String>,
+    #[serde(default)]
+    kind: Option<PartyKind>,
 }
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +78,7 @@ impl Config {
                     owner: i.owner,
                     environment: i.environment,
                     roles: i.roles,
+                    kind: i.kind.unwrap_or(PartyKind::Workload),
                 })
             })
             .collect()

@@ -180,6 +180,8 @@ pub struct Config {
     pub tracing: Option<TracingConfig>,
     /// `[keys]`: token-signing key rotation.
     pub keys: KeysConfig,
+    /// `[delegation] max_chain_depth`: most actors in a token-exchange chain.
+    pub max_chain_depth: usize,
 }
 
 /// `[keys]`: how the token-signing key rotates.
@@ -239,6 +241,14 @@ struct RawConfig {
     tracing: Option<RawTracing>,
     #[serde(default)]
     keys: RawKeys,
+    #[serde(default)]
+    delegation: RawDelegation,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDelegation {
+    max_chain_depth: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -449,6 +459,16 @@ impl Config {
                     return err(format!("audit_sinks: two sinks named {:?}", w[0]));
                 }
                 sinks
+            },
+            max_chain_depth: match raw.delegation.max_chain_depth {
+                None => crate::domain::delegation::DEFAULT_MAX_CHAIN_DEPTH,
+                Some(n @ 1..=crate::domain::delegation::MAX_CHAIN_DEPTH) => n,
+                Some(n) => {
+                    return err(format!(
+                        "delegation.max_chain_depth: {n} is not between 1 and {}",
+                        crate::domain::delegation::MAX_CHAIN_DEPTH
+                    ))
+                }
             },
             keys: {
                 let publish_ahead = duration(

@@ -50,6 +50,17 @@ impl CredentialKind {
     pub fn remote(self) -> bool {
         matches!(self, CredentialKind::Vault | CredentialKind::AwsSts)
     }
+
+    /// Whether the credential is a token that can carry a delegation chain (`act`).
+    pub fn carries_claims(self) -> bool {
+        matches!(
+            self,
+            CredentialKind::Jwt
+                | CredentialKind::OciRegistry
+                | CredentialKind::KubernetesOidc
+                | CredentialKind::Slurm
+        )
+    }
 }
 /// A credential profile: what can be asked for, by whom, and the ceiling.
 #[derive(Debug, Clone)]
@@ -90,6 +101,9 @@ pub struct Profile {
     pub max_active_leases: u32,
     /// Most requests per minute one identity may make for this profile (0: no limit).
     pub requests_per_minute: u32,
+    /// Whether token exchange (`ExchangeToken`) may issue this profile for an actor on
+    /// a subject's behalf. Off by default; only for token kinds (the chain rides in `act`).
+    pub delegable: bool,
 }
 /// The optional intent fields a profile can require.
 const INTENT_FIELDS: [&str; 3] = ["ticket", "artifact_digest", "justification"];
@@ -120,6 +134,8 @@ pub(super) struct RawProfile {
     break_glass_max_ttl: Option<String>,
     max_active_leases: Option<u32>,
     requests_per_minute: Option<u32>,
+    #[serde(default)]
+    delegable: bool,
     deadline: Option<String>,
     kubernetes: Option<backend::RawKubernetes>,
     slurm: Option<backend::RawSlurm>,
@@ -226,6 +242,13 @@ impl Config {
                 ));
             }
         }
+        if p.delegable && !p.kind.carries_claims() {
+            return err(format!(
+                "profile {}: delegable needs a token kind (jwt, oci_registry, kubernetes_oidc, slurm): a {} credential cannot carry the delegation chain",
+                p.name,
+                p.kind.as_str()
+            ));
+        }
         let sections = backend::RawSections {
             kubernetes: p.kubernetes,
             slurm: p.slurm,
@@ -251,6 +274,7 @@ impl Config {
             break_glass_max_ttl,
             max_active_leases: p.max_active_leases.unwrap_or(quotas.0),
             requests_per_minute: p.requests_per_minute.unwrap_or(quotas.1),
+            delegable: p.delegable,
         })
     }
 }

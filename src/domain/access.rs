@@ -96,6 +96,9 @@ pub struct RequestSpec {
     /// For an access request: what the approval grants and how it will be held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<BoundGrant>,
+    /// Made by token exchange: the verified chain (an approval binds to it too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<super::Delegation>,
 }
 
 /// What an approver approves, resolved: the grant as it will be issued (defaults
@@ -159,19 +162,13 @@ impl RequestSpec {
             ttl_secs: r.ttl.map(|t| t.as_secs()),
             intent: r.intent.clone(),
             grant: None,
+            delegation: r.delegation.clone(),
         }
     }
     /// The same request, bound to what approving it grants.
     pub fn bound(mut self, grant: BoundGrant) -> Self {
         self.grant = Some(grant);
         self
-    }
-    /// Everyone the request is made for (empty without an intent).
-    pub fn chain(&self) -> &[String] {
-        self.intent
-            .as_ref()
-            .map(|i| i.on_behalf_of.as_slice())
-            .unwrap_or_default()
     }
     /// Canonical JSON.
     pub fn canonical(&self) -> String {

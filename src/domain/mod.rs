@@ -20,7 +20,9 @@ pub enum DomainError {
 }
 
 mod access;
+pub mod delegation;
 
+pub use delegation::{Delegation, Party, PartyKind, SubjectTokenType};
 pub use access::{
     AccessFilter, AccessRequest, AccessState, BoundGrant, RequestSpec, Review, Verdict,
 };
@@ -242,6 +244,9 @@ pub struct CredentialRequest {
     pub ttl: Option<Duration>,
     /// Stated intent.
     pub intent: Option<Intent>,
+    /// Set only by the broker, after verifying a token exchange's subject token: the
+    /// chain the caller acts within (policy, separation of duties and the ledger see it).
+    pub delegation: Option<Delegation>,
 }
 
 /// Parses a requested TTL: positive, whole seconds, bounded.
@@ -326,6 +331,14 @@ pub struct Lease {
     /// The backend's own handle for the credential, if it keeps one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendHandle>,
+    /// For a credential issued by token exchange: the lease of the broker-issued subject
+    /// token it was derived from (revoking that one revokes this one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<LeaseId>,
+    /// For a credential issued by token exchange: the subject it is for (its `sub`),
+    /// which differs from the holder, the actor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// What a backend knows the credential by (never a secret).
@@ -477,6 +490,8 @@ pub struct LeaseFilter {
     pub state: Option<LeaseState>,
     /// Only this lease.
     pub lease_id: Option<String>,
+    /// Only leases derived from this one by token exchange, transitively (its tree).
+    pub derived_from: Option<String>,
     /// Page size (1..=1000).
     pub limit: u32,
     /// Only leases issued strictly before this cursor `(issued_at, id)`.

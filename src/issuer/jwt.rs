@@ -53,6 +53,8 @@ impl JwtIssuer {
                 .cnf_x5t_s256
                 .map(|h| BTreeMap::from([("x5t#S256".to_owned(), b64(&h))])),
             intent: grant.intent.clone(),
+            act: terms.act.clone(),
+            may_act: terms.may_act.clone(),
         }
     }
 

@@ -109,6 +109,10 @@ pub struct LeaseTerms {
     pub expires_at: i64,
     /// SHA-256 of the holder's mTLS certificate, for sender-constrained tokens.
     pub cnf_x5t_s256: Option<[u8; 32]>,
+    /// Token exchange: the actors (the token's `act` claim).
+    pub act: Option<crate::domain::delegation::Actor>,
+    /// Who may exchange the token to act for its subject (its `may_act` claim).
+    pub may_act: Option<crate::domain::delegation::MayAct>,
 }
 
 /// A minted credential.

@@ -83,6 +83,12 @@ pub(crate) fn registered_claims(
     m.insert("nbf".into(), json!(terms.issued_at));
     m.insert("exp".into(), json!(terms.expires_at));
     m.insert("jti".into(), json!(terms.lease_id.to_string()));
+    if let Some(act) = &terms.act {
+        m.insert("act".into(), json!(act));
+    }
+    if let Some(may) = &terms.may_act {
+        m.insert("may_act".into(), json!(may));
+    }
     m
 }
 

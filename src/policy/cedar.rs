@@ -459,8 +459,7 @@ impl Policy for CedarPolicy {
         };
         let approvers: BTreeSet<&String> = ctx.approvals.iter().collect();
         let intent = request.intent.as_ref().map(|i| {
-            let mut o =
-                json!({"action": i.action, "target": i.target, "on_behalf_of": i.on_behalf_of});
+            let mut o = json!({"action": i.action, "target": i.target});
             if let Some(d) = &i.artifact_digest {
                 o["artifact_digest"] = json!(d);
             }
@@ -485,6 +484,16 @@ impl Policy for CedarPolicy {
         if let Some(i) = intent {
             context["intent"] = i;
         }
+        if let Some(d) = &request.delegation {
+            context["delegation"] = json!({
+                "subject": d.subject.id,
+                "subject_type": d.subject.kind.as_str(),
+                "subject_token_type": d.subject_token_type.uri(),
+                "actors": d.actors.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+                "actor_types": d.actors.iter().map(|a| a.kind.as_str()).collect::<Vec<_>>(),
+                "depth": d.actors.len() as i64,
+            });
+        }
         let resource = match uid("Profile", profile.name.as_str()) {
             Ok(r) => r,
             Err(e) => return Decision::Deny(Self::internal(e)),
@@ -499,17 +508,15 @@ impl Policy for CedarPolicy {
             approvers: Vec::new(),
             break_glass: ctx.break_glass,
         };
-        // Valid approvals: distinct, never the requester or anyone it acts for, and each
-        // approver may review.
-        let chain = request
-            .intent
-            .as_ref()
-            .map(|i| i.on_behalf_of.as_slice())
-            .unwrap_or_default();
+        // Valid approvals: distinct, never the requester or anyone in its verified
+        // delegation chain, and each approver may review.
+        let delegation = request.delegation.as_ref();
         let requester = caller.to_string();
         let valid: Vec<String> = approvers
             .iter()
-            .filter(|a| a.as_str() != requester && !chain.contains(a))
+            .filter(|a| {
+                a.as_str() != requester && !delegation.is_some_and(|d| d.involves(a.as_str()))
+            })
             .filter(|a| {
                 SpiffeId::new(a.as_str())
                     .ok()
@@ -567,7 +574,7 @@ impl Policy for CedarPolicy {
         // someone barred (the owner rule may depend on the group) does not count.
         let parties = Parties {
             requester: &requester,
-            chain,
+            delegation,
             group: &group,
         };
         let counted: Vec<String> = valid

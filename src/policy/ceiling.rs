@@ -19,6 +19,12 @@ pub(super) fn ceiling(
     let name = profile.name.as_str();
     let mut v = Vec::new();
     let mut permission = false;
+    if request.delegation.is_some() && !profile.delegable {
+        permission = true;
+        v.push(format!(
+            "profile {name:?} is not delegable: token exchange may not issue it"
+        ));
+    }
     if profile.require_intent && request.intent.is_none() {
         v.push(format!(
             "profile {name:?} requires a stated intent (action and target)"

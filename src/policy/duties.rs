@@ -4,7 +4,7 @@
 //! at redemption (a conflicting approval already on record does not count).
 
 use crate::config::{ApproverGroup, Identity};
-use crate::domain::AccessRequest;
+use crate::domain::{AccessRequest, Delegation};
 
 /// Why a reviewer is barred from a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,8 +20,8 @@ pub struct Conflict {
 pub struct Parties<'a> {
     /// The identity that asked.
     pub requester: &'a str,
-    /// Everyone the request is made for (its delegation chain).
-    pub chain: &'a [String],
+    /// The verified delegation the request was made under: its subject and actors.
+    pub delegation: Option<&'a Delegation>,
     /// The approver group the request waits on.
     pub group: &'a str,
 }
@@ -31,15 +31,15 @@ impl<'a> Parties<'a> {
     pub fn of(ar: &'a AccessRequest) -> Self {
         Self {
             requester: &ar.requester,
-            chain: ar.request.chain(),
+            delegation: ar.request.delegation.as_ref(),
             group: &ar.group,
         }
     }
 }
 
 /// The conflict that bars `reviewer` from reviewing a request of `parties`, if any:
-/// the requester itself; anyone named in the delegation chain (the request is made in
-/// their name, so they would approve their own request); and, unless the approver group
+/// the requester itself; the subject and every actor of a verified delegation chain
+/// (the request is made in their name, so they would approve their own request); and, unless the approver group
 /// allows it, the requester's owner — the reviewer is the requester's `owner` in the
 /// inventory, or both are answered for by the same owner.
 pub fn conflict(
@@ -54,7 +54,7 @@ pub fn conflict(
             reason: format!("{reviewer} may not review its own request"),
         });
     }
-    if parties.chain.iter().any(|c| c == reviewer) {
+    if parties.delegation.is_some_and(|d| d.involves(reviewer)) {
         return Some(Conflict {
             rule: "separation-of-duties/delegation-chain",
             reason: format!(
@@ -98,6 +98,7 @@ mod tests {
             owner: owner.into(),
             environment: "prod".into(),
             roles: Vec::new(),
+            kind: crate::domain::PartyKind::Workload,
         }
     }
 
@@ -113,23 +114,40 @@ mod tests {
     const ALICE: &str = "spiffe://example.org/ops/alice";
     const BOB: &str = "spiffe://example.org/ops/bob";
 
-    fn parties<'a>(chain: &'a [String]) -> Parties<'a> {
+    fn parties(delegation: Option<&Delegation>) -> Parties<'_> {
         Parties {
             requester: AGENT,
-            chain,
+            delegation,
             group: "g",
+        }
+    }
+
+    fn for_alice() -> Delegation {
+        use crate::domain::{Party, PartyKind, SubjectTokenType};
+        Delegation {
+            subject: Party {
+                id: ALICE.into(),
+                kind: PartyKind::Person,
+            },
+            actors: vec![Party {
+                id: AGENT.into(),
+                kind: PartyKind::Workload,
+            }],
+            subject_token_type: SubjectTokenType::BrokerToken,
+            subject_token_sha256: "00".repeat(32),
+            parent_lease: None,
         }
     }
 
     #[test]
     fn requester_and_chain_members_are_barred() {
         let ids = vec![identity(AGENT, "team"), identity(ALICE, "alice@x")];
-        let chain = vec![ALICE.to_owned()];
-        let c = conflict(&ids, &group(true), parties(&chain), ALICE).expect("barred");
+        let chain = for_alice();
+        let c = conflict(&ids, &group(true), parties(Some(&chain)), ALICE).expect("barred");
         assert_eq!(c.rule, "separation-of-duties/delegation-chain");
-        let c = conflict(&ids, &group(true), parties(&chain), AGENT).expect("barred");
+        let c = conflict(&ids, &group(true), parties(Some(&chain)), AGENT).expect("barred");
         assert_eq!(c.rule, "separation-of-duties/requester");
-        assert_eq!(conflict(&ids, &group(true), parties(&chain), BOB), None);
+        assert_eq!(conflict(&ids, &group(true), parties(Some(&chain)), BOB), None);
     }
 
     #[test]
@@ -140,14 +158,14 @@ mod tests {
             identity(ALICE, "alice@x"),
             identity(BOB, "team"),
         ];
-        let c = conflict(&ids, &group(false), parties(&[]), ALICE).expect("barred");
+        let c = conflict(&ids, &group(false), parties(None), ALICE).expect("barred");
         assert_eq!(c.rule, "separation-of-duties/owner");
-        assert_eq!(conflict(&ids, &group(true), parties(&[]), ALICE), None);
+        assert_eq!(conflict(&ids, &group(true), parties(None), ALICE), None);
         let shared = vec![identity(AGENT, "team"), identity(BOB, "team")];
-        let c = conflict(&shared, &group(false), parties(&[]), BOB).expect("barred");
+        let c = conflict(&shared, &group(false), parties(None), BOB).expect("barred");
         assert_eq!(c.rule, "separation-of-duties/owner");
         // No owner on record: nothing to conflict with.
         let unowned = vec![identity(AGENT, ""), identity(BOB, "")];
-        assert_eq!(conflict(&unowned, &group(false), parties(&[]), BOB), None);
+        assert_eq!(conflict(&unowned, &group(false), parties(None), BOB), None);
     }
 }

@@ -305,6 +305,12 @@ pub async fn assemble(
     if let Some(l) = loader {
         broker = broker.with_loader(l);
     }
+    broker = broker.with_exchange(crate::broker::ExchangeSettings {
+        keys: keys.clone(),
+        issuer_url: config.issuer_url.clone(),
+        max_chain_depth: config.max_chain_depth,
+        leeway: config.jwt_clock_skew.as_secs() as i64,
+    });
     let broker = Arc::new(broker);
     let tls = tls::server_config(x509.clone()).map_err(ServeError)?;
     let https = match &config.http_tls {

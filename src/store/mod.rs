@@ -252,6 +252,8 @@ pub enum Refusal {
     RevokedBefore,
     /// The idempotency key was already used by this caller.
     Duplicate,
+    /// The subject token's lease ended before the derived credential was recorded.
+    ParentEnded,
 }
 
 impl Refusal {
@@ -272,6 +274,9 @@ impl Refusal {
             Refusal::RequestEnded(s) => format!("access request is {}", s.as_str()),
             Refusal::RequestExpired => "access request has expired".into(),
             Refusal::DigestMismatch => "the approval was for a different request".into(),
+            Refusal::ParentEnded => {
+                "the subject token's lease ended (revoked, released or expired)".into()
+            }
             Refusal::Locked(why) => format!("issuance is locked: {why}"),
             Refusal::RevokedBefore => "a revocation covers this identity or profile".into(),
             Refusal::Duplicate => "idempotency key already used".into(),

@@ -78,6 +78,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "audit_sinks",
         include_str!("migrations/postgres/0006_audit_sinks.sql"),
     ),
+    (
+        7,
+        "delegation",
+        include_str!("migrations/postgres/0007_delegation.sql"),
+    ),
 ];
 
 /// Advisory lock key held while migrating ("SBMIGRAT"): replicas starting together

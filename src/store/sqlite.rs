@@ -47,6 +47,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "audit_sinks",
         include_str!("migrations/0006_audit_sinks.sql"),
     ),
+    (
+        7,
+        "delegation",
+        include_str!("migrations/0007_delegation.sql"),
+    ),
 ];
 
 /// The SQLite store.

@@ -435,34 +435,30 @@ impl DevCa {
         audience: &[String],
         ttl: Duration,
     ) -> Result<String, CaError> {
+        let now = unix_seconds(crate::clock::SystemClock.now());
+        self.sign_jwt_svid(&serde_json::json!({
+            "sub": id.to_string(),
+            "aud": audience,
+            "exp": now + ttl.as_secs() as i64,
+            "iat": now,
+        }))
+    }
+
+    /// Signs a JWT-SVID with exactly these claims under the trust domain's JWT key (tests
+    /// craft tokens with claims a SPIFFE server would not set, e.g. a forged `act`).
+    pub fn sign_jwt_svid(&self, claims: &serde_json::Value) -> Result<String, CaError> {
         #[derive(Serialize)]
         struct Header<'a> {
             alg: &'a str,
             kid: &'a str,
             typ: &'a str,
         }
-        #[derive(Serialize)]
-        struct Claims<'a> {
-            sub: String,
-            aud: &'a [String],
-            exp: i64,
-            iat: i64,
-        }
-        let now = unix_seconds(crate::clock::SystemClock.now());
-        let input = jose::signing_input(
-            &Header {
-                alg: "ES256",
-                kid: self.jwt.key_id(),
-                typ: "JWT",
-            },
-            &Claims {
-                sub: id.to_string(),
-                aud: audience,
-                exp: now + ttl.as_secs() as i64,
-                iat: now,
-            },
-        )
-        .map_err(ca_err)?;
+        let header = Header {
+            alg: "ES256",
+            kid: self.jwt.key_id(),
+            typ: "JWT",
+        };
+        let input = jose::signing_input(&header, claims).map_err(ca_err)?;
         let sig = self.jwt.sign(input.as_bytes()).map_err(ca_err)?;
         Ok(format!("{input}.{}", b64(&sig)))
     }

@@ -736,6 +736,7 @@ mod seeds {
                 scopes: vec!["dataset:read".into()],
                 ttl_secs: Some(900),
                 intent: None,
+                delegation: None,
             });
             e.rule = Some("model-serving/dataset-read".into());
             e.policy_hash = Some("cd".repeat(32));
@@ -757,6 +758,7 @@ mod seeds {
                 scopes: vec!["push".into()],
                 ttl_secs: None,
                 intent: Some(intent),
+                delegation: None,
             });
             e.access_request_id = Some("fedcba9876543210fedcba9876543210".into());
             e.approvals = vec![Review {

@@ -15,6 +15,9 @@ pub(crate) fn admit(
     if let Some(refusal) = barred(tx, lease)? {
         return Ok(Some(refusal));
     }
+    if let Some(refusal) = orphaned(tx, lease)? {
+        return Ok(Some(refusal));
+    }
     if over_quota(tx, lease, max_active)? {
         return Ok(Some(Refusal::QuotaExceeded(max_active.unwrap_or_default())));
     }
@@ -75,20 +78,49 @@ pub(crate) fn locked(
     }
 }
 
-/// Why a new lease may not be recorded: an active lock, or a revocation that covers it.
+/// A lease derived by token exchange needs its subject token's lease still active at
+/// commit: a revocation of the parent that committed first binds the derived lease too
+/// (the cascade cannot miss a child that was being minted while it ran).
+fn orphaned(tx: &mut dyn Tx, lease: &Lease) -> Result<Option<Refusal>, DbError> {
+    let Some(parent) = &lease.parent else {
+        return Ok(None);
+    };
+    let live = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM leases WHERE id = $1 AND state = 'active' AND expires_at > $2)",
+            &[parent.as_str().into(), lease.issued_at.into()],
+        )?
+        .bool(0)?;
+    Ok((!live).then_some(Refusal::ParentEnded))
+}
+
+/// Why a new lease may not be recorded: an active lock, or a revocation that covers it
+/// (its holder, or the subject it acts for).
 fn barred(tx: &mut dyn Tx, lease: &Lease) -> Result<Option<Refusal>, DbError> {
     let (holder, profile) = (lease.spiffe_id.as_str(), lease.profile.as_str());
     if let Some(r) = locked(tx, holder, profile, lease.issued_at)? {
         return Ok(Some(r));
     }
-    let revoked = tx
-        .query_one(
-            &format!(
-                "SELECT EXISTS (SELECT 1 FROM revocation_rules WHERE cutoff >= $3 AND ({} OR kind = 'all'))",
-                matches(tx)
-            ),
-            &[holder.into(), profile.into(), Value::Int(lease.issued_at)],
-        )?
-        .bool(0)?;
+    if let Some(subject) = lease.subject.as_deref() {
+        if let Some(r) = locked(tx, subject, profile, lease.issued_at)? {
+            return Ok(Some(r));
+        }
+        if revoked_rule(tx, subject, profile, lease.issued_at)? {
+            return Ok(Some(Refusal::RevokedBefore));
+        }
+    }
+    let revoked = revoked_rule(tx, holder, profile, lease.issued_at)?;
     Ok(revoked.then_some(Refusal::RevokedBefore))
+}
+
+/// Whether a revocation rule cut off issuance to `id` or of `profile` at `at`.
+fn revoked_rule(tx: &mut dyn Tx, id: &str, profile: &str, at: i64) -> Result<bool, DbError> {
+    tx.query_one(
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM revocation_rules WHERE cutoff >= $3 AND ({} OR kind = 'all'))",
+            matches(tx)
+        ),
+        &[id.into(), profile.into(), Value::Int(at)],
+    )?
+    .bool(0)
 }

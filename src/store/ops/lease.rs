@@ -30,7 +30,8 @@ pub(crate) fn insert(tx: &mut dyn Tx, lease: &Lease) -> Result<(), DbError> {
     tx.execute(
         &format!(
             "INSERT INTO leases ({LEASE_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                     $18, $19)"
         ),
         &[
             lease.id.as_str().into(),
@@ -50,6 +51,8 @@ pub(crate) fn insert(tx: &mut dyn Tx, lease: &Lease) -> Result<(), DbError> {
             backend.map(|b| b.kind.as_str()).into(),
             backend.map(|b| b.handle.as_str()).into(),
             backend.is_some_and(|b| b.revocable).into(),
+            lease.parent.as_ref().map(|p| p.as_str()).into(),
+            lease.subject.as_deref().into(),
         ],
     )?;
     Ok(())
@@ -272,8 +275,29 @@ pub(crate) fn expire(
     Ok(a)
 }
 
-/// Leases, newest first.
+/// Most leases of one derivation tree listed.
+const MAX_TREE: i64 = 10_000;
+
+/// A lease and every lease derived from it by token exchange, transitively, oldest first.
+fn tree(tx: &mut dyn Tx, root: &str) -> Result<Vec<Lease>, DbError> {
+    let rows = tx.query(
+        &format!(
+            "WITH RECURSIVE tree(id) AS (
+                 SELECT id FROM leases WHERE id = $1
+                 UNION SELECT l.id FROM leases l JOIN tree t ON l.parent_lease_id = t.id)
+             SELECT {LEASE_COLUMNS} FROM leases WHERE id IN (SELECT id FROM tree)
+             ORDER BY issued_at, id LIMIT $2"
+        ),
+        &[root.into(), MAX_TREE.into()],
+    )?;
+    rows::all(rows, rows::lease)
+}
+
+/// Leases, newest first (or one derivation tree, oldest first).
 pub(crate) fn list(tx: &mut dyn Tx, filter: &LeaseFilter) -> Result<Vec<Lease>, DbError> {
+    if let Some(root) = &filter.derived_from {
+        return tree(tx, root);
+    }
     let (before_at, before_id) = filter.before.clone().unwrap_or((i64::MAX, String::new()));
     let rows = tx.query(
         &format!(

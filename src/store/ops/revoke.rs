@@ -46,7 +46,8 @@ fn covered(tx: &dyn Tx, selector: &RevokeSelector) -> (String, String) {
     let d = tx.dialect();
     match selector {
         RevokeSelector::Lease(id) => ("id = $1".into(), id.to_string()),
-        RevokeSelector::SpiffeId(sid) => ("spiffe_id = $1".into(), sid.clone()),
+        // The identity's own leases and those others hold for it by delegation.
+        RevokeSelector::SpiffeId(sid) => ("(spiffe_id = $1 OR subject = $1)".into(), sid.clone()),
         // A range on the holder index (byte order: PostgreSQL's column collation is "C";
         // SPIFFE IDs are printable ASCII, below 0x7f), so each chunk of a bulk revocation
         // walks only the covered identities.
@@ -117,7 +118,9 @@ pub(crate) fn revoke(
             ],
         )?
     };
-    let rows = rows::all(rows, revoked_from_row)?;
+    let mut rows = rows::all(rows, revoked_from_row)?;
+    let roots: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    rows.extend(cascade(tx, roots, now, reason, dry_run)?);
     let mut ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
     ids.sort();
     if dry_run {
@@ -175,6 +178,51 @@ pub(crate) fn revoke(
     }
     a.affected = ids;
     Ok(a)
+}
+
+/// Ids per statement of a cascade step.
+const CASCADE_CHUNK: usize = 500;
+
+/// Revokes (or, for a dry run, finds) every active lease derived by token exchange from
+/// `roots`, transitively: a credential never outlives the one it was exchanged for.
+/// Breadth first, one statement per level and chunk of parents.
+fn cascade(
+    tx: &mut dyn Tx,
+    roots: Vec<String>,
+    now: i64,
+    reason: &str,
+    dry_run: bool,
+) -> Result<Vec<RevokedRow>, DbError> {
+    let end_reason = format!("revoked: {reason} (derived from a revoked credential)");
+    let mut out = Vec::new();
+    let mut frontier = roots;
+    while !frontier.is_empty() {
+        let mut next = Vec::new();
+        for parents in frontier.chunks(CASCADE_CHUNK) {
+            let list = (0..parents.len())
+                .map(|i| format!("${}", i + 3))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let derived = format!(
+                "state = 'active' AND parent_lease_id IS NOT NULL AND parent_lease_id IN ({list})"
+            );
+            let sql = if dry_run {
+                format!("SELECT {REVOKED_COLUMNS} FROM leases WHERE {derived} AND CAST($1 AS BIGINT) IS NOT NULL AND CAST($2 AS TEXT) IS NOT NULL")
+            } else {
+                format!(
+                    "UPDATE leases SET state = 'revoked', ended_at = $1, end_reason = $2
+                     WHERE {derived} RETURNING {REVOKED_COLUMNS}"
+                )
+            };
+            let mut params: Vec<Value> = vec![now.into(), end_reason.as_str().into()];
+            params.extend(parents.iter().map(|p| Value::from(p.as_str())));
+            let found = rows::all(tx.query(&sql, &params)?, revoked_from_row)?;
+            next.extend(found.iter().map(|r| r.0.clone()));
+            out.extend(found);
+        }
+        frontier = next;
+    }
+    Ok(out)
 }
 
 /// Appends one feed event per revoked lease (in lease id order), each chained to the

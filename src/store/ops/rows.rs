@@ -14,7 +14,7 @@ use crate::store::{IdentityStats, StoredCheckpoint};
 pub(crate) const LEASE_COLUMNS: &str =
     "id, profile, spiffe_id, scopes, audience, state, issued_at, expires_at, \
      max_expires_at, credential_sha256, renewals, ended_at, end_reason, intent, \
-     backend_kind, backend_handle, backend_revocable";
+     backend_kind, backend_handle, backend_revocable, parent_lease_id, subject";
 
 /// A lease row ([`LEASE_COLUMNS`]).
 pub(crate) fn lease(r: &Row) -> Result<Lease, DbError> {
@@ -53,6 +53,13 @@ pub(crate) fn lease(r: &Row) -> Result<Lease, DbError> {
             }),
             _ => None,
         },
+        parent: match r.opt_text(17)? {
+            None => None,
+            Some(p) => Some(
+                LeaseId::parse(&p).map_err(|_| corrupt(format!("lease {id}: parent lease")))?,
+            ),
+        },
+        subject: r.opt_text(18)?,
         id: LeaseId::parse(&id).map_err(|_| corrupt(format!("lease id {id:?}")))?,
     })
 }
