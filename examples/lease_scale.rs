@@ -92,6 +92,8 @@ async fn fill(path: &std::path::Path, n: u64) -> Result<(), Box<dyn std::error::
                     end_reason: None,
                     intent: None,
                     backend: None,
+                    parent: None,
+                    subject: None,
                 };
                 let mut event = AuditEvent::new(now * 1000, EventKind::Issue, "allow");
                 event.caller = Some(holder);

@@ -196,6 +196,14 @@ pub fn split(token: &str) -> Result<Compact<'_>, JoseError> {
     })
 }
 
+impl JwtClaims {
+    /// Who acts for the subject, the current actor (the presenter) first; empty for a
+    /// token the subject holds itself.
+    pub fn actors(&self) -> Vec<&str> {
+        self.act.as_ref().map(|a| a.chain()).unwrap_or_default()
+    }
+}
+
 /// Why a broker token did not verify.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenRefusal {

@@ -15,6 +15,12 @@
 //! # fn token_from_request() -> String { String::new() }
 //! ```
 //!
+//! A token issued by token exchange (RFC 8693) is for its subject (`sub`) and names who
+//! acts for it in `act`, the current actor outermost; [`JwtClaims::actors`] reads the
+//! verified chain and [`RpConfig::delegation`] can require "no more than N actors" or
+//! "the actor must be X". Revoking the token a chain was derived from revokes every
+//! derived token through the same feed.
+//!
 //! Discovery, the JWKS and the feed are fetched with the broker's outbound client
 //! (`crate::http_client`): `http://` or `https://` issuers (the broker's HTTP listener with
 //! `[http_tls]`), trusting the platform's store or [`RpConfig::ca_file`], honouring
@@ -53,6 +59,9 @@ pub enum RpError {
     /// The broker revoked it.
     #[error("token was revoked")]
     Revoked,
+    /// The token's delegation chain breaks this relying party's rule.
+    #[error("delegation refused: {0}")]
+    Delegation(String),
     /// The revocation feed is older than the staleness bound: fail closed.
     #[error("revocation feed is stale (last sync {0}s ago): refusing all tokens")]
     Stale(i64),
@@ -78,6 +87,41 @@ pub struct RpConfig {
     /// PEM bundle of the CAs trusted for an `https` issuer, instead of the platform's
     /// trust store (e.g. the private CA of the broker's `[http_tls]` certificate).
     pub ca_file: Option<PathBuf>,
+    /// What this relying party accepts of a token issued by token exchange (`act`).
+    pub delegation: DelegationRule,
+}
+
+/// A relying party's rule for delegated tokens (those whose `act` claim names who acts for
+/// the subject). The default accepts any chain the broker issued.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DelegationRule {
+    /// At most this many actors (`Some(0)`: no delegated tokens at all).
+    pub max_actors: Option<usize>,
+    /// The current actor (the one presenting the token) must be one of these.
+    pub actors: Option<Vec<String>>,
+}
+
+impl DelegationRule {
+    /// Checks a verified token's chain.
+    pub fn check(&self, claims: &JwtClaims) -> Result<(), RpError> {
+        let chain = claims.actors();
+        if let Some(max) = self.max_actors {
+            if chain.len() > max {
+                return Err(RpError::Delegation(format!(
+                    "{} actor(s) in the chain, at most {max} accepted",
+                    chain.len()
+                )));
+            }
+        }
+        if let (Some(allowed), Some(current)) = (&self.actors, chain.first()) {
+            if !allowed.iter().any(|a| a == current) {
+                return Err(RpError::Delegation(format!(
+                    "actor {current} is not one this relying party accepts"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl RpConfig {
@@ -93,6 +137,7 @@ impl RpConfig {
             leeway: Duration::from_secs(30),
             clock: Arc::new(SystemClock),
             ca_file: None,
+            delegation: DelegationRule::default(),
         })
     }
 }
@@ -355,10 +400,10 @@ impl RelyingParty {
         };
         let claims = jose::verify_broker_token(token, |kid| st.keys.get(kid).cloned(), &expected)
             .map_err(|r| match r {
-                TokenRefusal::Malformed(m) => RpError::Malformed(m),
-                TokenRefusal::UnknownKey(k) => RpError::UnknownKey(k),
-                TokenRefusal::Invalid(m) => RpError::Invalid(m),
-            })?;
+            TokenRefusal::Malformed(m) => RpError::Malformed(m),
+            TokenRefusal::UnknownKey(k) => RpError::UnknownKey(k),
+            TokenRefusal::Invalid(m) => RpError::Invalid(m),
+        })?;
         if let Some(cnf) = &claims.cnf {
             let expected = cnf.get("x5t#S256").ok_or(RpError::CnfMismatch)?;
             let presented = peer_cert_der
@@ -371,6 +416,7 @@ impl RelyingParty {
         if st.revoked.contains_key(&claims.jti) {
             return Err(RpError::Revoked);
         }
+        self.cfg.delegation.check(&claims)?;
         Ok(claims)
     }
 }

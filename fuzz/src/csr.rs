@@ -70,6 +70,8 @@ fn accepted(bytes: &[u8]) {
         issued_at: now,
         expires_at: now + 1800,
         cnf_x5t_s256: None,
+        act: None,
+        may_act: None,
     };
     let material = Material {
         csr_der: Some(bytes.to_vec()),

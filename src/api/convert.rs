@@ -6,13 +6,12 @@ use prost_types::Timestamp;
 
 use super::DEFAULT_PAGE_SIZE;
 use crate::broker::{Explanation, InventoryEntry};
+use crate::domain::delegation::MayAct;
 use crate::domain::{
     parse_ttl, AccessRequest, AccessState, CredentialRequest, Delegation, Intent, Lease,
-    LeaseFilter, LeaseId,
-    LeaseState, Lock, ProfileName, RevocationEvent, RevokeSelector, Scope, SubjectTokenType,
-    Verdict,
+    LeaseFilter, LeaseId, LeaseState, Lock, ProfileName, RevocationEvent, RevokeSelector, Scope,
+    SubjectTokenType, Verdict,
 };
-use crate::domain::delegation::MayAct;
 use crate::error::BrokerError;
 use crate::issuer::Credential;
 use crate::proto::v1 as pb;
@@ -254,11 +253,7 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
             .as_ref()
             .map(|b| b.kind.clone())
             .unwrap_or_default(),
-        parent_lease_id: l
-            .parent
-            .as_ref()
-            .map(|p| p.to_string())
-            .unwrap_or_default(),
+        parent_lease_id: l.parent.as_ref().map(|p| p.to_string()).unwrap_or_default(),
         subject: l.subject.clone().unwrap_or_default(),
     }
 }

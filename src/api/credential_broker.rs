@@ -108,7 +108,9 @@ impl pb::credential_broker_server::CredentialBroker for Api {
                     access_request_id,
                     ..IssueOptions::default()
                 };
-                let outcome = b.exchange(caller, &r.subject_token, kind, req, opts).await?;
+                let outcome = b
+                    .exchange(caller, &r.subject_token, kind, req, opts)
+                    .await?;
                 let issued_token_type = crate::domain::delegation::ACCESS_TOKEN_TYPE.to_owned();
                 Ok(match outcome {
                     IssueOutcome::Issued(i) => {

@@ -266,9 +266,7 @@ impl Broker {
             return Err(BrokerError::PermissionDenied(why));
         }
         let bound_digest = asked.bound(now_bound).digest(req.profile.as_str());
-        let (credential, lease, mut e) = self
-            .prepare(caller, &req, &grant, opts)
-            .await?;
+        let (credential, lease, mut e) = self.prepare(caller, &req, &grant, opts).await?;
         let minted_lease = lease.clone();
         e.access_request_id = Some(ar.id.clone());
         e.approvals = ar

@@ -178,7 +178,11 @@ impl Broker {
         match self.policy().decide(&id, &own, &ctx) {
             Decision::Allow(g) | Decision::RequireApproval(g, _) => {
                 let asked = if own.scopes.is_empty() {
-                    g.profile.default_scopes.iter().map(|s| s.to_string()).collect()
+                    g.profile
+                        .default_scopes
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect()
                 } else {
                     own.scopes.iter().map(|s| s.to_string()).collect()
                 };
@@ -197,7 +201,10 @@ impl Broker {
         token: &str,
         token_type: SubjectTokenType,
     ) -> Result<Subject, String> {
-        let sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()));
+        let sha256 = hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            token.as_bytes(),
+        ));
         match token_type {
             SubjectTokenType::JwtSvid => {
                 let (id, claims) = self
@@ -265,7 +272,11 @@ impl Broker {
             .map_err(|e| format!("its lease could not be read: {e}"))?
             .ok_or("no lease has this token's jti")?;
         if lease.state != LeaseState::Active {
-            return Err(format!("its lease {} is {}", lease.id, lease.state.as_str()));
+            return Err(format!(
+                "its lease {} is {}",
+                lease.id,
+                lease.state.as_str()
+            ));
         }
         if lease.expires_at <= self.clock.unix_seconds() {
             return Err(format!("its lease {} has expired", lease.id));

@@ -182,10 +182,8 @@ impl Broker {
         let terms = LeaseTerms {
             lease_id: LeaseId::generate(unix_millis(self.clock.now()))?,
             // A delegated credential is for the subject; the actors ride in `act`.
-            subject: delegation.map_or_else(
-                || caller.spiffe_id().to_string(),
-                |d| d.subject.id.clone(),
-            ),
+            subject: delegation
+                .map_or_else(|| caller.spiffe_id().to_string(), |d| d.subject.id.clone()),
             issued_at: now,
             expires_at,
             cnf_x5t_s256: caller.cert_sha256().copied(),
@@ -297,9 +295,7 @@ impl Broker {
                     ),
                 };
                 let key = format!("{who}#{}", profile.name);
-                return Err(self
-                    .refuse_throttled(caller, &key, rpc, t)
-                    .await);
+                return Err(self.refuse_throttled(caller, &key, rpc, t).await);
             }
         }
         if let Some(key) = &opts.idempotency_key {
@@ -329,9 +325,7 @@ impl Broker {
                     self.break_glass_allowance(caller, &req, policy.hash())
                         .await?;
                 }
-                let (credential, lease, mut e) = self
-                    .prepare(caller, &req, &grant, &opts)
-                    .await?;
+                let (credential, lease, mut e) = self.prepare(caller, &req, &grant, &opts).await?;
                 let minted_lease = lease.clone();
                 let break_glass = if grant.break_glass {
                     let now = self.clock.unix_seconds();
@@ -427,7 +421,12 @@ impl Broker {
             return Ok(());
         };
         let asked: Vec<String> = if req.scopes.is_empty() {
-            grant.profile.default_scopes.iter().map(|s| s.to_string()).collect()
+            grant
+                .profile
+                .default_scopes
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
         } else {
             req.scopes.iter().map(|s| s.to_string()).collect()
         };
@@ -458,15 +457,17 @@ impl Broker {
         }
         let d = Denial {
             kind: DenialKind::OverAsk,
-            reason: format!(
-                "token exchange may only narrow: {}",
-                violations.join("; ")
-            ),
+            reason: format!("token exchange may only narrow: {}", violations.join("; ")),
             rule: Some("delegation/narrowing".into()),
             violations,
         };
         Err(self
-            .deny(caller, request_record(rpc_of(req), req), &d, &grant.policy_hash)
+            .deny(
+                caller,
+                request_record(rpc_of(req), req),
+                &d,
+                &grant.policy_hash,
+            )
             .await)
     }
 

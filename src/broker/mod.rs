@@ -18,9 +18,9 @@ mod throttle;
 
 pub use approvals::RequestListing;
 pub use backend_revocations::STUCK_AFTER_ATTEMPTS;
+pub use exchange::ExchangeSettings;
 pub use feed::{FeedItem, FeedPage, RELYING_PARTY_ROLE};
 pub use inventory::{inventory_rows, InventoryEntry};
-pub use exchange::ExchangeSettings;
 pub use issue::{explain_with, Explanation, IssueOptions, IssueOutcome, Issued, SubjectBounds};
 pub use log::{EntrySelector, InclusionProof};
 pub use revoke::Revoked;

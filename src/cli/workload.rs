@@ -104,8 +104,17 @@ pub async fn exchange(a: ExchangeArgs) -> Result<(), CliError> {
             "parent_lease_id": (!d.parent_lease_id.is_empty()).then_some(&d.parent_lease_id),
         })
     });
-    let Some(pending) = resp.access_request.clone().filter(|_| resp.credential.is_none()) else {
-        let mut v = issued_json(resp.credential, resp.lease, resp.receipt, resp.access_request);
+    let Some(pending) = resp
+        .access_request
+        .clone()
+        .filter(|_| resp.credential.is_none())
+    else {
+        let mut v = issued_json(
+            resp.credential,
+            resp.lease,
+            resp.receipt,
+            resp.access_request,
+        );
         v["issued_token_type"] = json!(resp.issued_token_type);
         v["delegation"] = json!(chain);
         out!("{v}");

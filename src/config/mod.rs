@@ -644,7 +644,7 @@ default_ttl = "10m"
         let addr = "127.0.0.1:1".parse().expect("addr");
         let demo = crate::dev::demo_config(std::path::Path::new("/tmp/x"), addr, addr);
         let c = Config::from_toml(&demo).expect("demo config");
-        assert_eq!(c.profiles.len(), 9);
+        assert_eq!(c.profiles.len(), 10);
     }
 
     #[test]

@@ -22,10 +22,10 @@ pub enum DomainError {
 mod access;
 pub mod delegation;
 
-pub use delegation::{Delegation, Party, PartyKind, SubjectTokenType};
 pub use access::{
     AccessFilter, AccessRequest, AccessState, BoundGrant, RequestSpec, Review, Verdict,
 };
+pub use delegation::{Delegation, Party, PartyKind, SubjectTokenType};
 
 fn printable(s: &str) -> bool {
     s.bytes().all(|b| (0x21..=0x7e).contains(&b))

@@ -147,7 +147,10 @@ mod tests {
         assert_eq!(c.rule, "separation-of-duties/delegation-chain");
         let c = conflict(&ids, &group(true), parties(Some(&chain)), AGENT).expect("barred");
         assert_eq!(c.rule, "separation-of-duties/requester");
-        assert_eq!(conflict(&ids, &group(true), parties(Some(&chain)), BOB), None);
+        assert_eq!(
+            conflict(&ids, &group(true), parties(Some(&chain)), BOB),
+            None
+        );
     }
 
     #[test]

@@ -228,6 +228,88 @@ def check_listing_yaml(r: Report, binary: Path, state: Path, grpc_addr: str) -> 
             bool(as_json) and as_yaml == as_json, f"{as_yaml!r} != {as_json!r}")
 
 
+def check_delegation(r: Report, binary: Path, state: Path, grpc_addr: str, verify) -> None:
+    """Token exchange (RFC 8693) through the CLI, each token checked by PyJWT: `sub` is
+    the person, `act` nests the actors with the current one outermost, `may_act` binds."""
+    print("[token exchange: act chains of one, two and three actors, verified by PyJWT]")
+    alice = "spiffe://example.org/ops/alice"
+    runtime = "spiffe://example.org/ml/model-runtime"
+    provisioner = "spiffe://example.org/gpu/provisioner"
+
+    def cli(who: str, *args: str, token: str | None = None):
+        env = {k: v for k, v in os.environ.items() if k not in ("SPIFFE_BROKER_ADDR", "SPIFFE_BROKER_ID")}
+        env["SPIFFE_ENDPOINT_SOCKET"] = f"unix://{state / 'workloads' / (who + '.sock')}"
+        env["RUST_LOG"] = "warn"
+        cmd = [str(binary), *args, "--broker", grpc_addr]
+        if token is not None:
+            cmd += ["--subject-token", "-"]
+        p = subprocess.run(cmd, capture_output=True, env=env, timeout=60,
+                           input=(token or "").encode())
+        out = p.stdout.decode("utf-8", "replace").strip()
+        return p.returncode, (json.loads(out) if p.returncode == 0 and out else None), \
+            p.stderr.decode("utf-8", "replace")
+
+    def chain(claims: dict) -> list:
+        out, at = [], claims.get("act")
+        while isinstance(at, dict):
+            out.append(at.get("sub"))
+            at = at.get("act")
+        return out
+
+    rc, root, err = cli("alice", "request", "--profile", "agent-delegation", "--scope", "job:submit",
+                        "--scope", "job:read", "--ttl", "30m")
+    if not r.check("alice gets a token for agents (audience: the broker)", rc == 0, err):
+        return
+    root_claims = verify(root["token"], BROKER_ID)
+    r.check("PyJWT: alice's token is hers, for the broker, no act",
+            root_claims.get("sub") == alice and "act" not in root_claims, repr(root_claims))
+    pass_on = ["exchange", "--profile", "agent-delegation", "--scope", "job:submit", "--scope", "job:read"]
+    gpu = ["exchange", "--profile", PROFILE, "--scope", SCOPE, "--intent-action", INTENT["action"],
+           "--intent-target", INTENT["target"]]
+    rc, one, err = cli("deploy-agent", *gpu, token=root["token"])
+    if not r.check("deploy-agent exchanges alice's token for a GPU token", rc == 0, err):
+        return
+    c1 = verify(one["token"], AUDIENCE)
+    r.check("PyJWT: one actor: sub alice, act = [deploy-agent]",
+            c1.get("sub") == alice and chain(c1) == [AGENT_ID], repr(c1))
+    r.check("PyJWT: the exchanged token never outlives the subject token",
+            c1["exp"] <= root_claims["exp"], f"{c1['exp']} > {root_claims['exp']}")
+    rc, mid, err = cli("deploy-agent", *pass_on, token=root["token"])
+    rc2, two_pass, err2 = cli("model-runtime", *pass_on, token=mid["token"] if mid else "")
+    rc3, three, err3 = cli("provisioner", *gpu, token=two_pass["token"] if two_pass else "")
+    rc4, two, err4 = cli("model-runtime", *gpu[:1], "--profile", "agent-delegation", "--scope", "job:read",
+                         token=mid["token"] if mid else "")
+    if not r.check("chains of two and three actors issued", rc == rc2 == rc3 == rc4 == 0,
+                   "\n".join([err, err2, err3, err4])):
+        return
+    c2 = verify(two["token"], BROKER_ID)
+    r.check("PyJWT: two actors: act = [model-runtime, deploy-agent] (current outermost)",
+            c2.get("sub") == alice and chain(c2) == [runtime, AGENT_ID], repr(c2))
+    c3 = verify(three["token"], AUDIENCE)
+    r.check("PyJWT: three actors: act = [provisioner, model-runtime, deploy-agent]",
+            c3.get("sub") == alice and chain(c3) == [provisioner, runtime, AGENT_ID], repr(c3))
+    r.check("narrowing: the two-actor token has only job:read", c2.get("scope") == "job:read", repr(c2))
+    rc, full, err = cli("provisioner", *pass_on, token=two_pass["token"])
+    r.check("PyJWT: a broker-audience token with three actors",
+            rc == 0 and len(chain(verify(full["token"], BROKER_ID))) == 3, err)
+    rc, _, err = cli("root", *gpu, token=full["token"] if full else "")
+    r.check("a fourth actor is refused (max_chain_depth 3)", rc != 0 and "too long" in err, err)
+    rc, _, err = cli("deploy-agent", *gpu, token=two_pass["token"])
+    r.check("an actor already in the chain is refused", rc != 0 and "cycle" in err, err)
+
+    rc, bound, err = cli("alice", "request", "--profile", "agent-delegation", "--scope", "job:submit",
+                         "--may-act", provisioner)
+    if not r.check("alice names who may act for her (may_act)", rc == 0, err):
+        return
+    r.check("PyJWT: may_act.sub is the provisioner",
+            verify(bound["token"], BROKER_ID).get("may_act") == {"sub": provisioner})
+    rc, _, err = cli("deploy-agent", *gpu, token=bound["token"])
+    r.check("may_act enforced: deploy-agent refused", rc != 0 and "may_act" in err, err)
+    rc, ok, err = cli("provisioner", *gpu, token=bound["token"])
+    r.check("may_act enforced: the provisioner may",
+            rc == 0 and chain(verify(ok["token"], AUDIENCE)) == [provisioner], err)
+
+
 def run(r: Report) -> None:
     # Imported here so a missing package gives one clear message.
     try:
@@ -429,6 +511,8 @@ def run(r: Report) -> None:
             at = bytes(payload).find(SCOPE.encode())
             payload[at + len(SCOPE) - 1] ^= 0x01  # "job:submit" -> "job:submiu"
             tampered = f"{h64}.{b64url(bytes(payload))}.{s64}"
+            check_delegation(r, binary, state, grpc_addr, verify)
+
             r.expect_raises("token with one altered payload byte is rejected",
                             jwt.InvalidSignatureError, lambda: verify(tampered, AUDIENCE))
             r.expect_raises("token rejected for audience model-registry",

@@ -14,6 +14,7 @@ mod backend_x509;
 mod bundle_rotation;
 mod cli;
 mod crash;
+mod delegation;
 mod deploy_monitoring;
 mod faults;
 mod fuzz_regressions;

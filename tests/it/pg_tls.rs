@@ -68,6 +68,8 @@ fn lease() -> Lease {
         end_reason: None,
         intent: None,
         backend: None,
+        parent: None,
+        subject: None,
     }
 }
 

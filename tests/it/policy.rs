@@ -889,7 +889,7 @@ fn admin_review_rights_groups_and_paths_by_role() {
     );
     assert!(p.directory().groups_of(&sid(ROOT)).is_empty());
     assert_eq!(p.directory().identities().len(), 7);
-    assert_eq!(p.directory().profiles().len(), 9);
+    assert_eq!(p.directory().profiles().len(), 10);
 
     assert_eq!(
         p.paths(&sid(ROOT)),
@@ -901,6 +901,13 @@ fn admin_review_rights_groups_and_paths_by_role() {
     assert_eq!(
         p.paths(&sid(DEPLOY_AGENT)),
         vec![
+            path(
+                "issue",
+                "agent-delegation",
+                "agents/pass-on-delegation",
+                true,
+                None
+            ),
             path(
                 "issue",
                 "gpu-node-cert",
@@ -957,6 +964,13 @@ fn admin_review_rights_groups_and_paths_by_role() {
         vec![
             path(
                 "issue",
+                "agent-delegation",
+                "model-serving/pass-on-delegation",
+                true,
+                None
+            ),
+            path(
+                "issue",
                 "dataset-read",
                 "model-serving/dataset-read",
                 false,
@@ -990,6 +1004,13 @@ fn admin_review_rights_groups_and_paths_by_role() {
         vec![
             path(
                 "issue",
+                "agent-delegation",
+                "agents/pass-on-delegation",
+                true,
+                None
+            ),
+            path(
+                "issue",
                 "gpu-node-cert",
                 "gpu-provisioning/node-cert",
                 false,
@@ -1021,13 +1042,22 @@ fn admin_review_rights_groups_and_paths_by_role() {
     for who in [ALICE, BOB] {
         assert_eq!(
             p.paths(&sid(who)),
-            vec![path(
-                "review",
-                "model-registry-push",
-                "approvers/review-registry-push",
-                false,
-                None
-            )]
+            vec![
+                path(
+                    "issue",
+                    "agent-delegation",
+                    "people/delegate-to-agents",
+                    false,
+                    None
+                ),
+                path(
+                    "review",
+                    "model-registry-push",
+                    "approvers/review-registry-push",
+                    false,
+                    None
+                )
+            ]
         );
     }
     assert!(p.paths(&sid(STRANGER)).is_empty());
@@ -1952,6 +1982,13 @@ async fn inventory_after_a_mixed_run() {
         vec![
             pb_path(
                 "issue",
+                "agent-delegation",
+                "agents/pass-on-delegation",
+                true,
+                None
+            ),
+            pb_path(
+                "issue",
                 "gpu-node-cert",
                 "gpu-provisioning/node-cert",
                 false,
@@ -2013,6 +2050,13 @@ async fn inventory_after_a_mixed_run() {
         vec![
             pb_path(
                 "issue",
+                "agent-delegation",
+                "model-serving/pass-on-delegation",
+                true,
+                None
+            ),
+            pb_path(
+                "issue",
                 "dataset-read",
                 "model-serving/dataset-read",
                 false,
@@ -2058,13 +2102,22 @@ async fn inventory_after_a_mixed_run() {
         assert_eq!(r.approver_groups, vec!["registry-approvers"]);
         assert_eq!(
             r.paths,
-            vec![pb_path(
-                "review",
-                "model-registry-push",
-                "approvers/review-registry-push",
-                false,
-                None
-            )]
+            vec![
+                pb_path(
+                    "issue",
+                    "agent-delegation",
+                    "people/delegate-to-agents",
+                    false,
+                    None
+                ),
+                pb_path(
+                    "review",
+                    "model-registry-push",
+                    "approvers/review-registry-push",
+                    false,
+                    None
+                )
+            ]
         );
         assert_eq!((r.active_leases, r.issued, r.denied), (0, 0, 0));
         assert_eq!(seen(&r), None, "{who} never called");
@@ -2263,7 +2316,14 @@ fn inventory_and_policy_reload_from_the_cli() {
         (m["issued"].as_u64(), m["active_leases"].as_u64()),
         (Some(1), Some(1))
     );
-    assert_eq!(m["may"][0]["policy"], "model-serving/dataset-read");
+    assert!(
+        m["may"]
+            .as_array()
+            .expect("paths")
+            .iter()
+            .any(|p| p["policy"] == "model-serving/dataset-read"),
+        "{m}"
+    );
     let a = rows
         .iter()
         .find(|r| r["spiffe_id"] == DEPLOY_AGENT)

@@ -7,7 +7,6 @@
 
 use crate::common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -28,26 +27,6 @@ type Broker = pb::credential_broker_client::CredentialBrokerClient<Channel>;
 type Approvals = pb::approvals_client::ApprovalsClient<Channel>;
 type Feed = pb::relying_party_client::RelyingPartyClient<Channel>;
 type Feedstream = tonic::Streaming<pb::RevocationFeedMessage>;
-
-/// An SVID for any SPIFFE ID of the dev trust domain, straight from the dev CA.
-fn minted(h: &Harness, id: &str) -> (ClientIdentity, Vec<u8>) {
-    let svid = h
-        .env
-        .ca
-        .mint_x509_svid(
-            &spiffe::SpiffeId::new(id).expect("id"),
-            Duration::from_secs(24 * 3600),
-        )
-        .expect("mint");
-    (
-        ClientIdentity::Files {
-            chain: svid.chain.clone(),
-            key: Arc::new(svid.key_pkcs8.to_vec()),
-            bundle: vec![h.env.ca.ca_der().clone()],
-        },
-        svid.chain[0].as_ref().to_vec(),
-    )
-}
 
 async fn broker_of(h: &Harness, id: &str) -> Broker {
     Broker::new(h.channel_as(&minted(h, id).0).await)
@@ -317,48 +296,37 @@ async fn only_registered_relying_parties_watch_the_feed() {
 // 2. Separation of duties
 // ---------------------------------------------------------------------------------------
 
+/// `on_behalf_of` is what the caller says, so it decides nothing: naming alice neither
+/// bars her from approving nor does anything else; it is recorded as a note. The verified
+/// chain of a token exchange is what bars its subject and actors
+/// (`delegation::nobody_in_the_verified_chain_may_approve_and_the_approval_binds_the_chain`).
 #[tokio::test]
-async fn nobody_in_the_delegation_chain_may_approve() {
+async fn an_unverified_on_behalf_of_is_a_note_that_decides_nothing() {
     let h = start().await;
     let mut agent = broker_of(&h, DEPLOY_AGENT).await;
     let req = push_request(&[ALICE]);
     let ar = open_pending(&mut agent, req.clone()).await;
-
-    let mut alice = approvals_of(&h, ALICE).await;
-    let err = review(&mut alice, &ar.id, true)
+    assert!(ar.delegation.is_none(), "no verified chain");
+    let approved = review(&mut approvals_of(&h, ALICE).await, &ar.id, true)
         .await
-        .expect_err("alice is who the request is made for");
-    assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(
-        err.message()
-            .contains("separation-of-duties/delegation-chain"),
-        "{}",
-        err.message()
-    );
-    let to_review = alice
-        .list_access_requests(pb::ListAccessRequestsRequest {
-            filter: pb::list_access_requests_request::Filter::ToReview as i32,
-            page_size: 0,
-        })
-        .await
-        .expect("listed")
-        .into_inner();
-    assert!(to_review.access_requests.is_empty(), "not offered to alice");
-    let refusal = entries_of(&h, "deny")
-        .into_iter()
-        .find(|e| e["caller"] == ALICE)
-        .expect("the refusal is recorded");
-    assert_eq!(refusal["rule"], "separation-of-duties/delegation-chain");
-
-    let mut bob = approvals_of(&h, BOB).await;
-    let approved = review(&mut bob, &ar.id, true).await.expect("bob approves");
+        .expect("alice is an approver; the name in the note is not verified");
     assert_eq!(approved.state, pb::AccessRequestState::Approved as i32);
     let issued = agent
         .issue_credential(redeem_of(&req, &ar.id))
         .await
         .expect("redeemed")
         .into_inner();
-    assert!(issued.credential.is_some());
+    let claims = verify_jwt(&token_of(&issued.credential), &h.jwks().await);
+    assert_eq!(claims["sub"], DEPLOY_AGENT);
+    assert!(claims.get("act").is_none(), "no act from a note");
+    let entry = entries_of(&h, "issue")
+        .into_iter()
+        .find(|e| e["access_request_id"] == ar.id.as_str())
+        .expect("issue entry");
+    assert_eq!(
+        entry["request"]["intent"]["on_behalf_of"][0], ALICE,
+        "kept as a note"
+    );
 }
 
 #[tokio::test]
@@ -408,7 +376,9 @@ async fn the_owner_of_the_requester_may_not_approve_unless_the_group_allows_it()
 fn approvals_on_record_from_the_chain_do_not_count() {
     use spiffe_broker::authn::AuthMethod;
     use spiffe_broker::config::Config;
-    use spiffe_broker::domain::CredentialRequest;
+    use spiffe_broker::domain::{
+        CredentialRequest, Delegation, Party, PartyKind, SubjectTokenType,
+    };
     use spiffe_broker::policy::{CedarPolicy, Decision, Policy, RequestContext};
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
@@ -417,7 +387,21 @@ fn approvals_on_record_from_the_chain_do_not_count() {
     let config =
         Config::from_toml(&spiffe_broker::dev::demo_config(&state, addr, addr)).expect("config");
     let policy = CedarPolicy::load(&config).expect("policy");
-    let req = spiffe_broker::api::parse_issue_request(&push_request(&[ALICE])).expect("request");
+    let mut req = spiffe_broker::api::parse_issue_request(&push_request(&[])).expect("request");
+    // Made by token exchange for alice: she is the verified subject.
+    req.delegation = Some(Delegation {
+        subject: Party {
+            id: ALICE.into(),
+            kind: PartyKind::Person,
+        },
+        actors: vec![Party {
+            id: DEPLOY_AGENT.into(),
+            kind: PartyKind::Workload,
+        }],
+        subject_token_type: SubjectTokenType::BrokerToken,
+        subject_token_sha256: "00".repeat(32),
+        parent_lease: None,
+    });
     let decide = |approvals: &[&str], req: &CredentialRequest| {
         policy.decide(
             &spiffe::SpiffeId::new(DEPLOY_AGENT).expect("id"),
@@ -432,7 +416,7 @@ fn approvals_on_record_from_the_chain_do_not_count() {
     };
     assert!(
         matches!(decide(&[ALICE], &req), Decision::RequireApproval(_, ref need) if need.have == 0 && !need.eligible.contains(&ALICE.to_string())),
-        "alice's approval of a request made for her does not count"
+        "alice's approval of a request made for her (verified) does not count"
     );
     assert!(matches!(decide(&[BOB], &req), Decision::Allow(_)));
 }

@@ -43,6 +43,8 @@ fn lease(holder: &str, issued_at: i64, ttl: i64) -> Lease {
         end_reason: None,
         intent: None,
         backend: None,
+        parent: None,
+        subject: None,
     }
 }
 
@@ -373,6 +375,140 @@ async fn conformance(store: Arc<dyn Store>) {
     );
 
     guards_and_access(s, now + 20_000).await;
+    derivation(s, now + 40_000).await;
+}
+
+/// A lease derived by token exchange from `parent`, held by `holder` for `subject`.
+fn derived(parent: &Lease, holder: &str, subject: &str, at: i64) -> Lease {
+    Lease {
+        parent: Some(parent.id.clone()),
+        subject: Some(subject.to_owned()),
+        ..lease(holder, at, 600)
+    }
+}
+
+/// Token exchange: a derived lease needs its parent active at commit; revoking the root
+/// of a tree of 1,000 derived leases revokes all of them in one operation, one feed event
+/// each; revoking the subject's identity reaches what others hold for it.
+async fn derivation(s: &dyn Store, now: i64) {
+    const ALICE: &str = "spiffe://example.org/ops/alice";
+    const AGENT: &str = "spiffe://example.org/gpu/provisioner";
+    let revoke = |sel: RevokeSelector, at: i64, dry_run: bool| LedgerOp::Revoke {
+        selector: sel,
+        issued_before: None,
+        reason: "session ended".into(),
+        now: at,
+        dry_run,
+        chunk: None,
+        event: ev(EventKind::Revoke, None),
+    };
+    // The parent ended before the derived lease committed: refused, recorded.
+    let gone = issue(s, lease(ALICE, now, 600)).await;
+    s.apply(revoke(
+        RevokeSelector::Lease(gone.id.clone()),
+        now + 1,
+        false,
+    ))
+    .await
+    .expect("revoke");
+    let r = issue_at(s, derived(&gone, AGENT, ALICE, now + 2))
+        .await
+        .expect("commit");
+    assert_eq!(r.refused, Some(Refusal::ParentEnded));
+    assert!(r.receipt.is_some(), "the refusal is recorded");
+
+    // Root → 10 children → 99 grandchildren each: 1,000 derived leases.
+    let root = issue(s, lease(ALICE, now, 3600)).await;
+    let children =
+        futures::future::join_all((0..10).map(|_| issue(s, derived(&root, AGENT, ALICE, now + 1))))
+            .await;
+    let mut grandchildren = Vec::new();
+    for c in &children {
+        grandchildren.extend(
+            futures::future::join_all(
+                (0..99).map(|_| issue(s, derived(c, HOLDER, ALICE, now + 2))),
+            )
+            .await,
+        );
+    }
+    let tree = s
+        .leases(LeaseFilter {
+            derived_from: Some(root.id.to_string()),
+            ..Default::default()
+        })
+        .await
+        .expect("tree");
+    assert_eq!(tree.len(), 1001);
+    let preview = s
+        .apply(revoke(
+            RevokeSelector::Lease(root.id.clone()),
+            now + 3,
+            true,
+        ))
+        .await
+        .expect("dry run");
+    assert_eq!(
+        preview.affected.len(),
+        1001,
+        "a dry run previews the whole tree"
+    );
+    let (seq_before, _) = s.revocation_tail().await.expect("tail").unwrap_or_default();
+    let r = s
+        .apply(revoke(
+            RevokeSelector::Lease(root.id.clone()),
+            now + 3,
+            false,
+        ))
+        .await
+        .expect("cascade");
+    assert_eq!(r.affected.len(), 1001, "one operation revokes the tree");
+    let (seq_after, _) = s.revocation_tail().await.expect("tail").unwrap_or_default();
+    assert_eq!(seq_after - seq_before, 1001, "one feed event per lease");
+    for l in children.iter().chain(&grandchildren) {
+        let now_state = s.lease(&l.id).await.expect("read").expect("lease").state;
+        assert_eq!(now_state, LeaseState::Revoked);
+    }
+    let r = issue_at(s, derived(&root, AGENT, ALICE, now + 4))
+        .await
+        .expect("commit");
+    assert_eq!(
+        r.refused,
+        Some(Refusal::ParentEnded),
+        "nothing derives from it after"
+    );
+
+    // Revoking the subject's identity revokes what an agent holds for her.
+    let held = issue(
+        s,
+        Lease {
+            subject: Some(ALICE.into()),
+            ..lease(AGENT, now + 5, 600)
+        },
+    )
+    .await;
+    let r = s
+        .apply(revoke(
+            RevokeSelector::SpiffeId(ALICE.into()),
+            now + 6,
+            false,
+        ))
+        .await
+        .expect("revoke identity");
+    assert!(r.affected.contains(&held.id.to_string()));
+    let r = issue_at(
+        s,
+        Lease {
+            subject: Some(ALICE.into()),
+            ..lease(AGENT, now + 6, 600)
+        },
+    )
+    .await
+    .expect("commit");
+    assert_eq!(
+        r.refused,
+        Some(Refusal::RevokedBefore),
+        "the rule covers the subject"
+    );
 }
 
 fn access_request(id: &str, requester: &str, profile: &str, at: i64) -> AccessRequest {
@@ -385,6 +521,7 @@ fn access_request(id: &str, requester: &str, profile: &str, at: i64) -> AccessRe
             ttl_secs: Some(600),
             intent: None,
             grant: None,
+            delegation: None,
         },
         digest: format!("digest-of-{id}"),
         group: "approvers".into(),
@@ -1304,10 +1441,10 @@ fn postgres_replicas_starting_together_migrate_once() {
     // one, the second would have failed to open.
     let ran = "SELECT count(*), count(DISTINCT version), min(version), max(version) FROM schema_migrations";
     let once = vec![vec![
-        Some("6".to_owned()),
-        Some("6".to_owned()),
+        Some("7".to_owned()),
+        Some("7".to_owned()),
         Some("1".to_owned()),
-        Some("6".to_owned()),
+        Some("7".to_owned()),
     ]];
     assert_eq!(server.sql(ran), once);
     // A replica restarting later finds nothing to do.

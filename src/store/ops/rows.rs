@@ -55,9 +55,9 @@ pub(crate) fn lease(r: &Row) -> Result<Lease, DbError> {
         },
         parent: match r.opt_text(17)? {
             None => None,
-            Some(p) => Some(
-                LeaseId::parse(&p).map_err(|_| corrupt(format!("lease {id}: parent lease")))?,
-            ),
+            Some(p) => {
+                Some(LeaseId::parse(&p).map_err(|_| corrupt(format!("lease {id}: parent lease")))?)
+            }
         },
         subject: r.opt_text(18)?,
         id: LeaseId::parse(&id).map_err(|_| corrupt(format!("lease id {id:?}")))?,

@@ -195,3 +195,23 @@ pub fn gpu_request(ttl_secs: i64) -> pb::IssueCredentialRequest {
         ..Default::default()
     }
 }
+
+/// An SVID for any SPIFFE ID of the dev trust domain, straight from the dev CA.
+pub fn minted(h: &Harness, id: &str) -> (ClientIdentity, Vec<u8>) {
+    let svid = h
+        .env
+        .ca
+        .mint_x509_svid(
+            &spiffe::SpiffeId::new(id).expect("id"),
+            Duration::from_secs(24 * 3600),
+        )
+        .expect("mint");
+    (
+        ClientIdentity::Files {
+            chain: svid.chain.clone(),
+            key: Arc::new(svid.key_pkcs8.to_vec()),
+            bundle: vec![h.env.ca.ca_der().clone()],
+        },
+        svid.chain[0].as_ref().to_vec(),
+    )
+}

@@ -39,6 +39,52 @@ LEASE_STATE_RELEASED: LeaseState
 LEASE_STATE_REVOKED: LeaseState
 LEASE_STATE_EXPIRED: LeaseState
 
+class ExchangeTokenRequest(_message.Message):
+    __slots__ = ("subject_token", "subject_token_type", "profile", "scopes", "ttl", "intent", "access_request_id")
+    SUBJECT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    INTENT_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    subject_token: str
+    subject_token_type: str
+    profile: str
+    scopes: _containers.RepeatedScalarFieldContainer[str]
+    ttl: _duration_pb2.Duration
+    intent: Intent
+    access_request_id: str
+    def __init__(self, subject_token: _Optional[str] = ..., subject_token_type: _Optional[str] = ..., profile: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., access_request_id: _Optional[str] = ...) -> None: ...
+
+class ExchangeTokenResponse(_message.Message):
+    __slots__ = ("credential", "lease", "receipt", "access_request", "issued_token_type", "delegation")
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DELEGATION_FIELD_NUMBER: _ClassVar[int]
+    credential: Credential
+    lease: Lease
+    receipt: AuditReceipt
+    access_request: AccessRequest
+    issued_token_type: str
+    delegation: Delegation
+    def __init__(self, credential: _Optional[_Union[Credential, _Mapping]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., receipt: _Optional[_Union[AuditReceipt, _Mapping]] = ..., access_request: _Optional[_Union[AccessRequest, _Mapping]] = ..., issued_token_type: _Optional[str] = ..., delegation: _Optional[_Union[Delegation, _Mapping]] = ...) -> None: ...
+
+class Delegation(_message.Message):
+    __slots__ = ("subject", "subject_type", "actors", "parent_lease_id")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ACTORS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    subject_type: str
+    actors: _containers.RepeatedScalarFieldContainer[str]
+    parent_lease_id: str
+    def __init__(self, subject: _Optional[str] = ..., subject_type: _Optional[str] = ..., actors: _Optional[_Iterable[str]] = ..., parent_lease_id: _Optional[str] = ...) -> None: ...
+
 class Intent(_message.Message):
     __slots__ = ("action", "target", "artifact_digest", "ticket", "justification", "on_behalf_of")
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -56,7 +102,7 @@ class Intent(_message.Message):
     def __init__(self, action: _Optional[str] = ..., target: _Optional[str] = ..., artifact_digest: _Optional[str] = ..., ticket: _Optional[str] = ..., justification: _Optional[str] = ..., on_behalf_of: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IssueCredentialRequest(_message.Message):
-    __slots__ = ("profile", "scopes", "ttl", "intent", "break_glass", "access_request_id", "idempotency_key", "csr")
+    __slots__ = ("profile", "scopes", "ttl", "intent", "break_glass", "access_request_id", "idempotency_key", "csr", "may_act")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +111,7 @@ class IssueCredentialRequest(_message.Message):
     ACCESS_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     CSR_FIELD_NUMBER: _ClassVar[int]
+    MAY_ACT_FIELD_NUMBER: _ClassVar[int]
     profile: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     ttl: _duration_pb2.Duration
@@ -73,7 +120,8 @@ class IssueCredentialRequest(_message.Message):
     access_request_id: str
     idempotency_key: str
     csr: bytes
-    def __init__(self, profile: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., break_glass: _Optional[bool] = ..., access_request_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., csr: _Optional[bytes] = ...) -> None: ...
+    may_act: str
+    def __init__(self, profile: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., break_glass: _Optional[bool] = ..., access_request_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., csr: _Optional[bytes] = ..., may_act: _Optional[str] = ...) -> None: ...
 
 class IssueCredentialResponse(_message.Message):
     __slots__ = ("credential", "lease", "receipt", "access_request")
@@ -102,7 +150,7 @@ class Review(_message.Message):
     def __init__(self, reviewer: _Optional[str] = ..., approve: _Optional[bool] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., post_review: _Optional[bool] = ...) -> None: ...
 
 class AccessRequest(_message.Message):
-    __slots__ = ("id", "requester", "profile", "scopes", "ttl", "intent", "request_digest", "approver_group", "threshold", "approvals", "state", "created_at", "expires_at", "break_glass", "post_review", "lease_id", "reviews", "granted_scopes", "granted_ttl", "auth_method", "key_sha256", "profile_sha256")
+    __slots__ = ("id", "requester", "profile", "scopes", "ttl", "intent", "request_digest", "approver_group", "threshold", "approvals", "state", "created_at", "expires_at", "break_glass", "post_review", "lease_id", "reviews", "granted_scopes", "granted_ttl", "auth_method", "key_sha256", "profile_sha256", "delegation")
     ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +173,7 @@ class AccessRequest(_message.Message):
     AUTH_METHOD_FIELD_NUMBER: _ClassVar[int]
     KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
     PROFILE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DELEGATION_FIELD_NUMBER: _ClassVar[int]
     id: str
     requester: str
     profile: str
@@ -147,7 +196,8 @@ class AccessRequest(_message.Message):
     auth_method: str
     key_sha256: str
     profile_sha256: str
-    def __init__(self, id: _Optional[str] = ..., requester: _Optional[str] = ..., profile: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., request_digest: _Optional[str] = ..., approver_group: _Optional[str] = ..., threshold: _Optional[int] = ..., approvals: _Optional[int] = ..., state: _Optional[_Union[AccessRequestState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., break_glass: _Optional[bool] = ..., post_review: _Optional[str] = ..., lease_id: _Optional[str] = ..., reviews: _Optional[_Iterable[_Union[Review, _Mapping]]] = ..., granted_scopes: _Optional[_Iterable[str]] = ..., granted_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., auth_method: _Optional[str] = ..., key_sha256: _Optional[str] = ..., profile_sha256: _Optional[str] = ...) -> None: ...
+    delegation: Delegation
+    def __init__(self, id: _Optional[str] = ..., requester: _Optional[str] = ..., profile: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., request_digest: _Optional[str] = ..., approver_group: _Optional[str] = ..., threshold: _Optional[int] = ..., approvals: _Optional[int] = ..., state: _Optional[_Union[AccessRequestState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., break_glass: _Optional[bool] = ..., post_review: _Optional[str] = ..., lease_id: _Optional[str] = ..., reviews: _Optional[_Iterable[_Union[Review, _Mapping]]] = ..., granted_scopes: _Optional[_Iterable[str]] = ..., granted_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., auth_method: _Optional[str] = ..., key_sha256: _Optional[str] = ..., profile_sha256: _Optional[str] = ..., delegation: _Optional[_Union[Delegation, _Mapping]] = ...) -> None: ...
 
 class GetAccessRequestRequest(_message.Message):
     __slots__ = ("id",)
@@ -343,7 +393,7 @@ class SignedToken(_message.Message):
     def __init__(self, jwt: _Optional[str] = ..., key_id: _Optional[str] = ..., token_type: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("id", "profile", "spiffe_id", "scopes", "audience", "state", "issued_at", "expires_at", "max_expires_at", "credential_sha256", "renewals", "ended_at", "end_reason", "intent", "backend_handle", "backend")
+    __slots__ = ("id", "profile", "spiffe_id", "scopes", "audience", "state", "issued_at", "expires_at", "max_expires_at", "credential_sha256", "renewals", "ended_at", "end_reason", "intent", "backend_handle", "backend", "parent_lease_id", "subject")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +410,8 @@ class Lease(_message.Message):
     INTENT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_HANDLE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PARENT_LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
     id: str
     profile: str
     spiffe_id: str
@@ -376,7 +428,9 @@ class Lease(_message.Message):
     intent: Intent
     backend_handle: str
     backend: str
-    def __init__(self, id: _Optional[str] = ..., profile: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., audience: _Optional[str] = ..., state: _Optional[_Union[LeaseState, str]] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credential_sha256: _Optional[str] = ..., renewals: _Optional[int] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_reason: _Optional[str] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., backend_handle: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    parent_lease_id: str
+    subject: str
+    def __init__(self, id: _Optional[str] = ..., profile: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., audience: _Optional[str] = ..., state: _Optional[_Union[LeaseState, str]] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credential_sha256: _Optional[str] = ..., renewals: _Optional[int] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_reason: _Optional[str] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., backend_handle: _Optional[str] = ..., backend: _Optional[str] = ..., parent_lease_id: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class AuditReceipt(_message.Message):
     __slots__ = ("sequence", "entry_hash", "leaf_index", "leaf_hash")
@@ -545,18 +599,20 @@ class RevocationFeedMessage(_message.Message):
     def __init__(self, event: _Optional[_Union[RevocationEvent, _Mapping]] = ..., signed_head: _Optional[str] = ...) -> None: ...
 
 class ListLeasesRequest(_message.Message):
-    __slots__ = ("spiffe_id", "state", "page_size", "page_token", "lease_id")
+    __slots__ = ("spiffe_id", "state", "page_size", "page_token", "lease_id", "derived_from")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    DERIVED_FROM_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     state: LeaseState
     page_size: int
     page_token: str
     lease_id: str
-    def __init__(self, spiffe_id: _Optional[str] = ..., state: _Optional[_Union[LeaseState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    derived_from: str
+    def __init__(self, spiffe_id: _Optional[str] = ..., state: _Optional[_Union[LeaseState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., lease_id: _Optional[str] = ..., derived_from: _Optional[str] = ...) -> None: ...
 
 class ListLeasesResponse(_message.Message):
     __slots__ = ("leases", "next_page_token")

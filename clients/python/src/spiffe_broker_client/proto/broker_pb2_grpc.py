@@ -65,6 +65,11 @@ class CredentialBrokerStub:
                 request_serializer=spiffe__broker_dot_v1_dot_broker__pb2.ExplainDecisionRequest.SerializeToString,
                 response_deserializer=spiffe__broker_dot_v1_dot_broker__pb2.ExplainDecisionResponse.FromString,
                 _registered_method=True)
+        self.ExchangeToken = channel.unary_unary(
+                '/spiffe_broker.v1.CredentialBroker/ExchangeToken',
+                request_serializer=spiffe__broker_dot_v1_dot_broker__pb2.ExchangeTokenRequest.SerializeToString,
+                response_deserializer=spiffe__broker_dot_v1_dot_broker__pb2.ExchangeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -118,6 +123,19 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExchangeToken(self, request, context):
+        """OAuth 2.0 Token Exchange (RFC 8693): the caller, the actor, presents a subject token
+        (a credential this broker issued, or a JWT-SVID of an upstream workload, audience =
+        this broker) and receives a credential for the subject that carries the verified
+        chain in its `act` claim. It can only narrow: scopes within the subject token's and
+        the actor's policy, never outliving the subject token, a bounded chain in which each
+        actor appears once, `may_act` enforced. Revoking the subject token's lease revokes
+        the derived credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +168,11 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.ExplainDecision,
                     request_deserializer=spiffe__broker_dot_v1_dot_broker__pb2.ExplainDecisionRequest.FromString,
                     response_serializer=spiffe__broker_dot_v1_dot_broker__pb2.ExplainDecisionResponse.SerializeToString,
+            ),
+            'ExchangeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeToken,
+                    request_deserializer=spiffe__broker_dot_v1_dot_broker__pb2.ExchangeTokenRequest.FromString,
+                    response_serializer=spiffe__broker_dot_v1_dot_broker__pb2.ExchangeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +338,33 @@ class CredentialBroker:
             '/spiffe_broker.v1.CredentialBroker/ExplainDecision',
             spiffe__broker_dot_v1_dot_broker__pb2.ExplainDecisionRequest.SerializeToString,
             spiffe__broker_dot_v1_dot_broker__pb2.ExplainDecisionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spiffe_broker.v1.CredentialBroker/ExchangeToken',
+            spiffe__broker_dot_v1_dot_broker__pb2.ExchangeTokenRequest.SerializeToString,
+            spiffe__broker_dot_v1_dot_broker__pb2.ExchangeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
