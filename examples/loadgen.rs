@@ -11,7 +11,10 @@
 //!
 //! Modes: `reused` (one mTLS connection per client), `new-conn` (a new TLS connection
 //! per request), `jwt-svid` (bearer JWT-SVID over server-authenticated TLS), `intent`
-//! (a request that needs policy with a full intent), `renew`, `revoke`.
+//! (a request that needs policy with a full intent), `renew`, `revoke`, `exchange`
+//! (token exchange, RFC 8693: an agent exchanges a person's delegation token for a GPU
+//! token, each time). `--mode reused,exchange` runs several, one after the other, on the
+//! same broker in the same window.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +26,7 @@ use spiffe_broker::clock::{Clock, SystemClock};
 use spiffe_broker::config::LedgerConfig;
 use spiffe_broker::crypto::{EcdsaP256Signer, Signer};
 use spiffe_broker::dev::{self, DevOptions};
+use spiffe_broker::domain::delegation::ACCESS_TOKEN_TYPE;
 use spiffe_broker::metrics::Metrics;
 use spiffe_broker::proto::v1 as pb;
 use spiffe_broker::store::{LedgerOp, SqliteStore, Store};
@@ -213,10 +217,6 @@ fn request(mode: &str) -> pb::IssueCredentialRequest {
     if mode == "intent" {
         intent.ticket = "CHG-1234".into();
         intent.justification = "nightly fine-tune of the ranking model".into();
-        intent.on_behalf_of = vec![
-            "spiffe://example.org/agents/planner".into(),
-            "user:dana".into(),
-        ];
         intent.artifact_digest = format!("sha256:{}", "ab".repeat(32));
     }
     pb::IssueCredentialRequest {
@@ -234,15 +234,21 @@ fn request(mode: &str) -> pb::IssueCredentialRequest {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mode = arg("--mode").unwrap_or_else(|| "reused".into());
+    let modes: Vec<String> = arg("--mode")
+        .unwrap_or_else(|| "reused".into())
+        .split(',')
+        .map(str::to_owned)
+        .collect();
     let clients = num("--clients", 32) as usize;
     let seconds = num("--seconds", 10);
-    if ![
-        "reused", "new-conn", "jwt-svid", "intent", "renew", "revoke",
-    ]
-    .contains(&mode.as_str())
-    {
-        return Err(format!("unknown --mode {mode}").into());
+    for mode in &modes {
+        if ![
+            "reused", "new-conn", "jwt-svid", "intent", "renew", "revoke", "exchange",
+        ]
+        .contains(&mode.as_str())
+        {
+            return Err(format!("unknown --mode {mode}").into());
+        }
     }
 
     // `--no-limits` skips the machine probes (for quick A/B runs of the broker alone).
@@ -289,156 +295,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = ClientIdentity::Workload(
         client::workload_source(Some(&sock("spiffe://example.org/ops/root"))).await?,
     );
+    let alice = ClientIdentity::Workload(
+        client::workload_source(Some(&sock("spiffe://example.org/ops/alice"))).await?,
+    );
     let bundle = vec![env.ca.ca_der().clone()];
+    let run = Run {
+        addr,
+        agent,
+        root,
+        alice,
+        bundle,
+        clients,
+        seconds,
+        sign,
+        ledger,
+    };
+    for mode in &modes {
+        run.mode(&env, mode).await?;
+    }
+    env.shutdown().await?;
+    Ok(())
+}
 
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    // Long runs print a line a minute, so memory growth (or its absence) shows over time.
-    let done = Arc::new(AtomicU64::new(0));
-    if seconds >= 120 {
-        let done = done.clone();
-        tokio::spawn(async move {
-            let start = Instant::now();
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                println!(
-                    "  [{:>4.0} s] ok so far {}, RSS now {:.0} MiB",
-                    start.elapsed().as_secs_f64(),
-                    done.load(Ordering::Relaxed),
-                    status_mib("VmRSS:")
-                );
-            }
-        });
-    }
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let mode = mode.clone();
-        let (agent, root, addr, bundle, done) = (
-            agent.clone(),
-            root.clone(),
-            addr.clone(),
-            bundle.clone(),
-            done.clone(),
-        );
-        let jwt = if mode == "jwt-svid" {
-            Some(env.ca.mint_jwt_svid(
-                &spiffe::SpiffeId::new("spiffe://example.org/ci/deploy-agent")?,
-                &[dev::BROKER_ID.to_owned()],
-                Duration::from_secs(3600),
-            )?)
-        } else {
-            None
-        };
-        tasks.push(tokio::spawn(async move {
-            let connect = |id: ClientIdentity| {
-                let addr = addr.clone();
-                async move {
-                    client::connect(&addr, dev::BROKER_ID, &id)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-            };
-            let identity = if mode == "jwt-svid" {
-                ClientIdentity::Anonymous { bundle }
-            } else {
-                agent.clone()
-            };
-            let mut ch: Channel = connect(identity.clone()).await?;
-            let mut admin = pb::admin_client::AdminClient::new(connect(root).await?);
-            let (mut lat, mut errors) = (Histogram::new(), 0u64);
-            while Instant::now() < deadline {
-                if mode == "new-conn" {
-                    ch = connect(identity.clone()).await?;
-                }
-                let mut c = pb::credential_broker_client::CredentialBrokerClient::new(ch.clone());
-                // renew and revoke first need a lease of their own (not timed).
-                let lease = if mode == "renew" || mode == "revoke" {
-                    match c.issue_credential(request("reused")).await {
-                        Ok(r) => r.into_inner().lease.map(|l| l.id).unwrap_or_default(),
-                        Err(_) => {
-                            errors += 1;
-                            continue;
-                        }
-                    }
-                } else {
-                    String::new()
-                };
-                let t = Instant::now();
-                let ok = match mode.as_str() {
-                    "renew" => c
-                        .renew_lease(pb::RenewLeaseRequest {
-                            lease_id: lease,
-                            ttl: Some(prost_types::Duration {
-                                seconds: 900,
-                                nanos: 0,
-                            }),
-                        })
-                        .await
-                        .is_ok(),
-                    "revoke" => admin
-                        .revoke(pb::RevokeRequest {
-                            selector: Some(pb::revoke_request::Selector::LeaseId(lease)),
-                            reason: "loadgen".into(),
-                            ..Default::default()
-                        })
-                        .await
-                        .is_ok(),
-                    _ => {
-                        let mut req = tonic::Request::new(request(&mode));
-                        if let Some(token) = &jwt {
-                            let value = format!("Bearer {token}")
-                                .parse()
-                                .map_err(|e| format!("{e:?}"))?;
-                            req.metadata_mut().insert("authorization", value);
-                        }
-                        c.issue_credential(req).await.is_ok()
-                    }
-                };
-                if ok {
-                    lat.record(t.elapsed());
-                    done.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    errors += 1;
-                }
-            }
-            Ok::<_, String>((lat, errors))
-        }));
-    }
-    let started = Instant::now();
-    let cpu_before = thread_cpu_ns();
-    let written_before = storage_write_bytes();
-    let (mut lat, mut errors) = (Histogram::new(), 0);
-    for t in tasks {
-        let (l, e) = t.await??;
-        lat.merge(&l);
-        errors += e;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let ok = lat.count() as usize;
-    let cpu = cpu_per_op(&cpu_before, &thread_cpu_ns(), ok);
-    let written = storage_write_bytes().saturating_sub(written_before);
-    let rate = ok as f64 / elapsed;
-    println!("mode={mode} clients={clients} seconds={seconds}");
-    println!(
-        "  ok={} errors={errors} throughput={rate:.0}/s p50={:?} p99={:?} p99.9={:?}",
-        ok,
-        lat.pct(0.5),
-        lat.pct(0.99),
-        lat.pct(0.999)
-    );
-    println!("  CPU per operation (broker and clients share this process): {cpu}");
-    let limit = sign.min(ledger);
-    if limit.is_finite() {
-        println!(
-            "  {:.0}% of the lower machine limit ({limit:.0}/s)",
-            100.0 * rate / limit
-        );
-    }
-    println!(
-        "  peak RSS of this process (broker + clients + probes) {:.0} MiB",
-        peak_rss_mib()
-    );
+/// What every mode's run shares: the broker, its callers and the machine's limits.
+struct Run {
+    addr: String,
+    agent: ClientIdentity,
+    root: ClientIdentity,
+    alice: ClientIdentity,
+    bundle: Vec<rustls::pki_types::CertificateDer<'static>>,
+    clients: usize,
+    seconds: u64,
+    sign: f64,
+    ledger: f64,
+}
+
+/// The ledger's commits (fsyncs) and the operations they carried, so far.
+fn ledger_counts(env: &dev::DevEnv) -> (f64, f64) {
     let m = env.broker.metrics().render();
     let get = |name: &str| {
         m.lines()
@@ -447,13 +340,211 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    let commits = get("spiffe_broker_ledger_commit_batch_size_count");
-    let ops = get("spiffe_broker_ledger_commit_batch_size_sum");
-    println!(
-        "  ledger: {commits:.0} commits (fsyncs) for {ops:.0} ops, mean batch {:.1}; {:.1} KiB written to storage per operation",
-        ops / commits.max(1.0),
-        written as f64 / 1024.0 / ok.max(1) as f64
-    );
-    env.shutdown().await?;
-    Ok(())
+    (
+        get("spiffe_broker_ledger_commit_batch_size_count"),
+        get("spiffe_broker_ledger_commit_batch_size_sum"),
+    )
+}
+
+/// A person's token for agents (audience: the broker), for `exchange` (not timed).
+async fn delegation_token(addr: &str, alice: &ClientIdentity) -> Result<String, String> {
+    let ch = client::connect(addr, dev::BROKER_ID, alice)
+        .await
+        .map_err(|e| e.to_string())?;
+    let resp = pb::credential_broker_client::CredentialBrokerClient::new(ch)
+        .issue_credential(pb::IssueCredentialRequest {
+            profile: "agent-delegation".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    match resp.credential.and_then(|c| c.kind) {
+        Some(pb::credential::Kind::Token(t)) => Ok(t.jwt),
+        _ => Err("no delegation token".into()),
+    }
+}
+
+impl Run {
+    async fn mode(&self, env: &dev::DevEnv, mode: &str) -> Result<(), Box<dyn std::error::Error>> {
+        let (clients, seconds, sign, ledger) = (self.clients, self.seconds, self.sign, self.ledger);
+        let mode = mode.to_owned();
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        // Long runs print a line a minute, so memory growth (or its absence) shows over time.
+        let done = Arc::new(AtomicU64::new(0));
+        if seconds >= 120 {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    println!(
+                        "  [{:>4.0} s] ok so far {}, RSS now {:.0} MiB",
+                        start.elapsed().as_secs_f64(),
+                        done.load(Ordering::Relaxed),
+                        status_mib("VmRSS:")
+                    );
+                }
+            });
+        }
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let mode = mode.clone();
+            let (agent, root, addr, bundle, done) = (
+                self.agent.clone(),
+                self.root.clone(),
+                self.addr.clone(),
+                self.bundle.clone(),
+                done.clone(),
+            );
+            let subject = if mode == "exchange" {
+                Some(delegation_token(&self.addr, &self.alice).await?)
+            } else {
+                None
+            };
+            let jwt = if mode == "jwt-svid" {
+                Some(env.ca.mint_jwt_svid(
+                    &spiffe::SpiffeId::new("spiffe://example.org/ci/deploy-agent")?,
+                    &[dev::BROKER_ID.to_owned()],
+                    Duration::from_secs(3600),
+                )?)
+            } else {
+                None
+            };
+            tasks.push(tokio::spawn(async move {
+                let connect = |id: ClientIdentity| {
+                    let addr = addr.clone();
+                    async move {
+                        client::connect(&addr, dev::BROKER_ID, &id)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                };
+                let identity = if mode == "jwt-svid" {
+                    ClientIdentity::Anonymous { bundle }
+                } else {
+                    agent.clone()
+                };
+                let mut ch: Channel = connect(identity.clone()).await?;
+                let mut admin = pb::admin_client::AdminClient::new(connect(root).await?);
+                let (mut lat, mut errors) = (Histogram::new(), 0u64);
+                while Instant::now() < deadline {
+                    if mode == "new-conn" {
+                        ch = connect(identity.clone()).await?;
+                    }
+                    let mut c =
+                        pb::credential_broker_client::CredentialBrokerClient::new(ch.clone());
+                    // renew and revoke first need a lease of their own (not timed).
+                    let lease = if mode == "renew" || mode == "revoke" {
+                        match c.issue_credential(request("reused")).await {
+                            Ok(r) => r.into_inner().lease.map(|l| l.id).unwrap_or_default(),
+                            Err(_) => {
+                                errors += 1;
+                                continue;
+                            }
+                        }
+                    } else {
+                        String::new()
+                    };
+                    let t = Instant::now();
+                    let ok = match mode.as_str() {
+                        "renew" => c
+                            .renew_lease(pb::RenewLeaseRequest {
+                                lease_id: lease,
+                                ttl: Some(prost_types::Duration {
+                                    seconds: 900,
+                                    nanos: 0,
+                                }),
+                            })
+                            .await
+                            .is_ok(),
+                        "revoke" => admin
+                            .revoke(pb::RevokeRequest {
+                                selector: Some(pb::revoke_request::Selector::LeaseId(lease)),
+                                reason: "loadgen".into(),
+                                ..Default::default()
+                            })
+                            .await
+                            .is_ok(),
+                        "exchange" => {
+                            let gpu = request("reused");
+                            c.exchange_token(pb::ExchangeTokenRequest {
+                                subject_token: subject.clone().unwrap_or_default(),
+                                subject_token_type: ACCESS_TOKEN_TYPE.into(),
+                                profile: gpu.profile,
+                                scopes: gpu.scopes,
+                                ttl: gpu.ttl,
+                                intent: gpu.intent,
+                                access_request_id: String::new(),
+                            })
+                            .await
+                            .is_ok()
+                        }
+                        _ => {
+                            let mut req = tonic::Request::new(request(&mode));
+                            if let Some(token) = &jwt {
+                                let value = format!("Bearer {token}")
+                                    .parse()
+                                    .map_err(|e| format!("{e:?}"))?;
+                                req.metadata_mut().insert("authorization", value);
+                            }
+                            c.issue_credential(req).await.is_ok()
+                        }
+                    };
+                    if ok {
+                        lat.record(t.elapsed());
+                        done.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                Ok::<_, String>((lat, errors))
+            }));
+        }
+        let (commits_before, ops_before) = ledger_counts(env);
+        let started = Instant::now();
+        let cpu_before = thread_cpu_ns();
+        let written_before = storage_write_bytes();
+        let (mut lat, mut errors) = (Histogram::new(), 0);
+        for t in tasks {
+            let (l, e) = t.await??;
+            lat.merge(&l);
+            errors += e;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let ok = lat.count() as usize;
+        let cpu = cpu_per_op(&cpu_before, &thread_cpu_ns(), ok);
+        let written = storage_write_bytes().saturating_sub(written_before);
+        let rate = ok as f64 / elapsed;
+        println!("mode={mode} clients={clients} seconds={seconds}");
+        println!(
+            "  ok={} errors={errors} throughput={rate:.0}/s p50={:?} p99={:?} p99.9={:?}",
+            ok,
+            lat.pct(0.5),
+            lat.pct(0.99),
+            lat.pct(0.999)
+        );
+        println!("  CPU per operation (broker and clients share this process): {cpu}");
+        let limit = sign.min(ledger);
+        if limit.is_finite() {
+            println!(
+                "  {:.0}% of the lower machine limit ({limit:.0}/s)",
+                100.0 * rate / limit
+            );
+        }
+        println!(
+            "  peak RSS of this process (broker + clients + probes) {:.0} MiB",
+            peak_rss_mib()
+        );
+        let (commits, ops) = ledger_counts(env);
+        let (commits, ops) = (commits - commits_before, ops - ops_before);
+        println!(
+            "  ledger: {commits:.0} commits (fsyncs) for {ops:.0} ops, mean batch {:.1}; {:.1} KiB written to storage per operation",
+            ops / commits.max(1.0),
+            written as f64 / 1024.0 / ok.max(1) as f64
+        );
+        Ok(())
+    }
 }

@@ -179,6 +179,8 @@ impl Broker {
                 event: e,
             })
             .await?;
+        // Whatever was derived from it was revoked in the same commit: wake the feed.
+        self.revocations_changed();
         self.settled(applied)
     }
 

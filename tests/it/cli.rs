@@ -326,3 +326,128 @@ async fn serve_with_a_config_file_gets_its_identity_from_the_workload_api() {
     assert!(child.wait().expect("wait").success());
     assert!(state.join("ledger.db").exists());
 }
+
+/// `exchange` reads the subject token from a file (never argv), prints the chain; `leases
+/// --tree` shows the derivation under its root; the person's `release` (a logout) ends it.
+#[test]
+fn exchange_and_the_derivation_tree_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("sb");
+    let dev = start_dev(&state);
+    let alice = state.join("workloads/alice.sock");
+    let agent = state.join("workloads/deploy-agent.sock");
+    let root = state.join("workloads/root.sock");
+    let b = ["--broker", dev.grpc.as_str()];
+
+    let session = json(&cli(
+        &[
+            &["request", "--profile", "agent-delegation", "--ttl", "20m"][..],
+            &b,
+        ]
+        .concat(),
+        Some(&alice),
+    ));
+    let token_file = dir.path().join("subject.jwt");
+    std::fs::write(&token_file, session["token"].as_str().expect("token")).expect("write");
+    let exchanged = json(&cli(
+        &[
+            &[
+                "exchange",
+                "--subject-token",
+                token_file.to_str().expect("path"),
+                "--profile",
+                "gpu-scheduler-submit",
+                "--scope",
+                "job:submit",
+                "--intent-action",
+                "submit-training",
+                "--intent-target",
+                "queue/a100",
+            ][..],
+            &b,
+        ]
+        .concat(),
+        Some(&agent),
+    ));
+    assert_eq!(
+        exchanged["delegation"]["subject"],
+        "spiffe://example.org/ops/alice"
+    );
+    assert_eq!(
+        exchanged["delegation"]["actors"],
+        serde_json::json!(["spiffe://example.org/ci/deploy-agent"])
+    );
+    assert_eq!(
+        exchanged["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:access_token"
+    );
+    let root_lease = session["lease_id"].as_str().expect("lease").to_owned();
+    let tree = cli(
+        &[
+            &["leases", "--tree", root_lease.as_str(), "--output", "table"][..],
+            &b,
+        ]
+        .concat(),
+        Some(&root),
+    );
+    let text = String::from_utf8_lossy(&tree.stdout).to_string();
+    assert!(
+        tree.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tree.stderr)
+    );
+    let child = exchanged["lease_id"].as_str().expect("lease");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with(root_lease.as_str())),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with(&format!("  {child}"))),
+        "the derived lease is indented under its root: {text}"
+    );
+    // Bad input: an unknown token type, a missing file.
+    one_error_line(
+        &cli(
+            &[
+                &[
+                    "exchange",
+                    "--subject-token",
+                    "/nonexistent/token",
+                    "--profile",
+                    "gpu-scheduler-submit",
+                ][..],
+                &b,
+            ]
+            .concat(),
+            Some(&agent),
+        ),
+        "/nonexistent/token",
+    );
+    // Alice logs out: the agent's lease is revoked with hers.
+    json(&cli(
+        &[&["release", "--lease", root_lease.as_str()][..], &b].concat(),
+        Some(&alice),
+    ));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(
+        &cli(
+            &[
+                &["leases", "--tree", root_lease.as_str(), "--output", "json"][..],
+                &b,
+            ]
+            .concat(),
+            Some(&root),
+        )
+        .stdout,
+    )
+    .lines()
+    .map(|l| serde_json::from_str(l).expect("JSON line"))
+    .collect();
+    let state_of = |id: &str| {
+        rows.iter()
+            .find(|r| r["lease_id"] == id)
+            .map(|r| r["state"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(state_of(&root_lease).as_deref(), Some("released"));
+    assert_eq!(state_of(child).as_deref(), Some("revoked"));
+}

@@ -157,7 +157,7 @@ pub(crate) fn release(
     lease_id: &LeaseId,
     holder: &str,
     now: i64,
-    event: AuditEvent,
+    mut event: AuditEvent,
 ) -> Result<Applied, DbError> {
     let id = lease_id.as_str();
     if let Err(r) = guard_holder(select(tx, id)?, holder, now) {
@@ -168,6 +168,8 @@ pub(crate) fn release(
          WHERE id = $1 AND state = 'active'",
         &[id.into(), now.into()],
     )?;
+    // A person's session token given back (a logout) takes what agents derived from it.
+    event.affected_leases = super::revoke::end_derived(tx, id, now, "released by holder")?;
     let receipt = append(tx, head, &event)?;
     let mut a = Applied::recorded(Some(receipt));
     a.lease = select(tx, id)?;

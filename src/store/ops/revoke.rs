@@ -225,6 +225,25 @@ fn cascade(
     Ok(out)
 }
 
+/// Revokes what was derived from a lease that just ended (released), with a feed event
+/// each; returns their ids.
+pub(crate) fn end_derived(
+    tx: &mut dyn Tx,
+    id: &str,
+    now: i64,
+    reason: &str,
+) -> Result<Vec<String>, DbError> {
+    let rows = cascade(tx, vec![id.to_owned()], now, reason, false)?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    append_feed(tx, &rows, now, reason)?;
+    let mut ids: Vec<String> = rows.into_iter().map(|r| r.0).collect();
+    ids.sort();
+    ids.truncate(MAX_LISTED);
+    Ok(ids)
+}
+
 /// Appends one feed event per revoked lease (in lease id order), each chained to the
 /// one before. Under the writer's lock: the feed, like the log, has one writer at a time.
 fn append_feed(
