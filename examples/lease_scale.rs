@@ -2,7 +2,10 @@
 //! real lease row plus its hash-chained, Merkle-tree audit entry, written through the
 //! store's group commit), then starts `spiffe-broker dev` on it and reports:
 //! start-up to ready, RSS at rest, issuance latency while a revoke-by-prefix of 10% of
-//! the leases runs, and how long that revocation takes. Prints figures; asserts nothing.
+//! the leases runs, and how long that revocation takes; then the revocation cascade of a
+//! token-exchange derivation tree (`--tree N` derived leases under one root, default
+//! 1,000: revoking the root revokes all of them, one feed event each). Prints figures;
+//! asserts nothing.
 //!
 //! ```sh
 //! cargo run --release --example lease_scale -- --leases 1000000 --clients 8
@@ -52,6 +55,84 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 /// Writes `n` live leases through the store: 10% under `…/batch/`, the rest spread
 /// over `…/fleet/N` identities.
+/// A lease for the fill (a real row and audit entry, like an issuance writes).
+fn filled(
+    i: u64,
+    now: i64,
+    holder: &str,
+    parent: Option<&LeaseId>,
+) -> Result<(Lease, AuditEvent), String> {
+    let lease = Lease {
+        id: LeaseId::generate(now * 1000 + i as i64 / 100).map_err(|e| e.to_string())?,
+        profile: ProfileName::parse("dataset-read").map_err(|e| e.to_string())?,
+        spiffe_id: holder.to_owned(),
+        scopes: vec![Scope::parse("dataset:read").map_err(|e| e.to_string())?],
+        audience: "dataset-store".into(),
+        state: LeaseState::Active,
+        issued_at: now,
+        expires_at: now + 86_400,
+        max_expires_at: now + 86_400,
+        credential_sha256: hex::encode([i as u8; 32]),
+        renewals: 0,
+        ended_at: None,
+        end_reason: None,
+        intent: None,
+        backend: None,
+        parent: parent.cloned(),
+        subject: parent.map(|_| "spiffe://example.org/people/dana".to_owned()),
+    };
+    let mut event = AuditEvent::new(now * 1000, EventKind::Issue, "allow");
+    event.caller = Some(holder.to_owned());
+    event.lease_id = Some(lease.id.to_string());
+    event.credential_sha256 = Some(lease.credential_sha256.clone());
+    Ok((lease, event))
+}
+
+fn issue_op((lease, event): (Lease, AuditEvent)) -> LedgerOp {
+    LedgerOp::Issue {
+        lease,
+        event,
+        max_active: None,
+        break_glass: None,
+        idempotency: None,
+    }
+}
+
+/// A derivation tree: a person's lease, ten agents' leases derived from it, and the rest
+/// derived from those (as token exchange records them). Returns the root's id.
+async fn fill_tree(path: &std::path::Path, n: u64) -> Result<String, Box<dyn std::error::Error>> {
+    let cfg = LedgerConfig {
+        commit_timeout: Duration::from_secs(60),
+        busy_timeout: Duration::from_secs(5),
+        max_batch: 1024,
+        postgres_sslmode: None,
+        postgres_ca_file: None,
+    };
+    let store = SqliteStore::open(path, &cfg, Arc::new(Metrics::new()))?;
+    let now = SystemClock.unix_seconds();
+    let root = filled(0, now, "spiffe://example.org/people/dana", None)?;
+    let root_id = root.0.id.clone();
+    store.apply(issue_op(root)).await?;
+    let mut agents = Vec::new();
+    for i in 1..=n.min(10) {
+        let (lease, event) = filled(
+            i,
+            now,
+            "spiffe://example.org/agents/planner",
+            Some(&root_id),
+        )?;
+        agents.push(lease.id.clone());
+        store.apply(issue_op((lease, event))).await?;
+    }
+    let rest = (n.min(10) + 1..=n).map(|i| {
+        let parent = &agents[(i % agents.len() as u64) as usize];
+        filled(i, now, "spiffe://example.org/agents/runner", Some(parent)).map(issue_op)
+    });
+    let ops = rest.collect::<Result<Vec<_>, _>>()?;
+    futures::future::try_join_all(ops.into_iter().map(|op| store.apply(op))).await?;
+    Ok(root_id.to_string())
+}
+
 async fn fill(path: &std::path::Path, n: u64) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = LedgerConfig {
         commit_timeout: Duration::from_secs(60),
@@ -75,38 +156,8 @@ async fn fill(path: &std::path::Path, n: u64) -> Result<(), Box<dyn std::error::
                 } else {
                     format!("spiffe://example.org/fleet/node-{}", i % 50_000)
                 };
-                let lease = Lease {
-                    id: LeaseId::generate(now * 1000 + i as i64 / 100)
-                        .map_err(|e| e.to_string())?,
-                    profile: ProfileName::parse("dataset-read").map_err(|e| e.to_string())?,
-                    spiffe_id: holder.clone(),
-                    scopes: vec![Scope::parse("dataset:read").map_err(|e| e.to_string())?],
-                    audience: "dataset-store".into(),
-                    state: LeaseState::Active,
-                    issued_at: now,
-                    expires_at: now + 86_400,
-                    max_expires_at: now + 86_400,
-                    credential_sha256: hex::encode([i as u8; 32]),
-                    renewals: 0,
-                    ended_at: None,
-                    end_reason: None,
-                    intent: None,
-                    backend: None,
-                    parent: None,
-                    subject: None,
-                };
-                let mut event = AuditEvent::new(now * 1000, EventKind::Issue, "allow");
-                event.caller = Some(holder);
-                event.lease_id = Some(lease.id.to_string());
-                event.credential_sha256 = Some(lease.credential_sha256.clone());
                 store
-                    .apply(LedgerOp::Issue {
-                        lease,
-                        event,
-                        max_active: None,
-                        break_glass: None,
-                        idempotency: None,
-                    })
+                    .apply(issue_op(filled(i, now, &holder, None)?))
                     .await
                     .map_err(|e| e.to_string())?;
                 i += workers;
@@ -134,6 +185,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state)?;
     fill(&state.join("ledger.db"), n).await?;
+    let tree = arg("--tree", 1000);
+    let tree_root = fill_tree(&state.join("ledger.db"), tree).await?;
     let db_mib = std::fs::metadata(state.join("ledger.db"))?.len() as f64 / 1048576.0;
 
     let rss_before = rss_mib();
@@ -148,6 +201,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config: Some(Box::new(|demo: String| {
             demo.replace("max_active_leases = 100", "max_active_leases = 0")
                 .replace("requests_per_minute = 600", "requests_per_minute = 0")
+                // Nor the per-identity call bucket: the clients are one identity.
+                .replace(
+                    "calls_per_identity_per_minute = 1200",
+                    "calls_per_identity_per_minute = 100000000",
+                )
         })),
         vault_addr: None,
         aws_sts_endpoint: None,
@@ -254,6 +312,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         pct(&during, 0.5),
         pct(&during, 0.99),
         during.last().copied().unwrap_or_default()
+    );
+    // The cascade: revoking the root of the derivation tree takes every derived lease.
+    let cascade_start = Instant::now();
+    let resp = admin
+        .revoke(pb::RevokeRequest {
+            selector: Some(pb::revoke_request::Selector::LeaseId(tree_root)),
+            reason: "dana's session ended".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    println!(
+        "revocation cascade: the root of a tree of {tree} derived leases took {} leases in {:.3}s (one transaction, a feed event each)",
+        resp.revoked_lease_ids.len(),
+        cascade_start.elapsed().as_secs_f64()
     );
     env.shutdown().await?;
     Ok(())
