@@ -389,8 +389,18 @@ impl Run {
                 }
             });
         }
-        let mut tasks = Vec::new();
+        // Each client's subject token, fetched before any client starts (not timed).
+        let mut subjects = Vec::new();
         for _ in 0..clients {
+            subjects.push(if mode == "exchange" {
+                Some(delegation_token(&self.addr, &self.alice).await?)
+            } else {
+                None
+            });
+        }
+        let (commits_before, ops_before) = ledger_counts(env);
+        let mut tasks = Vec::new();
+        for subject in subjects {
             let mode = mode.clone();
             let (agent, root, addr, bundle, done) = (
                 self.agent.clone(),
@@ -399,11 +409,6 @@ impl Run {
                 self.bundle.clone(),
                 done.clone(),
             );
-            let subject = if mode == "exchange" {
-                Some(delegation_token(&self.addr, &self.alice).await?)
-            } else {
-                None
-            };
             let jwt = if mode == "jwt-svid" {
                 Some(env.ca.mint_jwt_svid(
                     &spiffe::SpiffeId::new("spiffe://example.org/ci/deploy-agent")?,
@@ -503,7 +508,6 @@ impl Run {
                 Ok::<_, String>((lat, errors))
             }));
         }
-        let (commits_before, ops_before) = ledger_counts(env);
         let started = Instant::now();
         let cpu_before = thread_cpu_ns();
         let written_before = storage_write_bytes();

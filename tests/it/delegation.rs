@@ -38,6 +38,19 @@ async fn broker_of(h: &Harness, id: &str) -> Broker {
     Broker::new(h.channel_as(&minted(h, id).0).await)
 }
 
+/// `ExchangeToken` as `id`.
+async fn exchange(
+    h: &Harness,
+    id: &str,
+    req: pb::ExchangeTokenRequest,
+) -> Result<pb::ExchangeTokenResponse, tonic::Status> {
+    broker_of(h, id)
+        .await
+        .exchange_token(req)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// Alice's token for agents: audience the broker, `scopes`, `ttl` seconds.
 async fn delegation_token(
     h: &Harness,
@@ -117,12 +130,13 @@ async fn an_agent_acting_for_a_person_gets_a_narrower_token_that_names_both() {
     assert_eq!(root_claims["aud"], spiffe_broker::dev::BROKER_ID);
     assert_eq!(root_claims["sub"], ALICE);
 
-    let resp = broker_of(&h, DEPLOY_AGENT)
-        .await
-        .exchange_token(gpu_exchange(&root_token, &["job:submit"], None))
-        .await
-        .expect("the agent exchanges alice's token")
-        .into_inner();
+    let resp = exchange(
+        &h,
+        DEPLOY_AGENT,
+        gpu_exchange(&root_token, &["job:submit"], None),
+    )
+    .await
+    .expect("the agent exchanges alice's token");
     assert_eq!(resp.issued_token_type, ACCESS_TOKEN_TYPE);
     let claims = verify_jwt(&token_of(&resp.credential), &jwks);
     assert_eq!(claims["sub"], ALICE, "the credential is for the subject");
@@ -175,28 +189,19 @@ async fn chains_nest_act_current_actor_outermost_and_are_bounded() {
             .await
             .credential,
     );
-    let one = broker_of(&h, DEPLOY_AGENT)
+    let one = exchange(&h, DEPLOY_AGENT, pass_on(&root))
         .await
-        .exchange_token(pass_on(&root))
+        .expect("first agent");
+    let two = exchange(&h, PROVISIONER, pass_on(&token_of(&one.credential)))
         .await
-        .expect("first agent")
-        .into_inner();
-    let two = broker_of(&h, PROVISIONER)
-        .await
-        .exchange_token(pass_on(&token_of(&one.credential)))
-        .await
-        .expect("second agent")
-        .into_inner();
-    let three = broker_of(&h, PLANNER)
-        .await
-        .exchange_token(gpu_exchange(
-            &token_of(&two.credential),
-            &["job:submit"],
-            Some(300),
-        ))
-        .await
-        .expect("third agent")
-        .into_inner();
+        .expect("second agent");
+    let three = exchange(
+        &h,
+        PLANNER,
+        gpu_exchange(&token_of(&two.credential), &["job:submit"], Some(300)),
+    )
+    .await
+    .expect("third agent");
     let claims = verify_jwt(&token_of(&three.credential), &h.jwks().await);
     assert_eq!(claims["sub"], ALICE);
     assert_eq!(
@@ -210,39 +215,30 @@ async fn chains_nest_act_current_actor_outermost_and_are_bounded() {
     assert_eq!(three.delegation.expect("chain").actors.len(), 3);
 
     // A fourth actor exceeds the default bound of three.
-    let planner_pass = broker_of(&h, PLANNER)
+    let planner_pass = exchange(&h, PLANNER, pass_on(&token_of(&two.credential)))
         .await
-        .exchange_token(pass_on(&token_of(&two.credential)))
-        .await
-        .expect("planner passes on (three actors)")
-        .into_inner();
-    let err = broker_of(&h, CRAWLER)
-        .await
-        .exchange_token(gpu_exchange(
-            &token_of(&planner_pass.credential),
-            &["job:submit"],
-            None,
-        ))
-        .await
-        .expect_err("four actors");
+        .expect("planner passes on (three actors)");
+    let err = exchange(
+        &h,
+        CRAWLER,
+        gpu_exchange(&token_of(&planner_pass.credential), &["job:submit"], None),
+    )
+    .await
+    .expect_err("four actors");
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("too long"), "{}", err.message());
 
     // An actor appears once: the first agent may not act again further down.
-    let err = broker_of(&h, DEPLOY_AGENT)
-        .await
-        .exchange_token(gpu_exchange(
-            &token_of(&two.credential),
-            &["job:submit"],
-            None,
-        ))
-        .await
-        .expect_err("cycle");
+    let err = exchange(
+        &h,
+        DEPLOY_AGENT,
+        gpu_exchange(&token_of(&two.credential), &["job:submit"], None),
+    )
+    .await
+    .expect_err("cycle");
     assert!(err.message().contains("cycle"), "{}", err.message());
     // Nor may the subject exchange its own token as if it were someone else.
-    let err = broker_of(&h, ALICE)
-        .await
-        .exchange_token(gpu_exchange(&root, &["job:submit"], None))
+    let err = exchange(&h, ALICE, gpu_exchange(&root, &["job:submit"], None))
         .await
         .expect_err("self");
     assert!(err.message().contains("cycle"), "{}", err.message());
@@ -326,9 +322,7 @@ async fn every_widening_attempt_is_refused_and_recorded() {
             .into_inner()
             .credential,
     );
-    let err = broker_of(&h, DEPLOY_AGENT)
-        .await
-        .exchange_token(gpu_exchange(&gpu, &["job:submit"], None))
+    let err = exchange(&h, DEPLOY_AGENT, gpu_exchange(&gpu, &["job:submit"], None))
         .await
         .expect_err("other audience");
     assert!(err.message().contains("audience"), "{}", err.message());
@@ -380,16 +374,16 @@ async fn may_act_names_the_only_identity_that_may_exchange() {
     );
     let claims = verify_jwt(&token, &h.jwks().await);
     assert_eq!(claims["may_act"]["sub"], PROVISIONER);
-    let err = broker_of(&h, DEPLOY_AGENT)
-        .await
-        .exchange_token(gpu_exchange(&token, &["job:submit"], None))
-        .await
-        .expect_err("not the named actor");
+    let err = exchange(
+        &h,
+        DEPLOY_AGENT,
+        gpu_exchange(&token, &["job:submit"], None),
+    )
+    .await
+    .expect_err("not the named actor");
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("may_act"), "{}", err.message());
-    broker_of(&h, PROVISIONER)
-        .await
-        .exchange_token(gpu_exchange(&token, &["job:submit"], None))
+    exchange(&h, PROVISIONER, gpu_exchange(&token, &["job:submit"], None))
         .await
         .expect("the named actor may");
 }
@@ -420,53 +414,56 @@ async fn a_jwt_svid_subject_is_bounded_by_its_own_entitlement_and_its_act_is_ign
         spiffe_broker::dev::BROKER_ID,
         serde_json::json!({"act": {"sub": ROOT, "act": {"sub": BOB}}}),
     );
-    let resp = broker_of(&h, DEPLOY_AGENT)
+    let resp = exchange(&h, DEPLOY_AGENT, jwt(forged))
         .await
-        .exchange_token(jwt(forged))
-        .await
-        .expect("exchanged")
-        .into_inner();
+        .expect("exchanged");
     let claims = verify_jwt(&token_of(&resp.credential), &h.jwks().await);
     assert_eq!(claims["sub"], PROVISIONER);
     assert_eq!(act_chain(&claims), vec![DEPLOY_AGENT.to_owned()]);
     assert_eq!(resp.delegation.expect("chain").subject_type, "workload");
 
     // For another audience: refused.
-    let err = broker_of(&h, DEPLOY_AGENT)
-        .await
-        .exchange_token(jwt(sign(
+    let err = exchange(
+        &h,
+        DEPLOY_AGENT,
+        jwt(sign(
             PROVISIONER,
             "spiffe://example.org/other",
             serde_json::json!({}),
-        )))
-        .await
-        .expect_err("audience");
+        )),
+    )
+    .await
+    .expect_err("audience");
     assert!(err.message().contains("audience"), "{}", err.message());
     // A subject that may not have the credential itself lends nothing.
-    let err = broker_of(&h, DEPLOY_AGENT)
-        .await
-        .exchange_token(jwt(sign(
+    let err = exchange(
+        &h,
+        DEPLOY_AGENT,
+        jwt(sign(
             MODEL_RUNTIME,
             spiffe_broker::dev::BROKER_ID,
             serde_json::json!({}),
-        )))
-        .await
-        .expect_err("subject not entitled");
+        )),
+    )
+    .await
+    .expect_err("subject not entitled");
     assert!(
         err.message().contains("may not be issued this itself"),
         "{}",
         err.message()
     );
     // may_act in a JWT-SVID is enforced too.
-    let err = broker_of(&h, DEPLOY_AGENT)
-        .await
-        .exchange_token(jwt(sign(
+    let err = exchange(
+        &h,
+        DEPLOY_AGENT,
+        jwt(sign(
             PROVISIONER,
             spiffe_broker::dev::BROKER_ID,
             serde_json::json!({"may_act": {"sub": PLANNER}}),
-        )))
-        .await
-        .expect_err("may_act");
+        )),
+    )
+    .await
+    .expect_err("may_act");
     assert!(err.message().contains("may_act"), "{}", err.message());
 }
 
@@ -569,12 +566,9 @@ async fn revoking_a_subject_revokes_every_credential_derived_from_it() {
     let h = harness().await;
     let root = delegation_token(&h, &["job:submit", "job:read"], 3600, "").await;
     let root_lease = root.lease.expect("lease").id;
-    let one = broker_of(&h, DEPLOY_AGENT)
+    let one = exchange(&h, DEPLOY_AGENT, pass_on(&token_of(&root.credential)))
         .await
-        .exchange_token(pass_on(&token_of(&root.credential)))
-        .await
-        .expect("one")
-        .into_inner();
+        .expect("one");
     let mut derived = vec![one.lease.clone().expect("lease").id];
     for agent in [PROVISIONER, PLANNER] {
         let r = broker_of(&h, agent)
@@ -654,19 +648,16 @@ async fn revoking_a_subject_revokes_every_credential_derived_from_it() {
 
     // Revoking the identity of the subject reaches what agents hold for it.
     let again = delegation_token(&h, &["job:submit"], 3600, "").await;
-    let held = broker_of(&h, DEPLOY_AGENT)
-        .await
-        .exchange_token(gpu_exchange(
-            &token_of(&again.credential),
-            &["job:submit"],
-            None,
-        ))
-        .await
-        .expect("exchanged")
-        .into_inner()
-        .lease
-        .expect("lease")
-        .id;
+    let held = exchange(
+        &h,
+        DEPLOY_AGENT,
+        gpu_exchange(&token_of(&again.credential), &["job:submit"], None),
+    )
+    .await
+    .expect("exchanged")
+    .lease
+    .expect("lease")
+    .id;
     let done = admin
         .revoke(pb::RevokeRequest {
             selector: Some(pb::revoke_request::Selector::SpiffeId(ALICE.into())),
@@ -682,15 +673,13 @@ async fn revoking_a_subject_revokes_every_credential_derived_from_it() {
         done.revoked_lease_ids
     );
     // And nothing more is issued for her through an agent.
-    let err = broker_of(&h, DEPLOY_AGENT)
-        .await
-        .exchange_token(gpu_exchange(
-            &token_of(&again.credential),
-            &["job:submit"],
-            None,
-        ))
-        .await
-        .expect_err("revoked");
+    let err = exchange(
+        &h,
+        DEPLOY_AGENT,
+        gpu_exchange(&token_of(&again.credential), &["job:submit"], None),
+    )
+    .await
+    .expect_err("revoked");
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
@@ -739,12 +728,9 @@ async fn a_relying_party_reads_the_chain_applies_its_rule_and_learns_of_the_casc
     use spiffe_broker::relying_party::{DelegationRule, RelyingParty, RpConfig, RpError};
     let h = harness().await;
     let root = delegation_token(&h, &["job:submit", "job:read"], 3600, "").await;
-    let one = broker_of(&h, DEPLOY_AGENT)
+    let one = exchange(&h, DEPLOY_AGENT, pass_on(&token_of(&root.credential)))
         .await
-        .exchange_token(pass_on(&token_of(&root.credential)))
-        .await
-        .expect("one")
-        .into_inner();
+        .expect("one");
     let (identity, cert) = minted(&h, PROVISIONER);
     let two = Broker::new(h.channel_as(&identity).await)
         .exchange_token(gpu_exchange(
