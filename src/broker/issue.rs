@@ -298,6 +298,18 @@ impl Broker {
                 return Err(self.refuse_throttled(caller, &key, rpc, t).await);
             }
         }
+        if opts.may_act.is_some()
+            && policy
+                .directory()
+                .profile(req.profile.as_str())
+                .is_some_and(|p| !p.kind.carries_claims())
+        {
+            let err = BrokerError::InvalidArgument(format!(
+                "may_act needs a token profile; {:?} issues no token that could carry it",
+                req.profile.as_str()
+            ));
+            return Err(self.reject(caller, rpc, err).await);
+        }
         if let Some(key) = &opts.idempotency_key {
             if let Some(done) = self.replay(caller, &req, key).await? {
                 return Ok(IssueOutcome::Issued(Box::new(done)));

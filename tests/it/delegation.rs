@@ -798,3 +798,29 @@ async fn a_relying_party_reads_the_chain_applies_its_rule_and_learns_of_the_casc
     any.sync_revocations().await.expect("feed");
     assert_eq!(any.verify(&token, Some(&cert)), Err(RpError::Revoked));
 }
+
+#[tokio::test]
+async fn may_act_is_refused_on_a_profile_that_issues_no_token() {
+    let h = harness().await;
+    let err = broker_of(&h, MODEL_RUNTIME)
+        .await
+        .issue_credential(pb::IssueCredentialRequest {
+            profile: "feature-db".into(),
+            may_act: DEPLOY_AGENT.into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a Vault secret cannot carry may_act");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("may_act"), "{}", err.message());
+    let err = broker_of(&h, ALICE)
+        .await
+        .issue_credential(pb::IssueCredentialRequest {
+            profile: "agent-delegation".into(),
+            may_act: "not a spiffe id".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad may_act");
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
