@@ -264,6 +264,39 @@ impl HttpClient {
         })
     }
 
+    /// GETs `url` and returns the body of a 200 answer; any other status is an error.
+    pub async fn get_ok(&self, url: &str) -> Result<Bytes, HttpError> {
+        let req = http::Request::get(url)
+            .body(Vec::new())
+            .map_err(|e| HttpError(format!("{url}: {e}")))?;
+        let resp = self.send(req).await?;
+        if resp.status != StatusCode::OK {
+            return Err(HttpError(format!("{url}: HTTP {}", resp.status)));
+        }
+        Ok(resp.body)
+    }
+
+    /// The JWKS of an OpenID issuer, found through its discovery document
+    /// (`{issuer}/.well-known/openid-configuration`), which must name exactly `issuer`.
+    pub async fn discover_jwks(&self, issuer: &str) -> Result<crate::jose::JwkSet, HttpError> {
+        let disc: serde_json::Value = serde_json::from_slice(
+            &self
+                .get_ok(&format!("{issuer}/.well-known/openid-configuration"))
+                .await?,
+        )
+        .map_err(|e| HttpError(format!("{issuer}: discovery: {e}")))?;
+        if disc["issuer"].as_str() != Some(issuer) {
+            return Err(HttpError(format!(
+                "{issuer}: discovery names a different issuer"
+            )));
+        }
+        let uri = disc["jwks_uri"]
+            .as_str()
+            .ok_or_else(|| HttpError(format!("{issuer}: discovery has no jwks_uri")))?;
+        serde_json::from_slice(&self.get_ok(uri).await?)
+            .map_err(|e| HttpError(format!("{issuer}: JWKS: {e}")))
+    }
+
     /// Sends `req` and returns only the status; the body is not read (the connection is
     /// then not reused unless the body was empty).
     pub async fn send_for_status(

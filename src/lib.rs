@@ -19,7 +19,8 @@
 //! disk (`spiffe-broker agent`); `relying_party` is the library a relying party
 //! embeds (it needs nothing of the broker's internals); `http_client` is the one outbound
 //! HTTP(S) client (Vault, STS, webhooks, the relying party's fetches); `sinks` ship
-//! committed audit entries to a file, syslog or an OpenTelemetry collector.
+//! committed audit entries to a file, syslog or an OpenTelemetry collector; `oidc`
+//! verifies people's ID tokens from configured OpenID Providers (token exchange).
 //!
 //! # Layers
 //!
@@ -32,7 +33,7 @@
 //! layer 0: domain proto
 //! layer 1: clock merkle metrics jose http_client files traceparent
 //! layer 2: crypto checkpoint audit config
-//! layer 3: authn store notify relying_party
+//! layer 3: authn store notify relying_party oidc
 //! layer 4: policy workload client otlp sinks telemetry
 //! layer 5: issuer agent
 //! layer 6: broker error
@@ -140,6 +141,7 @@ pub mod jose;
 pub mod merkle;
 pub mod metrics;
 pub mod notify;
+pub mod oidc;
 pub mod otlp;
 pub mod policy;
 pub mod relying_party;

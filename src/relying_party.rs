@@ -227,23 +227,14 @@ impl RelyingParty {
 
     /// Fetches the JWKS through OIDC discovery.
     pub async fn refresh_keys(&self) -> Result<(), RpError> {
-        let disc: serde_json::Value = serde_json::from_slice(
-            &self
-                .get(&format!(
-                    "{}/.well-known/openid-configuration",
-                    self.cfg.issuer_url
-                ))
-                .await?,
-        )
-        .map_err(|e| RpError::Broker(format!("discovery: {e}")))?;
-        if disc["issuer"].as_str() != Some(self.cfg.issuer_url.as_str()) {
-            return Err(RpError::Broker("discovery names a different issuer".into()));
-        }
-        let uri = disc["jwks_uri"]
-            .as_str()
-            .ok_or_else(|| RpError::Broker("discovery has no jwks_uri".into()))?;
-        let jwks: JwkSet = serde_json::from_slice(&self.get(uri).await?)
-            .map_err(|e| RpError::Broker(format!("JWKS: {e}")))?;
+        let http = self
+            .http
+            .as_ref()
+            .map_err(|e| RpError::Broker(format!("HTTP client: {e}")))?;
+        let jwks = http
+            .discover_jwks(&self.cfg.issuer_url)
+            .await
+            .map_err(|e| RpError::Broker(e.to_string()))?;
         self.set_keys(jwks);
         Ok(())
     }
@@ -437,16 +428,10 @@ impl RelyingParty {
             .http
             .as_ref()
             .map_err(|e| RpError::Broker(format!("HTTP client: {e}")))?;
-        let req = http::Request::get(url)
-            .body(Vec::new())
-            .map_err(|e| RpError::Broker(format!("{url}: {e}")))?;
-        let resp = http
-            .send(req)
+        Ok(http
+            .get_ok(url)
             .await
-            .map_err(|e| RpError::Broker(e.to_string()))?;
-        if resp.status != http::StatusCode::OK {
-            return Err(RpError::Broker(format!("{url}: HTTP {}", resp.status)));
-        }
-        Ok(resp.body.to_vec())
+            .map_err(|e| RpError::Broker(e.to_string()))?
+            .to_vec())
     }
 }

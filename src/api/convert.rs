@@ -116,6 +116,13 @@ pub fn parse_selector(
             "a selector is required: lease_id, spiffe_id, spiffe_id_prefix, profile, approver, access_request_id or all",
         )),
         Some(Selector::LeaseId(id)) => Ok(RevokeSelector::Lease(LeaseId::parse(id)?)),
+        // A person signed in at an OpenID Provider is revoked by their `oidc:` id.
+        Some(Selector::SpiffeId(id)) if id.starts_with("oidc:") => {
+            if id.len() > 512 || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+                return Err(invalid("invalid spiffe_id: an oidc: id is 1..=512 printable characters"));
+            }
+            Ok(RevokeSelector::SpiffeId(id.clone()))
+        }
         Some(Selector::SpiffeId(id)) => Ok(RevokeSelector::SpiffeId(workload(id, "spiffe_id")?)),
         Some(Selector::SpiffeIdPrefix(p)) => {
             let base = p.trim_end_matches('/');

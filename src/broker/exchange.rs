@@ -4,6 +4,7 @@
 //! only narrows, and the ledger records every link.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::issue::{IssueOptions, IssueOutcome, SubjectBounds};
 use super::{request_record, Broker};
@@ -16,6 +17,7 @@ use crate::domain::{
 };
 use crate::error::BrokerError;
 use crate::jose::{self, TokenRefusal};
+use crate::oidc::{OidcProviders, Person};
 use crate::policy::Decision;
 
 /// What the broker needs to verify subject tokens it issued itself.
@@ -43,6 +45,8 @@ struct Subject {
     earlier: Vec<String>,
     may_act: Option<MayAct>,
     bounds: SubjectBounds,
+    /// A person from an ID token: email and groups.
+    person: Option<Person>,
 }
 
 impl Broker {
@@ -50,6 +54,12 @@ impl Broker {
     /// `ExchangeToken` accepts only JWT-SVIDs).
     pub fn with_exchange(mut self, settings: ExchangeSettings) -> Self {
         self.exchange = Some(settings);
+        self
+    }
+
+    /// Sets the OpenID Providers whose people's ID tokens are accepted as subject tokens.
+    pub fn with_oidc(mut self, providers: OidcProviders) -> Self {
+        self.oidc = Some(Arc::new(providers));
         self
     }
 
@@ -61,14 +71,21 @@ impl Broker {
             })
     }
 
+    /// A chain member by id: people signed in at an OpenID Provider (`oidc:…`) are
+    /// people; others are what the inventory says (workloads by default).
     fn party(&self, id: &str) -> Party {
-        let kind = spiffe::SpiffeId::new(id)
-            .ok()
-            .and_then(|sid| self.policy().directory().identity(&sid).map(|i| i.kind))
-            .unwrap_or(PartyKind::Workload);
+        let kind = if id.starts_with("oidc:") {
+            PartyKind::Person
+        } else {
+            spiffe::SpiffeId::new(id)
+                .ok()
+                .and_then(|sid| self.policy().directory().identity(&sid).map(|i| i.kind))
+                .unwrap_or(PartyKind::Workload)
+        };
         Party {
             id: id.to_owned(),
             kind,
+            email: None,
         }
     }
 
@@ -127,19 +144,32 @@ impl Broker {
         }
         let mut actors = vec![self.party(&actor)];
         actors.extend(earlier.iter().map(|a| self.party(a)));
+        let subject_party = match &subject.person {
+            Some(p) => Party {
+                id: p.id.clone(),
+                kind: PartyKind::Person,
+                email: p.email.clone(),
+            },
+            None => self.party(&subject.id),
+        };
         let delegation = Delegation {
-            subject: self.party(&subject.id),
+            subject: subject_party,
             actors,
             subject_token_type: subject.token_type,
             subject_token_sha256: subject.sha256.clone(),
             parent_lease: subject.parent.clone(),
+            subject_groups: subject
+                .person
+                .as_ref()
+                .map(|p| p.groups.clone())
+                .unwrap_or_default(),
         };
         let mut bounds = subject.bounds;
         if subject.token_type == SubjectTokenType::JwtSvid {
             // A workload's JWT-SVID grants nothing by itself: the subject's own
             // entitlement under policy bounds what may be issued for it.
             match self.subject_entitlement(&subject.id, &req) {
-                Ok(scopes) => bounds.scopes = scopes,
+                Ok(scopes) => bounds.scopes = Some(scopes),
                 Err(why) => {
                     req.delegation = Some(delegation);
                     return Err(self.refuse_exchange(caller, &req, refused(why)).await);
@@ -232,11 +262,35 @@ impl Broker {
                     may_act,
                     bounds: SubjectBounds {
                         not_after: exp,
-                        scopes: BTreeSet::new(),
+                        scopes: None,
                     },
+                    person: None,
                 })
             }
             SubjectTokenType::BrokerToken => self.verify_broker_token(token, sha256).await,
+            SubjectTokenType::IdToken => {
+                let providers = self
+                    .oidc
+                    .as_ref()
+                    .ok_or("no OpenID Provider is configured on this broker")?;
+                let person = providers.verify(token).await?;
+                Ok(Subject {
+                    id: person.id.clone(),
+                    token_type,
+                    sha256,
+                    parent: None,
+                    earlier: Vec::new(),
+                    may_act: None,
+                    // An ID token carries no grant of its own: what may be issued for the
+                    // person is what policy permits the actor with the person in
+                    // `context.delegation` (their id and groups).
+                    bounds: SubjectBounds {
+                        not_after: person.expires_at,
+                        scopes: None,
+                    },
+                    person: Some(person),
+                })
+            }
         }
     }
 
@@ -306,8 +360,9 @@ impl Broker {
             may_act: claims.may_act,
             bounds: SubjectBounds {
                 not_after: claims.exp.min(lease.expires_at),
-                scopes,
+                scopes: Some(scopes),
             },
+            person: None,
         })
     }
 }

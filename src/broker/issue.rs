@@ -70,8 +70,9 @@ pub struct IssueOptions {
 pub struct SubjectBounds {
     /// The subject token's expiry (Unix seconds): the credential never outlives it.
     pub not_after: i64,
-    /// The subject's scopes: the grant's must be among them.
-    pub scopes: BTreeSet<String>,
+    /// The subject's scopes: the grant's must be among them (`None`: the subject token
+    /// carries none, as an ID token; policy alone bounds the grant).
+    pub scopes: Option<BTreeSet<String>>,
 }
 
 /// A dry-run decision.
@@ -443,17 +444,19 @@ impl Broker {
             req.scopes.iter().map(|s| s.to_string()).collect()
         };
         let mut violations = Vec::new();
-        let beyond: Vec<&str> = asked
-            .iter()
-            .map(String::as_str)
-            .filter(|s| !b.scopes.contains(*s))
-            .collect();
-        if !beyond.is_empty() {
-            violations.push(format!(
-                "scope(s) {} beyond the subject token's ({})",
-                beyond.join(" "),
-                b.scopes.iter().cloned().collect::<Vec<_>>().join(" ")
-            ));
+        if let Some(scopes) = &b.scopes {
+            let beyond: Vec<&str> = asked
+                .iter()
+                .map(String::as_str)
+                .filter(|s| !scopes.contains(*s))
+                .collect();
+            if !beyond.is_empty() {
+                violations.push(format!(
+                    "scope(s) {} beyond the subject token's ({})",
+                    beyond.join(" "),
+                    scopes.iter().cloned().collect::<Vec<_>>().join(" ")
+                ));
+            }
         }
         let left = b.not_after - self.clock.unix_seconds();
         if let Some(ttl) = req.ttl {

@@ -167,6 +167,7 @@ pub struct Broker {
     revocations: broadcast::Sender<()>,
     changes: broadcast::Sender<String>,
     exchange: Option<ExchangeSettings>,
+    oidc: Option<Arc<crate::oidc::OidcProviders>>,
 }
 
 /// How often watchers' shared pollers re-read the store (changes made on other replicas).
@@ -206,6 +207,7 @@ impl Broker {
             revocations: broadcast::channel(64).0,
             changes: broadcast::channel(1024).0,
             exchange: None,
+            oidc: None,
         }
     }
 

@@ -15,11 +15,13 @@ use crate::clock::parse_duration;
 mod backend;
 mod inventory;
 mod limits;
+mod oidc;
 mod pg_conninfo;
 pub mod postgres;
 mod profile;
 mod sinks;
 
+pub use oidc::OidcProviderConfig;
 pub use sinks::{AuditSinkConfig, SinkKind, SinkTls};
 
 pub use inventory::{ApproverGroup, Identity};
@@ -182,6 +184,8 @@ pub struct Config {
     pub keys: KeysConfig,
     /// `[delegation] max_chain_depth`: most actors in a token-exchange chain.
     pub max_chain_depth: usize,
+    /// `[[oidc_providers]]`: whose people's ID tokens token exchange accepts.
+    pub oidc_providers: Vec<OidcProviderConfig>,
 }
 
 /// `[keys]`: how the token-signing key rotates.
@@ -243,6 +247,8 @@ struct RawConfig {
     keys: RawKeys,
     #[serde(default)]
     delegation: RawDelegation,
+    #[serde(default)]
+    oidc_providers: Vec<oidc::RawOidcProvider>,
 }
 
 #[derive(Deserialize, Default)]
@@ -459,6 +465,19 @@ impl Config {
                     return err(format!("audit_sinks: two sinks named {:?}", w[0]));
                 }
                 sinks
+            },
+            oidc_providers: {
+                let providers = raw
+                    .oidc_providers
+                    .into_iter()
+                    .map(oidc::RawOidcProvider::resolve)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut issuers: Vec<_> = providers.iter().map(|p| p.issuer.as_str()).collect();
+                issuers.sort_unstable();
+                if let Some(w) = issuers.windows(2).find(|w| w[0] == w[1]) {
+                    return err(format!("oidc_providers: {} is listed twice", w[0]));
+                }
+                providers
             },
             max_chain_depth: match raw.delegation.max_chain_depth {
                 None => crate::domain::delegation::DEFAULT_MAX_CHAIN_DEPTH,

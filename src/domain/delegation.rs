@@ -40,6 +40,9 @@ pub struct Party {
     /// Person or workload.
     #[serde(rename = "type")]
     pub kind: PartyKind,
+    /// A person's email from their ID token (shown beside the id; never decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
 }
 
 /// The token types `ExchangeToken` accepts as a subject token (RFC 8693 §3).
@@ -53,6 +56,10 @@ pub enum SubjectTokenType {
     /// audience is this broker, verified against the trust domain's JWT bundle.
     #[serde(rename = "urn:ietf:params:oauth:token-type:jwt")]
     JwtSvid,
+    /// A person's ID token from a configured OpenID Provider
+    /// (`urn:ietf:params:oauth:token-type:id_token`), audience the broker's client id.
+    #[serde(rename = "urn:ietf:params:oauth:token-type:id_token")]
+    IdToken,
 }
 
 impl SubjectTokenType {
@@ -61,6 +68,7 @@ impl SubjectTokenType {
         match self {
             SubjectTokenType::BrokerToken => ACCESS_TOKEN_TYPE,
             SubjectTokenType::JwtSvid => JWT_TOKEN_TYPE,
+            SubjectTokenType::IdToken => ID_TOKEN_TYPE,
         }
     }
 
@@ -69,12 +77,9 @@ impl SubjectTokenType {
         match uri {
             ACCESS_TOKEN_TYPE => Ok(SubjectTokenType::BrokerToken),
             JWT_TOKEN_TYPE => Ok(SubjectTokenType::JwtSvid),
-            ID_TOKEN_TYPE => Err(DomainError::Invalid(
-                "subject_token_type id_token: no OpenID Provider is configured on this broker"
-                    .into(),
-            )),
+            ID_TOKEN_TYPE => Ok(SubjectTokenType::IdToken),
             other => Err(DomainError::Invalid(format!(
-                "subject_token_type {:?} is not accepted (use {ACCESS_TOKEN_TYPE} for a credential this broker issued, {JWT_TOKEN_TYPE} for a JWT-SVID)",
+                "subject_token_type {:?} is not accepted (use {ACCESS_TOKEN_TYPE} for a credential this broker issued, {JWT_TOKEN_TYPE} for a JWT-SVID, {ID_TOKEN_TYPE} for a person's ID token)",
                 super::truncate(other)
             ))),
         }
@@ -143,6 +148,10 @@ pub struct Delegation {
     /// For a broker-issued subject token: its lease (revoking it revokes this credential).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_lease: Option<LeaseId>,
+    /// For a person's ID token: their groups (the provider's groups claim), which Cedar
+    /// sees as `subject_groups`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_groups: Vec<String>,
 }
 
 impl Delegation {
@@ -227,7 +236,10 @@ mod tests {
             SubjectTokenType::parse(JWT_TOKEN_TYPE),
             Ok(SubjectTokenType::JwtSvid)
         );
-        assert!(SubjectTokenType::parse(ID_TOKEN_TYPE).is_err());
+        assert_eq!(
+            SubjectTokenType::parse(ID_TOKEN_TYPE),
+            Ok(SubjectTokenType::IdToken)
+        );
         assert!(SubjectTokenType::parse("urn:x").is_err());
     }
 }

@@ -492,6 +492,7 @@ impl Policy for CedarPolicy {
                 "actors": d.actors.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
                 "actor_types": d.actors.iter().map(|a| a.kind.as_str()).collect::<Vec<_>>(),
                 "depth": d.actors.len() as i64,
+                "subject_groups": d.subject_groups,
             });
         }
         let resource = match uid("Profile", profile.name.as_str()) {

@@ -128,14 +128,17 @@ mod tests {
             subject: Party {
                 id: ALICE.into(),
                 kind: PartyKind::Person,
+                email: None,
             },
             actors: vec![Party {
                 id: AGENT.into(),
                 kind: PartyKind::Workload,
+                email: None,
             }],
             subject_token_type: SubjectTokenType::BrokerToken,
             subject_token_sha256: "00".repeat(32),
             parent_lease: None,
+            subject_groups: Vec::new(),
         }
     }
 

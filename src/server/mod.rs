@@ -287,7 +287,7 @@ pub async fn assemble(
         Arc::new(policy),
         issuers,
         store,
-        clock,
+        clock.clone(),
         metrics.clone(),
     )
     .with_notifier(notifier)
@@ -304,6 +304,13 @@ pub async fn assemble(
     ));
     if let Some(l) = loader {
         broker = broker.with_loader(l);
+    }
+    if !config.oidc_providers.is_empty() {
+        broker = broker.with_oidc(crate::oidc::OidcProviders::new(
+            &config.oidc_providers,
+            clock.clone(),
+            config.jwt_clock_skew,
+        ));
     }
     broker = broker.with_exchange(crate::broker::ExchangeSettings {
         keys: keys.clone(),

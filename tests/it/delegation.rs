@@ -824,3 +824,107 @@ async fn may_act_is_refused_on_a_profile_that_issues_no_token() {
         .expect_err("bad may_act");
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+/// A person signed in at a real OpenID Provider (panva's `oidc-provider`, through its own
+/// login and consent pages); an agent exchanges the person's ID token. The provider's keys
+/// come from its discovery document; its groups reach Cedar; a token for another client,
+/// a tampered one and one from an unconfigured provider are refused and recorded.
+#[tokio::test]
+async fn an_agent_acts_for_a_person_signed_in_at_an_openid_provider() {
+    use common::openid::OpenIdProvider;
+    let op = OpenIdProvider::start();
+    let extra = op.config();
+    let h = start_with(Some(Box::new(move |c: String| c + &extra))).await;
+    let id_token = |user: &str| op.login(user);
+    let by_id_token = |token: String| pb::ExchangeTokenRequest {
+        subject_token_type: spiffe_broker::domain::delegation::ID_TOKEN_TYPE.into(),
+        ..gpu_exchange(&token, &["job:submit"], Some(300))
+    };
+
+    let alice = id_token("alice");
+    let resp = exchange(&h, DEPLOY_AGENT, by_id_token(alice.clone()))
+        .await
+        .expect("the agent acts for alice");
+    let person = format!("oidc:{}#alice", op.issuer);
+    let claims = verify_jwt(&token_of(&resp.credential), &h.jwks().await);
+    assert_eq!(claims["sub"], person.as_str());
+    assert_eq!(act_chain(&claims), vec![DEPLOY_AGENT.to_owned()]);
+    let d = resp.delegation.expect("chain");
+    assert_eq!(
+        (d.subject.as_str(), d.subject_type.as_str()),
+        (person.as_str(), "person")
+    );
+    let entry = h
+        .audit_bodies()
+        .into_iter()
+        .rev()
+        .find(|b| b["kind"] == "issue")
+        .expect("issue entry");
+    let rec = &entry["request"]["delegation"];
+    assert_eq!(rec["subject"]["email"], "alice@example.org");
+    assert_eq!(
+        rec["subject_token_type"],
+        spiffe_broker::domain::delegation::ID_TOKEN_TYPE
+    );
+    assert_eq!(rec["subject_groups"][0], "ml-engineers");
+
+    // Bob's provider says he is a contractor: the demo policy forbids, naming itself.
+    let err = exchange(&h, DEPLOY_AGENT, by_id_token(id_token("bob")))
+        .await
+        .expect_err("not an ML engineer");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("people/oidc-needs-ml-engineers"),
+        "{}",
+        err.message()
+    );
+
+    // Tampered (the sub swapped for root), another provider, another type: refused.
+    let mut parts: Vec<String> = alice.split('.').map(str::to_owned).collect();
+    let payload = String::from_utf8(
+        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &parts[1])
+            .expect("payload"),
+    )
+    .expect("utf-8")
+    .replace("\"sub\":\"alice\"", "\"sub\":\"root\"");
+    parts[1] = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload);
+    let err = exchange(&h, DEPLOY_AGENT, by_id_token(parts.join(".")))
+        .await
+        .expect_err("tampered");
+    assert!(err.message().contains("signature"), "{}", err.message());
+    let other = OpenIdProvider::start();
+    let err = exchange(&h, DEPLOY_AGENT, by_id_token(other.login("alice")))
+        .await
+        .expect_err("unconfigured provider");
+    assert!(err.message().contains("is configured"), "{}", err.message());
+    let err = exchange(
+        &h,
+        DEPLOY_AGENT,
+        pb::ExchangeTokenRequest {
+            subject_token_type: JWT_TOKEN_TYPE.into(),
+            ..by_id_token(id_token("alice"))
+        },
+    )
+    .await
+    .expect_err("an ID token is not a JWT-SVID");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(last_deny(&h)["reason"]
+        .as_str()
+        .expect("reason")
+        .contains("subject token refused"));
+
+    // Revoking the person's identity revokes what agents hold for her.
+    let held = resp.lease.expect("lease").id;
+    let done = h
+        .admin_as(ROOT)
+        .await
+        .revoke(pb::RevokeRequest {
+            selector: Some(pb::revoke_request::Selector::SpiffeId(person.clone())),
+            reason: "alice's account disabled at the provider".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("revoked")
+        .into_inner();
+    assert_eq!(done.revoked_lease_ids, vec![held]);
+}

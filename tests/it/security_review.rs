@@ -393,14 +393,17 @@ fn approvals_on_record_from_the_chain_do_not_count() {
         subject: Party {
             id: ALICE.into(),
             kind: PartyKind::Person,
+            email: None,
         },
         actors: vec![Party {
             id: DEPLOY_AGENT.into(),
             kind: PartyKind::Workload,
+            email: None,
         }],
         subject_token_type: SubjectTokenType::BrokerToken,
         subject_token_sha256: "00".repeat(32),
         parent_lease: None,
+        subject_groups: Vec::new(),
     });
     let decide = |approvals: &[&str], req: &CredentialRequest| {
         policy.decide(

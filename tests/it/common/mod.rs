@@ -2,6 +2,7 @@
 //! broker over mTLS on port 0) with a manual clock.
 #![allow(dead_code)]
 
+pub mod openid;
 pub mod pg;
 pub mod pki;
 pub mod process;

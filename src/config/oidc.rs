@@ -1,0 +1,55 @@
+//! `[[oidc_providers]]`: OpenID Providers whose people's ID tokens the broker accepts as
+//! token-exchange subject tokens (`urn:ietf:params:oauth:token-type:id_token`).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{err, ConfigError};
+
+/// One OpenID Provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcProviderConfig {
+    /// The issuer exactly as its ID tokens' `iss` says (`https://…`; `http://` only on
+    /// loopback); discovery is at `{issuer}/.well-known/openid-configuration`.
+    pub issuer: String,
+    /// The broker's client id at the provider: ID tokens must name it in `aud`.
+    pub client_id: String,
+    /// For an `https` issuer: the CA file (default: the platform's trust store).
+    pub ca_file: Option<PathBuf>,
+    /// The claim that lists the person's groups (Cedar's `subject_groups`).
+    pub groups_claim: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOidcProvider {
+    issuer: String,
+    client_id: String,
+    ca_file: Option<PathBuf>,
+    groups_claim: Option<String>,
+}
+
+impl RawOidcProvider {
+    pub(super) fn resolve(self) -> Result<OidcProviderConfig, ConfigError> {
+        let issuer = self.issuer.trim_end_matches('/').to_owned();
+        let loopback = ["http://127.0.0.1:", "http://[::1]:", "http://localhost:"]
+            .iter()
+            .any(|p| issuer.starts_with(p));
+        if !(issuer.starts_with("https://") || loopback) || issuer.contains(['?', '#']) {
+            return err(format!(
+                "oidc_providers: issuer {:?} must be an https:// URL without query or fragment (http:// only on loopback)",
+                self.issuer
+            ));
+        }
+        if self.client_id.is_empty() || self.client_id.chars().any(char::is_control) {
+            return err(format!("oidc_providers: {issuer}: client_id is required"));
+        }
+        Ok(OidcProviderConfig {
+            issuer,
+            client_id: self.client_id,
+            ca_file: self.ca_file,
+            groups_claim: self.groups_claim.unwrap_or_else(|| "groups".into()),
+        })
+    }
+}
