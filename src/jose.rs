@@ -204,6 +204,40 @@ impl JwtClaims {
     }
 }
 
+/// The header of a JWT from outside (a JWT-SVID, an ID token): only these parameters may
+/// appear; `jku`, `x5u`, `jwk`, `crit` and anything else is refused (no key or processing
+/// instructions from the sender).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrictHeader {
+    /// The algorithm (checked against [`Alg::parse`]'s allow-list).
+    pub alg: String,
+    /// The key id.
+    pub kid: Option<String>,
+    /// The type, if stated.
+    pub typ: Option<String>,
+}
+
+/// An `aud` claim: one audience or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    /// A single string.
+    One(String),
+    /// An array.
+    Many(Vec<String>),
+}
+
+impl Audience {
+    /// Every audience named.
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            Audience::One(a) => std::slice::from_ref(a),
+            Audience::Many(v) => v.as_slice(),
+        }
+    }
+}
+
 /// Why a broker token did not verify.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenRefusal {

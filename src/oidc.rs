@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::clock::Clock;
 use crate::config::OidcProviderConfig;
 use crate::http_client::{HttpClient, HttpError, Options, Trust};
-use crate::jose::{self, Alg, Jwk};
+use crate::jose::{self, Alg, Audience, Jwk, StrictHeader};
 
 /// An unknown `kid` refetches a provider's JWKS at most this often (seconds).
 const REFETCH_AFTER: i64 = 60;
@@ -57,22 +57,6 @@ pub struct OidcProviders {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Header {
-    alg: String,
-    kid: Option<String>,
-    #[allow(dead_code)]
-    typ: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Audience {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
 struct Claims {
     iss: String,
     sub: String,
@@ -109,7 +93,7 @@ impl OidcProviders {
     /// Verifies an ID token; the refusal names what failed.
     pub async fn verify(&self, token: &str) -> Result<Person, String> {
         let parts = jose::split(token).map_err(|e| format!("malformed ID token: {e}"))?;
-        let header: Header = serde_json::from_slice(&parts.header)
+        let header: StrictHeader = serde_json::from_slice(&parts.header)
             .map_err(|e| format!("ID token header refused: {e}"))?;
         let alg = Alg::parse(&header.alg).map_err(|e| e.0)?;
         let kid = header.kid.ok_or("ID token header has no kid")?;
@@ -130,10 +114,7 @@ impl OidcProviders {
         jose::verify(alg, &key, parts.signing_input, &parts.signature)
             .map_err(|e| format!("ID token signature refused: {e}"))?;
         let client = provider.cfg.client_id.as_str();
-        let auds = match &claims.aud {
-            Audience::One(a) => std::slice::from_ref(a),
-            Audience::Many(v) => v.as_slice(),
-        };
+        let auds = claims.aud.as_slice();
         if !auds.iter().any(|a| a == client) {
             return Err(format!(
                 "the ID token is for another client, not this broker ({client})"

@@ -7,24 +7,7 @@ use spiffe::SpiffeId;
 
 use super::{workload_id, AuthMethod, AuthnError, TrustSource};
 use crate::clock::unix_seconds;
-use crate::jose::{self, Alg, Jwk};
-
-/// Only these header parameters may appear; `jku`, `x5u`, `jwk`, `crit` and anything
-/// else is refused (no key or processing instructions from the attacker).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Header {
-    alg: String,
-    kid: Option<String>,
-    typ: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Audience {
-    One(String),
-    Many(Vec<String>),
-}
+use crate::jose::{self, Alg, Audience, Jwk, StrictHeader as Header};
 
 #[derive(Deserialize)]
 struct Claims {
@@ -114,10 +97,7 @@ pub(crate) fn validate(
     jose::verify(alg, &key, parts.signing_input, &parts.signature)
         .map_err(|e| fail(format!("JWT-SVID signature refused: {e}")))?;
 
-    let auds = match &claims.aud {
-        Audience::One(a) => std::slice::from_ref(a),
-        Audience::Many(v) => v.as_slice(),
-    };
+    let auds = claims.aud.as_slice();
     if !auds.iter().any(|a| a == audience) {
         return Err(fail(
             "JWT-SVID audience does not include this broker".into(),

@@ -367,6 +367,9 @@ pub enum SubjectTokenTypeArg {
     AccessToken,
     /// A JWT-SVID whose audience is the broker (urn:ietf:params:oauth:token-type:jwt).
     Jwt,
+    /// A person's ID token from a configured OpenID Provider
+    /// (urn:ietf:params:oauth:token-type:id_token).
+    IdToken,
 }
 
 #[derive(Args)]

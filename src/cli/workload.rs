@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use spiffe_broker::domain::delegation::{ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE};
+use spiffe_broker::domain::delegation::{ACCESS_TOKEN_TYPE, ID_TOKEN_TYPE, JWT_TOKEN_TYPE};
 use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
@@ -83,6 +83,7 @@ pub async fn exchange(a: ExchangeArgs) -> Result<(), CliError> {
         subject_token_type: match a.subject_token_type {
             SubjectTokenTypeArg::AccessToken => ACCESS_TOKEN_TYPE,
             SubjectTokenTypeArg::Jwt => JWT_TOKEN_TYPE,
+            SubjectTokenTypeArg::IdToken => ID_TOKEN_TYPE,
         }
         .to_owned(),
         profile: spec.profile,
@@ -96,14 +97,7 @@ pub async fn exchange(a: ExchangeArgs) -> Result<(), CliError> {
         .exchange_token(req)
         .await?
         .into_inner();
-    let chain = resp.delegation.as_ref().map(|d| {
-        json!({
-            "subject": d.subject,
-            "subject_type": d.subject_type,
-            "actors": d.actors,
-            "parent_lease_id": (!d.parent_lease_id.is_empty()).then_some(&d.parent_lease_id),
-        })
-    });
+    let chain = resp.delegation.as_ref().map(delegation_json);
     let Some(pending) = resp
         .access_request
         .clone()

@@ -71,6 +71,17 @@ pub fn access_request_json(r: &pb::AccessRequest) -> serde_json::Value {
         "reviews": r.reviews.iter().map(|v| json!({
             "reviewer": v.reviewer, "approve": v.approve, "reason": v.reason, "post_review": v.post_review,
         })).collect::<Vec<_>>(),
+        "delegation": r.delegation.as_ref().map(delegation_json),
+    })
+}
+
+/// A verified delegation chain: whom it is for and who acts, current actor first.
+pub fn delegation_json(d: &pb::Delegation) -> serde_json::Value {
+    json!({
+        "subject": d.subject,
+        "subject_type": d.subject_type,
+        "actors": d.actors,
+        "parent_lease_id": (!d.parent_lease_id.is_empty()).then_some(&d.parent_lease_id),
     })
 }
 
