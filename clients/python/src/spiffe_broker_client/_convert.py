@@ -16,6 +16,7 @@ from .types import (
     AccessRequestState,
     Credential,
     Decision,
+    Delegation,
     Intent,
     Lease,
     LeaseState,
@@ -125,6 +126,17 @@ def lease(l: pb.Lease) -> Lease:
         intent=intent(l),
         backend=l.backend,
         backend_handle=l.backend_handle,
+        subject=l.subject,
+        parent_lease_id=l.parent_lease_id,
+    )
+
+
+def delegation(d: pb.Delegation) -> Delegation:
+    return Delegation(
+        subject=d.subject,
+        subject_type=d.subject_type,
+        actors=tuple(d.actors),
+        parent_lease_id=d.parent_lease_id,
     )
 
 
@@ -167,7 +179,7 @@ def access_request(r: pb.AccessRequest) -> AccessRequest:
 
 
 def credential(
-    resp: Union[pb.IssueCredentialResponse, pb.RenewLeaseResponse],
+    resp: Union[pb.IssueCredentialResponse, pb.RenewLeaseResponse, pb.ExchangeTokenResponse],
 ) -> Credential:
     """The Credential of an IssueCredential/RenewLease response that carries one."""
     c = resp.credential
@@ -178,7 +190,7 @@ def credential(
     kind = c.WhichOneof("kind")
     ar = (
         access_request(resp.access_request)
-        if isinstance(resp, pb.IssueCredentialResponse) and resp.HasField("access_request")
+        if not isinstance(resp, pb.RenewLeaseResponse) and resp.HasField("access_request")
         else None
     )
     common = dict(
@@ -190,6 +202,11 @@ def credential(
         backend=c.backend,
         backend_handle=c.backend_handle,
         access_request=ar,
+        delegation=(
+            delegation(resp.delegation)
+            if isinstance(resp, pb.ExchangeTokenResponse) and resp.HasField("delegation")
+            else None
+        ),
     )
     if kind == "token":
         return Credential(

@@ -302,6 +302,63 @@ class BrokerClient:
             return pending
         raise BrokerClientError("IssueCredential returned neither a credential nor an access request")
 
+    #: RFC 8693 subject token types by their short names.
+    SUBJECT_TOKEN_TYPES = {
+        "access_token": "urn:ietf:params:oauth:token-type:access_token",
+        "jwt": "urn:ietf:params:oauth:token-type:jwt",
+        "id_token": "urn:ietf:params:oauth:token-type:id_token",
+    }
+
+    def exchange(
+        self,
+        subject_token: str,
+        profile: str,
+        scopes: Union[str, Iterable[str]] = (),
+        ttl: Optional[TTL] = None,
+        intent_action: Optional[str] = None,
+        intent_target: Optional[str] = None,
+        *,
+        subject_token_type: str = "access_token",
+        artifact_digest: Optional[str] = None,
+        ticket: Optional[str] = None,
+        access_request_id: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> Union[Credential, PendingApproval]:
+        """Acts for the subject of ``subject_token`` (ExchangeToken, RFC 8693): this
+        workload is the actor. The credential is for the subject and names every actor in
+        its ``act`` claim; :attr:`Credential.delegation` has the verified chain. It can only
+        narrow what the subject token allows.
+
+        ``subject_token_type``: ``access_token`` (a token this broker issued with the broker
+        as audience), ``jwt`` (a JWT-SVID for the broker) or ``id_token`` (a person's ID
+        token from an OpenID Provider the broker is configured with), or the RFC 8693 URI.
+        A pending approval is redeemed by calling again with the same subject token and
+        ``access_request_id``.
+        """
+        spec = self._issue_request(
+            profile, scopes, ttl, intent_action, intent_target, artifact_digest, ticket,
+            None, (), False, None, None, None,
+        )
+        req = pb.ExchangeTokenRequest(
+            subject_token=subject_token,
+            subject_token_type=self.SUBJECT_TOKEN_TYPES.get(subject_token_type, subject_token_type),
+            profile=spec.profile,
+            scopes=list(spec.scopes),
+            access_request_id=access_request_id or "",
+        )
+        if spec.HasField("ttl"):
+            req.ttl.CopyFrom(spec.ttl)
+        if spec.HasField("intent"):
+            req.intent.CopyFrom(spec.intent)
+        resp: pb.ExchangeTokenResponse = self._call("ExchangeToken", req, timeout)
+        if resp.HasField("credential"):
+            return conv.credential(resp)
+        if resp.HasField("access_request"):
+            # Redeemed with exchange(..., access_request_id=…) and the same subject
+            # token, not wait_for_approval's IssueCredential.
+            return PendingApproval(access_request=conv.access_request(resp.access_request), receipt=None)
+        raise BrokerClientError("ExchangeToken returned neither a credential nor an access request")
+
     @staticmethod
     def _issue_request(
         profile: str,

@@ -77,6 +77,19 @@ class Lease:
     intent: Optional[Intent] = None
     backend: str = ""
     backend_handle: str = ""
+    subject: str = ""  # issued by token exchange: whom it is for (spiffe_id is the actor)
+    parent_lease_id: str = ""  # issued by token exchange: the subject token's lease
+
+
+@dataclass(frozen=True)
+class Delegation:
+    """A verified delegation chain (token exchange, RFC 8693): whom a credential is for
+    and who acts for them, the current actor (this client) first."""
+
+    subject: str
+    subject_type: str  # "workload" or "person"
+    actors: Tuple[str, ...]
+    parent_lease_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,7 @@ class Credential:
     backend: str = ""
     backend_handle: str = ""
     access_request: Optional[AccessRequest] = None
+    delegation: Optional[Delegation] = None
 
     @property
     def profile(self) -> str:
