@@ -35,6 +35,25 @@ pub enum PolicyCommand {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Decide the credential requests in the ledger again with a candidate policy, beside
+    /// the policy in force, and report what would change (offline; reads the ledger).
+    Replay {
+        /// The broker config (the policy in force, and the ledger in its state_dir).
+        #[arg(long, default_value = "spiffe-broker-dev/config.toml")]
+        config: PathBuf,
+        /// A directory of candidate `.cedar` files (and `schema.cedarschema`, if it changes).
+        #[arg(long)]
+        candidate: PathBuf,
+        /// Only requests logged at or after this instant (RFC 3339 or Unix seconds).
+        #[arg(long)]
+        since: Option<String>,
+        /// Read the PostgreSQL ledger at this URL instead of the state dir's.
+        #[arg(long, env = "SPIFFE_BROKER_POSTGRES_URL", hide_env_values = true)]
+        postgres_url: Option<String>,
+        /// Exit 1 when the candidate gives anyone more than the policy in force (for CI).
+        #[arg(long)]
+        fail_on_widening: bool,
+    },
     /// Ask the broker to reload its policy (platform admin).
     Reload {
         #[command(flatten)]

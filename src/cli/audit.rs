@@ -60,6 +60,29 @@ async fn open_postgres(url: String) -> Result<Arc<dyn spiffe_broker::store::Stor
     Ok(Arc::new(store))
 }
 
+/// The ledger of a state dir (SQLite), or the PostgreSQL one at `postgres_url`, through
+/// the `Store` seam.
+pub(super) async fn open_ledger(
+    state_dir: &std::path::Path,
+    postgres_url: Option<String>,
+) -> Result<Arc<dyn spiffe_broker::store::Store>, CliError> {
+    if let Some(url) = postgres_url {
+        return open_postgres(url).await;
+    }
+    let path = state_dir.join("ledger.db");
+    if !path.exists() {
+        return Err(format!("no ledger at {}", path.display()).into());
+    }
+    Ok(Arc::new(
+        spiffe_broker::store::SqliteStore::open(
+            &path,
+            &reader_config(),
+            Arc::new(spiffe_broker::metrics::Metrics::new()),
+        )
+        .map_err(fail)?,
+    ))
+}
+
 pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
     match command {
         AuditCommand::Verify {
@@ -121,23 +144,7 @@ pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
             let vkey = vkey_text(&log_key, &state_dir.join("keys").join("log.vkey"))?
                 .ok_or("no log key: pass --log-key (the broker writes STATE_DIR/keys/log.vkey)")?;
             VerifierKey::parse(&vkey).map_err(|e| format!("log key: {e}"))?;
-            let store: Arc<dyn spiffe_broker::store::Store> = match postgres_url {
-                Some(url) => open_postgres(url).await?,
-                None => {
-                    let path = state_dir.join("ledger.db");
-                    if !path.exists() {
-                        return Err(format!("no ledger at {}", path.display()).into());
-                    }
-                    Arc::new(
-                        spiffe_broker::store::SqliteStore::open(
-                            &path,
-                            &reader_config(),
-                            Arc::new(spiffe_broker::metrics::Metrics::new()),
-                        )
-                        .map_err(fail)?,
-                    )
-                }
-            };
+            let store = open_ledger(&state_dir, postgres_url).await?;
             let s = spiffe_broker::store::export::export(store.as_ref(), &vkey, &out)
                 .await
                 .map_err(fail)?;

@@ -10,6 +10,7 @@ mod cedar;
 mod ceiling;
 mod directory;
 pub mod duties;
+pub mod replay;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -451,3 +451,99 @@ fn exchange_and_the_derivation_tree_from_the_cli() {
     assert_eq!(state_of(&root_lease).as_deref(), Some("released"));
     assert_eq!(state_of(child).as_deref(), Some("revoked"));
 }
+
+/// `policy replay` decides the ledger's requests again with a candidate policy: removing a
+/// permit reports exactly the grants it would deny; a widening candidate is reported and,
+/// with `--fail-on-widening` (what a CI policy check runs), fails.
+#[test]
+fn policy_replay_reports_what_a_candidate_would_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("sb");
+    let dev = start_dev(&state);
+    let b = ["--broker", dev.grpc.as_str()];
+    let runtime = state.join("workloads/model-runtime.sock");
+    let agent = state.join("workloads/deploy-agent.sock");
+    for _ in 0..2 {
+        json(&cli(
+            &[&["request", "--profile", "dataset-read"][..], &b].concat(),
+            Some(&runtime),
+        ));
+    }
+    // Refused under the policy in force: the deploy agent may not read datasets.
+    assert!(!cli(
+        &[&["request", "--profile", "dataset-read"][..], &b].concat(),
+        Some(&agent)
+    )
+    .status
+    .success());
+    drop(dev);
+
+    let policy = std::fs::read_to_string(state.join("policy/demo.cedar")).expect("policy");
+    let start = policy
+        .find("@id(\"model-serving/dataset-read\")")
+        .expect("the permit");
+    let end = start + policy[start..].find(");\n").expect("its end") + 3;
+    let narrower = dir.path().join("narrower");
+    std::fs::create_dir(&narrower).expect("dir");
+    std::fs::write(
+        narrower.join("demo.cedar"),
+        format!("{}{}", &policy[..start], &policy[end..]),
+    )
+    .expect("write");
+    let config = state.join("config.toml");
+    let replay = |candidate: &Path, extra: &[&str]| {
+        cli(
+            &[
+                &[
+                    "policy",
+                    "replay",
+                    "--config",
+                    config.to_str().expect("path"),
+                    "--candidate",
+                    candidate.to_str().expect("path"),
+                ][..],
+                extra,
+            ]
+            .concat(),
+            None,
+        )
+    };
+    let r = json(&replay(&narrower, &[]));
+    assert_eq!(r["widens"], false);
+    assert_eq!(
+        r["changes"],
+        serde_json::json!([{
+            "identity": "spiffe://example.org/ml/model-runtime",
+            "profile": "dataset-read",
+            "from": "allow",
+            "to": "deny",
+            "count": 2,
+            "examples": r["changes"][0]["examples"],
+            "widens": false,
+        }]),
+        "exactly the two grants it would deny: {r}"
+    );
+    assert!(r["replayed"].as_u64().expect("replayed") >= 3);
+
+    let wider = dir.path().join("wider");
+    std::fs::create_dir(&wider).expect("dir");
+    std::fs::write(
+        wider.join("demo.cedar"),
+        policy.clone()
+            + "\n@id(\"everyone/datasets\")\npermit (principal, action == SpiffeBroker::Action::\"issue\", resource == SpiffeBroker::Profile::\"dataset-read\");\n",
+    )
+    .expect("write");
+    let r = json(&replay(&wider, &[]));
+    assert_eq!(r["widens"], true);
+    let c = &r["changes"][0];
+    assert_eq!(
+        (&c["identity"], &c["from"], &c["to"]),
+        (
+            &serde_json::json!("spiffe://example.org/ci/deploy-agent"),
+            &serde_json::json!("deny"),
+            &serde_json::json!("allow")
+        )
+    );
+    one_error_line(&replay(&wider, &["--fail-on-widening"]), "gives more");
+    one_error_line(&replay(dir.path(), &[]), "no .cedar files");
+}
