@@ -235,7 +235,9 @@ impl pb::admin_server::Admin for Api {
         respond(
             async {
                 let caller = &call.caller;
-                let policy_hash = b.reload_policy(Some(caller)).await?;
+                let r = request.get_ref();
+                let force = r.force.then(|| r.reason.clone());
+                let policy_hash = b.reload_policy(Some(caller), force).await?;
                 Ok(pb::ReloadPolicyResponse { policy_hash })
             }
             .await,

@@ -135,10 +135,20 @@ impl Broker {
     pub async fn reload_policy(
         &self,
         caller: Option<&VerifiedCaller>,
+        force: Option<String>,
     ) -> Result<String, BrokerError> {
         if let Some(c) = caller {
             self.admin(c, AdminAction::ReloadPolicy, "ReloadPolicy")
                 .await?;
+        }
+        if force.as_deref().is_some_and(|r| !super::valid_reason(r)) {
+            let err = BrokerError::InvalidArgument(
+                "a forced reload needs a reason of 1..=512 printable characters".into(),
+            );
+            return Err(match caller {
+                Some(c) => self.reject(c, "ReloadPolicy", err).await,
+                None => err,
+            });
         }
         let Some(loader) = &self.loader else {
             return Err(BrokerError::FailedPrecondition(
@@ -158,6 +168,33 @@ impl Broker {
                 let hash = new.hash().to_owned();
                 e.policy_hash = Some(hash.clone());
                 e.reason = Some(format!("{by}; replaced policy {old}"));
+                if let Some(window) = self.reload_guard {
+                    let report = self.replay_recent(new.as_ref(), window).await?;
+                    if report.widens() {
+                        let what = widening_summary(&report);
+                        match &force {
+                            None => {
+                                e.decision = "deny".into();
+                                e.policy_hash = Some(old.clone());
+                                e.rule = Some("policy/refuse-widening".into());
+                                e.reason = Some(format!(
+                                    "reload refused, policy {old} stays in force: replaying the last {}s of requests, policy {hash} would give more: {what}",
+                                    window.as_secs()
+                                ));
+                                self.record_best_effort(e).await;
+                                return Err(BrokerError::FailedPrecondition(format!(
+                                    "the new policy gives more than the one in force ({what}); reload with force and a reason to load it anyway"
+                                )));
+                            }
+                            Some(reason) => {
+                                e.rule = Some("policy/refuse-widening".into());
+                                e.reason = Some(format!(
+                                    "{by}, FORCED past a widening replay ({what}): {reason}; replaced policy {old}"
+                                ));
+                            }
+                        }
+                    }
+                }
                 // Record first: a reload nobody can see in the ledger did not happen.
                 self.store.apply(LedgerOp::Record { event: e }).await?;
                 *self.policy.write().unwrap_or_else(|p| p.into_inner()) = new;
@@ -177,5 +214,67 @@ impl Broker {
                 )))
             }
         }
+    }
+}
+
+/// Most recent entries a reload guard replays.
+const RELOAD_REPLAY_MAX: u64 = 100_000;
+
+/// The widening changes of a replay, shortly: "identity profile from→to ×n", at most five.
+fn widening_summary(r: &crate::policy::replay::ReplayReport) -> String {
+    let widening: Vec<_> = r.changes.iter().filter(|c| c.widens).collect();
+    let mut parts: Vec<String> = widening
+        .iter()
+        .take(5)
+        .map(|c| {
+            format!(
+                "{} {} {:?}→{:?} ×{} (e.g. entry {})",
+                c.identity,
+                c.profile,
+                c.from,
+                c.to,
+                c.count,
+                c.examples.first().copied().unwrap_or_default()
+            )
+        })
+        .collect();
+    if widening.len() > 5 {
+        parts.push(format!("and {} more", widening.len() - 5));
+    }
+    parts.join("; ")
+}
+
+impl Broker {
+    /// Sets `[policy] refuse_widening`: a reload replays this window of the ledger first.
+    pub fn with_reload_guard(mut self, window: Option<std::time::Duration>) -> Self {
+        self.reload_guard = window;
+        self
+    }
+
+    /// The recent credential requests (within `window`, at most [`RELOAD_REPLAY_MAX`]
+    /// entries) decided by the policy in force and by `candidate`.
+    async fn replay_recent(
+        &self,
+        candidate: &dyn Policy,
+        window: std::time::Duration,
+    ) -> Result<crate::policy::replay::ReplayReport, BrokerError> {
+        let current = self.policy();
+        let since_ms = crate::clock::unix_millis(self.clock.now()) - window.as_millis() as i64;
+        let size = self.store.checkpoint(None).await?.map_or(0, |c| c.size);
+        let mut after = size.saturating_sub(RELOAD_REPLAY_MAX);
+        let mut replayer = crate::policy::replay::Replayer::new(current.as_ref(), candidate);
+        loop {
+            let page = self.store.audit_entries(after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for s in &page {
+                let e: crate::audit::AuditEvent = serde_json::from_str(&s.body)
+                    .map_err(|e| BrokerError::Internal(format!("ledger entry {}: {e}", s.seq)))?;
+                if e.time_ms >= since_ms {
+                    replayer.add(s.seq, &e);
+                }
+            }
+        }
+        Ok(replayer.finish())
     }
 }

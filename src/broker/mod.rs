@@ -168,6 +168,7 @@ pub struct Broker {
     changes: broadcast::Sender<String>,
     exchange: Option<ExchangeSettings>,
     oidc: Option<Arc<crate::oidc::OidcProviders>>,
+    reload_guard: Option<Duration>,
 }
 
 /// How often watchers' shared pollers re-read the store (changes made on other replicas).
@@ -208,6 +209,7 @@ impl Broker {
             changes: broadcast::channel(1024).0,
             exchange: None,
             oidc: None,
+            reload_guard: None,
         }
     }
 

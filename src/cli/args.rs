@@ -56,6 +56,13 @@ pub enum PolicyCommand {
     },
     /// Ask the broker to reload its policy (platform admin).
     Reload {
+        /// With `[policy] refuse_widening`: load it even though it gives someone more
+        /// than the policy in force (needs --reason; recorded).
+        #[arg(long, requires = "reason")]
+        force: bool,
+        /// Why the widening is intended.
+        #[arg(long)]
+        reason: Option<String>,
         #[command(flatten)]
         conn: ConnArgs,
     },

@@ -72,10 +72,17 @@ pub async fn policy_command(command: PolicyCommand) -> Result<(), CliError> {
             postgres_url,
             fail_on_widening,
         } => replay(&config, &candidate, since, postgres_url, fail_on_widening).await,
-        PolicyCommand::Reload { conn } => {
+        PolicyCommand::Reload {
+            force,
+            reason,
+            conn,
+        } => {
             let ch = channel(&conn).await?;
             let resp = pb::admin_client::AdminClient::new(ch)
-                .reload_policy(pb::ReloadPolicyRequest {})
+                .reload_policy(pb::ReloadPolicyRequest {
+                    force,
+                    reason: reason.unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             out!("{}", json!({"ok": true, "policy_hash": resp.policy_hash}));

@@ -21,7 +21,7 @@ pub fn reload_on_sighup(broker: Arc<spiffe_broker::broker::Broker>) {
             return;
         };
         while hup.recv().await.is_some() {
-            match broker.reload_policy(None).await {
+            match broker.reload_policy(None, None).await {
                 Ok(hash) => tracing::info!(policy_hash = %hash, "SIGHUP: policy reloaded"),
                 Err(e) => tracing::warn!(error = %e, "SIGHUP: policy reload refused"),
             }

@@ -53,6 +53,9 @@ pub struct PolicyFiles {
     pub schema: PathBuf,
     /// The `.cedar` policy files.
     pub files: Vec<PathBuf>,
+    /// `refuse_widening`: a reload whose replay of the ledger's recent requests
+    /// (`replay_window`) would give anyone more is refused unless forced with a reason.
+    pub refuse_widening: Option<Duration>,
 }
 
 /// Ledger tuning.
@@ -283,6 +286,9 @@ struct RawHttpTls {
 struct RawPolicy {
     schema: PathBuf,
     files: Vec<PathBuf>,
+    #[serde(default)]
+    refuse_widening: bool,
+    replay_window: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -412,6 +418,15 @@ impl Config {
             state_dir: raw.state_dir,
             workload_api_socket: raw.workload_api_socket,
             policy: PolicyFiles {
+                refuse_widening: if raw.policy.refuse_widening {
+                    Some(duration(
+                        "policy.replay_window",
+                        raw.policy.replay_window.as_deref(),
+                        Duration::from_secs(7 * 86_400),
+                    )?)
+                } else {
+                    None
+                },
                 schema: raw.policy.schema,
                 files: raw.policy.files,
             },

@@ -312,6 +312,7 @@ pub async fn assemble(
             config.jwt_clock_skew,
         ));
     }
+    broker = broker.with_reload_guard(config.policy.refuse_widening);
     broker = broker.with_exchange(crate::broker::ExchangeSettings {
         keys: keys.clone(),
         issuer_url: config.issuer_url.clone(),

@@ -1506,7 +1506,7 @@ async fn reload_swaps_a_good_policy_and_refuses_a_bad_one() {
     assert!(!without.contains("model-serving/dataset-read"));
     std::fs::write(policy_file(&h), &without).expect("write policy");
     let new_hash = root
-        .reload_policy(pb::ReloadPolicyRequest {})
+        .reload_policy(pb::ReloadPolicyRequest::default())
         .await
         .expect("root reloads")
         .into_inner()
@@ -1536,7 +1536,7 @@ async fn reload_swaps_a_good_policy_and_refuses_a_bad_one() {
     ] {
         std::fs::write(policy_file(&h), text).expect("write policy");
         let s = status_of(
-            root.reload_policy(pb::ReloadPolicyRequest {}).await,
+            root.reload_policy(pb::ReloadPolicyRequest::default()).await,
             "bad reload",
         );
         assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
@@ -1562,7 +1562,7 @@ async fn reload_swaps_a_good_policy_and_refuses_a_bad_one() {
     // Restoring the original file restores the original hash (the hash is of content).
     std::fs::write(policy_file(&h), &original).expect("write policy");
     let restored = root
-        .reload_policy(pb::ReloadPolicyRequest {})
+        .reload_policy(pb::ReloadPolicyRequest::default())
         .await
         .expect("reload")
         .into_inner()
@@ -1616,7 +1616,12 @@ async fn reload_swaps_a_good_policy_and_refuses_a_bad_one() {
     std::fs::write(policy_file(&h), &without).expect("write policy");
     for who in [DEPLOY_AGENT, ALICE] {
         let mut admin = h.admin_as(who).await;
-        let s = status_of(admin.reload_policy(pb::ReloadPolicyRequest {}).await, who);
+        let s = status_of(
+            admin
+                .reload_policy(pb::ReloadPolicyRequest::default())
+                .await,
+            who,
+        );
         assert_eq!(s.code(), Code::PermissionDenied, "{who}: {s:?}");
         assert!(
             s.message().contains("not a platform admin"),
@@ -1655,7 +1660,7 @@ async fn reload_reads_identities_from_the_config() {
         ),
     );
     std::fs::write(config_file(&h), text).expect("write config");
-    root.reload_policy(pb::ReloadPolicyRequest {})
+    root.reload_policy(pb::ReloadPolicyRequest::default())
         .await
         .expect("reload");
     stranger
@@ -1680,7 +1685,7 @@ async fn reload_reads_identities_from_the_config() {
     // A config that does not parse is refused like a bad policy.
     std::fs::write(config_file(&h), "this is not toml").expect("write config");
     let s = status_of(
-        root.reload_policy(pb::ReloadPolicyRequest {}).await,
+        root.reload_policy(pb::ReloadPolicyRequest::default()).await,
         "bad config",
     );
     assert_eq!(s.code(), Code::InvalidArgument);
@@ -2456,7 +2461,7 @@ async fn a_sighup_reload_is_not_an_unregistered_caller() {
     // What the SIGHUP handler of `serve` and `dev` calls.
     h.env
         .broker
-        .reload_policy(None)
+        .reload_policy(None, None)
         .await
         .expect("reload without a caller");
     let reload = entries(&h, "policy_reload").pop().expect("recorded");
@@ -2510,4 +2515,80 @@ async fn an_unregistered_caller_is_refused_as_unregistered_whatever_it_asks() {
             ),
         ),
     );
+}
+
+/// `[policy] refuse_widening`: a reload that would give someone more than the policy in
+/// force — replayed against the ledger's recent requests — is refused and recorded; a
+/// forced one needs a reason, which is recorded; a narrowing one goes through.
+#[tokio::test]
+async fn a_widening_reload_is_refused_unless_forced_with_a_reason() {
+    let h = start_with(Some(Box::new(|c: String| {
+        c.replacen("[policy]\n", "[policy]\nrefuse_widening = true\n", 1)
+    })))
+    .await;
+    let dataset = || pb::IssueCredentialRequest {
+        profile: "dataset-read".into(),
+        ..Default::default()
+    };
+    let mut agent = h.broker_as(DEPLOY_AGENT).await;
+    let mut root = h.admin_as(ROOT).await;
+    let denied = agent.issue_credential(dataset()).await.expect_err("denied");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    let original = std::fs::read_to_string(policy_file(&h)).expect("policy");
+    let wider = original.clone()
+        + "\n@id(\"everyone/datasets\")\npermit (principal, action == SpiffeBroker::Action::\"issue\", resource == SpiffeBroker::Profile::\"dataset-read\");\n";
+    std::fs::write(policy_file(&h), &wider).expect("write policy");
+    let s = root
+        .reload_policy(pb::ReloadPolicyRequest::default())
+        .await
+        .expect_err("widening refused");
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    assert!(
+        s.message().contains(DEPLOY_AGENT) && s.message().contains("dataset-read"),
+        "names who would get what: {}",
+        s.message()
+    );
+    let refused = entries(&h, "policy_reload").pop().expect("recorded");
+    assert_eq!(
+        (refused["decision"].as_str(), refused["rule"].as_str()),
+        (Some("deny"), Some("policy/refuse-widening"))
+    );
+    agent
+        .issue_credential(dataset())
+        .await
+        .expect_err("the policy in force stays");
+
+    let s = root
+        .reload_policy(pb::ReloadPolicyRequest {
+            force: true,
+            reason: String::new(),
+        })
+        .await
+        .expect_err("force needs a reason");
+    assert_eq!(s.code(), Code::InvalidArgument);
+    root.reload_policy(pb::ReloadPolicyRequest {
+        force: true,
+        reason: "CHG-77: deploy agents read datasets for evals".into(),
+    })
+    .await
+    .expect("forced");
+    let forced = entries(&h, "policy_reload").pop().expect("recorded");
+    assert_eq!(forced["decision"], "allow");
+    assert!(
+        forced["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("FORCED") && r.contains("CHG-77")),
+        "{forced}"
+    );
+    agent
+        .issue_credential(dataset())
+        .await
+        .expect("the forced policy is in force");
+
+    // Back to the original: narrower, so no force needed.
+    std::fs::write(policy_file(&h), &original).expect("write policy");
+    root.reload_policy(pb::ReloadPolicyRequest::default())
+        .await
+        .expect("a narrowing reload goes through");
 }

@@ -633,7 +633,7 @@ async fn a_policy_that_errors_denies_naming_the_policy() {
     std::fs::write(&file, text).expect("write policy");
     h.admin_as(ROOT)
         .await
-        .reload_policy(pb::ReloadPolicyRequest {})
+        .reload_policy(pb::ReloadPolicyRequest::default())
         .await
         .expect("reloaded");
     let err = broker_of(&h, PROVISIONER)

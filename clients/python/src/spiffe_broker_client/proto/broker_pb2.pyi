@@ -336,8 +336,12 @@ class ListIdentitiesResponse(_message.Message):
     def __init__(self, identities: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ...) -> None: ...
 
 class ReloadPolicyRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("force", "reason")
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    force: bool
+    reason: str
+    def __init__(self, force: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReloadPolicyResponse(_message.Message):
     __slots__ = ("policy_hash",)
