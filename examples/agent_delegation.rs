@@ -41,6 +41,22 @@ async fn as_identity(
     Ok((CredentialBrokerClient::new(channel), svid.leaf().to_vec()))
 }
 
+/// What the agent asks for with the token it was handed: a GPU-scheduler token to submit.
+fn gpu_for(subject_token: &str) -> pb::ExchangeTokenRequest {
+    pb::ExchangeTokenRequest {
+        subject_token: subject_token.to_owned(),
+        subject_token_type: ACCESS_TOKEN_TYPE.into(),
+        profile: "gpu-scheduler-submit".into(),
+        scopes: vec!["job:submit".into()],
+        intent: Some(pb::Intent {
+            action: "submit-training".into(),
+            target: "queue/a100".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn token(c: Option<pb::Credential>) -> Result<String, Box<dyn std::error::Error>> {
     match c.and_then(|c| c.kind) {
         Some(pb::credential::Kind::Token(t)) => Ok(t.jwt),
@@ -79,21 +95,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. The agent exchanges it for what this task needs, and says why.
     let (mut agent, agent_cert) = as_identity(&state, "deploy-agent").await?;
-    let exchanged = agent
-        .exchange_token(pb::ExchangeTokenRequest {
-            subject_token: handed.clone(),
-            subject_token_type: ACCESS_TOKEN_TYPE.into(),
-            profile: "gpu-scheduler-submit".into(),
-            scopes: vec!["job:submit".into()],
-            intent: Some(pb::Intent {
-                action: "submit-training".into(),
-                target: "queue/a100".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let exchanged = agent.exchange_token(gpu_for(&handed)).await?.into_inner();
     let chain = exchanged.delegation.clone().ok_or("no chain")?;
     let lease = exchanged.lease.clone().ok_or("no lease")?;
     let gpu_token = token(exchanged.credential)?;
@@ -134,20 +136,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("expected the agent's token to be revoked, got {other:?}").into())
         }
     }
-    let again = agent
-        .exchange_token(pb::ExchangeTokenRequest {
-            subject_token: handed,
-            subject_token_type: ACCESS_TOKEN_TYPE.into(),
-            profile: "gpu-scheduler-submit".into(),
-            scopes: vec!["job:submit".into()],
-            intent: Some(pb::Intent {
-                action: "submit-training".into(),
-                target: "queue/a100".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await;
+    let again = agent.exchange_token(gpu_for(&handed)).await;
     println!(
         "and her old token exchanges for nothing: {}",
         again

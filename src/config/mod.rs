@@ -13,15 +13,15 @@ use spiffe::SpiffeId;
 use crate::clock::parse_duration;
 
 mod backend;
+mod exchange;
 mod inventory;
 mod limits;
-mod oidc;
 mod pg_conninfo;
 pub mod postgres;
 mod profile;
 mod sinks;
 
-pub use oidc::OidcProviderConfig;
+pub use exchange::OidcProviderConfig;
 pub use sinks::{AuditSinkConfig, SinkKind, SinkTls};
 
 pub use inventory::{ApproverGroup, Identity};
@@ -249,15 +249,9 @@ struct RawConfig {
     #[serde(default)]
     keys: RawKeys,
     #[serde(default)]
-    delegation: RawDelegation,
+    delegation: exchange::RawDelegation,
     #[serde(default)]
-    oidc_providers: Vec<oidc::RawOidcProvider>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawDelegation {
-    max_chain_depth: Option<usize>,
+    oidc_providers: Vec<exchange::RawOidcProvider>,
 }
 
 #[derive(Deserialize, Default)]
@@ -481,29 +475,8 @@ impl Config {
                 }
                 sinks
             },
-            oidc_providers: {
-                let providers = raw
-                    .oidc_providers
-                    .into_iter()
-                    .map(oidc::RawOidcProvider::resolve)
-                    .collect::<Result<Vec<_>, _>>()?;
-                let mut issuers: Vec<_> = providers.iter().map(|p| p.issuer.as_str()).collect();
-                issuers.sort_unstable();
-                if let Some(w) = issuers.windows(2).find(|w| w[0] == w[1]) {
-                    return err(format!("oidc_providers: {} is listed twice", w[0]));
-                }
-                providers
-            },
-            max_chain_depth: match raw.delegation.max_chain_depth {
-                None => crate::domain::delegation::DEFAULT_MAX_CHAIN_DEPTH,
-                Some(n @ 1..=crate::domain::delegation::MAX_CHAIN_DEPTH) => n,
-                Some(n) => {
-                    return err(format!(
-                        "delegation.max_chain_depth: {n} is not between 1 and {}",
-                        crate::domain::delegation::MAX_CHAIN_DEPTH
-                    ))
-                }
-            },
+            oidc_providers: exchange::providers(raw.oidc_providers)?,
+            max_chain_depth: raw.delegation.max_chain_depth()?,
             keys: {
                 let publish_ahead = duration(
                     "keys.publish_ahead",

@@ -1,5 +1,6 @@
-//! `[[oidc_providers]]`: OpenID Providers whose people's ID tokens the broker accepts as
-//! token-exchange subject tokens (`urn:ietf:params:oauth:token-type:id_token`).
+//! Token exchange settings: `[delegation]` (how long a chain may be) and
+//! `[[oidc_providers]]` (OpenID Providers whose people's ID tokens the broker accepts as
+//! subject tokens, `urn:ietf:params:oauth:token-type:id_token`).
 
 use std::path::PathBuf;
 
@@ -51,5 +52,39 @@ impl RawOidcProvider {
             ca_file: self.ca_file,
             groups_claim: self.groups_claim.unwrap_or_else(|| "groups".into()),
         })
+    }
+}
+
+/// Every configured provider, each issuer once.
+pub(super) fn providers(raw: Vec<RawOidcProvider>) -> Result<Vec<OidcProviderConfig>, ConfigError> {
+    let providers = raw
+        .into_iter()
+        .map(RawOidcProvider::resolve)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut issuers: Vec<_> = providers.iter().map(|p| p.issuer.as_str()).collect();
+    issuers.sort_unstable();
+    if let Some(w) = issuers.windows(2).find(|w| w[0] == w[1]) {
+        return err(format!("oidc_providers: {} is listed twice", w[0]));
+    }
+    Ok(providers)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDelegation {
+    max_chain_depth: Option<usize>,
+}
+
+impl RawDelegation {
+    /// `[delegation] max_chain_depth`, within 1..=`MAX_CHAIN_DEPTH`.
+    pub(super) fn max_chain_depth(&self) -> Result<usize, ConfigError> {
+        use crate::domain::delegation::{DEFAULT_MAX_CHAIN_DEPTH, MAX_CHAIN_DEPTH};
+        match self.max_chain_depth {
+            None => Ok(DEFAULT_MAX_CHAIN_DEPTH),
+            Some(n @ 1..=MAX_CHAIN_DEPTH) => Ok(n),
+            Some(n) => err(format!(
+                "delegation.max_chain_depth: {n} is not between 1 and {MAX_CHAIN_DEPTH}"
+            )),
+        }
     }
 }
