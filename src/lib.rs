@@ -20,7 +20,10 @@
 //! embeds (it needs nothing of the broker's internals); `http_client` is the one outbound
 //! HTTP(S) client (Vault, STS, webhooks, the relying party's fetches); `sinks` ship
 //! committed audit entries to a file, syslog or an OpenTelemetry collector; `oidc`
-//! verifies people's ID tokens from configured OpenID Providers (token exchange).
+//! verifies people's ID tokens from configured OpenID Providers (token exchange);
+//! `checkpoint` and `cosignature` are the log's signed notes and witnesses' cosignatures on
+//! them, and `witness` is the C2SP witness protocol: the broker's submissions and the
+//! `spiffe-broker witness` service.
 //!
 //! # Layers
 //!
@@ -32,9 +35,9 @@
 //! ```text
 //! layer 0: domain proto
 //! layer 1: clock merkle metrics jose http_client files traceparent
-//! layer 2: crypto checkpoint audit config
+//! layer 2: crypto checkpoint cosignature audit config
 //! layer 3: authn store notify relying_party oidc
-//! layer 4: policy workload client otlp sinks telemetry
+//! layer 4: policy workload client otlp sinks telemetry witness
 //! layer 5: issuer agent
 //! layer 6: broker error
 //! layer 7: api
@@ -130,6 +133,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod cosignature;
 pub mod crypto;
 pub mod dev;
 pub mod domain;
@@ -150,6 +154,7 @@ pub mod sinks;
 pub mod store;
 pub mod telemetry;
 pub mod traceparent;
+pub mod witness;
 pub mod workload;
 
 /// Generated protobuf and gRPC code.

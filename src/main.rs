@@ -165,6 +165,9 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Run a transparency-log witness (C2SP tlog-witness): cosigns a log's checkpoints
+    /// only when they extend what it cosigned before.
+    Witness(WitnessArgs),
     /// Token signing key tools.
     Keys {
         #[command(subcommand)]
@@ -213,7 +216,7 @@ fn generated_docs(command: &Command) -> Result<(), CliError> {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
-    use cli::{admin, agent, audit, keys, policy, review, serve, workload};
+    use cli::{admin, agent, audit, keys, policy, review, serve, witness, workload};
     match cli.command {
         Command::Serve { config } => serve::serve(config).await,
         Command::Dev(args) => serve::dev(args).await,
@@ -231,6 +234,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         } => review::requests(filter, output, conn).await,
         Command::Inventory { output, conn } => admin::inventory(output, conn).await,
         Command::Policy { command } => policy::policy_command(command).await,
+        Command::Witness(a) => witness::witness(a).await,
         Command::Revoke(a) => admin::revoke(a).await,
         Command::Locks {
             command,
@@ -299,6 +303,7 @@ fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Serve { .. }
         | Command::Dev(DevArgs { command: None, .. })
+        | Command::Witness(_)
         | Command::Agent { check: false, .. } => "info",
         _ => "warn",
     };

@@ -45,6 +45,8 @@ pub struct Metrics {
     sink_lag: Family<Labels, Gauge>,
     sink_shipped: Family<Labels, Counter>,
     sink_failures: Family<Labels, Counter>,
+    witness_failures: Family<Labels, Counter>,
+    witness_size: Family<Labels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,6 +107,19 @@ impl Metrics {
             "audit_sink_failures",
             "Failed deliveries to an audit sink (retried from the same entry)",
             sink_failures.clone(),
+        );
+        let witness_failures = Family::<Labels, Counter>::default();
+        let witness_size = Family::<Labels, Gauge>::default();
+        registry.register(
+            "witness_failures",
+            "Checkpoint submissions a witness refused or did not answer (a refusal on \
+             consistency means a split view or a rollback)",
+            witness_failures.clone(),
+        );
+        registry.register(
+            "witness_cosigned_size",
+            "The largest audit-log tree size a witness has cosigned",
+            witness_size.clone(),
         );
         registry.register(
             "ready",
@@ -196,6 +211,8 @@ impl Metrics {
             sink_lag,
             sink_shipped,
             sink_failures,
+            witness_failures,
+            witness_size,
         }
     }
 
@@ -206,6 +223,20 @@ impl Metrics {
             .get_or_create(&l)
             .set(i64::try_from(lag).unwrap_or(i64::MAX));
         self.sink_shipped.get_or_create(&l).inc_by(shipped);
+    }
+
+    /// Counts a checkpoint a witness did not cosign.
+    pub fn witness_failed(&self, witness: &str) {
+        self.witness_failures
+            .get_or_create(&vec![("witness".to_owned(), witness.to_owned())])
+            .inc();
+    }
+
+    /// Records the tree size a witness cosigned.
+    pub fn witness_cosigned(&self, witness: &str, size: u64) {
+        self.witness_size
+            .get_or_create(&vec![("witness".to_owned(), witness.to_owned())])
+            .set(size as i64);
     }
 
     /// Counts a failed delivery to an audit sink.

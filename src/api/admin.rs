@@ -81,7 +81,7 @@ impl pb::admin_server::Admin for Api {
                 let from = (r.consistency_from > 0).then_some(r.consistency_from);
                 let (cp, proof) = b.log_checkpoint(caller, size, from).await?;
                 Ok(pb::GetCheckpointResponse {
-                    note: cp.note,
+                    note: cp.cosigned_note(),
                     tree_size: cp.size,
                     root_hash: hex::encode(cp.root),
                     consistency_proof: proof.iter().map(hex::encode).collect(),
@@ -127,7 +127,7 @@ impl pb::admin_server::Admin for Api {
                     tree_size: p.checkpoint.size,
                     root_hash: hex::encode(p.checkpoint.root),
                     proof: p.proof.iter().map(hex::encode).collect(),
-                    checkpoint: p.checkpoint.note,
+                    checkpoint: p.checkpoint.cosigned_note(),
                 })
             }
             .await,

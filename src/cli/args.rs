@@ -185,6 +185,35 @@ pub struct DevArgs {
     /// STS endpoint of the demo's `s3-datasets` profile.
     #[arg(long, default_value = dev::DEFAULT_STS_ENDPOINT)]
     pub aws_sts_endpoint: String,
+    /// How often a checkpoint of the audit log is signed (when it grew).
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    pub checkpoint_interval: Duration,
+    /// A witness to submit checkpoints to: `URL,VKEY` (its submission prefix and its
+    /// verifier key). Repeatable.
+    #[arg(long = "witness", value_name = "URL,VKEY")]
+    pub witnesses: Vec<String>,
+}
+
+/// `spiffe-broker witness`.
+#[derive(Args)]
+pub struct WitnessArgs {
+    /// The witness's name (its key name, e.g. `witness.example/w1`).
+    #[arg(long)]
+    pub name: String,
+    /// Its Ed25519 key (PKCS#8, created with mode 0600 if absent); the verifier key to
+    /// give to logs and auditors is written beside it (extension `.vkey`).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Its state file: the latest checkpoint it cosigned per log (created if absent).
+    #[arg(long)]
+    pub state: PathBuf,
+    /// A log it witnesses: the log's verifier key (a file, or the key itself); the log's
+    /// origin is the key's name. Repeat for more logs.
+    #[arg(long = "log-key", required = true)]
+    pub log_keys: Vec<String>,
+    /// HTTP listen address (`POST /add-checkpoint`, `GET /<origin hash>/checkpoint`).
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: String,
 }
 
 #[derive(Subcommand)]

@@ -11,13 +11,19 @@ use super::args::*;
 use super::error::CliError;
 use super::output::*;
 
+/// A verifier key given on the command line: a file holding it, or the key itself.
+pub fn key_text(arg: &str) -> Result<String, CliError> {
+    if std::path::Path::new(arg).exists() {
+        std::fs::read_to_string(arg).map_err(|e| format!("{arg}: {e}").into())
+    } else {
+        Ok(arg.to_owned())
+    }
+}
+
 /// The log key's text: `arg` (a file, or the key itself), else the `default` file.
 fn vkey_text(arg: &Option<String>, default: &std::path::Path) -> Result<Option<String>, CliError> {
     Ok(match arg {
-        Some(a) if std::path::Path::new(a).exists() => {
-            Some(std::fs::read_to_string(a).map_err(fail)?)
-        }
-        Some(a) => Some(a.clone()),
+        Some(a) => Some(key_text(a)?),
         None if default.exists() => Some(std::fs::read_to_string(default).map_err(fail)?),
         None => None,
     })

@@ -12,4 +12,5 @@ pub mod output;
 pub mod policy;
 pub mod review;
 pub mod serve;
+pub mod witness;
 pub mod workload;

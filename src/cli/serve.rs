@@ -45,6 +45,30 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down: draining in-flight requests");
 }
 
+/// What `dev`'s flags change in the demo config: the checkpoint interval and the
+/// witnesses (`--witness URL,VKEY`).
+fn dev_config_edit(args: &DevArgs) -> Result<dev::ConfigEdit, CliError> {
+    let quote = |s: &str| serde_json::Value::from(s).to_string();
+    let mut tables = String::new();
+    for w in &args.witnesses {
+        let (url, vkey) = w
+            .split_once(',')
+            .ok_or_else(|| format!("--witness {w:?}: expected URL,VKEY"))?;
+        tables.push_str(&format!(
+            "\n[[witnesses]]\nurl = {}\nvkey = {}\n",
+            quote(url),
+            quote(vkey.trim())
+        ));
+    }
+    let top = format!(
+        "checkpoint_interval = {}\n",
+        quote(&spiffe_broker::clock::format_duration(
+            args.checkpoint_interval
+        ))
+    );
+    Ok(Box::new(move |demo: String| format!("{top}{demo}{tables}")))
+}
+
 pub async fn serve(path: PathBuf) -> Result<(), CliError> {
     let config = Config::load(&path).map_err(fail)?;
     let parts = server::assemble(&config, Some(&path), Arc::new(SystemClock))
@@ -96,7 +120,7 @@ pub async fn dev(args: DevArgs) -> Result<(), CliError> {
                 http_addr: parse(&args.http_addr, "--http-addr")?,
                 svid_ttl: args.svid_ttl,
                 clock: Arc::new(SystemClock),
-                config: None,
+                config: Some(dev_config_edit(&args)?),
                 vault_addr: Some(args.vault_addr.clone()),
                 aws_sts_endpoint: Some(args.aws_sts_endpoint.clone()),
             };

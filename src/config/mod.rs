@@ -20,9 +20,11 @@ mod pg_conninfo;
 pub mod postgres;
 mod profile;
 mod sinks;
+mod witness;
 
 pub use exchange::OidcProviderConfig;
 pub use sinks::{AuditSinkConfig, SinkKind, SinkTls};
+pub use witness::WitnessConfig;
 
 pub use inventory::{ApproverGroup, Identity};
 use inventory::{RawGroup, RawIdentity};
@@ -189,6 +191,8 @@ pub struct Config {
     pub max_chain_depth: usize,
     /// `[[oidc_providers]]`: whose people's ID tokens token exchange accepts.
     pub oidc_providers: Vec<OidcProviderConfig>,
+    /// `[[witnesses]]`: who cosigns the audit log's checkpoints.
+    pub witnesses: Vec<WitnessConfig>,
 }
 
 /// `[keys]`: how the token-signing key rotates.
@@ -252,6 +256,8 @@ struct RawConfig {
     delegation: exchange::RawDelegation,
     #[serde(default)]
     oidc_providers: Vec<exchange::RawOidcProvider>,
+    #[serde(default)]
+    witnesses: Vec<witness::RawWitness>,
 }
 
 #[derive(Deserialize, Default)]
@@ -476,6 +482,7 @@ impl Config {
                 sinks
             },
             oidc_providers: exchange::providers(raw.oidc_providers)?,
+            witnesses: witness::witnesses(raw.witnesses)?,
             max_chain_depth: raw.delegation.max_chain_depth()?,
             keys: {
                 let publish_ahead = duration(
@@ -551,6 +558,9 @@ impl Config {
         }
         for sink in &mut c.audit_sinks {
             sink.kind.resolve_paths(base);
+        }
+        for f in c.witnesses.iter_mut().filter_map(|w| w.ca_file.as_mut()) {
+            *f = base.join(&*f);
         }
         if let Some(f) = c.tracing.as_mut().and_then(|t| t.ca_file.as_mut()) {
             *f = base.join(&*f);

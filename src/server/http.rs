@@ -85,7 +85,7 @@ async fn checkpoint(State(s): State<HttpState>) -> axum::response::Response {
     match s.broker.store().checkpoint(None).await {
         Ok(Some(cp)) => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            cp.note,
+            cp.cosigned_note(),
         )
             .into_response(),
         Ok(None) => (StatusCode::NOT_FOUND, "no checkpoint yet\n").into_response(),

@@ -61,6 +61,8 @@ pub struct BrokerParts {
     pub spiffe_id: String,
     /// One shipper per configured audit sink.
     pub audit_sinks: Vec<crate::sinks::Shipper>,
+    /// Submits new checkpoints to the configured witnesses.
+    pub witnesses: crate::witness::submit::Submitter,
     /// Follows key rotations in the keys directory (and rotates on schedule).
     pub key_watcher: KeyWatcher,
     /// Kept alive for the lifetime of the server (rotation watchers).
@@ -345,6 +347,7 @@ pub async fn assemble(
             .map_err(|e| ServeError(format!("audit sink {}: {e}", s.name)))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let witnesses = witness_submitter(&config.witnesses, broker.store().clone())?;
     let ready_source = x509.clone();
     let watcher_clock = clock_for_ready.clone();
     let ready_clock = clock_for_ready;
@@ -370,6 +373,7 @@ pub async fn assemble(
         handshake_timeout: config.handshake_timeout,
         spiffe_id,
         audit_sinks,
+        witnesses,
         key_watcher: KeyWatcher {
             keys: keys_for_watcher,
             dir: config.keys_dir(),
@@ -496,6 +500,7 @@ pub async fn run(
 
     let checkpointer = {
         let broker = broker.clone();
+        let witnesses = parts.witnesses.clone();
         let mut rx = stop_rx.clone();
         let every = parts.checkpoint_interval;
         tokio::spawn(async move {
@@ -507,8 +512,10 @@ pub async fn run(
                     // The final checkpoint comes after the drain, below.
                     _ = rx.changed() => return,
                 }
-                if let Err(e) = broker.checkpoint().await {
-                    tracing::warn!(error = %e, "checkpoint failed; will retry");
+                match broker.checkpoint().await {
+                    Ok(Some(cp)) => witness(&witnesses, &broker, &cp).await,
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "checkpoint failed; will retry"),
                 }
             }
         })
@@ -598,11 +605,54 @@ pub async fn run(
     let _ = key_watcher.await;
     // One last checkpoint once in-flight requests have drained, so it covers every
     // entry behind an answer the broker gave.
-    if let Err(e) = broker.checkpoint().await {
-        tracing::warn!(error = %e, "final checkpoint failed");
+    match broker.checkpoint().await {
+        Ok(Some(cp)) => witness(&parts.witnesses, &broker, &cp).await,
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "final checkpoint failed"),
     }
     drop(parts);
     g.map_err(|e| ServeError(format!("gRPC server: {e}")))?;
     h.map_err(|e| ServeError(format!("HTTP server: {e}")))?;
     Ok(())
+}
+
+/// One outbound client per configured witness (10 s per submission).
+fn witness_submitter(
+    witnesses: &[crate::config::WitnessConfig],
+    store: Arc<dyn crate::store::Store>,
+) -> Result<crate::witness::submit::Submitter, ServeError> {
+    use crate::http_client::{HttpClient, Options, Trust};
+    let targets = witnesses
+        .iter()
+        .map(|w| {
+            let mut options = Options::new(Trust::from_ca_file(w.ca_file.as_deref()));
+            options.timeout = Duration::from_secs(10);
+            options.max_body = 64 * 1024;
+            let client = HttpClient::new(&options)
+                .map_err(|e| ServeError(format!("witness {}: {e}", w.key.name())))?;
+            Ok(crate::witness::submit::WitnessTarget {
+                key: w.key.clone(),
+                url: w.url.clone(),
+                client,
+            })
+        })
+        .collect::<Result<Vec<_>, ServeError>>()?;
+    Ok(crate::witness::submit::Submitter::new(targets, store))
+}
+
+/// Submits a checkpoint to the witnesses; a refusal is logged and counted, never fatal.
+async fn witness(
+    witnesses: &crate::witness::submit::Submitter,
+    broker: &Broker,
+    cp: &crate::store::StoredCheckpoint,
+) {
+    for result in witnesses.submit(cp).await {
+        match result {
+            Ok(name) => broker.metrics().witness_cosigned(&name, cp.size),
+            Err(e) => {
+                tracing::error!(error = %e, size = cp.size, "checkpoint not cosigned");
+                broker.metrics().witness_failed(&e.witness);
+            }
+        }
+    }
 }

@@ -165,8 +165,8 @@ macro_rules! impl_store {
             use $crate::merkle::Hash;
             use $crate::store::ops::{access, backend, lease, log, revoke, sink};
             use $crate::store::{
-                Applied, FeedTail, IdentityStats, LedgerOp, SinkClaim, SinkPosition, Store,
-                StoreError, StoredCheckpoint,
+                Applied, Cosignature, FeedTail, IdentityStats, LedgerOp, SinkClaim, SinkPosition,
+                Store, StoreError, StoredCheckpoint,
             };
 
             /// What every `Store` method returns.
@@ -209,6 +209,15 @@ macro_rules! impl_store {
 
                 fn checkpoints(&self) -> Answer<'_, Vec<StoredCheckpoint>> {
                     Box::pin(self.read(log::checkpoints))
+                }
+
+                fn add_cosignature(&self, c: Cosignature) -> Answer<'_, ()> {
+                    Box::pin(self.read_write(move |tx| log::add_cosignature(tx, &c)))
+                }
+
+                fn cosigned_size(&self, witness: &str) -> Answer<'_, Option<u64>> {
+                    let witness = witness.to_owned();
+                    Box::pin(self.read(move |tx| log::cosigned_size(tx, &witness)))
                 }
 
                 fn inclusion_proof(&self, index: u64, size: u64) -> Answer<'_, Option<Vec<Hash>>> {

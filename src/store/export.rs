@@ -148,7 +148,7 @@ pub async fn export(
                 size: c.size,
                 root: hex::encode(c.root),
                 time_ms: c.time_ms,
-                note: c.note.clone(),
+                note: c.cosigned_note(),
             };
             serde_json::to_writer(&mut w, &c).map_err(io)?;
             w.write_all(b"\n").map_err(io)?;
@@ -174,7 +174,7 @@ pub async fn export(
             tree_size: last.size,
             root: hex::encode(last.root),
             proof: proof.iter().map(hex::encode).collect(),
-            checkpoint: last.note.clone(),
+            checkpoint: last.cosigned_note(),
         };
         std::fs::write(
             out.join("proof.json"),

@@ -369,6 +369,36 @@ pub struct StoredCheckpoint {
     pub time_ms: i64,
     /// The signed note.
     pub note: String,
+    /// Witness cosignature lines on it (c2sp.org/tlog-cosignature), by witness name.
+    pub cosignatures: Vec<String>,
+}
+
+impl StoredCheckpoint {
+    /// The note with the witnesses' cosignature lines after the log's signature: what
+    /// `/log/checkpoint`, proofs and exports carry.
+    pub fn cosigned_note(&self) -> String {
+        let mut note = self.note.clone();
+        for line in &self.cosignatures {
+            note.push_str(line);
+            if !line.ends_with('\n') {
+                note.push('\n');
+            }
+        }
+        note
+    }
+}
+
+/// A witness's cosignature on a checkpoint, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cosignature {
+    /// The tree size cosigned.
+    pub size: u64,
+    /// The witness's name (its key name).
+    pub witness: String,
+    /// The note signature line.
+    pub line: String,
+    /// The cosignature's timestamp (Unix seconds).
+    pub cosigned_at: i64,
 }
 
 impl Applied {
@@ -464,6 +494,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, StoreError>>;
     /// Every checkpoint, oldest first.
     fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<StoredCheckpoint>, StoreError>>;
+    /// Records a witness's cosignature of a stored checkpoint (replacing an earlier one by
+    /// the same witness of the same size). The caller has verified it.
+    fn add_cosignature(&self, c: Cosignature) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// The largest tree size a witness has cosigned, if any.
+    fn cosigned_size(&self, witness: &str) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;
     /// Inclusion proof of leaf `index` in the tree of `size` (`None` if out of range).
     fn inclusion_proof(
         &self,

@@ -83,6 +83,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "delegation",
         include_str!("migrations/postgres/0007_delegation.sql"),
     ),
+    (
+        8,
+        "cosignatures",
+        include_str!("migrations/postgres/0008_cosignatures.sql"),
+    ),
 ];
 
 /// Advisory lock key held while migrating ("SBMIGRAT"): replicas starting together

@@ -52,6 +52,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "delegation",
         include_str!("migrations/0007_delegation.sql"),
     ),
+    (
+        8,
+        "cosignatures",
+        include_str!("migrations/0008_cosignatures.sql"),
+    ),
 ];
 
 /// The SQLite store.

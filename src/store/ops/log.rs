@@ -10,7 +10,7 @@ use crate::audit::{entry_hash, AuditEvent, StoredEntry};
 use crate::checkpoint::LogSigner;
 use crate::merkle::{leaf_hash, Frontier, Hash as MerkleHash, NodeSource};
 use crate::store::sql::{corrupt, insert_rows, DbError, Dialect, Tx, Value};
-use crate::store::{Applied, Receipt, StoredCheckpoint};
+use crate::store::{Applied, Cosignature, Receipt, StoredCheckpoint};
 
 /// The chain head and Merkle frontier the writer appends to.
 #[derive(Clone)]
@@ -233,6 +233,7 @@ pub(crate) fn checkpoint(
         root,
         time_ms,
         note,
+        cosignatures: Vec::new(),
     });
     Ok(a)
 }
@@ -242,15 +243,55 @@ pub(crate) fn stored_checkpoint(
     tx: &mut dyn Tx,
     size: Option<u64>,
 ) -> Result<Option<StoredCheckpoint>, DbError> {
-    tx.query_opt(
-        &format!(
-            "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints
-             WHERE (CAST($1 AS BIGINT) IS NULL OR size = $1) ORDER BY size DESC LIMIT 1"
-        ),
-        &[size.map(|s| s as i64).into()],
-    )?
-    .map(|r| rows::checkpoint(&r))
-    .transpose()
+    let Some(mut cp) = tx
+        .query_opt(
+            &format!(
+                "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints
+                 WHERE (CAST($1 AS BIGINT) IS NULL OR size = $1) ORDER BY size DESC LIMIT 1"
+            ),
+            &[size.map(|s| s as i64).into()],
+        )?
+        .map(|r| rows::checkpoint(&r))
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    cp.cosignatures = tx
+        .query(
+            "SELECT line FROM cosignatures WHERE size = $1 ORDER BY witness",
+            &[Value::Int(cp.size as i64)],
+        )?
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<Result<_, _>>()?;
+    Ok(Some(cp))
+}
+
+/// Records a witness's cosignature (the newest per witness and size wins).
+pub(crate) fn add_cosignature(tx: &mut dyn Tx, c: &Cosignature) -> Result<(), DbError> {
+    tx.execute(
+        "INSERT INTO cosignatures (size, witness, line, cosigned_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (witness, size) DO UPDATE SET line = excluded.line,
+             cosigned_at = excluded.cosigned_at",
+        &[
+            Value::Int(c.size as i64),
+            c.witness.as_str().into(),
+            c.line.as_str().into(),
+            c.cosigned_at.into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// The largest tree size `witness` cosigned.
+pub(crate) fn cosigned_size(tx: &mut dyn Tx, witness: &str) -> Result<Option<u64>, DbError> {
+    Ok(tx
+        .query_one(
+            "SELECT max(size) FROM cosignatures WHERE witness = $1",
+            &[witness.into()],
+        )?
+        .opt_i64(0)?
+        .map(|s| s as u64))
 }
 
 /// Every checkpoint, oldest first.
@@ -259,7 +300,22 @@ pub(crate) fn checkpoints(tx: &mut dyn Tx) -> Result<Vec<StoredCheckpoint>, DbEr
         &format!("SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY size"),
         &[],
     )?;
-    rows::all(rows, rows::checkpoint)
+    let mut all = rows::all(rows, rows::checkpoint)?;
+    let lines = tx.query(
+        "SELECT size, line FROM cosignatures ORDER BY size, witness",
+        &[],
+    )?;
+    let mut at = 0;
+    for r in &lines {
+        let size = r.u64(0)?;
+        while all.get(at).is_some_and(|c| c.size < size) {
+            at += 1;
+        }
+        if let Some(cp) = all.get_mut(at).filter(|c| c.size == size) {
+            cp.cosignatures.push(r.text(1)?);
+        }
+    }
+    Ok(all)
 }
 
 /// Inclusion proof of leaf `index` in the tree of `size` (`None` if out of range).

@@ -157,6 +157,7 @@ pub(crate) fn checkpoint(r: &Row) -> Result<StoredCheckpoint, DbError> {
         root: r.hash32(1)?,
         time_ms: r.i64(2)?,
         note: r.text(3)?,
+        cosignatures: Vec::new(),
     })
 }
 
