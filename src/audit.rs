@@ -384,6 +384,9 @@ pub struct LogReport {
     pub checkpoints: usize,
     /// The largest verified checkpoint's tree size.
     pub latest_checkpoint: Option<u64>,
+    /// The verified checkpoint notes as given (with any witness cosignatures), oldest
+    /// first: what a [`WitnessPolicy`](crate::cosignature::WitnessPolicy) is checked on.
+    pub notes: Vec<String>,
 }
 
 /// Verifies a log from scratch: entry encoding, hash chain, Merkle tree, and every
@@ -394,6 +397,7 @@ pub struct LogVerifier {
     chain: ChainVerifier,
     tree: crate::merkle::Frontier,
     pending: std::collections::VecDeque<crate::checkpoint::Checkpoint>,
+    notes: Vec<String>,
     verified: usize,
     latest: Option<u64>,
 }
@@ -405,7 +409,9 @@ impl LogVerifier {
         vkey: &crate::checkpoint::VerifierKey,
     ) -> Result<Self, LogError> {
         let mut cps = Vec::new();
-        for (size, note) in notes {
+        let mut sorted: Vec<&(u64, String)> = notes.iter().collect();
+        sorted.sort_by_key(|(size, _)| *size);
+        for (size, note) in sorted.iter().copied() {
             let cp = vkey.verify(note).map_err(|e| LogError::Checkpoint {
                 size: *size,
                 reason: e.0,
@@ -418,11 +424,11 @@ impl LogVerifier {
             }
             cps.push(cp);
         }
-        cps.sort_by_key(|c| c.size);
         Ok(Self {
             chain: ChainVerifier::default(),
             tree: crate::merkle::Frontier::default(),
             pending: cps.into(),
+            notes: sorted.into_iter().map(|(_, n)| n.clone()).collect(),
             verified: 0,
             latest: None,
         })
@@ -480,6 +486,7 @@ impl LogVerifier {
             root,
             checkpoints,
             latest_checkpoint: latest,
+            notes: self.notes,
         })
     }
 }

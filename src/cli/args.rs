@@ -68,6 +68,23 @@ pub enum PolicyCommand {
     },
 }
 
+/// A witness policy: trust the log only as far as independent witnesses cosigned it.
+#[derive(Args)]
+pub struct WitnessPolicyArgs {
+    /// A witness's verifier key (a file, or the key itself). Repeatable. With any, the
+    /// log passes only if a checkpoint is cosigned by --witness-quorum of them and every
+    /// cosignature by them verifies: a ledger rewritten or rolled back with the log's own
+    /// key fails.
+    #[arg(long = "witness", value_name = "VKEY")]
+    pub keys: Vec<String>,
+    /// How many of the --witness keys must have cosigned.
+    #[arg(long, default_value_t = 1, requires = "keys")]
+    pub witness_quorum: usize,
+    /// The smallest witnessed tree accepted (what you know the log had reached).
+    #[arg(long, default_value_t = 0, requires = "keys")]
+    pub min_size: u64,
+}
+
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Verify the whole log offline: entry encoding, hash chain, Merkle tree, every
@@ -93,6 +110,8 @@ pub enum AuditCommand {
         /// Default: STATE_DIR/keys/log.vkey, or the export's log.vkey.
         #[arg(long)]
         log_key: Option<String>,
+        #[command(flatten)]
+        witnesses: WitnessPolicyArgs,
     },
     /// Export the log (JSON Lines entries, signed checkpoints, the log key and a sample
     /// inclusion proof) for a SIEM or an auditor.

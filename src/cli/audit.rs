@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use spiffe_broker::checkpoint::VerifierKey;
+use spiffe_broker::cosignature::{CosignerKey, WitnessPolicy};
 use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
@@ -89,19 +90,55 @@ pub(super) async fn open_ledger(
     ))
 }
 
+/// The witness policy of `audit verify`'s flags (`None` without --witness).
+fn witness_policy(a: &WitnessPolicyArgs) -> Result<Option<WitnessPolicy>, CliError> {
+    if a.keys.is_empty() {
+        return Ok(None);
+    }
+    let keys = a
+        .keys
+        .iter()
+        .map(|k| {
+            CosignerKey::parse(&key_text(k)?)
+                .map_err(|e| CliError::from(format!("--witness {k}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    WitnessPolicy::new(keys, a.witness_quorum, a.min_size)
+        .map(Some)
+        .map_err(|e| e.0.into())
+}
+
+/// Checks a verified log's checkpoints against the witness policy: what was witnessed,
+/// or the error naming the first checkpoint whose cosignature fails.
+fn witnessed(
+    policy: &Option<WitnessPolicy>,
+    notes: &[String],
+) -> Result<serde_json::Value, CliError> {
+    let Some(policy) = policy else {
+        return Ok(serde_json::Value::Null);
+    };
+    let w = policy
+        .check_log(notes.iter().map(String::as_str))
+        .map_err(|e| format!("witness policy: {e}"))?;
+    Ok(json!({"size": w.checkpoint.size, "cosigners": w.cosigners}))
+}
+
 pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
     match command {
         AuditCommand::Verify {
             export: Some(dir),
             log_key,
+            witnesses,
             ..
         } => {
+            let policy = witness_policy(&witnesses)?;
             let vkey = load_vkey(&log_key, &dir.join("log.vkey"))?;
             let r =
                 spiffe_broker::store::export::verify_export(&dir, vkey.as_ref()).map_err(fail)?;
+            let witnessed = witnessed(&policy, &r.notes)?;
             out!(
                 "{}",
-                json!({"ok": true, "export": dir, "entries": r.entries, "head_hash": r.head_hash, "root": r.root, "checkpoints_verified": r.checkpoints, "latest_checkpoint": r.latest_checkpoint})
+                json!({"ok": true, "export": dir, "entries": r.entries, "head_hash": r.head_hash, "root": r.root, "checkpoints_verified": r.checkpoints, "latest_checkpoint": r.latest_checkpoint, "witnessed": witnessed})
             );
             Ok(())
         }
@@ -109,8 +146,10 @@ pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
             postgres_url: Some(url),
             state_dir,
             log_key,
+            witnesses,
             ..
         } => {
+            let policy = witness_policy(&witnesses)?;
             let vkey = load_vkey(&log_key, &state_dir.join("keys").join("log.vkey"))?
                 .ok_or("no log key: pass --log-key (the broker writes STATE_DIR/keys/log.vkey)")?;
             let server = spiffe_broker::config::postgres::redact(&url);
@@ -118,15 +157,20 @@ pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
             let r = spiffe_broker::store::verify_store(store.as_ref(), &vkey)
                 .await
                 .map_err(fail)?;
+            let witnessed = witnessed(&policy, &r.notes)?;
             out!(
                 "{}",
-                json!({"ok": true, "ledger": server, "entries": r.entries, "head_hash": r.head_hash, "root": r.root, "checkpoints_verified": r.checkpoints, "latest_checkpoint": r.latest_checkpoint})
+                json!({"ok": true, "ledger": server, "entries": r.entries, "head_hash": r.head_hash, "root": r.root, "checkpoints_verified": r.checkpoints, "latest_checkpoint": r.latest_checkpoint, "witnessed": witnessed})
             );
             Ok(())
         }
         AuditCommand::Verify {
-            state_dir, log_key, ..
+            state_dir,
+            log_key,
+            witnesses,
+            ..
         } => {
+            let policy = witness_policy(&witnesses)?;
             let path = state_dir.join("ledger.db");
             if !path.exists() {
                 return Err(format!("no ledger at {}", path.display()).into());
@@ -135,9 +179,10 @@ pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
                 .ok_or("no log key: pass --log-key (the broker writes STATE_DIR/keys/log.vkey)")?;
             let v = spiffe_broker::store::sqlite::SqliteStore::verify_file_with(&path, &vkey)
                 .map_err(fail)?;
+            let witnessed = witnessed(&policy, &v.report.notes)?;
             out!(
                 "{}",
-                json!({"ok": true, "ledger": v.path, "entries": v.entries, "head_hash": v.head_hash, "root": v.report.root, "checkpoints_verified": v.report.checkpoints, "latest_checkpoint": v.report.latest_checkpoint})
+                json!({"ok": true, "ledger": v.path, "entries": v.entries, "head_hash": v.head_hash, "root": v.report.root, "checkpoints_verified": v.report.checkpoints, "latest_checkpoint": v.report.latest_checkpoint, "witnessed": witnessed})
             );
             Ok(())
         }

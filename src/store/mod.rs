@@ -592,7 +592,10 @@ pub async fn verify_store(
             .into());
         }
     }
-    let notes: Vec<(u64, String)> = checkpoints.into_iter().map(|c| (c.size, c.note)).collect();
+    let notes: Vec<(u64, String)> = checkpoints
+        .iter()
+        .map(|c| (c.size, c.cosigned_note()))
+        .collect();
     let mut v = LogVerifier::new(&notes, vkey)?;
     let mut after = 0;
     loop {

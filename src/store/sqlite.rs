@@ -365,9 +365,36 @@ impl SqliteStore {
                     }));
                 }
             }
-            rows.into_iter()
+            let mut cosigned: Vec<(u64, String)> = rows
+                .into_iter()
                 .map(|(size, note, _)| (size, note))
-                .collect()
+                .collect();
+            // Witness cosignations (a ledger from before 0008 has none).
+            let has_table = conn
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE name = 'cosignatures'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(open)?
+                > 0;
+            if has_table {
+                let mut stmt = conn
+                    .prepare("SELECT size, line FROM cosignatures ORDER BY size, witness")
+                    .map_err(open)?;
+                let lines = stmt
+                    .query_map([], |r| {
+                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+                    })
+                    .map_err(open)?;
+                for line in lines {
+                    let (size, line) = line.map_err(open)?;
+                    if let Ok(i) = cosigned.binary_search_by_key(&size, |(s, _)| *s) {
+                        cosigned[i].1.push_str(&line);
+                    }
+                }
+            }
+            cosigned
         };
         let mut v = LogVerifier::new(&notes, vkey).map_err(VerifyError::Log)?;
         let mut stmt = conn
