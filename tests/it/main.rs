@@ -34,3 +34,4 @@ mod store_conformance;
 mod syslog_rsyslog;
 mod tracing_export;
 mod verifiable_log;
+mod witness;

@@ -20,8 +20,8 @@ use spiffe_broker::domain::{
 use spiffe_broker::merkle::{leaf_hash, verify_consistency, verify_inclusion};
 use spiffe_broker::metrics::Metrics;
 use spiffe_broker::store::{
-    LedgerOp, PostgresStore, Refusal, SinkClaim, SinkPosition, SqliteStore, Store, StoreError,
-    StoredCheckpoint,
+    Cosignature, LedgerOp, PostgresStore, Refusal, SinkClaim, SinkPosition, SqliteStore, Store,
+    StoreError, StoredCheckpoint,
 };
 
 const HOLDER: &str = "spiffe://example.org/ci/deploy-agent";
@@ -1282,9 +1282,58 @@ async fn sqlite_store_conforms() {
         .expect("in range");
     verify_consistency(before.size, after.size, &before.root, &after.root, &proof)
         .expect("consistent");
+    cosignatures(&store, &before, &after).await;
     let report = SqliteStore::verify_file(&dir.path().join("ledger.db"))
         .expect("chain and tree continue across restarts");
     assert_eq!(report.report.checkpoints, 2);
+    assert!(
+        report.report.notes[0].ends_with("— w2 AAAAAAAC\n"),
+        "the offline verifier reads the cosignatures too"
+    );
+}
+
+/// Witness cosignatures: stored per witness and size (a newer one replaces), attached to
+/// the checkpoints they sign, and the largest cosigned size per witness.
+async fn cosignatures(store: &dyn Store, before: &StoredCheckpoint, after: &StoredCheckpoint) {
+    let add = |size: u64, witness: &str, line: &str| Cosignature {
+        size,
+        witness: witness.into(),
+        line: line.into(),
+        cosigned_at: 1,
+    };
+    assert_eq!(store.cosigned_size("w1").await.expect("read"), None);
+    for c in [
+        add(before.size, "w2", "— w2 AAAAAAAC\n"),
+        add(before.size, "w1", "— w1 AAAAAAAA\n"),
+        add(before.size, "w1", "— w1 AAAAAAAB\n"),
+        add(after.size, "w1", "— w1 AAAAAAAD\n"),
+    ] {
+        store.add_cosignature(c).await.expect("stored");
+    }
+    assert_eq!(
+        store.cosigned_size("w1").await.expect("read"),
+        Some(after.size)
+    );
+    assert_eq!(
+        store.cosigned_size("w2").await.expect("read"),
+        Some(before.size)
+    );
+    let first = store
+        .checkpoint(Some(before.size))
+        .await
+        .expect("read")
+        .expect("cp");
+    assert_eq!(first.cosignatures, ["— w1 AAAAAAAB\n", "— w2 AAAAAAAC\n"]);
+    assert_eq!(
+        first.cosigned_note(),
+        format!("{}— w1 AAAAAAAB\n— w2 AAAAAAAC\n", before.note)
+    );
+    let all = store.checkpoints().await.expect("read");
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].cosignatures, first.cosignatures);
+    assert_eq!(all[1].cosignatures, ["— w1 AAAAAAAD\n"]);
+    let latest = store.checkpoint(None).await.expect("read").expect("cp");
+    assert_eq!(latest.cosignatures, ["— w1 AAAAAAAD\n"]);
 }
 
 /// The WAL stays bounded under sustained concurrent writes: checkpoints run between the
@@ -1410,6 +1459,7 @@ async fn postgres_store_conforms() {
         .expect("in range");
     verify_consistency(before.size, after.size, &before.root, &after.root, &proof)
         .expect("consistent");
+    cosignatures(store.as_ref(), &before, &after).await;
     let report = verify_log(store.as_ref(), &signer).await;
     assert_eq!(report.checkpoints, 2);
     assert_eq!(report.entries, after.size);
@@ -1441,10 +1491,10 @@ fn postgres_replicas_starting_together_migrate_once() {
     // one, the second would have failed to open.
     let ran = "SELECT count(*), count(DISTINCT version), min(version), max(version) FROM schema_migrations";
     let once = vec![vec![
-        Some("7".to_owned()),
-        Some("7".to_owned()),
+        Some("8".to_owned()),
+        Some("8".to_owned()),
         Some("1".to_owned()),
-        Some("7".to_owned()),
+        Some("8".to_owned()),
     ]];
     assert_eq!(server.sql(ran), once);
     // A replica restarting later finds nothing to do.
