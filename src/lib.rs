@@ -22,8 +22,8 @@
 //! committed audit entries to a file, syslog or an OpenTelemetry collector; `oidc`
 //! verifies people's ID tokens from configured OpenID Providers (token exchange);
 //! `checkpoint` and `cosignature` are the log's signed notes and witnesses' cosignatures on
-//! them, and `witness` is the C2SP witness protocol: the broker's submissions and the
-//! `spiffe-broker witness` service.
+//! them, `witness` is the C2SP witness protocol: the broker's submissions and the
+//! `spiffe-broker witness` service; `monitor` follows the log for watched identities.
 //!
 //! # Layers
 //!
@@ -36,7 +36,7 @@
 //! layer 0: domain proto
 //! layer 1: clock merkle metrics jose http_client files traceparent
 //! layer 2: crypto checkpoint cosignature audit config
-//! layer 3: authn store notify relying_party oidc
+//! layer 3: authn store notify relying_party oidc monitor
 //! layer 4: policy workload client otlp sinks telemetry witness
 //! layer 5: issuer agent
 //! layer 6: broker error
@@ -144,6 +144,7 @@ pub mod issuer;
 pub mod jose;
 pub mod merkle;
 pub mod metrics;
+pub mod monitor;
 pub mod notify;
 pub mod oidc;
 pub mod otlp;

@@ -165,6 +165,10 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Follow the audit log like a Certificate Transparency monitor: verify every new
+    /// entry against the signed (and witnessed) checkpoint and report those that concern
+    /// the watched identities, profiles or kinds, as JSON lines.
+    Monitor(MonitorArgs),
     /// Run a transparency-log witness (C2SP tlog-witness): cosigns a log's checkpoints
     /// only when they extend what it cosigned before.
     Witness(WitnessArgs),
@@ -235,6 +239,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Inventory { output, conn } => admin::inventory(output, conn).await,
         Command::Policy { command } => policy::policy_command(command).await,
         Command::Witness(a) => witness::witness(a).await,
+        Command::Monitor(a) => witness::monitor(a).await,
         Command::Revoke(a) => admin::revoke(a).await,
         Command::Locks {
             command,

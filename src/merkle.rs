@@ -292,6 +292,25 @@ impl Frontier {
         self.size
     }
 
+    /// The subtree roots, largest first (one per set bit of the size): with the size,
+    /// all a verifier that appends must keep.
+    pub fn hashes(&self) -> Vec<Hash> {
+        self.nodes.iter().map(|(_, h)| *h).collect()
+    }
+
+    /// A frontier from [`size`](Self::size) and [`hashes`](Self::hashes); `None` if the
+    /// count does not match the size.
+    pub fn from_hashes(size: u64, hashes: &[Hash]) -> Option<Self> {
+        if hashes.len() != size.count_ones() as usize {
+            return None;
+        }
+        let levels = (0..64u32).rev().filter(|l| size & (1 << l) != 0);
+        Some(Self {
+            size,
+            nodes: levels.zip(hashes.iter().copied()).collect(),
+        })
+    }
+
     /// Appends a leaf; returns every node it completed as `(level, index, hash)`,
     /// the leaf itself (level 0) first.
     pub fn append(&mut self, leaf: Hash) -> Vec<(u32, u64, Hash)> {
@@ -395,8 +414,19 @@ mod tests {
                 expected,
                 "size {n} from nodes"
             );
-            assert_eq!(Frontier::load(&mem, n).expect("load").root(), expected);
+            let f = Frontier::load(&mem, n).expect("load");
+            assert_eq!(f.root(), expected);
+            // Saved and restored (a monitor's state), it keeps appending the same tree.
+            let mut again = Frontier::from_hashes(n, &f.hashes()).expect("restore");
+            if let Some(next) = leaves.get(n as usize) {
+                again.append(*next);
+                assert_eq!(again.root(), roots[n as usize + 1]);
+            }
         }
+        assert!(
+            Frontier::from_hashes(3, &[[0; 32]]).is_none(),
+            "3 needs two hashes"
+        );
     }
 
     #[test]

@@ -213,6 +213,39 @@ pub struct DevArgs {
     pub witnesses: Vec<String>,
 }
 
+/// `spiffe-broker monitor`.
+#[derive(Args)]
+pub struct MonitorArgs {
+    /// The broker's HTTP base URL (it serves /log/checkpoint and /log/entries).
+    #[arg(long = "log")]
+    pub log_url: String,
+    /// The log's verifier key, pinned out of band (a file, or the key itself).
+    #[arg(long)]
+    pub log_key: String,
+    /// What to report: `spiffe://ID` (a trailing * matches a prefix), `profile=NAME`,
+    /// `kind=KIND` or `kind=break-glass`. Repeatable.
+    #[arg(long = "watch", required = true)]
+    pub watches: Vec<String>,
+    #[command(flatten)]
+    pub witnesses: WitnessPolicyArgs,
+    /// Where the monitor keeps its position (it resumes from there).
+    #[arg(long, default_value = "monitor-state.json")]
+    pub state: PathBuf,
+    /// Also POST each batch of reports (JSON) to this URL; a failed delivery stops the
+    /// monitor before it saves its position, so the batch is sent again.
+    #[arg(long)]
+    pub webhook: Option<String>,
+    /// CAs for https URLs (default: the platform's trust store).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Check once and exit (for cron); otherwise follow the log.
+    #[arg(long)]
+    pub once: bool,
+    /// How often to look for a new checkpoint when following.
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    pub interval: Duration,
+}
+
 /// `spiffe-broker witness`.
 #[derive(Args)]
 pub struct WitnessArgs {

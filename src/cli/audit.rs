@@ -5,12 +5,13 @@ use std::sync::Arc;
 use serde_json::json;
 
 use spiffe_broker::checkpoint::VerifierKey;
-use spiffe_broker::cosignature::{CosignerKey, WitnessPolicy};
+use spiffe_broker::cosignature::WitnessPolicy;
 use spiffe_broker::proto::v1 as pb;
 
 use super::args::*;
 use super::error::CliError;
 use super::output::*;
+use super::witness::witness_policy;
 
 /// A verifier key given on the command line: a file holding it, or the key itself.
 pub fn key_text(arg: &str) -> Result<String, CliError> {
@@ -88,24 +89,6 @@ pub(super) async fn open_ledger(
         )
         .map_err(fail)?,
     ))
-}
-
-/// The witness policy of `audit verify`'s flags (`None` without --witness).
-fn witness_policy(a: &WitnessPolicyArgs) -> Result<Option<WitnessPolicy>, CliError> {
-    if a.keys.is_empty() {
-        return Ok(None);
-    }
-    let keys = a
-        .keys
-        .iter()
-        .map(|k| {
-            CosignerKey::parse(&key_text(k)?)
-                .map_err(|e| CliError::from(format!("--witness {k}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    WitnessPolicy::new(keys, a.witness_quorum, a.min_size)
-        .map(Some)
-        .map_err(|e| e.0.into())
 }
 
 /// Checks a verified log's checkpoints against the witness policy: what was witnessed,

@@ -1,4 +1,6 @@
-//! `witness`: a transparency-log witness another team can run beside the broker.
+//! `witness` and `monitor`: the audit log's outside observers. A witness (another team
+//! runs one) cosigns checkpoints that extend what it saw; a monitor follows the log and
+//! reports what concerns the identities it watches.
 
 use std::sync::Arc;
 
@@ -6,10 +8,11 @@ use serde_json::json;
 
 use spiffe_broker::checkpoint::VerifierKey;
 use spiffe_broker::clock::SystemClock;
-use spiffe_broker::cosignature::Cosigner;
+use spiffe_broker::cosignature::{Cosigner, CosignerKey, WitnessPolicy};
+use spiffe_broker::monitor::{Monitor, MonitorOptions, Watch};
 use spiffe_broker::witness::service::Witness;
 
-use super::args::WitnessArgs;
+use super::args::{MonitorArgs, WitnessArgs, WitnessPolicyArgs};
 use super::audit::key_text;
 use super::error::CliError;
 use super::output::*;
@@ -41,4 +44,76 @@ pub async fn witness(a: WitnessArgs) -> Result<(), CliError> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("witness: {e}").into())
+}
+
+/// The witness policy of `audit verify`'s and `monitor`'s flags (`None` without --witness).
+pub fn witness_policy(a: &WitnessPolicyArgs) -> Result<Option<WitnessPolicy>, CliError> {
+    if a.keys.is_empty() {
+        return Ok(None);
+    }
+    let keys = a
+        .keys
+        .iter()
+        .map(|k| {
+            CosignerKey::parse(&key_text(k)?)
+                .map_err(|e| CliError::from(format!("--witness {k}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    WitnessPolicy::new(keys, a.witness_quorum, a.min_size)
+        .map(Some)
+        .map_err(|e| e.0.into())
+}
+
+pub async fn monitor(a: MonitorArgs) -> Result<(), CliError> {
+    use spiffe_broker::http_client::{HttpClient, Options, Trust};
+    let watches = a
+        .watches
+        .iter()
+        .map(|w| Watch::parse(w))
+        .collect::<Result<Vec<_>, _>>()?;
+    let log_key =
+        VerifierKey::parse(&key_text(&a.log_key)?).map_err(|e| format!("--log-key: {e}"))?;
+    let client =
+        HttpClient::new(&Options::new(Trust::from_ca_file(a.ca_file.as_deref()))).map_err(fail)?;
+    let mut monitor = Monitor::open(
+        MonitorOptions {
+            log_url: a.log_url.clone(),
+            log_key,
+            witnesses: witness_policy(&a.witnesses)?,
+            watches,
+            state: a.state.clone(),
+        },
+        client.clone(),
+    )
+    .map_err(fail)?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let batch = monitor.poll().await.map_err(|e| format!("monitor: {e}"))?;
+        for r in &batch.reports {
+            out!("{}", serde_json::to_string(r).map_err(fail)?);
+        }
+        if let (Some(url), false) = (&a.webhook, batch.reports.is_empty()) {
+            let body = serde_json::to_vec(&json!({"reports": batch.reports})).map_err(fail)?;
+            let req = http::Request::post(url)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body)
+                .map_err(fail)?;
+            let resp = client
+                .send(req)
+                .await
+                .map_err(|e| format!("webhook: {e}"))?;
+            if !resp.status.is_success() {
+                return Err(format!("webhook: HTTP {}", resp.status).into());
+            }
+        }
+        monitor.commit(batch).map_err(fail)?;
+        if a.once {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(a.interval) => {}
+            _ = &mut stop => return Ok(()),
+        }
+    }
 }

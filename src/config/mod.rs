@@ -163,6 +163,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// The audit log's origin line and key name (default `<trust domain>/spiffe-broker/audit`).
     pub log_origin: Option<String>,
+    /// Whether the HTTP listener serves the log's entries to monitors (`/log/entries`).
+    pub publish_log_entries: bool,
     /// Ledger tuning.
     pub ledger: LedgerConfig,
     /// `[ledger] postgres_url`: the ledger lives in this PostgreSQL database, which several
@@ -240,6 +242,7 @@ struct RawConfig {
     max_connections_per_peer: Option<usize>,
     handshake_timeout: Option<String>,
     log_origin: Option<String>,
+    publish_log_entries: Option<bool>,
     #[serde(default)]
     ledger: RawLedger,
     #[serde(default)]
@@ -452,6 +455,7 @@ impl Config {
                 Duration::from_secs(10),
             )?,
             log_origin: raw.log_origin,
+            publish_log_entries: raw.publish_log_entries.unwrap_or(true),
             max_in_flight: raw.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT).max(1),
             limits: raw.limits.resolve()?,
             max_streams_per_connection: raw.max_streams_per_connection.unwrap_or(128).max(1),

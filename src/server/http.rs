@@ -30,6 +30,8 @@ pub struct HttpState {
     pub svid_expiry: Arc<dyn Fn() -> Option<i64> + Send + Sync>,
     /// The broker (for the audit log's public checkpoint).
     pub broker: Arc<crate::broker::Broker>,
+    /// Whether `/log/entries` serves the log's entries (to monitors).
+    pub publish_log_entries: bool,
 }
 
 /// The router.
@@ -43,6 +45,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/log/checkpoint", get(checkpoint))
         .route("/oci/rootcertbundle.pem", get(oci_bundle))
         .route("/log/vkey", get(vkey))
+        .route("/log/entries", get(entries))
         .route("/revocations", get(revocations))
         .with_state(state)
 }
@@ -127,6 +130,42 @@ async fn revocations(
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot read the revocation feed");
+            (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable\n").into_response()
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Page {
+    #[serde(default)]
+    start: u64,
+    limit: Option<u32>,
+}
+
+/// Most entries per page.
+const ENTRIES_PAGE: u32 = 1000;
+
+/// The log's entries from leaf `start` (0-based), at most `limit`, in the export's format,
+/// for monitors (`spiffe-broker monitor`), who check them against a signed checkpoint. An
+/// entry names identities, profiles, scopes, intents, decisions and approvers, with
+/// SHA-256 hashes of credentials and certificates: never a credential, a key or a secret.
+/// `publish_log_entries = false` turns this off.
+async fn entries(
+    State(s): State<HttpState>,
+    axum::extract::Query(q): axum::extract::Query<Page>,
+) -> axum::response::Response {
+    if !s.publish_log_entries {
+        return (StatusCode::NOT_FOUND, "log entries are not published\n").into_response();
+    }
+    let limit = q.limit.unwrap_or(ENTRIES_PAGE).clamp(1, ENTRIES_PAGE);
+    match s.broker.store().audit_entries(q.start, limit).await {
+        Ok(page) => Json(serde_json::json!({
+            "start": q.start,
+            "entries": page.iter().map(crate::store::export::ExportEntry::from).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the log's entries");
             (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable\n").into_response()
         }
     }

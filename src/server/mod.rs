@@ -364,6 +364,7 @@ pub async fn assemble(
             },
             svid_expiry: Arc::new(move || own_svid_window(&ready_source).map(|(_, until)| until)),
             broker: broker.clone(),
+            publish_log_entries: config.publish_log_entries,
         },
         https,
         reaper_interval: config.reaper_interval,

@@ -25,6 +25,7 @@ mod key_rotation;
 mod layers;
 mod lifecycle;
 mod limits;
+mod monitor;
 mod pg_tls;
 mod policy;
 mod relying_party;
