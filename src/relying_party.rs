@@ -21,6 +21,13 @@
 //! "the actor must be X". Revoking the token a chain was derived from revokes every
 //! derived token through the same feed.
 //!
+//! A relying party that wants more than the broker's word can also require a token's
+//! issuance to be in the broker's log, witnessed: [`verify_logged`] checks an inclusion
+//! proof the holder presents with the token (what `spiffe-broker audit proof --lease JTI`
+//! prints; like a stapled Certificate Transparency proof) against the pinned log key and a
+//! [`WitnessPolicy`]. A broker that mints off the log, or on a log it later rewrites or
+//! shows only to this party, fails it.
+//!
 //! Discovery, the JWKS and the feed are fetched with the broker's outbound client
 //! (`crate::http_client`): `http://` or `https://` issuers (the broker's HTTP listener with
 //! `[http_tls]`), trusting the platform's store or [`RpConfig::ca_file`], honouring
@@ -37,6 +44,7 @@ use serde::Deserialize;
 
 use crate::checkpoint::VerifierKey;
 use crate::clock::{Clock, SystemClock};
+use crate::cosignature::WitnessPolicy;
 use crate::domain::RevocationEvent;
 use crate::http_client::{HttpClient, Options, Trust};
 use crate::jose::{self, b64, Jwk, JwkSet, JwtClaims, TokenRefusal};
@@ -53,6 +61,9 @@ pub enum RpError {
     /// Bad signature, issuer, audience or times.
     #[error("token refused: {0}")]
     Invalid(String),
+    /// The token's issuance is not proven in the (witnessed) log.
+    #[error("issuance not proven in the log: {0}")]
+    NotLogged(String),
     /// The token is bound to another client certificate (or needs one).
     #[error("token is bound to a different client certificate")]
     CnfMismatch,
@@ -410,6 +421,78 @@ impl RelyingParty {
         self.cfg.delegation.check(&claims)?;
         Ok(claims)
     }
+}
+
+/// An inclusion proof of a token's issuance entry: the fields `spiffe-broker audit proof`
+/// prints (and `Admin.GetInclusionProof` answers).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogProof {
+    /// The entry: the log's canonical JSON, as a string or parsed.
+    pub entry: serde_json::Value,
+    /// Its leaf index.
+    pub leaf_index: u64,
+    /// The tree size proven against.
+    pub tree_size: u64,
+    /// The audit path, hex, from the leaf's sibling upward.
+    pub proof: Vec<String>,
+    /// The signed checkpoint of `tree_size` (with witness cosignatures).
+    pub checkpoint: String,
+}
+
+/// Checks that `token` (already verified, with the `jti` its claims carry) was issued on
+/// the log: the checkpoint is signed by the pinned `log_key` and, with `witnesses`,
+/// cosigned by their quorum at a size of at least their `min_size`; the entry is included
+/// at `leaf_index`; and it is the issuance of exactly this token (`kind` issue,
+/// `lease_id` = `jti`, `credential_sha256` = the token's SHA-256). Returns the tree size.
+pub fn verify_logged(
+    token: &str,
+    jti: &str,
+    proof: &LogProof,
+    log_key: &VerifierKey,
+    witnesses: Option<&WitnessPolicy>,
+) -> Result<u64, RpError> {
+    let no = |m: String| RpError::NotLogged(m);
+    let cp = log_key
+        .verify(&proof.checkpoint)
+        .map_err(|e| no(format!("checkpoint: {e}")))?;
+    if cp.size != proof.tree_size {
+        return Err(no("the checkpoint is not of the proof's tree size".into()));
+    }
+    if let Some(policy) = witnesses {
+        policy
+            .check(&proof.checkpoint)
+            .map_err(|e| no(e.to_string()))?;
+    }
+    let body = match &proof.entry {
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    let path = proof
+        .proof
+        .iter()
+        .map(|h| {
+            hex::decode(h)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| no("a proof hash is not hex SHA-256".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf = crate::merkle::leaf_hash(body.as_bytes());
+    crate::merkle::verify_inclusion(&leaf, proof.leaf_index, proof.tree_size, &path, &cp.root)
+        .map_err(|e| no(format!("inclusion: {}", e.0)))?;
+    let entry: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| no(format!("entry: {e}")))?;
+    let digest = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        token.as_bytes(),
+    ));
+    let ours = entry["kind"] == "issue"
+        && entry["lease_id"].as_str() == Some(jti)
+        && entry["credential_sha256"].as_str() == Some(digest.as_str());
+    if !ours {
+        return Err(no("the proven entry is not this token's issuance".into()));
+    }
+    Ok(cp.size)
 }
 
 /// Most events buffered from `more` pages before a head covers them.

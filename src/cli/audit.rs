@@ -245,6 +245,7 @@ pub async fn audit_command(command: AuditCommand) -> Result<(), CliError> {
                     "tree_size": p.tree_size,
                     "root_hash": p.root_hash,
                     "entry": serde_json::from_str::<serde_json::Value>(&p.entry).unwrap_or_default(),
+                    "proof": p.proof,
                     "checkpoint": p.checkpoint,
                 })
             );

@@ -63,12 +63,17 @@ struct Running {
 
 /// A witness of the log `signer` signs, served on a free port.
 async fn start_witness(dir: &Path, signer: &LogSigner) -> (Arc<Witness>, Running) {
+    start_witness_of(dir, &signer.vkey()).await
+}
+
+/// A witness of the log with verifier key `log_vkey`.
+async fn start_witness_of(dir: &Path, log_vkey: &str) -> (Arc<Witness>, Running) {
     let cosigner = Cosigner::load_or_create(&dir.join("w1.p8"), "witness.test/w1").expect("key");
     let key = CosignerKey::parse(&cosigner.vkey()).expect("vkey");
     let witness = Arc::new(
         Witness::open(
             cosigner,
-            vec![VerifierKey::parse(&signer.vkey()).expect("log vkey")],
+            vec![VerifierKey::parse(log_vkey).expect("log vkey")],
             &dir.join("state").join("w1.json"),
             Arc::new(ManualClock::new()),
         )
@@ -353,4 +358,95 @@ async fn a_rewritten_ledger_fails_the_witness_policy() {
         stdout.contains(r#""witnessed":{"size":6,"cosigners":["witness.test/w1"]}"#),
         "{stdout}"
     );
+}
+
+/// A relying party that requires a token's issuance to be in the witnessed log: the
+/// holder presents the inclusion proof it may fetch for its own lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relying_party_can_require_a_witnessed_issuance() {
+    use crate::common::{gpu_request, start_with, token_of, DEPLOY_AGENT};
+    use spiffe_broker::proto::v1 as pb;
+    use spiffe_broker::relying_party::{verify_logged, LogProof, RpError};
+
+    let h = start_with(Some(Box::new(|s: String| {
+        format!("checkpoint_interval = \"1h\"\n{s}")
+    })))
+    .await;
+    let issue = || async {
+        let r = h
+            .broker_as(DEPLOY_AGENT)
+            .await
+            .issue_credential(gpu_request(600))
+            .await
+            .expect("issued")
+            .into_inner();
+        (token_of(&r.credential), r.lease.expect("lease").id)
+    };
+    let (token, jti) = issue().await;
+    let (other_token, other_jti) = issue().await;
+    let cp = h
+        .env
+        .broker
+        .checkpoint()
+        .await
+        .expect("checkpoint")
+        .expect("signed");
+    let log_vkey = std::fs::read_to_string(h.env.state_dir.join("keys/log.vkey")).expect("vkey");
+    let log_key = VerifierKey::parse(&log_vkey).expect("log key");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
+    let (_w, w) = start_witness_of(dir.path(), &log_vkey).await;
+    let policy = WitnessPolicy::new(vec![w.key.clone()], 1, 2).expect("policy");
+    let proof_of = |jti: String| {
+        let h = &h;
+        async move {
+            let p = h
+                .admin_as(DEPLOY_AGENT)
+                .await
+                .get_inclusion_proof(pb::GetInclusionProofRequest {
+                    entry: Some(pb::get_inclusion_proof_request::Entry::LeaseId(jti)),
+                    tree_size: 0,
+                })
+                .await
+                .expect("the holder proves its own lease")
+                .into_inner();
+            LogProof {
+                entry: serde_json::Value::String(p.entry),
+                leaf_index: p.leaf_index,
+                tree_size: p.tree_size,
+                proof: p.proof,
+                checkpoint: p.checkpoint,
+            }
+        }
+    };
+
+    // Before any witness cosigned: signed by the log key, but not witnessed.
+    let unwitnessed = proof_of(jti.clone()).await;
+    assert!(verify_logged(&token, &jti, &unwitnessed, &log_key, None).is_ok());
+    assert!(matches!(
+        verify_logged(&token, &jti, &unwitnessed, &log_key, Some(&policy)),
+        Err(RpError::NotLogged(m)) if m.contains("cosigned by 0")
+    ));
+
+    let store = h.env.broker.store().clone();
+    assert!(submitter(&w, &store).submit(&cp).await[0].is_ok());
+    let proof = proof_of(jti.clone()).await;
+    assert_eq!(
+        verify_logged(&token, &jti, &proof, &log_key, Some(&policy)),
+        Ok(cp.size)
+    );
+    // Another token's proof, or this proof with another token, proves nothing.
+    let theirs = proof_of(other_jti.clone()).await;
+    assert!(verify_logged(&token, &jti, &theirs, &log_key, Some(&policy)).is_err());
+    assert!(verify_logged(&other_token, &jti, &proof, &log_key, Some(&policy)).is_err());
+    // An altered entry is not included.
+    let mut altered = proof.clone();
+    if let serde_json::Value::String(e) = &mut altered.entry {
+        *e = e.replace("queue/a100", "queue/h100");
+    }
+    assert!(matches!(
+        verify_logged(&token, &jti, &altered, &log_key, Some(&policy)),
+        Err(RpError::NotLogged(m)) if m.contains("inclusion")
+    ));
 }
