@@ -66,8 +66,9 @@ Two directions:
 Usage:
   witness_check.py               KATs, then A and B against the binary
   witness_check.py --part a|b    only one direction (plus the KATs)
-  witness_check.py --self-test   KATs, then A's scenario against the Python witness
-                                 (no broker needed)
+  witness_check.py --self-test   KATs, then A's scenario against the Python witness,
+                                 and B's harness against a small fake broker defined
+                                 at the end of this file (no spiffe-broker needed)
 
 Env:  SPIFFE_BROKER_BIN        broker binary (default <repo>/target/debug/spiffe-broker)
       WITNESS_CHECK_KEEP=1     keep the temp dirs (their paths are printed)
@@ -852,6 +853,30 @@ def kat_self_test(r: Report) -> None:
             pass
     r.problems("add-checkpoint body format (old line, proof lines, empty line, note)", probs)
 
+    probs = []
+    # RFC 8410 §10.3's example private key (v1), and a v2 document of it with its public key.
+    v1 = base64.b64decode("MC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC")
+    seed = bytes.fromhex("d4ee72dbf913584ad5b6d8f1f769f8ad3afe7c28cbf1d4fbe097a88f44755842")
+    pub = raw_public(Ed25519PrivateKey.from_private_bytes(seed))
+    inner = bytes.fromhex("020101") + v1[5:] + bytes([0x81, 33, 0]) + pub
+    v2 = bytes([0x30, len(inner)]) + inner
+    pem = b"-----BEGIN PRIVATE KEY-----\n" + base64.b64encode(v2) + b"\n-----END PRIVATE KEY-----\n"
+    for what, doc, want in (("v1", v1, (seed, None)), ("v2", v2, (seed, pub)), ("v2 PEM", pem, (seed, pub))):
+        try:
+            if ed25519_pkcs8_seed(doc) != want:
+                probs.append(f"{what}: wrong seed or public key")
+        except ValueError as e:
+            probs.append(f"{what}: {e}")
+    if ed25519_pkcs8_seed(v2[:-5] + bytes(5))[1] == pub:
+        probs.append("a changed embedded public key was not returned as it is")
+    for bad in (v1[:-1], v2[:-1], v1.replace(bytes.fromhex("2b6570"), bytes.fromhex("2b656e"))):
+        try:
+            ed25519_pkcs8_seed(bad)
+            probs.append(f"malformed document accepted: {bad.hex()[:24]}…")
+        except ValueError:
+            pass
+    r.problems("PKCS#8 Ed25519 reader (RFC 8410 example key, v1 and v2)", probs)
+
 
 # --------------------------------------------------------------------------------------
 # HTTP and processes
@@ -871,6 +896,61 @@ def http_call(method: str, url: str, body: bytes | None = None,
         return e.code, e.headers.get("Content-Type", "") if e.headers else "", e.read().decode("utf-8", "replace")
     except (urllib.error.URLError, OSError) as e:
         return 0, "", f"{type(e).__name__}: {e}"
+
+
+def ed25519_pkcs8_seed(raw: bytes) -> tuple[bytes, bytes | None]:
+    """An RFC 5958 OneAsymmetricKey (PKCS#8 v1 or v2, DER or PEM) holding an RFC 8410
+    Ed25519 key -> (32-byte seed, embedded public key or None). Parsed here because
+    `cryptography` 50 does not load v2 documents (those with the public key)."""
+    if raw.lstrip().startswith(b"-----BEGIN PRIVATE KEY-----"):
+        lines = raw.decode("ascii").strip().splitlines()
+        if lines[-1] != "-----END PRIVATE KEY-----":
+            raise ValueError("PEM without its END line")
+        raw = base64.b64decode("".join(lines[1:-1]), validate=True)
+
+    def tlv(buf: bytes, pos: int) -> tuple[int, bytes, int]:
+        if pos + 2 > len(buf):
+            raise ValueError("truncated DER")
+        tag, length, pos = buf[pos], buf[pos + 1], pos + 2
+        if length & 0x80:
+            n = length & 0x7F
+            if n == 0 or n > 2 or pos + n > len(buf):
+                raise ValueError("unsupported DER length")
+            length, pos = int.from_bytes(buf[pos:pos + n], "big"), pos + n
+        if pos + length > len(buf):
+            raise ValueError("truncated DER")
+        return tag, buf[pos:pos + length], pos + length
+
+    tag, seq, end = tlv(raw, 0)
+    if tag != 0x30 or end != len(raw):
+        raise ValueError("not one DER SEQUENCE")
+    tag, version, pos = tlv(seq, 0)
+    if tag != 0x02 or version not in (b"\x00", b"\x01"):
+        raise ValueError(f"version is not v1 (0) or v2 (1): {version.hex()}")
+    tag, alg, pos = tlv(seq, pos)
+    if tag != 0x30 or alg != bytes.fromhex("06032b6570"):
+        raise ValueError("algorithm is not id-Ed25519 (1.3.101.112) without parameters")
+    tag, priv, pos = tlv(seq, pos)
+    if tag != 0x04:
+        raise ValueError("privateKey is not an OCTET STRING")
+    tag, seed, rest = tlv(priv, 0)
+    if tag != 0x04 or len(seed) != 32 or rest != len(priv):
+        raise ValueError("CurvePrivateKey is not a 32-byte OCTET STRING")
+    public = None
+    if pos < len(seq):
+        tag, body, pos = tlv(seq, pos)
+        if tag == 0xA0:  # [0] attributes
+            if pos < len(seq):
+                tag, body, pos = tlv(seq, pos)
+            else:
+                tag = None
+        if tag is not None:
+            if tag != 0x81 or version != b"\x01" or len(body) != 33 or body[0] != 0:
+                raise ValueError("trailing field is not a v2 [1] publicKey BIT STRING of 32 bytes")
+            public = body[1:]
+    if pos != len(seq):
+        raise ValueError("unexpected trailing DER")
+    return seed, public
 
 
 def free_port() -> int:
@@ -1076,11 +1156,26 @@ def scenario_a(r: Report, w: WitnessUnderTest, log: LogSigner, log2: LogSigner) 
     except NoteError as e:
         r.check("witness vkey is a cosignature/v1 key", False, str(e))
         return
-    vkey_file = w.state_path.with_suffix(".vkey") if w.state_path else None
-    if isinstance(w, RustWitness) and vkey_file is not None:
+    if isinstance(w, RustWitness):
+        vkey_file = w.key_path.with_suffix(".vkey")
         text = vkey_file.read_text().strip() if vkey_file.exists() else None
-        r.check("the vkey file beside the state holds the printed vkey", text == w.vkey_text,
+        r.check("the .vkey file beside the key holds the printed vkey", text == w.vkey_text,
                 f"{vkey_file}: {text!r}")
+        probs = []
+        try:
+            seed, embedded = ed25519_pkcs8_seed(w.key_path.read_bytes())
+            derived = raw_public(Ed25519PrivateKey.from_private_bytes(seed))
+            if derived != wkey.public:
+                probs.append("its public key is not the vkey's")
+            if embedded is not None and embedded != derived:
+                probs.append("the public key embedded in the PKCS#8 v2 document is not the seed's")
+            mode = w.key_path.stat().st_mode & 0o777
+            if mode & 0o077:
+                probs.append(f"mode {mode:o} lets others read it")
+        except (OSError, ValueError) as e:
+            probs.append(f"{w.key_path}: {e}")
+        r.problems("the created --key is a PKCS#8 (RFC 5958/8410) Ed25519 key of the vkey, "
+                   "not readable by others", probs)
 
     def cosig_check(name: str, res: tuple[int, str, str], note: str, want_status: int = 200) -> int | None:
         """`res` must be 200 with well-formed cosignature lines, one by the witness key
@@ -1567,7 +1662,10 @@ def fake_broker(argv: list[str]) -> int:
     served = {"note": log.sign(checkpoint_text(log.name, 3, tree.root(3)))}
     witnesses = [{"url": w.split(",", 1)[0], "size": 0} for w in args.witness]
 
-    grow_srv = socket.create_server(tuple((lambda h, p: (h, int(p)))(*args.grpc_addr.rsplit(":", 1))))
+    def addr(text: str) -> tuple[str, int]:
+        host, port = text.rsplit(":", 1)
+        return host, int(port)
+    grow_srv = socket.create_server(addr(args.grpc_addr))
 
     def grow_loop() -> None:
         while True:
@@ -1591,8 +1689,7 @@ def fake_broker(argv: list[str]) -> int:
 
         def log_message(self, *_a) -> None:
             pass
-    h, p = args.http_addr.rsplit(":", 1)
-    srv = http.server.ThreadingHTTPServer((h, int(p)), H)
+    srv = http.server.ThreadingHTTPServer(addr(args.http_addr), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     interval = float(args.checkpoint_interval.rstrip("s"))
     last = -1

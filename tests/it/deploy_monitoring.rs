@@ -42,7 +42,20 @@ async fn alerts_and_dashboard_name_only_exported_metrics() {
         "\n[[audit_sinks]]\nname = \"siem\"\ntype = \"file\"\npath = \"{}\"\n\n[[audit_sinks]]\nname = \"down\"\ntype = \"syslog\"\naddress = \"{dead_addr}\"\n",
         sinks_dir.path().join("audit.jsonl").display()
     );
-    let h = start_with(Some(Box::new(move |c| c + &sinks))).await;
+    // A witness that is down, so its failure counter exists (checkpoints every second).
+    let witness = spiffe_broker::cosignature::Cosigner::load_or_create(
+        &sinks_dir.path().join("w.p8"),
+        "witness.test/down",
+    )
+    .expect("witness key");
+    let witnesses = format!(
+        "\n[[witnesses]]\nurl = \"http://{dead_addr}\"\nvkey = \"{}\"\n",
+        witness.vkey()
+    );
+    let h = start_with(Some(Box::new(move |c| {
+        format!("checkpoint_interval = \"1s\"\n{c}{sinks}{witnesses}")
+    })))
+    .await;
     let mut agent = h.broker_as(DEPLOY_AGENT).await;
     agent
         .issue_credential(gpu_request(600))
@@ -61,12 +74,15 @@ async fn alerts_and_dashboard_name_only_exported_metrics() {
         pb::credential_broker_client::CredentialBrokerClient::new(h.channel_as(&anonymous).await)
             .issue_credential(gpu_request(600))
             .await;
-    // The sinks' first passes run as the broker starts; wait (bounded) for the failure.
+    // The sinks' first passes run as the broker starts, the witness is asked at the next
+    // checkpoint; wait (bounded) for both failures.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let (status, metrics) = loop {
         let (status, metrics) = h.http_get("/metrics").await;
-        if metrics.contains("spiffe_broker_audit_sink_failures_total")
-            || std::time::Instant::now() > deadline
+        let failed = ["audit_sink_failures_total", "witness_failures_total"]
+            .iter()
+            .all(|m| metrics.contains(&format!("spiffe_broker_{m}")));
+        if failed || std::time::Instant::now() > deadline
         {
             break (status, metrics);
         }

@@ -132,6 +132,7 @@ fn the_relying_party_library_needs_nothing_of_the_broker() {
         "domain",
         "jose",
         "checkpoint",
+        "cosignature",
         "merkle",
         "clock",
         "http_client",
