@@ -211,6 +211,13 @@ pub struct DevArgs {
     /// verifier key). Repeatable.
     #[arg(long = "witness", value_name = "URL,VKEY")]
     pub witnesses: Vec<String>,
+    /// Post approval events to this URL (Standard Webhooks, signed with a secret
+    /// generated at STATE_DIR/webhook.secret), durably, from the ledger.
+    #[arg(long, value_name = "URL")]
+    pub approval_webhook: Option<String>,
+    /// Post approval events to this Slack incoming-webhook URL.
+    #[arg(long, value_name = "URL")]
+    pub slack_webhook: Option<String>,
 }
 
 /// `spiffe-broker monitor`.

@@ -60,6 +60,20 @@ fn dev_config_edit(args: &DevArgs) -> Result<dev::ConfigEdit, CliError> {
             quote(vkey.trim())
         ));
     }
+    if let Some(url) = &args.approval_webhook {
+        let secret = webhook_secret(&args.state_dir)?;
+        tables.push_str(&format!(
+            "\n[[audit_sinks]]\nname = \"approval-webhook\"\ntype = \"webhook\"\nurl = {}\nsecret_file = {}\nbatch = 100\nretry_max = \"5s\"\n",
+            quote(url),
+            quote(&secret.display().to_string())
+        ));
+    }
+    if let Some(url) = &args.slack_webhook {
+        tables.push_str(&format!(
+            "\n[[audit_sinks]]\nname = \"slack\"\ntype = \"webhook\"\nformat = \"slack\"\nurl = {}\nbatch = 100\nretry_max = \"5s\"\n",
+            quote(url)
+        ));
+    }
     let top = format!(
         "checkpoint_interval = {}\n",
         quote(&spiffe_broker::clock::format_duration(
@@ -67,6 +81,30 @@ fn dev_config_edit(args: &DevArgs) -> Result<dev::ConfigEdit, CliError> {
         ))
     );
     Ok(Box::new(move |demo: String| format!("{top}{demo}{tables}")))
+}
+
+/// The dev approval webhook's secret (`STATE_DIR/webhook.secret`, `whsec_…`, 0600),
+/// generated once.
+fn webhook_secret(state_dir: &std::path::Path) -> Result<PathBuf, CliError> {
+    use base64::Engine as _;
+    let path = std::fs::canonicalize(state_dir)
+        .or_else(|_| {
+            std::fs::create_dir_all(state_dir)?;
+            std::fs::canonicalize(state_dir)
+        })
+        .map_err(|e| format!("{}: {e}", state_dir.display()))?
+        .join("webhook.secret");
+    if !path.exists() {
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key[..])
+            .map_err(|_| "webhook secret: no randomness")?;
+        let line = zeroize::Zeroizing::new(format!(
+            "whsec_{}\n",
+            base64::engine::general_purpose::STANDARD.encode(&key[..])
+        ));
+        spiffe_broker::files::write_private(&path, line.as_bytes()).map_err(fail)?;
+    }
+    Ok(path)
 }
 
 pub async fn serve(path: PathBuf) -> Result<(), CliError> {

@@ -23,7 +23,7 @@ mod sinks;
 mod witness;
 
 pub use exchange::OidcProviderConfig;
-pub use sinks::{AuditSinkConfig, SinkKind, SinkTls};
+pub use sinks::{AuditSinkConfig, SinkKind, SinkTls, WebhookFormat};
 pub use witness::WitnessConfig;
 
 pub use inventory::{ApproverGroup, Identity};

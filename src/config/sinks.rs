@@ -1,5 +1,6 @@
 //! `[[audit_sinks]]`: where committed audit entries are shipped (a SIEM's file, syslog,
-//! an OpenTelemetry collector).
+//! an OpenTelemetry collector), and where approval events are posted (`webhook`: Standard
+//! Webhooks or a Slack incoming webhook).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,6 +47,22 @@ pub enum SinkKind {
         /// HOSTNAME field (default: the machine's name).
         hostname: String,
     },
+    /// Approval events (requests waiting, reviews, break-glass, approved issuances)
+    /// POSTed one by one, in order, to a webhook receiver.
+    Webhook {
+        /// `https://…` (or `http://` on loopback); for Slack, the incoming webhook's URL,
+        /// which is its secret (never logged).
+        url: String,
+        /// The payload and its signature.
+        format: WebhookFormat,
+        /// `standard-webhooks`: a file of `whsec_…` secrets, one per line, mode 0600;
+        /// every secret signs each message (rotation: add the new one, retire the old).
+        secret_file: Option<PathBuf>,
+        /// Base URL of the request pages links point at (`…/requests/<id>`).
+        console_url: Option<String>,
+        /// CAs for https (default: the platform's trust store).
+        ca_file: Option<PathBuf>,
+    },
     /// OpenTelemetry log records over OTLP/gRPC.
     Otlp {
         /// `http://host:port` or `https://host:port` (the collector's gRPC receiver).
@@ -68,9 +85,28 @@ impl SinkKind {
             SinkKind::Otlp {
                 ca_file: Some(f), ..
             } => *f = base.join(&*f),
+            SinkKind::Webhook {
+                secret_file,
+                ca_file,
+                ..
+            } => {
+                for f in [secret_file, ca_file].into_iter().flatten() {
+                    *f = base.join(&*f);
+                }
+            }
             _ => {}
         }
     }
+}
+
+/// What a webhook sink posts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookFormat {
+    /// `standardwebhooks.com`: `{type, timestamp, data}` with `webhook-id`,
+    /// `webhook-timestamp` and `webhook-signature` (HMAC-SHA256 per secret).
+    StandardWebhooks,
+    /// A Slack incoming-webhook message (`text` and `blocks`).
+    Slack,
 }
 
 /// How a sink checks its server over TLS.
@@ -103,11 +139,88 @@ pub(super) struct RawSink {
     hostname: Option<String>,
     // otlp
     endpoint: Option<String>,
+    // webhook
+    url: Option<String>,
+    format: Option<String>,
+    secret_file: Option<PathBuf>,
+    console_url: Option<String>,
     // syslog (tls) and otlp (https)
     ca_file: Option<PathBuf>,
 }
 
 impl RawSink {
+    /// A `webhook` sink's settings.
+    fn webhook(&self, at: &dyn Fn(&str) -> String) -> Result<SinkKind, ConfigError> {
+        let others = [
+            ("path", self.path.is_some()),
+            ("max_size_mb", self.max_size_mb.is_some()),
+            ("max_age", self.max_age.is_some()),
+            ("keep", self.keep.is_some()),
+            ("address", self.address.is_some()),
+            ("tls", self.tls.is_some()),
+            ("server_name", self.server_name.is_some()),
+            ("facility", self.facility.is_some()),
+            ("hostname", self.hostname.is_some()),
+            ("endpoint", self.endpoint.is_some()),
+        ];
+        if let Some((f, _)) = others.iter().find(|(_, set)| *set) {
+            return err(format!("{}: not a setting of a webhook sink", at(f)));
+        }
+        let Some(url) = self.url.clone() else {
+            return err(format!("{}: required for a webhook sink", at("url")));
+        };
+        let https = url.starts_with("https://");
+        let loopback = ["http://127.0.0.1", "http://[::1]", "http://localhost"]
+            .iter()
+            .any(|p| url.starts_with(p));
+        if !(https || loopback) || url.parse::<http::Uri>().is_err() {
+            return err(format!(
+                "{}: must be https:// (http:// only on loopback)",
+                at("url")
+            ));
+        }
+        let format = match self.format.as_deref().unwrap_or("standard-webhooks") {
+            "standard-webhooks" => WebhookFormat::StandardWebhooks,
+            "slack" => WebhookFormat::Slack,
+            other => {
+                return err(format!(
+                    "{}: {other:?} is not standard-webhooks or slack",
+                    at("format")
+                ))
+            }
+        };
+        match (format, &self.secret_file) {
+            (WebhookFormat::StandardWebhooks, None) => {
+                return err(format!(
+                    "{}: required for standard-webhooks (whsec_… secrets, one per line)",
+                    at("secret_file")
+                ))
+            }
+            (WebhookFormat::Slack, Some(_)) => {
+                return err(format!(
+                    "{}: Slack does not check signatures; its URL is the secret",
+                    at("secret_file")
+                ))
+            }
+            _ => {}
+        }
+        if let Some(c) = &self.console_url {
+            if !(c.starts_with("https://") || c.starts_with("http://")) {
+                return err(format!(
+                    "{}: {c:?} is not an http(s) URL",
+                    at("console_url")
+                ));
+            }
+        }
+        Ok(SinkKind::Webhook {
+            url,
+            format,
+            secret_file: self.secret_file.clone(),
+            console_url: self.console_url.clone(),
+            ca_file: self.ca_file.clone(),
+        })
+    }
+
     pub(super) fn resolve(self) -> Result<AuditSinkConfig, ConfigError> {
         let at = |field: &str| format!("audit_sinks.{}.{field}", self.name);
         if !valid_name(&self.name) {
@@ -236,13 +349,23 @@ impl RawSink {
                     ca_file: self.ca_file.clone(),
                 }
             }
+            "webhook" => self.webhook(&at)?,
             other => {
                 return err(format!(
-                    "{}: {other:?} is not file, syslog or otlp",
+                    "{}: {other:?} is not file, syslog, otlp or webhook",
                     at("type")
                 ))
             }
         };
+        let webhook_only = [
+            ("url", self.url.is_some()),
+            ("format", self.format.is_some()),
+            ("secret_file", self.secret_file.is_some()),
+            ("console_url", self.console_url.is_some()),
+        ];
+        if !matches!(kind, SinkKind::Webhook { .. }) {
+            unused(&webhook_only)?;
+        }
         let batch = self.batch.unwrap_or(500);
         if !(1..=10_000).contains(&batch) {
             return err(format!("{}: {batch} is not 1-10000", at("batch")));
@@ -311,6 +434,15 @@ mod tests {
         let o = sink("name = \"otel\"\ntype = \"otlp\"\nendpoint = \"http://127.0.0.1:4317\"")
             .expect("test step");
         assert!(matches!(o.kind, SinkKind::Otlp { .. }));
+        let w = sink("name = \"slack\"\ntype = \"webhook\"\nurl = \"https://hooks.slack.com/services/T/B/x\"\nformat = \"slack\"\nconsole_url = \"https://broker.example/requests\"").expect("test step");
+        assert!(matches!(
+            w.kind,
+            SinkKind::Webhook {
+                format: WebhookFormat::Slack,
+                secret_file: None,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -319,7 +451,7 @@ mod tests {
             ("name = \"Bad Name\"\ntype = \"file\"\npath = \"x\"", "name"),
             (
                 "name = \"a\"\ntype = \"kafka\"",
-                "is not file, syslog or otlp",
+                "is not file, syslog, otlp or webhook",
             ),
             (
                 "name = \"a\"\ntype = \"file\"",
@@ -344,6 +476,26 @@ mod tests {
             (
                 "name = \"a\"\ntype = \"otlp\"\nendpoint = \"grpc://h:1\"",
                 "is not http://host:port",
+            ),
+            (
+                "name = \"a\"\ntype = \"webhook\"\nurl = \"http://hooks.example/x\"\nsecret_file = \"s\"",
+                "must be https:// (http:// only on loopback)",
+            ),
+            (
+                "name = \"a\"\ntype = \"webhook\"\nurl = \"https://hooks.example/x\"",
+                "audit_sinks.a.secret_file: required for standard-webhooks",
+            ),
+            (
+                "name = \"a\"\ntype = \"webhook\"\nurl = \"https://hooks.slack.com/x\"\nformat = \"slack\"\nsecret_file = \"s\"",
+                "its URL is the secret",
+            ),
+            (
+                "name = \"a\"\ntype = \"webhook\"\nurl = \"https://h/x\"\nformat = \"teams\"",
+                "is not standard-webhooks or slack",
+            ),
+            (
+                "name = \"a\"\ntype = \"file\"\npath = \"x\"\nurl = \"https://h/x\"",
+                "audit_sinks.a.url: not a setting of a file sink",
             ),
             (
                 "name = \"a\"\ntype = \"otlp\"\nendpoint = \"http://h:1\"\nca_file = \"c\"",

@@ -1,6 +1,7 @@
 //! Audit sinks: every committed audit entry, in order, shipped to where a security team
 //! reads it — a JSON-lines file (`file`), syslog over TCP or TLS (`syslog`), an
-//! OpenTelemetry collector (`otlp`).
+//! OpenTelemetry collector (`otlp`) — and the approval events among them to people
+//! (`webhook`: Standard Webhooks, Slack).
 //!
 //! A sink reads the ledger, never the request path: entries reach it only once they are
 //! committed, and a sink that is down or slow never holds up an issuance. Each sink's
@@ -12,6 +13,7 @@
 mod file;
 mod otlp;
 mod syslog;
+mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +47,12 @@ pub trait Sink: Send {
         &'a mut self,
         entries: &'a [StoredEntry],
     ) -> BoxFuture<'a, Result<(), SinkError>>;
+
+    /// After a failed delivery: the last entry of the batch the receiver has, if the sink
+    /// delivers one by one (the position moves there; the rest is retried).
+    fn delivered(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Opens a sink as configured (connections are made at the first delivery).
@@ -53,6 +61,7 @@ pub fn open(config: &AuditSinkConfig) -> Result<Box<dyn Sink>, SinkError> {
         SinkKind::File { .. } => Box::new(file::FileSink::new(config)),
         SinkKind::Syslog { .. } => Box::new(syslog::SyslogSink::new(config)?),
         SinkKind::Otlp { .. } => Box::new(otlp::OtlpSink::new(config)?),
+        SinkKind::Webhook { .. } => Box::new(webhook::WebhookSink::new(config)?),
     })
 }
 
@@ -163,9 +172,17 @@ impl Shipper {
                 .observe_sink(&name, at.log_size.saturating_sub(at.shipped), 0);
             return Ok(Pass::Idle);
         };
-        match tokio::time::timeout(DELIVERY_TIMEOUT, self.sink.deliver(&entries)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(SinkError("delivery timed out".into())),
+        let failed = match tokio::time::timeout(DELIVERY_TIMEOUT, self.sink.deliver(&entries)).await
+        {
+            Ok(r) => r.err(),
+            Err(_) => Some(SinkError("delivery timed out".into())),
+        };
+        if let Some(e) = failed {
+            // What the receiver already has of the batch is not sent again.
+            if let Some(done) = self.sink.delivered() {
+                self.store.audit_sink(self.claim(Some(done))).await?;
+            }
+            return Err(e);
         }
         if self
             .store

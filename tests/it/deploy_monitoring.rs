@@ -82,8 +82,7 @@ async fn alerts_and_dashboard_name_only_exported_metrics() {
         let failed = ["audit_sink_failures_total", "witness_failures_total"]
             .iter()
             .all(|m| metrics.contains(&format!("spiffe_broker_{m}")));
-        if failed || std::time::Instant::now() > deadline
-        {
+        if failed || std::time::Instant::now() > deadline {
             break (status, metrics);
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

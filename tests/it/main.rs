@@ -5,6 +5,7 @@
 mod common;
 
 mod agent;
+mod approval_webhooks;
 mod approvals;
 mod audit_sinks;
 mod authn_attacks;
