@@ -270,7 +270,79 @@ pub fn tls_config(
         ClientIdentity::Anonymous { .. } => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // Resume sessions across connections (see [`session_name`]); the name that keys them
+    // is not sent (the broker is identified by its SPIFFE ID, not a DNS name).
+    cfg.resumption = rustls::client::Resumption::store(sessions());
+    cfg.enable_sni = false;
     Ok(cfg)
+}
+
+/// The TLS config and server name of a connection to the broker at `addr` as `identity`.
+/// Configs are kept per broker and leaf (rustls resumes a session only with the config
+/// that made it), so reconnecting resumes the TLS session; the name is not checked (the
+/// verifier checks the broker's SPIFFE ID) nor sent, it only keys the sessions.
+pub fn client_config(
+    addr: &str,
+    broker_id: &SpiffeId,
+    identity: &ClientIdentity,
+) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), ClientError> {
+    type Configs = std::sync::Mutex<std::collections::HashMap<String, Arc<rustls::ClientConfig>>>;
+    static CONFIGS: std::sync::OnceLock<Configs> = std::sync::OnceLock::new();
+    let name = session_name(addr, broker_id, identity)?;
+    let key = name.to_str().into_owned();
+    let mut configs = CONFIGS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(cfg) = configs.get(&key) {
+        return Ok((cfg.clone(), name));
+    }
+    let cfg = Arc::new(tls_config(identity, broker_id)?);
+    if configs.len() >= 64 {
+        // Old leaves and brokers: their sessions go with them.
+        configs.clear();
+    }
+    configs.insert(key, cfg.clone());
+    Ok((cfg, name))
+}
+
+/// The TLS sessions this process may resume, shared by every connection it opens (at
+/// most 256; the broker issues one TLS 1.3 ticket per handshake).
+fn sessions() -> Arc<dyn rustls::client::ClientSessionStore> {
+    static SESSIONS: std::sync::OnceLock<Arc<rustls::client::ClientSessionMemoryCache>> =
+        std::sync::OnceLock::new();
+    SESSIONS
+        .get_or_init(|| Arc::new(rustls::client::ClientSessionMemoryCache::new(256)))
+        .clone()
+}
+
+/// The name a connection's TLS sessions are stored under: a hash of the broker's address
+/// and SPIFFE ID and of the client's current leaf certificate. A session is resumed only
+/// by a connection to the same broker presenting the same leaf, so a client whose SVID
+/// rotated never resumes a session (and the identity) its previous SVID established.
+pub fn session_name(
+    addr: &str,
+    broker_id: &SpiffeId,
+    identity: &ClientIdentity,
+) -> Result<ServerName<'static>, ClientError> {
+    let leaf = match identity {
+        ClientIdentity::Workload(src) => src
+            .svid()
+            .map(|s| s.leaf().as_ref().to_vec())
+            .map_err(|e| ClientError::new(format!("no SVID from the Workload API: {e}")))?,
+        ClientIdentity::Files { chain, .. } => chain
+            .first()
+            .map(|c| c.as_ref().to_vec())
+            .unwrap_or_default(),
+        ClientIdentity::Anonymous { .. } => Vec::new(),
+    };
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [addr.as_bytes(), broker_id.to_string().as_bytes(), &leaf] {
+        h.update(&(part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let name = format!("{}.resume.invalid", hex::encode(&h.finish().as_ref()[..16]));
+    ServerName::try_from(name).map_err(|e| ClientError::new(format!("session name: {e}")))
 }
 
 /// Opens a gRPC channel to the broker at `addr` (`host:port`).
@@ -281,22 +353,25 @@ pub async fn connect(
 ) -> Result<Channel, ClientError> {
     let broker_id =
         SpiffeId::new(broker_id).map_err(|e| ClientError::new(format!("broker id: {e}")))?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(identity, &broker_id)?));
+    client_config(addr, &broker_id, identity)?; // a bad identity fails here, not at dial
     let target = addr.to_owned();
+    let identity = identity.clone();
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| ClientError::new(format!("bad broker address {addr:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(10));
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
             let target = target.clone();
+            let (broker, identity) = (broker_id.clone(), identity.clone());
             async move {
                 let tcp = tokio::net::TcpStream::connect(&target).await?;
                 tcp.set_nodelay(true)?;
-                // The name is not checked (the verifier checks the SPIFFE ID instead).
-                let name = ServerName::try_from("spiffe-broker.invalid")
+                // Per dial: a redial after the SVID rotated uses the new leaf.
+                let (cfg, name) = client_config(&target, &broker, &identity)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                let tls = connector.connect(name, tcp).await?;
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
         }))

@@ -34,6 +34,7 @@ mod revocation;
 mod security_review;
 mod store_conformance;
 mod syslog_rsyslog;
+mod tls_resumption;
 mod tracing_export;
 mod verifiable_log;
 mod witness;
