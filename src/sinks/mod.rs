@@ -55,13 +55,14 @@ pub trait Sink: Send {
     }
 }
 
-/// Opens a sink as configured (connections are made at the first delivery).
-pub fn open(config: &AuditSinkConfig) -> Result<Box<dyn Sink>, SinkError> {
+/// Opens a sink as configured (connections are made at the first delivery); `store` is
+/// the ledger a webhook sink reads access requests from.
+pub fn open(config: &AuditSinkConfig, store: &Arc<dyn Store>) -> Result<Box<dyn Sink>, SinkError> {
     Ok(match &config.kind {
         SinkKind::File { .. } => Box::new(file::FileSink::new(config)),
         SinkKind::Syslog { .. } => Box::new(syslog::SyslogSink::new(config)?),
         SinkKind::Otlp { .. } => Box::new(otlp::OtlpSink::new(config)?),
-        SinkKind::Webhook { .. } => Box::new(webhook::WebhookSink::new(config)?),
+        SinkKind::Webhook { .. } => Box::new(webhook::WebhookSink::new(config, store.clone())?),
     })
 }
 
@@ -126,7 +127,7 @@ impl Shipper {
         holder: String,
     ) -> Result<Self, SinkError> {
         Ok(Self {
-            sink: open(&config)?,
+            sink: open(&config, &store)?,
             config,
             store,
             metrics,
@@ -226,8 +227,15 @@ impl Shipper {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.wait_for(|s| *s) => break,
             }
+        }
+        // Give the sink up at once, so a broker started after this one (or another
+        // replica) ships it now rather than when the hold lapses.
+        let mut release = self.claim(None);
+        release.held_until_ms = 0;
+        if let Err(e) = self.store.audit_sink(release).await {
+            tracing::warn!(sink = %self.config.name, error = %e, "audit sink not released; another broker takes it when the hold lapses");
         }
     }
 }

@@ -31,7 +31,9 @@ use super::{Sink, SinkError};
 use crate::audit::StoredEntry;
 use crate::clock::{rfc3339_millis, Clock, SystemClock};
 use crate::config::{AuditSinkConfig, SinkKind, WebhookFormat};
+use crate::domain::AccessRequest;
 use crate::http_client::{HttpClient, Options, Trust};
+use crate::store::Store;
 
 /// The webhook sink.
 pub(super) struct WebhookSink {
@@ -40,12 +42,17 @@ pub(super) struct WebhookSink {
     secrets: Vec<hmac::Key>,
     console_url: Option<String>,
     client: HttpClient,
+    /// The ledger: an event's access request (requester, scopes, TTL, intent, approvals).
+    store: std::sync::Arc<dyn Store>,
     /// The last entry handled in the current batch (delivered or not an event).
     progress: Option<u64>,
 }
 
 impl WebhookSink {
-    pub(super) fn new(config: &AuditSinkConfig) -> Result<Self, SinkError> {
+    pub(super) fn new(
+        config: &AuditSinkConfig,
+        store: std::sync::Arc<dyn Store>,
+    ) -> Result<Self, SinkError> {
         let SinkKind::Webhook {
             url,
             format,
@@ -69,6 +76,7 @@ impl WebhookSink {
             secrets,
             console_url: console_url.clone(),
             client: HttpClient::new(&options).map_err(|e| SinkError(e.to_string()))?,
+            store,
             progress: None,
         })
     }
@@ -132,7 +140,12 @@ impl Sink for WebhookSink {
         Box::pin(async move {
             self.progress = None;
             for e in entries {
-                if let Some(event) = Event::of(e, self.console_url.as_deref()) {
+                if let Some(mut event) = Event::of(e, self.console_url.as_deref()) {
+                    if let Some(id) = event.data["access_request_id"].as_str() {
+                        if let Some(ar) = self.store.access_request(id).await? {
+                            event.describe(&ar);
+                        }
+                    }
                     self.post(e, &event).await?;
                 }
                 self.progress = Some(e.seq);
@@ -252,12 +265,40 @@ impl Event {
     }
 }
 
+impl Event {
+    /// Adds what the access request says (the entry of a review, say, does not repeat
+    /// it): requester, the scopes and TTL as they will be granted, intent, delegation,
+    /// approver group, approvals so far and needed, state now, expiry.
+    pub(crate) fn describe(&mut self, ar: &AccessRequest) {
+        let d = &mut self.data;
+        let grant = ar.request.grant.as_ref();
+        d["requester"] = ar.requester.clone().into();
+        d["profile"] = ar.profile.to_string().into();
+        d["scopes"] = json!(grant.map_or(&ar.request.scopes, |g| &g.scopes));
+        d["ttl_secs"] = json!(grant.map(|g| g.ttl_secs).or(ar.request.ttl_secs));
+        d["intent"] = json!(ar.request.intent);
+        if let Some(del) = &ar.request.delegation {
+            d["delegation"] = json!(del);
+        }
+        d["approver_group"] = ar.group.clone().into();
+        d["approvals"] = json!(ar
+            .reviews
+            .iter()
+            .filter(|r| r.verdict == crate::domain::Verdict::Approve && !r.post_review)
+            .count());
+        d["threshold"] = ar.threshold.into();
+        d["state"] = ar.state.as_str().into();
+        d["expires_at"] = ar.expires_at.into();
+    }
+}
+
 /// Slack's mrkdwn control characters, escaped as Slack asks: text a requester wrote can
 /// then never turn into a link, a mention or a broadcast.
 fn esc(v: &Value) -> String {
     let s = match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
+        Value::Array(a) => a.iter().map(esc).collect::<Vec<_>>().join(", "),
         other => other.to_string(),
     };
     s.replace('&', "&amp;")

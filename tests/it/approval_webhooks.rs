@@ -199,6 +199,16 @@ async fn approvals_reach_a_webhook_in_order_across_outages_and_restarts() {
             (&review["data"]["reviewer"], &review["data"]["verdict"]),
             (&serde_json::json!(ALICE), &serde_json::json!("approve"))
         );
+        // The request itself, from the ledger: who asked, for what, how many approved.
+        let d = &review["data"];
+        assert_eq!(d["requester"], DEPLOY_AGENT);
+        assert_eq!(d["intent"]["target"], "models/llama");
+        assert_eq!(
+            (&d["approvals"], &d["threshold"]),
+            (&serde_json::json!(1), &serde_json::json!(1))
+        );
+        assert!(d["scopes"].as_array().is_some_and(|s| !s.is_empty()), "{d}");
+        assert!(d["ttl_secs"].as_u64().is_some(), "{d}");
         assert_ne!(
             headers["webhook-id"], got[1].0["webhook-id"],
             "one id per message"
