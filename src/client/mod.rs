@@ -317,9 +317,11 @@ fn sessions() -> Arc<dyn rustls::client::ClientSessionStore> {
 }
 
 /// The name a connection's TLS sessions are stored under: a hash of the broker's address
-/// and SPIFFE ID and of the client's current leaf certificate. A session is resumed only
-/// by a connection to the same broker presenting the same leaf, so a client whose SVID
-/// rotated never resumes a session (and the identity) its previous SVID established.
+/// and SPIFFE ID, the client's current leaf certificate and the authorities it trusts for
+/// the broker. A session is resumed only by a connection to the same broker presenting the
+/// same leaf under the same trust, so a client whose SVID rotated never resumes a session
+/// (and the identity) its previous SVID established, and one whose bundle dropped a CA
+/// never resumes a session that CA vouched for.
 pub fn session_name(
     addr: &str,
     broker_id: &SpiffeId,
@@ -336,8 +338,18 @@ pub fn session_name(
             .unwrap_or_default(),
         ClientIdentity::Anonymous { .. } => Vec::new(),
     };
+    // The authorities the broker is checked against now: a session established under a
+    // bundle the client no longer trusts (a retired CA) is not resumed.
+    let authorities = identity
+        .trust(broker_id)
+        .x509_authorities(broker_id.trust_domain_name())
+        .unwrap_or_default();
     let mut h = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in [addr.as_bytes(), broker_id.to_string().as_bytes(), &leaf] {
+    let broker = broker_id.to_string();
+    let parts = [addr.as_bytes(), broker.as_bytes(), &leaf]
+        .into_iter()
+        .chain(authorities.iter().map(|a| a.as_ref()));
+    for part in parts {
         h.update(&(part.len() as u64).to_be_bytes());
         h.update(part);
     }

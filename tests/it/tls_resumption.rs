@@ -47,6 +47,23 @@ async fn a_reconnecting_client_resumes_only_with_the_same_leaf() {
     // Another leaf of the same identity (a rotated SVID): a full handshake.
     let (rotated, _) = minted(&h, DEPLOY_AGENT);
     assert_eq!(handshake(&h, &rotated).await, HandshakeKind::Full);
+    // A client whose trust changed (another CA added, or one retired) does not resume a
+    // session its old bundle vouched for.
+    let bundle = vec![h.env.ca.ca_der().clone()];
+    let anonymous = ClientIdentity::Anonymous {
+        bundle: bundle.clone(),
+    };
+    assert_eq!(handshake(&h, &anonymous).await, HandshakeKind::Full);
+    assert_eq!(handshake(&h, &anonymous).await, HandshakeKind::Resumed);
+    let other_ca = {
+        use rustls::pki_types::pem::PemObject as _;
+        rustls::pki_types::CertificateDer::from_pem_slice(pki::ca("another CA").2.as_bytes())
+            .expect("PEM")
+    };
+    let changed = ClientIdentity::Anonymous {
+        bundle: [bundle, vec![other_ca]].concat(),
+    };
+    assert_eq!(handshake(&h, &changed).await, HandshakeKind::Full);
     // And the library's channels resume too, and work.
     let (full_before, resumed_before) = spiffe_broker::server::tls::handshakes();
     for _ in 0..3 {
