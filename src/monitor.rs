@@ -24,13 +24,19 @@ use crate::cosignature::WitnessPolicy;
 use crate::http_client::HttpClient;
 use crate::merkle::{leaf_hash, Frontier, Hash};
 
-/// Why the monitor stopped.
+/// Why a poll failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct MonitorError(pub String);
+pub enum MonitorError {
+    /// The log could not be read (down, no checkpoint yet, a network error): try again.
+    #[error("log unreachable: {0}")]
+    Unreachable(String),
+    /// What the log served does not verify, or the state is unusable: stop.
+    #[error("{0}")]
+    Invalid(String),
+}
 
 fn fail<T>(m: impl Into<String>) -> Result<T, MonitorError> {
-    Err(MonitorError(m.into()))
+    Err(MonitorError::Invalid(m.into()))
 }
 
 /// What a monitor watches; an entry matching any watch is reported.
@@ -160,7 +166,7 @@ impl Monitor {
     pub fn open(options: MonitorOptions, client: HttpClient) -> Result<Self, MonitorError> {
         let state = match std::fs::read(&options.state) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                MonitorError(format!(
+                MonitorError::Invalid(format!(
                     "{}: not a monitor state: {e}",
                     options.state.display()
                 ))
@@ -184,17 +190,17 @@ impl Monitor {
     /// matches. Nothing is saved until [`commit`](Self::commit).
     pub async fn poll(&self) -> Result<Batch, MonitorError> {
         let note = self.get(&format!("{}/log/checkpoint", self.base())).await?;
-        let note =
-            String::from_utf8(note).map_err(|_| MonitorError("checkpoint is not UTF-8".into()))?;
+        let note = String::from_utf8(note)
+            .map_err(|_| MonitorError::Invalid("checkpoint is not UTF-8".into()))?;
         let cp = self
             .options
             .log_key
             .verify(&note)
-            .map_err(|e| MonitorError(format!("checkpoint: {e}")))?;
+            .map_err(|e| MonitorError::Invalid(format!("checkpoint: {e}")))?;
         if let Some(policy) = &self.options.witnesses {
-            policy
-                .check(&note)
-                .map_err(|e| MonitorError(format!("checkpoint of size {}: {e}", cp.size)))?;
+            policy.check(&note).map_err(|e| {
+                MonitorError::Invalid(format!("checkpoint of size {}: {e}", cp.size))
+            })?;
         }
         let mut frontier = self.frontier()?;
         if cp.size < self.state.size {
@@ -224,8 +230,9 @@ impl Monitor {
                     break;
                 }
                 frontier.append(leaf_hash(e.body.as_bytes()));
-                let entry: serde_json::Value = serde_json::from_str(&e.body)
-                    .map_err(|err| MonitorError(format!("entry {seq} is not JSON: {err}")))?;
+                let entry: serde_json::Value = serde_json::from_str(&e.body).map_err(|err| {
+                    MonitorError::Invalid(format!("entry {seq} is not JSON: {err}"))
+                })?;
                 if self.wanted(&entry, &mut next.leases) {
                     reports.push(Report {
                         seq,
@@ -263,9 +270,9 @@ impl Monitor {
     /// Saves the batch's position (after its reports went out).
     pub fn commit(&mut self, batch: Batch) -> Result<(), MonitorError> {
         let bytes = serde_json::to_vec_pretty(&batch.next)
-            .map_err(|e| MonitorError(format!("state: {e}")))?;
+            .map_err(|e| MonitorError::Invalid(format!("state: {e}")))?;
         crate::files::write_atomic(&self.options.state, &bytes, 0o600)
-            .map_err(|e| MonitorError(format!("state not saved: {e}")))?;
+            .map_err(|e| MonitorError::Invalid(format!("state not saved: {e}")))?;
         self.state = batch.next;
         Ok(())
     }
@@ -283,11 +290,14 @@ impl Monitor {
                 hex::decode(h)
                     .ok()
                     .and_then(|b| Hash::try_from(b).ok())
-                    .ok_or_else(|| MonitorError("state: a frontier hash is not hex SHA-256".into()))
+                    .ok_or_else(|| {
+                        MonitorError::Invalid("state: a frontier hash is not hex SHA-256".into())
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Frontier::from_hashes(self.state.size, &hashes)
-            .ok_or_else(|| MonitorError("state: the frontier does not fit its size".into()))
+        Frontier::from_hashes(self.state.size, &hashes).ok_or_else(|| {
+            MonitorError::Invalid("state: the frontier does not fit its size".into())
+        })
     }
 
     /// Whether an entry is reported; remembers leases issued to watched identities.
@@ -312,13 +322,13 @@ impl Monitor {
             .get_ok(url)
             .await
             .map(|b| b.to_vec())
-            .map_err(|e| MonitorError(e.to_string()))
+            .map_err(|e| MonitorError::Unreachable(e.to_string()))
     }
 
     async fn page(&self, start: u64, limit: u64) -> Result<Vec<PageEntry>, MonitorError> {
         let url = format!("{}/log/entries?start={start}&limit={limit}", self.base());
         let page: EntriesPage = serde_json::from_slice(&self.get(&url).await?)
-            .map_err(|e| MonitorError(format!("entries page from {start}: {e}")))?;
+            .map_err(|e| MonitorError::Invalid(format!("entries page from {start}: {e}")))?;
         Ok(page.entries)
     }
 }

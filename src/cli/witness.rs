@@ -9,7 +9,7 @@ use serde_json::json;
 use spiffe_broker::checkpoint::VerifierKey;
 use spiffe_broker::clock::SystemClock;
 use spiffe_broker::cosignature::{Cosigner, CosignerKey, WitnessPolicy};
-use spiffe_broker::monitor::{Monitor, MonitorOptions, Watch};
+use spiffe_broker::monitor::{Monitor, MonitorError, MonitorOptions, Watch};
 use spiffe_broker::witness::service::Witness;
 
 use super::args::{MonitorArgs, WitnessArgs, WitnessPolicyArgs};
@@ -89,7 +89,18 @@ pub async fn monitor(a: MonitorArgs) -> Result<(), CliError> {
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
-        let batch = monitor.poll().await.map_err(|e| format!("monitor: {e}"))?;
+        let batch = match monitor.poll().await {
+            Ok(batch) => batch,
+            // Following: a log that is down or has no checkpoint yet is waited for.
+            Err(e @ MonitorError::Unreachable(_)) if !a.once => {
+                tracing::warn!(error = %e, "log not reachable; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(a.interval) => continue,
+                    _ = &mut stop => return Ok(()),
+                }
+            }
+            Err(e) => return Err(format!("monitor: {e}").into()),
+        };
         for r in &batch.reports {
             out!("{}", serde_json::to_string(r).map_err(fail)?);
         }

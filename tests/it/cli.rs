@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::process::{start_dev, BIN};
+use common::process::{start_dev, start_dev_with, BIN};
 
 fn cli(args: &[&str], socket: Option<&Path>) -> Output {
     let mut cmd = Command::new(BIN);
@@ -546,4 +546,178 @@ fn policy_replay_reports_what_a_candidate_would_change() {
     );
     one_error_line(&replay(&wider, &["--fail-on-widening"]), "gives more");
     one_error_line(&replay(dir.path(), &[]), "no .cedar files");
+}
+
+/// A one-request HTTP receiver on a thread: answers 204 and hands over the body.
+fn one_post_receiver() -> (String, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut reader = std::io::BufReader::new(stream);
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        let _ = reader.read_exact(&mut body);
+        let _ = reader
+            .get_mut()
+            .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
+        let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+    });
+    (url, rx)
+}
+
+/// `monitor --once`, as an auditor's cron job runs it: the watched identity's issuances as
+/// JSON lines, verified against the signed checkpoint; nothing again on the next run; the
+/// batch also posted to `--webhook`; a bad watch refused with one clear line.
+#[test]
+fn monitor_reports_watched_issuances_once_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("sb");
+    let dev = start_dev_with(&state, &["--checkpoint-interval", "1s"]);
+    let b = ["--broker", dev.grpc.as_str()];
+    let agent = state.join("workloads/deploy-agent.sock");
+    for _ in 0..2 {
+        json(&cli(
+            &[
+                &[
+                    "request",
+                    "--profile",
+                    "gpu-scheduler-submit",
+                    "--scope",
+                    "job:submit",
+                    "--intent-action",
+                    "submit-training",
+                    "--intent-target",
+                    "queue/a100",
+                ][..],
+                &b,
+            ]
+            .concat(),
+            Some(&agent),
+        ));
+    }
+    let log_key = state.join("keys/log.vkey");
+    let monitor_state = dir.path().join("monitor.json");
+    let (hook, posted) = one_post_receiver();
+    let monitor = |extra: &[&str]| {
+        let mut args = vec![
+            "monitor",
+            "--log",
+            dev.http.as_str(),
+            "--log-key",
+            log_key.to_str().expect("path"),
+            "--watch",
+            "spiffe://example.org/ci/*",
+            "--state",
+            monitor_state.to_str().expect("path"),
+            "--once",
+        ];
+        args.extend_from_slice(extra);
+        cli(&args, None)
+    };
+    // Following the log (the checkpointer signs within a second), until both arrive.
+    let mut follow = Command::new(BIN)
+        .args([
+            "monitor",
+            "--log",
+            dev.http.as_str(),
+            "--log-key",
+            log_key.to_str().expect("path"),
+            "--watch",
+            "spiffe://example.org/ci/*",
+            "--state",
+            monitor_state.to_str().expect("path"),
+            "--interval",
+            "1s",
+            "--webhook",
+            hook.as_str(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("monitor");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first: Vec<serde_json::Value> = (0..2)
+        .map(|_| {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("a report in time");
+            serde_json::from_str(&line).expect("a JSON line")
+        })
+        .collect();
+    let body = posted
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the webhook got the batch");
+    // The position is saved after the webhook answered; wait (bounded) for it, so the
+    // stop below is a clean one (a kill before the save repeats the batch, by design).
+    let last = first
+        .iter()
+        .filter_map(|r| r["seq"].as_u64())
+        .max()
+        .expect("seq");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read(&monitor_state)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["size"].as_u64())
+        .is_none_or(|size| size < last)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the monitor saved its position"
+        );
+        let _ = rx.recv_timeout(Duration::from_millis(50));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(first.len(), 2, "{first:?}");
+    for r in &first {
+        assert_eq!(r["entry"]["kind"], "issue");
+        assert_eq!(r["entry"]["caller"], "spiffe://example.org/ci/deploy-agent");
+    }
+    let posted: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(posted["reports"].as_array().map(Vec::len), Some(2));
+    let again = monitor(&[]);
+    assert!(again.status.success());
+    assert!(again.stdout.is_empty(), "nothing twice");
+    one_error_line(
+        &cli(
+            &[
+                "monitor",
+                "--log",
+                dev.http.as_str(),
+                "--log-key",
+                log_key.to_str().expect("path"),
+                "--watch",
+                "example.org/ci",
+            ],
+            None,
+        ),
+        "--watch",
+    );
 }

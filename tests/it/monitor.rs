@@ -161,7 +161,11 @@ async fn a_forged_page_or_a_missing_quorum_stops_the_monitor() {
     let proxy = forging_proxy(url.clone()).await;
     let m = Monitor::open(options(&h, proxy, &state), client()).expect("monitor");
     let err = m.poll().await.expect_err("forged entry");
-    assert!(err.0.contains("do not make the checkpoint's root"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("do not make the checkpoint's root"),
+        "{err}"
+    );
     assert!(!state.exists(), "no position saved, nothing reported");
 
     // A checkpoint no witness cosigned does not satisfy a witness policy.
@@ -177,7 +181,7 @@ async fn a_forged_page_or_a_missing_quorum_stops_the_monitor() {
         .poll()
         .await
         .expect_err("not witnessed");
-    assert!(err.0.contains("cosigned by 0 of the 1"), "{err}");
+    assert!(err.to_string().contains("cosigned by 0 of the 1"), "{err}");
 
     // The honest log passes, and the entries it served carry no credential.
     let mut m = Monitor::open(options(&h, url.clone(), &state), client()).expect("monitor");

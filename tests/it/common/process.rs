@@ -13,6 +13,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_spiffe-broker");
 pub struct Running {
     pub child: Child,
     pub grpc: String,
+    /// The HTTP listener's base URL (`http://127.0.0.1:PORT`).
+    pub http: String,
 }
 
 impl Drop for Running {
@@ -24,10 +26,16 @@ impl Drop for Running {
 
 /// Starts `spiffe-broker dev` on port 0 and waits (bounded) for `ready`.
 pub fn start_dev(state: &Path) -> Running {
+    start_dev_with(state, &[])
+}
+
+/// [`start_dev`] with more `dev` flags.
+pub fn start_dev_with(state: &Path, extra: &[&str]) -> Running {
     let mut child = Command::new(BIN)
         .args(["dev", "--state-dir"])
         .arg(state)
         .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(extra)
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -42,13 +50,16 @@ pub fn start_dev(state: &Path) -> Running {
             }
         }
     });
-    let mut grpc = None;
+    let (mut grpc, mut http) = (None, None);
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("dev prints ready");
         if let Some(rest) = line.trim().strip_prefix("gRPC (mTLS):") {
             grpc = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if let Some(rest) = line.trim().strip_prefix("HTTP:") {
+            http = rest.split_whitespace().next().map(str::to_owned);
         }
         if line == "ready" {
             break;
@@ -57,5 +68,6 @@ pub fn start_dev(state: &Path) -> Running {
     Running {
         child,
         grpc: grpc.expect("gRPC address printed"),
+        http: http.expect("HTTP address printed"),
     }
 }
