@@ -149,9 +149,9 @@ pub(super) struct RawSink {
 }
 
 impl RawSink {
-    /// A `webhook` sink's settings.
-    fn webhook(&self, at: &dyn Fn(&str) -> String) -> Result<SinkKind, ConfigError> {
-        let others = [
+    /// Every setting that belongs to one kind of sink, and whether it is set.
+    fn settings(&self) -> [(&'static str, bool); 15] {
+        [
             ("path", self.path.is_some()),
             ("max_size_mb", self.max_size_mb.is_some()),
             ("max_age", self.max_age.is_some()),
@@ -162,10 +162,16 @@ impl RawSink {
             ("facility", self.facility.is_some()),
             ("hostname", self.hostname.is_some()),
             ("endpoint", self.endpoint.is_some()),
-        ];
-        if let Some((f, _)) = others.iter().find(|(_, set)| *set) {
-            return err(format!("{}: not a setting of a webhook sink", at(f)));
-        }
+            ("ca_file", self.ca_file.is_some()),
+            ("url", self.url.is_some()),
+            ("format", self.format.is_some()),
+            ("secret_file", self.secret_file.is_some()),
+            ("console_url", self.console_url.is_some()),
+        ]
+    }
+
+    /// A `webhook` sink's settings.
+    fn webhook(&self, at: &dyn Fn(&str) -> String) -> Result<SinkKind, ConfigError> {
         let Some(url) = self.url.clone() else {
             return err(format!("{}: required for a webhook sink", at("url")));
         };
@@ -229,21 +235,34 @@ impl RawSink {
                 self.name
             ));
         }
-        let unused = |fields: &[(&str, bool)]| match fields.iter().find(|(_, set)| *set) {
-            Some((f, _)) => err(format!("{}: not a setting of a {} sink", at(f), self.kind)),
-            None => Ok(()),
+        let allowed: &[&str] = match self.kind.as_str() {
+            "file" => &["path", "max_size_mb", "max_age", "keep"],
+            "syslog" => &[
+                "address",
+                "tls",
+                "server_name",
+                "facility",
+                "hostname",
+                "ca_file",
+            ],
+            "otlp" => &["endpoint", "ca_file"],
+            "webhook" => &["url", "format", "secret_file", "console_url", "ca_file"],
+            other => {
+                return err(format!(
+                    "{}: {other:?} is not file, syslog, otlp or webhook",
+                    at("type")
+                ))
+            }
         };
+        if let Some((f, _)) = self
+            .settings()
+            .into_iter()
+            .find(|(f, set)| *set && !allowed.contains(f))
+        {
+            return err(format!("{}: not a setting of a {} sink", at(f), self.kind));
+        }
         let kind = match self.kind.as_str() {
             "file" => {
-                unused(&[
-                    ("address", self.address.is_some()),
-                    ("tls", self.tls.is_some()),
-                    ("server_name", self.server_name.is_some()),
-                    ("facility", self.facility.is_some()),
-                    ("hostname", self.hostname.is_some()),
-                    ("endpoint", self.endpoint.is_some()),
-                    ("ca_file", self.ca_file.is_some()),
-                ])?;
                 let Some(path) = self.path.clone() else {
                     return err(format!("{}: required for a file sink", at("path")));
                 };
@@ -263,13 +282,6 @@ impl RawSink {
                 }
             }
             "syslog" => {
-                unused(&[
-                    ("path", self.path.is_some()),
-                    ("max_size_mb", self.max_size_mb.is_some()),
-                    ("max_age", self.max_age.is_some()),
-                    ("keep", self.keep.is_some()),
-                    ("endpoint", self.endpoint.is_some()),
-                ])?;
                 let Some(address) = self.address.clone() else {
                     return err(format!(
                         "{}: required for a syslog sink (host:port)",
@@ -318,17 +330,6 @@ impl RawSink {
                 }
             }
             "otlp" => {
-                unused(&[
-                    ("path", self.path.is_some()),
-                    ("max_size_mb", self.max_size_mb.is_some()),
-                    ("max_age", self.max_age.is_some()),
-                    ("keep", self.keep.is_some()),
-                    ("address", self.address.is_some()),
-                    ("tls", self.tls.is_some()),
-                    ("server_name", self.server_name.is_some()),
-                    ("facility", self.facility.is_some()),
-                    ("hostname", self.hostname.is_some()),
-                ])?;
                 let Some(endpoint) = self.endpoint.clone() else {
                     return err(format!("{}: required for an otlp sink", at("endpoint")));
                 };
@@ -350,22 +351,8 @@ impl RawSink {
                 }
             }
             "webhook" => self.webhook(&at)?,
-            other => {
-                return err(format!(
-                    "{}: {other:?} is not file, syslog, otlp or webhook",
-                    at("type")
-                ))
-            }
+            _ => unreachable!("the type was checked above"),
         };
-        let webhook_only = [
-            ("url", self.url.is_some()),
-            ("format", self.format.is_some()),
-            ("secret_file", self.secret_file.is_some()),
-            ("console_url", self.console_url.is_some()),
-        ];
-        if !matches!(kind, SinkKind::Webhook { .. }) {
-            unused(&webhook_only)?;
-        }
         let batch = self.batch.unwrap_or(500);
         if !(1..=10_000).contains(&batch) {
             return err(format!("{}: {batch} is not 1-10000", at("batch")));
