@@ -73,8 +73,12 @@ impl Cosigner {
             id,
         };
         let vkey_path = path.with_extension("vkey");
-        std::fs::write(&vkey_path, format!("{}\n", cosigner.vkey()))
-            .map_err(|e| NoteError(format!("{}: {e}", vkey_path.display())))?;
+        crate::files::write_atomic(
+            &vkey_path,
+            format!("{}\n", cosigner.vkey()).as_bytes(),
+            0o644,
+        )
+        .map_err(|e| NoteError(format!("{}: {e}", vkey_path.display())))?;
         Ok(cosigner)
     }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use http::StatusCode;
 
 use super::{AddCheckpoint, ADD_CHECKPOINT};
-use crate::checkpoint::{canonical_decimal, SignedNote};
+use crate::checkpoint::{canonical_decimal, SignedNote, SIGNATURE_PREFIX};
 use crate::cosignature::CosignerKey;
 use crate::http_client::HttpClient;
 use crate::store::{Cosignature, Store, StoredCheckpoint};
@@ -66,14 +66,11 @@ impl Submitter {
         self.targets.is_empty()
     }
 
-    /// Submits `cp` to every witness that has not cosigned it yet, concurrently; returns
-    /// one result per witness (its name once it has cosigned this size).
+    /// Submits `cp` to every witness, concurrently (one the ledger says cosigned this size
+    /// already is not asked again); returns one result per witness (its name once it has
+    /// cosigned this size).
     pub async fn submit(&self, cp: &StoredCheckpoint) -> Vec<Result<String, WitnessError>> {
-        let asks = self.targets.iter().filter(|t| {
-            let prefix = format!("\u{2014} {} ", t.key.name());
-            !cp.cosignatures.iter().any(|l| l.starts_with(&prefix))
-        });
-        futures::future::join_all(asks.map(|t| self.submit_to(t, cp))).await
+        futures::future::join_all(self.targets.iter().map(|t| self.submit_to(t, cp))).await
     }
 
     async fn submit_to(
@@ -167,7 +164,7 @@ impl Submitter {
                     .verify(&note)
                     .map_err(|e| e.0)?
                     .ok_or("its answer holds no cosignature by its key")?;
-                let prefix = format!("\u{2014} {} ", t.key.name());
+                let prefix = format!("{SIGNATURE_PREFIX}{} ", t.key.name());
                 let line = text
                     .lines()
                     .find(|l| l.starts_with(&prefix))
