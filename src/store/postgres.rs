@@ -88,6 +88,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "cosignatures",
         include_str!("migrations/postgres/0008_cosignatures.sql"),
     ),
+    (
+        9,
+        "active lease indexes",
+        include_str!("migrations/postgres/0009_active_lease_indexes.sql"),
+    ),
 ];
 
 /// Advisory lock key held while migrating ("SBMIGRAT"): replicas starting together

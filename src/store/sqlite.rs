@@ -57,6 +57,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "cosignatures",
         include_str!("migrations/0008_cosignatures.sql"),
     ),
+    (
+        9,
+        "active lease indexes",
+        include_str!("migrations/0009_active_lease_indexes.sql"),
+    ),
 ];
 
 /// The SQLite store.

@@ -1491,10 +1491,10 @@ fn postgres_replicas_starting_together_migrate_once() {
     // one, the second would have failed to open.
     let ran = "SELECT count(*), count(DISTINCT version), min(version), max(version) FROM schema_migrations";
     let once = vec![vec![
-        Some("8".to_owned()),
-        Some("8".to_owned()),
+        Some("9".to_owned()),
+        Some("9".to_owned()),
         Some("1".to_owned()),
-        Some("8".to_owned()),
+        Some("9".to_owned()),
     ]];
     assert_eq!(server.sql(ran), once);
     // A replica restarting later finds nothing to do.
