@@ -1,9 +1,9 @@
-//! Load generator: starts `spiffe-broker dev` in-process (or targets a running broker
-//! with `--target ADDR`), runs N concurrent clients with real SVIDs for D seconds, and
-//! prints throughput, p50/p99/p99.9 latency, errors and the process's peak RSS — beside
-//! the machine's own limits measured in the same run: the raw ES256 signing rate and the
-//! durable ledger commit rate (same SQLite settings and group commit). Prints figures;
-//! asserts nothing.
+//! Load generator: starts `spiffe-broker dev` in-process (or targets running brokers
+//! with `--target ADDR[,ADDR…]`, below), runs N concurrent clients with real SVIDs for
+//! D seconds, and prints throughput, p50/p99/p99.9 latency, errors and the process's
+//! peak RSS — beside the machine's own limits measured in the same run: the raw ES256
+//! signing rate and the durable ledger commit rate (same SQLite settings and group
+//! commit). Prints figures; asserts nothing.
 //!
 //! ```sh
 //! cargo run --release --example loadgen -- --mode reused --clients 32 --seconds 10
@@ -15,6 +15,14 @@
 //! (token exchange, RFC 8693: an agent exchanges a person's delegation token for a GPU
 //! token, each time). `--mode reused,exchange` runs several, one after the other, on the
 //! same broker in the same window.
+//!
+//! `--target ADDR[,ADDR…] --workload-dir DIR` drives brokers already running (e.g.
+//! `spiffe-broker serve` replicas on one PostgreSQL, `bench/replicas.sh`) instead: client
+//! `i` connects to the `i mod n`-th address, and the clients take their SVIDs from the
+//! demo identities' Workload API sockets in DIR (`spiffe-broker dev`'s
+//! `STATE_DIR/workloads`, whose CA the brokers trust). The CPU line then covers the
+//! clients only, and the ledger line is left out (read the brokers' `/metrics`); not
+//! with `--mode jwt-svid`, which mints with the in-process dev CA.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -251,6 +259,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    let targets: Vec<String> = arg("--target")
+        .map(|t| t.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    if !targets.is_empty() && modes.iter().any(|m| m == "jwt-svid") {
+        return Err("--mode jwt-svid mints with the in-process dev CA: not with --target".into());
+    }
+
     // `--no-limits` skips the machine probes (for quick A/B runs of the broker alone).
     let (sign, ledger) = if std::env::args().any(|a| a == "--no-limits") {
         (f64::NAN, f64::NAN)
@@ -261,6 +276,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("  raw ES256 signing: {sign:.0}/s on one core; durable ledger appends (group commit): {ledger:.0}/s");
         (sign, ledger)
     };
+
+    if !targets.is_empty() {
+        let dir = arg("--workload-dir")
+            .ok_or("--target needs --workload-dir (the demo identities' Workload API sockets)")?;
+        let sock = |name: &str| format!("unix://{dir}/{name}.sock");
+        let identity = |name: &str| {
+            let endpoint = sock(name);
+            async move {
+                client::workload_source(Some(&endpoint))
+                    .await
+                    .map(ClientIdentity::Workload)
+            }
+        };
+        let run = Run {
+            targets,
+            agent: identity("deploy-agent").await?,
+            root: identity("root").await?,
+            alice: identity("alice").await?,
+            bundle: Vec::new(),
+            clients,
+            seconds,
+            sign,
+            ledger,
+        };
+        for mode in &modes {
+            run.mode(None, mode).await?;
+        }
+        return Ok(());
+    }
 
     let dir = tempfile::tempdir()?;
     let env = dev::start(DevOptions {
@@ -300,7 +344,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let bundle = vec![env.ca.ca_der().clone()];
     let run = Run {
-        addr,
+        targets: vec![addr],
         agent,
         root,
         alice,
@@ -311,15 +355,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ledger,
     };
     for mode in &modes {
-        run.mode(&env, mode).await?;
+        run.mode(Some(&env), mode).await?;
     }
     env.shutdown().await?;
     Ok(())
 }
 
-/// What every mode's run shares: the broker, its callers and the machine's limits.
+/// What every mode's run shares: the brokers, their callers and the machine's limits.
 struct Run {
-    addr: String,
+    /// Client `i` calls `targets[i % len]`.
+    targets: Vec<String>,
     agent: ClientIdentity,
     root: ClientIdentity,
     alice: ClientIdentity,
@@ -366,7 +411,12 @@ async fn delegation_token(addr: &str, alice: &ClientIdentity) -> Result<String, 
 }
 
 impl Run {
-    async fn mode(&self, env: &dev::DevEnv, mode: &str) -> Result<(), Box<dyn std::error::Error>> {
+    /// One mode's run; `env` is the in-process broker (`None` with `--target`).
+    async fn mode(
+        &self,
+        env: Option<&dev::DevEnv>,
+        mode: &str,
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let (clients, seconds, sign, ledger) = (self.clients, self.seconds, self.sign, self.ledger);
         let mode = mode.to_owned();
         let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -393,23 +443,23 @@ impl Run {
         let mut subjects = Vec::new();
         for _ in 0..clients {
             subjects.push(if mode == "exchange" {
-                Some(delegation_token(&self.addr, &self.alice).await?)
+                Some(delegation_token(&self.targets[0], &self.alice).await?)
             } else {
                 None
             });
         }
-        let (commits_before, ops_before) = ledger_counts(env);
+        let counts_before = env.map(ledger_counts);
         let mut tasks = Vec::new();
-        for subject in subjects {
+        for (i, subject) in subjects.into_iter().enumerate() {
             let mode = mode.clone();
             let (agent, root, addr, bundle, done) = (
                 self.agent.clone(),
                 self.root.clone(),
-                self.addr.clone(),
+                self.targets[i % self.targets.len()].clone(),
                 self.bundle.clone(),
                 done.clone(),
             );
-            let jwt = if mode == "jwt-svid" {
+            let jwt = if let (true, Some(env)) = (mode == "jwt-svid", env) {
                 Some(env.ca.mint_jwt_svid(
                     &spiffe::SpiffeId::new("spiffe://example.org/ci/deploy-agent")?,
                     &[dev::BROKER_ID.to_owned()],
@@ -530,7 +580,11 @@ impl Run {
             lat.pct(0.99),
             lat.pct(0.999)
         );
-        println!("  CPU per operation (broker and clients share this process): {cpu}");
+        if env.is_some() {
+            println!("  CPU per operation (broker and clients share this process): {cpu}");
+        } else {
+            println!("  CPU per operation of this process (the clients only): {cpu}");
+        }
         let limit = sign.min(ledger);
         if limit.is_finite() {
             println!(
@@ -539,9 +593,13 @@ impl Run {
             );
         }
         println!(
-            "  peak RSS of this process (broker + clients + probes) {:.0} MiB",
+            "  peak RSS of this process ({}clients + probes) {:.0} MiB",
+            if env.is_some() { "broker + " } else { "" },
             peak_rss_mib()
         );
+        let (Some(env), Some((commits_before, ops_before))) = (env, counts_before) else {
+            return Ok(());
+        };
         let (commits, ops) = ledger_counts(env);
         let (commits, ops) = (commits - commits_before, ops - ops_before);
         println!(
