@@ -93,9 +93,14 @@ pub struct AuditEvent {
     pub time_ms: i64,
     /// What happened.
     pub kind: EventKind,
-    /// Who asked: an authenticated SPIFFE ID.
+    /// Who asked: an authenticated SPIFFE ID, or a signed-in person's
+    /// `oidc:<issuer>#<sub>`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
+    /// A person caller's email and name as their provider gave them (recorded beside
+    /// `caller`, never used to decide).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_person: Option<crate::domain::PersonRecord>,
     /// For failed authentication only: the identity the caller claimed (unverified).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub claimed_id: Option<String>,
@@ -158,6 +163,7 @@ impl AuditEvent {
             time_ms,
             kind,
             caller: None,
+            caller_person: None,
             claimed_id: None,
             auth_method: None,
             cert_sha256: None,

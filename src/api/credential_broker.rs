@@ -250,7 +250,7 @@ impl pb::credential_broker_server::CredentialBroker for Api {
                     caller,
                     &req,
                     inner.break_glass,
-                )))
+                )?))
             }
             .await,
         )

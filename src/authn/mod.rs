@@ -13,6 +13,7 @@ use rustls::pki_types::CertificateDer;
 use spiffe::SpiffeId;
 
 use crate::clock::Clock;
+use crate::domain::{Person, Principal};
 
 pub use jwt_svid::{validate_jwt_svid, JwtSvidClaims};
 pub use trust::{StaticTrust, TrustSource, WorkloadTrust};
@@ -26,6 +27,10 @@ pub enum AuthMethod {
     X509Svid,
     /// JWT-SVID bearer token.
     JwtSvid,
+    /// A person's console session, begun by an OpenID Connect sign-in.
+    OidcSession,
+    /// A dev-mode demo person's console session (never in `serve`).
+    DevSignIn,
 }
 
 impl AuthMethod {
@@ -34,22 +39,59 @@ impl AuthMethod {
         match self {
             AuthMethod::X509Svid => "x509-svid",
             AuthMethod::JwtSvid => "jwt-svid",
+            AuthMethod::OidcSession => "oidc-session",
+            AuthMethod::DevSignIn => "dev-sign-in",
         }
     }
 }
 
-/// A caller whose SVID passed every check. Only this module constructs it.
+/// A caller whose SVID passed every check, or a person whose console session did. Only
+/// this module (workloads) and [`VerifiedCaller::signed_in`] (the console's sessions)
+/// construct it.
 #[derive(Debug, Clone)]
 pub struct VerifiedCaller {
-    id: SpiffeId,
+    principal: Principal,
+    id: String,
     method: AuthMethod,
     cert_sha256: Option<[u8; 32]>,
 }
 
 impl VerifiedCaller {
-    /// The caller's SPIFFE ID.
-    pub fn spiffe_id(&self) -> &SpiffeId {
+    fn workload_caller(id: SpiffeId, method: AuthMethod, cert_sha256: Option<[u8; 32]>) -> Self {
+        Self {
+            id: id.to_string(),
+            principal: Principal::Workload(id),
+            method,
+            cert_sha256,
+        }
+    }
+
+    /// A person whose console session verified (an OpenID Connect sign-in, or dev mode's
+    /// demo sign-in). Only the console's session layer calls this.
+    pub fn signed_in(person: Person, dev: bool) -> Self {
+        Self {
+            id: person.id.clone(),
+            principal: Principal::Person(person),
+            method: if dev {
+                AuthMethod::DevSignIn
+            } else {
+                AuthMethod::OidcSession
+            },
+            cert_sha256: None,
+        }
+    }
+
+    /// Who: a workload or a person.
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+    /// The id the ledger records (a SPIFFE ID, or `oidc:<issuer>#<sub>`).
+    pub fn id(&self) -> &str {
         &self.id
+    }
+    /// The caller's SPIFFE ID, if a workload.
+    pub fn workload(&self) -> Option<&SpiffeId> {
+        self.principal.workload()
     }
     /// How it authenticated.
     pub fn method(&self) -> AuthMethod {
@@ -310,11 +352,7 @@ impl Authenticator for SpiffeAuthenticator {
                     .via(AuthMethod::JwtSvid)
             })?;
             let id = self.jwt(token.trim(), now)?;
-            return Ok(VerifiedCaller {
-                id,
-                method: AuthMethod::JwtSvid,
-                cert_sha256: None,
-            });
+            return Ok(VerifiedCaller::workload_caller(id, AuthMethod::JwtSvid, None));
         }
         match facts.peer_certs {
             Some(chain) if !chain.is_empty() => {
@@ -322,11 +360,11 @@ impl Authenticator for SpiffeAuthenticator {
                 let digest = ring::digest::digest(&ring::digest::SHA256, chain[0].as_ref());
                 let mut cert_sha256 = [0u8; 32];
                 cert_sha256.copy_from_slice(digest.as_ref());
-                Ok(VerifiedCaller {
+                Ok(VerifiedCaller::workload_caller(
                     id,
-                    method: AuthMethod::X509Svid,
-                    cert_sha256: Some(cert_sha256),
-                })
+                    AuthMethod::X509Svid,
+                    Some(cert_sha256),
+                ))
             }
             _ => Err(AuthnError::new("no client certificate and no bearer token")),
         }
@@ -421,7 +459,7 @@ mod tests {
         let t = token(&key, &kid, now, now + 60);
         for _ in 0..3 {
             let caller = bearer(&authn, &t).expect("valid, then remembered");
-            assert_eq!(caller.spiffe_id().path(), "/ci/deploy-agent");
+            assert_eq!(caller.workload().map(|w| w.path()), Some("/ci/deploy-agent"));
         }
 
         // Expiry plus the skew tolerance ends it, remembered or not.

@@ -11,7 +11,7 @@ use crate::clock::unix_millis;
 use crate::config::CredentialKind;
 use crate::domain::{
     AccessFilter, AccessRequest, AccessState, BoundGrant, CredentialRequest, LeaseId, LeaseState,
-    RequestSpec, RevokeSelector, Verdict,
+    Principal, RequestSpec, RevokeSelector, Verdict,
 };
 use crate::error::BrokerError;
 use crate::issuer::Material;
@@ -59,6 +59,18 @@ pub(super) fn bind(
     })
 }
 
+/// Whether `caller` is in approver group `group`: a workload by the config's members, a
+/// person by the groups their sign-in mapped to.
+fn in_group(policy: &dyn Policy, caller: &VerifiedCaller, group: &str) -> bool {
+    match caller.principal() {
+        Principal::Workload(id) => policy
+            .directory()
+            .group_members(group)
+            .contains(&id.to_string()),
+        Principal::Person(p) => p.approver_groups.iter().any(|g| g == group),
+    }
+}
+
 impl Broker {
     /// Identities that may review `profile` (optionally only members of `group`).
     pub(super) fn reviewers(
@@ -72,7 +84,11 @@ impl Broker {
             .directory()
             .identities()
             .iter()
-            .filter(|i| policy.authorize_review(&i.spiffe_id, profile).is_ok())
+            .filter(|i| {
+                policy
+                    .authorize_review(&Principal::Workload(i.spiffe_id.clone()), profile)
+                    .is_ok()
+            })
             .map(|i| i.spiffe_id.to_string())
             .filter(|id| members.as_ref().is_none_or(|m| m.contains(id)))
             .collect()
@@ -114,7 +130,7 @@ impl Broker {
         };
         let spec = RequestSpec::of(req).bound(bound);
         let id = LeaseId::generate(unix_millis(self.clock.now()))?.to_string();
-        let requester = caller.spiffe_id().to_string();
+        let requester = caller.id().to_string();
         let ar = AccessRequest {
             group: need.group.clone(),
             threshold: need.threshold,
@@ -166,7 +182,7 @@ impl Broker {
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .filter(|(d, done)| {
-                *d == digest && done.lease.spiffe_id == caller.spiffe_id().to_string()
+                *d == digest && done.lease.spiffe_id == caller.id().to_string()
             })
             .map(|(_, done)| done.clone());
         if let Some(done) = cached {
@@ -192,7 +208,7 @@ impl Broker {
             .store
             .access_request(id)
             .await?
-            .filter(|a| a.requester == caller.spiffe_id().to_string())
+            .filter(|a| a.requester == caller.id().to_string())
         else {
             self.record_best_effort(refuse(Refusal::RequestNotFound, Some(id.to_owned())))
                 .await;
@@ -223,7 +239,7 @@ impl Broker {
         }
         // Policy is re-checked at redemption with the approvals collected.
         let ctx = self.context(caller, false, ar.approvers());
-        let decided = match policy.decide(caller.spiffe_id(), &req, &ctx) {
+        let decided = match policy.decide(super::workload_of(caller)?, &req, &ctx) {
             Decision::Allow(g) => Ok(g),
             Decision::Deny(d) => Err(d),
             Decision::RequireApproval(_, need) => Err(Denial {
@@ -329,21 +345,16 @@ impl Broker {
         };
         rec.profile = Some(ar.profile.to_string());
         let allowed = policy
-            .authorize_review(caller.spiffe_id(), ar.profile.as_str())
+            .authorize_review(caller.principal(), ar.profile.as_str())
             .and_then(|rule| {
-                if ar.break_glass
-                    || policy
-                        .directory()
-                        .group_members(&ar.group)
-                        .contains(&caller.spiffe_id().to_string())
-                {
+                if ar.break_glass || in_group(policy.as_ref(), caller, &ar.group) {
                     Ok(rule)
                 } else {
                     Err(Denial {
                         kind: DenialKind::NotPermitted,
                         reason: format!(
                             "{} is not in approver group {:?}",
-                            caller.spiffe_id(),
+                            caller.id(),
                             ar.group
                         ),
                         rule: None,
@@ -354,7 +365,7 @@ impl Broker {
         let allowed = allowed.and_then(|rule| {
             match policy
                 .directory()
-                .review_conflict(Parties::of(&ar), &caller.spiffe_id().to_string())
+                .review_conflict(Parties::of(&ar), &caller.id().to_string())
             {
                 None => Ok(rule),
                 Some(c) => Err(Denial {
@@ -392,7 +403,7 @@ impl Broker {
             .store
             .apply(LedgerOp::Review {
                 id: ar.id.clone(),
-                reviewer: caller.spiffe_id().to_string(),
+                reviewer: caller.id().to_string(),
                 verdict,
                 reason: reason.clone(),
                 now: self.clock.unix_seconds(),
@@ -447,7 +458,7 @@ impl Broker {
             tracing::warn!(
                 access_request = %ar.id,
                 lease = ?ar.lease_id,
-                reviewer = %reviewer.spiffe_id(),
+                reviewer = %reviewer.id(),
                 "break-glass issuance denied at post-review; its lease is revoked"
             );
             self.revocations_changed();
@@ -467,8 +478,8 @@ impl Broker {
             .access_request(id)
             .await?
             .ok_or_else(|| refusal_error(&Refusal::RequestNotFound))?;
-        let me = caller.spiffe_id();
-        let visible = ar.requester == me.to_string()
+        let me = caller.principal();
+        let visible = ar.requester == caller.id()
             || policy.authorize_review(me, ar.profile.as_str()).is_ok()
             || policy.authorize_admin(me, AdminAction::ListLeases).is_ok();
         if visible {
@@ -486,7 +497,7 @@ impl Broker {
         limit: u32,
     ) -> Result<Vec<AccessRequest>, BrokerError> {
         let policy = self.policy();
-        let me = caller.spiffe_id().to_string();
+        let me = caller.id().to_string();
         if listing == RequestListing::Mine {
             return Ok(self
                 .store
@@ -503,7 +514,7 @@ impl Broker {
             .iter()
             .filter(|p| {
                 policy
-                    .authorize_review(caller.spiffe_id(), p.name.as_str())
+                    .authorize_review(caller.principal(), p.name.as_str())
                     .is_ok()
             })
             .map(|p| p.name.to_string())
@@ -522,7 +533,7 @@ impl Broker {
                     .directory()
                     .review_conflict(Parties::of(r), &me)
                     .is_none()
-                    && policy.directory().group_members(&r.group).contains(&me)
+                    && in_group(policy.as_ref(), caller, &r.group)
                     && !r.reviews.iter().any(|v| v.reviewer == me)
             });
         }

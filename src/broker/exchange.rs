@@ -130,7 +130,7 @@ impl Broker {
                 return Err(self.refuse_exchange(caller, &req, err).await);
             }
         };
-        let actor = caller.spiffe_id().to_string();
+        let actor = caller.id().to_string();
         if let Some(m) = subject.may_act.as_ref().filter(|m| m.sub != actor) {
             let err = refused(format!(
                 "the subject token's may_act names {}, not {actor}",

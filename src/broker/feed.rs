@@ -155,7 +155,7 @@ impl Broker {
     /// Whether `caller` may watch the feed: a registered identity with the relying-party
     /// role. Refusals are recorded.
     async fn authorize_watch(&self, caller: &VerifiedCaller) -> Result<(), BrokerError> {
-        let id = caller.spiffe_id();
+        let id = super::workload_of(caller)?;
         let policy = self.policy();
         let reason = match policy.directory().identity(id) {
             None => format!("{id} is not a registered identity"),

@@ -184,7 +184,7 @@ impl Broker {
             lease_id: LeaseId::generate(unix_millis(self.clock.now()))?,
             // A delegated credential is for the subject; the actors ride in `act`.
             subject: delegation
-                .map_or_else(|| caller.spiffe_id().to_string(), |d| d.subject.id.clone()),
+                .map_or_else(|| caller.id().to_string(), |d| d.subject.id.clone()),
             issued_at: now,
             expires_at,
             cnf_x5t_s256: caller.cert_sha256().copied(),
@@ -206,7 +206,7 @@ impl Broker {
         let lease = Lease {
             id: terms.lease_id.clone(),
             profile: grant.profile.name.clone(),
-            spiffe_id: caller.spiffe_id().to_string(),
+            spiffe_id: caller.id().to_string(),
             scopes: grant.scopes.clone(),
             audience: grant.profile.audience.clone(),
             state: LeaseState::Active,
@@ -278,7 +278,7 @@ impl Broker {
         let policy = self.policy();
         let rpc = rpc_of(&req);
         if let Some(profile) = policy.directory().profile(req.profile.as_str()) {
-            let who = caller.spiffe_id().to_string();
+            let who = caller.id().to_string();
             if profile.requests_per_minute > 0
                 && !self.limiter.take(
                     &who,
@@ -323,7 +323,7 @@ impl Broker {
                 .map(|i| IssueOutcome::Issued(Box::new(i)));
         }
         let ctx = self.context(caller, opts.break_glass, Vec::new());
-        match policy.decide(caller.spiffe_id(), &req, &ctx) {
+        match policy.decide(super::workload_of(caller)?, &req, &ctx) {
             Decision::Deny(d) => Err(self
                 .deny(caller, request_record(rpc, &req), &d, policy.hash())
                 .await),
@@ -343,7 +343,7 @@ impl Broker {
                 let break_glass = if grant.break_glass {
                     let now = self.clock.unix_seconds();
                     let id = LeaseId::generate(unix_millis(self.clock.now()))?.to_string();
-                    let requester = caller.spiffe_id().to_string();
+                    let requester = caller.id().to_string();
                     let spec = RequestSpec::of(&req);
                     let ar = AccessRequest {
                         group: "break-glass".into(),
@@ -364,13 +364,13 @@ impl Broker {
                 let idempotency = match &opts.idempotency_key {
                     None => None,
                     Some(key) => Some(IdempotencyRecord {
-                        caller: caller.spiffe_id().to_string(),
+                        caller: caller.id().to_string(),
                         key_hash: idempotency::key_hash(key),
                         digest: RequestSpec::of(&req).digest(req.profile.as_str()),
                         lease_id: lease.id.to_string(),
                         sealed: idempotency::seal(
                             key,
-                            &caller.spiffe_id().to_string(),
+                            &caller.id().to_string(),
                             &credential,
                         )?,
                         expires_at: lease.expires_at,
@@ -501,7 +501,7 @@ impl Broker {
                 state: None,
                 profiles: Some(vec![req.profile.to_string()]),
                 awaiting_post_review: true,
-                requester: Some(caller.spiffe_id().to_string()),
+                requester: Some(caller.id().to_string()),
                 limit,
             })
             .await?;
@@ -535,7 +535,7 @@ impl Broker {
         req: &CredentialRequest,
         key: &str,
     ) -> Result<Option<Issued>, BrokerError> {
-        let me = caller.spiffe_id().to_string();
+        let me = caller.id().to_string();
         let Some(rec) = self
             .store
             .idempotency(&me, &idempotency::key_hash(key))
@@ -592,9 +592,9 @@ impl Broker {
         caller: &VerifiedCaller,
         req: &CredentialRequest,
         break_glass: bool,
-    ) -> Explanation {
+    ) -> Result<Explanation, BrokerError> {
         let policy = self.policy();
         let ctx = self.context(caller, break_glass, Vec::new());
-        explain_with(policy.as_ref(), caller.spiffe_id(), req, &ctx)
+        Ok(explain_with(policy.as_ref(), super::workload_of(caller)?, req, &ctx))
     }
 }

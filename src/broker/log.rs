@@ -123,7 +123,7 @@ impl Broker {
                         .ok()
                         .and_then(|b| b.caller)
                 });
-                if holder.as_deref() != Some(caller.spiffe_id().to_string().as_str()) {
+                if holder.as_deref() != Some(caller.id().to_string().as_str()) {
                     self.admin(caller, AdminAction::ReadLog, "GetInclusionProof")
                         .await?;
                 }

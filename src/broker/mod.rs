@@ -38,7 +38,7 @@ use crate::authn::{Authenticator, AuthnError, TransportFacts, VerifiedCaller};
 use crate::checkpoint::LogSigner;
 use crate::clock::{unix_millis, Clock};
 use crate::config::Limits;
-use crate::domain::{AccessRequest, CredentialRequest};
+use crate::domain::{AccessRequest, CredentialRequest, PersonRecord};
 use crate::error::BrokerError;
 use crate::issuer::Issuer;
 use crate::metrics::Metrics;
@@ -174,6 +174,18 @@ pub struct Broker {
 /// How often watchers' shared pollers re-read the store (changes made on other replicas).
 const WATCH_POLL: Duration = Duration::from_secs(1);
 
+/// The caller's SPIFFE ID where only a workload may act: credentials, renewals and the
+/// revocation feed are for workloads; a person's console session reaches reviews, listings
+/// and operator actions only.
+fn workload_of(caller: &VerifiedCaller) -> Result<&spiffe::SpiffeId, BrokerError> {
+    caller.workload().ok_or_else(|| {
+        BrokerError::PermissionDenied(format!(
+            "{} is a person; only a workload may do this",
+            caller.id()
+        ))
+    })
+}
+
 impl Broker {
     /// Wires the seams together.
     pub fn new(
@@ -269,10 +281,10 @@ impl Broker {
 
     /// Whether the caller is in the inventory.
     fn is_registered(&self, caller: &VerifiedCaller) -> bool {
-        self.policy()
-            .directory()
-            .identity(caller.spiffe_id())
-            .is_some()
+        // A person reached the broker through a verified console session.
+        caller
+            .workload()
+            .is_none_or(|id| self.policy().directory().identity(id).is_some())
     }
 
     /// The policy in force (a snapshot: a reload swaps it atomically).
@@ -296,7 +308,11 @@ impl Broker {
     ) -> AuditEvent {
         let mut e = AuditEvent::new(unix_millis(self.clock.now()), kind, decision);
         if let Some(c) = caller {
-            e.caller = Some(c.spiffe_id().to_string());
+            e.caller = Some(c.id().to_string());
+            e.caller_person = c.principal().person().map(|p| PersonRecord {
+                email: p.email.clone(),
+                name: p.name.clone(),
+            });
             e.auth_method = Some(c.method().as_str().to_owned());
             e.cert_sha256 = c.cert_sha256().map(hex::encode);
         }
@@ -421,7 +437,7 @@ impl Broker {
         rpc: &str,
     ) -> Result<String, BrokerError> {
         let policy = self.policy();
-        match policy.authorize_admin(caller.spiffe_id(), action) {
+        match policy.authorize_admin(caller.principal(), action) {
             Ok(rule) => Ok(rule),
             Err(d) => Err(self.deny(caller, record(rpc), &d, policy.hash()).await),
         }

@@ -200,7 +200,7 @@ impl Broker {
             value,
             until,
             reason,
-            created_by: caller.spiffe_id().to_string(),
+            created_by: caller.id().to_string(),
             created_at: now,
         };
         let mut e = self.event(EventKind::Lock, "allow", Some(caller));

@@ -43,7 +43,7 @@ impl Broker {
         rpc: &str,
         admitted: Option<OwnedSemaphorePermit>,
     ) -> Result<StreamSlot, BrokerError> {
-        let who = caller.spiffe_id().to_string();
+        let who = caller.id().to_string();
         if !self.is_registered(caller) {
             let err = BrokerError::PermissionDenied(format!(
                 "{who} is not a registered identity; only registered identities open streams"

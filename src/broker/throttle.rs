@@ -139,7 +139,7 @@ impl Broker {
         let registered = self.is_registered(caller);
         let (key, per_minute, what) = if registered {
             (
-                caller.spiffe_id().to_string(),
+                caller.id().to_string(),
                 limits.per_identity_per_minute,
                 "identity",
             )

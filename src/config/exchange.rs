@@ -1,6 +1,8 @@
 //! Token exchange settings: `[delegation]` (how long a chain may be) and
-//! `[[oidc_providers]]` (OpenID Providers whose people's ID tokens the broker accepts as
-//! subject tokens, `urn:ietf:params:oauth:token-type:id_token`).
+//! `[[oidc_providers]]`: OpenID Providers whose people's ID tokens the broker accepts as
+//! subject tokens (`urn:ietf:params:oauth:token-type:id_token`) and through which people
+//! sign in to the console (authorization code flow; `client_secret_file`, `scopes` and the
+//! `claim_rules` that map a person's groups to roles and approver groups).
 
 use std::path::PathBuf;
 
@@ -20,6 +22,31 @@ pub struct OidcProviderConfig {
     pub ca_file: Option<PathBuf>,
     /// The claim that lists the person's groups (Cedar's `subject_groups`).
     pub groups_claim: String,
+    /// What the sign-in button says (default: the issuer's host).
+    pub display_name: String,
+    /// The client secret for the console's code exchange (`client_secret_basic`); read at
+    /// each sign-in, so a rotation needs no restart. Without it, no console sign-in.
+    pub client_secret_file: Option<PathBuf>,
+    /// Scopes asked at sign-in (always with `openid`).
+    pub scopes: Vec<String>,
+    /// Which groups give a signed-in person which roles and approver groups.
+    pub claim_rules: Vec<ClaimRule>,
+}
+
+/// `[[oidc_providers.claim_rules]]`: a person whose groups claim contains `group` holds
+/// `roles` and is in `approver_groups`. A person no rule matches may sign in and sees
+/// nothing they may act on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRule {
+    /// A value of the provider's groups claim.
+    pub group: String,
+    /// Roles (Cedar `Role`), e.g. `platform-admin` or `auditor`.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Approver groups (as in `[[approver_groups]]`).
+    #[serde(default)]
+    pub approver_groups: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -29,6 +56,11 @@ pub(super) struct RawOidcProvider {
     client_id: String,
     ca_file: Option<PathBuf>,
     groups_claim: Option<String>,
+    display_name: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    claim_rules: Vec<ClaimRule>,
 }
 
 impl RawOidcProvider {
@@ -46,11 +78,33 @@ impl RawOidcProvider {
         if self.client_id.is_empty() || self.client_id.chars().any(char::is_control) {
             return err(format!("oidc_providers: {issuer}: client_id is required"));
         }
+        let token = |s: &str| !s.is_empty() && s.bytes().all(|b| (0x21..=0x7e).contains(&b));
+        let mut scopes = self
+            .scopes
+            .unwrap_or_else(|| vec!["email".into(), "profile".into(), "groups".into()]);
+        if let Some(bad) = scopes.iter().find(|s| !token(s) || s.contains('"')) {
+            return err(format!("oidc_providers: {issuer}: scope {bad:?} is not a scope token"));
+        }
+        scopes.retain(|s| s != "openid");
+        for r in &self.claim_rules {
+            if r.group.is_empty() || r.roles.iter().chain(&r.approver_groups).any(|n| !token(n)) {
+                return err(format!(
+                    "oidc_providers: {issuer}: a claim rule needs a group, and roles and approver groups without spaces"
+                ));
+            }
+        }
+        let host = issuer.split("://").nth(1).unwrap_or(&issuer);
         Ok(OidcProviderConfig {
+            display_name: self
+                .display_name
+                .unwrap_or_else(|| host.split('/').next().unwrap_or(host).to_owned()),
             issuer,
             client_id: self.client_id,
             ca_file: self.ca_file,
             groups_claim: self.groups_claim.unwrap_or_else(|| "groups".into()),
+            client_secret_file: self.client_secret_file,
+            scopes,
+            claim_rules: self.claim_rules,
         })
     }
 }

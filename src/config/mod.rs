@@ -13,6 +13,7 @@ use spiffe::SpiffeId;
 use crate::clock::parse_duration;
 
 mod backend;
+mod console;
 mod exchange;
 mod inventory;
 mod limits;
@@ -22,7 +23,8 @@ mod profile;
 mod sinks;
 mod witness;
 
-pub use exchange::OidcProviderConfig;
+pub use console::ConsoleConfig;
+pub use exchange::{ClaimRule, OidcProviderConfig};
 pub use sinks::{AuditSinkConfig, SinkKind, SinkTls, WebhookFormat};
 pub use witness::WitnessConfig;
 
@@ -195,6 +197,8 @@ pub struct Config {
     pub oidc_providers: Vec<OidcProviderConfig>,
     /// `[[witnesses]]`: who cosigns the audit log's checkpoints.
     pub witnesses: Vec<WitnessConfig>,
+    /// `[console]`: the web console (not served when absent).
+    pub console: Option<ConsoleConfig>,
 }
 
 /// `[keys]`: how the token-signing key rotates.
@@ -261,6 +265,7 @@ struct RawConfig {
     oidc_providers: Vec<exchange::RawOidcProvider>,
     #[serde(default)]
     witnesses: Vec<witness::RawWitness>,
+    console: Option<console::RawConsole>,
 }
 
 #[derive(Deserialize, Default)]
@@ -487,6 +492,7 @@ impl Config {
             },
             oidc_providers: exchange::providers(raw.oidc_providers)?,
             witnesses: witness::witnesses(raw.witnesses)?,
+            console: raw.console.map(console::RawConsole::resolve).transpose()?,
             max_chain_depth: raw.delegation.max_chain_depth()?,
             keys: {
                 let publish_ahead = duration(

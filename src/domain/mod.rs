@@ -21,11 +21,13 @@ pub enum DomainError {
 
 mod access;
 pub mod delegation;
+mod principal;
 
 pub use access::{
     AccessFilter, AccessRequest, AccessState, BoundGrant, RequestSpec, Review, Verdict,
 };
 pub use delegation::{Delegation, Party, PartyKind, SubjectTokenType};
+pub use principal::{Person, PersonRecord, Principal, PERSON_ID_PREFIX};
 
 fn printable(s: &str) -> bool {
     s.bytes().all(|b| (0x21..=0x7e).contains(&b))

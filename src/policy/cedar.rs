@@ -18,7 +18,7 @@ use super::{
 };
 
 use crate::config::{Config, Identity};
-use crate::domain::CredentialRequest;
+use crate::domain::{CredentialRequest, Person, Principal, PERSON_ID_PREFIX};
 
 /// A policy that failed to load, with the location of the problem.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -307,6 +307,34 @@ impl CedarPolicy {
         resource: EntityUid,
         context: serde_json::Value,
     ) -> Result<(bool, Vec<PolicyId>), EvalError> {
+        let principal = uid("Workload", &principal.to_string())?;
+        self.evaluate_as(principal, None, action, resource, context)
+    }
+
+    /// A person as a Cedar principal: `Person::"<id>"` whose parents are the roles and
+    /// approver groups their claims mapped to (not in the config's entities: added for
+    /// this one question).
+    fn person_entity(&self, p: &Person) -> Result<Entity, PolicyError> {
+        let mut parents = HashSet::new();
+        for r in &p.roles {
+            parents.insert(uid("Role", r)?);
+        }
+        for g in &p.approver_groups {
+            parents.insert(uid("ApproverGroup", g)?);
+        }
+        let attrs = HashMap::from([("email".to_owned(), s(p.email.as_deref().unwrap_or("")))]);
+        Entity::new(uid("Person", &p.id)?, attrs, parents)
+            .map_err(|e| PolicyError(format!("policy entity for {}: {e}", p.id)))
+    }
+
+    fn evaluate_as(
+        &self,
+        principal: EntityUid,
+        extra: Option<Entity>,
+        action: &str,
+        resource: EntityUid,
+        context: serde_json::Value,
+    ) -> Result<(bool, Vec<PolicyId>), EvalError> {
         let action = Self::action(action)?;
         // Built as expressions, not parsed from JSON text: the same values, without a
         // schema-guided JSON parse on every request (Request::new still checks them
@@ -321,16 +349,28 @@ impl CedarPolicy {
         let context =
             Context::from_pairs(pairs).map_err(|e| PolicyError(format!("policy context: {e}")))?;
         let request = Request::new(
-            uid("Workload", &principal.to_string())?,
+            principal,
             action,
             resource,
             context,
             Some(&self.schema),
         )
         .map_err(|e| PolicyError(format!("policy request: {e}")))?;
+        let with_extra;
+        let entities = match extra {
+            None => &self.entities,
+            Some(e) => {
+                with_extra = self
+                    .entities
+                    .clone()
+                    .add_entities([e], Some(&self.schema))
+                    .map_err(|e| PolicyError(format!("policy entities: {e}")))?;
+                &with_extra
+            }
+        };
         let response = self
             .authorizer
-            .is_authorized(&request, &self.policies, &self.entities);
+            .is_authorized(&request, &self.policies, &entities);
         // Cedar skips a policy whose evaluation errors and decides without it: a `forbid`
         // that overflows on a caller-controlled value would then fail open. Any error
         // denies instead, naming the policy.
@@ -353,13 +393,26 @@ impl CedarPolicy {
     /// the permitting policy ids, a refusal is built by `deny` from the deciding ids.
     fn permit(
         &self,
-        principal: &SpiffeId,
+        principal: &Principal,
         action: &str,
         resource: EntityUid,
         deny: impl FnOnce(&str) -> Denial,
     ) -> Result<String, Denial> {
+        let (who, extra) = match principal {
+            Principal::Workload(id) => {
+                if self.registered(id).is_none() {
+                    return Err(Self::unregistered(id));
+                }
+                (uid("Workload", &id.to_string()), None)
+            }
+            Principal::Person(p) => (
+                uid("Person", &p.id),
+                Some(self.person_entity(p).map_err(Self::internal)?),
+            ),
+        };
+        let who = who.map_err(Self::internal)?;
         let (allowed, ids) = self
-            .evaluate(principal, action, resource, json!({}))
+            .evaluate_as(who, extra, action, resource, json!({}))
             .map_err(Self::internal)?;
         let ids = ids
             .iter()
@@ -518,10 +571,15 @@ impl Policy for CedarPolicy {
             .filter(|a| {
                 a.as_str() != requester && !delegation.is_some_and(|d| d.involves(a.as_str()))
             })
-            .filter(|a| {
-                SpiffeId::new(a.as_str())
-                    .ok()
-                    .is_some_and(|id| self.authorize_review(&id, profile.name.as_str()).is_ok())
+            .filter(|a| match SpiffeId::new(a.as_str()) {
+                // A workload approver must still be allowed to review now.
+                Ok(id) => self
+                    .authorize_review(&Principal::Workload(id), profile.name.as_str())
+                    .is_ok(),
+                // A person's approval was authorized at review time from the roles and
+                // groups of their sign-in (the ledger records only verified sessions'
+                // ids); their claims are not at hand to ask again.
+                Err(_) => a.starts_with(PERSON_ID_PREFIX),
             })
             .map(|a| a.to_string())
             .collect();
@@ -612,10 +670,7 @@ impl Policy for CedarPolicy {
         Decision::RequireApproval(grant, need)
     }
 
-    fn authorize_admin(&self, caller: &SpiffeId, action: AdminAction) -> Result<String, Denial> {
-        if self.registered(caller).is_none() {
-            return Err(Self::unregistered(caller));
-        }
+    fn authorize_admin(&self, caller: &Principal, action: AdminAction) -> Result<String, Denial> {
         let name = match action {
             AdminAction::Revoke => "revoke",
             AdminAction::ListLeases
@@ -632,10 +687,7 @@ impl Policy for CedarPolicy {
         })
     }
 
-    fn authorize_review(&self, reviewer: &SpiffeId, profile: &str) -> Result<String, Denial> {
-        if self.registered(reviewer).is_none() {
-            return Err(Self::unregistered(reviewer));
-        }
+    fn authorize_review(&self, reviewer: &Principal, profile: &str) -> Result<String, Denial> {
         let resource = uid("Profile", profile).map_err(Self::internal)?;
         self.permit(reviewer, "review", resource, |_| Denial {
             kind: DenialKind::NotPermitted,

@@ -19,7 +19,7 @@ use spiffe::SpiffeId;
 
 use crate::authn::AuthMethod;
 use crate::config::Profile;
-use crate::domain::{CredentialRequest, Intent, Scope};
+use crate::domain::{CredentialRequest, Intent, Principal, Scope};
 
 pub use cedar::{CedarPolicy, PolicyError};
 pub use directory::Directory;
@@ -158,9 +158,11 @@ pub trait Policy: Send + Sync + 'static {
         ctx: &RequestContext,
     ) -> Decision;
     /// Whether a caller may perform an operator action; `Ok` carries the rule id.
-    fn authorize_admin(&self, caller: &SpiffeId, action: AdminAction) -> Result<String, Denial>;
+    /// An unregistered workload is always refused; a person is judged by the roles and
+    /// approver groups of their sign-in.
+    fn authorize_admin(&self, caller: &Principal, action: AdminAction) -> Result<String, Denial>;
     /// Whether `reviewer` may review requests for `profile`; `Ok` carries the rule id.
-    fn authorize_review(&self, reviewer: &SpiffeId, profile: &str) -> Result<String, Denial>;
+    fn authorize_review(&self, reviewer: &Principal, profile: &str) -> Result<String, Denial>;
     /// Every permit path of an identity (who may request, approve and revoke what).
     fn paths(&self, id: &SpiffeId) -> Vec<AccessPath>;
     /// The profiles, identities and approver groups this policy was loaded with.

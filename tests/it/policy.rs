@@ -15,6 +15,7 @@ use common::*;
 use spiffe::SpiffeId;
 use spiffe_broker::api::parse_issue_request;
 use spiffe_broker::authn::AuthMethod;
+use spiffe_broker::domain::Principal;
 use spiffe_broker::broker::explain_with;
 use spiffe_broker::client::ClientIdentity;
 use spiffe_broker::clock::Clock as _;
@@ -826,33 +827,33 @@ fn admin_review_rights_groups_and_paths_by_role() {
     ];
     for action in actions {
         assert_eq!(
-            p.authorize_admin(&sid(ROOT), action)
+            p.authorize_admin(&Principal::Workload(sid(ROOT)), action)
                 .expect("root operates"),
             "platform-admin/operate",
             "{action:?}"
         );
         for who in [DEPLOY_AGENT, MODEL_RUNTIME, PROVISIONER, ALICE, BOB] {
             let d = p
-                .authorize_admin(&sid(who), action)
+                .authorize_admin(&Principal::Workload(sid(who)), action)
                 .expect_err("only platform admins operate");
             assert_eq!(d.kind, DenialKind::NotPermitted, "{who} {action:?}");
             assert!(d.reason.contains("is not a platform admin"), "{}", d.reason);
         }
         let d = p
-            .authorize_admin(&sid(STRANGER), action)
+            .authorize_admin(&Principal::Workload(sid(STRANGER)), action)
             .expect_err("stranger");
         assert_eq!(d.kind, DenialKind::Unregistered);
     }
     // Approvers review pushes, and nothing else; the platform admin is not an approver.
     for who in [ALICE, BOB] {
         assert_eq!(
-            p.authorize_review(&sid(who), "model-registry-push")
+            p.authorize_review(&Principal::Workload(sid(who)), "model-registry-push")
                 .expect("approver reviews pushes"),
             "approvers/review-registry-push"
         );
         for profile in ["dataset-read", "gpu-scheduler-submit"] {
             assert_eq!(
-                p.authorize_review(&sid(who), profile)
+                p.authorize_review(&Principal::Workload(sid(who)), profile)
                     .expect_err("not this profile")
                     .kind,
                 DenialKind::NotPermitted
@@ -862,7 +863,7 @@ fn admin_review_rights_groups_and_paths_by_role() {
     for who in [ROOT, DEPLOY_AGENT, MODEL_RUNTIME, PROVISIONER] {
         for profile in profiles {
             let d = p
-                .authorize_review(&sid(who), profile)
+                .authorize_review(&Principal::Workload(sid(who)), profile)
                 .expect_err("not an approver");
             assert_eq!(
                 d.kind,
@@ -872,7 +873,7 @@ fn admin_review_rights_groups_and_paths_by_role() {
         }
     }
     assert_eq!(
-        p.authorize_review(&sid(STRANGER), "model-registry-push")
+        p.authorize_review(&Principal::Workload(sid(STRANGER)), "model-registry-push")
             .expect_err("stranger")
             .kind,
         DenialKind::Unregistered
