@@ -40,6 +40,8 @@ pub enum EventKind {
     BackendRevoke,
     /// Something the broker itself did (start-up).
     System,
+    /// A person signed in to the console, or signed out.
+    SignIn,
 }
 
 impl EventKind {
@@ -59,6 +61,7 @@ impl EventKind {
             EventKind::Lock => "lock",
             EventKind::BackendRevoke => "backend_revoke",
             EventKind::System => "system",
+            EventKind::SignIn => "sign_in",
         }
     }
 }

@@ -198,7 +198,11 @@ pub async fn start(opts: DevOptions) -> Result<DevEnv, ServeError> {
     };
     let config_path = dir.join("config.toml");
     std::fs::write(&config_path, &text).map_err(|e| ServeError(e.to_string()))?;
-    let config = Config::from_toml(&text).map_err(|e| ServeError(e.to_string()))?;
+    let mut config = Config::from_toml(&text).map_err(|e| ServeError(e.to_string()))?;
+    // The demo people's sign-in exists only here: no config key turns it on in `serve`.
+    if let Some(console) = config.console.as_mut() {
+        console.dev_sign_in = true;
+    }
 
     let parts = server::assemble(&config, Some(&config_path), opts.clock.clone()).await?;
     let broker = parts.broker.clone();

@@ -276,9 +276,9 @@ impl HttpClient {
         Ok(resp.body)
     }
 
-    /// The JWKS of an OpenID issuer, found through its discovery document
+    /// An OpenID issuer's discovery document
     /// (`{issuer}/.well-known/openid-configuration`), which must name exactly `issuer`.
-    pub async fn discover_jwks(&self, issuer: &str) -> Result<crate::jose::JwkSet, HttpError> {
+    pub async fn discover(&self, issuer: &str) -> Result<serde_json::Value, HttpError> {
         let disc: serde_json::Value = serde_json::from_slice(
             &self
                 .get_ok(&format!("{issuer}/.well-known/openid-configuration"))
@@ -290,6 +290,12 @@ impl HttpClient {
                 "{issuer}: discovery names a different issuer"
             )));
         }
+        Ok(disc)
+    }
+
+    /// The JWKS of an OpenID issuer, found through its discovery document.
+    pub async fn discover_jwks(&self, issuer: &str) -> Result<crate::jose::JwkSet, HttpError> {
+        let disc = self.discover(issuer).await?;
         let uri = disc["jwks_uri"]
             .as_str()
             .ok_or_else(|| HttpError(format!("{issuer}: discovery has no jwks_uri")))?;

@@ -40,7 +40,7 @@
 //! layer 4: policy workload client otlp sinks telemetry witness
 //! layer 5: issuer agent
 //! layer 6: broker error
-//! layer 7: api
+//! layer 7: api console
 //! layer 8: server
 //! layer 9: dev
 //! layer 10: cli
@@ -133,6 +133,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod cosignature;
 pub mod crypto;
 pub mod dev;

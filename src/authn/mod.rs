@@ -352,7 +352,11 @@ impl Authenticator for SpiffeAuthenticator {
                     .via(AuthMethod::JwtSvid)
             })?;
             let id = self.jwt(token.trim(), now)?;
-            return Ok(VerifiedCaller::workload_caller(id, AuthMethod::JwtSvid, None));
+            return Ok(VerifiedCaller::workload_caller(
+                id,
+                AuthMethod::JwtSvid,
+                None,
+            ));
         }
         match facts.peer_certs {
             Some(chain) if !chain.is_empty() => {
@@ -459,7 +463,10 @@ mod tests {
         let t = token(&key, &kid, now, now + 60);
         for _ in 0..3 {
             let caller = bearer(&authn, &t).expect("valid, then remembered");
-            assert_eq!(caller.workload().map(|w| w.path()), Some("/ci/deploy-agent"));
+            assert_eq!(
+                caller.workload().map(|w| w.path()),
+                Some("/ci/deploy-agent")
+            );
         }
 
         // Expiry plus the skew tolerance ends it, remembered or not.

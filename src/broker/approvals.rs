@@ -17,7 +17,7 @@ use crate::error::BrokerError;
 use crate::issuer::Material;
 use crate::notify::Notification;
 use crate::policy::{
-    AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Parties, Policy,
+    AdminAction, ApprovalNeed, Decision, Denial, DenialKind, Grant, Parties, Policy, RequestContext,
 };
 use crate::store::{LedgerOp, Refusal};
 
@@ -181,9 +181,7 @@ impl Broker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .filter(|(d, done)| {
-                *d == digest && done.lease.spiffe_id == caller.id().to_string()
-            })
+            .filter(|(d, done)| *d == digest && done.lease.spiffe_id == caller.id())
             .map(|(_, done)| done.clone());
         if let Some(done) = cached {
             let now = self.clock.unix_seconds();
@@ -208,7 +206,7 @@ impl Broker {
             .store
             .access_request(id)
             .await?
-            .filter(|a| a.requester == caller.id().to_string())
+            .filter(|a| a.requester == caller.id())
         else {
             self.record_best_effort(refuse(Refusal::RequestNotFound, Some(id.to_owned())))
                 .await;
@@ -238,7 +236,11 @@ impl Broker {
             return Err(refusal_error(&Refusal::RequestEnded(ar.state)));
         }
         // Policy is re-checked at redemption with the approvals collected.
-        let ctx = self.context(caller, false, ar.approvers());
+        let ctx = RequestContext {
+            // People were checked against the request's group when they reviewed.
+            person_approvals_group: Some(ar.group.clone()),
+            ..self.context(caller, false, ar.approvers())
+        };
         let decided = match policy.decide(super::workload_of(caller)?, &req, &ctx) {
             Decision::Allow(g) => Ok(g),
             Decision::Deny(d) => Err(d),
@@ -352,11 +354,7 @@ impl Broker {
                 } else {
                     Err(Denial {
                         kind: DenialKind::NotPermitted,
-                        reason: format!(
-                            "{} is not in approver group {:?}",
-                            caller.id(),
-                            ar.group
-                        ),
+                        reason: format!("{} is not in approver group {:?}", caller.id(), ar.group),
                         rule: None,
                         violations: Vec::new(),
                     })
@@ -365,7 +363,7 @@ impl Broker {
         let allowed = allowed.and_then(|rule| {
             match policy
                 .directory()
-                .review_conflict(Parties::of(&ar), &caller.id().to_string())
+                .review_conflict(Parties::of(&ar), caller.id())
             {
                 None => Ok(rule),
                 Some(c) => Err(Denial {

@@ -200,6 +200,7 @@ impl Broker {
             auth_method: crate::authn::AuthMethod::JwtSvid,
             break_glass: false,
             approvals: Vec::new(),
+            person_approvals_group: None,
         };
         let own = CredentialRequest {
             delegation: None,

@@ -162,6 +162,7 @@ impl Broker {
             auth_method: caller.method(),
             break_glass,
             approvals,
+            person_approvals_group: None,
         }
     }
 
@@ -183,8 +184,7 @@ impl Broker {
         let terms = LeaseTerms {
             lease_id: LeaseId::generate(unix_millis(self.clock.now()))?,
             // A delegated credential is for the subject; the actors ride in `act`.
-            subject: delegation
-                .map_or_else(|| caller.id().to_string(), |d| d.subject.id.clone()),
+            subject: delegation.map_or_else(|| caller.id().to_string(), |d| d.subject.id.clone()),
             issued_at: now,
             expires_at,
             cnf_x5t_s256: caller.cert_sha256().copied(),
@@ -368,11 +368,7 @@ impl Broker {
                         key_hash: idempotency::key_hash(key),
                         digest: RequestSpec::of(&req).digest(req.profile.as_str()),
                         lease_id: lease.id.to_string(),
-                        sealed: idempotency::seal(
-                            key,
-                            &caller.id().to_string(),
-                            &credential,
-                        )?,
+                        sealed: idempotency::seal(key, caller.id(), &credential)?,
                         expires_at: lease.expires_at,
                     }),
                 };
@@ -595,6 +591,11 @@ impl Broker {
     ) -> Result<Explanation, BrokerError> {
         let policy = self.policy();
         let ctx = self.context(caller, break_glass, Vec::new());
-        Ok(explain_with(policy.as_ref(), super::workload_of(caller)?, req, &ctx))
+        Ok(explain_with(
+            policy.as_ref(),
+            super::workload_of(caller)?,
+            req,
+            &ctx,
+        ))
     }
 }

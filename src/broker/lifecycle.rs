@@ -28,7 +28,7 @@ impl Broker {
         let policy = self.policy();
         let now = self.clock.unix_seconds();
         let lease = match self.store.lease(&id).await? {
-            Some(l) if l.spiffe_id == caller.id().to_string() => l,
+            Some(l) if l.spiffe_id == caller.id() => l,
             _ => {
                 let mut e = self.event(EventKind::Deny, "deny", Some(caller));
                 e.request = Some(record("RenewLease"));
@@ -62,7 +62,10 @@ impl Broker {
             r
         };
         let ctx = self.context(caller, false, Vec::new());
-        let grant = match (renewable, policy.decide(super::workload_of(caller)?, &req, &ctx)) {
+        let grant = match (
+            renewable,
+            policy.decide(super::workload_of(caller)?, &req, &ctx),
+        ) {
             (true, Decision::Allow(g)) => g,
             (_, Decision::Deny(d)) => {
                 return Err(self.deny(caller, rec(), &d, policy.hash()).await)

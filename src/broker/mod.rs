@@ -12,6 +12,7 @@ mod issue;
 mod lifecycle;
 mod log;
 mod mint;
+mod people;
 mod revoke;
 mod streams;
 mod throttle;

@@ -41,6 +41,7 @@ pub async fn policy_command(command: PolicyCommand) -> Result<(), CliError> {
                 auth_method: spiffe_broker::authn::AuthMethod::X509Svid,
                 break_glass: spec.break_glass,
                 approvals: Vec::new(),
+                person_approvals_group: None,
             };
             let e = spiffe_broker::broker::explain_with(&p, &id, &req, &ctx);
             out!(

@@ -83,7 +83,9 @@ impl RawOidcProvider {
             .scopes
             .unwrap_or_else(|| vec!["email".into(), "profile".into(), "groups".into()]);
         if let Some(bad) = scopes.iter().find(|s| !token(s) || s.contains('"')) {
-            return err(format!("oidc_providers: {issuer}: scope {bad:?} is not a scope token"));
+            return err(format!(
+                "oidc_providers: {issuer}: scope {bad:?} is not a scope token"
+            ));
         }
         scopes.retain(|s| s != "openid");
         for r in &self.claim_rules {

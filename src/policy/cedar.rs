@@ -348,14 +348,8 @@ impl CedarPolicy {
         };
         let context =
             Context::from_pairs(pairs).map_err(|e| PolicyError(format!("policy context: {e}")))?;
-        let request = Request::new(
-            principal,
-            action,
-            resource,
-            context,
-            Some(&self.schema),
-        )
-        .map_err(|e| PolicyError(format!("policy request: {e}")))?;
+        let request = Request::new(principal, action, resource, context, Some(&self.schema))
+            .map_err(|e| PolicyError(format!("policy request: {e}")))?;
         let with_extra;
         let entities = match extra {
             None => &self.entities,
@@ -370,7 +364,7 @@ impl CedarPolicy {
         };
         let response = self
             .authorizer
-            .is_authorized(&request, &self.policies, &entities);
+            .is_authorized(&request, &self.policies, entities);
         // Cedar skips a policy whose evaluation errors and decides without it: a `forbid`
         // that overflows on a caller-controlled value would then fail open. Any error
         // denies instead, naming the policy.
@@ -638,7 +632,14 @@ impl Policy for CedarPolicy {
         };
         let counted: Vec<String> = valid
             .into_iter()
-            .filter(|a| members.contains(a) && self.directory.review_conflict(parties, a).is_none())
+            .filter(|a| {
+                let member = if a.starts_with(PERSON_ID_PREFIX) {
+                    ctx.person_approvals_group.as_deref() == Some(group.as_str())
+                } else {
+                    members.contains(a)
+                };
+                member && self.directory.review_conflict(parties, a).is_none()
+            })
             .collect();
         if ctx.break_glass {
             return Decision::Deny(Denial {

@@ -34,8 +34,13 @@ pub struct RequestContext {
     pub auth_method: AuthMethod,
     /// The caller invokes break-glass (self-approval with a justification).
     pub break_glass: bool,
-    /// SPIFFE IDs that approved this exact request so far.
+    /// Who approved this exact request so far: SPIFFE IDs, and people's
+    /// `oidc:<issuer>#<sub>`.
     pub approvals: Vec<String>,
+    /// The approver group the people among `approvals` were members of when they reviewed
+    /// (their groups come from their sign-in, not the config, so policy cannot look them
+    /// up later): the access request's group. `None`: people's approvals count for no group.
+    pub person_approvals_group: Option<String>,
 }
 
 /// What policy granted: exactly the request, within the profile's ceiling.

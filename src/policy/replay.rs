@@ -111,6 +111,9 @@ fn recorded(e: &AuditEvent) -> Option<(SpiffeId, CredentialRequest, RequestConte
             .filter(|a| a.verdict == Verdict::Approve && !a.post_review)
             .map(|a| a.reviewer.clone())
             .collect(),
+        // The entry does not record the group a person reviewed in: people's approvals
+        // count for no group in a replay (a person-approved issuance replays as denied).
+        person_approvals_group: None,
     };
     Some((caller, req, ctx))
 }

@@ -1,5 +1,5 @@
-//! The plain HTTP listener: OIDC discovery, JWKS, health and metrics. Serves only
-//! public data.
+//! The HTTP listener: OIDC discovery, JWKS, health and metrics (public data), and the
+//! web console for signed-in people (`crate::console`) when `[console]` is configured.
 
 use std::sync::Arc;
 
@@ -32,11 +32,14 @@ pub struct HttpState {
     pub broker: Arc<crate::broker::Broker>,
     /// Whether `/log/entries` serves the log's entries (to monitors).
     pub publish_log_entries: bool,
+    /// The web console under `/console/`, when `[console]` is configured.
+    pub console: Option<Arc<crate::console::Console>>,
 }
 
 /// The router.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let console = state.console.clone().map(crate::console::router);
+    let router = Router::new()
         .route("/.well-known/openid-configuration", get(discovery))
         .route(JWKS_PATH, get(jwks))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -47,7 +50,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/log/vkey", get(vkey))
         .route("/log/entries", get(entries))
         .route("/revocations", get(revocations))
-        .with_state(state)
+        .with_state(state);
+    match console {
+        Some(c) => router.merge(c),
+        None => router,
+    }
 }
 
 async fn discovery(State(s): State<HttpState>) -> impl IntoResponse {

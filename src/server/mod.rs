@@ -365,6 +365,14 @@ pub async fn assemble(
             svid_expiry: Arc::new(move || own_svid_window(&ready_source).map(|(_, until)| until)),
             broker: broker.clone(),
             publish_log_entries: config.publish_log_entries,
+            console: match &config.console {
+                None => None,
+                Some(c) => Some(Arc::new(crate::console::Console::new(
+                    broker.clone(),
+                    c.clone(),
+                    &console_origin(&config.issuer_url)?,
+                ))),
+            },
         },
         https,
         reaper_interval: config.reaper_interval,
@@ -656,4 +664,20 @@ async fn witness(
             }
         }
     }
+}
+
+/// The console's origin: the HTTP listener's public URL, which must be `https://` (its
+/// session cookie is `Secure`) or loopback `http://` (browsers treat loopback as secure).
+fn console_origin(issuer_url: &str) -> Result<String, ServeError> {
+    let url = issuer_url.trim_end_matches('/');
+    let loopback = ["http://127.0.0.1:", "http://[::1]:", "http://localhost:"]
+        .iter()
+        .any(|p| url.starts_with(p));
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    if !(url.starts_with("https://") || loopback) || rest.contains('/') {
+        return Err(ServeError(format!(
+            "[console] needs issuer_url to be https://host[:port] (or http:// on loopback) with no path; it is {issuer_url:?}"
+        )));
+    }
+    Ok(url.to_owned())
 }

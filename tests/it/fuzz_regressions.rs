@@ -153,6 +153,7 @@ fn seeds_reach_the_deep_paths() {
             auth_method: spiffe_broker::authn::AuthMethod::X509Svid,
             break_glass: case.break_glass,
             approvals: case.approvals.clone(),
+            person_approvals_group: None,
         };
         let caller = spiffe::SpiffeId::new(&case.caller).expect("caller");
         let d = fx.policy.decide(&caller, &req, &ctx);

@@ -15,11 +15,11 @@ use common::*;
 use spiffe::SpiffeId;
 use spiffe_broker::api::parse_issue_request;
 use spiffe_broker::authn::AuthMethod;
-use spiffe_broker::domain::Principal;
 use spiffe_broker::broker::explain_with;
 use spiffe_broker::client::ClientIdentity;
 use spiffe_broker::clock::Clock as _;
 use spiffe_broker::config::Config;
+use spiffe_broker::domain::Principal;
 use spiffe_broker::policy::{
     AccessPath, AdminAction, CedarPolicy, Decision, DenialKind, Policy, RequestContext,
 };
@@ -260,6 +260,7 @@ fn check(policy: &CedarPolicy, c: &Case) {
         auth_method: AuthMethod::X509Svid,
         break_glass: c.request.break_glass,
         approvals: c.approvals.iter().map(|s| s.to_string()).collect(),
+        person_approvals_group: None,
     };
     let decision = policy.decide(&caller, &req, &ctx);
     let explained = explain_with(policy, &caller, &req, &ctx);
@@ -788,6 +789,7 @@ fn decisions_do_not_depend_on_the_auth_method_or_time_of_day() {
             auth_method: method,
             break_glass: false,
             approvals: Vec::new(),
+            person_approvals_group: None,
         };
         let e = explain_with(&o.policy, &sid(DEPLOY_AGENT), &req, &ctx);
         assert_eq!(e.decision, "require_approval");

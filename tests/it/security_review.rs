@@ -414,6 +414,7 @@ fn approvals_on_record_from_the_chain_do_not_count() {
                 auth_method: AuthMethod::X509Svid,
                 break_glass: false,
                 approvals: approvals.iter().map(|s| s.to_string()).collect(),
+                person_approvals_group: None,
             },
         )
     };

@@ -19,6 +19,10 @@ use crate::config::OidcProviderConfig;
 use crate::http_client::{HttpClient, HttpError, Options, Trust};
 use crate::jose::{self, Alg, Audience, Jwk, StrictHeader};
 
+mod sign_in;
+
+pub use sign_in::{random_token, PendingSignIn, SignInError};
+
 /// An unknown `kid` refetches a provider's JWKS at most this often (seconds).
 const REFETCH_AFTER: i64 = 60;
 /// Most groups taken from one ID token.
@@ -35,11 +39,17 @@ pub struct Person {
     pub groups: Vec<String>,
     /// The ID token's `exp`.
     pub expires_at: i64,
+    /// The `name` claim, if any (recorded; never used to decide).
+    pub name: Option<String>,
+    /// When the person authenticated at the provider (`auth_time`, else `iat`).
+    pub auth_time: i64,
+    /// The `nonce` claim (checked by whoever began the sign-in).
+    pub nonce: Option<String>,
 }
 
-struct Provider {
-    cfg: OidcProviderConfig,
-    http: Result<HttpClient, HttpError>,
+pub(crate) struct Provider {
+    pub(crate) cfg: OidcProviderConfig,
+    pub(crate) http: Result<HttpClient, HttpError>,
     keys: tokio::sync::Mutex<KeyCache>,
 }
 
@@ -51,7 +61,7 @@ struct KeyCache {
 
 /// The configured OpenID Providers.
 pub struct OidcProviders {
-    providers: Vec<Provider>,
+    pub(crate) providers: Vec<Provider>,
     clock: Arc<dyn Clock>,
     skew: i64,
 }
@@ -66,6 +76,9 @@ struct Claims {
     nbf: Option<i64>,
     azp: Option<String>,
     email: Option<String>,
+    name: Option<String>,
+    auth_time: Option<i64>,
+    nonce: Option<String>,
 }
 
 fn printable(s: &str, max: usize) -> bool {
@@ -150,6 +163,11 @@ impl OidcProviders {
             email: claims.email.filter(|e| printable(e, 254)),
             groups,
             expires_at: claims.exp,
+            name: claims
+                .name
+                .filter(|n| n.len() <= 128 && !n.chars().any(char::is_control)),
+            auth_time: claims.auth_time.unwrap_or(claims.iat),
+            nonce: claims.nonce,
         })
     }
 }

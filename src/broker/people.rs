@@ -1,0 +1,61 @@
+//! People at the console: their sign-ins and sign-outs on the ledger. A refused sign-in is
+//! recorded like a failed authentication (throttled per peer); a person's reviews and
+//! operator actions go through the same use cases as a workload's, with the person as
+//! the caller.
+
+use std::net::IpAddr;
+
+use super::{record, Broker};
+use crate::audit::EventKind;
+use crate::authn::{AuthMethod, VerifiedCaller};
+use crate::clock::unix_millis;
+
+impl Broker {
+    /// Records a person's sign-in (`allow`) or sign-out (`sign_out`, with why).
+    pub async fn record_session(&self, person: &VerifiedCaller, decision: &str, reason: &str) {
+        let mut e = self.event(EventKind::SignIn, decision, Some(person));
+        e.request = Some(record("ConsoleSignIn"));
+        e.reason = Some(reason.to_owned());
+        self.record_best_effort(e).await;
+    }
+
+    /// Records a refused sign-in: what failed, who it claimed to be (untrusted) and from
+    /// where. At most a few entries per peer a minute, like failed authentications.
+    pub async fn record_sign_in_refused(
+        &self,
+        method: AuthMethod,
+        claimed: Option<&str>,
+        reason: &str,
+        peer: Option<IpAddr>,
+    ) {
+        self.metrics.authn_failures.inc();
+        let peer = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+        let Some(unrecorded) = self
+            .failure_records
+            .admit(&peer, unix_millis(self.clock.now()))
+        else {
+            self.metrics.authn_failures_unrecorded.inc();
+            return;
+        };
+        let mut e = self.event(EventKind::AuthnFailure, "deny", None);
+        e.claimed_id = claimed.map(crate::domain::truncate);
+        e.auth_method = Some(method.as_str().to_owned());
+        e.request = Some(record("ConsoleSignIn"));
+        e.reason = Some(if unrecorded == 0 {
+            reason.to_owned()
+        } else {
+            format!("{reason} (and {unrecorded} earlier failures from {peer} not recorded)")
+        });
+        self.record_best_effort(e).await;
+    }
+
+    /// The OpenID Providers, if any are configured.
+    pub fn oidc(&self) -> Option<&std::sync::Arc<crate::oidc::OidcProviders>> {
+        self.oidc.as_ref()
+    }
+
+    /// The broker's clock.
+    pub fn clock(&self) -> &std::sync::Arc<dyn crate::clock::Clock> {
+        &self.clock
+    }
+}
