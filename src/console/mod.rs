@@ -167,11 +167,11 @@ impl Console {
         form: &std::collections::HashMap<String, String>,
     ) -> Result<Session, Box<Response>> {
         if !self.same_origin(headers) {
-            return Err(refused(
+            return Err(Box::new(refused(
                 StatusCode::FORBIDDEN,
                 None,
                 "cross-site request refused",
-            ));
+            )));
         }
         let Some(s) = self.session(headers) else {
             return Err(Box::new(refused(
