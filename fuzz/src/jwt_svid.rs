@@ -100,7 +100,7 @@ fn check(token: &str) {
     };
     match (fx.authn.authenticate(&facts), &direct) {
         (Ok(c), Ok((id, _))) => {
-            assert_eq!(c.spiffe_id(), id);
+            assert_eq!(c.workload(), Some(id));
             assert_eq!(c.method(), AuthMethod::JwtSvid);
         }
         (Err(_), Err(_)) => {}

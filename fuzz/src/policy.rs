@@ -268,6 +268,7 @@ pub fn check(case: &Case) {
         },
         break_glass: case.break_glass,
         approvals: case.approvals.clone(),
+        person_approvals_group: None,
     };
     let fx = fixture::get();
     let d = fx.policy.decide(&caller, &req, &ctx);

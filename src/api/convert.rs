@@ -111,18 +111,23 @@ pub fn parse_selector(
         }
         Ok(parsed.to_string())
     };
+    let person = |id: &str, field: &str| -> Result<String, BrokerError> {
+        if id.len() > 512 || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err(invalid(format!(
+                "invalid {field}: an oidc: id is 1..=512 printable characters"
+            )));
+        }
+        Ok(id.to_owned())
+    };
     match s {
         None => Err(invalid(
             "a selector is required: lease_id, spiffe_id, spiffe_id_prefix, profile, approver, access_request_id or all",
         )),
         Some(Selector::LeaseId(id)) => Ok(RevokeSelector::Lease(LeaseId::parse(id)?)),
-        // A person signed in at an OpenID Provider is revoked by their `oidc:` id.
-        Some(Selector::SpiffeId(id)) if id.starts_with("oidc:") => {
-            if id.len() > 512 || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-                return Err(invalid("invalid spiffe_id: an oidc: id is 1..=512 printable characters"));
-            }
-            Ok(RevokeSelector::SpiffeId(id.clone()))
-        }
+        // A person signed in at an OpenID Provider is named by their `oidc:` id: as the
+        // subject of delegated leases, or as the approver of leases.
+        Some(Selector::SpiffeId(id)) if id.starts_with("oidc:") => Ok(RevokeSelector::SpiffeId(person(id, "spiffe_id")?)),
+        Some(Selector::Approver(id)) if id.starts_with("oidc:") => Ok(RevokeSelector::Approver(person(id, "approver")?)),
         Some(Selector::SpiffeId(id)) => Ok(RevokeSelector::SpiffeId(workload(id, "spiffe_id")?)),
         Some(Selector::SpiffeIdPrefix(p)) => {
             let base = p.trim_end_matches('/');

@@ -9,7 +9,9 @@ mod credential_broker;
 mod edge;
 mod relying_party;
 
-pub use convert::{access_request_to_pb, explanation_to_pb, lease_to_pb, parse_issue_request};
+pub use convert::{
+    access_request_to_pb, explanation_to_pb, lease_to_pb, parse_issue_request, parse_selector,
+};
 pub use edge::{Call, EdgeLayer};
 
 use std::sync::Arc;

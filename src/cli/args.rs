@@ -218,6 +218,10 @@ pub struct DevArgs {
     /// Post approval events to this Slack incoming-webhook URL.
     #[arg(long, value_name = "URL")]
     pub slack_webhook: Option<String>,
+    /// TOML appended to the demo config: an `[[oidc_providers]]` entry, say, to sign in to
+    /// the console through your own OpenID Provider beside the demo people.
+    #[arg(long, value_name = "FILE")]
+    pub config_append: Option<PathBuf>,
 }
 
 /// `spiffe-broker monitor`.

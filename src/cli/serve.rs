@@ -45,8 +45,8 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down: draining in-flight requests");
 }
 
-/// What `dev`'s flags change in the demo config: the checkpoint interval and the
-/// witnesses (`--witness URL,VKEY`).
+/// What `dev`'s flags change in the demo config: the checkpoint interval, the witnesses
+/// (`--witness URL,VKEY`), the webhooks, and whatever `--config-append FILE` adds.
 fn dev_config_edit(args: &DevArgs) -> Result<dev::ConfigEdit, CliError> {
     let quote = |s: &str| serde_json::Value::from(s).to_string();
     let mut tables = String::new();
@@ -73,6 +73,12 @@ fn dev_config_edit(args: &DevArgs) -> Result<dev::ConfigEdit, CliError> {
             "\n[[audit_sinks]]\nname = \"slack\"\ntype = \"webhook\"\nformat = \"slack\"\nurl = {}\nbatch = 100\nretry_max = \"5s\"\n",
             quote(url)
         ));
+    }
+    if let Some(path) = &args.config_append {
+        let extra = std::fs::read_to_string(path)
+            .map_err(|e| format!("--config-append {}: {e}", path.display()))?;
+        tables.push('\n');
+        tables.push_str(&extra);
     }
     let top = format!(
         "checkpoint_interval = {}\n",

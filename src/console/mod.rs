@@ -9,6 +9,8 @@
 //! the console's own origin (`Origin` / `Sec-Fetch-Site` checked too); the session cookie
 //! is `__Host-`, `HttpOnly`, `Secure`, `SameSite=Strict`.
 
+mod audit;
+mod operate;
 mod pages;
 mod session;
 
@@ -30,8 +32,8 @@ pub use session::{Session, Sessions};
 
 const SESSION_COOKIE: &str = "__Host-sb-session";
 const BINDING_COOKIE: &str = "__Host-sb-signin";
-const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
-                   frame-ancestors 'none'; base-uri 'none'";
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                   form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// Dev mode's demo people: name, what they may do, roles, approver groups.
 const DEV_PEOPLE: &[(&str, &str, &[&str], &[&str])] = &[
@@ -78,6 +80,12 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/console/signout", post(sign_out))
         .route("/console/requests/{id}", get(request_page))
         .route("/console/requests/{id}/review", post(review))
+        .route("/console/leases", get(operate::leases))
+        .route("/console/revoke", post(operate::revoke))
+        .route("/console/inventory", get(operate::inventory))
+        .route("/console/audit", get(audit::entries))
+        .route("/console/audit/{seq}", get(audit::entry))
+        .route("/console/verify.js", get(verify_js))
         .with_state(console)
 }
 
@@ -241,6 +249,34 @@ async fn css() -> Response {
     r
 }
 
+async fn verify_js() -> Response {
+    let mut r = (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        audit::VERIFY_JS,
+    )
+        .into_response();
+    secure_headers(r.headers_mut());
+    r
+}
+
+/// The console's pages a person may use (the broker decides each action again).
+fn nav(broker: &Broker, caller: &VerifiedCaller) -> Vec<(&'static str, &'static str)> {
+    use crate::policy::AdminAction;
+    let policy = broker.policy();
+    let may = |a| policy.authorize_admin(caller.principal(), a).is_ok();
+    let mut links = vec![("/console/", "Approval queue")];
+    if may(AdminAction::ListLeases) {
+        links.push(("/console/leases", "Leases"));
+    }
+    if may(AdminAction::ReadLog) {
+        links.push(("/console/audit", "Audit log"));
+    }
+    if may(AdminAction::ListIdentities) {
+        links.push(("/console/inventory", "Inventory"));
+    }
+    links
+}
+
 async fn home(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
     let Some(s) = c.session(&headers) else {
         return sign_in_page(&c, None);
@@ -390,7 +426,7 @@ async fn finish_sign_in(c: &Console, done: Result<Person, SignInError>, dev: boo
         }
     };
     let caller = VerifiedCaller::signed_in(person.clone(), dev);
-    let token = match c.sessions.begin(person, dev) {
+    let token = match c.sessions.begin(person, dev, nav(&c.broker, &caller)) {
         Ok(t) => t,
         Err(e) => return refused(StatusCode::SERVICE_UNAVAILABLE, None, &e.to_string()),
     };

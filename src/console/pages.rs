@@ -25,7 +25,8 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-fn when(unix: i64) -> String {
+/// A Unix time as RFC 3339.
+pub fn when(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
         .and_then(|t| {
@@ -50,11 +51,15 @@ pub fn page(title: &str, session: Option<&Session>, body: &str) -> String {
         let who = s.person.email.as_deref().unwrap_or(&s.person.id);
         let _ = write!(
             h,
-            "<nav aria-label=\"Console\"><a href=\"/console/\">Approval queue</a></nav>\
+            "<nav aria-label=\"Console\">{}</nav>\
              <div class=\"who\"><span>{}{}</span>\
              <form method=\"post\" action=\"/console/signout\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
              <button class=\"link\" type=\"submit\">Sign out</button></form></div>",
+            s.nav
+                .iter()
+                .map(|(href, title)| format!("<a href=\"{href}\">{}</a>", esc(title)))
+                .collect::<String>(),
             esc(who),
             if s.dev { " (dev sign-in)" } else { "" },
             esc(&s.csrf)

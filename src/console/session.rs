@@ -33,6 +33,8 @@ pub struct Session {
     pub csrf: String,
     /// Sign-in time (Unix seconds).
     pub created_at: i64,
+    /// The console's pages this person may use (path, title), decided at sign-in.
+    pub nav: Vec<(&'static str, &'static str)>,
     last_seen: i64,
 }
 
@@ -80,7 +82,12 @@ impl Sessions {
     }
 
     /// A new session for `person`: its token (for the cookie only).
-    pub fn begin(&self, person: Person, dev: bool) -> Result<String, SignInError> {
+    pub fn begin(
+        &self,
+        person: Person,
+        dev: bool,
+        nav: Vec<(&'static str, &'static str)>,
+    ) -> Result<String, SignInError> {
         let now = self.clock.unix_seconds();
         let token = random_token()?;
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -95,6 +102,7 @@ impl Sessions {
                 dev,
                 csrf: random_token()?,
                 created_at: now,
+                nav,
                 last_seen: now,
             },
         );

@@ -129,7 +129,8 @@ pub enum AdminAction {
     ListIdentities,
     /// `Admin.ReloadPolicy` (`administer`).
     ReloadPolicy,
-    /// Reading the audit log: checkpoints, proofs, events (`administer`).
+    /// Reading the audit log: checkpoints, proofs, events (`audit`, which `administer`
+    /// implies: an auditor reads the log and changes nothing).
     ReadLog,
 }
 
