@@ -464,7 +464,7 @@ impl Broker {
         Ok(())
     }
 
-    /// One access request, for its requester, its reviewers and operators.
+    /// One access request, for its requester, its reviewers, operators and auditors.
     pub async fn access_request(
         &self,
         caller: &VerifiedCaller,
@@ -479,7 +479,8 @@ impl Broker {
         let me = caller.principal();
         let visible = ar.requester == caller.id()
             || policy.authorize_review(me, ar.profile.as_str()).is_ok()
-            || policy.authorize_admin(me, AdminAction::ListLeases).is_ok();
+            || policy.authorize_admin(me, AdminAction::ListLeases).is_ok()
+            || policy.authorize_admin(me, AdminAction::ReadLog).is_ok();
         if visible {
             Ok(ar)
         } else {

@@ -112,27 +112,29 @@ pub(super) async fn entry(
     let proof: Vec<String> = p.proof.iter().map(hex::encode).collect();
     let vkey = c.broker.log_vkey().unwrap_or_default();
     let b = format!(
-        "<h1>Audit entry {seq}</h1><div class=\"card\"><pre><code>{}</code></pre></div>\
+        "<h1>Audit entry {seq}</h1>\
          <div class=\"card\" id=\"proof\" data-entry=\"{}\" data-index=\"{}\" data-proof=\"{}\" data-note=\"{}\">\
          <h2>Is it in the log?</h2>\
-         <dl><dt>Leaf hash</dt><dd><code>{}</code></dd><dt>Checkpoint</dt><dd><pre><code>{}</code></pre></dd>\
-         <dt>Proof</dt><dd>{} hash(es)</dd></dl>\
+         <p id=\"result\" class=\"notice\" role=\"status\" aria-live=\"polite\" data-verified=\"pending\">\
+         Verification needs JavaScript: this page checks the signature and the proof itself.</p>\
          <label for=\"vkey\">Log verifier key (paste the one you pinned to check against it)</label>\
          <textarea id=\"vkey\" rows=\"2\">{}</textarea>\
          <div class=\"actions\"><button id=\"verify\" type=\"button\">Verify again</button></div>\
-         <p id=\"result\" class=\"notice\" role=\"status\" aria-live=\"polite\" data-verified=\"pending\">\
-         Verification needs JavaScript: this page checks the signature and the proof itself.</p></div>\
+         <dl><dt>Leaf hash</dt><dd><code>{}</code></dd><dt>Proof</dt><dd>{} hash(es)</dd>\
+         <dt>Checkpoint</dt><dd><pre><code>{}</code></pre></dd></dl></div>\
+         <div class=\"card\"><h2>Entry</h2><pre><code>{}</code></pre></div>\
          <script src=\"/console/verify.js\"></script>",
-        esc(&pretty),
         esc(&p.entry),
         p.leaf_index,
         proof.join(","),
         esc(&p.checkpoint.cosigned_note()),
-        hex::encode(p.leaf_hash),
-        esc(&p.checkpoint.cosigned_note()),
-        proof.len(),
         esc(&vkey),
+        hex::encode(p.leaf_hash),
+        proof.len(),
+        esc(&p.checkpoint.cosigned_note()),
+        esc(&pretty),
     );
+
     html(
         StatusCode::OK,
         pages::page("Audit entry", Some(&s), &b),

@@ -27,6 +27,7 @@ use crate::authn::{AuthMethod, VerifiedCaller};
 use crate::broker::{Broker, RequestListing};
 use crate::config::{ConsoleConfig, OidcProviderConfig};
 use crate::domain::{Person, Verdict};
+use crate::error::BrokerError;
 use crate::oidc::{random_token, SignInError};
 pub use session::{Session, Sessions};
 
@@ -98,9 +99,11 @@ fn secure_headers(h: &mut HeaderMap) {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // Not `no-referrer`: under it a browser sends `Origin: null` on the console's own form
+    // posts, which the origin check must then refuse.
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -380,14 +383,14 @@ async fn callback(
                 "the callback has no code or state".into(),
             ));
         };
-        let oidc = c
-            .broker
-            .oidc()
-            .ok_or_else(|| SignInError::Unavailable("no OpenID Provider".into()))?;
         let pending = c
             .sessions
             .take(state, read_cookie(&headers, BINDING_COOKIE))?
             .ok_or_else(|| SignInError::Refused("not a provider's sign-in".into()))?;
+        let oidc = c
+            .broker
+            .oidc()
+            .ok_or_else(|| SignInError::Unavailable("no OpenID Provider".into()))?;
         let cfg = oidc
             .provider_config(oidc.provider_of(&pending))
             .cloned()
@@ -503,7 +506,13 @@ async fn request_page(
     show_request(&c, &s, &id, None).await
 }
 
-async fn show_request(c: &Console, s: &Session, id: &str, note: Option<(&str, bool)>) -> Response {
+/// A request's page; `note` is a notice above it (an error when its status is not 200).
+async fn show_request(
+    c: &Console,
+    s: &Session,
+    id: &str,
+    note: Option<(&str, StatusCode)>,
+) -> Response {
     let caller = Console::caller(s);
     let ar = match c.broker.access_request(&caller, id).await {
         Ok(ar) => ar,
@@ -515,12 +524,11 @@ async fn show_request(c: &Console, s: &Session, id: &str, note: Option<(&str, bo
         .authorize_review(caller.principal(), ar.profile.as_str())
         .is_ok();
     let now = c.broker.clock().unix_seconds();
-    let mut body = note.map(|(t, e)| pages::notice(t, e)).unwrap_or_default();
+    let status = note.map_or(StatusCode::OK, |(_, status)| status);
+    let mut body = note
+        .map(|(t, _)| pages::notice(t, status != StatusCode::OK))
+        .unwrap_or_default();
     body.push_str(&pages::request(&ar, s, can_review, now));
-    let status = match note {
-        Some((_, true)) => StatusCode::FORBIDDEN,
-        _ => StatusCode::OK,
-    };
     html(status, pages::page("Request", Some(s), &body), &[])
 }
 
@@ -538,7 +546,15 @@ async fn review(
     let verdict = match f.get("verdict").map(String::as_str) {
         Some("approve") => Verdict::Approve,
         Some("deny") => Verdict::Deny,
-        _ => return show_request(&c, &s, &id, Some(("choose approve or deny", true))).await,
+        _ => {
+            return show_request(
+                &c,
+                &s,
+                &id,
+                Some(("choose approve or deny", StatusCode::BAD_REQUEST)),
+            )
+            .await
+        }
     };
     let reason = f
         .get("reason")
@@ -555,8 +571,24 @@ async fn review(
                 verdict.as_str(),
                 ar.state.as_str()
             );
-            show_request(&c, &s, &id, Some((&text, false))).await
+            show_request(&c, &s, &id, Some((&text, StatusCode::OK))).await
         }
-        Err(e) => show_request(&c, &s, &id, Some((&e.to_string(), true))).await,
+        Err(e) => show_request(&c, &s, &id, Some((&e.to_string(), status_of(&e)))).await,
+    }
+}
+
+/// The HTTP status of a refusal the broker gave a person at the console.
+fn status_of(e: &BrokerError) -> StatusCode {
+    match e {
+        BrokerError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        BrokerError::PermissionDenied(_) => StatusCode::FORBIDDEN,
+        BrokerError::InvalidArgument(_) | BrokerError::OutOfRange(_) => StatusCode::BAD_REQUEST,
+        BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
+        BrokerError::FailedPrecondition(_) => StatusCode::CONFLICT,
+        BrokerError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+        BrokerError::Unavailable(_) | BrokerError::BackendUnavailable(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -191,7 +191,7 @@ pub(super) async fn revoke(
         }
         Err(e) => {
             b.push_str(&pages::notice(&e.to_string(), true));
-            StatusCode::BAD_REQUEST
+            super::status_of(e)
         }
     };
     revoke_form(&mut b, &s, kind, value, reason);

@@ -25,9 +25,13 @@
 
   async function verify() {
     const vkey = document.getElementById('vkey').value.trim();
-    const parts = vkey.split('+');
-    if (parts.length !== 3) throw new Error('the verifier key is not name+keyhash+key');
-    const [name, keyHash, keyB64] = parts;
+    // The key's base64 may itself hold '+': split at the first two only.
+    const first = vkey.indexOf('+');
+    const second = vkey.indexOf('+', first + 1);
+    if (first < 1 || second < 0) throw new Error('the verifier key is not name+keyhash+key');
+    const name = vkey.slice(0, first);
+    const keyHash = vkey.slice(first + 1, second);
+    const keyB64 = vkey.slice(second + 1);
     const key = b64(keyB64);
     if (key.length !== 33 || key[0] !== 1) throw new Error('the verifier key is not an Ed25519 key');
     const kh = (await sha256(enc.encode(name), new Uint8Array([0x0a]), key)).slice(0, 4);

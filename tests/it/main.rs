@@ -14,6 +14,7 @@ mod backend_vault;
 mod backend_x509;
 mod bundle_rotation;
 mod cli;
+mod console;
 mod crash;
 mod delegation;
 mod deploy_monitoring;

@@ -4,24 +4,30 @@
 // through the authorization code flow with PKCE (login.mjs drives the pages as a browser
 // would).
 //
-//   node tests/oidc/provider.mjs PORT      prints `ready http://127.0.0.1:PORT` when listening
-//   (the issuer names the port, so PORT must be a real one, not 0)
+//   node tests/oidc/provider.mjs PORT [REDIRECT_URI...]
+//   prints `ready http://127.0.0.1:PORT` when listening (the issuer names the port, so PORT
+//   must be a real one, not 0); each REDIRECT_URI is registered for the client besides
+//   http://127.0.0.1/callback (a broker console's /console/callback, say).
 import Provider from 'oidc-provider';
 
 const port = Number(process.argv[2]);
 if (!port) throw new Error('usage: provider.mjs PORT');
 const issuer = `http://127.0.0.1:${port}`;
+const redirects = ['http://127.0.0.1/callback', ...process.argv.slice(3)];
 
 const people = {
   alice: { email: 'alice@example.org', name: 'Alice', groups: ['ml-engineers', 'registry-approvers'] },
   bob: { email: 'bob@example.org', name: 'Bob', groups: ['contractors'] },
+  // For the console: a platform admin and an auditor.
+  root: { email: 'root@example.org', name: 'Root', groups: ['platform-admins'] },
+  dana: { email: 'dana@example.org', name: 'Dana', groups: ['auditors'] },
 };
 
 const provider = new Provider(issuer, {
   clients: [{
     client_id: 'spiffe-broker',
     client_secret: 'test-secret-not-for-production',
-    redirect_uris: ['http://127.0.0.1/callback'],
+    redirect_uris: redirects,
     grant_types: ['authorization_code'],
     response_types: ['code'],
     token_endpoint_auth_method: 'client_secret_basic',

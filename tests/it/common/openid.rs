@@ -1,8 +1,9 @@
 //! A real OpenID Provider for tests: panva's OpenID-certified `oidc-provider` on Node.js
 //! (`tests/oidc/`, installed by `npm ci --prefix tests/oidc`, which `.ci/run` does), with
-//! people alice (groups ml-engineers, registry-approvers) and bob (contractors), and a
-//! confidential client `spiffe-broker`. `login` signs a person in through the provider's
-//! own pages (authorization code flow with PKCE, state and nonce) and returns the ID token.
+//! people alice (groups ml-engineers, registry-approvers), bob (contractors), root
+//! (platform-admins) and dana (auditors), and a confidential client `spiffe-broker`.
+//! `login` signs a person in through the provider's own pages (authorization code flow
+//! with PKCE, state and nonce) and returns the ID token.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
