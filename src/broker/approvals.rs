@@ -374,6 +374,22 @@ impl Broker {
                 }),
             }
         });
+        let allowed =
+            allowed.and_then(
+                |rule| match self.fresh_sign_in_needed(caller, ar.profile.as_str()) {
+                    None => Ok(rule),
+                    Some(max) => Err(Denial {
+                        kind: DenialKind::NotPermitted,
+                        reason: format!(
+                            "sign in again: reviewing {} needs a sign-in within the last {}",
+                            ar.profile.as_str(),
+                            crate::clock::format_duration(max)
+                        ),
+                        rule: Some("profile/approval_max_auth_age".into()),
+                        violations: Vec::new(),
+                    }),
+                },
+            );
         let rule = match allowed {
             Ok(r) => r,
             Err(d) => {

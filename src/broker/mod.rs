@@ -431,7 +431,9 @@ impl Broker {
         denial_error(d)
     }
 
-    async fn admin(
+    /// Whether `caller` may perform an operator action (`rpc` names it in the ledger); a
+    /// refusal is recorded. `Ok` carries the permitting rule.
+    pub async fn admin(
         &self,
         caller: &VerifiedCaller,
         action: AdminAction,

@@ -4,6 +4,7 @@
 //! the caller.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use super::{record, Broker};
 use crate::audit::EventKind;
@@ -47,6 +48,20 @@ impl Broker {
             format!("{reason} (and {unrecorded} earlier failures from {peer} not recorded)")
         });
         self.record_best_effort(e).await;
+    }
+
+    /// How fresh a person's sign-in must be to review requests for `profile`, when theirs
+    /// is older (the profile's `approval_max_auth_age`); `None` for workloads and for
+    /// sign-ins fresh enough.
+    pub fn fresh_sign_in_needed(&self, caller: &VerifiedCaller, profile: &str) -> Option<Duration> {
+        let person = caller.principal().person()?;
+        let max = self
+            .policy()
+            .directory()
+            .profile(profile)?
+            .approval_max_auth_age?;
+        let age = self.clock.unix_seconds() - person.auth_time;
+        (age > max.as_secs() as i64).then_some(max)
     }
 
     /// The OpenID Providers, if any are configured.

@@ -95,6 +95,10 @@ pub struct Profile {
     pub approval_ttl: Duration,
     /// Whether one deny ends an access request (otherwise it only counts against).
     pub deny_ends: bool,
+    /// A person's review needs a sign-in at most this old (`auth_time`; the console asks
+    /// the provider to authenticate them again, OpenID Connect `max_age`). Workloads are
+    /// not affected.
+    pub approval_max_auth_age: Option<Duration>,
     /// Break-glass TTL cap; `None` means the profile has no break-glass.
     pub break_glass_max_ttl: Option<Duration>,
     /// Most active leases one identity may hold on this profile (0: no limit).
@@ -131,6 +135,7 @@ pub(super) struct RawProfile {
     scope_template: Option<String>,
     approval_ttl: Option<String>,
     deny_ends: Option<bool>,
+    approval_max_auth_age: Option<String>,
     break_glass_max_ttl: Option<String>,
     max_active_leases: Option<u32>,
     requests_per_minute: Option<u32>,
@@ -223,6 +228,17 @@ impl Config {
             p.approval_ttl.as_deref(),
             Duration::from_secs(3600),
         )?;
+        let approval_max_auth_age = p
+            .approval_max_auth_age
+            .as_deref()
+            .map(|v| {
+                duration(
+                    &format!("profile {}: approval_max_auth_age", p.name),
+                    Some(v),
+                    Duration::ZERO,
+                )
+            })
+            .transpose()?;
         let break_glass_max_ttl = p
             .break_glass_max_ttl
             .as_deref()
@@ -271,6 +287,7 @@ impl Config {
             scope_template: p.scope_template,
             approval_ttl,
             deny_ends: p.deny_ends.unwrap_or(true),
+            approval_max_auth_age,
             break_glass_max_ttl,
             max_active_leases: p.max_active_leases.unwrap_or(quotas.0),
             requests_per_minute: p.requests_per_minute.unwrap_or(quotas.1),

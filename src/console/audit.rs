@@ -28,7 +28,7 @@ pub(super) async fn entries(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let Some(s) = c.session(&headers) else {
-        return super::sign_in_page(&c, Some("sign in to read the audit log"));
+        return super::sign_in::sign_in_page(&c, Some("sign in to read the audit log"), None);
     };
     let caller = Console::caller(&s);
     if let Err(e) = c.broker.log_checkpoint(&caller, None, None).await {
@@ -95,7 +95,7 @@ pub(super) async fn entry(
     Path(seq): Path<u64>,
 ) -> Response {
     let Some(s) = c.session(&headers) else {
-        return super::sign_in_page(&c, Some("sign in to read the audit log"));
+        return super::sign_in::sign_in_page(&c, Some("sign in to read the audit log"), None);
     };
     let caller = Console::caller(&s);
     let p = match c

@@ -4,8 +4,14 @@
 //! use case as a workload's ([`Broker::review`]) with the person as the caller, so the
 //! ledger names `oidc:<issuer>#<sub>` beside the approval.
 //!
-//! Every page is server-rendered without script under a strict Content Security Policy;
-//! every state change is a POST carrying the session's anti-forgery token from a page of
+//! Pages: the approval queue and each request (review with a reason, or a fresh sign-in
+//! first where the profile asks for one); for platform admins the leases (revoke by any
+//! selector, dry run first), the identity inventory and the live sessions (end a
+//! person's); for auditors and admins the audit log, each entry's inclusion proof
+//! verified in the browser.
+//!
+//! Every page is server-rendered under a strict Content Security Policy (the one script,
+//! the audit entry's verifier, is served from the console itself); every state change is a POST carrying the session's anti-forgery token from a page of
 //! the console's own origin (`Origin` / `Sec-Fetch-Site` checked too); the session cookie
 //! is `__Host-`, `HttpOnly`, `Secure`, `SameSite=Strict`.
 
@@ -13,22 +19,22 @@ mod audit;
 mod operate;
 mod pages;
 mod session;
+mod sign_in;
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::authn::{AuthMethod, VerifiedCaller};
+use crate::authn::VerifiedCaller;
 use crate::broker::{Broker, RequestListing};
-use crate::config::{ConsoleConfig, OidcProviderConfig};
-use crate::domain::{Person, Verdict};
+use crate::config::ConsoleConfig;
+use crate::domain::Verdict;
 use crate::error::BrokerError;
-use crate::oidc::{random_token, SignInError};
 pub use session::{Session, Sessions};
 
 const SESSION_COOKIE: &str = "__Host-sb-session";
@@ -37,13 +43,6 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
                    form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// Dev mode's demo people: name, what they may do, roles, approver groups.
-const DEV_PEOPLE: &[(&str, &str, &[&str], &[&str])] = &[
-    ("alice", "registry approver", &[], &["registry-approvers"]),
-    ("bob", "registry approver", &[], &["registry-approvers"]),
-    ("root", "platform admin", &["platform-admin"], &[]),
-    ("auditor", "read-only auditor", &["auditor"], &[]),
-];
-
 /// The console: the broker it acts on and its people's sessions.
 pub struct Console {
     broker: Arc<Broker>,
@@ -75,15 +74,18 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/console/", get(home))
         .route("/console", get(|| async { redirect("/console/", &[]) }))
         .route("/console/console.css", get(css))
-        .route("/console/signin/{provider}", get(sign_in))
-        .route("/console/callback", get(callback))
-        .route("/console/dev-signin", post(dev_sign_in))
-        .route("/console/signout", post(sign_out))
+        .route("/console/signin/{provider}", get(sign_in::sign_in))
+        .route("/console/reauth", get(sign_in::reauth))
+        .route("/console/callback", get(sign_in::callback))
+        .route("/console/dev-signin", post(sign_in::dev_sign_in))
+        .route("/console/signout", post(sign_in::sign_out))
         .route("/console/requests/{id}", get(request_page))
         .route("/console/requests/{id}/review", post(review))
         .route("/console/leases", get(operate::leases))
         .route("/console/revoke", post(operate::revoke))
         .route("/console/inventory", get(operate::inventory))
+        .route("/console/sessions", get(operate::sessions))
+        .route("/console/sessions/end", post(operate::end_sessions))
         .route("/console/audit", get(audit::entries))
         .route("/console/audit/{seq}", get(audit::entry))
         .route("/console/verify.js", get(verify_js))
@@ -210,6 +212,17 @@ impl Console {
             .is_none_or(|v| v.as_bytes() == b"same-origin")
     }
 
+    /// Ending people's sessions is an operator's revocation: the broker's `revoke` right.
+    async fn may_end_sessions(&self, s: &Session) -> Result<String, BrokerError> {
+        self.broker
+            .admin(
+                &Self::caller(s),
+                crate::policy::AdminAction::Revoke,
+                "EndSessions",
+            )
+            .await
+    }
+
     fn caller(s: &Session) -> VerifiedCaller {
         VerifiedCaller::signed_in(s.person.clone(), s.dev)
     }
@@ -217,28 +230,6 @@ impl Console {
     fn session_cookie(&self, token: &str) -> String {
         let ttl = self.sessions.config().session_ttl.as_secs() as i64;
         cookie(SESSION_COOKIE, token, ttl, "Strict")
-    }
-}
-
-/// A person as policy sees them: the provider's claims through the config's rules.
-fn person_of(cfg: &OidcProviderConfig, p: crate::oidc::Person) -> Person {
-    let rules = cfg
-        .claim_rules
-        .iter()
-        .filter(|r| p.groups.contains(&r.group));
-    let mut roles: Vec<String> = rules.clone().flat_map(|r| r.roles.clone()).collect();
-    let mut groups: Vec<String> = rules.flat_map(|r| r.approver_groups.clone()).collect();
-    roles.sort_unstable();
-    roles.dedup();
-    groups.sort_unstable();
-    groups.dedup();
-    Person {
-        id: p.id,
-        email: p.email,
-        name: p.name,
-        roles,
-        approver_groups: groups,
-        auth_time: p.auth_time,
     }
 }
 
@@ -277,12 +268,15 @@ fn nav(broker: &Broker, caller: &VerifiedCaller) -> Vec<(&'static str, &'static 
     if may(AdminAction::ListIdentities) {
         links.push(("/console/inventory", "Inventory"));
     }
+    if may(AdminAction::Revoke) {
+        links.push(("/console/sessions", "Sessions"));
+    }
     links
 }
 
 async fn home(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
     let Some(s) = c.session(&headers) else {
-        return sign_in_page(&c, None);
+        return sign_in::sign_in_page(&c, None, None);
     };
     let caller = Console::caller(&s);
     match c
@@ -302,206 +296,17 @@ async fn home(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
     }
 }
 
-fn sign_in_page(c: &Console, error: Option<&str>) -> Response {
-    let providers = c
-        .broker
-        .oidc()
-        .map(|o| o.sign_in_choices())
-        .unwrap_or_default();
-    let mut cookies = Vec::new();
-    let mut body = error.map(|e| pages::notice(e, true)).unwrap_or_default();
-    let people: Vec<(&str, &str)> = DEV_PEOPLE.iter().map(|(n, w, _, _)| (*n, *w)).collect();
-    let mut dev_state = None;
-    if c.sessions.config().dev_sign_in {
-        // A dev sign-in is bound to this browser like a provider's: a one-use state in the
-        // form, its binding in a cookie.
-        match (random_token(), random_token()) {
-            (Ok(state), Ok(binding)) => {
-                if c.sessions.hold(state.clone(), None, &binding).is_ok() {
-                    cookies.push(cookie(BINDING_COOKIE, &binding, 600, "Lax"));
-                    dev_state = Some(state);
-                }
-            }
-            _ => body.push_str(&pages::notice("no randomness for a sign-in", true)),
-        }
-    }
-    body.push_str(&pages::sign_in(
-        &providers,
-        dev_state.as_deref().map(|s| (people.as_slice(), s)),
-    ));
-    html(
-        StatusCode::OK,
-        pages::page("Sign in", None, &body),
-        &cookies,
-    )
-}
-
-async fn sign_in(State(c): State<Arc<Console>>, Path(provider): Path<usize>) -> Response {
-    let Some(oidc) = c.broker.oidc() else {
-        return sign_in_page(&c, Some("no OpenID Provider is configured"));
-    };
-    let redirect_uri = format!("{}/console/callback", c.base);
-    let begun = oidc.begin(provider, &redirect_uri, None).await;
-    let (url, pending) = match begun {
-        Ok(v) => v,
-        Err(e) => return sign_in_page(&c, Some(&e.to_string())),
-    };
-    let binding = match random_token() {
-        Ok(b) => b,
-        Err(e) => return sign_in_page(&c, Some(&e.to_string())),
-    };
-    if let Err(e) = c
-        .sessions
-        .hold(pending.state.clone(), Some(pending), &binding)
-    {
-        return sign_in_page(&c, Some(&e.to_string()));
-    }
-    redirect(&url, &[cookie(BINDING_COOKIE, &binding, 600, "Lax")])
-}
-
-#[derive(serde::Deserialize)]
-struct Callback {
-    code: Option<String>,
-    state: Option<String>,
-    error: Option<String>,
-}
-
-async fn callback(
-    State(c): State<Arc<Console>>,
-    headers: HeaderMap,
-    Query(q): Query<Callback>,
-) -> Response {
-    let done = async {
-        if let Some(e) = &q.error {
-            return Err(SignInError::Refused(format!(
-                "the provider answered {:?}",
-                crate::domain::truncate(e)
-            )));
-        }
-        let (Some(code), Some(state)) = (&q.code, &q.state) else {
-            return Err(SignInError::Refused(
-                "the callback has no code or state".into(),
-            ));
-        };
-        let pending = c
-            .sessions
-            .take(state, read_cookie(&headers, BINDING_COOKIE))?
-            .ok_or_else(|| SignInError::Refused("not a provider's sign-in".into()))?;
-        let oidc = c
-            .broker
-            .oidc()
-            .ok_or_else(|| SignInError::Unavailable("no OpenID Provider".into()))?;
-        let cfg = oidc
-            .provider_config(oidc.provider_of(&pending))
-            .cloned()
-            .ok_or_else(|| SignInError::Unavailable("the provider is gone".into()))?;
-        let person = oidc.finish(pending, code).await?;
-        Ok(person_of(&cfg, person))
-    }
-    .await;
-    finish_sign_in(&c, done, false).await
-}
-
-async fn finish_sign_in(c: &Console, done: Result<Person, SignInError>, dev: bool) -> Response {
-    let method = if dev {
-        AuthMethod::DevSignIn
-    } else {
-        AuthMethod::OidcSession
-    };
-    let clear = cookie(BINDING_COOKIE, "", 0, "Lax");
-    let person = match done {
-        Ok(p) => p,
-        Err(e) => {
-            c.broker
-                .record_sign_in_refused(method, None, &e.to_string(), None)
-                .await;
-            let status = match e {
-                SignInError::Refused(_) => StatusCode::BAD_REQUEST,
-                SignInError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            let body = pages::notice(&e.to_string(), true)
-                + "<p><a href=\"/console/\">Sign in again</a></p>";
-            return html(
-                status,
-                pages::page("Sign-in refused", None, &body),
-                &[clear],
-            );
-        }
-    };
-    let caller = VerifiedCaller::signed_in(person.clone(), dev);
-    let token = match c.sessions.begin(person, dev, nav(&c.broker, &caller)) {
-        Ok(t) => t,
-        Err(e) => return refused(StatusCode::SERVICE_UNAVAILABLE, None, &e.to_string()),
-    };
-    c.broker
-        .record_session(&caller, "allow", "signed in to the console")
-        .await;
-    // The provider's redirect made this a cross-site navigation, which does not carry
-    // SameSite=Strict cookies: the next page is reached by a same-site navigation.
-    let body = "<meta http-equiv=\"refresh\" content=\"0;url=/console/\">\
-                <p><a href=\"/console/\">Continue to the console</a></p>";
-    html(
-        StatusCode::OK,
-        pages::page("Signed in", None, body),
-        &[c.session_cookie(&token), clear],
-    )
-}
-
-async fn dev_sign_in(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
-    let f = form(&body);
-    let done = async {
-        if !c.sessions.config().dev_sign_in {
-            return Err(SignInError::Refused("dev sign-in is not enabled".into()));
-        }
-        if !c.same_origin(&headers) {
-            return Err(SignInError::Refused("cross-site request refused".into()));
-        }
-        let state = f.get("binding").map(String::as_str).unwrap_or_default();
-        if c.sessions
-            .take(state, read_cookie(&headers, BINDING_COOKIE))?
-            .is_some()
-        {
-            return Err(SignInError::Refused("not a dev sign-in".into()));
-        }
-        let name = f.get("person").map(String::as_str).unwrap_or_default();
-        let (n, _, roles, groups) = DEV_PEOPLE
-            .iter()
-            .find(|(n, ..)| *n == name)
-            .ok_or_else(|| SignInError::Refused("no such demo person".into()))?;
-        Ok(Person {
-            id: format!("oidc:dev#{n}"),
-            email: Some(format!("{n}@example.org")),
-            name: Some((*n).to_owned()),
-            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
-            approver_groups: groups.iter().map(|g| (*g).to_owned()).collect(),
-            auth_time: c.broker.clock().unix_seconds(),
-        })
-    }
-    .await;
-    finish_sign_in(&c, done, true).await
-}
-
-async fn sign_out(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
-    let s = match c.posted(&headers, &form(&body)) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    if let Some(token) = read_cookie(&headers, SESSION_COOKIE) {
-        c.sessions.end(token);
-    }
-    c.broker
-        .record_session(&Console::caller(&s), "sign_out", "signed out")
-        .await;
-    redirect("/console/", &[cookie(SESSION_COOKIE, "", 0, "Strict")])
-}
-
 async fn request_page(
     State(c): State<Arc<Console>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
     let Some(s) = c.session(&headers) else {
-        return sign_in_page(&c, Some("sign in to see this request"));
+        return sign_in::sign_in_page(
+            &c,
+            Some("sign in to see this request"),
+            Some(&format!("/console/requests/{id}")),
+        );
     };
     show_request(&c, &s, &id, None).await
 }
@@ -518,17 +323,24 @@ async fn show_request(
         Ok(ar) => ar,
         Err(e) => return refused(StatusCode::NOT_FOUND, Some(s), &e.to_string()),
     };
-    let can_review = c
+    let controls = if c
         .broker
         .policy()
         .authorize_review(caller.principal(), ar.profile.as_str())
-        .is_ok();
+        .is_err()
+    {
+        pages::ReviewControls::None
+    } else if let Some(max) = c.broker.fresh_sign_in_needed(&caller, ar.profile.as_str()) {
+        pages::ReviewControls::FreshSignIn(crate::clock::format_duration(max))
+    } else {
+        pages::ReviewControls::Form
+    };
     let now = c.broker.clock().unix_seconds();
     let status = note.map_or(StatusCode::OK, |(_, status)| status);
     let mut body = note
         .map(|(t, _)| pages::notice(t, status != StatusCode::OK))
         .unwrap_or_default();
-    body.push_str(&pages::request(&ar, s, can_review, now));
+    body.push_str(&pages::request(&ar, s, controls, now));
     html(status, pages::page("Request", Some(s), &body), &[])
 }
 

@@ -1,5 +1,6 @@
 //! Operator pages: leases with filters, revocation by any selector (a dry-run preview
-//! first, then the revocation with a reason), and the identity inventory. The broker's
+//! first, then the revocation with a reason), the identity inventory, and the live
+//! console sessions (an operator ends a person's). The broker's
 //! own authorization decides (platform admins); the pages only hide what a person may
 //! not use.
 
@@ -104,7 +105,7 @@ pub(super) async fn leases(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let Some(s) = c.session(&headers) else {
-        return super::sign_in_page(&c, Some("sign in to see leases"));
+        return super::sign_in::sign_in_page(&c, Some("sign in to see leases"), None);
     };
     let holder = q.get("holder").map(|h| h.trim()).filter(|h| !h.is_empty());
     let state = q.get("state").map(String::as_str).unwrap_or("active");
@@ -201,7 +202,7 @@ pub(super) async fn revoke(
 /// `GET /console/inventory`: every identity, its owner, roles and use.
 pub(super) async fn inventory(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
     let Some(s) = c.session(&headers) else {
-        return super::sign_in_page(&c, Some("sign in to see the inventory"));
+        return super::sign_in::sign_in_page(&c, Some("sign in to see the inventory"), None);
     };
     let rows = match c.broker.inventory(&Console::caller(&s)).await {
         Ok(r) => r,
@@ -229,4 +230,73 @@ pub(super) async fn inventory(State(c): State<Arc<Console>>, headers: HeaderMap)
     }
     b.push_str("</tbody></table>");
     html(StatusCode::OK, pages::page("Inventory", Some(&s), &b), &[])
+}
+
+/// `GET /console/sessions`: who is signed in (platform admins: those who may revoke).
+pub(super) async fn sessions(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let Some(s) = c.session(&headers) else {
+        return super::sign_in::sign_in_page(&c, Some("sign in to see sessions"), None);
+    };
+    if let Err(e) = c.may_end_sessions(&s).await {
+        return refused(super::status_of(&e), Some(&s), &e.to_string());
+    }
+    sessions_page(&c, &s, None)
+}
+
+fn sessions_page(c: &Console, s: &Session, note: Option<&str>) -> Response {
+    let mut b = String::from("<h1>Console sessions</h1>");
+    if let Some(n) = note {
+        b.push_str(&pages::notice(n, false));
+    }
+    b.push_str(
+        "<table><thead><tr><th scope=\"col\">Person</th><th scope=\"col\" class=\"opt\">Email</th>\
+         <th scope=\"col\">Signed in</th><th scope=\"col\" class=\"opt\">Last used</th><th scope=\"col\">End</th></tr></thead><tbody>",
+    );
+    for (person, dev, created, seen) in c.sessions.list() {
+        let _ = write!(
+            b,
+            "<tr><td><code>{}</code>{}</td><td class=\"opt\">{}</td><td>{}</td><td class=\"opt\">{}</td>\
+             <td><form method=\"post\" action=\"/console/sessions/end\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"person\" value=\"{}\">\
+             <button class=\"deny\" type=\"submit\">End all of theirs</button></form></td></tr>",
+            esc(&person.id),
+            if dev { " (dev)" } else { "" },
+            esc(person.email.as_deref().unwrap_or("")),
+            when(created),
+            when(seen),
+            esc(&s.csrf),
+            esc(&person.id),
+        );
+    }
+    b.push_str("</tbody></table>");
+    html(StatusCode::OK, pages::page("Sessions", Some(s), &b), &[])
+}
+
+/// `POST /console/sessions/end`: ends every session of one person, on the ledger.
+pub(super) async fn end_sessions(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = form(&body);
+    let s = match c.posted(&headers, &f) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    if let Err(e) = c.may_end_sessions(&s).await {
+        return refused(super::status_of(&e), Some(&s), &e.to_string());
+    }
+    let person = f.get("person").map(String::as_str).unwrap_or_default();
+    let n = c.sessions.end_person(person);
+    c.broker
+        .record_session(
+            &Console::caller(&s),
+            "sessions_ended",
+            &format!(
+                "ended {n} console session(s) of {}",
+                crate::domain::truncate(person)
+            ),
+        )
+        .await;
+    sessions_page(&c, &s, Some(&format!("Ended {n} session(s) of {person}.")))
 }

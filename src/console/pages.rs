@@ -80,7 +80,11 @@ pub fn notice(text: &str, error: bool) -> String {
 }
 
 /// The sign-in page: the providers, and in dev mode the demo people.
-pub fn sign_in(providers: &[(usize, &str)], dev: Option<(&[(&str, &str)], &str)>) -> String {
+pub fn sign_in(
+    providers: &[(usize, &str)],
+    then: &str,
+    dev: Option<(&[(&str, &str)], &str)>,
+) -> String {
     let mut b = String::from("<h1>Sign in</h1><div class=\"card\">");
     if providers.is_empty() && dev.is_none() {
         b.push_str("<p>No OpenID Provider is set up for sign-in (an <code>[[oidc_providers]]</code> entry with a <code>client_secret_file</code>).</p>");
@@ -88,7 +92,8 @@ pub fn sign_in(providers: &[(usize, &str)], dev: Option<(&[(&str, &str)], &str)>
     for (i, name) in providers {
         let _ = write!(
             b,
-            "<p><a class=\"button\" href=\"/console/signin/{i}\">Sign in with {}</a></p>",
+            "<p><a class=\"button\" href=\"/console/signin/{i}?then={}\">Sign in with {}</a></p>",
+            esc(&form_urlencoded::byte_serialize(then.as_bytes()).collect::<String>()),
             esc(name)
         );
     }
@@ -158,7 +163,23 @@ pub fn queue(rows: &[AccessRequest], now: i64) -> String {
 }
 
 /// One request, with the review form when the person may review it.
-pub fn request(ar: &AccessRequest, session: &Session, can_review: bool, now: i64) -> String {
+/// What a person may do about a request on its page.
+pub enum ReviewControls {
+    /// Nothing (not a reviewer of its profile, or it is decided).
+    None,
+    /// The approve/deny form.
+    Form,
+    /// A fresh sign-in first: the profile wants one within this long (e.g. `15m`).
+    FreshSignIn(String),
+}
+
+/// One request, with what the person may do about it.
+pub fn request(
+    ar: &AccessRequest,
+    session: &Session,
+    controls: ReviewControls,
+    now: i64,
+) -> String {
     let mut b = format!(
         "<h1>Request <code>{}</code></h1><div class=\"card\"><dl>",
         esc(&ar.id)
@@ -228,9 +249,17 @@ pub fn request(ar: &AccessRequest, session: &Session, can_review: bool, now: i64
         }
         b.push_str("</ul></div>");
     }
-    if can_review
-        && (ar.state == AccessState::Pending || ar.post_review.as_deref() == Some("pending"))
-    {
+    let open = ar.state == AccessState::Pending || ar.post_review.as_deref() == Some("pending");
+    if let (true, ReviewControls::FreshSignIn(max)) = (open, &controls) {
+        let _ = write!(
+            b,
+            "<div class=\"card\"><p>Reviewing this profile needs a sign-in within the last {}.</p>\
+             <a class=\"button\" href=\"/console/reauth?then=/console/requests/{}\">Sign in again to review</a></div>",
+            esc(max),
+            esc(&ar.id)
+        );
+    }
+    if let (true, ReviewControls::Form) = (open, &controls) {
         let _ = write!(
             b,
             "<form class=\"card\" method=\"post\" action=\"/console/requests/{}/review\">\

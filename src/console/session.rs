@@ -42,6 +42,7 @@ pub struct Session {
 /// SHA-256 of the browser-binding cookie.
 struct Pending {
     sign_in: Option<PendingSignIn>,
+    then: Option<String>,
     binding: [u8; 32],
     created_at: i64,
 }
@@ -137,6 +138,19 @@ impl Sessions {
             .remove(&digest(token))
     }
 
+    /// The live sessions: person, method (dev or not), sign-in and last use.
+    pub fn list(&self) -> Vec<(Person, bool, i64, i64)> {
+        let now = self.clock.unix_seconds();
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = live
+            .values()
+            .filter(|s| self.alive(s, now))
+            .map(|s| (s.person.clone(), s.dev, s.created_at, s.last_seen))
+            .collect();
+        out.sort_by(|a, b| a.0.id.cmp(&b.0.id).then(a.2.cmp(&b.2)));
+        out
+    }
+
     /// Ends every session of person `id`; how many there were.
     pub fn end_person(&self, id: &str) -> usize {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -151,6 +165,7 @@ impl Sessions {
         state: String,
         sign_in: Option<PendingSignIn>,
         binding: &str,
+        then: Option<String>,
     ) -> Result<(), SignInError> {
         let now = self.clock.unix_seconds();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -164,6 +179,7 @@ impl Sessions {
             state,
             Pending {
                 sign_in,
+                then,
                 binding: digest(binding),
                 created_at: now,
             },
@@ -172,12 +188,13 @@ impl Sessions {
     }
 
     /// Takes the sign-in under `state` (once: a replay finds nothing), if the browser
-    /// holds its binding and it is not older than [`SIGN_IN_WINDOW`].
+    /// holds its binding and it is not older than [`SIGN_IN_WINDOW`]: the provider's
+    /// pending state (none for a dev sign-in) and where to go after.
     pub fn take(
         &self,
         state: &str,
         binding: Option<&str>,
-    ) -> Result<Option<PendingSignIn>, SignInError> {
+    ) -> Result<(Option<PendingSignIn>, Option<String>), SignInError> {
         let now = self.clock.unix_seconds();
         let p = self
             .pending
@@ -193,6 +210,6 @@ impl Sessions {
         if now - p.created_at >= SIGN_IN_WINDOW {
             return Err(SignInError::Refused("the sign-in took too long".into()));
         }
-        Ok(p.sign_in)
+        Ok((p.sign_in, p.then))
     }
 }

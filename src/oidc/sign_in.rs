@@ -214,6 +214,17 @@ impl OidcProviders {
         self.providers.get(provider).map(|p| &p.cfg)
     }
 
+    /// The provider a person (`oidc:<issuer>#<sub>`) signed in with.
+    pub fn provider_of_person(&self, id: &str) -> Option<usize> {
+        self.providers.iter().position(|p| {
+            p.cfg.client_secret_file.is_some()
+                && id
+                    .strip_prefix("oidc:")
+                    .and_then(|rest| rest.strip_prefix(p.cfg.issuer.as_str()))
+                    .is_some_and(|rest| rest.starts_with('#'))
+        })
+    }
+
     /// The provider a pending sign-in began with.
     pub fn provider_of(&self, pending: &PendingSignIn) -> usize {
         pending.provider

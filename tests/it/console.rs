@@ -536,3 +536,96 @@ fn no_config_file_turns_on_the_dev_sign_in() {
     let err = spiffe_broker::config::Config::from_toml(&forced).expect_err("refused");
     assert!(err.to_string().contains("dev_sign_in"), "{err}");
 }
+
+#[tokio::test]
+async fn a_profile_that_wants_a_fresh_sign_in_gets_one_before_a_review() {
+    let h = start_with(Some(Box::new(|c: String| {
+        c.replacen(
+            "approval_ttl = \"1h\"",
+            "approval_ttl = \"1h\"\napproval_max_auth_age = \"10m\"",
+            1,
+        )
+    })))
+    .await;
+    let web = Web::new(&h);
+    let (_, id) = pending_push(&h).await;
+    let alice = web.sign_in("alice").await;
+    let fresh = web.get(&format!("/console/requests/{id}"), &alice).await;
+    assert!(fresh.body.contains("verdict"), "a fresh sign-in may review");
+
+    h.clock.advance(Duration::from_secs(11 * 60));
+    let page = web.get(&format!("/console/requests/{id}"), &alice).await;
+    assert!(!page.body.contains("verdict"), "no form on a stale sign-in");
+    assert!(page.body.contains("Sign in again to review"));
+    assert!(page
+        .body
+        .contains("/console/reauth?then=/console/requests/"));
+    let csrf = page.hidden("csrf");
+    let stale = web
+        .post(
+            &format!("/console/requests/{id}/review"),
+            &alice,
+            Some(&web.base),
+            &[("csrf", &csrf), ("verdict", "approve"), ("reason", "ok")],
+        )
+        .await;
+    assert_eq!(stale.status, 403);
+    assert!(stale.body.contains("sign in again"), "{}", stale.body);
+    assert_eq!(reviews_in_ledger(&h), 0);
+    assert!(h
+        .audit_bodies()
+        .iter()
+        .any(|b| b["kind"] == "deny" && b["rule"] == "profile/approval_max_auth_age"));
+
+    // Signing in again (the dev sign-in stands in for the provider's max_age=0 login).
+    let again = web.sign_in("alice").await;
+    let page = web.get(&format!("/console/requests/{id}"), &again).await;
+    let done = web
+        .post(
+            &format!("/console/requests/{id}/review"),
+            &again,
+            Some(&web.base),
+            &[
+                ("csrf", &page.hidden("csrf")),
+                ("verdict", "approve"),
+                ("reason", "re-authenticated"),
+            ],
+        )
+        .await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(reviews_in_ledger(&h), 1);
+}
+
+#[tokio::test]
+async fn an_operator_ends_a_persons_sessions() {
+    let h = start().await;
+    let web = Web::new(&h);
+    let alice = web.sign_in("alice").await;
+    let alice_again = web.sign_in("alice").await;
+    let bob = web.sign_in("bob").await;
+    // Not for approvers.
+    assert_eq!(web.get("/console/sessions", &bob).await.status, 403);
+    let root = web.sign_in("root").await;
+    let page = web.get("/console/sessions", &root).await;
+    assert!(page.body.contains("oidc:dev#alice") && page.body.contains("oidc:dev#bob"));
+    let done = web
+        .post(
+            "/console/sessions/end",
+            &root,
+            Some(&web.base),
+            &[("csrf", &page.hidden("csrf")), ("person", "oidc:dev#alice")],
+        )
+        .await;
+    assert!(done.body.contains("Ended 2 session(s)"), "{}", done.body);
+    for gone in [&alice, &alice_again] {
+        assert!(web.get("/console/", gone).await.body.contains("Sign in"));
+    }
+    assert!(web
+        .get("/console/", &bob)
+        .await
+        .body
+        .contains("Approval queue"));
+    assert!(h.audit_bodies().iter().any(|b| b["kind"] == "sign_in"
+        && b["decision"] == "sessions_ended"
+        && b["caller"] == "oidc:dev#root"));
+}
