@@ -23,6 +23,8 @@ mod sign_in;
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -153,7 +155,7 @@ fn read_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-fn form(body: &Bytes) -> std::collections::HashMap<String, String> {
+fn form(body: &Bytes) -> HashMap<String, String> {
     form_urlencoded::parse(body).into_owned().collect()
 }
 
@@ -177,7 +179,7 @@ impl Console {
     fn posted(
         &self,
         headers: &HeaderMap,
-        form: &std::collections::HashMap<String, String>,
+        form: &HashMap<String, String>,
     ) -> Result<Session, Box<Response>> {
         if !self.same_origin(headers) {
             return Err(Box::new(refused(
@@ -346,15 +348,12 @@ async fn show_request(
 
 async fn review(
     State(c): State<Arc<Console>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    Posted {
+        session: s,
+        form: f,
+    }: Posted,
 ) -> Response {
-    let f = form(&body);
-    let s = match c.posted(&headers, &f) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
     let verdict = match f.get("verdict").map(String::as_str) {
         Some("approve") => Verdict::Approve,
         Some("deny") => Verdict::Deny,
@@ -386,6 +385,27 @@ async fn review(
             show_request(&c, &s, &id, Some((&text, StatusCode::OK))).await
         }
         Err(e) => show_request(&c, &s, &id, Some((&e.to_string(), status_of(&e)))).await,
+    }
+}
+
+/// A form posted from one of the console's own pages in a live session, with its
+/// anti-forgery token ([`Console::posted`]); anything else is answered with the refusal.
+pub(super) struct Posted {
+    session: Session,
+    form: HashMap<String, String>,
+}
+
+impl axum::extract::FromRequest<Arc<Console>> for Posted {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, c: &Arc<Console>) -> Result<Self, Response> {
+        let headers = req.headers().clone();
+        let body = Bytes::from_request(req, c)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let form = form(&body);
+        let session = c.posted(&headers, &form).map_err(|r| *r)?;
+        Ok(Self { session, form })
     }
 }
 

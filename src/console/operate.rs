@@ -8,13 +8,12 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::pages::{self, esc, when};
-use super::{form, html, refused, Console, Session};
+use super::{html, refused, Console, Posted, Session};
 use crate::domain::{Lease, LeaseFilter, LeaseState};
 use crate::proto::v1::revoke_request::Selector;
 
@@ -146,14 +145,11 @@ pub(super) async fn leases(
 /// `POST /console/revoke`: `mode=preview` is a dry run; `mode=revoke` revokes.
 pub(super) async fn revoke(
     State(c): State<Arc<Console>>,
-    headers: HeaderMap,
-    body: Bytes,
+    Posted {
+        session: s,
+        form: f,
+    }: Posted,
 ) -> Response {
-    let f = form(&body);
-    let s = match c.posted(&headers, &f) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
     let get = |k: &str| f.get(k).map(String::as_str).unwrap_or("");
     let (kind, value, reason) = (get("kind"), get("value"), get("reason").trim());
     let dry_run = get("mode") != "revoke";
@@ -275,14 +271,11 @@ fn sessions_page(c: &Console, s: &Session, note: Option<&str>) -> Response {
 /// `POST /console/sessions/end`: ends every session of one person, on the ledger.
 pub(super) async fn end_sessions(
     State(c): State<Arc<Console>>,
-    headers: HeaderMap,
-    body: Bytes,
+    Posted {
+        session: s,
+        form: f,
+    }: Posted,
 ) -> Response {
-    let f = form(&body);
-    let s = match c.posted(&headers, &f) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
     if let Err(e) = c.may_end_sessions(&s).await {
         return refused(super::status_of(&e), Some(&s), &e.to_string());
     }

@@ -13,7 +13,7 @@ use axum::response::Response;
 
 use super::pages::{self, esc};
 use super::{
-    cookie, form, html, nav, read_cookie, redirect, refused, Console, BINDING_COOKIE,
+    cookie, form, html, nav, read_cookie, redirect, refused, Console, Posted, BINDING_COOKIE,
     SESSION_COOKIE,
 };
 use crate::authn::{AuthMethod, VerifiedCaller};
@@ -312,12 +312,8 @@ pub(super) async fn dev_sign_in(
 pub(super) async fn sign_out(
     State(c): State<Arc<Console>>,
     headers: HeaderMap,
-    body: Bytes,
+    Posted { session: s, .. }: Posted,
 ) -> Response {
-    let s = match c.posted(&headers, &form(&body)) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
     if let Some(token) = read_cookie(&headers, SESSION_COOKIE) {
         c.sessions.end(token);
     }

@@ -17,28 +17,13 @@ use tonic::Code;
 const BOB: &str = "spiffe://example.org/ops/bob";
 const CAROL: &str = "spiffe://example.org/ops/carol";
 const PROFILE: &str = "model-registry-push";
-const DIGEST: &str = "sha256:9372c470eeadd5ecd9c3c74c2b3cb633f8e2f2fad799250a0f70d652b6b825e4";
+const DIGEST: &str = PUSH_DIGEST;
 const OTHER_DIGEST: &str =
     "sha256:0000000000000000000000000000000000000000000000000000000000000001";
 
 type Approvals = pb::approvals_client::ApprovalsClient<Channel>;
 type Broker = pb::credential_broker_client::CredentialBrokerClient<Channel>;
 use pb::list_access_requests_request::Filter;
-
-/// The demo registry push: default scopes and TTL, a digest and a ticket.
-fn push_request() -> pb::IssueCredentialRequest {
-    pb::IssueCredentialRequest {
-        profile: PROFILE.into(),
-        intent: Some(pb::Intent {
-            action: "push-model".into(),
-            target: "models/llama".into(),
-            artifact_digest: DIGEST.into(),
-            ticket: "CHG-1234".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 fn ttl(secs: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration {

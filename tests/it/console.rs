@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use spiffe_broker::proto::v1 as pb;
 
-const DIGEST: &str = "sha256:9372c470eeadd5ecd9c3c74c2b3cb633f8e2f2fad799250a0f70d652b6b825e4";
+const DIGEST: &str = PUSH_DIGEST;
 
 /// A cookie-less HTTP client: cookies are sent by hand, so each test says which.
 struct Web {
@@ -139,17 +139,7 @@ impl Web {
 
 /// The deploy agent's registry push, which needs one approval: the pending request's id.
 async fn pending_push(h: &Harness) -> (pb::IssueCredentialRequest, String) {
-    let req = pb::IssueCredentialRequest {
-        profile: "model-registry-push".into(),
-        intent: Some(pb::Intent {
-            action: "push-model".into(),
-            target: "models/llama".into(),
-            artifact_digest: DIGEST.into(),
-            ticket: "CHG-1234".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let req = push_request();
     let mut c = h.broker_as(DEPLOY_AGENT).await;
     let ar = c
         .issue_credential(req.clone())

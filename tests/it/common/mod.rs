@@ -180,6 +180,26 @@ pub fn token_of(c: &Option<pb::Credential>) -> String {
     }
 }
 
+/// The artifact digest of the demo registry push.
+pub const PUSH_DIGEST: &str =
+    "sha256:9372c470eeadd5ecd9c3c74c2b3cb633f8e2f2fad799250a0f70d652b6b825e4";
+
+/// The demo registry push (one approval from registry-approvers): default scopes and TTL,
+/// a digest and a ticket.
+pub fn push_request() -> pb::IssueCredentialRequest {
+    pb::IssueCredentialRequest {
+        profile: "model-registry-push".into(),
+        intent: Some(pb::Intent {
+            action: "push-model".into(),
+            target: "models/llama".into(),
+            artifact_digest: PUSH_DIGEST.into(),
+            ticket: "CHG-1234".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 pub fn gpu_request(ttl_secs: i64) -> pb::IssueCredentialRequest {
     pb::IssueCredentialRequest {
         profile: "gpu-scheduler-submit".into(),
