@@ -118,6 +118,30 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Sign in as a person (no SVID needed): through the broker's console and your OpenID
+    /// Provider in a browser on this computer; approve, deny, requests, leases, revoke and
+    /// audit then act as you. The session is kept in $XDG_CONFIG_HOME/spiffe-broker (0600).
+    Login {
+        /// Sign in through an OpenID Provider (the console's sign-in); the only way today.
+        #[arg(long, required = true)]
+        oidc: bool,
+        /// The broker's console (its HTTP listener).
+        #[arg(
+            long,
+            env = "SPIFFE_BROKER_CONSOLE",
+            default_value = "http://127.0.0.1:8081"
+        )]
+        console: String,
+        /// CA file for an https console (default: the platform's trust store).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+    /// End the session `login` started, at the broker and here.
+    Logout {
+        /// CA file for an https console (default: the platform's trust store).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
     /// Approve an access request (approvers).
     Approve {
         /// Access request id.
@@ -229,6 +253,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Renew { lease, ttl, conn } => workload::renew(lease, ttl, conn).await,
         Command::Release { lease, conn } => workload::release(lease, conn).await,
         Command::Agent { config, check } => agent::agent(config, check).await,
+        Command::Login {
+            console, ca_file, ..
+        } => cli::login::login(console, ca_file).await,
+        Command::Logout { ca_file } => cli::login::logout(ca_file).await,
         Command::Approve { id, reason, conn } => review::review(&conn, id, true, reason).await,
         Command::Deny { id, reason, conn } => review::review(&conn, id, false, reason).await,
         Command::Requests {

@@ -14,6 +14,7 @@ mod log;
 mod mint;
 mod people;
 mod revoke;
+mod sessions;
 mod streams;
 mod throttle;
 
@@ -25,6 +26,7 @@ pub use inventory::{inventory_rows, InventoryEntry};
 pub use issue::{explain_with, Explanation, IssueOptions, IssueOutcome, Issued, SubjectBounds};
 pub use log::{EntrySelector, InclusionProof};
 pub use revoke::Revoked;
+pub use sessions::{same_secret, Session, Sessions, CLI_CODE_WINDOW};
 pub use streams::StreamSlot;
 pub use throttle::Throttled;
 
@@ -169,11 +171,16 @@ pub struct Broker {
     changes: broadcast::Sender<String>,
     exchange: Option<ExchangeSettings>,
     oidc: Option<Arc<crate::oidc::OidcProviders>>,
+    /// People's sessions (console and CLI), when `[console]` is configured.
+    sessions: Option<Arc<Sessions>>,
     reload_guard: Option<Duration>,
 }
 
 /// How often watchers' shared pollers re-read the store (changes made on other replicas).
 const WATCH_POLL: Duration = Duration::from_secs(1);
+
+/// The `authorization` scheme of a person's session token on gRPC (`Session <token>`).
+pub const SESSION_SCHEME: &str = "Session ";
 
 /// The caller's SPIFFE ID where only a workload may act: credentials, renewals and the
 /// revocation feed are for workloads; a person's console session reaches reviews, listings
@@ -222,6 +229,7 @@ impl Broker {
             changes: broadcast::channel(1024).0,
             exchange: None,
             oidc: None,
+            sessions: None,
             reload_guard: None,
         }
     }
@@ -333,6 +341,16 @@ impl Broker {
         facts: TransportFacts<'_>,
         rpc: &str,
     ) -> Result<VerifiedCaller, BrokerError> {
+        if let Some(token) = facts
+            .authorization
+            .and_then(|a| a.strip_prefix(SESSION_SCHEME))
+        {
+            let caller = self
+                .authenticate_person(token.trim(), facts.peer_ip)
+                .await?;
+            self.throttle_call(&caller, facts.peer_ip, rpc).await?;
+            return Ok(caller);
+        }
         match self.authn.authenticate(&facts) {
             Ok(c) => {
                 self.throttle_call(&c, facts.peer_ip, rpc).await?;

@@ -4,12 +4,14 @@
 //! the caller.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{record, Broker};
 use crate::audit::EventKind;
 use crate::authn::{AuthMethod, VerifiedCaller};
 use crate::clock::unix_millis;
+use crate::error::BrokerError;
 
 impl Broker {
     /// Records a person's sign-in (`allow`) or sign-out (`sign_out`, with why).
@@ -64,13 +66,45 @@ impl Broker {
         (age > max.as_secs() as i64).then_some(max)
     }
 
+    /// Keeps people's sessions (console and CLI sign-ins) with these settings.
+    pub fn with_sessions(mut self, cfg: crate::config::ConsoleConfig) -> Self {
+        self.sessions = Some(Arc::new(super::Sessions::new(cfg, self.clock.clone())));
+        self
+    }
+
+    /// People's sessions, if the console is configured.
+    pub fn sessions(&self) -> Option<&Arc<super::Sessions>> {
+        self.sessions.as_ref()
+    }
+
+    /// A person calling over gRPC with a session token (`authorization: Session <token>`,
+    /// from `spiffe-broker login`): the session's person, or a refusal recorded like a
+    /// failed authentication.
+    pub(super) async fn authenticate_person(
+        &self,
+        token: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<VerifiedCaller, BrokerError> {
+        match self.sessions.as_ref().and_then(|s| s.get(token)) {
+            Some(s) => Ok(VerifiedCaller::signed_in(s.person, s.dev)),
+            None => {
+                let reason = "unknown or ended session";
+                self.record_sign_in_refused(AuthMethod::OidcSession, None, reason, peer)
+                    .await;
+                Err(BrokerError::Unauthenticated(crate::authn::AuthnError::new(
+                    reason,
+                )))
+            }
+        }
+    }
+
     /// The OpenID Providers, if any are configured.
-    pub fn oidc(&self) -> Option<&std::sync::Arc<crate::oidc::OidcProviders>> {
+    pub fn oidc(&self) -> Option<&Arc<crate::oidc::OidcProviders>> {
         self.oidc.as_ref()
     }
 
     /// The broker's clock.
-    pub fn clock(&self) -> &std::sync::Arc<dyn crate::clock::Clock> {
+    pub fn clock(&self) -> &Arc<dyn crate::clock::Clock> {
         &self.clock
     }
 }

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod error;
 pub mod keys;
 pub mod listing;
+pub mod login;
 pub mod output;
 pub mod policy;
 pub mod review;

@@ -16,9 +16,9 @@
 //! is `__Host-`, `HttpOnly`, `Secure`, `SameSite=Strict`.
 
 mod audit;
+mod cli;
 mod operate;
 mod pages;
-mod session;
 mod sign_in;
 
 use std::sync::Arc;
@@ -34,39 +34,37 @@ use axum::Router;
 
 use crate::authn::VerifiedCaller;
 use crate::broker::{Broker, RequestListing};
-use crate::config::ConsoleConfig;
+use crate::broker::{Session, Sessions};
 use crate::domain::Verdict;
 use crate::error::BrokerError;
-pub use session::{Session, Sessions};
 
 const SESSION_COOKIE: &str = "__Host-sb-session";
 const BINDING_COOKIE: &str = "__Host-sb-signin";
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-/// Dev mode's demo people: name, what they may do, roles, approver groups.
+/// The trust bundle (PEM) a person's CLI verifies the broker's gRPC listener with.
+pub type BundlePem = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// The console: the broker it acts on and its people's sessions.
 pub struct Console {
     broker: Arc<Broker>,
-    sessions: Sessions,
+    sessions: Arc<Sessions>,
     /// The HTTP listener's public URL (the broker's `issuer_url`).
     base: String,
+    bundle_pem: BundlePem,
 }
 
 impl Console {
-    /// The console of `broker`, reached at `base` (scheme, host and port, no path).
-    pub fn new(broker: Arc<Broker>, cfg: ConsoleConfig, base: &str) -> Self {
-        let clock = broker.clock().clone();
-        Self {
+    /// The console of `broker` (which keeps people's sessions: `Broker::with_sessions`),
+    /// reached at `base` (scheme, host and port, no path).
+    pub fn new(broker: Arc<Broker>, base: &str, bundle_pem: BundlePem) -> Option<Self> {
+        Some(Self {
+            sessions: broker.sessions()?.clone(),
             broker,
-            sessions: Sessions::new(cfg, clock),
             base: base.trim_end_matches('/').to_owned(),
-        }
-    }
-
-    /// The sessions (an operator ends a person's sessions here).
-    pub fn sessions(&self) -> &Sessions {
-        &self.sessions
+            bundle_pem,
+        })
     }
 }
 
@@ -91,6 +89,9 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/console/audit", get(audit::entries))
         .route("/console/audit/{seq}", get(audit::entry))
         .route("/console/verify.js", get(verify_js))
+        .route("/console/cli", get(cli::confirm).post(cli::approve))
+        .route("/console/cli/token", post(cli::token))
+        .route("/console/cli/signout", post(cli::sign_out))
         .with_state(console)
 }
 
@@ -196,7 +197,7 @@ impl Console {
             )));
         };
         match form.get("csrf") {
-            Some(t) if session::same_secret(t, &s.csrf) => Ok(s),
+            Some(t) if crate::broker::same_secret(t, &s.csrf) => Ok(s),
             _ => Err(Box::new(refused(
                 StatusCode::FORBIDDEN,
                 Some(&s),

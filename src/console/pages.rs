@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::session::Session;
+use crate::broker::Session;
 use crate::domain::{AccessRequest, AccessState};
 
 /// The stylesheet (served at `/console/console.css`).

@@ -35,7 +35,8 @@ fn then_path(then: Option<&str>) -> String {
         t.starts_with("/console/")
             && t.len() <= 200
             && t.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
+                .all(|b| b.is_ascii_alphanumeric() || b"/-_.?=&".contains(&b))
+            && !t.contains("//")
     })
     .unwrap_or("/console/")
     .to_owned()

@@ -307,6 +307,9 @@ pub async fn assemble(
     if let Some(l) = loader {
         broker = broker.with_loader(l);
     }
+    if let Some(console) = &config.console {
+        broker = broker.with_sessions(console.clone());
+    }
     if !config.oidc_providers.is_empty() {
         broker = broker.with_oidc(crate::oidc::OidcProviders::new(
             &config.oidc_providers,
@@ -367,11 +370,14 @@ pub async fn assemble(
             publish_log_entries: config.publish_log_entries,
             console: match &config.console {
                 None => None,
-                Some(c) => Some(Arc::new(crate::console::Console::new(
-                    broker.clone(),
-                    c.clone(),
-                    &console_origin(&config.issuer_url)?,
-                ))),
+                Some(_) => Some(Arc::new(
+                    crate::console::Console::new(
+                        broker.clone(),
+                        &console_origin(&config.issuer_url)?,
+                        bundle_pem(x509.clone(), trust_domain.clone()),
+                    )
+                    .ok_or_else(|| ServeError("the console needs people's sessions".into()))?,
+                )),
             },
         },
         https,
@@ -680,4 +686,25 @@ fn console_origin(issuer_url: &str) -> Result<String, ServeError> {
         )));
     }
     Ok(url.to_owned())
+}
+
+/// The X.509 trust bundle of the broker's own trust domain, PEM, from the Workload API (a
+/// person's CLI verifies the gRPC listener with it after `spiffe-broker login`).
+fn bundle_pem(source: X509Source, trust_domain: String) -> crate::console::BundlePem {
+    use base64::Engine as _;
+    Arc::new(move || {
+        let td = spiffe::TrustDomain::new(&trust_domain).ok()?;
+        let bundle = source.try_bundle_for_trust_domain(&td)?;
+        let mut pem = String::new();
+        for cert in bundle.authorities() {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_bytes());
+            pem.push_str("-----BEGIN CERTIFICATE-----\n");
+            for line in b64.as_bytes().chunks(64) {
+                pem.push_str(&String::from_utf8_lossy(line));
+                pem.push('\n');
+            }
+            pem.push_str("-----END CERTIFICATE-----\n");
+        }
+        Some(pem)
+    })
 }

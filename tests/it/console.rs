@@ -619,3 +619,191 @@ async fn an_operator_ends_a_persons_sessions() {
         && b["decision"] == "sessions_ended"
         && b["caller"] == "oidc:dev#root"));
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_spiffe-broker");
+
+/// Runs the CLI as a person: no Workload API, `XDG_CONFIG_HOME` at `config`.
+fn as_person(config: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .env_remove("SPIFFE_BROKER_ADDR")
+        .env("XDG_CONFIG_HOME", config);
+    cmd
+}
+
+/// The value of the `url=` of a meta refresh, unescaped.
+fn refresh_target(body: &str) -> String {
+    let at = body.find("url=").expect("a meta refresh") + 4;
+    body[at..]
+        .split('"')
+        .next()
+        .expect("url")
+        .replace("&amp;", "&")
+}
+
+// Multi-threaded: the CLI runs as a child process the test waits for, while the broker
+// (in this process) serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_signs_the_cli_in_and_reviews_without_an_svid() {
+    let h = start().await;
+    let web = Web::new(&h);
+    let (_, id) = pending_push(&h).await;
+    let config = tempfile::tempdir().expect("tempdir");
+    let grpc = h.env.grpc_addr.to_string();
+
+    // Before signing in: a clear refusal, not a Workload API timeout.
+    let out = as_person(config.path(), &["requests", "--broker", &grpc])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("login --oidc"));
+
+    let mut login = as_person(config.path(), &["login", "--oidc", "--console", &web.base])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("login starts");
+    let stderr = login.stderr.take().expect("stderr");
+    let url = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("http://")
+                    .map(|u| format!("http://{u}"))
+            })
+    })
+    .await
+    .expect("reader")
+    .expect("login prints the URL");
+    let path = url
+        .strip_prefix(&web.base)
+        .expect("the console's URL")
+        .to_owned();
+
+    // The browser: signed in to the console as alice, confirms.
+    assert!(
+        web.get(&path, "").await.body.contains("Sign in"),
+        "sign-in first"
+    );
+    let alice = web.sign_in("alice").await;
+    let page = web.get(&path, &alice).await;
+    assert!(page.body.contains("Sign in the CLI"), "{}", page.body);
+    let form = ["csrf", "port", "state", "challenge"].map(|k| (k, page.hidden(k)));
+    let refs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let forged = web
+        .post("/console/cli", &alice, Some("http://evil.example"), &refs)
+        .await;
+    assert_eq!(forged.status, 403, "a cross-site confirmation is refused");
+    let done = web
+        .post("/console/cli", &alice, Some(&web.base), &refs)
+        .await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    let back = refresh_target(&done.body);
+    assert!(back.starts_with("http://127.0.0.1:"), "{back}");
+    let code = back
+        .split("code=")
+        .nth(1)
+        .and_then(|c| c.split('&').next())
+        .expect("code")
+        .to_owned();
+    let landed = web.http.get(&back).send().await.expect("the CLI answers");
+    assert_eq!(landed.status().as_u16(), 200);
+    let status = tokio::task::spawn_blocking(move || login.wait())
+        .await
+        .expect("join")
+        .expect("login exits");
+    assert!(status.success());
+    let saved = config.path().join("spiffe-broker/session.json");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&saved).expect("saved").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The code was used up: a second redemption (or one without the verifier) is refused.
+    let replay = web
+        .post(
+            "/console/cli/token",
+            "",
+            None,
+            &[("code", &code), ("verifier", "x")],
+        )
+        .await;
+    assert_eq!(replay.status, 400);
+
+    // As alice, with no SVID: list and approve over gRPC.
+    let out = as_person(config.path(), &["requests", "--broker", &grpc])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
+    let out = as_person(
+        config.path(),
+        &[
+            "approve",
+            &id,
+            "--reason",
+            "checked from the terminal",
+            "--broker",
+            &grpc,
+        ],
+    )
+    .output()
+    .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let review = h
+        .audit_bodies()
+        .into_iter()
+        .find(|b| b["kind"] == "review")
+        .expect("review entry");
+    assert_eq!(review["caller"], "oidc:dev#alice");
+    assert_eq!(review["reason"], "checked from the terminal");
+    // What alice may not do, she may not do from the CLI either.
+    let out = as_person(config.path(), &["leases", "--broker", &grpc])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a platform admin"));
+
+    // Signed out: the token is dead at the broker and gone from disk.
+    let token =
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&saved).expect("read"))
+            .expect("json")["session"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+    let out = as_person(config.path(), &["logout"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    assert!(!saved.exists());
+    let mut admin = pb::approvals_client::ApprovalsClient::new(
+        spiffe_broker::client::connect(
+            &grpc,
+            spiffe_broker::dev::BROKER_ID,
+            &spiffe_broker::client::ClientIdentity::Anonymous {
+                bundle: vec![h.env.ca.ca_der().clone()],
+            },
+        )
+        .await
+        .expect("connects"),
+    );
+    let mut req = tonic::Request::new(pb::ListAccessRequestsRequest::default());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Session {token}").parse().expect("metadata"),
+    );
+    let err = admin.list_access_requests(req).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+}

@@ -1,6 +1,7 @@
-//! Console sessions, kept server-side: the browser holds only a random token (in an
-//! `HttpOnly`, `Secure`, `SameSite=Strict` cookie); the broker keeps its SHA-256, the
-//! person, and when it began and was last used. A session ends at `session_ttl` after
+//! People's sessions, kept server-side: the browser holds only a random token (in an
+//! `HttpOnly`, `Secure`, `SameSite=Strict` cookie), the CLI the same kind of token (from
+//! `spiffe-broker login`, sent as `authorization: Session <token>`); the broker keeps its
+//! SHA-256, the person, and when it began and was last used. A session ends at `session_ttl` after
 //! sign-in or `idle_timeout` after its last use, at sign-out, or when an operator ends the
 //! person's sessions. A restart ends every session (people sign in again).
 //!
@@ -21,6 +22,8 @@ pub const SIGN_IN_WINDOW: i64 = 600;
 const MAX_SESSIONS: usize = 10_000;
 /// Most sign-ins under way (the sign-in start is unauthenticated: bounded).
 const MAX_PENDING: usize = 1_000;
+/// How long a CLI sign-in's one-time code is good for (seconds).
+pub const CLI_CODE_WINDOW: i64 = 60;
 
 /// One signed-in person.
 #[derive(Debug, Clone)]
@@ -47,10 +50,21 @@ struct Pending {
     created_at: i64,
 }
 
+/// A CLI sign-in approved in the browser, waiting for the CLI to redeem its code with the
+/// PKCE verifier.
+struct CliGrant {
+    person: Person,
+    dev: bool,
+    nav: Vec<(&'static str, &'static str)>,
+    challenge: String,
+    created_at: i64,
+}
+
 /// Sessions and sign-ins under way.
 pub struct Sessions {
     live: Mutex<HashMap<[u8; 32], Session>>,
     pending: Mutex<HashMap<String, Pending>>,
+    cli: Mutex<HashMap<[u8; 32], CliGrant>>,
     cfg: ConsoleConfig,
     clock: Arc<dyn Clock>,
 }
@@ -72,6 +86,7 @@ impl Sessions {
         Self {
             live: Mutex::default(),
             pending: Mutex::default(),
+            cli: Mutex::default(),
             cfg,
             clock,
         }
@@ -211,5 +226,58 @@ impl Sessions {
             return Err(SignInError::Refused("the sign-in took too long".into()));
         }
         Ok((p.sign_in, p.then))
+    }
+
+    /// A one-time code for the CLI of the person of `session` (who approved it in the
+    /// browser), redeemable within [`CLI_CODE_WINDOW`] by whoever holds the verifier of
+    /// `challenge` (PKCE `S256`).
+    pub fn grant_cli(&self, session: &Session, challenge: &str) -> Result<String, SignInError> {
+        let now = self.clock.unix_seconds();
+        let code = random_token()?;
+        let mut cli = self.cli.lock().unwrap_or_else(|p| p.into_inner());
+        cli.retain(|_, g| now - g.created_at < CLI_CODE_WINDOW);
+        if cli.len() >= MAX_PENDING {
+            return Err(SignInError::Unavailable(
+                "too many CLI sign-ins under way".into(),
+            ));
+        }
+        cli.insert(
+            digest(&code),
+            CliGrant {
+                person: session.person.clone(),
+                dev: session.dev,
+                nav: session.nav.clone(),
+                challenge: challenge.to_owned(),
+                created_at: now,
+            },
+        );
+        Ok(code)
+    }
+
+    /// Redeems a CLI code (once) with its PKCE verifier: a new session for the person.
+    pub fn redeem_cli(&self, code: &str, verifier: &str) -> Result<(String, Session), SignInError> {
+        let now = self.clock.unix_seconds();
+        let grant = self
+            .cli
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&digest(code))
+            .ok_or_else(|| SignInError::Refused("unknown or already used code".into()))?;
+        if now - grant.created_at >= CLI_CODE_WINDOW {
+            return Err(SignInError::Refused("the code has expired".into()));
+        }
+        let challenge = crate::jose::b64(
+            ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref(),
+        );
+        if challenge != grant.challenge {
+            return Err(SignInError::Refused(
+                "the code verifier does not match".into(),
+            ));
+        }
+        let token = self.begin(grant.person, grant.dev, grant.nav)?;
+        let session = self
+            .get(&token)
+            .ok_or_else(|| SignInError::Unavailable("the new session ended at once".into()))?;
+        Ok((token, session))
     }
 }
