@@ -119,7 +119,11 @@ pub(super) async fn sign_in(
     Query(q): Query<SignInQuery>,
 ) -> Response {
     let Some(oidc) = c.broker.oidc() else {
-        return sign_in_page(&c, Some("no OpenID Provider is configured"), None);
+        let e = "no OpenID Provider is configured";
+        c.broker
+            .record_sign_in_refused(AuthMethod::OidcSession, None, e, None)
+            .await;
+        return sign_in_page(&c, Some(e), None);
     };
     let redirect_uri = format!("{}/console/callback", c.base);
     let begun = oidc
@@ -127,7 +131,12 @@ pub(super) async fn sign_in(
         .await;
     let (url, pending) = match begun {
         Ok(v) => v,
-        Err(e) => return sign_in_page(&c, Some(&e.to_string()), q.then.as_deref()),
+        Err(e) => {
+            c.broker
+                .record_sign_in_refused(AuthMethod::OidcSession, None, &e.to_string(), None)
+                .await;
+            return sign_in_page(&c, Some(&e.to_string()), q.then.as_deref());
+        }
     };
     let binding = match random_token() {
         Ok(b) => b,
@@ -208,8 +217,15 @@ pub(super) async fn callback(
             .provider_config(oidc.provider_of(&pending))
             .cloned()
             .ok_or_else(|| SignInError::Unavailable("the provider is gone".into()))?;
-        let person = oidc.finish(pending, code).await?;
-        Ok(person_of(&cfg, person))
+        let person = person_of(&cfg, oidc.finish(pending, code).await?);
+        if person.roles.is_empty() && person.approver_groups.is_empty() {
+            // Signed in at the provider, but nobody here: no claim rule matches a group.
+            return Err(SignInError::Refused(format!(
+                "{} is in no group this broker gives a role or an approver group",
+                person.id
+            )));
+        }
+        Ok(person)
     }
     .await;
     finish_sign_in(&c, done, false, then.as_deref()).await

@@ -170,7 +170,7 @@ class Browser:
             self.driver.wait()
 
 
-def sign_in(b, console, who):
+def sign_in(b, console, who, expect="Sign out"):
     """Through the provider's own login and consent pages, as a person would."""
     b.clear_cookies()
     b.go(console + "/console/")
@@ -188,7 +188,7 @@ def sign_in(b, console, who):
         elif b.find("button[type='submit']"):
             b.click("button[type='submit']")
         time.sleep(0.3)
-    wait_until(f"{who}'s console", lambda: "Sign out" in b.source(), 30)
+    wait_until(f"{who}'s console", lambda: expect in b.source(), 30)
 
 
 def ledger(state):
@@ -320,6 +320,20 @@ roles = ["auditor"]
         feed = json.loads(http("GET", console + "/revocations?since=0")[1])
         check(lease in json.dumps(feed), "the relying-party feed carries the revoked lease")
 
+        b.go(console + "/console/inventory")
+        b.shot("09b-inventory")
+        check("spiffe://example.org/ci/deploy-agent" in b.source(), "root sees the inventory")
+        b.go(console + "/console/sessions")
+        b.shot("09c-sessions")
+        check(f"oidc:{issuer}#root" in b.source(), "root sees the live sessions")
+
+        # bob is in no group the broker knows: signed in at the provider, refused here.
+        sign_in(b, console, "bob", expect="Sign-in refused")
+        b.shot("09d-unknown-group-refused")
+        check("in no group this broker gives" in b.source(), "bob (no mapped group) is refused")
+        check(any(e["kind"] == "authn_failure" and "in no group" in e.get("reason", "")
+                  for e in ledger(state)), "bob's refused sign-in is on the ledger")
+
         # dana audits.
         sign_in(b, console, "dana")
         nav = b.source()
@@ -382,6 +396,37 @@ roles = ["auditor"]
               "a tampered session cookie is refused")
         check(len([e for e in ledger(state) if e["kind"] == "review"]) == len(review),
               "none of the refused posts reviewed anything")
+
+        # alice signs the CLI in through this browser, then uses it with no SVID.
+        sign_in(b, console, "alice")
+        cfg = os.path.join(tmp, "xdg")
+        person_env = {k: v for k, v in os.environ.items() if k != "SPIFFE_ENDPOINT_SOCKET"}
+        person_env["XDG_CONFIG_HOME"] = cfg
+        login = subprocess.Popen(cli + ["login", "--oidc", "--console", console], env=person_env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(login)
+        url = None
+        while url is None:
+            line = login.stderr.readline()
+            if not line:
+                break
+            if line.strip().startswith(console):
+                url = line.strip()
+        check(url is not None, "login prints the console URL")
+        b.go(url)
+        b.shot("15-cli-sign-in")
+        check("Sign in the CLI" in b.source(), "the console asks alice to confirm the CLI sign-in")
+        b.click("form[action='/console/cli'] button[type='submit']")
+        out, err = login.communicate(timeout=30)
+        b.shot("16-cli-signed-in")
+        check(login.returncode == 0 and f"oidc:{issuer}#alice" in out, f"login completes ({err.strip()[-200:]})")
+        check("close this tab" in b.source(), "the browser lands on the CLI's page")
+        mode = os.stat(os.path.join(cfg, "spiffe-broker/session.json")).st_mode & 0o777
+        check(mode == 0o600, "the session file is 0600")
+        listed = subprocess.run(cli + ["requests", "--filter", "pending"] + conn, env=person_env, capture_output=True, text=True)
+        check(listed.returncode == 0 and pending in listed.stdout, "as alice, with no SVID, the CLI lists requests")
+        out = subprocess.run(cli + ["logout"], env=person_env, capture_output=True, text=True)
+        check(out.returncode == 0 and '"ended_at_broker":true' in out.stdout, "logout ends the session at the broker")
     finally:
         if b:
             b.close()

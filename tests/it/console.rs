@@ -381,13 +381,20 @@ async fn sign_ins_are_bound_to_their_browser_and_used_once() {
     // A provider callback with a state this broker never issued.
     let cb = web.get("/console/callback?code=abc&state=forged", "").await;
     assert_eq!(cb.status, 400);
+    // A provider that is not configured.
+    let unknown = web.get("/console/signin/7", "").await;
+    assert!(
+        unknown.body.contains("no OpenID Provider"),
+        "{}",
+        unknown.body
+    );
     let refused: Vec<_> = h
         .audit_bodies()
         .into_iter()
         .filter(|b| b["kind"] == "authn_failure" && b["request"]["rpc"] == "ConsoleSignIn")
         .collect();
     assert!(
-        refused.len() >= 3,
+        refused.len() >= 4,
         "refused sign-ins are on the ledger: {refused:?}"
     );
     assert!(h.audit_bodies().iter().all(|b| b["kind"] != "sign_in"));
