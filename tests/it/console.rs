@@ -105,6 +105,24 @@ impl Web {
         self.send(req).await
     }
 
+    /// Posts a review of request `id` from its page.
+    async fn review(
+        &self,
+        cookie: &str,
+        id: &str,
+        csrf: &str,
+        verdict: &str,
+        reason: &str,
+    ) -> Page {
+        self.post(
+            &format!("/console/requests/{id}/review"),
+            cookie,
+            Some(&self.base),
+            &[("csrf", csrf), ("verdict", verdict), ("reason", reason)],
+        )
+        .await
+    }
+
     /// Signs in as a demo person; the session cookie header.
     async fn sign_in(&self, person: &str) -> String {
         let page = self.get("/console/", "").await;
@@ -186,15 +204,12 @@ async fn a_person_approves_in_the_console_and_the_workload_redeems() {
     assert!(page.body.contains(DIGEST), "the artifact digest is shown");
     let csrf = page.hidden("csrf");
     let done = web
-        .post(
-            &format!("/console/requests/{id}/review"),
+        .review(
             &alice,
-            Some(&web.base),
-            &[
-                ("csrf", &csrf),
-                ("verdict", "approve"),
-                ("reason", "digest matches release notes"),
-            ],
+            &id,
+            &csrf,
+            "approve",
+            "digest matches release notes",
         )
         .await;
     assert_eq!(done.status, 200, "{}", done.body);
@@ -420,18 +435,7 @@ async fn an_auditor_reads_and_proves_the_log_but_cannot_approve_or_revoke() {
         "but gets no review controls"
     );
     let csrf = home.hidden("csrf");
-    let posted = web
-        .post(
-            &format!("/console/requests/{id}/review"),
-            &auditor,
-            Some(&web.base),
-            &[
-                ("csrf", &csrf),
-                ("verdict", "approve"),
-                ("reason", "sneaky"),
-            ],
-        )
-        .await;
+    let posted = web.review(&auditor, &id, &csrf, "approve", "sneaky").await;
     assert_eq!(posted.status, 403);
     assert_eq!(reviews_in_ledger(&h), 0);
     let revoke = web
@@ -558,14 +562,7 @@ async fn a_profile_that_wants_a_fresh_sign_in_gets_one_before_a_review() {
         .body
         .contains("/console/reauth?then=/console/requests/"));
     let csrf = page.hidden("csrf");
-    let stale = web
-        .post(
-            &format!("/console/requests/{id}/review"),
-            &alice,
-            Some(&web.base),
-            &[("csrf", &csrf), ("verdict", "approve"), ("reason", "ok")],
-        )
-        .await;
+    let stale = web.review(&alice, &id, &csrf, "approve", "ok").await;
     assert_eq!(stale.status, 403);
     assert!(stale.body.contains("sign in again"), "{}", stale.body);
     assert_eq!(reviews_in_ledger(&h), 0);
@@ -578,15 +575,12 @@ async fn a_profile_that_wants_a_fresh_sign_in_gets_one_before_a_review() {
     let again = web.sign_in("alice").await;
     let page = web.get(&format!("/console/requests/{id}"), &again).await;
     let done = web
-        .post(
-            &format!("/console/requests/{id}/review"),
+        .review(
             &again,
-            Some(&web.base),
-            &[
-                ("csrf", &page.hidden("csrf")),
-                ("verdict", "approve"),
-                ("reason", "re-authenticated"),
-            ],
+            &id,
+            &page.hidden("csrf"),
+            "approve",
+            "re-authenticated",
         )
         .await;
     assert_eq!(done.status, 200, "{}", done.body);
