@@ -20,7 +20,13 @@ Scenario, each step checked:
   decision changed; she has no review or revoke controls, and her posts of them anyway
   are refused;
 - a cross-site form post (another origin) with her cookie, a post without the
-  anti-forgery token and a tampered session cookie are refused.
+  anti-forgery token and a tampered session cookie are refused;
+- bob, whose groups map to nothing here, is refused at sign-in (recorded); root sees the
+  inventory and the live sessions;
+- alice asks for a fresh sign-in (`/console/reauth`): the provider asks for her login again
+  (`max_age=0`, `prompt=login`) and she is back on the request; she signs the CLI in
+  (`spiffe-broker login --oidc`: the console's confirmation, the loopback redirect), lists
+  requests with no SVID, and `logout` ends the session at the broker.
 Screenshots of every page go to target/console-screens/ (review them).
 
 Usage: browser_check.py   (SPIFFE_BROKER_BIN, CHROMEDRIVER, CHROMIUM may point elsewhere)
@@ -399,6 +405,26 @@ roles = ["auditor"]
 
         # alice signs the CLI in through this browser, then uses it with no SVID.
         sign_in(b, console, "alice")
+        # A fresh sign-in (what a profile's approval_max_auth_age asks for): the provider
+        # authenticates her again although its own session is live, and she lands back on
+        # the page she came from.
+        b.go(console + f"/console/reauth?then=/console/requests/{pending}")
+        wait_until("the provider's login form", lambda: b.find("input[name='login']") or
+                   b.url().startswith(console), 20)
+        check(bool(b.find("input[name='login']")), "a fresh sign-in makes the provider ask for the login again")
+        b.shot("14b-fresh-sign-in")
+        for _ in range(6):
+            if b.url().startswith(console + "/console/requests/"):
+                break
+            if b.find("input[name='login']"):
+                b.type("input[name='login']", "alice")
+                b.type("input[name='password']", "any")
+                b.click("button[type='submit']")
+            elif b.find("button[type='submit']"):
+                b.click("button[type='submit']")
+            time.sleep(0.3)
+        wait_until("the request page", lambda: b.url().startswith(console + f"/console/requests/{pending}"), 20)
+        check(pending in b.source(), "after the fresh sign-in she is back on the request")
         cfg = os.path.join(tmp, "xdg")
         person_env = {k: v for k, v in os.environ.items() if k != "SPIFFE_ENDPOINT_SOCKET"}
         person_env["XDG_CONFIG_HOME"] = cfg
