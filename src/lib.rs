@@ -12,7 +12,8 @@
 //! ```
 //!
 //! `broker` wires the steps together, one module per use case; `server` owns the
-//! listeners (mTLS gRPC and plain HTTP); `error` is the one place a domain error becomes
+//! listeners (mTLS gRPC and plain HTTP); `console` is the web console for people (sign-in
+//! through an OpenID Provider, reviews, operations, the audit log) on the HTTP listener; `error` is the one place a domain error becomes
 //! a gRPC status; `clock` is the only reader of wall time; `workload` is the dev SPIFFE
 //! Workload API and dev CA; `dev` assembles the embedded default; `client` is what the CLI
 //! and the examples use to reach a broker; `agent` keeps a workload's credentials fresh on
@@ -20,7 +21,8 @@
 //! embeds (it needs nothing of the broker's internals); `http_client` is the one outbound
 //! HTTP(S) client (Vault, STS, webhooks, the relying party's fetches); `sinks` ship
 //! committed audit entries to a file, syslog or an OpenTelemetry collector; `oidc`
-//! verifies people's ID tokens from configured OpenID Providers (token exchange);
+//! verifies people's ID tokens from configured OpenID Providers (token exchange, console
+//! sign-in) and runs the authorization code flow;
 //! `checkpoint` and `cosignature` are the log's signed notes and witnesses' cosignatures on
 //! them, `witness` is the C2SP witness protocol: the broker's submissions and the
 //! `spiffe-broker witness` service; `monitor` follows the log for watched identities.
