@@ -6,7 +6,7 @@
 //! person's sessions. A restart ends every session (people sign in again).
 //!
 //! Sign-ins under way are kept here too, keyed by their `state`, each bound to the
-//! browser that began it by a second cookie, for at most [`SIGN_IN_WINDOW`].
+//! browser that began it by a second cookie, for at most `SIGN_IN_WINDOW` (10 min).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -203,7 +203,7 @@ impl Sessions {
     }
 
     /// Takes the sign-in under `state` (once: a replay finds nothing), if the browser
-    /// holds its binding and it is not older than [`SIGN_IN_WINDOW`]: the provider's
+    /// holds its binding and it is not older than `SIGN_IN_WINDOW` (10 min): the provider's
     /// pending state (none for a dev sign-in) and where to go after.
     pub fn take(
         &self,
