@@ -7,13 +7,14 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 
 use super::pages::{self, esc, when};
-use super::{html, refused, Console};
+use super::{html, Console, SignedIn};
 use crate::audit::AuditEvent;
 use crate::broker::EntrySelector;
+use crate::policy::AdminAction;
 
 /// The in-browser verifier (served at `/console/verify.js`).
 pub const VERIFY_JS: &str = include_str!("verify.js");
@@ -24,20 +25,21 @@ const PAGE: u64 = 50;
 /// `GET /console/audit?after=N`: entries after `N` (default: the latest page).
 pub(super) async fn entries(
     State(c): State<Arc<Console>>,
-    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
+    SignedIn(s): SignedIn,
 ) -> Response {
-    let Some(s) = c.session(&headers) else {
-        return super::sign_in::sign_in_page(&c, Some("sign in to read the audit log"), None);
-    };
     let caller = Console::caller(&s);
-    if let Err(e) = c.broker.log_checkpoint(&caller, None, None).await {
-        return refused(StatusCode::FORBIDDEN, Some(&s), &e.to_string());
+    if let Err(e) = c
+        .broker
+        .admin(&caller, AdminAction::ReadLog, "ListAuditEvents")
+        .await
+    {
+        return super::broker_refused(&s, &e);
     }
     // A fresh checkpoint (signed now if the log grew), so the newest entries show.
     let size = match c.broker.checkpoint().await {
         Ok(cp) => cp.map_or(0, |cp| cp.size),
-        Err(e) => return refused(StatusCode::SERVICE_UNAVAILABLE, Some(&s), &e.to_string()),
+        Err(e) => return super::broker_refused(&s, &e),
     };
     let after = q
         .get("after")
@@ -46,7 +48,7 @@ pub(super) async fn entries(
         .min(size);
     let rows = match c.broker.audit_events(&caller, after, PAGE as u32).await {
         Ok(r) => r,
-        Err(e) => return refused(StatusCode::SERVICE_UNAVAILABLE, Some(&s), &e.to_string()),
+        Err(e) => return super::broker_refused(&s, &e),
     };
     let mut b = format!(
         "<h1>Audit log</h1><p class=\"muted\">Entries {}–{} of {size} (the latest signed checkpoint). \
@@ -91,12 +93,9 @@ pub(super) async fn entries(
 /// `GET /console/audit/{seq}`: one entry, its proof, and the in-browser verification.
 pub(super) async fn entry(
     State(c): State<Arc<Console>>,
-    headers: HeaderMap,
     Path(seq): Path<u64>,
+    SignedIn(s): SignedIn,
 ) -> Response {
-    let Some(s) = c.session(&headers) else {
-        return super::sign_in::sign_in_page(&c, Some("sign in to read the audit log"), None);
-    };
     let caller = Console::caller(&s);
     let p = match c
         .broker
@@ -104,7 +103,7 @@ pub(super) async fn entry(
         .await
     {
         Ok(p) => p,
-        Err(e) => return refused(StatusCode::NOT_FOUND, Some(&s), &e.to_string()),
+        Err(e) => return super::broker_refused(&s, &e),
     };
     let pretty = serde_json::from_str::<serde_json::Value>(&p.entry)
         .and_then(|v| serde_json::to_string_pretty(&v))

@@ -277,10 +277,7 @@ fn nav(broker: &Broker, caller: &VerifiedCaller) -> Vec<(&'static str, &'static 
     links
 }
 
-async fn home(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let Some(s) = c.session(&headers) else {
-        return sign_in::sign_in_page(&c, None, None);
-    };
+async fn home(State(c): State<Arc<Console>>, SignedIn(s): SignedIn) -> Response {
     let caller = Console::caller(&s);
     match c
         .broker
@@ -295,22 +292,15 @@ async fn home(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
                 &[],
             )
         }
-        Err(e) => refused(StatusCode::SERVICE_UNAVAILABLE, Some(&s), &e.to_string()),
+        Err(e) => broker_refused(&s, &e),
     }
 }
 
 async fn request_page(
     State(c): State<Arc<Console>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    SignedIn(s): SignedIn,
 ) -> Response {
-    let Some(s) = c.session(&headers) else {
-        return sign_in::sign_in_page(
-            &c,
-            Some("sign in to see this request"),
-            Some(&format!("/console/requests/{id}")),
-        );
-    };
     show_request(&c, &s, &id, None).await
 }
 
@@ -324,7 +314,7 @@ async fn show_request(
     let caller = Console::caller(s);
     let ar = match c.broker.access_request(&caller, id).await {
         Ok(ar) => ar,
-        Err(e) => return refused(StatusCode::NOT_FOUND, Some(s), &e.to_string()),
+        Err(e) => return broker_refused(s, &e),
     };
     let controls = if c
         .broker
@@ -407,6 +397,29 @@ impl axum::extract::FromRequest<Arc<Console>> for Posted {
         let form = form(&body);
         let session = c.posted(&headers, &form).map_err(|r| *r)?;
         Ok(Self { session, form })
+    }
+}
+
+/// The page of a refusal the broker gave `s`, with its reason and status.
+fn broker_refused(s: &Session, e: &BrokerError) -> Response {
+    refused(status_of(e), Some(s), &e.to_string())
+}
+
+/// The signed-in person of a page; without a live session, the sign-in page (which
+/// returns here afterwards) is the answer.
+pub(super) struct SignedIn(Session);
+
+impl axum::extract::FromRequestParts<Arc<Console>> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        c: &Arc<Console>,
+    ) -> Result<Self, Response> {
+        c.session(&parts.headers).map(Self).ok_or_else(|| {
+            let here = parts.uri.path_and_query().map(|p| p.as_str());
+            sign_in::sign_in_page(c, None, here)
+        })
     }
 }
 

@@ -9,11 +9,11 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 
 use super::pages::{self, esc, when};
-use super::{html, refused, Console, Posted, Session};
+use super::{html, Console, Posted, Session, SignedIn};
 use crate::domain::{Lease, LeaseFilter, LeaseState};
 use crate::proto::v1::revoke_request::Selector;
 
@@ -100,12 +100,9 @@ fn revoke_form(b: &mut String, s: &Session, kind: &str, value: &str, reason: &st
 /// `GET /console/leases?holder=&state=`.
 pub(super) async fn leases(
     State(c): State<Arc<Console>>,
-    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
+    SignedIn(s): SignedIn,
 ) -> Response {
-    let Some(s) = c.session(&headers) else {
-        return super::sign_in::sign_in_page(&c, Some("sign in to see leases"), None);
-    };
     let holder = q.get("holder").map(|h| h.trim()).filter(|h| !h.is_empty());
     let state = q.get("state").map(String::as_str).unwrap_or("active");
     let filter = LeaseFilter {
@@ -116,7 +113,7 @@ pub(super) async fn leases(
     };
     let rows = match c.broker.list_leases(&Console::caller(&s), filter).await {
         Ok(r) => r,
-        Err(e) => return refused(StatusCode::FORBIDDEN, Some(&s), &e.to_string()),
+        Err(e) => return super::broker_refused(&s, &e),
     };
     let mut b = String::from(
         "<h1>Leases</h1><form class=\"card\" method=\"get\" action=\"/console/leases\">",
@@ -196,13 +193,10 @@ pub(super) async fn revoke(
 }
 
 /// `GET /console/inventory`: every identity, its owner, roles and use.
-pub(super) async fn inventory(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let Some(s) = c.session(&headers) else {
-        return super::sign_in::sign_in_page(&c, Some("sign in to see the inventory"), None);
-    };
+pub(super) async fn inventory(State(c): State<Arc<Console>>, SignedIn(s): SignedIn) -> Response {
     let rows = match c.broker.inventory(&Console::caller(&s)).await {
         Ok(r) => r,
-        Err(e) => return refused(StatusCode::FORBIDDEN, Some(&s), &e.to_string()),
+        Err(e) => return super::broker_refused(&s, &e),
     };
     let mut b = String::from(
         "<h1>Identity inventory</h1><table><thead><tr><th scope=\"col\">SPIFFE ID</th>\
@@ -229,12 +223,9 @@ pub(super) async fn inventory(State(c): State<Arc<Console>>, headers: HeaderMap)
 }
 
 /// `GET /console/sessions`: who is signed in (platform admins: those who may revoke).
-pub(super) async fn sessions(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let Some(s) = c.session(&headers) else {
-        return super::sign_in::sign_in_page(&c, Some("sign in to see sessions"), None);
-    };
+pub(super) async fn sessions(State(c): State<Arc<Console>>, SignedIn(s): SignedIn) -> Response {
     if let Err(e) = c.may_end_sessions(&s).await {
-        return refused(super::status_of(&e), Some(&s), &e.to_string());
+        return super::broker_refused(&s, &e);
     }
     sessions_page(&c, &s, None)
 }
@@ -277,7 +268,7 @@ pub(super) async fn end_sessions(
     }: Posted,
 ) -> Response {
     if let Err(e) = c.may_end_sessions(&s).await {
-        return refused(super::status_of(&e), Some(&s), &e.to_string());
+        return super::broker_refused(&s, &e);
     }
     let person = f.get("person").map(String::as_str).unwrap_or_default();
     let n = c.sessions.end_person(person);
