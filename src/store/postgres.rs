@@ -663,6 +663,7 @@ impl Writer {
         let conn = self.conn()?;
         let mut head = head_at(conn, top, cached)?;
         let mut results = Vec::with_capacity(batch.len());
+        let mut tally = ops::Tally::default();
         for (i, job) in batch.iter().enumerate() {
             if i > 0 {
                 // The previous op's savepoint is released (kept) or was rolled back to
@@ -670,8 +671,12 @@ impl Writer {
                 conn.batch("RELEASE SAVEPOINT op; SAVEPOINT op")?;
             }
             let before = head.clone();
-            match ops::apply(conn, &mut head, job.op.clone()) {
-                Ok(applied) => results.push(Ok(applied)),
+            let mut counted = ops::Tally::default();
+            match ops::apply(conn, &mut head, job.op.clone(), &mut counted) {
+                Ok(applied) => {
+                    tally.extend(counted);
+                    results.push(Ok(applied));
+                }
                 Err(e) if connection_lost(&e, &conn.client) => return Err(e),
                 Err(e) => {
                     conn.batch("ROLLBACK TO SAVEPOINT op")?;
@@ -681,6 +686,7 @@ impl Writer {
                 }
             }
         }
+        tally.write(conn)?;
         conn.batch("COMMIT")?;
         self.cached = Some(head);
         Ok(results)

@@ -394,26 +394,28 @@ pub(crate) fn insert_rows(
 /// Rewrites `$N` placeholders to SQLite's `?N` (the same numbered parameter; SQLite would
 /// read `$1` as a named one, numbered by first appearance). Quoted text is left alone.
 pub(crate) fn to_sqlite_placeholders(sql: &str) -> std::borrow::Cow<'_, str> {
-    if !sql.contains('$') {
+    let bytes = sql.as_bytes();
+    if !bytes.contains(&b'$') {
         return std::borrow::Cow::Borrowed(sql);
     }
-    let mut out = String::with_capacity(sql.len());
-    let mut quote: Option<char> = None;
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (quote, c) {
-            (Some(q), c) if c == q => quote = None,
-            (Some(_), _) => {}
-            (None, '\'' | '"') => quote = Some(c),
-            (None, '$') if chars.peek().is_some_and(char::is_ascii_digit) => {
-                out.push('?');
-                continue;
-            }
-            (None, _) => {}
+    // Byte by byte: every statement of every op passes here, on the writer's thread.
+    let mut out = bytes.to_vec();
+    let mut quote: Option<u8> = None;
+    for i in 0..out.len() {
+        let c = out[i];
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == b'\'' || c == b'"' => quote = Some(c),
+            None if c == b'$' && out.get(i + 1).is_some_and(u8::is_ascii_digit) => out[i] = b'?',
+            None => {}
         }
-        out.push(c);
     }
-    std::borrow::Cow::Owned(out)
+    // One ASCII byte replaced by another: still the UTF-8 it was.
+    match String::from_utf8(out) {
+        Ok(s) => std::borrow::Cow::Owned(s),
+        Err(_) => std::borrow::Cow::Borrowed(sql),
+    }
 }
 
 #[cfg(test)]

@@ -20,20 +20,31 @@ pub(crate) mod revoke;
 pub(crate) mod rows;
 pub(crate) mod sink;
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+
 use self::log::{append, Head};
 use super::sql::{DbError, Tx, Value};
 use super::{Applied, LedgerOp, Refusal};
 use crate::audit::{AuditEvent, EventKind};
 
-/// Applies one op and counts the caller's traffic, in the caller's transaction.
-pub(crate) fn apply(tx: &mut dyn Tx, head: &mut Head, op: LedgerOp) -> Result<Applied, DbError> {
-    let event = op.event().cloned();
+/// Applies one op in the caller's transaction, and counts the caller's traffic in
+/// `tally` (written by [`Tally::write`] once per batch, before it commits).
+pub(crate) fn apply(
+    tx: &mut dyn Tx,
+    head: &mut Head,
+    op: LedgerOp,
+    tally: &mut Tally,
+) -> Result<Applied, DbError> {
+    let seen = op.event().and_then(Seen::of);
     let applied = apply_guarded(tx, head, op)?;
-    if let Some(mut e) = event {
+    if let Some((caller, mut seen)) = seen {
         if applied.refused.is_some() {
-            e.decision = "deny".into();
+            seen.issued = 0;
+            seen.denied = 1;
+            seen.last_issued = None;
         }
-        note_identity(tx, &e)?;
+        tally.add(caller, seen);
     }
     Ok(applied)
 }
@@ -182,31 +193,86 @@ pub(crate) fn refuse_new_lease(
     refuse(tx, head, event, refusal)
 }
 
-/// Counts traffic per identity, inside the same transaction as the entry.
-fn note_identity(tx: &mut dyn Tx, event: &AuditEvent) -> Result<(), DbError> {
-    let Some(caller) = &event.caller else {
-        return Ok(());
-    };
-    let issued =
-        matches!(event.kind, EventKind::Issue | EventKind::Renew) && event.decision == "allow";
-    let denied = event.decision == "deny";
-    // The new row's values are what an update adds (`EXCLUDED`): a last issuance only
-    // when this one issued, counts of 0 or 1.
-    tx.execute(
-        "INSERT INTO identities_seen AS s (spiffe_id, first_seen, last_seen, last_issued, issued, denied)
-         VALUES ($1, $2, $2, $3, $4, $5)
-         ON CONFLICT (spiffe_id) DO UPDATE SET
-             last_seen = CASE WHEN EXCLUDED.last_seen > s.last_seen THEN EXCLUDED.last_seen ELSE s.last_seen END,
-             last_issued = COALESCE(EXCLUDED.last_issued, s.last_issued),
-             issued = s.issued + EXCLUDED.issued,
-             denied = s.denied + EXCLUDED.denied",
-        &[
-            caller.as_str().into(),
-            event.time_ms.into(),
-            issued.then_some(event.time_ms).into(),
-            Value::Int(i64::from(issued)),
-            Value::Int(i64::from(denied)),
-        ],
-    )?;
-    Ok(())
+/// One identity's traffic in a batch: what `identities_seen` adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    first: i64,
+    last: i64,
+    last_issued: Option<i64>,
+    issued: i64,
+    denied: i64,
+}
+
+impl Seen {
+    /// What `event` adds to its caller's counts (nothing for an event without a caller).
+    fn of(event: &AuditEvent) -> Option<(String, Self)> {
+        let caller = event.caller.clone()?;
+        let issued =
+            matches!(event.kind, EventKind::Issue | EventKind::Renew) && event.decision == "allow";
+        let seen = Self {
+            first: event.time_ms,
+            last: event.time_ms,
+            last_issued: issued.then_some(event.time_ms),
+            issued: i64::from(issued),
+            denied: i64::from(event.decision == "deny"),
+        };
+        Some((caller, seen))
+    }
+
+    fn merge(&mut self, o: Self) {
+        self.first = self.first.min(o.first);
+        self.last = self.last.max(o.last);
+        self.last_issued = self.last_issued.max(o.last_issued);
+        self.issued += o.issued;
+        self.denied += o.denied;
+    }
+}
+
+/// Traffic per identity, gathered over a batch's ops and written once before it commits
+/// (in the same transaction as their entries): one upsert per caller per batch, not one
+/// per op.
+#[derive(Debug, Default)]
+pub(crate) struct Tally(HashMap<String, Seen>);
+
+impl Tally {
+    fn add(&mut self, caller: String, seen: Seen) {
+        match self.0.entry(caller) {
+            Entry::Occupied(mut e) => e.get_mut().merge(seen),
+            Entry::Vacant(e) => {
+                e.insert(seen);
+            }
+        }
+    }
+
+    /// Adds another tally's counts (an op's, once its savepoint is kept).
+    pub(crate) fn extend(&mut self, other: Self) {
+        for (caller, seen) in other.0 {
+            self.add(caller, seen);
+        }
+    }
+
+    /// Adds the batch's counts to `identities_seen`.
+    pub(crate) fn write(self, tx: &mut dyn Tx) -> Result<(), DbError> {
+        for (caller, seen) in self.0 {
+            // The new row's values are what an update adds (`EXCLUDED`).
+            tx.execute(
+                "INSERT INTO identities_seen AS s (spiffe_id, first_seen, last_seen, last_issued, issued, denied)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (spiffe_id) DO UPDATE SET
+                     last_seen = CASE WHEN EXCLUDED.last_seen > s.last_seen THEN EXCLUDED.last_seen ELSE s.last_seen END,
+                     last_issued = COALESCE(EXCLUDED.last_issued, s.last_issued),
+                     issued = s.issued + EXCLUDED.issued,
+                     denied = s.denied + EXCLUDED.denied",
+                &[
+                    caller.as_str().into(),
+                    seen.first.into(),
+                    seen.last.into(),
+                    seen.last_issued.into(),
+                    Value::Int(seen.issued),
+                    Value::Int(seen.denied),
+                ],
+            )?;
+        }
+        Ok(())
+    }
 }
