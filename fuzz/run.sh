@@ -7,7 +7,8 @@
 # (stable rustc accepts cargo-fuzz's nightly-only flags under RUSTC_BOOTSTRAP=1; without
 # the ASan runtime in the toolchain it falls back to --sanitizer none; FUZZ_SANITIZER
 # overrides), then runs each target for SECONDS on a scratch copy of its repo corpus
-# (fuzz/corpus/ is never modified). Prints executions and exec/s per target. Exits 1 if
+# (fuzz/corpus/ is never modified), one target per core at a time (FUZZ_JOBS).
+# Prints executions and exec/s per target. Exits 1 if
 # any target crashed, hung (-timeout) or ran out of memory, printing the input's path
 # (kept under fuzz/artifacts/<target>/); see fuzz/README.md to turn it into a
 # regression test. FUZZ_TARGET_DIR puts the build elsewhere than fuzz/target (a cold
@@ -71,28 +72,46 @@ bin_dir="${FUZZ_TARGET_DIR:-target}/$host/release"
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-failed=()
-summary=()
 for t in "${targets[@]}"; do
     if [ ! -x "$bin_dir/$t" ]; then
         echo "unknown target $t (no $bin_dir/$t)" >&2
         exit 2
     fi
-    corpus="$scratch/corpus/$t"
+done
+
+# One target per core at a time (FUZZ_JOBS overrides): each is a single-threaded
+# libFuzzer process, so on 2 cores six 30-s targets take 90 s, not 180 s.
+jobs=${FUZZ_JOBS:-$(nproc)}
+run_target() {
+    local t=$1 corpus="$scratch/corpus/$1" rc=0
     mkdir -p "$corpus" "artifacts/$t"
     if [ -d "corpus/$t" ]; then
         cp -R "corpus/$t/." "$corpus/"
     fi
-    log="$scratch/$t.log"
-    echo "== $t: ${secs}s"
-    rc=0
     "$bin_dir/$t" "$corpus" \
         -max_total_time="$secs" \
         -timeout=10 \
         -rss_limit_mb=2048 \
         -print_final_stats=1 \
         -artifact_prefix="$PWD/artifacts/$t/" \
-        >"$log" 2>&1 || rc=$?
+        >"$scratch/$t.log" 2>&1 || rc=$?
+    echo "$rc" >"$scratch/$t.rc"
+}
+echo "== running ${#targets[@]} target(s), ${secs}s each, $jobs at a time"
+for t in "${targets[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
+        wait -n || true
+    done
+    run_target "$t" &
+done
+wait
+
+failed=()
+summary=()
+for t in "${targets[@]}"; do
+    log="$scratch/$t.log"
+    rc=$(cat "$scratch/$t.rc" 2>/dev/null || echo 1)
+    echo "== $t: ${secs}s"
     # The final stats line: `#N DONE cov: C ft: F corp: K/S exec/s: E rss: R`.
     done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 || true)
     execs=$(sed -nE 's/^#([0-9]+)[[:space:]]+DONE.*/\1/p' <<<"$done_line")
