@@ -89,9 +89,9 @@ pub(crate) trait Batches {
     /// PostgreSQL: a caller that was told `Unavailable` (the database was down) must not
     /// see its op committed later, once the database is back.
     const SKIP_ABANDONED: bool;
-    /// Applies the batch in one transaction, each op in its own savepoint (an op that
-    /// fails is rolled back alone and answered with its error). `Err`: the transaction
-    /// itself failed and was rolled back.
+    /// Applies the batch in one transaction; an op that fails is rolled back alone (to
+    /// its savepoint) and answered with its error. `Err`: the transaction itself failed
+    /// and was rolled back.
     fn commit(&mut self, batch: &[Job]) -> Result<Outcomes, DbError>;
     /// After a failed batch: forget what may no longer hold (the head).
     fn failed(&mut self);
