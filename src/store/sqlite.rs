@@ -3,8 +3,8 @@
 //! One writer thread owns the write connection. Requests queue on a channel; the writer
 //! takes everything queued (up to `max_batch`), applies the ops in one `BEGIN IMMEDIATE`
 //! transaction (op by op in savepoints only if one fails), and commits once: many
-//! issuances share one fsync. A caller waits at most `commit_timeout` for its reply and otherwise gets
-//! `Unavailable`; nothing is handed out without a durable record.
+//! issuances share one fsync. A caller waits at most `commit_timeout` for its reply and
+//! otherwise gets `Unavailable`; nothing is handed out without a durable record.
 //!
 //! The ops themselves are shared with PostgreSQL (`super::ops`, over `Tx`); this file
 //! is SQLite's part: opening and migrating the file, the writer's transaction, the read
