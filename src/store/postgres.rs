@@ -671,12 +671,9 @@ impl Writer {
                 conn.batch("RELEASE SAVEPOINT op; SAVEPOINT op")?;
             }
             let before = head.clone();
-            let mut counted = ops::Tally::default();
-            match ops::apply(conn, &mut head, job.op.clone(), &mut counted) {
-                Ok(applied) => {
-                    tally.extend(counted);
-                    results.push(Ok(applied));
-                }
+            // An op that fails adds nothing to the tally.
+            match ops::apply(conn, &mut head, job.op.clone(), &mut tally) {
+                Ok(applied) => results.push(Ok(applied)),
                 Err(e) if connection_lost(&e, &conn.client) => return Err(e),
                 Err(e) => {
                     conn.batch("ROLLBACK TO SAVEPOINT op")?;

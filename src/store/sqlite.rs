@@ -522,16 +522,15 @@ impl Writer {
         for job in batch {
             let before = tentative.clone();
             let sp = tx.savepoint()?;
-            let mut counted = ops::Tally::default();
+            // An op that fails adds nothing to the tally.
             match ops::apply(
                 &mut SqliteTx(&sp),
                 &mut tentative,
                 job.op.clone(),
-                &mut counted,
+                &mut tally,
             ) {
                 Ok(applied) => {
                     sp.commit()?;
-                    tally.extend(counted);
                     results.push(Ok(applied));
                 }
                 Err(e) => {

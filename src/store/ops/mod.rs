@@ -29,7 +29,8 @@ use super::{Applied, LedgerOp, Refusal};
 use crate::audit::{AuditEvent, EventKind};
 
 /// Applies one op in the caller's transaction, and counts the caller's traffic in
-/// `tally` (written by [`Tally::write`] once per batch, before it commits).
+/// `tally` (written by [`Tally::write`] once per batch, before it commits) only if the
+/// op succeeded.
 pub(crate) fn apply(
     tx: &mut dyn Tx,
     head: &mut Head,
@@ -241,13 +242,6 @@ impl Tally {
             Entry::Vacant(e) => {
                 e.insert(seen);
             }
-        }
-    }
-
-    /// Adds another tally's counts (an op's, once its savepoint is kept).
-    pub(crate) fn extend(&mut self, other: Self) {
-        for (caller, seen) in other.0 {
-            self.add(caller, seen);
         }
     }
 
